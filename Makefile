@@ -1,0 +1,35 @@
+# `make test` and `make demo` work on a fresh machine: they build .venv from the package
+# registries first. Set PYTHON to choose the interpreter that creates the venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
+export JAX_DEFAULT_PRNG_IMPL ?= rbg
+export TEST_ASSETS ?= $(CURDIR)/test_assets
+
+.PHONY: install test demo bench clean assets
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[convert,faces,data,test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+assets: $(STAMP)
+	$(PY) tests/fetch_test_assets.py --dest $(TEST_ASSETS)
+
+test: $(STAMP) assets
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) launch/sample.py --demo --out demo_out
+
+bench: $(STAMP)
+	$(PY) benchmarks/unet_forward.py
+
+clean:
+	rm -rf $(VENV) .cache

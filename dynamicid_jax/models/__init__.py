@@ -1,0 +1,5 @@
+"""Flax (linen) models of the SD1.5 stack and their loaders.
+
+Loaders (each takes a path and a dtype, returns `(module, params)`):
+`load_unet`, `load_vae`, `load_text_encoder`, `load_vision_encoder`.
+"""

@@ -1,0 +1,177 @@
+"""Building blocks shared by every model: one attention, one MLP, one LoRA dense.
+
+Everything here is channels-last. Parameters are float32 (`param_dtype`); `dtype` is the
+compute dtype (float32 or bfloat16). Softmax runs in float32 whatever the compute dtype;
+use flax's own `nn.LayerNorm` / `nn.GroupNorm` (their statistics are float32 already).
+
+PyTorch-name conventions kept on purpose so that weight import is a rename, not a puzzle:
+`to_q`, `to_k`, `to_v`, `to_out` for attention projections, `kernel`/`bias` inside.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def exact_gelu(x: jax.Array) -> jax.Array:
+    """torch.nn.GELU() default (erf form); jax.nn.gelu defaults to the tanh approximation."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI CLIP's activation: x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": exact_gelu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+class LoRADense(nn.Module):
+    """Dense layer with an optional low-rank update: y = x W + b + scale * (x A) B.
+
+    Params: `kernel` (in, out), `bias` (out,) when `use_bias`, and when `lora_rank > 0`
+    `lora_down` (in, r) initialised N(0, 1/r) and `lora_up` (r, out) initialised to zero, so a
+    fresh LoRA is an exact no-op. Keeping them beside `kernel` (not in a sub-module) lets the
+    trainable/frozen split and the sharding rules match on the leaf name alone.
+    """
+
+    features: int
+    use_bias: bool = True
+    lora_rank: int = 0
+    lora_scale: float = 1.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        if self.lora_rank > 0:
+            down = self.param(
+                "lora_down",
+                nn.initializers.normal(stddev=1.0 / self.lora_rank),
+                (in_features, self.lora_rank),
+                self.param_dtype,
+            )
+            up = self.param("lora_up", nn.initializers.zeros, (self.lora_rank, self.features), self.param_dtype)
+            y = y + self.lora_scale * jnp.dot(jnp.dot(x, down.astype(self.dtype)), up.astype(self.dtype))
+        return y
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """(B, N, H*D) -> (B, N, H, D)."""
+    b, n, c = x.shape
+    return x.reshape(b, n, num_heads, c // num_heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    """(B, N, H, D) -> (B, N, H*D)."""
+    b, n, h, d = x.shape
+    return x.reshape(b, n, h * d)
+
+
+def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+    """Scaled dot products. q (B, N, H, D), k (B, M, H, D) -> (B, H, N, M) in float32."""
+    scale = q.shape[-1] ** -0.5
+    return jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32) * scale
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: Optional[jax.Array] = None,
+) -> jax.Array:
+    """Multi-head softmax attention.
+
+    q (B, N, H, D), k and v (B, M, H, D), mask broadcastable to (B, H, N, M) with True = keep.
+    Returns (B, N, H, D) in v's dtype. Softmax in float32.
+    """
+    logits = attention_logits(q, k)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhnm,bmhd->bnhd", probs, v)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with optional LoRA on every projection.
+
+    Used by the UNet (self and cross), the VAE mid block (1 head), both CLIP towers, the
+    perceiver resampler and IMR. `context=None` means self-attention.
+    Shapes: x (B, N, C), context (B, M, Cc) -> (B, N, out_features or C).
+    """
+
+    num_heads: int
+    head_dim: int
+    out_features: Optional[int] = None
+    qkv_bias: bool = False
+    out_bias: bool = True
+    lora_rank: int = 0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def dense(self, features: int, use_bias: bool, name: str) -> LoRADense:
+        return LoRADense(
+            features,
+            use_bias=use_bias,
+            lora_rank=self.lora_rank,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, context: Optional[jax.Array] = None, mask: Optional[jax.Array] = None
+    ) -> jax.Array:
+        context = x if context is None else context
+        inner = self.num_heads * self.head_dim
+        q = split_heads(self.dense(inner, self.qkv_bias, "to_q")(x), self.num_heads)
+        k = split_heads(self.dense(inner, self.qkv_bias, "to_k")(context), self.num_heads)
+        v = split_heads(self.dense(inner, self.qkv_bias, "to_v")(context), self.num_heads)
+        out = merge_heads(attend(q, k, v, mask))
+        return self.dense(self.out_features or x.shape[-1], self.out_bias, "to_out")(out)
+
+
+class MLP(nn.Module):
+    """Two dense layers with an activation between: (..., C) -> (..., out_features or C).
+
+    Param names `fc1`, `fc2`. Used by CLIP, the perceiver resampler and IMR.
+    """
+
+    hidden_features: int
+    out_features: Optional[int] = None
+    activation: str = "gelu"
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out_features = self.out_features or x.shape[-1]
+        x = ACTIVATIONS[self.activation](self.dense(self.hidden_features, "fc1")(x))
+        return self.dense(out_features, "fc2")(x)
+
+    def dense(self, features: int, name: str) -> LoRADense:
+        return LoRADense(
+            features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )

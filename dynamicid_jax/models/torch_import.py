@@ -1,0 +1,171 @@
+"""Reading PyTorch-layout checkpoints into our Flax parameter trees.
+
+One strict mechanism for every model: walk OUR parameter tree (from `jax.eval_shape`, so no
+init runs), ask a per-model `key_fn` which PyTorch key (and which transform) fills each leaf,
+check the shape, and at the end report every missing, unexpected and mis-shaped key at once.
+There is no fallback to random init: an incomplete checkpoint is an error that names keys.
+
+`.safetensors` files are read with `safetensors.numpy` (no torch). `.bin`/`.ckpt`/`.pt`
+pickles need torch, which only the optional `convert` extra installs.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+StateDict = dict[str, np.ndarray]
+Transform = Callable[[np.ndarray], np.ndarray]
+# key_fn(flax_path) -> (torch_key, transform) or None when the leaf has no counterpart.
+KeyFn = Callable[[tuple[str, ...]], Optional[tuple[str, Transform]]]
+
+
+class WeightImportError(ValueError):
+    """A checkpoint does not match the model: the message lists every offending key."""
+
+
+def identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def linear_kernel(w: np.ndarray) -> np.ndarray:
+    """torch Linear weight (out, in) -> flax kernel (in, out)."""
+    return np.ascontiguousarray(w.T)
+
+
+def conv_kernel(w: np.ndarray) -> np.ndarray:
+    """torch Conv2d weight (out, in, kh, kw) -> flax kernel (kh, kw, in, out).
+
+    A 2-D (out, in) weight (a Linear standing in for a 1x1 conv, as some checkpoints store
+    attention projections) becomes (1, 1, in, out).
+    """
+    if w.ndim == 2:
+        w = w[:, :, None, None]
+    return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)))
+
+
+def linear_from_conv1x1(w: np.ndarray) -> np.ndarray:
+    """torch 1x1 Conv2d weight (out, in, 1, 1) or Linear (out, in) -> flax Dense kernel."""
+    if w.ndim == 4:
+        w = w[:, :, 0, 0]
+    return linear_kernel(w)
+
+
+def row_slice(start: int, stop: int, then: Transform = linear_kernel) -> Transform:
+    """Take rows [start, stop) of a fused torch weight (e.g. to_kv -> to_k, to_v), then convert."""
+    return lambda w: then(w[start:stop])
+
+
+def _to_numpy_tree(obj) -> StateDict:
+    import torch  # only reached for pickled checkpoints
+
+    out: StateDict = {}
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).cpu().numpy()
+    return out
+
+
+def read_state_dict(path: str | os.PathLike) -> StateDict:
+    """Read a checkpoint file into {key: float32/int numpy array}.
+
+    .safetensors: read without torch. .bin/.ckpt/.pt/.pth: torch pickle (weights_only), with a
+    top-level "state_dict" unwrapped. Half-precision tensors are widened to float32.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        sd = load_file(str(path))
+        return {k: (v.astype(np.float32) if v.dtype in (np.float16,) or v.dtype.name == "bfloat16" else v)
+                for k, v in sd.items()}
+    if path.suffix in (".bin", ".ckpt", ".pt", ".pth"):
+        try:
+            import torch
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise ImportError(
+                f"{path} is a PyTorch pickle; reading it needs torch: pip install 'dynamicid-jax[convert]' "
+                "(or convert it once with `python launch/convert.py`)"
+            ) from e
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+            obj = obj["state_dict"]
+        return _to_numpy_tree(obj)
+    raise WeightImportError(f"unsupported weight file type {path.suffix!r}: {path}")
+
+
+def find_weight_file(folder: str | os.PathLike, stems: Sequence[str]) -> pathlib.Path:
+    """First existing `<stem>.safetensors` or `<stem>.bin` in folder, preferring safetensors."""
+    folder = pathlib.Path(folder)
+    for ext in (".safetensors", ".bin"):
+        for stem in stems:
+            candidate = folder / f"{stem}{ext}"
+            if candidate.is_file():
+                return candidate
+    names = ", ".join(f"{s}.safetensors|.bin" for s in stems)
+    raise FileNotFoundError(f"no weight file ({names}) in {folder}")
+
+
+def import_params(
+    abstract_params,
+    state_dict: Mapping[str, np.ndarray],
+    key_fn: KeyFn,
+    *,
+    model_name: str,
+    ignore_unexpected: Iterable[str] = (),
+    dtype=np.float32,
+):
+    """Fill a parameter tree shaped like `abstract_params` from a PyTorch state dict.
+
+    abstract_params: nested dict of arrays or ShapeDtypeStructs (from jax.eval_shape).
+    key_fn: maps each flax path (tuple of names) to (torch_key, transform).
+    ignore_unexpected: regexes of torch keys that may stay unused (e.g. buffers like
+      `position_ids`); anything else left unused is an error.
+    Returns a nested dict of numpy arrays in `dtype`.
+    """
+    flat = traverse_util.flatten_dict(abstract_params)
+    ignore = [re.compile(p) for p in ignore_unexpected]
+    used: set[str] = set()
+    missing, misshaped, out = [], [], {}
+    for path, leaf in flat.items():
+        mapped = key_fn(path)
+        name = "/".join(path)
+        if mapped is None:
+            missing.append(f"{name} (no source key)")
+            continue
+        torch_key, transform = mapped
+        if torch_key not in state_dict:
+            missing.append(f"{torch_key} (for {name})")
+            continue
+        used.add(torch_key)
+        value = np.asarray(transform(state_dict[torch_key]))
+        if tuple(value.shape) != tuple(leaf.shape):
+            misshaped.append(
+                f"{torch_key}: checkpoint {tuple(state_dict[torch_key].shape)} -> {tuple(value.shape)}, "
+                f"model {name} expects {tuple(leaf.shape)}"
+            )
+            continue
+        out[path] = value.astype(dtype)
+    unexpected = sorted(k for k in state_dict if k not in used and not any(p.search(k) for p in ignore))
+    if missing or unexpected or misshaped:
+        parts = [f"{model_name}: checkpoint does not match the model"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if keys:
+                shown = keys[:40]
+                more = f" ... and {len(keys) - len(shown)} more" if len(keys) > len(shown) else ""
+                parts.append(f"{len(keys)} {title}: " + ", ".join(shown) + more)
+        raise WeightImportError("\n  ".join(parts))
+    return traverse_util.unflatten_dict(out)
+
+
+def abstract_shapes(init_fn: Callable, *args, **kwargs):
+    """Parameter shapes of `init_fn(*args)` without running it (jax.eval_shape)."""
+    return jax.eval_shape(init_fn, *args, **kwargs)
