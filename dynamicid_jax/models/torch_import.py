@@ -62,13 +62,17 @@ def row_slice(start: int, stop: int, then: Transform = linear_kernel) -> Transfo
     return lambda w: then(w[start:stop])
 
 
-def _to_numpy_tree(obj) -> StateDict:
+def _to_numpy_tree(obj, prefix: str = "") -> StateDict:
+    """Tensors of a (possibly nested) mapping; nested keys are joined with "." (e.g. the
+    DynamicID SAA.bin {"proj_module": {...}, "SAA_module": {...}} -> "proj_module.proj.0.weight")."""
     import torch  # only reached for pickled checkpoints
 
     out: StateDict = {}
     for k, v in obj.items():
         if isinstance(v, torch.Tensor):
-            out[k] = v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).cpu().numpy()
+            out[prefix + k] = v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).cpu().numpy()
+        elif isinstance(v, Mapping):
+            out.update(_to_numpy_tree(v, f"{prefix}{k}."))
     return out
 
 
