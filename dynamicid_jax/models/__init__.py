@@ -3,3 +3,6 @@
 Loaders (each takes a path and a dtype, returns `(module, params)`):
 `load_unet`, `load_vae`, `load_text_encoder`, `load_vision_encoder`.
 """
+
+from .unet import load_unet, UNet2DConditionModel, UNetConfig
+from .vae import load_vae, AutoencoderKL, VAEConfig

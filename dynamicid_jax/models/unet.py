@@ -1,0 +1,724 @@
+"""The Stable Diffusion 1.5 UNet (diffusers' `UNet2DConditionModel`) in Flax linen, NHWC.
+
+Structure and parameter names mirror diffusers module names with list indices joined by an
+underscore (`down_blocks.0.resnets.1.conv1.weight` -> `down_blocks_0/resnets_1/conv1/kernel`;
+`to_out.0` -> `to_out`), so weight import is a rename plus a layout transform
+(`unet_key_fn`). Parameters are float32; `dtype` is the compute dtype.
+
+Latent sizes that are not multiples of 2**num_upsamplers work as in diffusers: each
+downsampler gives ceil(h/2), and each upsampler resizes (nearest, torch's index rule) to the
+spatial size of the skip connection it is concatenated with.
+
+When `UNetConfig.saa` is set, every cross-attention (`attn2`) is DynamicID's
+`SemanticActivatedAttention` and receives the `identity` conditioning; otherwise it is the
+plain shared `Attention`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynamicid_jax.dynamicid.saa import IdentityConditioning, SAAConfig
+from . import torch_import
+from .layers import Attention, Dtype, LoRADense, exact_gelu
+
+CROSS_ATTN_DOWN = "CrossAttnDownBlock2D"
+PLAIN_DOWN = "DownBlock2D"
+CROSS_ATTN_UP = "CrossAttnUpBlock2D"
+PLAIN_UP = "UpBlock2D"
+
+# diffusers' Transformer2DModel GroupNorm and BasicTransformerBlock LayerNorm epsilons
+# (fixed in diffusers, not taken from the UNet config's norm_eps).
+TRANSFORMER_GROUPNORM_EPS = 1e-6
+TRANSFORMER_LAYERNORM_EPS = 1e-5
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """Static shape of a UNet2DConditionModel. Defaults are SD1.5's.
+
+    num_attention_heads: heads per down level (up levels use them reversed, the mid block
+      the last one), as diffusers does. diffusers' SD1.5 config spells this
+      `attention_head_dim: 8`, which in fact means 8 heads (see `from_diffusers`).
+    lora_rank: LoRA rank on to_q/to_k/to_v/to_out of every attn1 and attn2 (0 = none).
+    saa: when set, every attn2 is DynamicID's Semantic-Activated Attention.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    down_block_types: tuple[str, ...] = (CROSS_ATTN_DOWN, CROSS_ATTN_DOWN, CROSS_ATTN_DOWN, PLAIN_DOWN)
+    up_block_types: tuple[str, ...] = (PLAIN_UP, CROSS_ATTN_UP, CROSS_ATTN_UP, CROSS_ATTN_UP)
+    num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)
+    cross_attention_dim: int = 768
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    sample_size: int | tuple[int, int] = 64
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    use_linear_projection: bool = False
+    lora_rank: int = 0
+    saa: Optional[SAAConfig] = None
+
+    def __post_init__(self):
+        # Normalise list-valued fields to tuples so the config stays hashable.
+        for name in ("block_out_channels", "down_block_types", "up_block_types"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        heads = self.num_attention_heads
+        heads = (heads,) * len(self.block_out_channels) if isinstance(heads, int) else tuple(heads)
+        object.__setattr__(self, "num_attention_heads", heads)
+        if isinstance(self.sample_size, (list, tuple)):
+            object.__setattr__(self, "sample_size", tuple(self.sample_size))
+        self._validate()
+
+    def _validate(self):
+        levels = len(self.block_out_channels)
+        for name in ("down_block_types", "up_block_types", "num_attention_heads"):
+            if len(getattr(self, name)) != levels:
+                raise ValueError(
+                    f"UNetConfig.{name} has {len(getattr(self, name))} entries, "
+                    f"block_out_channels has {levels}"
+                )
+        for t in self.down_block_types:
+            if t not in (CROSS_ATTN_DOWN, PLAIN_DOWN):
+                raise ValueError(f"UNetConfig.down_block_types: unsupported block {t!r}")
+        for t in self.up_block_types:
+            if t not in (CROSS_ATTN_UP, PLAIN_UP):
+                raise ValueError(f"UNetConfig.up_block_types: unsupported block {t!r}")
+        for level, (c, h) in enumerate(zip(self.block_out_channels, self.num_attention_heads)):
+            if c % self.norm_num_groups:
+                raise ValueError(
+                    f"UNetConfig.block_out_channels[{level}]={c} is not divisible by norm_num_groups="
+                    f"{self.norm_num_groups}"
+                )
+            if c % h:
+                raise ValueError(
+                    f"UNetConfig.block_out_channels[{level}]={c} is not divisible by "
+                    f"num_attention_heads[{level}]={h}"
+                )
+        if self.layers_per_block < 1:
+            raise ValueError(f"UNetConfig.layers_per_block must be >= 1, got {self.layers_per_block}")
+        if self.lora_rank < 0:
+            raise ValueError(f"UNetConfig.lora_rank must be >= 0, got {self.lora_rank}")
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.block_out_channels[0]
+
+    @classmethod
+    def sd15(cls, **overrides) -> "UNetConfig":
+        """Stable Diffusion 1.5 (and its fine-tunes)."""
+        return cls(**overrides)
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any], **overrides) -> "UNetConfig":
+        """From a diffusers `unet/config.json` dict; rejects features this model lacks.
+
+        Fields absent from `config` take diffusers' own defaults. Unknown fields and fields
+        whose value we do not implement raise ValueError naming the field.
+        """
+        unknown = sorted(
+            k for k in config
+            if not k.startswith("_") and k not in _DIFFUSERS_USED and k not in _DIFFUSERS_FIXED
+            and k not in _DIFFUSERS_IGNORED
+        )
+        if unknown:
+            raise ValueError(f"unsupported UNet config fields: {', '.join(unknown)}")
+        for field, accepted in _DIFFUSERS_FIXED.items():
+            if field in config and not _accepts(config[field], accepted):
+                raise ValueError(
+                    f"unsupported UNet config: {field}={config[field]!r} (only {accepted!r} is implemented)"
+                )
+        get = lambda k: config.get(k, _DIFFUSERS_USED[k])  # noqa: E731
+        levels = len(get("block_out_channels"))
+        if config.get("num_attention_heads") is not None:
+            raise ValueError(
+                "unsupported UNet config: num_attention_heads is set; diffusers' UNet2DConditionModel "
+                "takes the head count from attention_head_dim"
+            )
+        if get("norm_num_groups") is None:
+            raise ValueError("unsupported UNet config: norm_num_groups=None (no output GroupNorm)")
+        # diffusers' historical naming: `attention_head_dim` holds the number of HEADS.
+        heads = get("attention_head_dim")
+        heads = (heads,) * levels if isinstance(heads, int) else tuple(heads)
+        kwargs = dict(
+            in_channels=get("in_channels"),
+            out_channels=get("out_channels"),
+            block_out_channels=tuple(get("block_out_channels")),
+            layers_per_block=_uniform(get("layers_per_block"), "layers_per_block"),
+            down_block_types=tuple(get("down_block_types")),
+            up_block_types=tuple(get("up_block_types")),
+            num_attention_heads=heads,
+            cross_attention_dim=_uniform(get("cross_attention_dim"), "cross_attention_dim"),
+            norm_num_groups=get("norm_num_groups"),
+            norm_eps=float(get("norm_eps")),
+            sample_size=get("sample_size"),
+            flip_sin_to_cos=bool(get("flip_sin_to_cos")),
+            freq_shift=get("freq_shift"),
+            use_linear_projection=bool(get("use_linear_projection")),
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+# Fields we read, with diffusers' UNet2DConditionModel defaults for absent ones.
+_DIFFUSERS_USED: dict[str, Any] = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "down_block_types": (CROSS_ATTN_DOWN, CROSS_ATTN_DOWN, CROSS_ATTN_DOWN, PLAIN_DOWN),
+    "up_block_types": (PLAIN_UP, CROSS_ATTN_UP, CROSS_ATTN_UP, CROSS_ATTN_UP),
+    "attention_head_dim": 8,
+    "num_attention_heads": None,
+    "cross_attention_dim": 1280,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "sample_size": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "use_linear_projection": False,
+}
+# Fields that change the computation: only these values are implemented.
+_DIFFUSERS_FIXED: dict[str, Any] = {
+    "center_input_sample": False,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "only_cross_attention": False,
+    "mid_block_only_cross_attention": (None, False),
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "transformer_layers_per_block": 1,
+    "reverse_transformer_layers_per_block": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "num_class_embeds": None,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "cross_attention_norm": None,
+}
+# Fields with no effect on inference here: dropout (inference only); upcast_attention (our
+# logits and softmax are always float32); addition_embed_type_num_heads (only read when
+# addition_embed_type is set, which is rejected above).
+_DIFFUSERS_IGNORED = {"dropout", "upcast_attention", "addition_embed_type_num_heads"}
+
+
+def _accepts(value, accepted) -> bool:
+    options = accepted if isinstance(accepted, tuple) else (accepted,)
+    if isinstance(value, list):  # per-block lists are fine when every entry is accepted
+        return all(v in options for v in value)
+    return value in options
+
+
+def _uniform(value, name: str) -> int:
+    if isinstance(value, int):
+        return value
+    values = set(value)
+    if len(values) != 1:
+        raise ValueError(f"unsupported UNet config: per-block {name}={list(value)!r} (must be one value)")
+    return values.pop()
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def timestep_embedding(
+    timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10000.0
+) -> jax.Array:
+    """Sinusoidal embedding as diffusers' `get_timestep_embedding`. (B,) -> (B, dim) float32."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    sin, cos = jnp.sin(args), jnp.cos(args)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source indices of torch's legacy `F.interpolate(mode="nearest", size=out_size)` on one axis."""
+    if out_size == in_size:
+        return np.arange(out_size)
+    if out_size == 2 * in_size:
+        return np.arange(out_size) // 2
+    scale = np.float32(in_size) / np.float32(out_size)  # torch computes the scale in float32
+    idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(idx, in_size - 1)
+
+
+def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """(B, h, w, C) -> (B, H, W, C) nearest, matching torch's index rule (exact 2x = repeat)."""
+    h, w = x.shape[1:3]
+    if size == (2 * h, 2 * w):
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    x = jnp.take(x, nearest_indices(h, size[0]), axis=1)
+    return jnp.take(x, nearest_indices(w, size[1]), axis=2)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def _group_norm(groups: int, eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.GroupNorm:
+    # Two-pass variance like torch (the fast E[x^2]-E[x]^2 form loses digits on offset inputs).
+    return nn.GroupNorm(
+        num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name
+    )
+
+
+def _conv(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, name: str, stride: int = 1) -> nn.Conv:
+    pad = (kernel - 1) // 2
+    return nn.Conv(
+        features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+        dtype=dtype, param_dtype=param_dtype, name=name,
+    )
+
+
+class TimestepEmbedding(nn.Module):
+    """linear_1 -> SiLU -> linear_2. (B, Cin) -> (B, features)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = LoRADense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_1")(x)
+        return LoRADense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_2")(
+            jax.nn.silu(x)
+        )
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers ResnetBlock2D ("default" time embedding). x (B,H,W,Cin), temb (B,T) -> (B,H,W,out)."""
+
+    out_channels: int
+    groups: int
+    eps: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = jax.nn.silu(_group_norm(self.groups, self.eps, name="norm1", **kw)(x))
+        h = _conv(self.out_channels, 3, name="conv1", **kw)(h)
+        t = LoRADense(self.out_channels, name="time_emb_proj", **kw)(jax.nn.silu(temb))
+        h = h + t[:, None, None, :]
+        h = jax.nn.silu(_group_norm(self.groups, self.eps, name="norm2", **kw)(h))
+        h = _conv(self.out_channels, 3, name="conv2", **kw)(h)
+        if x.shape[-1] != self.out_channels:
+            x = _conv(self.out_channels, 1, name="conv_shortcut", **kw)(x)
+        return x + h
+
+
+class GEGLU(nn.Module):
+    """proj to 2*features, then value * gelu(gate) (exact erf GELU, as torch's F.gelu)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = LoRADense(2 * self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
+        value, gate = jnp.split(h, 2, axis=-1)
+        return value * exact_gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """diffusers FeedForward with GEGLU: net_0 (GEGLU to 4C) -> net_2 (Dense back to C)."""
+
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = GEGLU(self.mult * x.shape[-1], name="net_0", **kw)(x)
+        return LoRADense(x.shape[-1], name="net_2", **kw)(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention (or SAA), GEGLU feed-forward; pre-LayerNorm residuals.
+
+    x (B, N, C) with N = h*w row-major, context (B, L, Cc) -> (B, N, C).
+    """
+
+    num_heads: int
+    head_dim: int
+    lora_rank: int = 0
+    saa: Optional[SAAConfig] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        context: jax.Array,
+        identity: Optional[IdentityConditioning],
+        spatial_shape: tuple[int, int],
+    ) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = dict(num_heads=self.num_heads, head_dim=self.head_dim, lora_rank=self.lora_rank, **kw)
+        norm = lambda name: nn.LayerNorm(  # noqa: E731
+            epsilon=TRANSFORMER_LAYERNORM_EPS, use_fast_variance=False, name=name, **kw
+        )
+        x = x + Attention(name="attn1", **attn)(norm("norm1")(x))
+        h = norm("norm2")(x)
+        if self.saa is not None:
+            from dynamicid_jax.dynamicid.saa import SemanticActivatedAttention  # DynamicID only
+
+            h = SemanticActivatedAttention(config=self.saa, name="attn2", **attn)(
+                h, context, identity, spatial_shape=spatial_shape
+            )
+        else:
+            h = Attention(name="attn2", **attn)(h, context)
+        x = x + h
+        return x + FeedForward(name="ff", **kw)(norm("norm3")(x))
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm -> proj_in -> one BasicTransformerBlock -> proj_out, plus the input residual.
+
+    proj_in/proj_out are Dense layers: diffusers' 1x1 convs (use_linear_projection=False) and
+    Linears compute the same map, and `unet_key_fn` reads either layout.
+    x (B, H, W, C), context (B, L, Cc) -> (B, H, W, C).
+    """
+
+    num_heads: int
+    groups: int
+    lora_rank: int = 0
+    saa: Optional[SAAConfig] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array, identity: Optional[IdentityConditioning]) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, h, w, c = x.shape
+        y = _group_norm(self.groups, TRANSFORMER_GROUPNORM_EPS, name="norm", **kw)(x)
+        y = LoRADense(c, name="proj_in", **kw)(y.reshape(b, h * w, c))
+        y = BasicTransformerBlock(
+            num_heads=self.num_heads, head_dim=c // self.num_heads, lora_rank=self.lora_rank, saa=self.saa,
+            name="transformer_blocks_0", **kw,
+        )(y, context, identity, (h, w))
+        y = LoRADense(c, name="proj_out", **kw)(y)
+        return x + y.reshape(b, h, w, c)
+
+
+class Downsample2D(nn.Module):
+    """3x3 stride-2 conv with padding 1: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C)."""
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _conv(x.shape[-1], 3, self.dtype, self.param_dtype, name="conv", stride=2)(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest resize to `size` (the skip connection's), then a 3x3 conv."""
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, size: tuple[int, int]) -> jax.Array:
+        return _conv(x.shape[-1], 3, self.dtype, self.param_dtype, name="conv")(resize_nearest(x, size))
+
+
+class DownBlock(nn.Module):
+    """CrossAttnDownBlock2D (with_attention) or DownBlock2D.
+
+    Returns the block output and the skip states it contributes (one per resnet, plus the
+    downsampled output when `add_downsample`).
+    """
+
+    out_channels: int
+    num_layers: int
+    num_heads: int
+    groups: int
+    eps: float
+    with_attention: bool
+    add_downsample: bool
+    lora_rank: int = 0
+    saa: Optional[SAAConfig] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb, context, identity) -> tuple[jax.Array, list[jax.Array]]:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        skips = []
+        for i in range(self.num_layers):
+            x = ResnetBlock2D(self.out_channels, self.groups, self.eps, name=f"resnets_{i}", **kw)(x, temb)
+            if self.with_attention:
+                x = Transformer2DModel(
+                    self.num_heads, self.groups, self.lora_rank, self.saa, name=f"attentions_{i}", **kw
+                )(x, context, identity)
+            skips.append(x)
+        if self.add_downsample:
+            x = Downsample2D(name="downsamplers_0", **kw)(x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nn.Module):
+    """CrossAttnUpBlock2D (with_attention) or UpBlock2D.
+
+    skips: this block's skip states, consumed last-first, each concatenated after x on the
+    channel axis (diffusers' cat order). upsample_size: (H, W) to resize to, or None.
+    """
+
+    out_channels: int
+    num_layers: int
+    num_heads: int
+    groups: int
+    eps: float
+    with_attention: bool
+    lora_rank: int = 0
+    saa: Optional[SAAConfig] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, skips: Sequence[jax.Array], temb, context, identity, upsample_size=None) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if len(skips) != self.num_layers:
+            raise ValueError(f"UpBlock expects {self.num_layers} skip states, got {len(skips)}")
+        for i in range(self.num_layers):
+            x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
+            x = ResnetBlock2D(self.out_channels, self.groups, self.eps, name=f"resnets_{i}", **kw)(x, temb)
+            if self.with_attention:
+                x = Transformer2DModel(
+                    self.num_heads, self.groups, self.lora_rank, self.saa, name=f"attentions_{i}", **kw
+                )(x, context, identity)
+        if upsample_size is not None:
+            x = Upsample2D(name="upsamplers_0", **kw)(x, upsample_size)
+        return x
+
+
+class MidBlock2DCrossAttn(nn.Module):
+    """resnets_0 -> attentions_0 -> resnets_1, channels unchanged."""
+
+    num_heads: int
+    groups: int
+    eps: float
+    lora_rank: int = 0
+    saa: Optional[SAAConfig] = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb, context, identity) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c = x.shape[-1]
+        x = ResnetBlock2D(c, self.groups, self.eps, name="resnets_0", **kw)(x, temb)
+        x = Transformer2DModel(self.num_heads, self.groups, self.lora_rank, self.saa, name="attentions_0", **kw)(
+            x, context, identity
+        )
+        return ResnetBlock2D(c, self.groups, self.eps, name="resnets_1", **kw)(x, temb)
+
+
+class UNet2DConditionModel(nn.Module):
+    """SD1.5-style conditional UNet, channels-last.
+
+    __call__(sample (B,H,W,Cin), timesteps (B,) or (), context (B,L,Ccross),
+             identity: IdentityConditioning | None = None) -> (B,H,W,Cout) float32.
+    Any H, W >= 1 work; sizes that are not multiples of 2**(levels-1) follow diffusers.
+    `identity` is required by nothing but SAA; passing it to a UNet without SAA is an error.
+    """
+
+    config: UNetConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array,
+        context: jax.Array,
+        identity: Optional[IdentityConditioning] = None,
+    ) -> jax.Array:
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        blocks = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, lora_rank=cfg.lora_rank, saa=cfg.saa, **kw)
+        if identity is not None and cfg.saa is None:
+            raise ValueError("identity conditioning was given but UNetConfig.saa is None (no SAA layers to use it)")
+        if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
+            raise ValueError(f"sample must be (B, H, W, {cfg.in_channels}) NHWC, got {sample.shape}")
+        if context.ndim != 3 or context.shape[-1] != cfg.cross_attention_dim:
+            raise ValueError(f"context must be (B, L, {cfg.cross_attention_dim}), got {context.shape}")
+        batch = sample.shape[0]
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
+
+        t = timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        temb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(t)
+
+        x = _conv(cfg.block_out_channels[0], 3, name="conv_in", **kw)(sample)
+        skips = [x]
+        levels = len(cfg.block_out_channels)
+        for i, block_type in enumerate(cfg.down_block_types):
+            x, states = DownBlock(
+                out_channels=cfg.block_out_channels[i],
+                num_layers=cfg.layers_per_block,
+                num_heads=cfg.num_attention_heads[i],
+                with_attention=block_type == CROSS_ATTN_DOWN,
+                add_downsample=i < levels - 1,
+                name=f"down_blocks_{i}",
+                **blocks,
+            )(x, temb, context, identity)
+            skips.extend(states)
+
+        x = MidBlock2DCrossAttn(cfg.num_attention_heads[-1], name="mid_block", **blocks)(x, temb, context, identity)
+
+        up_channels = cfg.block_out_channels[::-1]
+        up_heads = cfg.num_attention_heads[::-1]
+        n = cfg.layers_per_block + 1
+        for i, block_type in enumerate(cfg.up_block_types):
+            block_skips, skips = skips[-n:], skips[:-n]
+            # Resize to the next skip connection's grid: 2x when sizes divide, else diffusers' rule.
+            upsample_size = tuple(skips[-1].shape[1:3]) if i < levels - 1 else None
+            x = UpBlock(
+                out_channels=up_channels[i],
+                num_layers=n,
+                num_heads=up_heads[i],
+                with_attention=block_type == CROSS_ATTN_UP,
+                name=f"up_blocks_{i}",
+                **blocks,
+            )(x, block_skips, temb, context, identity, upsample_size)
+
+        x = jax.nn.silu(_group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x))
+        x = _conv(cfg.out_channels, 3, name="conv_out", **kw)(x)
+        return x.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- weight import
+
+_LIST_MODULE = re.compile(
+    r"^(down_blocks|up_blocks|resnets|attentions|downsamplers|upsamplers|transformer_blocks|net)_(\d+)$"
+)
+_CONV_MODULES = {"conv_in", "conv_out", "conv1", "conv2", "conv_shortcut", "conv"}
+_CONV1X1_OR_LINEAR = {"proj_in", "proj_out"}
+
+
+def unet_key_fn(path: tuple[str, ...]) -> Optional[tuple[str, torch_import.Transform]]:
+    """Our UNet param path -> (diffusers state-dict key, layout transform).
+
+    `('down_blocks_1', 'attentions_0', 'proj_in', 'kernel')` ->
+    `('down_blocks.1.attentions.0.proj_in.weight', linear_from_conv1x1)`.
+    LoRA leaves (`lora_down`/`lora_up`) and DynamicID's `to_k_ip`/`to_v_ip` have no
+    diffusers counterpart: None.
+    """
+    *modules, leaf = path
+    if leaf in ("lora_down", "lora_up") or any(m in ("to_k_ip", "to_v_ip") for m in modules):
+        return None
+    names = []
+    for m in modules:
+        match = _LIST_MODULE.match(m)
+        names.extend(match.groups() if match else [m])
+        if m == "to_out":
+            names.append("0")
+    owner = modules[-1] if modules else ""
+    if leaf == "kernel":
+        if owner in _CONV_MODULES:
+            transform = torch_import.conv_kernel
+        elif owner in _CONV1X1_OR_LINEAR:
+            transform = torch_import.linear_from_conv1x1
+        else:
+            transform = torch_import.linear_kernel
+        return ".".join(names + ["weight"]), transform
+    if leaf == "scale":
+        return ".".join(names + ["weight"]), torch_import.identity
+    if leaf == "bias":
+        return ".".join(names + ["bias"]), torch_import.identity
+    return None
+
+
+def unet_abstract_params(module: UNet2DConditionModel, identity: Optional[IdentityConditioning] = None):
+    """Parameter shapes (ShapeDtypeStructs) of `module`, without running an init.
+
+    identity: example identity inputs (arrays or ShapeDtypeStructs, batch 1) for an SAA UNet.
+    """
+    cfg = module.config
+    size = 2 ** (len(cfg.block_out_channels) - 1)
+    sample = jax.ShapeDtypeStruct((1, size, size, cfg.in_channels), jnp.float32)
+    timesteps = jax.ShapeDtypeStruct((1,), jnp.float32)
+    context = jax.ShapeDtypeStruct((1, 1, cfg.cross_attention_dim), jnp.float32)
+    variables = jax.eval_shape(
+        lambda s, t, c, i: module.init(jax.random.key(0), s, t, c, i), sample, timesteps, context, identity
+    )
+    return variables["params"]
+
+
+def _read_component(folder: pathlib.Path) -> tuple[UNetConfig, dict[str, np.ndarray]]:
+    config_file = folder / "config.json"
+    with open(config_file) as f:
+        config = UNetConfig.from_diffusers(json.load(f))
+    weights = torch_import.find_weight_file(folder, ["diffusion_pytorch_model", "diffusion_pytorch_model.fp16"])
+    return config, torch_import.read_state_dict(weights)
+
+
+def load_unet(path: str | os.PathLike, dtype: Dtype = jnp.float32) -> tuple[UNet2DConditionModel, dict]:
+    """Load a UNet from diffusers-format or single-file SD1.5 weights.
+
+    path: a diffusers pipeline folder (its `unet/` is used), a `unet` component folder
+      (`config.json` + `diffusion_pytorch_model.safetensors|.bin`), or a single-file SD1.5
+      checkpoint (`.safetensors`/`.ckpt`; SD1.5 config assumed).
+    dtype: compute dtype of the returned module; parameters are float32 either way.
+    Returns (module, params): params is the nested dict of float32 numpy arrays for
+    `module.apply({"params": params}, sample, timesteps, context)`.
+    Raises WeightImportError listing every missing, unexpected and mis-shaped key.
+    """
+    path = pathlib.Path(path)
+    if path.is_file():
+        from dynamicid_jax.models.single_file import extract_component  # another loader's module
+
+        config, state_dict = UNetConfig.sd15(), extract_component(path, "unet")
+    elif (path / "unet" / "config.json").is_file():
+        config, state_dict = _read_component(path / "unet")
+    elif (path / "config.json").is_file():
+        config, state_dict = _read_component(path)
+    else:
+        raise FileNotFoundError(
+            f"{path}: not a diffusers pipeline folder (unet/config.json), a unet folder (config.json) "
+            "or a single-file checkpoint"
+        )
+    module = UNet2DConditionModel(config, dtype=dtype)
+    params = torch_import.import_params(unet_abstract_params(module), state_dict, unet_key_fn, model_name="unet")
+    return module, params
