@@ -1,0 +1,191 @@
+"""Import PyTorch weights once and write them as Flax params with orbax, so later runs are fast.
+
+    python -m dynamicid_jax.convert --base_model PATH --out DIR \
+        [--components unet,vae,text_encoder] [--vision_encoder PATH] [--dynamicid PATH]
+
+--base_model: a diffusers SD1.5 pipeline folder or a single-file checkpoint.
+Output layout:
+
+    DIR/dynamicid_converted.json   {"format": 1, "components": {name: {"config": {...}}}}
+    DIR/<component>/               orbax checkpoint of that component's params (float32)
+
+Every loader (`load_unet`, `load_vae`, `load_text_encoder`, ...) accepts DIR and then reads
+its component from here without torch. A component asked for whose importer is missing or
+whose weights do not match is an error; nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import pathlib
+import typing
+from typing import Any, Callable, Optional, Sequence
+
+MARKER = "dynamicid_converted.json"
+FORMAT_VERSION = 1
+
+# component -> (module, loader function name). Loaders take (path) and return (module, params)
+# with the module's static settings in `module.config` (a dataclass).
+LOADERS: dict[str, tuple[str, str]] = {
+    "unet": ("dynamicid_jax.models.unet", "load_unet"),
+    "vae": ("dynamicid_jax.models.vae", "load_vae"),
+    "text_encoder": ("dynamicid_jax.models.clip", "load_text_encoder"),
+    "vision_encoder": ("dynamicid_jax.models.clip", "load_vision_encoder"),
+    "dynamicid": ("dynamicid_jax.dynamicid.weights", "load_dynamicid"),
+}
+BASE_MODEL_COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+def is_converted(path: str | os.PathLike) -> bool:
+    """True when `path` is a folder written by this command."""
+    return (pathlib.Path(path) / MARKER).is_file()
+
+
+def _read_marker(directory: pathlib.Path) -> dict:
+    marker = directory / MARKER
+    if not marker.is_file():
+        return {"format": FORMAT_VERSION, "components": {}}
+    data = json.loads(marker.read_text())
+    if data.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{marker}: format {data.get('format')!r}, this code reads format {FORMAT_VERSION}")
+    return data
+
+
+def _jsonable(value: Any) -> Any:
+    """Config dataclass -> JSON (tuples become lists, nested dataclasses dicts, dtypes names)."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"config value {value!r} ({type(value).__name__}) cannot be written as JSON")
+
+
+def _from_json(annotation: Any, value: Any) -> Any:
+    """Inverse of `_jsonable` guided by the dataclass field annotation."""
+    if value is None:
+        return None
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        candidates = [a for a in args if a is not type(None)]
+        return _from_json(candidates[0], value) if len(candidates) == 1 else value
+    if dataclasses.is_dataclass(annotation):
+        return config_from_json(annotation, value)
+    if origin is tuple or (origin is None and isinstance(value, list)):
+        inner = args[0] if args else Any
+        return tuple(_from_json(inner, v) for v in value)
+    return value
+
+
+def config_from_json(config_cls: type, data: dict) -> Any:
+    """Rebuild a (frozen, possibly nested) config dataclass from its JSON dict."""
+    hints = typing.get_type_hints(config_cls)
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{config_cls.__name__}: converted config has unknown fields {unknown}")
+    return config_cls(**{k: _from_json(hints[k], v) for k, v in data.items()})
+
+
+def save_component(directory: str | os.PathLike, component: str, config: Any, params: Any) -> None:
+    """Write one component's params (orbax) and config (JSON marker) under `directory`."""
+    import orbax.checkpoint as ocp
+
+    directory = pathlib.Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / component
+    if target.exists():
+        raise FileExistsError(f"{target} exists; choose an empty --out folder")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(target, params)
+    checkpointer.wait_until_finished()
+    marker = _read_marker(directory)
+    marker["components"][component] = {"config_class": type(config).__name__, "config": _jsonable(config)}
+    (directory / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True))
+
+
+def load_converted(directory: str | os.PathLike, component: str, config_cls: type) -> tuple[Any, Any]:
+    """(config, params) of `component` from a converted folder; params as numpy float32 trees."""
+    import orbax.checkpoint as ocp
+
+    directory = pathlib.Path(directory).resolve()
+    entry = _read_marker(directory)["components"].get(component)
+    if entry is None or not (directory / component).is_dir():
+        have = sorted(_read_marker(directory)["components"])
+        raise FileNotFoundError(f"{directory} holds no converted {component!r} (it has {have})")
+    if entry.get("config_class") != config_cls.__name__:
+        raise ValueError(
+            f"{directory}/{component} was written with config {entry.get('config_class')!r}, "
+            f"not {config_cls.__name__!r}"
+        )
+    config = config_from_json(config_cls, entry["config"])
+    params = ocp.StandardCheckpointer().restore(directory / component)
+    return config, params
+
+
+def _loader(component: str) -> Callable:
+    module_name, fn_name = LOADERS[component]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        raise ImportError(f"cannot convert {component!r}: {module_name} is not available") from e
+    return getattr(module, fn_name)
+
+
+def convert(
+    base_model: Optional[str | os.PathLike],
+    out: str | os.PathLike,
+    components: Sequence[str] = BASE_MODEL_COMPONENTS,
+    vision_encoder: Optional[str | os.PathLike] = None,
+    dynamicid: Optional[str | os.PathLike] = None,
+) -> list[str]:
+    """Import each requested component and write it under `out`. Returns the names written."""
+    sources: dict[str, os.PathLike | str] = {}
+    for component in components:
+        if component not in BASE_MODEL_COMPONENTS:
+            raise ValueError(f"base-model components are {BASE_MODEL_COMPONENTS}, got {component!r}")
+        if base_model is None:
+            raise ValueError(f"converting {component!r} needs --base_model")
+        sources[component] = base_model
+    if vision_encoder is not None:
+        sources["vision_encoder"] = vision_encoder
+    if dynamicid is not None:
+        sources["dynamicid"] = dynamicid
+    if not sources:
+        raise ValueError("nothing to convert: give --base_model, --vision_encoder or --dynamicid")
+    written = []
+    for component, source in sources.items():
+        module, params = _loader(component)(source)
+        config = getattr(module, "config", None)
+        if not dataclasses.is_dataclass(config):
+            raise TypeError(f"{component}: loader's module has no dataclass `.config` to record")
+        save_component(out, component, config, params)
+        written.append(component)
+        print(f"wrote {component} -> {pathlib.Path(out) / component}")
+    return written
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base_model", help="diffusers SD1.5 pipeline folder or single-file checkpoint")
+    parser.add_argument("--out", required=True, help="output folder (new or empty)")
+    parser.add_argument("--components", default=",".join(BASE_MODEL_COMPONENTS),
+                        help="comma-separated base-model components to convert")
+    parser.add_argument("--vision_encoder", help="CLIP ViT-H/14 image encoder folder (transformers)")
+    parser.add_argument("--dynamicid", help="folder with the authors' SAA.bin, IMR.bin, key_point_encoder.bin")
+    args = parser.parse_args(argv)
+    components = [c for c in args.components.split(",") if c] if args.base_model else []
+    convert(args.base_model, args.out, components, args.vision_encoder, args.dynamicid)
+
+
+if __name__ == "__main__":
+    main()
