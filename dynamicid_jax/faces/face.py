@@ -1,0 +1,47 @@
+"""What face analysis returns: one `Face` per detected face, and the no-face error."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+class NoFaceError(ValueError):
+    """No face was detected where one is required (never replaced by a zero embedding)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Face:
+    """One detected face, all coordinates in pixels of the analysed image.
+
+    bbox:      (4,) x0, y0, x1, y1.
+    score:     detector confidence in [0, 1].
+    kps:       (5, 2) right eye, left eye, nose tip, right and left mouth corner (x, y).
+    landmarks: (K, 2) K = 106 (buffalo_l 2d106det) or 5 (offline set: the keypoints).
+    embedding: (D,) L2-normalised identity vector; D = 512 (ArcFace) or 128 (SFace).
+    pose:      (3,) pitch, yaw, roll in degrees (see faces.pose for the signs).
+    model_set: name of the model set that produced it.
+    """
+
+    bbox: np.ndarray
+    score: float
+    kps: np.ndarray
+    landmarks: np.ndarray
+    embedding: np.ndarray
+    pose: np.ndarray
+    model_set: str
+
+    @property
+    def area(self) -> float:
+        x0, y0, x1, y1 = self.bbox
+        return float(max(x1 - x0, 0.0) * max(y1 - y0, 0.0))
+
+
+def l2_normalise(vector: np.ndarray) -> np.ndarray:
+    """(D,) -> (D,) float32 unit vector; a zero vector is an error, not a silent zero."""
+    vector = np.asarray(vector, np.float32).reshape(-1)
+    norm = float(np.linalg.norm(vector))
+    if not np.isfinite(norm) or norm == 0.0:
+        raise ValueError(f"face embedding has norm {norm}: cannot normalise")
+    return vector / norm
