@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import pathlib
+import types
 import typing
 from typing import Any, Callable, Optional, Sequence
 
@@ -73,7 +74,7 @@ def _from_json(annotation: Any, value: Any) -> Any:
     if value is None:
         return None
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+    if origin is typing.Union or origin is types.UnionType:
         candidates = [a for a in args if a is not type(None)]
         return _from_json(candidates[0], value) if len(candidates) == 1 else value
     if dataclasses.is_dataclass(annotation):

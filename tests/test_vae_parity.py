@@ -67,7 +67,7 @@ def images():
 
 def test_param_names_mirror_diffusers(loaded):
     _, params = loaded
-    p = params["params"]
+    p = params
     assert p["encoder"]["down_blocks_0"]["resnets_1"]["conv1"]["kernel"].shape == (3, 3, 32, 32)
     assert p["encoder"]["mid_block"]["attentions_0"]["to_q"]["kernel"].shape == (64, 64)
     assert set(p["encoder"]["mid_block"]["attentions_0"]) == {"group_norm", "to_q", "to_k", "to_v", "to_out"}
@@ -79,7 +79,7 @@ def test_param_names_mirror_diffusers(loaded):
 def test_encode_matches_diffusers(reference, loaded, images):
     model, _ = reference
     module, params = loaded
-    mean, logvar = jax.jit(lambda p, x: module.apply(p, x, method=AutoencoderKL.encode))(params, images)
+    mean, logvar = jax.jit(lambda p, x: module.apply({"params": p}, x, method=AutoencoderKL.encode))(params, images)
     with torch.no_grad():
         dist = model.encode(torch.from_numpy(images).permute(0, 3, 1, 2)).latent_dist
     assert mean.shape == (2, 16, 24, 4)
@@ -92,7 +92,7 @@ def test_decode_matches_diffusers(reference, loaded):
     model, _ = reference
     module, params = loaded
     latents = np.random.default_rng(2).standard_normal((2, 16, 24, 4)).astype(np.float32)
-    out = jax.jit(lambda p, z: module.apply(p, z, method=AutoencoderKL.decode))(params, latents)
+    out = jax.jit(lambda p, z: module.apply({"params": p}, z, method=AutoencoderKL.decode))(params, latents)
     with torch.no_grad():
         ref = model.decode(torch.from_numpy(latents).permute(0, 3, 1, 2)).sample.permute(0, 2, 3, 1).numpy()
     assert out.shape == (2, 32, 48, 3)
@@ -163,7 +163,7 @@ def test_bfloat16_compute_stays_close(reference, loaded):
     _, root = reference
     module, params = load_vae(root, dtype=jnp.bfloat16)
     latents = np.random.default_rng(3).standard_normal((1, 8, 8, 4)).astype(np.float32)
-    decode = lambda m: jax.jit(lambda p, z: m.apply(p, z, method=AutoencoderKL.decode))  # noqa: E731
+    decode = lambda m: jax.jit(lambda p, z: m.apply({"params": p}, z, method=AutoencoderKL.decode))  # noqa: E731
     out16 = decode(module)(params, latents)
     out32 = decode(loaded[0])(loaded[1], latents)
     assert out16.dtype == jnp.float32 and jax.tree.leaves(params)[0].dtype == np.float32

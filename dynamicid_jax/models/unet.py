@@ -694,22 +694,32 @@ def _read_component(folder: pathlib.Path) -> tuple[UNetConfig, dict[str, np.ndar
     return config, torch_import.read_state_dict(weights)
 
 
-def load_unet(path: str | os.PathLike, dtype: Dtype = jnp.float32) -> tuple[UNet2DConditionModel, dict]:
+def load_unet(
+    path: str | os.PathLike, dtype: Dtype = jnp.float32, config: Optional[UNetConfig] = None
+) -> tuple[UNet2DConditionModel, dict]:
     """Load a UNet from diffusers-format or single-file SD1.5 weights.
 
     path: a diffusers pipeline folder (its `unet/` is used), a `unet` component folder
       (`config.json` + `diffusion_pytorch_model.safetensors|.bin`), or a single-file SD1.5
-      checkpoint (`.safetensors`/`.ckpt`; SD1.5 config assumed).
+      checkpoint (`.safetensors`/`.ckpt`), or a folder written by `python -m dynamicid_jax.convert`.
     dtype: compute dtype of the returned module; parameters are float32 either way.
+    config: only for single-file checkpoints, which carry no config; defaults to SD1.5's.
     Returns (module, params): params is the nested dict of float32 numpy arrays for
     `module.apply({"params": params}, sample, timesteps, context)`.
     Raises WeightImportError listing every missing, unexpected and mis-shaped key.
     """
+    from dynamicid_jax import convert  # local: convert imports every loader
+
     path = pathlib.Path(path)
+    if config is not None and not path.is_file():
+        raise ValueError(f"load_unet: config= is only for single-file checkpoints; {path} carries its own config")
+    if convert.is_converted(path):
+        config, params = convert.load_converted(path, "unet", UNetConfig)
+        return UNet2DConditionModel(config, dtype=dtype), params
     if path.is_file():
         from dynamicid_jax.models.single_file import extract_component  # another loader's module
 
-        config, state_dict = UNetConfig.sd15(), extract_component(path, "unet")
+        config, state_dict = config or UNetConfig.sd15(), extract_component(path, "unet")
     elif (path / "unet" / "config.json").is_file():
         config, state_dict = _read_component(path / "unet")
     elif (path / "config.json").is_file():

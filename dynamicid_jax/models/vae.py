@@ -348,25 +348,24 @@ def rename_deprecated_attention(state_dict: Mapping[str, np.ndarray]) -> dict[st
 
 
 def import_vae_params(config: VAEConfig, state_dict: Mapping[str, np.ndarray]):
-    """diffusers-named AutoencoderKL state dict -> our param tree (numpy, float32). Strict."""
+    """diffusers-named AutoencoderKL state dict -> our params (nested dict of float32 numpy). Strict."""
     module = AutoencoderKL(config)
     f = config.downsample_factor
     abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, f, f, config.in_channels)))
-    params = torch_import.import_params(
+    return torch_import.import_params(
         abstract["params"], rename_deprecated_attention(state_dict), vae_key_fn, model_name="VAE"
     )
-    return {"params": params}
 
 
 def load_vae(path: str | os.PathLike, dtype: Dtype = jnp.float32, config: Optional[VAEConfig] = None):
-    """Load the VAE -> (AutoencoderKL module, params {"params": ...}).
+    """Load the VAE -> (module, params); call `module.apply({"params": params}, x, method=...)`.
 
     path: a diffusers pipeline folder (uses `vae/`), a VAE component folder (config.json +
       diffusion_pytorch_model.safetensors|.bin), a single-file SD1.5 checkpoint
       (.safetensors/.ckpt with `first_stage_model.*`), or a folder written by
       `python -m dynamicid_jax.convert`.
     config: only for single-file checkpoints, which carry no config; defaults to SD1.5's.
-    dtype: compute dtype of the returned module; params stay float32.
+    dtype: compute dtype of the returned module; params stay float32 numpy arrays.
     """
     from dynamicid_jax import convert  # local: convert imports every loader
 
