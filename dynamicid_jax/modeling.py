@@ -1,0 +1,190 @@
+"""The DynamicID system as one bundle: every module, built from a config, and its parameters.
+
+Data flows one way:
+  reference photo -> face analysis (faces/) -> ArcFace/SFace vector + CLIP vision tokens
+  -> FaceProjection -> identity tokens -> [IMR with landmark + face-prompt features]
+  -> the SAA+LoRA UNet (with text states) -> DDIM loop -> VAE decode.
+
+`build_modules(config.model)` gives the linen modules; parameters are a plain dict keyed like
+`DynamicIDModules` fields, so training can freeze or shard by component:
+  {"unet", "vae", "text_encoder", "vision_encoder", "face_projection", "imr",
+   "keypoint_encoder"}   (keypoint_encoder holds {"params", "batch_stats"})
+They come from `load_pretrained(...)` (real weights, strict) or `init_random_params(...)`
+(tiny configs for tests and the demo only; the caller must say so to the user).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dynamicid_jax.dynamicid.face_projection import FaceProjection
+from dynamicid_jax.dynamicid.imr import IMR
+from dynamicid_jax.dynamicid.keypoint_encoder import KeyPointEncoder
+from dynamicid_jax.dynamicid.saa import SAAConfig, identity_conditioning
+from dynamicid_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+from dynamicid_jax.models.unet import UNet2DConditionModel, UNetConfig
+from dynamicid_jax.models.vae import AutoencoderKL, VAEConfig
+
+Params = dict[str, Any]
+COMPONENTS = ("unet", "vae", "text_encoder", "vision_encoder", "face_projection", "imr", "keypoint_encoder")
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicIDModules:
+    """Linen modules of the whole system (stateless; parameters live beside them)."""
+
+    unet: UNet2DConditionModel  # SD1.5 UNet with SAA in every attn2 and LoRA everywhere
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    vision_encoder: CLIPVisionModel
+    face_projection: FaceProjection
+    imr: IMR
+    keypoint_encoder: KeyPointEncoder
+
+    @property
+    def id_dim(self) -> int:
+        """Face-recognition embedding size the projection expects (512 ArcFace, 128 SFace)."""
+        return self.face_projection.id_dim
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def _tuple_fields(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def build_modules(model: ml_collections.ConfigDict, dtype=jnp.float32) -> DynamicIDModules:
+    """Modules from a config's `model` section (see configs/base.py). dtype = compute dtype."""
+    unet_config = UNetConfig(
+        **_tuple_fields(model.unet.to_dict()), lora_rank=model.lora_rank, saa=SAAConfig(threshold=model.saa_threshold)
+    )
+    text_config = CLIPTextConfig(**_tuple_fields(model.text.to_dict()))
+    vision_config = CLIPVisionConfig(**_tuple_fields(model.vision.to_dict()))
+    width = unet_config.cross_attention_dim
+    return DynamicIDModules(
+        unet=UNet2DConditionModel(unet_config, dtype=dtype),
+        vae=AutoencoderKL(VAEConfig(**_tuple_fields(model.vae.to_dict())), dtype=dtype),
+        text_encoder=CLIPTextModel(text_config, dtype=dtype),
+        vision_encoder=CLIPVisionModel(vision_config, dtype=dtype),
+        face_projection=FaceProjection(
+            clip_dim=vision_config.hidden_size, width=width, dtype=dtype, **model.face_projection.to_dict()
+        ),
+        imr=IMR(
+            id_dim=width, landmark_dim=width, text_dim=text_config.hidden_size, dtype=dtype, **model.imr.to_dict()
+        ),
+        keypoint_encoder=KeyPointEncoder(
+            embedding_dim=width, dtype=dtype, **_tuple_fields(model.keypoint_encoder.to_dict())
+        ),
+    )
+
+
+def _dummy_inputs(modules: DynamicIDModules) -> dict[str, tuple]:
+    """Smallest inputs that fix every parameter shape of each module."""
+    unet_cfg = modules.unet.config
+    f = modules.vae_scale_factor
+    width = unet_cfg.cross_attention_dim
+    tokens = modules.face_projection.num_tokens
+    vis = modules.vision_encoder.config
+    kpe = modules.keypoint_encoder
+    return {
+        "vae": (jnp.zeros((1, f, f, 3)),),
+        "text_encoder": (jnp.zeros((1, modules.text_encoder.config.max_positions), jnp.int32),),
+        "vision_encoder": (jnp.zeros((1, vis.image_size, vis.image_size, vis.num_channels)),),
+        "face_projection": (jnp.zeros((1, modules.id_dim)), jnp.zeros((1, vis.num_positions, vis.hidden_size))),
+        "imr": (jnp.zeros((1, tokens, width)),)
+        + (jnp.zeros((1, width)), jnp.zeros((1, modules.imr.text_dim))) * 2,
+        "keypoint_encoder": (jnp.zeros((1, kpe.image_size, kpe.image_size, kpe.in_channels)),),
+        "unet": (
+            jnp.zeros((1,) + (2 ** (len(unet_cfg.block_out_channels) - 1),) * 2 + (unet_cfg.in_channels,)),
+            jnp.zeros((1,), jnp.int32),
+            jnp.zeros((1, 77, width)),
+            identity_conditioning(jnp.zeros((1, 1, tokens, width))),
+        ),
+    }
+
+
+def init_random_params(modules: DynamicIDModules, rng: jax.Array) -> Params:
+    """Random parameters for every module. For tiny configs (tests, demo) only.
+
+    The SAA UNet's LoRA `lora_up` is zero at init (an exact no-op); to make the identity
+    path visible in a random demo the identity projections are random like the rest.
+    """
+    params: Params = {}
+    inputs = _dummy_inputs(modules)
+    for i, name in enumerate(COMPONENTS):
+        module = getattr(modules, name)
+        variables = jax.jit(module.init)(jax.random.fold_in(rng, i), *inputs[name])
+        params[name] = variables if name == "keypoint_encoder" else variables["params"]
+    return params
+
+
+def abstract_params(modules: DynamicIDModules) -> Params:
+    """Shapes of `init_random_params` without running any init (jax.eval_shape)."""
+    return jax.eval_shape(lambda r: init_random_params(modules, r), jax.random.PRNGKey(0))
+
+
+def load_pretrained(
+    modules: DynamicIDModules,
+    *,
+    base_model: str | os.PathLike,
+    vision_encoder: str | os.PathLike,
+    dynamicid: Optional[str | os.PathLike] = None,
+    require_imr: bool = True,
+) -> Params:
+    """Real weights for every module, strictly (an error names any missing/extra key).
+
+    base_model: SD1.5 pipeline folder, single-file checkpoint, or a converted folder.
+    vision_encoder: transformers CLIP ViT-H/14 image-encoder folder.
+    dynamicid: folder with the authors' SAA.bin, IMR.bin, key_point_encoder.bin (or a
+      trained checkpoint exported to that layout). None: the UNet gets fresh SAA/LoRA
+      parameters initialised for training (to_k_ip/to_v_ip copied from to_k/to_v).
+    The modules' architecture must match the files (configs/base.py does for SD1.5).
+    """
+    import pathlib
+
+    from dynamicid_jax.dynamicid import published_weights as pw
+    from dynamicid_jax.models import load_text_encoder, load_unet, load_vae, load_vision_encoder
+
+    params: Params = {}
+    _, unet_base = load_unet(base_model)
+    _, params["vae"] = load_vae(base_model)
+    _, params["text_encoder"] = load_text_encoder(base_model)
+    _, params["vision_encoder"] = load_vision_encoder(vision_encoder)
+    shapes = abstract_params(modules)
+    if dynamicid is None:
+        params["unet"] = pw.init_dynamicid_unet_params(
+            unet_base, jax.random.PRNGKey(0), modules.unet.config.lora_rank, abstract_params=shapes["unet"]
+        )
+        return params
+    folder = pathlib.Path(dynamicid)
+    saa_file = _require_file(folder, "SAA")
+    params["unet"] = pw.merge_dynamicid_unet_params(unet_base, saa_file, abstract_params=shapes["unet"])
+    params["face_projection"] = pw.load_face_projection_params(saa_file, modules.face_projection)
+    imr_file = folder / "IMR.bin"
+    if imr_file.exists() or require_imr:
+        params["imr"] = pw.load_imr_params(_require_file(folder, "IMR"), modules.imr)
+        params["keypoint_encoder"] = pw.load_keypoint_encoder_variables(
+            _require_file(folder, "key_point_encoder"), modules.keypoint_encoder
+        )
+    return params
+
+
+def _require_file(folder, stem: str):
+    for ext in (".bin", ".safetensors"):
+        path = folder / f"{stem}{ext}"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"DynamicID weights: {stem}.bin (or .safetensors) not found in {folder}")
+
+
+def param_count(tree) -> int:
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
