@@ -1,0 +1,339 @@
+"""The precompute jobs: raw images -> features -> TFRecord shards (+ manifest, rejects).
+
+    run_precompute(job, extractors) -> summary dict
+
+Inputs are listed and sorted (`inputs.py`), cut into `num_shards` contiguous slices (anchor:
+of images; reconfig: of identity folders, so an identity never spans two shards), and shard
+i is written by process `i % process_count`. Each shard is written atomically
+(`shards.AtomicShardWriter`); a rerun skips finished shards, so a crashed run resumed ends
+with exactly the records of an uninterrupted one. When every shard exists, whichever process
+notices first merges the manifest (`shards.finalize_dataset`; concurrent finishers write
+identical bytes); `finalize_only=True` does just that merge.
+
+Every input either becomes a record or a line in rejects.jsonl with its reason (corrupt
+image, no face, missing caption): nothing is ever written as zeros.
+
+Model calls are batched in fixed-size batches (the last one padded by repeating its final row
+and the padding dropped), so a jitted model compiles once per job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from dynamicid_jax.data import inputs, records, shards
+
+STAGES = ("anchor", "reconfig")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractorDims:
+    """Output sizes of the extractors; they fix the feature specs of the shards."""
+
+    id_dim: int  # face embedding D (512 ArcFace, 128 SFace)
+    clip_tokens: int  # vision tokens N (257 for ViT-H/14 at 224)
+    clip_width: int  # vision width W (1280)
+    text_length: int  # token ids per caption L (77)
+    text_width: int  # text hidden width T (768)
+    prompt_dim: int  # pooled text feature E (768)
+    latent_channels: int  # VAE latent channels C (4)
+    vae_downsample: int  # VAE spatial factor f (8)
+    landmark_size: int = 96
+
+
+@dataclasses.dataclass(frozen=True)
+class Extractors:
+    """What the jobs compute, as callables: the real models (`extractors.build_extractors`) or
+    small stand-ins in tests. Batch callables always get exactly the job's batch size of rows.
+
+    largest_face(image_rgb uint8 (H, W, 3), source_name) -> face with `.embedding` (D,);
+        raises one of `no_face_errors` when there is no face.
+    landmark_image(face, (H, W)) -> (S, S, 1) float32 in [-1, 1].
+    auto_face_prompt(face, image_rgb) -> str, the automatic face prompt of a source image.
+    tokenize(texts) -> (B, L) int32 token ids.
+    encode_text(ids (B, L)) -> (hidden states (B, L, T), pooled (B, E)) float32.
+    clip_pixels(image_rgb) -> (P, P, 3) float32, the CLIP-preprocessed image.
+    encode_clip_pixels(pixels (B, P, P, 3)) -> (B, N, W) float32 penultimate hidden states.
+    encode_vae(pixels (B, R, R, 3) in [-1, 1]) -> (mean, logvar), each (B, R/f, R/f, C) float32.
+    models: JSON description of the models (goes into the manifest).
+    """
+
+    largest_face: Callable[[np.ndarray, str], Any]
+    no_face_errors: tuple[type[BaseException], ...]
+    landmark_image: Callable[[Any, tuple[int, int]], np.ndarray]
+    auto_face_prompt: Callable[[Any, np.ndarray], str]
+    tokenize: Callable[[Sequence[str]], np.ndarray]
+    encode_text: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+    clip_pixels: Callable[[np.ndarray], np.ndarray]
+    encode_clip_pixels: Callable[[np.ndarray], np.ndarray]
+    encode_vae: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+    dims: ExtractorDims
+    models: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecomputeJob:
+    stage: str  # "anchor" | "reconfig"
+    input_dir: pathlib.Path
+    output_dir: pathlib.Path
+    num_shards: Optional[int] = None  # None: about `records_per_shard` inputs per shard
+    resolution: int = 512  # VAE input side (square center crop)
+    batch_size: int = 8  # fixed model batch (last one padded)
+    cache_text_states: bool = False  # anchor: also store CLIP text hidden states
+    process_index: int = 0
+    process_count: int = 1
+    max_shards: Optional[int] = None  # stop after this many shards in this run (incremental runs)
+    records_per_shard: int = 256
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.batch_size < 1 or self.resolution < 1:
+            raise ValueError(f"batch_size and resolution must be positive: {self.batch_size}, {self.resolution}")
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def stage_specs(job: PrecomputeJob, dims: ExtractorDims) -> list[records.FeatureSpec]:
+    f = dims.vae_downsample
+    if job.resolution % f:
+        raise ValueError(f"resolution {job.resolution} is not a multiple of the VAE factor {f}")
+    latent_hw = (job.resolution // f, job.resolution // f)
+    common = dict(latent_hw=latent_hw, latent_channels=dims.latent_channels, id_dim=dims.id_dim,
+                  clip_tokens=dims.clip_tokens, clip_width=dims.clip_width)
+    if job.stage == "anchor":
+        return records.anchor_specs(text_length=dims.text_length,
+                                    text_states_width=dims.text_width if job.cache_text_states else None, **common)
+    return records.reconfig_specs(landmark_size=dims.landmark_size, prompt_dim=dims.prompt_dim, **common)
+
+
+def null_specs(job: PrecomputeJob, dims: ExtractorDims) -> list[records.FeatureSpec]:
+    """The once-per-dataset classifier-free null inputs of the anchor stage."""
+    specs = [
+        records.FeatureSpec("input_ids", (dims.text_length,), "int32", "tokens of the empty caption"),
+        records.FeatureSpec(
+            "clip_image_features", (dims.clip_tokens, dims.clip_width), "float16",
+            "CLIP vision tower on all-zero (already normalised) pixels, as IP-Adapter's drop",
+        ),
+    ]
+    if job.cache_text_states:
+        specs.append(records.FeatureSpec("text_states", (dims.text_length, dims.text_width), "float32",
+                                         "text states of the empty caption"))
+    return specs
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def _pad_rows(rows, size: int):
+    """Pad a batch (array or list) to `size` rows by repeating the last row (one compile)."""
+    missing = size - len(rows)
+    if missing == 0:
+        return rows
+    if isinstance(rows, list):
+        return rows + rows[-1:] * missing
+    return np.concatenate([rows, np.repeat(rows[-1:], missing, axis=0)])
+
+
+def _batched(fn: Callable, rows, size: int):
+    """Apply a fixed-batch fn to `len(rows) <= size` rows; numpy outputs for the real rows only."""
+    out = fn(_pad_rows(rows, size))
+    if isinstance(out, tuple):
+        return tuple(np.asarray(o)[: len(rows)] for o in out)
+    return np.asarray(out)[: len(rows)]
+
+
+# --------------------------------------------------------------------------- per-stage work
+
+
+@dataclasses.dataclass
+class _Accepted:
+    """One input that passed decoding and face detection, waiting for the batched models."""
+
+    info: dict  # string features (key, caption | identity, source, face_prompt)
+    embedding: np.ndarray
+    vae_pixels: np.ndarray
+    clip_pixels: np.ndarray
+    landmark_image: Optional[np.ndarray] = None
+
+
+def _analyze(job: PrecomputeJob, ex: Extractors, item) -> tuple[Optional[_Accepted], Optional[str]]:
+    """Decode and analyse one input -> (accepted, None) or (None, reject reason)."""
+    if job.stage == "anchor" and item.caption is None:
+        return None, "missing caption"
+    try:
+        image = inputs.load_image(job.input_dir / item.key)
+    except inputs.CorruptImageError as e:
+        return None, f"corrupt image: {e}"
+    try:
+        face = ex.largest_face(image, item.key)
+    except ex.no_face_errors as e:
+        return None, f"no face: {e}"
+    if job.stage == "anchor":
+        info = {"key": item.key, "caption": item.caption}
+        landmarks = None
+    else:
+        prompt = item.face_prompt if item.face_prompt is not None else ex.auto_face_prompt(face, image)
+        info = {"key": item.key, "identity": item.identity, "source": item.source, "face_prompt": prompt}
+        landmarks = np.asarray(ex.landmark_image(face, image.shape[:2]), np.float32)
+    return (
+        _Accepted(
+            info=info,
+            embedding=np.asarray(face.embedding, np.float32),
+            vae_pixels=inputs.vae_pixels(image, job.resolution),
+            clip_pixels=np.asarray(ex.clip_pixels(image), np.float32),
+            landmark_image=landmarks,
+        ),
+        None,
+    )
+
+
+def _features(job: PrecomputeJob, ex: Extractors, batch: list[_Accepted]) -> list[dict]:
+    """Run the batched models on accepted inputs -> one feature dict per input."""
+    size = job.batch_size
+    clip = _batched(ex.encode_clip_pixels, np.stack([a.clip_pixels for a in batch]), size)
+    mean, logvar = _batched(ex.encode_vae, np.stack([a.vae_pixels for a in batch]), size)
+    texts = [a.info["caption" if job.stage == "anchor" else "face_prompt"] for a in batch]
+    ids = _batched(ex.tokenize, texts, size).astype(np.int32)
+    out = []
+    if job.stage == "anchor":
+        states = _batched(ex.encode_text, ids, size)[0] if job.cache_text_states else None
+    else:
+        pooled = _batched(ex.encode_text, ids, size)[1]
+    for i, a in enumerate(batch):
+        feats = dict(a.info)
+        feats.update(
+            id_embedding=a.embedding,
+            clip_image_features=clip[i].astype(np.float16),
+            vae_mean=mean[i].astype(np.float32),
+            vae_logvar=logvar[i].astype(np.float32),
+        )
+        if job.stage == "anchor":
+            feats["input_ids"] = ids[i]
+            if states is not None:
+                feats["text_states"] = states[i].astype(np.float32)
+        else:
+            feats["landmark_image"] = a.landmark_image
+            feats["face_prompt_embedding"] = pooled[i].astype(np.float32)
+        out.append(feats)
+    return out
+
+
+def _write_shard(job, ex, specs, name, items, progress) -> tuple[int, int]:
+    """Compute and atomically write one shard -> (records, rejects)."""
+    rejects, pending = [], []
+    index_fields = ("key",) if job.stage == "anchor" else ("key", "identity", "source")
+    with shards.AtomicShardWriter(job.output_dir, name) as writer:
+
+        def flush():
+            for feats in _features(job, ex, pending):
+                writer.write(records.encode_example(specs, feats), **{k: feats[k] for k in index_fields})
+            pending.clear()
+
+        for item in items:
+            accepted, reason = _analyze(job, ex, item)
+            if accepted is None:
+                rejects.append({"file": item.key, "reason": reason})
+            else:
+                pending.append(accepted)
+                if len(pending) == job.batch_size:
+                    flush()
+            progress.update(1)
+        if pending:
+            flush()
+        num_records = writer.num_records
+        writer.commit(rejects)
+    return num_records, len(rejects)
+
+
+def _write_null_features(job: PrecomputeJob, ex: Extractors, specs) -> None:
+    path = job.output_dir / shards.NULL_FEATURES
+    if path.exists():
+        return
+    size = job.batch_size
+    ids = _batched(ex.tokenize, [""], size).astype(np.int32)
+    p = ex.clip_pixels(np.zeros((8, 8, 3), np.uint8)).shape[0]
+    clip = _batched(ex.encode_clip_pixels, np.zeros((1, p, p, 3), np.float32), size)
+    values = {"input_ids": ids[0], "clip_image_features": clip[0].astype(np.float16)}
+    if job.cache_text_states:
+        values["text_states"] = _batched(ex.encode_text, ids, size)[0][0].astype(np.float32)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        records.write_record(f, records.encode_example(specs, values))
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def _units(job: PrecomputeJob) -> list[list]:
+    """The shardable units: one image (anchor) or one identity's images (reconfig)."""
+    if job.stage == "anchor":
+        return [[item] for item in inputs.find_anchor_inputs(job.input_dir)]
+    return [items for _, items in inputs.find_identity_inputs(job.input_dir)]
+
+
+def _fingerprint(units: list[list]) -> str:
+    listing = json.dumps([dataclasses.astuple(i) for unit in units for i in unit])
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def run_precompute(job: PrecomputeJob, extractors: Extractors) -> dict:
+    """Write this process's unfinished shards; finalize when all shards exist. -> summary."""
+    from tqdm import tqdm
+
+    job.output_dir.mkdir(parents=True, exist_ok=True)
+    units = _units(job)
+    num_shards = job.num_shards or max(1, -(-len(units) // job.records_per_shard))
+    slices = shards.shard_slices(len(units), num_shards)
+    specs = stage_specs(job, extractors.dims)
+    run_config = {
+        "stage": job.stage,
+        "num_shards": num_shards,
+        "num_inputs": sum(len(u) for u in units),
+        "inputs_sha256": _fingerprint(units),
+        "features": records.specs_to_json(specs),
+        "models": extractors.models,
+        "settings": {"resolution": job.resolution, "batch_size": job.batch_size,
+                     "cache_text_states": job.cache_text_states},
+    }
+    if job.stage == "anchor":
+        run_config["null_features"] = records.specs_to_json(null_specs(job, extractors.dims))
+    shards.check_or_write_run_config(job.output_dir, run_config)
+    if job.stage == "anchor" and job.process_index == 0:
+        _write_null_features(job, extractors, null_specs(job, extractors.dims))
+
+    todo = [i for i in shards.owned_shards(num_shards, job.process_index, job.process_count)
+            if not shards.is_shard_finished(job.output_dir, shards.shard_name(job.stage, i, num_shards))]
+    skipped = len(shards.owned_shards(num_shards, job.process_index, job.process_count)) - len(todo)
+    if job.max_shards is not None:
+        todo = todo[: job.max_shards]
+    total = sum(len(u) for i in todo for u in units[slices[i][0]:slices[i][1]])
+    written = rejected = 0
+    with tqdm(total=total, desc=f"{job.stage} p{job.process_index}", unit="img", file=sys.stderr,
+              disable=not job.progress) as progress:
+        for i in todo:
+            start, stop = slices[i]
+            items = [item for unit in units[start:stop] for item in unit]
+            n, r = _write_shard(job, extractors, specs, shards.shard_name(job.stage, i, num_shards), items, progress)
+            written, rejected = written + n, rejected + r
+    summary = {"shards_written": len(todo), "shards_skipped": skipped, "records": written, "rejects": rejected,
+               "num_shards": num_shards, "finalized": False}
+    if not shards.missing_shards(job.output_dir, job.stage, num_shards):
+        shards.finalize_dataset(job.output_dir)
+        summary["finalized"] = True
+    return summary
+
+
+def finalize(output_dir: str | pathlib.Path) -> dict:
+    """Merge an output folder's shard sidecars into manifest.json / rejects.jsonl."""
+    return shards.finalize_dataset(pathlib.Path(output_dir))
