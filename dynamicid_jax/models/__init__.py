@@ -6,3 +6,4 @@ Loaders (each takes a path and a dtype, returns `(module, params)`):
 
 from .unet import load_unet, UNet2DConditionModel, UNetConfig
 from .vae import load_vae, AutoencoderKL, VAEConfig
+from .clip import load_text_encoder, load_vision_encoder, clip_preprocess, CLIPTextModel, CLIPVisionModel, CLIPTextConfig, CLIPVisionConfig

@@ -1,0 +1,469 @@
+"""CLIP text and vision towers (transformers' CLIPTextModel / CLIPVisionModel) and their loaders.
+
+Both towers share one pre-LN transformer encoder built from the shared `Attention` (q/k/v/out
+biases) and `MLP` of `layers.py`. The text tower is causal and pools the final-LayerNormed
+state at the EOS token; the vision tower embeds 14x14 (or p x p) patches plus a class token,
+applies `pre_layrnorm`, and pools the class token through `post_layernorm`.
+
+Uses in DynamicID:
+  * SD1.5 text encoder (ViT-L/14 text tower): `last_hidden_state` (B, 77, 768) is the UNet
+    context; `pooled` (B, 768) is IMR's face-prompt feature.
+  * ViT-H/14 vision tower: `hidden_states[-2]` (B, 257, 1280), the penultimate layer, feeds
+    the face encoder's perceiver resampler.
+
+Parameter names mirror transformers (`embeddings/token_embedding`, `encoder/layers_i/self_attn`,
+`layer_norm1`, `mlp/fc1`, `final_layer_norm`, `pre_layrnorm`, ...) so that import is a rename.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .layers import ACTIVATIONS, MLP, Attention
+from .torch_import import (
+    StateDict,
+    WeightImportError,
+    conv_kernel,
+    find_weight_file,
+    identity,
+    import_params,
+    linear_kernel,
+    read_state_dict,
+)
+
+Dtype = Any
+
+# CLIP's image normalisation (OpenAI), applied after scaling to [0, 1].
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _activation_name(hidden_act: str) -> str:
+    if hidden_act not in ACTIVATIONS:
+        raise ValueError(f"unsupported CLIP hidden_act {hidden_act!r}; known: {sorted(ACTIVATIONS)}")
+    return hidden_act
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+    """Shape of a CLIP text tower. Defaults are SD1.5's text encoder (OpenAI ViT-L/14)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    max_positions: int = 77
+    activation: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    # SD1.5's config says 2 (a legacy value): transformers then pools at argmax(input_ids),
+    # which is the EOS because <|endoftext|> has the largest id. Otherwise: first EOS position.
+    eos_token_id: int = 2
+
+    @classmethod
+    def sd15(cls) -> "CLIPTextConfig":
+        return cls()
+
+    @classmethod
+    def from_transformers(cls, config: Mapping[str, Any]) -> "CLIPTextConfig":
+        """From a transformers `config.json` dict (a CLIPTextConfig, or a CLIPConfig's text_config)."""
+        config = config["text_config"] if "text_config" in config else config
+        return cls(
+            vocab_size=int(config["vocab_size"]),
+            hidden_size=int(config["hidden_size"]),
+            intermediate_size=int(config["intermediate_size"]),
+            num_layers=int(config["num_hidden_layers"]),
+            num_heads=int(config["num_attention_heads"]),
+            max_positions=int(config["max_position_embeddings"]),
+            activation=_activation_name(config.get("hidden_act", "quick_gelu")),
+            layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)),
+            eos_token_id=int(config.get("eos_token_id", 2)),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+    """Shape of a CLIP vision tower. Defaults are OpenCLIP ViT-H/14 (laion2B), IP-Adapter's encoder."""
+
+    hidden_size: int = 1280
+    intermediate_size: int = 5120
+    num_layers: int = 32
+    num_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    activation: str = "gelu"
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def num_positions(self) -> int:
+        """Class token plus (image_size / patch_size)^2 patches (257 for ViT-H/14 at 224)."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @classmethod
+    def vit_h14(cls) -> "CLIPVisionConfig":
+        return cls()
+
+    @classmethod
+    def from_transformers(cls, config: Mapping[str, Any]) -> "CLIPVisionConfig":
+        """From a transformers `config.json` dict (a CLIPVisionConfig, or a CLIPConfig's vision_config)."""
+        config = config["vision_config"] if "vision_config" in config else config
+        return cls(
+            hidden_size=int(config["hidden_size"]),
+            intermediate_size=int(config["intermediate_size"]),
+            num_layers=int(config["num_hidden_layers"]),
+            num_heads=int(config["num_attention_heads"]),
+            image_size=int(config["image_size"]),
+            patch_size=int(config["patch_size"]),
+            num_channels=int(config.get("num_channels", 3)),
+            activation=_activation_name(config.get("hidden_act", "quick_gelu")),
+            layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)),
+        )
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-LN block: x + attn(LN1(x)); x + mlp(LN2(x)). (B, N, C) -> (B, N, C)."""
+
+    num_heads: int
+    intermediate_size: int
+    activation: str
+    layer_norm_eps: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+        width = x.shape[-1]
+        h = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm1")(x)
+        x = x + Attention(
+            self.num_heads, width // self.num_heads, qkv_bias=True, out_bias=True, dtype=self.dtype, name="self_attn"
+        )(h, mask=mask)
+        h = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm2")(x)
+        return x + MLP(self.intermediate_size, activation=self.activation, dtype=self.dtype, name="mlp")(h)
+
+
+class CLIPEncoder(nn.Module):
+    """A stack of `CLIPEncoderLayer`s.
+
+    x (B, N, C) -> tuple of num_layers + 1 states (B, N, C): the input, then every layer's output
+    (transformers' `hidden_states`).
+    """
+
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    activation: str
+    layer_norm_eps: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> tuple[jax.Array, ...]:
+        states = [x]
+        for i in range(self.num_layers):
+            x = CLIPEncoderLayer(
+                self.num_heads, self.intermediate_size, self.activation, self.layer_norm_eps, self.dtype,
+                name=f"layers_{i}",
+            )(x, mask)
+            states.append(x)
+        return tuple(states)
+
+
+def _encoder(config, dtype: Dtype) -> CLIPEncoder:
+    return CLIPEncoder(
+        config.num_layers, config.num_heads, config.intermediate_size, config.activation, config.layer_norm_eps,
+        dtype, name="encoder",
+    )
+
+
+# --------------------------------------------------------------------------- towers
+
+
+def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
+    """Index of the pooled (EOS) token per row, transformers' rule. (B, L) int -> (B,) int.
+
+    eos_token_id == 2 (legacy configs such as SD1.5's): argmax of the ids, since <|endoftext|>
+    has the largest id in CLIP's vocabulary. Otherwise the first position equal to the EOS id
+    (padding may repeat it).
+    """
+    if eos_token_id == 2:
+        return jnp.argmax(input_ids, axis=-1)
+    return jnp.argmax((input_ids == eos_token_id).astype(jnp.int32), axis=-1)
+
+
+
+class CLIPTextEmbeddings(nn.Module):
+    """Token plus learned position embeddings. (B, L) int -> (B, L, D)."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        cfg = self.config
+        tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="token_embedding")(input_ids)
+        positions = nn.Embed(cfg.max_positions, cfg.hidden_size, dtype=self.dtype, name="position_embedding")(
+            jnp.arange(input_ids.shape[1])
+        )
+        return tokens + positions[None]
+
+
+class CLIPTextModel(nn.Module):
+    """CLIP text tower (causal).
+
+    input_ids (B, L) int, L <= max_positions ->
+      last_hidden_state (B, L, D): final-LayerNormed states (the UNet context);
+      pooled (B, D): last_hidden_state at the EOS token (see `eos_positions`).
+    """
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
+        length = input_ids.shape[1]
+        if length > cfg.max_positions:
+            raise ValueError(f"input_ids length {length} exceeds max_positions {cfg.max_positions}")
+        x = CLIPTextEmbeddings(cfg, self.dtype, name="embeddings")(input_ids)
+        causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]  # (1, 1, L, L), True = keep
+        states = _encoder(cfg, self.dtype)(x, causal)
+        last = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="final_layer_norm")(states[-1])
+        pooled = last[jnp.arange(last.shape[0]), eos_positions(input_ids, cfg.eos_token_id)]
+        return last, pooled
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    """Class token + non-overlapping patch embeddings + learned positions.
+
+    pixels (B, S, S, C) -> (B, 1 + (S/p)^2, D).
+    """
+
+    config: CLIPVisionConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixels: jax.Array) -> jax.Array:
+        cfg = self.config
+        p = cfg.patch_size
+        patches = nn.Conv(
+            cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=False, dtype=self.dtype,
+            name="patch_embedding",
+        )(pixels)
+        b, gh, gw, d = patches.shape
+        patches = patches.reshape(b, gh * gw, d)  # row-major, as torch's flatten(2)
+        cls = self.param("class_embedding", nn.initializers.normal(d**-0.5), (d,), jnp.float32)
+        cls = jnp.broadcast_to(cls.astype(patches.dtype), (b, 1, d))
+        positions = nn.Embed(cfg.num_positions, d, dtype=self.dtype, name="position_embedding")(
+            jnp.arange(cfg.num_positions)
+        )
+        return jnp.concatenate([cls, patches], axis=1) + positions[None]
+
+
+class CLIPVisionModel(nn.Module):
+    """CLIP vision tower.
+
+    pixels (B, S, S, C) NHWC, CLIP-normalised (see `clip_preprocess`), S = image_size ->
+      last_hidden_state (B, T, D), T = 1 + (S/p)^2 (257 for ViT-H/14 at 224);
+      pooled (B, D): post_layernorm of the class token;
+      hidden_states: tuple of num_layers + 1 (B, T, D) states, the first being the
+        pre_layrnorm'd embeddings (transformers' `hidden_states`); DynamicID uses [-2].
+    """
+
+    config: CLIPVisionConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixels: jax.Array) -> tuple[jax.Array, jax.Array, tuple[jax.Array, ...]]:
+        cfg = self.config
+        expected = (cfg.image_size, cfg.image_size, cfg.num_channels)
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
+            raise ValueError(f"pixels must be (batch, {', '.join(map(str, expected))}) NHWC, got {pixels.shape}")
+        x = CLIPVisionEmbeddings(cfg, self.dtype, name="embeddings")(pixels)
+        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="pre_layrnorm")(x)
+        states = _encoder(cfg, self.dtype)(x)
+        pooled = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="post_layernorm")(states[-1][:, 0])
+        return states[-1], pooled, states
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def _resample_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
+    """Antialiased bicubic (Keys a=-0.5, as PIL) along one axis, rounded back to uint8 levels."""
+    if x.shape[axis] == size:
+        return x
+    shape = list(x.shape)
+    shape[axis] = size
+    x = jax.image.resize(x, tuple(shape), method="bicubic", antialias=True)
+    return jnp.clip(jnp.round(x), 0.0, 255.0)
+
+
+def clip_preprocess(images, size: int = 224) -> jax.Array:
+    """CLIPImageProcessor's defaults in JAX. uint8 (B, H, W, 3) -> float32 (B, size, size, 3).
+
+    Resize so the shorter side is `size` (the longer side `int(size * long / short)`) with
+    antialiased bicubic, done as PIL does it: width pass, round to uint8, height pass, round;
+    center crop at offset `int((n - size) / 2)`; scale to [0, 1]; CLIP mean/std.
+    Against transformers' PIL-backed processor: within 1 uint8 level per pixel (float rounding
+    in the kernels), bit-exact when no resize is needed.
+    """
+    images = jnp.asarray(images)
+    if images.dtype != jnp.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be uint8 (batch, height, width, 3), got {images.dtype} {images.shape}")
+    _, h, w, _ = images.shape
+    if w <= h:
+        new_h, new_w = int(size * h / w), size
+    else:
+        new_h, new_w = size, int(size * w / h)
+    x = _resample_axis(images.astype(jnp.float32), 2, new_w)
+    x = _resample_axis(x, 1, new_h)
+    top, left = int((new_h - size) / 2.0), int((new_w - size) / 2.0)
+    x = x[:, top : top + size, left : left + size]
+    mean = jnp.asarray(CLIP_MEAN, jnp.float32)
+    std = jnp.asarray(CLIP_STD, jnp.float32)
+    return (x / 255.0 - mean) / std
+
+
+# --------------------------------------------------------------------------- weight import
+
+# Buffers that transformers saves (older versions) but that are not parameters.
+_BUFFERS = (r"\.position_ids$",)
+_RENAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+
+
+def _torch_key_fn(prefix: str):
+    """Map our flax path to transformers' key: layers_3 -> layers.3, to_q -> q_proj, kernel -> weight."""
+
+    def key_fn(path: tuple[str, ...]):
+        *parents, leaf = path
+        names = [re.sub(r"^layers_(\d+)$", r"layers.\1", _RENAMES.get(p, p)) for p in parents]
+        if leaf == "kernel":
+            transform = conv_kernel if parents[-1] == "patch_embedding" else linear_kernel
+            names.append("weight")
+        elif leaf in ("scale", "embedding"):
+            transform = identity
+            names.append("weight")
+        else:  # bias, class_embedding
+            transform = identity
+            names.append(leaf)
+        return prefix + ".".join(names), transform
+
+    return key_fn
+
+
+def _tower_prefix(state_dict: StateDict, prefix: str, model_name: str) -> str:
+    """`text_model.`/`vision_model.` when the checkpoint uses it (older transformers, SD1.5, IP-Adapter);
+    "" when it does not (transformers 5 saves CLIPTextModel/CLIPVisionModel without it)."""
+    with_prefix = any(k.startswith(prefix) for k in state_dict)
+    without = any(k.startswith(("embeddings.", "encoder.")) for k in state_dict)
+    if with_prefix and without:
+        raise WeightImportError(f"{model_name}: checkpoint mixes keys with and without the {prefix!r} prefix")
+    return prefix if with_prefix else ""
+
+
+def import_text_params(config: CLIPTextConfig, state_dict: StateDict):
+    """transformers CLIPTextModel state dict -> our params (nested dict of float32 numpy arrays)."""
+    module = CLIPTextModel(config)
+    abstract = jax.eval_shape(
+        module.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, config.max_positions), jnp.int32)
+    )["params"]
+    name = "CLIP text encoder"
+    prefix = _tower_prefix(state_dict, "text_model.", name)
+    return import_params(abstract, state_dict, _torch_key_fn(prefix), model_name=name, ignore_unexpected=_BUFFERS)
+
+
+def import_vision_params(config: CLIPVisionConfig, state_dict: StateDict):
+    """transformers CLIPVisionModel(WithProjection) state dict -> our params.
+
+    The projection head (`visual_projection.weight`) is deliberately not imported: DynamicID
+    reads hidden states, never image_embeds.
+    """
+    module = CLIPVisionModel(config)
+    pixels = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.num_channels), jnp.float32)
+    abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), pixels)["params"]
+    name = "CLIP vision encoder"
+    prefix = _tower_prefix(state_dict, "vision_model.", name)
+    return import_params(
+        abstract, state_dict, _torch_key_fn(prefix), model_name=name,
+        ignore_unexpected=_BUFFERS + (r"^visual_projection\.weight$",),
+    )
+
+
+def _component_folder(path: pathlib.Path, component: str) -> pathlib.Path:
+    """A pipeline folder's `component/` sub-folder, or the folder itself when it holds config.json."""
+    if (path / component / "config.json").is_file():
+        return path / component
+    if (path / "config.json").is_file():
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"CLIP weights not found: {path}")
+    raise FileNotFoundError(f"{path}: neither {component}/config.json nor config.json found")
+
+
+def _read_config(folder: pathlib.Path) -> dict:
+    with open(folder / "config.json") as f:
+        return json.load(f)
+
+
+def load_text_encoder(
+    path: str | os.PathLike, dtype: Dtype = jnp.float32, config: Optional[CLIPTextConfig] = None
+) -> tuple[CLIPTextModel, dict]:
+    """Load a CLIP text encoder. Returns (module, params); call `module.apply({"params": params}, ids)`.
+
+    path: a diffusers pipeline folder (uses `text_encoder/`), a transformers CLIPTextModel
+      folder (config.json + model.safetensors|pytorch_model.bin), a single-file SD1.5
+      checkpoint (.safetensors/.ckpt with `cond_stage_model.transformer.*`), or a folder
+      written by `python -m dynamicid_jax.convert`.
+    config: only for single-file checkpoints, which carry no config; defaults to SD1.5's.
+    dtype: compute dtype of the module; params stay float32 numpy arrays (ready for device_put).
+    """
+    from dynamicid_jax import convert  # local: convert imports every loader
+
+    path = pathlib.Path(path)
+    if config is not None and not path.is_file():
+        raise ValueError(f"load_text_encoder: config= is only for single-file checkpoints; {path} has its own")
+    if convert.is_converted(path):
+        config, params = convert.load_converted(path, "text_encoder", CLIPTextConfig)
+    elif path.is_file():
+        from .single_file import extract_component
+
+        config = config or CLIPTextConfig.sd15()
+        params = import_text_params(config, extract_component(path, "text_encoder"))
+    else:
+        folder = _component_folder(path, "text_encoder")
+        config = CLIPTextConfig.from_transformers(_read_config(folder))
+        params = import_text_params(config, read_state_dict(find_weight_file(folder, ["model", "pytorch_model"])))
+    return CLIPTextModel(config, dtype=dtype), params
+
+
+def load_vision_encoder(path: str | os.PathLike, dtype: Dtype = jnp.float32) -> tuple[CLIPVisionModel, dict]:
+    """Load a CLIP vision tower. Returns (module, params); `module.apply({"params": params}, pixels)`.
+
+    path: a transformers CLIPVisionModel(WithProjection) folder such as IP-Adapter's
+      `models/image_encoder` (config.json + model.safetensors|pytorch_model.bin), a folder
+      holding `image_encoder/`, or a folder written by `python -m dynamicid_jax.convert`.
+    dtype: compute dtype of the module; params stay float32 numpy arrays.
+    """
+    from dynamicid_jax import convert
+
+    path = pathlib.Path(path)
+    if convert.is_converted(path):
+        config, params = convert.load_converted(path, "vision_encoder", CLIPVisionConfig)
+    else:
+        folder = _component_folder(path, "image_encoder")
+        config = CLIPVisionConfig.from_transformers(_read_config(folder))
+        params = import_vision_params(config, read_state_dict(find_weight_file(folder, ["model", "pytorch_model"])))
+    return CLIPVisionModel(config, dtype=dtype), params
