@@ -1,6 +1,6 @@
 """Import PyTorch weights once and write them as Flax params with orbax, so later runs are fast.
 
-    python -m dynamicid_jax.convert --base_model PATH --out DIR \
+    python -m dynamicid_jax.convert --base_model PATH --out DIR
         [--components unet,vae,text_encoder] [--vision_encoder PATH] [--dynamicid PATH]
 
 --base_model: a diffusers SD1.5 pipeline folder or a single-file checkpoint.
@@ -8,6 +8,11 @@ Output layout:
 
     DIR/dynamicid_converted.json   {"format": 1, "components": {name: {"config": {...}}}}
     DIR/<component>/               orbax checkpoint of that component's params (float32)
+    DIR/dynamicid/{SAA,IMR,key_point_encoder}.safetensors   the authors' weights, torch-free
+
+The DynamicID files keep their flat PyTorch key layout (as .safetensors, readable without
+torch): their import needs the model configs (configs/base.py), which live with the run,
+so `modeling.load_pretrained(dynamicid=DIR/dynamicid)` imports them strictly at load time.
 
 Every loader (`load_unet`, `load_vae`, `load_text_encoder`, ...) accepts DIR and then reads
 its component from here without torch. A component asked for whose importer is missing or
@@ -26,6 +31,8 @@ import types
 import typing
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
+
 MARKER = "dynamicid_converted.json"
 FORMAT_VERSION = 1
 
@@ -36,7 +43,6 @@ LOADERS: dict[str, tuple[str, str]] = {
     "vae": ("dynamicid_jax.models.vae", "load_vae"),
     "text_encoder": ("dynamicid_jax.models.clip", "load_text_encoder"),
     "vision_encoder": ("dynamicid_jax.models.clip", "load_vision_encoder"),
-    "dynamicid": ("dynamicid_jax.dynamicid.weights", "load_dynamicid"),
 }
 BASE_MODEL_COMPONENTS = ("unet", "vae", "text_encoder")
 
@@ -159,9 +165,7 @@ def convert(
         sources[component] = base_model
     if vision_encoder is not None:
         sources["vision_encoder"] = vision_encoder
-    if dynamicid is not None:
-        sources["dynamicid"] = dynamicid
-    if not sources:
+    if not sources and dynamicid is None:
         raise ValueError("nothing to convert: give --base_model, --vision_encoder or --dynamicid")
     written = []
     for component, source in sources.items():
@@ -172,6 +176,37 @@ def convert(
         save_component(out, component, config, params)
         written.append(component)
         print(f"wrote {component} -> {pathlib.Path(out) / component}")
+    if dynamicid is not None:
+        for path in convert_dynamicid_weights(dynamicid, pathlib.Path(out) / "dynamicid"):
+            print(f"wrote {path}")
+        written.append("dynamicid")
+    return written
+
+
+DYNAMICID_FILES = ("SAA", "IMR", "key_point_encoder")
+
+
+def convert_dynamicid_weights(folder: str | os.PathLike, out: str | os.PathLike) -> list[pathlib.Path]:
+    """Re-save the authors' SAA.bin (required), IMR.bin and key_point_encoder.bin (when present)
+    as flat-keyed .safetensors under `out`. Returns the files written."""
+    from safetensors.numpy import save_file
+
+    from dynamicid_jax.models.torch_import import read_state_dict
+
+    folder, out = pathlib.Path(folder), pathlib.Path(out)
+    found = {stem: next((folder / f"{stem}{ext}" for ext in (".bin", ".safetensors")
+                         if (folder / f"{stem}{ext}").is_file()), None) for stem in DYNAMICID_FILES}
+    if found["SAA"] is None:
+        raise FileNotFoundError(f"--dynamicid {folder}: SAA.bin (or SAA.safetensors) not found")
+    if (found["IMR"] is None) != (found["key_point_encoder"] is None):
+        raise FileNotFoundError(f"--dynamicid {folder}: IMR and key_point_encoder come together; found only one")
+    out.mkdir(parents=True, exist_ok=False)
+    written = []
+    for stem, source in found.items():
+        if source is not None:
+            state_dict = {k: np.ascontiguousarray(v) for k, v in read_state_dict(source).items()}
+            save_file(state_dict, str(out / f"{stem}.safetensors"))
+            written.append(out / f"{stem}.safetensors")
     return written
 
 
@@ -182,7 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--components", default=",".join(BASE_MODEL_COMPONENTS),
                         help="comma-separated base-model components to convert")
     parser.add_argument("--vision_encoder", help="CLIP ViT-H/14 image encoder folder (transformers)")
-    parser.add_argument("--dynamicid", help="folder with the authors' SAA.bin, IMR.bin, key_point_encoder.bin")
+    parser.add_argument("--dynamicid", help="folder with the authors' SAA.bin [IMR.bin, key_point_encoder.bin]")
     args = parser.parse_args(argv)
     components = [c for c in args.components.split(",") if c] if args.base_model else []
     convert(args.base_model, args.out, components, args.vision_encoder, args.dynamicid)
