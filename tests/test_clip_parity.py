@@ -181,3 +181,21 @@ def test_clip_preprocess_matches_clip_image_processor(size):
         np.testing.assert_allclose(ours, ref, atol=1e-5)  # no resampling: exact up to float rounding
     with pytest.raises(ValueError, match="uint8"):
         clip.clip_preprocess(images.astype(np.float32))
+
+
+def test_vision_tower_sharded_forward_equals_unsharded(vision_case):
+    """The generic path/shape sharding rules place the CLIP tower on the 8 fake devices (fsdp 4)."""
+    from dynamicid_jax import sharding
+
+    _, module, params, _, _ = vision_case
+    pixels = np.random.default_rng(2).standard_normal((8, 32, 32, 3)).astype(np.float32)
+    forward = lambda p, x: module.apply({"params": p}, x)[0]  # noqa: E731
+    expected = np.asarray(jax.jit(forward)(params, pixels))
+    mesh = sharding.make_mesh(2, -1)
+    shardings = sharding.param_shardings(params, mesh, min_size=512)  # tiny model: split kernels of >= 512
+    assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(shardings))
+    batch = sharding.batch_sharding(mesh)
+    out = jax.jit(forward, in_shardings=(shardings, batch), out_shardings=batch)(
+        jax.device_put(params, shardings), jax.device_put(pixels, batch)
+    )
+    assert rel_l2(out, expected) <= 1e-5
