@@ -85,8 +85,8 @@ def _from_json(annotation: Any, value: Any) -> Any:
         return _from_json(candidates[0], value) if len(candidates) == 1 else value
     if dataclasses.is_dataclass(annotation):
         return config_from_json(annotation, value)
-    if origin is tuple or (origin is None and isinstance(value, list)):
-        inner = args[0] if args else Any
+    if isinstance(value, list):  # JSON arrays were tuples: configs stay hashable
+        inner = args[0] if origin is tuple and args else Any
         return tuple(_from_json(inner, v) for v in value)
     return value
 

@@ -168,3 +168,19 @@ def test_bfloat16_compute_stays_close(reference, loaded):
     out32 = decode(loaded[0])(loaded[1], latents)
     assert out16.dtype == jnp.float32 and jax.tree.leaves(params)[0].dtype == np.float32
     assert 0 < rel_l2(out16, out32) < 5e-2
+
+
+def test_sd15_config_has_diffusers_parameter_count():
+    """The full SD1.5 VAE: same parameter count as diffusers' default AutoencoderKL (meta device)."""
+    with torch.device("meta"):
+        reference = diffusers.AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            norm_num_groups=32,
+        )
+    expected = sum(p.numel() for p in reference.parameters())
+    module = AutoencoderKL(VAEConfig.sd15())
+    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == expected

@@ -708,7 +708,7 @@ def load_unet(
     `module.apply({"params": params}, sample, timesteps, context)`.
     Raises WeightImportError listing every missing, unexpected and mis-shaped key.
     """
-    from dynamicid_jax import convert  # local: convert imports every loader
+    from dynamicid_jax import convert  # converted folders (python -m dynamicid_jax.convert)
 
     path = pathlib.Path(path)
     if config is not None and not path.is_file():

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dynamicid_jax import convert
 from dynamicid_jax.models import torch_import
 from dynamicid_jax.models.layers import Attention
 
@@ -367,8 +368,6 @@ def load_vae(path: str | os.PathLike, dtype: Dtype = jnp.float32, config: Option
     config: only for single-file checkpoints, which carry no config; defaults to SD1.5's.
     dtype: compute dtype of the returned module; params stay float32 numpy arrays.
     """
-    from dynamicid_jax import convert  # local: convert imports every loader
-
     path = pathlib.Path(path)
     if config is not None and not path.is_file():
         raise ValueError(f"load_vae: config= is only for single-file checkpoints; {path} carries its own config")
