@@ -139,3 +139,11 @@ def test_clear_errors(tmp_path, tiny_folder):
         ours("a photo")
     with pytest.raises(TypeError, match="prompt must be a string"):
         ours(["ok", None])
+
+
+def test_fix_text_option_cleans_like_openai(tiny_folder):
+    """fix_text=True: ftfy + HTML unescaping (OpenAI's cleaning), off by default as in transformers."""
+    plain = CLIPTokenizer.from_folder(tiny_folder)
+    fixed = CLIPTokenizer.from_folder(tiny_folder, fix_text=True)
+    assert fixed.encode("a &amp; b") == plain.encode("a & b") != plain.encode("a &amp; b")
+    assert fixed.encode("cafÃ©") == plain.encode("café")  # mojibake repaired by ftfy
