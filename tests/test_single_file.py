@@ -252,3 +252,17 @@ def test_text_encoder_from_single_file_matches_transformers(reference):
     with torch.no_grad():
         ref = reference["text"](torch.from_numpy(ids).long()).last_hidden_state.numpy()
     assert rel_l2(hidden, ref) <= 1e-4
+
+
+def test_half_precision_files_widen_exactly(reference, tmp_path):
+    """fp16 and bf16 single files (common for fine-tunes) read torch-free, widened to float32."""
+    for dtype in (torch.float16, torch.bfloat16):
+        half = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in reference["ldm"].items()
+                if k.startswith("first_stage_model.")}
+        path = tmp_path / f"{str(dtype)[6:]}.safetensors"
+        save_file(half, str(path))
+        theirs = sfu.convert_ldm_vae_checkpoint({k: v.float() for k, v in half.items()},
+                                                dict(reference["vae"].config))
+        ours = extract_component(path, "vae")
+        assert all(v.dtype == np.float32 for v in ours.values())
+        assert_same_state_dict(ours, theirs)
