@@ -16,7 +16,7 @@ index. Every read checks the record's CRCs.
 Each host reads a disjoint subset of shard files (file i goes to host i % process_count),
 batches `global_batch_size / process_count` examples locally, and the local batches become
 one global array per feature with `jax.make_array_from_process_local_data`, sharded over the
-mesh's batch axes.
+mesh's batch axes ('data', 'fsdp') by `dynamicid_jax.sharding.batch_sharding`.
 
 Arrays keep their stored dtypes (clip_image_features stays float16, halving host->device
 traffic; the model casts). String features (key, caption, ...) are dropped unless asked for.
@@ -32,10 +32,6 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from dynamicid_jax.data import records, shards
-
-# The batch dimension is split over these mesh axes (data parallel x fully-sharded data parallel).
-BATCH_AXES = ("data", "fsdp")
-
 
 # --------------------------------------------------------------------------- record access
 
@@ -274,16 +270,6 @@ def reconfig_dataset(
 # --------------------------------------------------------------------------- global arrays
 
 
-def batch_sharding(mesh):
-    """NamedSharding splitting axis 0 over the mesh's batch axes (those of BATCH_AXES it has)."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    if not axes:
-        raise ValueError(f"mesh axes {mesh.axis_names} contain none of the batch axes {BATCH_AXES}")
-    return NamedSharding(mesh, PartitionSpec(axes))
-
-
 def to_global_batch(local: Mapping[str, np.ndarray], sharding) -> dict[str, Any]:
     """Host-local numpy batch -> {name: global jax.Array}, axis 0 = all hosts' rows.
 
@@ -312,6 +298,8 @@ class GlobalBatchIterator:
 
     def __init__(self, dataset, mesh, *, num_threads: int = 2, prefetch: int = 2, sharding=None):
         import grain
+
+        from dynamicid_jax.sharding import batch_sharding
 
         self.sharding = sharding if sharding is not None else batch_sharding(mesh)
         options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)

