@@ -5,8 +5,6 @@ compared with the torch forward; strictness of the import; the full-size key lay
 
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

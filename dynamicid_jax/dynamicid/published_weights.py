@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Mapping, Optional, Union
+from typing import Mapping, Union
 
 import jax
 import jax.numpy as jnp
