@@ -296,12 +296,14 @@ class GlobalBatchIterator:
     stop the prefetch threads.
     """
 
-    def __init__(self, dataset, mesh, *, num_threads: int = 2, prefetch: int = 2, sharding=None):
+    def __init__(self, dataset, mesh=None, *, num_threads: int = 2, prefetch: int = 2, sharding=None):
         import grain
 
-        from dynamicid_jax.sharding import batch_sharding
+        if sharding is None and mesh is not None:
+            from dynamicid_jax.sharding import batch_sharding
 
-        self.sharding = sharding if sharding is not None else batch_sharding(mesh)
+            sharding = batch_sharding(mesh)
+        self.sharding = sharding  # None: host-local batches only (`next_local`)
         options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
         self._iterator = iter(dataset.to_iter_dataset(options))
 
@@ -309,6 +311,8 @@ class GlobalBatchIterator:
         return self
 
     def __next__(self) -> dict[str, Any]:
+        if self.sharding is None:
+            raise ValueError("GlobalBatchIterator without a mesh gives host-local batches only: use next_local()")
         return to_global_batch(next(self._iterator), self.sharding)
 
     def next_local(self) -> dict[str, np.ndarray]:
