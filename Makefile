@@ -25,8 +25,12 @@ assets: $(STAMP)
 test: $(STAMP) assets
 	$(PY) -m pytest -q tests
 
-demo: $(STAMP)
-	$(PY) launch/sample.py --demo --out demo_out
+demo: $(STAMP) assets
+	$(PY) launch/sample.py --demo --out demo_out --prompt "two people at a cafe" \
+	  --ref $(TEST_ASSETS)/obama.jpg --ref $(TEST_ASSETS)/0-f15-hao-ph.jpg \
+	  --box 0,0,1,0.5 --box 0,0.5,1,1 \
+	  --face_prompt "" --face_prompt "a very surprised expression, front view" \
+	  --expression_model $(TEST_ASSETS)/fer_emotion_model.hdf5
 
 bench: $(STAMP)
 	$(PY) benchmarks/unet_forward.py

@@ -1,0 +1,380 @@
+"""DynamicID sampling: reference photos + prompt -> pictures, reproducible from a JSON sidecar.
+
+Per identity (one or more reference photos, averaged):
+  photo -> largest face -> identity vector (ArcFace/SFace)  \
+  photo -> CLIP preprocess -> vision tower, penultimate      > FaceProjection -> tokens (T, D)
+  [face prompt and/or target landmarks given] -> IMR(tokens, source motion, target motion)
+Then one jitted loop: classifier-free guidance batched as [negative, positive], the SAA UNet
+with every identity's tokens and boxes, DDIM steps, VAE decode.
+
+The denoising loop is a `lax.fori_loop` whose trip count is a traced value over timesteps
+padded to the training length, so changing `steps`, `guidance`, `alpha`, `beta`, boxes or
+prompts reuses the compiled program; only image size, batch and identity count recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from dynamicid_jax import schedulers
+from dynamicid_jax.dynamicid.saa import IdentityConditioning, default_boxes, validate_boxes
+from dynamicid_jax.modeling import DynamicIDModules, Params
+from dynamicid_jax.models.clip import clip_preprocess
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class InputError(ValueError):
+    """A user input that cannot be used (names the input); the CLI exits 2 on it."""
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+@dataclasses.dataclass
+class IdentityRequest:
+    """One person in the picture.
+
+    refs: reference photo paths of this person (several are averaged in token space).
+    box: normalised [y_min, x_min, y_max, x_max] where this person should appear.
+    face_prompt: target face prompt for IMR, e.g. "a very surprised expression, front view".
+    target_landmarks: a photo whose largest face gives the target landmarks (head pose).
+    source_prompt: the reference face's own description; automatic when None.
+    """
+
+    refs: list[str]
+    box: Optional[list[float]] = None
+    face_prompt: Optional[str] = None
+    target_landmarks: Optional[str] = None
+    source_prompt: Optional[str] = None
+
+    @property
+    def edits(self) -> bool:
+        return self.face_prompt is not None or self.target_landmarks is not None
+
+
+@dataclasses.dataclass
+class SampleRequest:
+    """Every setting of one sampling call; `to_json`/`from_json` make the sidecar."""
+
+    identities: list[IdentityRequest]
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 50
+    guidance: float = 5.0
+    height: int = 512
+    width: int = 512
+    num_images: int = 1
+    alpha: float | int = 3
+    beta: float = 4.0
+    id_scale: float = 1.0
+    mix: Optional[float] = None
+    gating: bool = True
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SampleRequest":
+        data = dict(data)
+        data["identities"] = [IdentityRequest(**d) for d in data["identities"]]
+        return cls(**data)
+
+
+def validate_request(request: SampleRequest, vae_factor: int) -> None:
+    """Raise InputError naming the first unusable setting."""
+    n = len(request.identities)
+    if n == 0:
+        raise InputError("at least one identity (--ref) is required")
+    for i, ident in enumerate(request.identities):
+        if not ident.refs:
+            raise InputError(f"identity {i} has no reference image")
+    given = [ident.box is not None for ident in request.identities]
+    if any(given) and not all(given):
+        raise InputError(f"boxes and identities differ in count: {sum(given)} boxes for {n} identities")
+    if all(given):
+        try:
+            validate_boxes(np.asarray([ident.box for ident in request.identities], np.float32))
+        except ValueError as e:
+            raise InputError(f"--box: {e}") from e
+    if request.mix is not None and not 0.0 <= request.mix <= 1.0:
+        raise InputError(f"--mix must be in [0, 1], got {request.mix}")
+    for name in ("height", "width"):
+        value = getattr(request, name)
+        if value <= 0 or value % vae_factor:
+            raise InputError(f"--{name} must be a positive multiple of {vae_factor}, got {value}")
+    if not 1 <= request.steps <= 1000:
+        raise InputError(f"--steps must be in [1, 1000], got {request.steps}")
+    if request.num_images < 1:
+        raise InputError(f"--num_images must be >= 1, got {request.num_images}")
+    if isinstance(request.alpha, float) and not 0.0 < request.alpha <= 1.0:
+        raise InputError(f"--alpha as a fraction must be in (0, 1], got {request.alpha}")
+    if isinstance(request.alpha, int) and request.alpha < 0:
+        raise InputError(f"--alpha as a step count must be >= 0, got {request.alpha}")
+
+
+def check_images_readable(request: SampleRequest) -> None:
+    """Read every reference and target-landmark photo once, so a bad file fails before any
+    model is loaded or compiled (InputError naming it)."""
+    for ident in request.identities:
+        for path in ident.refs + ([ident.target_landmarks] if ident.target_landmarks else []):
+            read_image(path)
+
+
+def read_image(path: str | pathlib.Path) -> np.ndarray:
+    """RGB uint8 (H, W, 3); InputError naming the file when it cannot be read."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise InputError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:  # PIL raises several types for corrupt files
+        raise InputError(f"cannot read image {path}: {e}") from e
+
+
+def alpha_steps(alpha: float | int, steps: int) -> int:
+    """Alpha as a step count: ints are counts, floats fractions of `steps` (rounded up)."""
+    if isinstance(alpha, float):
+        return math.ceil(alpha * steps - 1e-9)
+    return int(alpha)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+class DynamicIDPipeline:
+    """Holds modules, parameters and the face models; `generate` runs one request.
+
+    tokenizer: `dynamicid_jax.tokenizer.CLIPTokenizer`. faces: a FaceAnalyzer whose
+    embedding size matches `modules.id_dim`. expressions: an ExpressionClassifier, needed
+    only to describe a reference face automatically for IMR (else give source_prompt).
+    provenance: what the weights are (paths, or "tiny random"), copied to every sidecar.
+    """
+
+    def __init__(
+        self,
+        modules: DynamicIDModules,
+        params: Params,
+        tokenizer,
+        faces,
+        scheduler: schedulers.SchedulerConfig,
+        expressions=None,
+        provenance: Optional[dict] = None,
+    ):
+        if faces.embedding_dim != modules.id_dim:
+            raise InputError(
+                f"face model set {faces.name!r} gives {faces.embedding_dim}-d identity vectors but the "
+                f"face projection expects {modules.id_dim}-d (use the face models the weights were trained with)"
+            )
+        self.modules = modules
+        self.params = params
+        self.tokenizer = tokenizer
+        self.faces = faces
+        self.expressions = expressions
+        self.scheduler = scheduler
+        self.table = schedulers.noise_table(scheduler)
+        self.provenance = dict(provenance or {})
+        self._progress: Optional[Callable[[], None]] = None
+        self._encode_text = jax.jit(lambda p, ids: modules.text_encoder.apply({"params": p}, ids))
+        self._clip_tokens = jax.jit(self._clip_tokens_fn)
+        self._project = jax.jit(lambda p, e, c: modules.face_projection.apply({"params": p}, e, c))
+        self._landmark_features = jax.jit(lambda v, x: modules.keypoint_encoder.apply(v, x, train=False))
+        self._reconfigure = jax.jit(lambda p, *a: modules.imr.apply({"params": p}, *a))
+        self._denoise = jax.jit(self._denoise_fn, static_argnames=("gating", "use_boxes", "with_mix"))
+
+    # -- identity -------------------------------------------------------------------------
+
+    def _clip_tokens_fn(self, params, images_uint8):
+        pixels = clip_preprocess(images_uint8, size=self.modules.vision_encoder.config.image_size)
+        _, _, hidden = self.modules.vision_encoder.apply({"params": params}, pixels)
+        return hidden[-2]  # penultimate layer, as IP-Adapter-FaceID-Plus
+
+    def text_features(self, texts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+        """(states (B, 77, D), pooled (B, D)) of the text encoder."""
+        ids = jnp.asarray(self.tokenizer(list(texts)))
+        return self._encode_text(self.params["text_encoder"], ids)
+
+    def unconditional_tokens(self) -> jax.Array:
+        """Tokens of a zero identity vector and the CLIP features of an all-zero image: (T, D)."""
+        vis = self.modules.vision_encoder.config
+        pixels = jnp.zeros((1, vis.image_size, vis.image_size, vis.num_channels))
+        _, _, hidden = self.modules.vision_encoder.apply({"params": self.params["vision_encoder"]}, pixels)
+        zero_id = jnp.zeros((1, self.modules.id_dim))
+        return self._project(self.params["face_projection"], zero_id, hidden[-2])[0]
+
+    def describe_face(self, image: np.ndarray, face) -> str:
+        """The automatic source prompt: expression classifier + pose bins."""
+        from dynamicid_jax.faces.conditioning import source_face_prompt
+
+        if self.expressions is None:
+            raise InputError(
+                "an expression edit needs the reference face described: give --source_prompt, or an "
+                "expression model (--expression_model, see README)"
+            )
+        probs = self.expressions.predict(image, face)
+        return source_face_prompt(max(probs, key=probs.get), face.pose)
+
+    def _landmark_feature(self, face, image_hw) -> jax.Array:
+        from dynamicid_jax.faces.conditioning import landmark_image
+
+        size = self.modules.keypoint_encoder.image_size
+        dots = landmark_image(face, image_hw, size=size)[None, :, :, None]
+        return self._landmark_features(self.params["keypoint_encoder"], jnp.asarray(dots))
+
+    def identity_tokens(self, ident: IdentityRequest) -> tuple[jax.Array, dict]:
+        """(T, D) tokens of one identity (IMR-edited when asked) and what was used."""
+        images = [read_image(p) for p in ident.refs]
+        faces = [self.faces.largest_face(im, str(p)) for im, p in zip(images, ident.refs)]
+        tokens = []
+        for image, face in zip(images, faces):
+            clip_tokens = self._clip_tokens(self.params["vision_encoder"], jnp.asarray(image)[None])
+            embedding = jnp.asarray(face.embedding, jnp.float32)[None]
+            tokens.append(self._project(self.params["face_projection"], embedding, clip_tokens)[0])
+        tokens = jnp.mean(jnp.stack(tokens), axis=0)
+        info: dict[str, Any] = {"refs": list(ident.refs), "face_boxes": [f.bbox.tolist() for f in faces]}
+        if not ident.edits:
+            return tokens, info
+        image, face = images[0], faces[0]
+        source_prompt = ident.source_prompt or self.describe_face(image, face)
+        target_prompt = ident.face_prompt or source_prompt
+        src_landmarks = self._landmark_feature(face, image.shape[:2])
+        if ident.target_landmarks is not None:
+            target_image = read_image(ident.target_landmarks)
+            target_face = self.faces.largest_face(target_image, ident.target_landmarks)
+            tgt_landmarks = self._landmark_feature(target_face, target_image.shape[:2])
+        else:
+            tgt_landmarks = src_landmarks
+        _, pooled = self.text_features([source_prompt, target_prompt])
+        tokens = self._reconfigure(
+            self.params["imr"], tokens[None], src_landmarks, pooled[:1], tgt_landmarks, pooled[1:]
+        )[0]
+        info.update(source_prompt=source_prompt, target_prompt=target_prompt)
+        return tokens, info
+
+    # -- denoising ------------------------------------------------------------------------
+
+    def _on_step(self, step):
+        if self._progress is not None:
+            self._progress()
+
+    def _denoise_fn(
+        self, unet_params, vae_params, noise, context, id_tokens, boxes, timesteps, prev_timesteps, num_steps,
+        guidance, alpha_count, beta, id_scale, mix, *, gating: bool, use_boxes: bool, with_mix: bool,
+    ):
+        """noise (N, h, w, C); context (2N, L, D) [negative; positive]; id_tokens (2N, n, T, D);
+        boxes (2N, n, 4); timesteps/prev padded to the training length; num_steps traced.
+        Returns images (N, H, W, 3) float32 in [-1, 1]."""
+        unet, table = self.modules.unet, self.table
+
+        def body(i, x):
+            t, prev = timesteps[i], prev_timesteps[i]
+            identity = IdentityConditioning(
+                tokens=id_tokens, boxes=boxes, layout_active=i < alpha_count, beta=beta, id_scale=id_scale,
+                mix=mix if with_mix else None, use_boxes=use_boxes, gating=gating,
+            )
+            x2 = jnp.concatenate([x, x])
+            eps = unet.apply({"params": unet_params}, x2, jnp.broadcast_to(t, (x2.shape[0],)), context, identity)
+            uncond, cond = jnp.split(eps, 2)
+            guided = uncond + guidance * (cond - uncond)
+            x, _ = schedulers.ddim_step(table, guided, t, prev, x)
+            jax.debug.callback(self._on_step, i)
+            return x
+
+        latents = jax.lax.fori_loop(0, num_steps, body, noise)
+        scale = self.modules.vae.config.scaling_factor
+        images = self.modules.vae.apply({"params": vae_params}, latents / scale, method="decode")
+        return jnp.clip(images, -1.0, 1.0)
+
+    def generate(self, request: SampleRequest, progress: Optional[Callable[[int], Any]] = None):
+        """Run one request. Returns (images uint8 (N, H, W, 3), details dict for the sidecar).
+
+        progress: called as progress(total_steps) once and returns a per-step callback
+        (e.g. a tqdm bar's update); None = silent.
+        """
+        f = self.modules.vae_scale_factor
+        validate_request(request, f)
+        n_ids = len(request.identities)
+        per_identity = [self.identity_tokens(ident) for ident in request.identities]
+        tokens = jnp.stack([t for t, _ in per_identity])  # (n, T, D)
+        uncond = jnp.broadcast_to(self.unconditional_tokens(), tokens.shape)
+        use_boxes = n_ids > 1 or request.identities[0].box is not None
+        if request.identities[0].box is not None:
+            boxes = np.asarray([ident.box for ident in request.identities], np.float32)
+        else:
+            boxes = default_boxes(n_ids).astype(np.float32)
+        states, _ = self.text_features([request.negative_prompt, request.prompt])
+        n = request.num_images
+        context = jnp.concatenate([jnp.repeat(states[:1], n, 0), jnp.repeat(states[1:], n, 0)])
+        id_tokens = jnp.concatenate([jnp.repeat(uncond[None], n, 0), jnp.repeat(tokens[None], n, 0)])
+        box_batch = jnp.broadcast_to(jnp.asarray(boxes), (2 * n, n_ids, 4))
+
+        total = self.scheduler.num_train_timesteps
+        ts = schedulers.ddim_timesteps(self.scheduler, request.steps)
+        prev = schedulers.ddim_prev_timesteps(self.scheduler, ts)
+        pad = total - request.steps  # fixed-length arrays: a new step count reuses the program
+        ts = jnp.pad(ts, (0, pad))
+        prev = jnp.pad(prev, (0, pad))
+        latent_shape = (n, request.height // f, request.width // f, self.modules.unet.config.in_channels)
+        noise = jax.random.normal(jax.random.PRNGKey(request.seed), latent_shape, jnp.float32)
+
+        self._progress = progress(request.steps) if progress is not None else None
+        try:
+            images = self._denoise(
+                self.params["unet"], self.params["vae"], noise, context, id_tokens, box_batch, ts, prev,
+                jnp.int32(request.steps), jnp.float32(request.guidance),
+                jnp.int32(alpha_steps(request.alpha, request.steps)), jnp.float32(request.beta),
+                jnp.float32(request.id_scale), jnp.float32(request.mix if request.mix is not None else 0.0),
+                gating=request.gating, use_boxes=use_boxes, with_mix=request.mix is not None,
+            )
+            images = np.asarray(jax.block_until_ready(images))
+        finally:
+            self._progress = None
+        images_uint8 = np.round((images + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
+        details = {
+            "boxes_used": boxes.tolist() if use_boxes else None,
+            "identities_used": [info for _, info in per_identity],
+            "alpha_steps": alpha_steps(request.alpha, request.steps),
+        }
+        return images_uint8, details
+
+
+def save_outputs(
+    out_dir: str | pathlib.Path, images: np.ndarray, request: SampleRequest, details: dict, provenance: dict,
+    stem: str = "dynamicid",
+) -> list[pathlib.Path]:
+    """Write `stem-SEED-K.png` and a sidecar `stem-SEED-K.json` per image. Returns the PNG paths.
+
+    The sidecar holds the whole request (so `launch/sample.py --from_json` reproduces the
+    image), what the run resolved (boxes, automatic prompts) and the weights' provenance.
+    """
+    import dynamicid_jax
+
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, image in enumerate(images):
+        name = f"{stem}-{request.seed}-{k}"
+        png = out_dir / f"{name}.png"
+        Image.fromarray(image).save(png)
+        sidecar = {
+            "request": request.to_json(),
+            "image_index": k,
+            "resolved": details,
+            "weights": provenance,
+            "dynamicid_jax_version": dynamicid_jax.__version__,
+        }
+        (out_dir / f"{name}.json").write_text(json.dumps(sidecar, indent=1))
+        paths.append(png)
+    return paths
