@@ -344,3 +344,34 @@ def test_caption_given_twice_is_an_error(tmp_path, test_assets):
     (folder / "captions.jsonl").write_text(json.dumps({"file": "a.jpg", "caption": "two"}) + "\n")
     with pytest.raises(ValueError, match="a.jpg: caption given both"):
         inputs.find_anchor_inputs(folder)
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "data_pipelines" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_finalize_rebuilds_the_manifest(anchor_input, tmp_path):
+    run_precompute(PrecomputeJob("anchor", anchor_input, tmp_path, num_shards=2, resolution=16, progress=False),
+                   helpers.stand_in_extractors())
+    before = helpers.read_shard_bytes(tmp_path)
+    (tmp_path / shards.MANIFEST).unlink()
+    (tmp_path / shards.REJECTS).unlink()
+    summary = _load_script("precompute").main([f"--output={tmp_path}", "--finalize"])
+    assert summary["finalized"] and summary["num_rejects"] == 3
+    assert helpers.read_shard_bytes(tmp_path) == before
+
+
+def test_tfds_builder_is_import_guarded():
+    module = _load_script("tfds_identity_folders")  # imports without TensorFlow
+    try:
+        import tensorflow_datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"\.\[tfds\]"):
+            module.identity_folders_builder()
+    else:
+        assert module.identity_folders_builder().__name__ == "IdentityFolders"
