@@ -98,7 +98,7 @@ def full_size_stand_ins():
     from dynamicid_jax.data.precompute import ExtractorDims, Extractors
 
     dims = ExtractorDims(id_dim=512, clip_tokens=257, clip_width=1280, text_length=77, text_width=768,
-                         prompt_dim=768, latent_channels=4, vae_downsample=8)
+                         prompt_dim=768, latent_channels=4, vae_downsample=8, clip_image_size=4)
     rng = np.random.default_rng(0)
     return Extractors(
         largest_face=lambda image, name: types.SimpleNamespace(embedding=rng.standard_normal(512)),

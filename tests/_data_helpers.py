@@ -71,7 +71,7 @@ class StandInNoFace(ValueError):
 def stand_in_extractors() -> Extractors:
     """Deterministic numpy stand-ins with small dims; 'no face' for the mountain photo."""
     dims = ExtractorDims(id_dim=16, clip_tokens=5, clip_width=6, text_length=7, text_width=3, prompt_dim=4,
-                         latent_channels=4, vae_downsample=8, landmark_size=96)
+                         latent_channels=4, vae_downsample=8, clip_image_size=8)
 
     def largest_face(image, name):
         if "mountain" in name:

@@ -8,7 +8,6 @@ of the pixels) for the mechanics that do not depend on the models.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import signal

@@ -176,6 +176,7 @@ def make_extractors(analyzer, base: BaseModels, expression=None, faces_descripti
         prompt_dim=text_cfg.hidden_size,
         latent_channels=base.vae.config.latent_channels,
         vae_downsample=base.vae.config.downsample_factor,
+        clip_image_size=clip_size,
     )
     return Extractors(
         largest_face=analyzer.largest_face,

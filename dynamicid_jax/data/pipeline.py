@@ -81,9 +81,12 @@ class ShardRecordSource:
         return records.read_record_at(fd, offset, self.files[n])
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        for fd in getattr(self, "_fds", {}).values():
             os.close(fd)
-        self._fds.clear()
+        self._fds = {}
+
+    def __del__(self):
+        self.close()
 
     def __getstate__(self):  # descriptors do not travel to worker processes; reopened lazily
         return {**self.__dict__, "_fds": {}}

@@ -45,6 +45,7 @@ class ExtractorDims:
     prompt_dim: int  # pooled text feature E (768)
     latent_channels: int  # VAE latent channels C (4)
     vae_downsample: int  # VAE spatial factor f (8)
+    clip_image_size: int  # side P of the CLIP-preprocessed image (224)
     landmark_size: int = 96
 
 
@@ -262,7 +263,7 @@ def _write_null_features(job: PrecomputeJob, ex: Extractors, specs) -> None:
         return
     size = job.batch_size
     ids = _batched(ex.tokenize, [""], size).astype(np.int32)
-    p = ex.clip_pixels(np.zeros((8, 8, 3), np.uint8)).shape[0]
+    p = ex.dims.clip_image_size
     clip = _batched(ex.encode_clip_pixels, np.zeros((1, p, p, 3), np.float32), size)
     values = {"input_ids": ids[0], "clip_image_features": clip[0].astype(np.float16)}
     if job.cache_text_states:
