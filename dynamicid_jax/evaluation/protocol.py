@@ -1,0 +1,309 @@
+"""The evaluation protocol: a test-set file expanded into deterministic generation cases.
+
+A test set (JSON, or YAML with a .yaml/.yml suffix) names identities and their reference
+photos, prompt templates of three kinds (context, action, style), the requested edits
+(expression + orientation) and seeds. Example: `configs/eval/tiny.json`.
+
+    {
+      "name": "tiny",
+      "identities": {"obama": {"refs": ["obama.jpg"], "noun": "man"}, ...},
+      "groups": [["obama", "biden"]],                  # multi-ID mode: who appears together
+      "prompts": [{"name": "cafe", "kind": "context",
+                   "template": "a photo of {subjects} sitting in a cafe"}, ...],
+      "edits": [{"expression": "happy", "orientation": "front"}, ...],
+      "seeds": [0, 1],
+      "sampling": {"steps": 50}                        # optional overrides of the sampler defaults
+    }
+
+Reference paths are relative to the test-set file's folder; `$VARS` are expanded first.
+Each subject is written into the prompt with explicit descriptors ("a happy man in front
+view"); with IMR on, the identity also gets the face prompt "the expression is happy, the
+face is front view". The requested expression/orientation labels are what Expr/Pose score.
+
+Multi-ID mode: for edit k, the i-th person of a group gets edit (k + i) mod E, so people in
+one picture are asked for different expressions/orientations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+from typing import Any, Mapping, Optional
+
+from dynamicid_jax.evaluation.face_metrics import POSE_CATEGORIES
+from dynamicid_jax.faces.expression import EMOTIONS
+from dynamicid_jax.sampling import IdentityRequest, SampleRequest
+
+MODES = ("single", "multi")
+PROMPT_KINDS = ("context", "action", "style")
+# The words DynamicID's training prompts use for the classifier's labels (KDEF-style prompts).
+EXPRESSION_WORDS = {
+    "happy": "happy", "surprise": "surprised", "sad": "sad", "anger": "angry", "disgust": "disgusted",
+    "fear": "afraid", "neutral": "neutral",
+}
+# Orientation -> (phrase in the main prompt, phrase in the face prompt).
+ORIENTATION_WORDS = {
+    "front": ("in front view", "front view"),
+    "side": ("in side view", "side view"),
+    "up": ("facing up", "facing up"),
+    "down": ("facing down", "facing down"),
+}
+FACE_PROMPT = "the expression is {expression}, the face is {orientation}"
+SUBJECT_PHRASE = "{article} {expression} {noun} {orientation}"
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class ProtocolError(ValueError):
+    """A test-set file that cannot be used; the message names the file and the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    name: str
+    refs: tuple[str, ...]  # absolute paths
+    noun: str = "person"
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTemplate:
+    name: str
+    kind: str  # one of PROMPT_KINDS
+    template: str  # contains "{subjects}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Edit:
+    expression: str  # one of EMOTIONS
+    orientation: str  # one of POSE_CATEGORIES
+
+    @property
+    def tag(self) -> str:
+        return f"{self.expression}-{self.orientation}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    name: str
+    identities: Mapping[str, Identity]
+    prompts: tuple[PromptTemplate, ...]
+    edits: tuple[Edit, ...]
+    seeds: tuple[int, ...]
+    groups: tuple[tuple[str, ...], ...] = ()
+    sampling: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ablation:
+    """gating=False: SAA without its activation map (plain decoupled cross-attention);
+    imr=False: no face prompt and no landmark edit, tokens straight from the projection."""
+
+    gating: bool = True
+    imr: bool = True
+
+    @property
+    def tag(self) -> str:
+        parts = [p for p, on in (("nogating", self.gating), ("noimr", self.imr)) if not on]
+        return "-".join(parts) or "full"
+
+    @property
+    def label(self) -> str:
+        """The paper's Table 3 wording ("w/o SAA" is its name for the gating ablation)."""
+        parts = [p for p, on in (("w/o SAA", self.gating), ("w/o IMR", self.imr)) if not on]
+        return "DynamicID" + (" " + ", ".join(parts) if parts else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class SubjectCase:
+    identity: Identity
+    edit: Edit
+
+    def face_prompt(self) -> str:
+        return FACE_PROMPT.format(expression=EXPRESSION_WORDS[self.edit.expression],
+                                  orientation=ORIENTATION_WORDS[self.edit.orientation][1])
+
+    def phrase(self) -> str:
+        word = EXPRESSION_WORDS[self.edit.expression]
+        return SUBJECT_PHRASE.format(article="an" if word[0] in "aeiou" else "a", expression=word,
+                                     noun=self.identity.noun, orientation=ORIENTATION_WORDS[self.edit.orientation][0])
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalCase:
+    """One generated image: who, which prompt and edits, which seed, which ablation."""
+
+    mode: str
+    subjects: tuple[SubjectCase, ...]
+    prompt: PromptTemplate
+    seed: int
+    ablation: Ablation
+
+    @property
+    def group(self) -> str:
+        return "+".join(s.identity.name for s in self.subjects)
+
+    @property
+    def edit_tag(self) -> str:
+        return "+".join(s.edit.tag for s in self.subjects)
+
+    @property
+    def stem(self) -> str:
+        """Deterministic file stem, unique within one mode and ablation."""
+        return f"{self.group}__{self.prompt.name}__{self.edit_tag}__seed{self.seed}"
+
+    @property
+    def relative_path(self) -> pathlib.PurePosixPath:
+        """Where the image lives under the output folder."""
+        return pathlib.PurePosixPath("images", self.mode, self.ablation.tag, f"{self.stem}.png")
+
+    def prompt_text(self) -> str:
+        return self.prompt.template.format(subjects=" and ".join(s.phrase() for s in self.subjects))
+
+    def sample_request(self, sampling: Mapping[str, Any]) -> SampleRequest:
+        """The sampler request. sampling: steps, guidance, height, width, alpha, beta, id_scale,
+        negative_prompt (the config's defaults with the protocol's overrides)."""
+        identities = [
+            IdentityRequest(refs=list(s.identity.refs), face_prompt=s.face_prompt() if self.ablation.imr else None)
+            for s in self.subjects
+        ]
+        return SampleRequest(
+            identities=identities, prompt=self.prompt_text(), negative_prompt=sampling["negative_prompt"],
+            seed=self.seed, steps=int(sampling["steps"]), guidance=float(sampling["guidance"]),
+            height=int(sampling["height"]), width=int(sampling["width"]), num_images=1, alpha=sampling["alpha"],
+            beta=float(sampling["beta"]), id_scale=float(sampling["id_scale"]), gating=self.ablation.gating,
+        )
+
+
+SAMPLING_KEYS = ("steps", "guidance", "height", "width", "alpha", "beta", "id_scale", "negative_prompt")
+
+
+def expand_cases(
+    protocol: Protocol, mode: str, ablation: Ablation, seeds: Optional[tuple[int, ...]] = None
+) -> list[EvalCase]:
+    """Every image of the protocol in a fixed order: group, prompt, edit, seed.
+
+    single: each identity alone. multi: each of `protocol.groups` (edits rotated per person).
+    seeds: override the protocol's seeds.
+    """
+    if mode not in MODES:
+        raise ProtocolError(f"mode must be one of {MODES}, got {mode!r}")
+    seeds = tuple(protocol.seeds if seeds is None else seeds)
+    if not seeds:
+        raise ProtocolError("no seeds to evaluate")
+    if mode == "single":
+        groups = [(name,) for name in protocol.identities]
+    else:
+        if not protocol.groups:
+            raise ProtocolError(f"test set {protocol.name!r} has no 'groups': multi-ID mode needs them")
+        groups = list(protocol.groups)
+    cases = []
+    for group in groups:
+        for prompt in protocol.prompts:
+            for k in range(len(protocol.edits)):
+                subjects = tuple(
+                    SubjectCase(protocol.identities[name], protocol.edits[(k + i) % len(protocol.edits)])
+                    for i, name in enumerate(group)
+                )
+                cases.extend(EvalCase(mode, subjects, prompt, seed, ablation) for seed in seeds)
+    return cases
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _read_file(path: pathlib.Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"test set not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # json and yaml raise their own types
+        raise ProtocolError(f"{path}: cannot parse: {e}") from e
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def _check_name(path, field: str, name) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ProtocolError(f"{path}: {field} {name!r} must be letters, digits, '_', '.' or '-' (it names files)")
+    return name
+
+
+def load_protocol(path: str | os.PathLike) -> Protocol:
+    """Read and validate a test-set file (see the module docstring). Reference photos must exist."""
+    path = pathlib.Path(path)
+    data = _read_file(path)
+    known = {"name", "description", "identities", "groups", "prompts", "edits", "seeds", "sampling"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ProtocolError(f"{path}: unknown field(s) {unknown}; known: {sorted(known)}")
+    for field in ("identities", "prompts", "edits", "seeds"):
+        if not data.get(field):
+            raise ProtocolError(f"{path}: '{field}' is missing or empty")
+
+    identities = {}
+    for name, spec in data["identities"].items():
+        _check_name(path, "identity", name)
+        refs = spec.get("refs") if isinstance(spec, dict) else None
+        if not refs or not isinstance(refs, list):
+            raise ProtocolError(f"{path}: identity {name!r} needs a non-empty 'refs' list")
+        resolved = []
+        for ref in refs:
+            ref_path = pathlib.Path(os.path.expandvars(str(ref)))
+            ref_path = (ref_path if ref_path.is_absolute() else path.parent / ref_path).resolve()
+            if not ref_path.is_file():
+                raise ProtocolError(f"{path}: identity {name!r}: reference photo not found: {ref_path}")
+            resolved.append(str(ref_path))
+        identities[name] = Identity(name, tuple(resolved), str(spec.get("noun", "person")))
+
+    prompts, seen = [], set()
+    for i, spec in enumerate(data["prompts"]):
+        name = _check_name(path, f"prompts[{i}].name", spec.get("name"))
+        kind, template = spec.get("kind"), spec.get("template")
+        if kind not in PROMPT_KINDS:
+            raise ProtocolError(f"{path}: prompt {name!r}: kind {kind!r} is not one of {PROMPT_KINDS}")
+        if not isinstance(template, str) or "{subjects}" not in template:
+            raise ProtocolError(f"{path}: prompt {name!r}: template must contain '{{subjects}}'")
+        if name in seen:
+            raise ProtocolError(f"{path}: prompt name {name!r} used twice")
+        seen.add(name)
+        prompts.append(PromptTemplate(name, kind, template))
+
+    edits = []
+    for i, spec in enumerate(data["edits"]):
+        expression, orientation = spec.get("expression"), spec.get("orientation")
+        if expression not in EMOTIONS:
+            raise ProtocolError(f"{path}: edits[{i}]: expression {expression!r} is not one of {EMOTIONS}")
+        if orientation not in POSE_CATEGORIES:
+            raise ProtocolError(f"{path}: edits[{i}]: orientation {orientation!r} is not one of {POSE_CATEGORIES}")
+        edits.append(Edit(expression, orientation))
+    if len(set(edits)) != len(edits):
+        raise ProtocolError(f"{path}: 'edits' lists the same expression/orientation twice")
+
+    seeds = data["seeds"]
+    if not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ProtocolError(f"{path}: 'seeds' must be distinct integers, got {seeds}")
+
+    groups = []
+    for group in data.get("groups", []):
+        missing = [n for n in group if n not in identities]
+        if missing or len(group) < 2 or len(set(group)) != len(group):
+            raise ProtocolError(f"{path}: group {group}: needs 2+ distinct known identities (unknown: {missing})")
+        groups.append(tuple(group))
+
+    sampling = dict(data.get("sampling", {}))
+    bad = sorted(set(sampling) - set(SAMPLING_KEYS))
+    if bad:
+        raise ProtocolError(f"{path}: sampling field(s) {bad} unknown; known: {list(SAMPLING_KEYS)}")
+    return Protocol(
+        name=str(data.get("name", path.stem)), identities=identities, prompts=tuple(prompts), edits=tuple(edits),
+        seeds=tuple(seeds), groups=tuple(groups), sampling=sampling,
+    )

@@ -1,0 +1,110 @@
+"""Generated images on disk: atomic writes and the rule for reusing them on resume.
+
+Each image `X.png` has a sidecar `X.json` holding the full sampler request and the weights'
+provenance (the layout `sampling.save_outputs` writes, so `launch/sample.py --from_json
+X.json` reproduces it). The sidecar is written after the image, each by write-to-temp then
+rename, so an interrupted run leaves either a complete pair or something that is redone.
+
+An image is reused only when its sidecar's request and weights equal the current ones; a
+pair made with other settings is an error (StaleImageError), never silently mixed in.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pathlib
+import tempfile
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+from dynamicid_jax.sampling import SampleRequest
+
+
+class StaleImageError(ValueError):
+    """An existing image was generated with settings different from this run's."""
+
+
+def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename over `path`."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: pathlib.Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def png_bytes(image_uint8: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image_uint8, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+def sidecar_path(image_path: pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(image_path).with_suffix(".json")
+
+
+def save_image(
+    image_path: pathlib.Path, image_uint8: np.ndarray, request: SampleRequest, details: dict, provenance: dict
+) -> None:
+    """Write the PNG, then its sidecar (both atomically)."""
+    import dynamicid_jax
+
+    atomic_write_bytes(image_path, png_bytes(image_uint8))
+    sidecar = {
+        "request": request.to_json(), "image_index": 0, "resolved": details, "weights": provenance,
+        "dynamicid_jax_version": dynamicid_jax.__version__,
+    }
+    atomic_write_text(sidecar_path(image_path), json.dumps(_jsonable(sidecar), indent=1))
+
+
+def _differences(stored: dict, current: dict) -> list[str]:
+    keys = sorted(set(stored) | set(current))
+    return [f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
+
+
+def reusable(image_path: pathlib.Path, request: SampleRequest, provenance: dict) -> bool:
+    """True when a complete image/sidecar pair made with exactly this request and weights
+    exists; False when it has to be (re)generated (absent, or interrupted before the sidecar).
+    Raises StaleImageError when it exists but was made with other settings."""
+    image_path = pathlib.Path(image_path)
+    side = sidecar_path(image_path)
+    if not (image_path.is_file() and side.is_file()):
+        return False
+    try:
+        stored = json.loads(side.read_text())
+    except json.JSONDecodeError:
+        return False  # a torn sidecar cannot happen with atomic writes, but one edited by hand can
+    changes = _differences(stored.get("request", {}), _jsonable(request.to_json()))
+    changes += [f"weights.{c}" for c in _differences(stored.get("weights", {}), _jsonable(provenance))]
+    if changes:
+        raise StaleImageError(
+            f"{image_path} was generated with other settings ({'; '.join(changes[:5])}): "
+            "use a new --out folder, or delete the old images to regenerate them"
+        )
+    return True
+
+
+def read_image(image_path: pathlib.Path) -> Optional[np.ndarray]:
+    """RGB uint8 (H, W, 3) of a stored image with its sidecar, or None when not (fully) written."""
+    image_path = pathlib.Path(image_path)
+    if not (image_path.is_file() and sidecar_path(image_path).is_file()):
+        return None
+    with Image.open(image_path) as im:
+        return np.asarray(im.convert("RGB"))
