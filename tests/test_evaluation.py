@@ -245,6 +245,10 @@ def test_protocol_errors_name_the_problem(tmp_path):
     protocol = _write_protocol(tmp_path, {"obama": "obama.jpg"})
     with pytest.raises(ProtocolError, match="no 'groups'"):
         expand_cases(protocol, "multi", Ablation())
+    # YAML reads into the same protocol as JSON.
+    yaml = pytest.importorskip("yaml")
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(json.loads((tmp_path / "t.json").read_text())))
+    assert load_protocol(tmp_path / "t.yaml") == protocol
 
 
 # ----------------------------------------------------------------------------- resume

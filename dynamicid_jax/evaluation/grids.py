@@ -18,12 +18,17 @@ from dynamicid_jax.evaluation.store import atomic_write_bytes, png_bytes
 LABEL_HEIGHT = 14
 
 
+def _scaled(im: Image.Image, width: int, height: int) -> Image.Image:
+    """Resized to fit width x height, aspect kept; small generated images are enlarged too."""
+    scale = min(width / im.width, height / im.height)
+    return im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
+
+
 def _fit(image: Optional[np.ndarray], size: int) -> Image.Image:
     """Letterbox an RGB uint8 image into a size x size cell (gray when None)."""
     cell = Image.new("RGB", (size, size), (128, 128, 128))
     if image is not None:
-        im = Image.fromarray(image)
-        im.thumbnail((size, size))
+        im = _scaled(Image.fromarray(image), size, size)
         cell.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
     return cell
 
@@ -33,8 +38,7 @@ def _references(cases: Sequence[EvalCase], size: int, read) -> Image.Image:
     refs = [read(s.identity.refs[0]) for s in cases[0].subjects]
     cell, width = Image.new("RGB", (size, size), (128, 128, 128)), size // len(refs)
     for i, ref in enumerate(refs):
-        im = Image.fromarray(ref)
-        im.thumbnail((width, size))
+        im = _scaled(Image.fromarray(ref), width, size)
         cell.paste(im, (i * width + (width - im.width) // 2, (size - im.height) // 2))
     return cell
 

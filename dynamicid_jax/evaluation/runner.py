@@ -101,7 +101,7 @@ def _score_missing(cases, out_dir, metrics: MetricModels, fresh: set[str], progr
     references: dict[str, np.ndarray] = {}
     scored = kept = missing = 0
     for case in tqdm(cases, desc="metrics", unit="img", disable=not progress):
-        image = store.read_image(out_dir / case.relative_path)
+        image = store.read_generated(out_dir / case.relative_path)
         if image is None:
             missing += 1
             continue
@@ -156,10 +156,10 @@ def evaluate(
     if generate is not None:
         generated, reused, fresh = _generate_missing(cases, out_dir, sampling, generate, dict(provenance or {}), progress)
     scored = kept = 0
-    missing = sum(store.read_image(out_dir / c.relative_path) is None for c in cases) if metrics is None else 0
+    missing = sum(not store.is_complete(out_dir / c.relative_path) for c in cases) if metrics is None else 0
     if metrics is not None:
         scored, kept, missing = _score_missing(cases, out_dir, metrics, fresh, progress)
-    sheets = grids.write_contact_sheets(out_dir, cases, lambda c: store.read_image(out_dir / c.relative_path), read_image)
+    sheets = grids.write_contact_sheets(out_dir, cases, lambda c: store.read_generated(out_dir / c.relative_path), read_image)
     notes = [f"Test set: {protocol.name} ({len(cases)} images in this mode/ablation; {missing} not generated yet)."]
     if metrics is not None:
         notes.append(f"Face models: {metrics.analyzer.name}. CLIP model: "

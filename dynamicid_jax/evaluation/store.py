@@ -83,10 +83,9 @@ def reusable(image_path: pathlib.Path, request: SampleRequest, provenance: dict)
     """True when a complete image/sidecar pair made with exactly this request and weights
     exists; False when it has to be (re)generated (absent, or interrupted before the sidecar).
     Raises StaleImageError when it exists but was made with other settings."""
-    image_path = pathlib.Path(image_path)
-    side = sidecar_path(image_path)
-    if not (image_path.is_file() and side.is_file()):
+    if not is_complete(image_path):
         return False
+    side = sidecar_path(image_path)
     try:
         stored = json.loads(side.read_text())
     except json.JSONDecodeError:
@@ -101,10 +100,15 @@ def reusable(image_path: pathlib.Path, request: SampleRequest, provenance: dict)
     return True
 
 
-def read_image(image_path: pathlib.Path) -> Optional[np.ndarray]:
-    """RGB uint8 (H, W, 3) of a stored image with its sidecar, or None when not (fully) written."""
+def is_complete(image_path: pathlib.Path) -> bool:
+    """Both the image and its sidecar are written."""
     image_path = pathlib.Path(image_path)
-    if not (image_path.is_file() and sidecar_path(image_path).is_file()):
+    return image_path.is_file() and sidecar_path(image_path).is_file()
+
+
+def read_generated(image_path: pathlib.Path) -> Optional[np.ndarray]:
+    """RGB uint8 (H, W, 3) of a stored image with its sidecar, or None when not (fully) written."""
+    if not is_complete(image_path):
         return None
     with Image.open(image_path) as im:
         return np.asarray(im.convert("RGB"))
