@@ -8,7 +8,6 @@ import csv
 import json
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
