@@ -5,6 +5,7 @@ layers per block) and random weights, norms and biases perturbed so they matter,
 by diffusers itself (safetensors and .bin) and read through our import path.
 """
 
+import dataclasses
 import json
 import pathlib
 
@@ -67,6 +68,9 @@ def jax_unet(torch_unet):
     _, st_dir, _ = torch_unet
     # The pipeline-folder form: <root>/unet/ is found from <root>.
     module, params = load_unet(st_dir.parent)
+    # Blocks of 100 tokens: the 384- and 240-token self-attentions of the finest level run
+    # blockwise with padding, coarser levels run the plain path; both are checked below.
+    module = module.clone(config=dataclasses.replace(module.config, attention_block=100))
     apply = jax.jit(lambda p, x, t, c: module.apply({"params": p}, x, t, c))
     return module, params, apply
 

@@ -112,12 +112,64 @@ def attend(
     return jnp.einsum("bhnm,bmhd->bnhd", probs, v)
 
 
+def attend_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, query_block: int, key_block: int) -> jax.Array:
+    """`attend` without a mask, computed block by block with an online softmax.
+
+    Same result as `attend(q, k, v)` up to float32 rounding, but never holds more than a
+    (B, H, query_block, key_block) block of logits: for long sequences (the UNet's 4096-token
+    self-attention at 512 px) that block stays in cache, which made it about 3x faster on CPU
+    than materialising all logits. Sequences are zero-padded to whole blocks; padded keys are
+    masked out, padded queries dropped.
+    q (B, N, H, D), k and v (B, M, H, D) -> (B, N, H, D) in v's dtype.
+    """
+    b, n, h, d = q.shape
+    m = k.shape[1]
+    query_block, key_block = min(query_block, n), min(key_block, m)
+    n_pad, m_pad = -n % query_block, -m % key_block
+    q = jnp.pad(q, ((0, 0), (0, n_pad), (0, 0), (0, 0)))
+    k = jnp.pad(k, ((0, 0), (0, m_pad), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, m_pad), (0, 0), (0, 0)))
+    valid = (jnp.arange(m + m_pad) < m).reshape(-1, key_block)  # (key blocks, key_block)
+
+    def blocks(x, size):  # (B, L, H, D) -> (L/size, B, H, size, D)
+        return jnp.moveaxis(jnp.swapaxes(x, 1, 2).reshape(b, h, -1, size, d), 2, 0)
+
+    q_blocks, k_blocks, v_blocks = blocks(q, query_block), blocks(k, key_block), blocks(v, key_block)
+    scale = d**-0.5
+
+    def one_query_block(qi):
+        def step(carry, kv):
+            acc, running_max, denom = carry
+            ki, vi, keep = kv
+            logits = jnp.einsum("bhnd,bhmd->bhnm", qi, ki, preferred_element_type=jnp.float32) * scale
+            logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
+            new_max = jnp.maximum(running_max, logits.max(-1))
+            correction = jnp.exp(running_max - new_max)
+            p = jnp.exp(logits - new_max[..., None])
+            pv = jnp.einsum("bhnm,bhmd->bhnd", p.astype(vi.dtype), vi, preferred_element_type=jnp.float32)
+            return (acc * correction[..., None] + pv, new_max, denom * correction + p.sum(-1)), None
+
+        init = (
+            jnp.zeros(qi.shape, jnp.float32),
+            jnp.full(qi.shape[:-1], -jnp.inf, jnp.float32),
+            jnp.zeros(qi.shape[:-1], jnp.float32),
+        )
+        (acc, _, denom), _ = jax.lax.scan(step, init, (k_blocks, v_blocks, valid))
+        return (acc / denom[..., None]).astype(v.dtype)
+
+    out = jax.lax.map(one_query_block, q_blocks)  # (N/qb, B, H, qb, D)
+    out = jnp.moveaxis(out, 0, 2).reshape(b, h, n + n_pad, d)
+    return jnp.swapaxes(out, 1, 2)[:, :n]
+
+
 class Attention(nn.Module):
     """Multi-head attention with optional LoRA on every projection.
 
     Used by the UNet (self and cross), the VAE mid block (1 head), both CLIP towers, the
     perceiver resampler and IMR. `context=None` means self-attention.
     Shapes: x (B, N, C), context (B, M, Cc) -> (B, N, out_features or C).
+    `key_block`: when set and no mask is given, contexts longer than it use
+    `attend_blockwise` (same math, faster for long sequences on CPU); None = always `attend`.
     """
 
     num_heads: int
@@ -128,6 +180,7 @@ class Attention(nn.Module):
     lora_rank: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    key_block: Optional[int] = None
 
     def dense(self, features: int, use_bias: bool, name: str) -> LoRADense:
         return LoRADense(
@@ -148,7 +201,10 @@ class Attention(nn.Module):
         q = split_heads(self.dense(inner, self.qkv_bias, "to_q")(x), self.num_heads)
         k = split_heads(self.dense(inner, self.qkv_bias, "to_k")(context), self.num_heads)
         v = split_heads(self.dense(inner, self.qkv_bias, "to_v")(context), self.num_heads)
-        out = merge_heads(attend(q, k, v, mask))
+        if self.key_block is not None and mask is None and k.shape[1] > self.key_block:
+            out = merge_heads(attend_blockwise(q, k, v, query_block=self.key_block, key_block=self.key_block))
+        else:
+            out = merge_heads(attend(q, k, v, mask))
         return self.dense(self.out_features or x.shape[-1], self.out_bias, "to_out")(out)
 
 
