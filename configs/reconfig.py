@@ -1,0 +1,36 @@
+"""Stage 2 (reconfiguration) of DynamicID: IMR + KeyPointEncoder, everything of stage 1 frozen.
+
+Per example one identity: a source image and T target images; loss = feature matching
+MSE(IMR(source -> target motion), target tokens) + lambda * MSE of the frozen UNet's noise
+predictions under the two token sets (gradients flow through the frozen UNet). A second,
+KDEF-style source is mixed in with probability `data.kdef_probability`.
+
+  python launch/train.py --stage=reconfig --config=configs/reconfig.py --data=SHARDS --workdir=runs/reconfig \
+      --config.init.stage1=runs/anchor          # or a folder with the release's SAA.bin,
+                                                # then also --config.init.base_model=PATH_TO_SD15
+
+Tiny random model:
+
+  python launch/train.py --stage=reconfig --config=configs/reconfig.py:tiny --data=SHARDS \
+      --workdir=runs/tiny_reconfig --config.init.stage1=runs/tiny_anchor --config.init.tokenizer=TOKENIZER_DIR
+"""
+
+import ml_collections
+
+from configs import anchor
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+    config = anchor.common_config(arg)
+    small = arg == "tiny"
+    config.stage = "reconfig"
+    config.init.random = False  # stage 2 starts from a stage-1 result (config.init.stage1)
+    config.data.global_batch_size = 8 if small else 1  # identities per update
+    config.data.num_targets = 2 if small else 32  # target images per identity (release: 32)
+    config.data.kdef_probability = 0.05  # probability an example comes from the KDEF-style source
+    config.data.min_images = 2  # identities with fewer records are left out
+    config.optimizer.lr = 1e-3 if small else 1e-4
+    config.loss = ml_collections.ConfigDict()
+    config.loss.consistency_weight = 1.0  # lambda of the latent-diffusion consistency term
+    config.loss.prompt = "portrait, cinematic photo, film, professional, 4k, highly detailed"
+    return config

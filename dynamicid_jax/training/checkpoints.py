@@ -1,0 +1,182 @@
+"""Checkpoints of a training workdir (orbax), and reading one back for sampling.
+
+Layout of a workdir:
+    DIR/config.json          the run's config (written at the start of a fresh run)
+    DIR/frozen/              {"params": the stage's frozen parameters, "constants": null
+                             features / prompt states}, written once before step 1
+    DIR/checkpoints/<step>/  orbax CheckpointManager steps, each with two items:
+        state   TrainState (step, rng, trainable, opt_state, model_state), sharded arrays
+        data    the input iterator's position (grain state, JSON)
+    DIR/events.out.tfevents.*  TensorBoard
+
+Saves are asynchronous (the next steps run while arrays are written); an interrupted save
+leaves no committed step, so a restart picks the newest complete one. A restore whose saved
+tree differs from the model being trained (names, shapes, dtypes) raises
+CheckpointMismatchError listing the differences: it never falls back to a fresh start.
+
+`load_trained_params(path, modules)` merges frozen + trainable + model_state of the newest
+step into modeling.py's params dict, so `launch/sample.py --dynamicid WORKDIR` samples with it.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from dynamicid_jax.training.partition import merge
+
+CHECKPOINTS = "checkpoints"
+FROZEN = "frozen"
+CONFIG = "config.json"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model/config it is restored into (differences named)."""
+
+
+def manager(workdir, *, every_steps: int, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+    """CheckpointManager over DIR/checkpoints: saves every `every_steps`, keeps the last `keep`."""
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=every_steps, max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / CHECKPOINTS, options=options,
+                                 item_handlers=_item_handlers())
+
+
+def _item_handlers() -> dict:
+    # Named up front so a fresh process can read a step's metadata before restoring it.
+    return {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_state: Mapping[str, Any], *, force: bool = False) -> bool:
+    """Save (asynchronously) when the interval says so or `force`; returns whether it saved."""
+    return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   data=ocp.args.JsonSave(dict(data_state))), force=force)
+
+
+def _leaf_name(path) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return ".".join(parts)
+
+
+def _saved_leaves(metadata) -> dict[str, tuple[tuple[int, ...], str]]:
+    tree = metadata.tree if hasattr(metadata, "tree") else metadata
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {_leaf_name(p): (tuple(m.shape), str(np.dtype(m.dtype))) for p, m in leaves if hasattr(m, "shape")}
+
+
+def check_compatible(found, expected, where: str) -> None:
+    """Raise CheckpointMismatchError naming every leaf missing, extra, re-shaped or re-typed.
+
+    found: a tree of arrays / ShapeDtypeStructs or orbax metadata (what is there);
+    expected: a tree of the same kinds (what the model being trained needs)."""
+    saved = _saved_leaves(found)
+    wanted = {_leaf_name(p): (tuple(x.shape), str(np.dtype(x.dtype)))
+              for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    problems = [f"missing {n}" for n in sorted(set(wanted) - set(saved))]
+    problems += [f"unexpected {n}" for n in sorted(set(saved) - set(wanted))]
+    problems += [f"{n}: found {saved[n][1]}{list(saved[n][0])}, expected {wanted[n][1]}{list(wanted[n][0])}"
+                 for n in sorted(set(saved) & set(wanted)) if saved[n] != wanted[n]]
+    if problems:
+        shown = "; ".join(problems[:20]) + (f"; ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise CheckpointMismatchError(f"{where} does not match the model being trained ({len(problems)} "
+                                      f"differences; missing = expected but not found): {shown}")
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state) -> tuple[Any, dict]:
+    """Restore `step` into the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
+    check_compatible(mngr.item_metadata(step)["state"], abstract_state, f"checkpoint step {step} in {mngr.directory}")
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                          data=ocp.args.JsonRestore()))
+    return restored["state"], restored["data"]
+
+
+def save_frozen(workdir, frozen) -> None:
+    """Write {"params": frozen params, "constants": ...} once (synchronously) under DIR/frozen.
+
+    Overwrites a copy left by a run that died before its first checkpoint (same init)."""
+    path = pathlib.Path(workdir).absolute() / FROZEN
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, frozen, force=True)
+    checkpointer.wait_until_finished()
+
+
+def restore_frozen(workdir, abstract_frozen) -> Any:
+    path = pathlib.Path(workdir).absolute() / FROZEN
+    checkpointer = ocp.StandardCheckpointer()
+    check_compatible(checkpointer.metadata(path).item_metadata, abstract_frozen, str(path))
+    return checkpointer.restore(path, abstract_frozen)
+
+
+def write_config(workdir, config) -> None:
+    path = pathlib.Path(workdir) / CONFIG
+    path.write_text(config.to_json(indent=1, sort_keys=True) if hasattr(config, "to_json") else json.dumps(config))
+
+
+# --------------------------------------------------------------------------- for sampling
+
+
+def find_workdir(path) -> pathlib.Path:
+    """A workdir (holding frozen/ and checkpoints/) from itself, its checkpoints/ or a step folder."""
+    path = pathlib.Path(path).absolute()
+    for candidate in (path, path.parent, path.parent.parent):
+        if (candidate / FROZEN).is_dir() and (candidate / CHECKPOINTS).is_dir():
+            return candidate
+    raise FileNotFoundError(f"{path} is not a training workdir (no {FROZEN}/ and {CHECKPOINTS}/ beside it)")
+
+
+def _step_from_path(path: pathlib.Path, workdir: pathlib.Path) -> Optional[int]:
+    """The step folder the caller named (DIR/checkpoints/<step>), or None for the newest."""
+    if path.parent == workdir / CHECKPOINTS and path.name.isdigit():
+        return int(path.name)
+    return None
+
+
+def _as_numpy_tree(tree):
+    return jax.tree.map(lambda x: np.asarray(x), tree)
+
+
+def load_trained_params(workdir_or_checkpoint_dir, modules) -> dict:
+    """A training workdir (or its checkpoints/ or one step folder) -> params dict for sampling.
+
+    Returns modeling.py's {component: tree} for the components the stage holds (anchor:
+    unet, text_encoder, face_projection; reconfig: unet, face_projection, imr,
+    keypoint_encoder {"params", "batch_stats"}), as float32 numpy arrays, from the newest
+    step unless a step folder is named. Every returned component is checked leaf by leaf
+    against `modules` (modeling.abstract_params) and a difference is an error naming it.
+    The caller loads the remaining components (vae, vision_encoder, ...) from the base model.
+    """
+    from dynamicid_jax import modeling
+
+    path = pathlib.Path(workdir_or_checkpoint_dir).absolute()
+    workdir = find_workdir(path)
+    step = _step_from_path(path, workdir)
+    checkpointer = ocp.StandardCheckpointer()
+    frozen = checkpointer.restore(workdir / FROZEN)["params"]
+    mngr = ocp.CheckpointManager(workdir / CHECKPOINTS, item_handlers=_item_handlers())
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir / CHECKPOINTS} holds no finished checkpoint yet")
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    mngr.close()
+    get = (lambda s, k: s[k]) if isinstance(state, Mapping) else getattr
+    params = merge(_as_numpy_tree(frozen), _as_numpy_tree(get(state, "trainable")),
+                   _as_numpy_tree(get(state, "model_state")))
+    shapes = modeling.abstract_params(modules)
+    for component, tree in params.items():
+        if component not in shapes:
+            raise CheckpointMismatchError(f"{workdir}: unknown component {component!r}")
+        check_compatible(tree, shapes[component], f"{workdir} ({component}, step {step})")
+    return params

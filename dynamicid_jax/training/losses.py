@@ -1,0 +1,141 @@
+"""The two training objectives, as pure functions of (modules, parameters, batch, rng).
+
+anchor (stage 1), per example:
+    z0 = sample(VAE moments) * scaling;  t ~ U{0..T-1};  z_t = sqrt(a_t) z0 + sqrt(1-a_t) eps
+    one uniform draw u decides the classifier-free drop, mutually exclusive:
+      u < p_face                    face dropped (zero ID vector, null CLIP image features)
+      p_face <= u < p_face+p_text   text dropped (empty caption)
+      next p_both                   both dropped
+    loss = mean((UNet(z_t, t, text, FaceProjection(id, clip)) - eps)^2)
+
+reconfig (stage 2), per example one identity with a source and T targets:
+    src = FaceProjection(source), tgt = FaceProjection(targets) (frozen, (T, 4, D))
+    pred = IMR(src, KPE(src landmarks), src face prompt, KPE(tgt landmarks), tgt face prompt)
+    loss = mean((pred - tgt)^2) + lambda * mean((UNet(z_t; pred) - UNet(z_t; tgt))^2)
+    with one noisy latent z_t of each target image, one t, the fixed prompt's text states;
+    the second UNet call is a target (no gradient); gradients reach pred through the first.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from dynamicid_jax.dynamicid.saa import identity_conditioning
+from dynamicid_jax.models.vae import sample_latent
+from dynamicid_jax.schedulers import NoiseTable, ddpm_add_noise, training_target
+
+Batch = Mapping[str, jax.Array]
+
+
+def classifier_free_drops(rng: jax.Array, batch_size: int, p_face: float, p_text: float, p_both: float):
+    """One uniform draw per example -> (drop_face (B,) bool, drop_text (B,) bool), exclusive bins."""
+    if min(p_face, p_text, p_both) < 0 or p_face + p_text + p_both > 1:
+        raise ValueError(f"drop probabilities must be >= 0 and sum to <= 1: {p_face}, {p_text}, {p_both}")
+    u = jax.random.uniform(rng, (batch_size,))
+    face_only = u < p_face
+    text_only = (u >= p_face) & (u < p_face + p_text)
+    both = (u >= p_face + p_text) & (u < p_face + p_text + p_both)
+    return face_only | both, text_only | both
+
+
+def _per_example(mask: jax.Array, ndim: int) -> jax.Array:
+    return mask.reshape(mask.shape + (1,) * (ndim - 1))
+
+
+def noisy_latents(table: NoiseTable, mean, logvar, scaling: float, rng: jax.Array):
+    """Cached VAE moments (B, h, w, C) -> (z_t, t (B,), target) with a fresh latent sample."""
+    k_latent, k_noise, k_t = jax.random.split(rng, 3)
+    z0 = sample_latent(mean, logvar, k_latent) * scaling
+    noise = jax.random.normal(k_noise, z0.shape, jnp.float32)
+    t = jax.random.randint(k_t, (z0.shape[0],), 0, table.alphas_cumprod.shape[0])
+    return ddpm_add_noise(table, z0, noise, t), t, training_target(table, z0, noise, t)
+
+
+def _single_identity(tokens: jax.Array):
+    """(B, T, D) tokens of one identity per image -> SAA conditioning (one full-image box)."""
+    return identity_conditioning(tokens[:, None])
+
+
+def text_states(modules, params: Mapping[str, Any], input_ids: jax.Array) -> jax.Array:
+    """CLIP text hidden states (B, L, D) of token ids (B, L) with the frozen text encoder."""
+    return modules.text_encoder.apply({"params": params["text_encoder"]}, input_ids)[0]
+
+
+def anchor_loss(modules, params: Mapping[str, Any], batch: Batch, constants: Mapping[str, Any],
+                rng: jax.Array, *, table: NoiseTable, scaling: float, drops: tuple[float, float, float]):
+    """Stage-1 loss. params: merged trainable+frozen {"unet", "text_encoder", "face_projection"};
+    batch: vae_mean, vae_logvar (B, h, w, C), id_embedding (B, D), clip_image_features (B, N, W),
+    input_ids (B, L) [or text_states (B, L, Dt)]; constants["null"]: the dataset's null inputs.
+    Returns (loss, metrics)."""
+    k_noise, k_drop = jax.random.split(rng)
+    b = batch["vae_mean"].shape[0]
+    z_t, t, target = noisy_latents(table, batch["vae_mean"], batch["vae_logvar"], scaling, k_noise)
+    drop_face, drop_text = classifier_free_drops(k_drop, b, *drops)
+    null = constants["null"]
+
+    clip = batch["clip_image_features"].astype(jnp.float32)
+    clip = jnp.where(_per_example(drop_face, 3), null["clip_image_features"].astype(jnp.float32)[None], clip)
+    id_embedding = jnp.where(drop_face[:, None], 0.0, batch["id_embedding"].astype(jnp.float32))
+    if "text_states" in batch:
+        states = jnp.where(_per_example(drop_text, 3), null["text_states"][None], batch["text_states"])
+    else:
+        ids = jnp.where(drop_text[:, None], null["input_ids"][None], batch["input_ids"])
+        states = text_states(modules, params, ids)
+
+    tokens = modules.face_projection.apply({"params": params["face_projection"]}, id_embedding, clip)
+    pred = modules.unet.apply({"params": params["unet"]}, z_t, t, states, _single_identity(tokens))
+    loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
+    metrics = {"face_dropped": drop_face.mean(), "text_dropped": drop_text.mean()}
+    return loss, metrics
+
+
+def _flatten_targets(x: jax.Array) -> jax.Array:
+    """(B, T, ...) -> (B*T, ...)."""
+    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def reconfig_loss(modules, params: Mapping[str, Any], model_state: Mapping[str, Any], batch: Batch,
+                  constants: Mapping[str, Any], rng: jax.Array, *, table: NoiseTable, scaling: float,
+                  consistency_weight: float):
+    """Stage-2 loss. params: merged {"unet", "face_projection", "imr", "keypoint_encoder"
+    (params only)}; model_state: {"keypoint_encoder": {"batch_stats"}}; batch: source_* (B, ...)
+    and target_* (B, T, ...) of id_embedding, clip_image_features, landmark_image,
+    face_prompt_embedding, vae_mean, vae_logvar; constants["prompt_states"] (1, L, D).
+    Returns (loss, (metrics, new model_state))."""
+    b, n_targets = batch["target_id_embedding"].shape[:2]
+    project = lambda i, c: modules.face_projection.apply(  # noqa: E731
+        {"params": params["face_projection"]}, i.astype(jnp.float32), c.astype(jnp.float32))
+    src_tokens = project(batch["source_id_embedding"], batch["source_clip_image_features"])
+    tgt_tokens = jax.lax.stop_gradient(project(_flatten_targets(batch["target_id_embedding"]),
+                                               _flatten_targets(batch["target_clip_image_features"])))
+
+    # One BatchNorm pass over source and target landmarks together (training-mode statistics).
+    landmarks = jnp.concatenate(
+        [batch["source_landmark_image"], _flatten_targets(batch["target_landmark_image"])], axis=0)
+    kpe_vars = {"params": params["keypoint_encoder"]["params"], **model_state["keypoint_encoder"]}
+    features, updates = modules.keypoint_encoder.apply(kpe_vars, landmarks, train=True, mutable=["batch_stats"])
+    src_landmark, tgt_landmark = features[:b], features[b:]
+
+    repeat = lambda x: jnp.repeat(x, n_targets, axis=0)  # noqa: E731  one source row per target
+    pred = modules.imr.apply(
+        {"params": params["imr"]},
+        repeat(src_tokens),
+        repeat(src_landmark),
+        repeat(batch["source_face_prompt_embedding"].astype(jnp.float32)),
+        tgt_landmark,
+        _flatten_targets(batch["target_face_prompt_embedding"]).astype(jnp.float32),
+    )
+    feature_loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - tgt_tokens.astype(jnp.float32)))
+
+    z_t, t, _ = noisy_latents(table, _flatten_targets(batch["target_vae_mean"]),
+                              _flatten_targets(batch["target_vae_logvar"]), scaling, rng)
+    prompt = jnp.broadcast_to(constants["prompt_states"], (z_t.shape[0],) + constants["prompt_states"].shape[1:])
+    unet = lambda tokens: modules.unet.apply(  # noqa: E731
+        {"params": params["unet"]}, z_t, t, prompt, _single_identity(tokens)).astype(jnp.float32)
+    consistency = jnp.mean(jnp.square(unet(pred) - jax.lax.stop_gradient(unet(tgt_tokens))))
+    loss = feature_loss + consistency_weight * consistency
+    metrics = {"feature_loss": feature_loss, "consistency_loss": consistency}
+    return loss, (metrics, {"keypoint_encoder": {"batch_stats": updates["batch_stats"]}})

@@ -1,0 +1,258 @@
+"""The DynamicID trainer: one linear function, `train(config, workdir, data_dir)`.
+
+Sections, in order: setup, mesh, input, model and parameters, optimizer and sharding,
+update step (compiled ahead of time), checkpoint (resume or fresh start), loop (log, save,
+SIGTERM, non-finite guard). `launch/train.py` parses flags and calls `train`.
+
+Multi-host: call `jax.distributed.initialize` before `train` (launch/train.py does); every
+process runs this same function, reads its own disjoint shard files, and the global batch
+is assembled from the per-host batches.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import sys
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dynamicid_jax import modeling, sharding
+from dynamicid_jax.data import pipeline
+from dynamicid_jax.training import checkpoints, data, init, partition
+from dynamicid_jax.training.step import init_state, learning_rate_schedule, make_optimizer, make_step_fn
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN/Inf loss or gradient with `nonfinite = "stop"`; the message names the step."""
+
+
+def compute_dtype(name: str):
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"config.dtype must be 'float32' or 'bfloat16', got {name!r}")
+    return jnp.dtype(name)
+
+
+def with_shardings(abstract, shardings):
+    """ShapeDtypeStructs carrying their target shardings (for AOT lowering and restores)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def check_batch_layout(config, mesh) -> None:
+    """The global batch must split evenly into micro-batches and over every device."""
+    b, k, n = config.data.global_batch_size, config.optimizer.accumulation_steps, mesh.size
+    if b % k or (b // k) % n:
+        raise ValueError(f"data.global_batch_size={b} must be a multiple of optimizer.accumulation_steps={k} "
+                         f"x {n} devices")
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step (then saves and exits)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True when any process got SIGTERM (all processes must save the same step)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Optional[str] = None) -> dict[str, Any]:
+    """Run (or resume) training until `config.total_steps`; returns the last logged metrics."""
+    # ------------------------------------------------------------------ setup
+    stage = partition.check_stage(config.stage if stage is None else stage)
+    if stage != config.stage:
+        raise ValueError(f"--stage={stage} but the config is for stage {config.stage!r}")
+    if config.nonfinite not in ("stop", "skip"):
+        raise ValueError(f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+
+    # ------------------------------------------------------------------ mesh
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    check_batch_layout(config, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    # ------------------------------------------------------------------ input (checked against the model)
+    modules = modeling.build_modules(config.model, dtype=compute_dtype(config.dtype))
+    manifest = data.check_dataset(data_dir, stage, modules, config)
+
+    # ------------------------------------------------------------------ model, optimizer, sharding, update step
+    tx = make_optimizer(config.optimizer, config.total_steps)
+    schedule = learning_rate_schedule(config.optimizer, config.total_steps)
+    compile_start = time.perf_counter()
+    compiled, abs_state, abs_fixed = compile_step(stage, modules, config, tx, mesh, manifest)
+    compile_seconds = time.perf_counter() - compile_start
+    fixed_shardings = jax.tree.map(lambda a: a.sharding, abs_fixed)
+    state_shardings = jax.tree.map(lambda a: a.sharding, abs_state)
+
+    # ------------------------------------------------------------------ checkpoint: resume or start
+    mngr = checkpoints.manager(workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
+                               async_save=config.checkpoint.async_save)
+    latest = mngr.latest_step()
+    if latest is not None:
+        fixed = checkpoints.restore_frozen(workdir, abs_fixed)
+        state, data_state = checkpoints.restore(mngr, latest, abs_state)
+    else:
+        params = init.initial_params(stage, config, modules)
+        constants = _constants(stage, config, modules, params, data_dir, manifest)
+        trainable, frozen, model_state = partition.split_params(params, stage)
+        checkpoints.check_compatible(trainable, abs_state.trainable, "initial trainable parameters")
+        checkpoints.check_compatible(model_state, abs_state.model_state, "initial model state")
+        fixed = {"params": frozen, "constants": constants}
+        checkpoints.check_compatible(fixed, abs_fixed, "initial frozen parameters and constants")
+        fixed = jax.device_put(fixed, fixed_shardings)
+        state = jax.jit(lambda t, m: init_state(t, m, tx, config.seed), out_shardings=state_shardings)(
+            trainable, model_state)
+        del params
+        checkpoints.save_frozen(workdir, fixed)
+        if is_main:
+            checkpoints.write_config(workdir, config)
+        data_state = None
+
+    dataset = data.dataset(data_dir, stage, modules, config)
+    batches = pipeline.GlobalBatchIterator(dataset, mesh, num_threads=config.data.num_threads,
+                                           prefetch=config.data.prefetch, sharding=batch_sharding)
+    if data_state is not None:
+        batches.set_state(data_state)
+
+    # ------------------------------------------------------------------ loop
+    step = int(jax.device_get(state.step))
+    images_per_step = config.data.global_batch_size * (config.data.num_targets if stage == "reconfig" else 1)
+    writer = _summary_writer(workdir) if is_main else None
+    bar = _progress(config, step, is_main)
+    preemption = _Preemption()
+    last: dict[str, Any] = {"step": step, "compile_seconds": compile_seconds}
+    window_start, window_steps, skipped = time.perf_counter(), 0, 0
+    try:
+        while step < config.total_steps:
+            state, metrics = compiled(state, fixed, next(batches))
+            step += 1
+            window_steps += 1
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not metrics["finite"]:
+                message = f"step {step}: non-finite loss {metrics['loss']} or gradient norm {metrics['grad_norm']}"
+                if config.nonfinite == "stop":
+                    raise NonFiniteError(message + " (the update was not applied; set nonfinite='skip' to go on)")
+                skipped += 1
+                print(f"skipping the update of {message}", file=sys.stderr)
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                elapsed = time.perf_counter() - window_start
+                metrics.update(learning_rate=float(schedule(step - 1)), steps_per_second=window_steps / elapsed,
+                               images_per_second=window_steps * images_per_step / elapsed, skipped_updates=skipped)
+                _log(writer, bar, step, metrics)
+                window_start, window_steps = time.perf_counter(), 0
+                last = dict(metrics, step=step, compile_seconds=compile_seconds)
+            if bar is not None:
+                bar.update(1)
+            checkpoints.save(mngr, step, state, batches.get_state(), force=step == config.total_steps)
+            if preemption.agreed():
+                checkpoints.save(mngr, step, state, batches.get_state(), force=True)
+                print(f"SIGTERM: saved step {step} and stopping", file=sys.stderr)
+                break
+    finally:
+        preemption.restore()
+        mngr.wait_until_finished()
+        mngr.close()
+        batches.close()
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+    return last
+
+
+def compile_step(stage: str, modules, config, tx, mesh, manifest):
+    """Shard and compile the update step ahead of time for `mesh`.
+
+    Returns (compiled, abstract_state, abstract_fixed): the executable
+    `compiled(state, fixed, batch) -> (state, metrics)` (state donated; fixed = {"params":
+    frozen, "constants": ...}) and the ShapeDtypeStructs, with their shardings, of its first
+    two arguments. Parameters and optimizer state follow the sharding rules (fsdp-split above
+    `config.sharding.min_size` elements); batches are split over (data, fsdp).
+    """
+    rules, min_size = sharding.DEFAULT_RULES, config.sharding.min_size
+    abs_trainable, abs_frozen, abs_model_state = partition.split_params(modeling.abstract_params(modules), stage)
+    abs_state = jax.eval_shape(lambda t, m: init_state(t, m, tx, config.seed), abs_trainable, abs_model_state)
+    abs_fixed = {"params": abs_frozen, "constants": _abstract_constants(stage, modules, manifest)}
+    state_shardings = sharding.param_shardings(abs_state, mesh, rules, min_size)
+    fixed_shardings = sharding.param_shardings(abs_fixed, mesh, rules, min_size)
+    batch_sharding = sharding.batch_sharding(mesh)
+    abs_batch = data.abstract_batch(manifest, stage, config)
+    step_fn = make_step_fn(stage, modules, config, tx, mesh)
+    jitted = jax.jit(
+        lambda state, fixed, batch: step_fn(state, fixed["params"], fixed["constants"], batch),
+        in_shardings=(state_shardings, fixed_shardings, batch_sharding),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    abs_state = with_shardings(abs_state, state_shardings)
+    abs_fixed = with_shardings(abs_fixed, fixed_shardings)
+    compiled = jitted.lower(abs_state, abs_fixed, with_shardings(abs_batch, jax.tree.map(lambda _: batch_sharding,
+                                                                                          abs_batch))).compile()
+    return compiled, abs_state, abs_fixed
+
+
+def _abstract_constants(stage: str, modules, manifest) -> dict:
+    """Shapes of the per-run constants: the null features (anchor) or the prompt states (reconfig)."""
+    from dynamicid_jax.data import records
+
+    if stage == "anchor":
+        null = manifest["null_features"]["features"]
+        return {"null": {s.name: jax.ShapeDtypeStruct(s.shape, np.dtype(s.dtype))
+                         for s in records.specs_from_json(null) if s.dtype != records.STRING}}
+    text = modules.text_encoder.config
+    return {"prompt_states": jax.ShapeDtypeStruct((1, text.max_positions, text.hidden_size), jnp.float32)}
+
+
+def _constants(stage, config, modules, params, data_dir, manifest) -> dict:
+    if stage == "anchor":
+        return {"null": data.null_features(data_dir, manifest)}
+    ids = init.prompt_ids(config, modules)
+    states = jax.jit(modules.text_encoder.apply)({"params": params["text_encoder"]}, ids)[0]
+    return {"prompt_states": np.asarray(states, np.float32)}
+
+
+def _summary_writer(workdir):
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(workdir))
+
+
+def _progress(config, step: int, is_main: bool):
+    if not (config.progress_bar and is_main):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=config.total_steps, initial=step, desc=f"train {config.stage}", unit="step", file=sys.stderr)
+
+
+def _log(writer, bar, step: int, metrics: dict) -> None:
+    if writer is not None:
+        for name, value in metrics.items():
+            writer.add_scalar(f"train/{name}", value, step)
+        writer.flush()
+    line = {k: round(metrics[k], 5) for k in ("loss", "grad_norm", "learning_rate", "steps_per_second",
+                                              "images_per_second")}
+    if bar is not None:
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", gnorm=f"{metrics['grad_norm']:.3f}",
+                        img_s=f"{metrics['images_per_second']:.1f}")
+    print(json.dumps({"step": step, **line}), file=sys.stderr if bar is not None else sys.stdout, flush=True)

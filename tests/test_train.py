@@ -1,0 +1,268 @@
+"""Two-stage training on 8 fake CPU devices with the tiny config and synthetic shards.
+
+Compiles, in order: the anchor step on an 8-device fsdp mesh (the in-process reference run,
+reused from the persistent cache by the subprocess runs and the sharded-step test), the
+anchor step on one device, the reconfig step. Everything else reuses those.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import train_data
+from configs import anchor as anchor_configs
+from configs import reconfig as reconfig_configs
+from dynamicid_jax import modeling, sharding
+from dynamicid_jax.tokenizer import write_tiny_vocab
+from dynamicid_jax.training import checkpoints, data, init, losses, partition, trainer
+from dynamicid_jax.training.step import make_optimizer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS, EVERY = 6, 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+    """Fewer XLA passes: the same executables in-process and in the subprocesses (env below)."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+def anchor_config():
+    config = anchor_configs.get_config("tiny")
+    config.total_steps, config.checkpoint.every_steps, config.checkpoint.keep = STEPS, EVERY, 5
+    config.progress_bar = False
+    return config
+
+
+# Flags giving the subprocess exactly anchor_config().
+ANCHOR_FLAGS = [f"--config.total_steps={STEPS}", f"--config.checkpoint.every_steps={EVERY}",
+                "--config.checkpoint.keep=5", "--config.progress_bar=False"]
+
+
+@pytest.fixture(scope="module")
+def modules():
+    return modeling.build_modules(anchor_config().model)
+
+
+@pytest.fixture(scope="module")
+def anchor_data(tmp_path_factory, modules):
+    specs = data.expected_features("anchor", modules, anchor_config())
+    return train_data.write_dataset(tmp_path_factory.mktemp("anchor_shards"), "anchor", specs, units=16,
+                                    null_specs=train_data.null_specs_for(specs))
+
+
+@pytest.fixture(scope="module")
+def anchor_run(tmp_path_factory, anchor_data):
+    """The uninterrupted reference run (in-process, through the trainer)."""
+    workdir = tmp_path_factory.mktemp("anchor_run")
+    metrics = trainer.train(anchor_config(), workdir, anchor_data, stage="anchor")
+    return workdir, metrics
+
+
+@pytest.fixture(scope="module")
+def initial(modules):
+    params = init.initial_params("anchor", anchor_config(), modules)
+    return partition.split_params(params, "anchor")
+
+
+def _place(tree, abstract):
+    return jax.device_put(tree, jax.tree.map(lambda a: a.sharding, abstract))
+
+
+@pytest.fixture(scope="module")
+def steppers(modules, anchor_data, anchor_run):
+    """name -> (compiled step, abstract state, abstract fixed, mesh) for the fsdp-8 and 1-device meshes."""
+    config = anchor_config()
+    manifest = data.check_dataset(anchor_data, "anchor", modules, config)
+    tx = make_optimizer(config.optimizer, config.total_steps)
+    out = {}
+    for name, devices in (("fsdp8", jax.devices()), ("single", jax.devices()[:1])):
+        mesh = sharding.make_mesh(1, -1, devices)
+        out[name] = trainer.compile_step("anchor", modules, config, tx, mesh, manifest) + (mesh,)
+    return out
+
+
+@pytest.fixture(scope="module")
+def first_batch(modules, anchor_data):
+    ds = data.dataset(anchor_data, "anchor", modules, anchor_config())
+    return ds[0]
+
+
+def _start(stepper, initial, anchor_data, modules):
+    """Fresh state and fixed inputs placed for one compiled step, as the trainer builds them."""
+    compiled, abs_state, abs_fixed, mesh = stepper
+    config = anchor_config()
+    trainable, frozen, model_state = initial
+    tx = make_optimizer(config.optimizer, config.total_steps)
+    from dynamicid_jax.training.step import init_state
+
+    state = jax.jit(lambda t, m: init_state(t, m, tx, config.seed),
+                    out_shardings=jax.tree.map(lambda a: a.sharding, abs_state))(trainable, model_state)
+    manifest = data.check_dataset(anchor_data, "anchor", modules, config)
+    fixed = _place({"params": frozen, "constants": {"null": data.null_features(anchor_data, manifest)}}, abs_fixed)
+    return state, fixed, sharding.batch_sharding(mesh)
+
+
+def _rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
+
+
+def test_sharded_step_equals_unsharded(steppers, initial, anchor_data, modules, first_batch):
+    results = {}
+    for name in ("fsdp8", "single"):
+        state, fixed, batch_sharding = _start(steppers[name], initial, anchor_data, modules)
+        new_state, metrics = steppers[name][0](state, fixed, jax.device_put(first_batch, batch_sharding))
+        results[name] = (jax.device_get(new_state.trainable), jax.device_get(metrics))
+    (sharded, m8), (single, m1) = results["fsdp8"], results["single"]
+    assert abs(m8["loss"] - m1["loss"]) <= 1e-5 * abs(m1["loss"])
+    flat8, flat1 = traverse_util.flatten_dict(sharded), traverse_util.flatten_dict(single)
+    init_flat = traverse_util.flatten_dict(jax.device_get(initial[0]))
+    moved = [p for p in flat1 if not np.array_equal(flat1[p], init_flat[p])]
+    assert len(moved) > 0.5 * len(flat1)  # the step really updated most leaves
+    # Parameters moved by ~lr per Adam step; compare the updates, not the (much larger) values.
+    for path in flat1:
+        delta8, delta1 = flat8[path] - init_flat[path], flat1[path] - init_flat[path]
+        if np.linalg.norm(delta1) > 0:
+            assert _rel_err(delta8, delta1) <= 1e-3, path
+
+
+def test_fsdp_splits_parameter_bytes(steppers, initial, anchor_data, modules):
+    state, _, _ = _start(steppers["fsdp8"], initial, anchor_data, modules)
+    device = jax.devices()[0]
+    sharded_total = replicated_total = per_device = 0
+    for leaf in jax.tree.leaves(state):
+        if leaf.sharding.is_fully_replicated:
+            replicated_total += leaf.nbytes
+        else:
+            sharded_total += leaf.nbytes
+        per_device += sum(s.data.nbytes for s in leaf.addressable_shards if s.device == device)
+    assert sharded_total > 0.5 * (sharded_total + replicated_total)  # the rules do split this model
+    assert per_device <= sharded_total / 8 + replicated_total
+
+
+def test_overfit_and_nonfinite_guard(steppers, initial, anchor_data, modules, first_batch):
+    compiled, _, _, mesh = steppers["single"]
+    state, fixed, batch_sharding = _start(steppers["single"], initial, anchor_data, modules)
+    batch = jax.device_put(first_batch, batch_sharding)
+    copy = lambda s: jax.tree.map(jnp.copy, s)  # noqa: E731  the compiled step donates its state
+
+    def loss_at_step0(s):  # same noise/t/drop draws every time: step 0's
+        return float(compiled(copy(s).replace(step=jnp.zeros((), jnp.int32)), fixed, batch)[1]["loss"])
+
+    before = loss_at_step0(state)
+    bad = dict(first_batch, vae_mean=np.full_like(first_batch["vae_mean"], np.nan))
+    guarded, metrics = compiled(copy(state), fixed, jax.device_put(bad, batch_sharding))
+    assert float(metrics["finite"]) == 0.0
+    for a, b in zip(jax.tree.leaves(guarded.trainable), jax.tree.leaves(state.trainable)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the non-finite update was dropped
+    for _ in range(15):
+        state, metrics = compiled(state, fixed, batch)
+    after = loss_at_step0(state)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_classifier_free_drops_are_exclusive():
+    face, text = losses.classifier_free_drops(jax.random.key(1), 200_000, 0.05, 0.05, 0.05)
+    face, text = np.asarray(face), np.asarray(text)
+    for observed in ((face & ~text).mean(), (~face & text).mean(), (face & text).mean()):
+        assert abs(observed - 0.05) < 0.003
+    assert abs((~face & ~text).mean() - 0.85) < 0.003
+
+
+def _run_cli(args, **kwargs):
+    env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="true", PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path, anchor_data, anchor_run, modules):
+    workdir = tmp_path / "killed"
+    args = ["--stage=anchor", "--config=configs/anchor.py:tiny", f"--data={anchor_data}", f"--workdir={workdir}",
+            *ANCHOR_FLAGS]
+    proc = _run_cli(args)
+    committed = workdir / "checkpoints" / str(EVERY)
+    deadline = time.time() + 300
+    while not committed.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    still_running = proc.poll() is None
+    os.kill(proc.pid, signal.SIGKILL)
+    output = proc.communicate()[0]
+    assert still_running, f"the run ended before it could be killed:\n{output[-3000:]}"
+    assert not (workdir / "checkpoints" / str(STEPS)).exists()
+
+    resumed = _run_cli(args)
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    reference = checkpoints.load_trained_params(anchor_run[0], modules)
+    restarted = checkpoints.load_trained_params(workdir, modules)
+    for path, value in traverse_util.flatten_dict(reference).items():
+        np.testing.assert_array_equal(traverse_util.flatten_dict(restarted)[path], value, err_msg="/".join(path))
+
+
+def test_restore_with_other_shapes_fails_loudly(anchor_run):
+    config = anchor_config()
+    config.model.lora_rank = 8
+    other = modeling.build_modules(config.model)
+    tx = make_optimizer(config.optimizer, config.total_steps)
+    from dynamicid_jax.training.step import init_state
+
+    trainable, _, model_state = partition.split_params(modeling.abstract_params(other), "anchor")
+    abstract = jax.eval_shape(lambda t, m: init_state(t, m, tx, 0), trainable, model_state)
+    mngr = checkpoints.manager(anchor_run[0], every_steps=EVERY, keep=5)
+    with pytest.raises(checkpoints.CheckpointMismatchError, match="lora_down"):
+        checkpoints.restore(mngr, mngr.latest_step(), abstract)
+    mngr.close()
+
+
+def test_mismatched_shards_are_refused(tmp_path, anchor_data, modules):
+    config = anchor_config()
+    config.model.face_projection.id_dim = 64
+    with pytest.raises(data.DataMismatchError, match="id_embedding"):
+        data.check_dataset(anchor_data, "anchor", modeling.build_modules(config.model), config)
+    config = anchor_config()
+    config.data.expected_models = {"kind": "sd15-vae"}
+    with pytest.raises(data.DataMismatchError, match="kind"):
+        data.check_dataset(anchor_data, "anchor", modules, config)
+    import shutil
+
+    copy = pathlib.Path(shutil.copytree(anchor_data, tmp_path / "old_format"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 0
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(data.DataMismatchError, match="format_version"):
+        data.check_dataset(copy, "anchor", modules, anchor_config())
+
+
+def test_reconfig_trains_imr_and_leaves_stage1_bit_identical(tmp_path, anchor_run, modules):
+    config = reconfig_configs.get_config("tiny")
+    config.total_steps, config.checkpoint.every_steps, config.progress_bar = 2, 2, False
+    config.init.stage1 = str(anchor_run[0])
+    config.init.tokenizer = str(write_tiny_vocab(tmp_path / "tokenizer"))
+    specs = data.expected_features("reconfig", modules, config)
+    units = {**{f"person{i}": ("multi", 3) for i in range(4)}, **{f"kdef{i}": ("kdef", 3) for i in range(2)}}
+    shards = train_data.write_dataset(tmp_path / "reconfig_shards", "reconfig", specs, units=units)
+    metrics = trainer.train(config, tmp_path / "reconfig_run", shards, stage="reconfig")
+    assert np.isfinite(metrics["loss"]) and metrics["consistency_loss"] >= 0
+
+    stage1 = traverse_util.flatten_dict(checkpoints.load_trained_params(anchor_run[0], modules))
+    stage2 = checkpoints.load_trained_params(tmp_path / "reconfig_run", modules)
+    flat2 = traverse_util.flatten_dict(stage2)
+    frozen = [p for p in stage1 if p[0] in ("unet", "face_projection")]
+    assert frozen and all(np.array_equal(flat2[p], stage1[p]) for p in frozen)
+    fresh = traverse_util.flatten_dict(init.fresh_component(modules, "imr", jax.random.fold_in(jax.random.key(0), 3)))
+    assert any(not np.array_equal(flat2[("imr",) + p], v) for p, v in fresh.items())
+    assert set(stage2) == {"unet", "face_projection", "imr", "keypoint_encoder"}
