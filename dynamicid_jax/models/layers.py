@@ -126,7 +126,7 @@ def attend_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, query_block: int,
     m = k.shape[1]
     query_block, key_block = min(query_block, n), min(key_block, m)
     n_pad, m_pad = -n % query_block, -m % key_block
-    q = jnp.pad(q, ((0, 0), (0, n_pad), (0, 0), (0, 0)))
+    q = jnp.pad(q * jnp.asarray(d**-0.5, q.dtype), ((0, 0), (0, n_pad), (0, 0), (0, 0)))  # scale once
     k = jnp.pad(k, ((0, 0), (0, m_pad), (0, 0), (0, 0)))
     v = jnp.pad(v, ((0, 0), (0, m_pad), (0, 0), (0, 0)))
     valid = (jnp.arange(m + m_pad) < m).reshape(-1, key_block)  # (key blocks, key_block)
@@ -135,14 +135,14 @@ def attend_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, query_block: int,
         return jnp.moveaxis(jnp.swapaxes(x, 1, 2).reshape(b, h, -1, size, d), 2, 0)
 
     q_blocks, k_blocks, v_blocks = blocks(q, query_block), blocks(k, key_block), blocks(v, key_block)
-    scale = d**-0.5
 
     def one_query_block(qi):
         def step(carry, kv):
             acc, running_max, denom = carry
             ki, vi, keep = kv
-            logits = jnp.einsum("bhnd,bhmd->bhnm", qi, ki, preferred_element_type=jnp.float32) * scale
-            logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
+            logits = jnp.einsum("bhnd,bhmd->bhnm", qi, ki, preferred_element_type=jnp.float32)
+            if m_pad:  # static: only padded sequences pay for the mask
+                logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
             new_max = jnp.maximum(running_max, logits.max(-1))
             correction = jnp.exp(running_max - new_max)
             p = jnp.exp(logits - new_max[..., None])

@@ -58,7 +58,8 @@ class UNetConfig:
     saa: when set, every attn2 is DynamicID's Semantic-Activated Attention.
     attention_block: execution choice, not a weight shape: attention over more keys than
       this runs blockwise (`layers.attend_blockwise`, queries and keys in blocks of this
-      size; ~3x faster on CPU for the 4096-token self-attention at 512 px). None = always
+      size; 512 was fastest on a 2-core CPU among 256/512/1024, about 3x faster than
+      materialised logits for the 4096-token self-attention at 512 px). None = always
       materialise all logits.
     """
 
@@ -78,7 +79,7 @@ class UNetConfig:
     use_linear_projection: bool = False
     lora_rank: int = 0
     saa: Optional[SAAConfig] = None
-    attention_block: Optional[int] = 1024
+    attention_block: Optional[int] = 512
 
     def __post_init__(self):
         # Normalise list-valued fields to tuples so the config stays hashable.
