@@ -1,17 +1,25 @@
-"""Assemble a ready DynamicIDPipeline from files (real weights) or from the tiny demo config.
+"""Assemble a ready DynamicIDPipeline from files (real weights, a training run) or the demo.
 
-Real weights never fall back to anything: a missing component is an error naming it.
-The demo path uses `configs/tiny.py` with random parameters and says so.
+Three sources of weights, one result:
+  demo         configs/tiny.py with THE tiny random weights (`modeling.tiny_random_params`).
+  release      SD1.5 + CLIP ViT-H/14 + the authors' SAA.bin/IMR.bin/key_point_encoder.bin.
+  training run a `launch/train.py` workdir: its config.json fixes the architecture; trained
+               components from its newest checkpoint, the rest from the base model it
+               started from (the tiny random one for tiny runs, else --base_model /
+               --vision_encoder).
+Nothing falls back: a missing component is an error naming it.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 import tempfile
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from dynamicid_jax import modeling, schedulers
 from dynamicid_jax.sampling import DynamicIDPipeline, InputError
@@ -20,6 +28,9 @@ DEMO_NOTICE = (
     "DEMO MODE: tiny model with RANDOM weights (configs/tiny.py). Pictures will be noise-like; "
     "pass --base_model/--vision_encoder/--dynamicid for real pictures."
 )
+TINY_NOTICE = "NOTE: this training run started from the TINY RANDOM base model: pictures will be noise-like."
+# Components a training run may lack (stage 1 has no IMR): never filled with random weights.
+EDIT_COMPONENTS = ("imr", "keypoint_encoder")
 
 
 def load_config(name: str):
@@ -33,13 +44,54 @@ def load_config(name: str):
     return importlib.import_module(f"configs.{name}").get_config()
 
 
-def _expressions(path: Optional[str], required: bool):
+def training_run_config(dynamicid: Optional[str]):
+    """The config.json of a training workdir named by `dynamicid`, or None for anything else."""
+    if not dynamicid:
+        return None
+    path = pathlib.Path(dynamicid)
+    if (path / "SAA.bin").is_file() or (path / "SAA.safetensors").is_file() or not path.exists():
+        return None
+    from dynamicid_jax.training.checkpoints import find_workdir
+
+    try:
+        workdir = find_workdir(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise FileNotFoundError(f"--dynamicid {path}: neither a release folder (SAA.bin) nor a training run: {e}")
+    return ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+
+
+def run_base(run) -> tuple[bool, str]:
+    """(started from the tiny random base?, base model path) of a training run; a stage-2 run
+    inherits both from the stage-1 run it started from."""
+    if run.init.random or run.init.base_model:
+        return bool(run.init.random), run.init.base_model
+    stage1 = training_run_config(run.init.stage1) if run.init.get("stage1") else None
+    return run_base(stage1) if stage1 is not None else (False, "")
+
+
+def sampling_config(demo: bool, dynamicid: Optional[str]):
+    """Config with `model` and `sampling` sections for this source of weights."""
+    run = training_run_config(dynamicid)
+    if run is None:
+        return load_config("tiny" if demo else "base")
+    config = load_config("tiny" if run_base(run)[0] else "base")
+    config.model = run.model
+    return config
+
+
+def _expressions(path: Optional[str]):
     from dynamicid_jax.faces.expression import default_model_path, load_expression_classifier
 
     target = pathlib.Path(path) if path else default_model_path()
-    if not target.is_file() and not required:
+    if path is None and not target.is_file():
         return None  # only needed for automatic source prompts; the sampler names it if asked
     return load_expression_classifier(target)
+
+
+def _tiny_tokenizer():
+    from dynamicid_jax.tokenizer import CLIPTokenizer, write_tiny_vocab
+
+    return CLIPTokenizer.from_folder(write_tiny_vocab(pathlib.Path(tempfile.gettempdir()) / "dynamicid_jax_tiny_vocab"))
 
 
 def load_pipeline(
@@ -53,59 +105,63 @@ def load_pipeline(
     dtype: str = "float32",
     log: Callable[[str], None] = lambda m: None,
 ):
-    """-> (config, DynamicIDPipeline). demo=True: tiny random model; else real weights."""
+    """-> (config, DynamicIDPipeline). See the module docstring for the three sources."""
     from dynamicid_jax.faces import load_face_analyzer
     from dynamicid_jax.tokenizer import CLIPTokenizer
 
     compute_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    run = training_run_config(dynamicid)
+    config = sampling_config(demo, dynamicid)
+    modules = modeling.build_modules(config.model, dtype=compute_dtype)
     analyzer = load_face_analyzer(faces)
-    expressions = _expressions(expression_model, required=expression_model is not None)
+    expressions = _expressions(expression_model)
+    scheduler = schedulers.SchedulerConfig()
     if demo:
         if base_model or vision_encoder or dynamicid:
             raise InputError("--demo uses random weights: drop --base_model/--vision_encoder/--dynamicid")
         log(DEMO_NOTICE)
-        config = load_config("tiny")
-        modules = modeling.build_modules(config.model, dtype=compute_dtype)
-        params = modeling.init_random_params(modules, jax.random.PRNGKey(0))
-        from dynamicid_jax.tokenizer import write_tiny_vocab
-
-        vocab = write_tiny_vocab(pathlib.Path(tempfile.gettempdir()) / "dynamicid_jax_tiny_vocab")
-        tokenizer = CLIPTokenizer.from_folder(vocab)
-        provenance = {"weights": "tiny random (configs/tiny.py, PRNGKey(0))", "faces": analyzer.name}
-        scheduler = schedulers.SchedulerConfig()
+        params = modeling.tiny_random_params(modules, seed=0)
+        tokenizer = _tiny_tokenizer()
+        provenance = {"weights": f"tiny random (configs/tiny.py, seed 0, {modeling.TINY_PRNG_IMPL} PRNG)"}
+    elif run is not None and run_base(run)[0]:
+        log(TINY_NOTICE)
+        params = _without_edit_components(modeling.tiny_random_params(modules, seed=0))
+        params.update(_trained(dynamicid, modules))
+        tokenizer = _tiny_tokenizer()
+        provenance = {"weights": f"training run {dynamicid} on the tiny random base model"}
     else:
+        base_model = base_model or (run_base(run)[1] if run is not None else None)
         missing = [n for n, v in (("--base_model", base_model), ("--vision_encoder", vision_encoder),
                                   ("--dynamicid", dynamicid)) if not v]
         if missing:
             raise InputError(f"missing {', '.join(missing)} (or use --demo for a tiny random model)")
-        config = load_config("base")
-        modules = modeling.build_modules(config.model, dtype=compute_dtype)
         log(f"loading weights: base {base_model}, vision {vision_encoder}, DynamicID {dynamicid}")
-        params = _load_dynamicid(modules, base_model, vision_encoder, dynamicid)
+        if run is None:
+            params = modeling.load_pretrained(modules, base_model=base_model, vision_encoder=vision_encoder,
+                                              dynamicid=pathlib.Path(dynamicid))
+        else:
+            params = modeling.load_pretrained(modules, base_model=base_model, vision_encoder=vision_encoder)
+            params.update(_trained(dynamicid, modules))
         tokenizer = CLIPTokenizer.from_folder(_tokenizer_folder(base_model))
         scheduler_folder = pathlib.Path(base_model) / "scheduler"
-        scheduler = (
-            schedulers.SchedulerConfig.from_folder(scheduler_folder)
-            if scheduler_folder.is_dir() else schedulers.SchedulerConfig()
-        )
-        provenance = {"base_model": str(base_model), "vision_encoder": str(vision_encoder),
-                      "dynamicid": str(dynamicid), "faces": analyzer.name}
+        if scheduler_folder.is_dir():
+            scheduler = schedulers.SchedulerConfig.from_folder(scheduler_folder)
+        provenance = {"base_model": str(base_model), "vision_encoder": str(vision_encoder), "dynamicid": str(dynamicid)}
+    provenance["faces"] = analyzer.name
     params = jax.device_put(params)
     pipeline = DynamicIDPipeline(modules, params, tokenizer, analyzer, scheduler, expressions, provenance)
     return config, pipeline
 
 
-def _load_dynamicid(modules, base_model: str, vision_encoder: str, dynamicid: str):
-    """Published release folder, or a training workdir/checkpoint of our trainer."""
-    path = pathlib.Path(dynamicid)
-    if not path.exists():
-        raise FileNotFoundError(f"--dynamicid {path} does not exist")
-    if (path / "SAA.bin").is_file() or (path / "SAA.safetensors").is_file():
-        return modeling.load_pretrained(modules, base_model=base_model, vision_encoder=vision_encoder, dynamicid=path)
-    from dynamicid_jax.training import load_trained_params  # a workdir of launch/train.py
+def _without_edit_components(params: dict) -> dict:
+    return {k: v for k, v in params.items() if k not in EDIT_COMPONENTS}
 
-    base = modeling.load_pretrained(modules, base_model=base_model, vision_encoder=vision_encoder, dynamicid=None)
-    return load_trained_params(path, modules, base)
+
+def _trained(dynamicid: str, modules) -> dict:
+    """Trained components of a workdir; the IMR pair only when the run trained it."""
+    from dynamicid_jax.training.checkpoints import load_trained_params
+
+    return load_trained_params(dynamicid, modules)
 
 
 def _tokenizer_folder(base_model: str) -> pathlib.Path:

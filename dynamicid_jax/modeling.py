@@ -9,7 +9,7 @@ Data flows one way:
 `DynamicIDModules` fields, so training can freeze or shard by component:
   {"unet", "vae", "text_encoder", "vision_encoder", "face_projection", "imr",
    "keypoint_encoder"}   (keypoint_encoder holds {"params", "batch_stats"})
-They come from `load_pretrained(...)` (real weights, strict) or `init_random_params(...)`
+They come from `load_pretrained(...)` (real weights, strict) or `tiny_random_params(...)`
 (tiny configs for tests and the demo only; the caller must say so to the user).
 """
 
@@ -112,19 +112,32 @@ def _dummy_inputs(modules: DynamicIDModules) -> dict[str, tuple]:
     }
 
 
-def init_random_params(modules: DynamicIDModules, rng: jax.Array) -> Params:
-    """Random parameters for every module. For tiny configs (tests, demo) only.
+# Explicit PRNG implementation for tiny random weights: they must not depend on
+# JAX_DEFAULT_PRNG_IMPL, or the demo, the precompute job and a sampler reading a tiny training
+# run would each see different "same" weights.
+TINY_PRNG_IMPL = "rbg"
 
-    The SAA UNet's LoRA `lora_up` is zero at init (an exact no-op); to make the identity
-    path visible in a random demo the identity projections are random like the rest.
+
+def init_component(modules: DynamicIDModules, name: str, rng: jax.Array):
+    """Random init of one component: its params tree ({"params", "batch_stats"} for the
+    keypoint encoder, which carries batch-norm statistics)."""
+    variables = jax.jit(getattr(modules, name).init)(rng, *_dummy_inputs(modules)[name])
+    return variables if name == "keypoint_encoder" else variables["params"]
+
+
+def init_random_params(modules: DynamicIDModules, rng: jax.Array, components=COMPONENTS) -> Params:
+    """Random parameters of `components` (component i from fold_in(rng, its COMPONENTS index)).
+
+    The SAA UNet's LoRA `lora_up` is zero at init (an exact no-op); the identity projections
+    are random like everything else, so the identity path is live even in a random model.
     """
-    params: Params = {}
-    inputs = _dummy_inputs(modules)
-    for i, name in enumerate(COMPONENTS):
-        module = getattr(modules, name)
-        variables = jax.jit(module.init)(jax.random.fold_in(rng, i), *inputs[name])
-        params[name] = variables if name == "keypoint_encoder" else variables["params"]
-    return params
+    return {name: init_component(modules, name, jax.random.fold_in(rng, COMPONENTS.index(name))) for name in components}
+
+
+def tiny_random_params(modules: DynamicIDModules, seed: int = 0, components=COMPONENTS) -> Params:
+    """THE tiny random weights (tests, demo, precompute without a base model): one seed and
+    one PRNG implementation everywhere, so every consumer computes with the same model."""
+    return init_random_params(modules, jax.random.key(seed, impl=TINY_PRNG_IMPL), components)
 
 
 def abstract_params(modules: DynamicIDModules) -> Params:

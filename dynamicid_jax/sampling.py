@@ -246,6 +246,11 @@ class DynamicIDPipeline:
         info: dict[str, Any] = {"refs": list(ident.refs), "face_boxes": [f.bbox.tolist() for f in faces]}
         if not ident.edits:
             return tokens, info
+        if "imr" not in self.params:
+            raise InputError(
+                "these weights have no IMR (a stage-1 training run): drop --face_prompt/--target_landmarks "
+                "or sample from a stage-2 (reconfig) run or the release"
+            )
         image, face = images[0], faces[0]
         source_prompt = ident.source_prompt or self.describe_face(image, face)
         target_prompt = ident.face_prompt or source_prompt

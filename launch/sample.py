@@ -129,13 +129,13 @@ def build_request(args: argparse.Namespace, sampling_defaults):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from dynamicid_jax.faces import NoFaceError
-    from dynamicid_jax.loading import load_config, load_pipeline
+    from dynamicid_jax.loading import load_pipeline, sampling_config
     from dynamicid_jax.models.torch_import import WeightImportError
     from dynamicid_jax.sampling import InputError, check_images_readable, save_outputs, validate_request
 
     try:
         # Everything checkable without models first: a typo must not cost a model load.
-        config = load_config("tiny" if args.demo else "base")
+        config = sampling_config(args.demo, args.dynamicid)
         request = build_request(args, config.sampling)
         validate_request(request, 2 ** (len(config.model.vae.block_out_channels) - 1))
         check_images_readable(request)

@@ -25,9 +25,6 @@ from dynamicid_jax.data.precompute import ExtractorDims, Extractors
 
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_WARNING = "TINY RANDOM base model: features are meaningless; for tests and demos only"
-# Explicit PRNG implementation: the tiny weights must not depend on JAX_DEFAULT_PRNG_IMPL,
-# or a resumed run in another shell would compute different features.
-_TINY_PRNG_IMPL = "rbg"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,39 +43,26 @@ class BaseModels:
 
 def tiny_random_base_models(model_config, seed: int = 0) -> BaseModels:
     """Tiny random VAE / text tower / vision tower from a config's model section + a tiny vocab."""
-    import jax
-    import jax.numpy as jnp
-
-    from dynamicid_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
-    from dynamicid_jax.models.vae import AutoencoderKL, VAEConfig
+    from dynamicid_jax import modeling
     from dynamicid_jax.tokenizer import CLIPTokenizer, write_tiny_vocab
 
-    def fields(d):
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in dict(d).items()}
-
-    vae_config = VAEConfig(**fields(model_config.vae))
-    text_config = CLIPTextConfig(**fields(model_config.text))
-    vision_config = CLIPVisionConfig(**fields(model_config.vision))
+    modules = modeling.build_modules(model_config)
+    vae, text, vision = modules.vae, modules.text_encoder, modules.vision_encoder
+    vae_config, text_config, vision_config = vae.config, text.config, vision.config
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_folder(write_tiny_vocab(tmp))
     if len(tokenizer.vocab) > text_config.vocab_size:
         raise ValueError(f"tiny vocabulary ({len(tokenizer.vocab)}) exceeds text vocab_size {text_config.vocab_size}")
-    key = jax.random.key(seed, impl=_TINY_PRNG_IMPL)
-    vae, text, vision = AutoencoderKL(vae_config), CLIPTextModel(text_config), CLIPVisionModel(vision_config)
-    f = vae_config.downsample_factor
-    vae_params = jax.jit(vae.init)(jax.random.fold_in(key, 0), jnp.zeros((1, f, f, 3)))["params"]
-    text_params = jax.jit(text.init)(jax.random.fold_in(key, 1), jnp.zeros((1, tokenizer.max_length), jnp.int32))[
-        "params"
-    ]
-    s = vision_config.image_size
-    vision_params = jax.jit(vision.init)(jax.random.fold_in(key, 2), jnp.zeros((1, s, s, 3)))["params"]
+    # The same weights the demo and a sampler of a tiny training run use.
+    params = modeling.tiny_random_params(modules, seed, ("vae", "text_encoder", "vision_encoder"))
+    vae_params, text_params, vision_params = params["vae"], params["text_encoder"], params["vision_encoder"]
     description = {
         "base_model": TINY_RANDOM,
         "vision_encoder": TINY_RANDOM,
         "tiny_random": True,
         "warning": TINY_RANDOM_WARNING,
         "tiny_seed": seed,
-        "tiny_prng_impl": _TINY_PRNG_IMPL,
+        "tiny_prng_impl": modeling.TINY_PRNG_IMPL,
         "configs": {"vae": dataclasses.asdict(vae_config), "text": dataclasses.asdict(text_config),
                     "vision": dataclasses.asdict(vision_config)},
     }

@@ -27,10 +27,7 @@ SAA_STEMS = ("SAA.bin", "SAA.safetensors")
 
 def fresh_component(modules, name: str, rng: jax.Array):
     """Random init of one component (the trainable new modules)."""
-    module = getattr(modules, name)
-    variables = jax.jit(module.init)(rng, *modeling._dummy_inputs(modules)[name])
-    variables = jax.tree.map(np.asarray, variables)
-    return variables if name == "keypoint_encoder" else variables["params"]
+    return jax.tree.map(np.asarray, modeling.init_component(modules, name, rng))
 
 
 def _base_unet_tree(saa_unet_params) -> dict:
