@@ -141,10 +141,13 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
     bar = _progress(config, step, is_main)
     preemption = _Preemption()
     last: dict[str, Any] = {"step": step, "compile_seconds": compile_seconds}
-    window_start, window_steps, skipped = time.perf_counter(), 0, 0
+    window_start, window_steps, skipped, input_wait = time.perf_counter(), 0, 0, 0.0
     try:
         while step < config.total_steps:
-            state, metrics = compiled(state, fixed, next(batches))
+            fetch_start = time.perf_counter()
+            batch = next(batches)
+            input_wait += time.perf_counter() - fetch_start  # time the step waited for input
+            state, metrics = compiled(state, fixed, batch)
             step += 1
             window_steps += 1
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -157,9 +160,10 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
             if step % config.log_every_steps == 0 or step == config.total_steps:
                 elapsed = time.perf_counter() - window_start
                 metrics.update(learning_rate=float(schedule(step - 1)), steps_per_second=window_steps / elapsed,
-                               images_per_second=window_steps * images_per_step / elapsed, skipped_updates=skipped)
+                               images_per_second=window_steps * images_per_step / elapsed, skipped_updates=skipped,
+                               input_wait_fraction=input_wait / elapsed)
                 _log(writer, bar, step, metrics)
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_steps, input_wait = time.perf_counter(), 0, 0.0
                 last = dict(metrics, step=step, compile_seconds=compile_seconds)
             if bar is not None:
                 bar.update(1)
@@ -251,7 +255,7 @@ def _log(writer, bar, step: int, metrics: dict) -> None:
             writer.add_scalar(f"train/{name}", value, step)
         writer.flush()
     line = {k: round(metrics[k], 5) for k in ("loss", "grad_norm", "learning_rate", "steps_per_second",
-                                              "images_per_second")}
+                                              "images_per_second", "input_wait_fraction")}
     if bar is not None:
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", gnorm=f"{metrics['grad_norm']:.3f}",
                         img_s=f"{metrics['images_per_second']:.1f}")
