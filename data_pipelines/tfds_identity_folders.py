@@ -17,7 +17,9 @@ needs face analysis, which the precompute job does). The precomputed TFRecord sh
 `data_pipelines/precompute.py` stay the training input; this builder is for users who keep
 raw data in TFDS.
 
-Checked here only for syntax and the import guard (TensorFlow is not installed).
+Checked once by hand with tensorflow-cpu 2.21 and tensorflow-datasets 4.9.10 (two identity
+folders, four photos: built, read back with identities and image shapes); CI has no
+TensorFlow and tests only the import guard.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ prompts reuses the compiled program; only image size, batch and identity count r
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import pathlib

@@ -61,7 +61,7 @@ def make_mesh(data: int, fsdp: int, devices: Optional[Sequence[jax.Device]] = No
     return Mesh(np.asarray(devices, dtype=object).reshape(data, fsdp), (DATA, FSDP))
 
 
-def path_name(path: tuple) -> str:
+def path_name(path: tuple, sep: str = "/") -> str:
     """jax key path -> 'a/b/c' (dict keys, attribute names and sequence indices)."""
     parts = []
     for k in path:
@@ -71,7 +71,7 @@ def path_name(path: tuple) -> str:
                 break
         else:
             parts.append(str(k))
-    return "/".join(parts)
+    return sep.join(parts)
 
 
 def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int) -> PartitionSpec:

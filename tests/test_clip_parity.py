@@ -12,16 +12,12 @@ from safetensors.numpy import save_file
 
 from dynamicid_jax.models import clip
 from dynamicid_jax.models.torch_import import WeightImportError
+from parity import rel_l2
 
 TEXT = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=77, bos_token_id=998, pad_token_id=999)
 VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
               patch_size=4, projection_dim=16, hidden_act="gelu")
-
-
-def rel_l2(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 def token_ids() -> np.ndarray:

@@ -16,18 +16,9 @@ transformers = pytest.importorskip("transformers")
 from dynamicid_jax import convert  # noqa: E402
 from dynamicid_jax.models import torch_import  # noqa: E402
 from dynamicid_jax.models.unet import load_unet  # noqa: E402
+from parity import TINY_SD15_UNET as TINY_UNET  # noqa: E402
 from dynamicid_jax.models.vae import AutoencoderKL, VAEConfig, load_vae  # noqa: E402
 
-TINY_UNET = dict(
-    sample_size=16,
-    block_out_channels=(32, 32, 64, 64),
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    norm_num_groups=8,
-    cross_attention_dim=32,
-    attention_head_dim=(2, 4, 4, 8),
-)
 TINY_VAE = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                 up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=2, norm_num_groups=8)
 TINY_TEXT = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
@@ -60,14 +51,8 @@ def folders(tmp_path_factory):
     torch.save({"proj_in.weight": torch.randn(3, 2)}, dynamicid / "IMR.bin")
     torch.save({"blocks.0.0.conv_block.1.running_mean": torch.randn(5)}, dynamicid / "key_point_encoder.bin")
     out = root / "converted"
-    components = ["unet", "vae", "text_encoder"]
-    try:
-        import dynamicid_jax.models.clip  # noqa: F401
-    except ModuleNotFoundError:
-        components.remove("text_encoder")
-        vision = None
-    convert.main(["--base_model", str(pipeline), "--out", str(out), "--components", ",".join(components),
-                  *(["--vision_encoder", str(vision)] if vision else []), "--dynamicid", str(dynamicid)])
+    convert.main(["--base_model", str(pipeline), "--out", str(out), "--components", "unet,vae,text_encoder",
+                  "--vision_encoder", str(vision), "--dynamicid", str(dynamicid)])
     return pipeline, vision, dynamicid, out
 
 
@@ -75,7 +60,7 @@ def test_marker_and_layout(folders):
     _, vision, _, out = folders
     assert convert.is_converted(out)
     marker = convert._read_marker(out)
-    expected = {"unet", "vae"} | ({"text_encoder", "vision_encoder"} if vision else set())
+    expected = {"unet", "vae", "text_encoder", "vision_encoder"}
     assert set(marker["components"]) == expected
     assert all((out / c).is_dir() for c in expected)
 
@@ -106,7 +91,7 @@ def test_unet_round_trip_same_params_and_outputs(folders):
 
 
 def test_clip_towers_round_trip(folders):
-    clip = pytest.importorskip("dynamicid_jax.models.clip")
+    from dynamicid_jax.models import clip
     pipeline, vision, _, out = folders
     text, text_params = clip.load_text_encoder(pipeline)
     text_c, text_params_c = clip.load_text_encoder(out)

@@ -15,15 +15,11 @@ from dynamicid_jax.dynamicid.face_projection import FaceProjection
 from dynamicid_jax.dynamicid.imr import IMR
 from dynamicid_jax.dynamicid.keypoint_encoder import KeyPointEncoder
 from dynamicid_jax.models.torch_import import WeightImportError, read_state_dict
+from parity import rel_l2
 
 PROJ = dict(id_dim=8, clip_dim=12, num_tokens=3, width=16, depth=2, num_heads=2, head_dim=6)
 IMR_CFG = dict(id_dim=16, landmark_dim=10, text_dim=12, width=24, num_heads=2, head_dim=8, num_motion_tokens=3, depth=2)
 KPE_CFG = dict(image_size=12, channels=(4, 8, 8), num_residual=(0, 2, 1), embedding_dim=6)
-
-
-def rel_l2(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def torch_projection():

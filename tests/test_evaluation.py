@@ -23,13 +23,9 @@ from dynamicid_jax.models.clip import clip_preprocess
 from dynamicid_jax.models.torch_import import WeightImportError
 from dynamicid_jax.sampling import read_image
 from dynamicid_jax.tokenizer import write_tiny_vocab
+from parity import rel_l2
 
 SAMPLING = dict(steps=2, guidance=5.0, height=64, width=64, alpha=1, beta=4.0, id_scale=1.0, negative_prompt="")
-
-
-def rel_l2(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 # ----------------------------------------------------------------------------- CLIP-T
@@ -245,7 +241,7 @@ def test_protocol_errors_name_the_problem(tmp_path):
     with pytest.raises(ProtocolError, match="no 'groups'"):
         expand_cases(protocol, "multi", Ablation())
     # YAML reads into the same protocol as JSON.
-    yaml = pytest.importorskip("yaml")
+    import yaml
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(json.loads((tmp_path / "t.json").read_text())))
     assert load_protocol(tmp_path / "t.yaml") == protocol
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from dynamicid_jax.dynamicid import saa
+from parity import rel_l2
 
 HEADS, HEAD_DIM, C, CTX_LEN, CTX_DIM, ID_DIM, RANK = 2, 4, 8, 5, 6, 7, 3
 GRID = (6, 8)  # non-square on purpose: row-major flattening must hold
@@ -103,10 +104,6 @@ def reference_saa(p, x, ctx, tokens, boxes, *, layout, beta, id_scale, mix, use_
     return np_dense(p["to_out"], z + id_scale * weight[..., None] * z_id), weight, probs
 
 
-def rel_err(a, b):
-    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
-
-
 # ----------------------------------------------------------------------------- cases
 
 OVERLAP_EMPTY = [
@@ -149,7 +146,7 @@ def test_matches_numpy_reference(model, params, case):
         use_boxes=cfg["use_boxes"], gating=cfg["gating"],
     )
     assert np.isfinite(out).all()
-    assert rel_err(out, ref) <= 1e-4, case
+    assert rel_l2(out, ref) <= 1e-4, case
     np.testing.assert_allclose(weight, ref_weight, atol=1e-5)
     np.testing.assert_allclose(probs, ref_probs, atol=1e-5)
     if cfg["gating"]:  # the threshold must have bitten somewhere, else the case tests less than it claims
@@ -164,7 +161,7 @@ def test_per_image_boxes(model, params):
     out, _, _ = run(model, params, x, ctx, ident)
     ref, _, _ = reference_saa(params, x, ctx, tokens, boxes, layout=True, beta=2.0, id_scale=1.0, mix=None,
                               use_boxes=True, gating=True)
-    assert rel_err(out, ref) <= 1e-4
+    assert rel_l2(out, ref) <= 1e-4
 
 
 def test_routing_masks_other_identities_exactly(model, params):
@@ -211,7 +208,7 @@ def test_constant_activation_map_and_full_overlap_are_finite(model, params):
     np.testing.assert_array_equal(weight, np.where(inside.reshape(-1), 2.0, 0.0)[None].repeat(2, 0))
     ref, _, _ = reference_saa(params, x, ctx, tokens, np.asarray(ident.boxes), layout=True, beta=2.0, id_scale=1.0,
                               mix=None, use_boxes=True, gating=True)
-    assert rel_err(out, ref) <= 1e-4
+    assert rel_l2(out, ref) <= 1e-4
 
 
 @pytest.mark.parametrize("mix", [0.0, 1.0])
@@ -239,7 +236,7 @@ def test_bfloat16_compute_close_to_float32(params):
     out16 = m16.apply({"params": params}, x, ctx, ident, GRID)
     out32 = m32.apply({"params": params}, x, ctx, ident, GRID)
     assert out16.dtype == jnp.bfloat16
-    assert rel_err(np.asarray(out16, np.float32), np.asarray(out32, np.float64)) < 0.1
+    assert rel_l2(np.asarray(out16, np.float32), np.asarray(out32, np.float64)) < 0.1
 
 
 def test_bad_inputs_raise(model, params):

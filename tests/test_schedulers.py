@@ -10,6 +10,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from dynamicid_jax import schedulers as S
+from parity import rel_l2
 
 # SD1.5's scheduler/scheduler_config.json as shipped (a PNDM config; no timestep_spacing key).
 SD15_SCHEDULER_JSON = {
@@ -26,11 +27,6 @@ SD15_SCHEDULER_JSON = {
     "clip_sample": False,
 }
 SHAPE = (2, 4, 8, 8)
-
-
-def rel_l2(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 @pytest.fixture(scope="module")

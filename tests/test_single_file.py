@@ -20,18 +20,8 @@ from dynamicid_jax.models import torch_import  # noqa: E402
 from dynamicid_jax.models.single_file import extract_component  # noqa: E402
 from dynamicid_jax.models.unet import UNetConfig, load_unet  # noqa: E402
 from dynamicid_jax.models.vae import AutoencoderKL, VAEConfig, load_vae  # noqa: E402
+from parity import TINY_SD15_UNET as TINY_UNET, rel_l2  # noqa: E402
 
-# SD1.5's block structure (3 CrossAttnDown + Down, Up + 3 CrossAttnUp, 2 layers per block), tiny.
-TINY_UNET = dict(
-    sample_size=16,
-    block_out_channels=(32, 32, 64, 64),
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    norm_num_groups=8,
-    cross_attention_dim=32,
-    attention_head_dim=(2, 4, 4, 8),
-)
 TINY_VAE = dict(
     block_out_channels=(32, 64),
     down_block_types=("DownEncoderBlock2D",) * 2,
@@ -42,11 +32,6 @@ TINY_VAE = dict(
 TINY_CLIP = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                  num_attention_heads=4, max_position_embeddings=16, hidden_act="quick_gelu",
                  bos_token_id=97, eos_token_id=98, pad_token_id=1)
-
-
-def rel_l2(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 def randomise_(model, seed: int) -> None:
@@ -243,7 +228,7 @@ def test_unet_from_single_file_matches_diffusers(reference):
 
 
 def test_text_encoder_from_single_file_matches_transformers(reference):
-    clip = pytest.importorskip("dynamicid_jax.models.clip")
+    from dynamicid_jax.models import clip
     config = clip.CLIPTextConfig.from_transformers(reference["text"].config.to_dict())
     module, params = clip.load_text_encoder(reference["path"], config=config)
     ids = np.array([[97, 5, 17, 42, 98, 1, 1, 1], [97, 63, 98, 1, 1, 1, 1, 1]], np.int32)

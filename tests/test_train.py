@@ -26,6 +26,7 @@ from dynamicid_jax import modeling, sharding
 from dynamicid_jax.tokenizer import write_tiny_vocab
 from dynamicid_jax.training import checkpoints, data, init, losses, partition, trainer
 from dynamicid_jax.training.step import make_optimizer
+from parity import rel_l2
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, EVERY = 6, 2
@@ -116,11 +117,6 @@ def _start(stepper, initial, anchor_data, modules):
     return state, fixed, sharding.batch_sharding(mesh)
 
 
-def _rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
-
-
 def test_sharded_step_equals_unsharded(steppers, initial, anchor_data, modules, first_batch):
     results = {}
     for name in ("fsdp8", "single"):
@@ -137,7 +133,7 @@ def test_sharded_step_equals_unsharded(steppers, initial, anchor_data, modules, 
     for path in flat1:
         delta8, delta1 = flat8[path] - init_flat[path], flat1[path] - init_flat[path]
         if np.linalg.norm(delta1) > 0:
-            assert _rel_err(delta8, delta1) <= 1e-3, path
+            assert rel_l2(delta8, delta1) <= 1e-3, path
 
 
 def test_fsdp_splits_parameter_bytes(steppers, initial, anchor_data, modules):

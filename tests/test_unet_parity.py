@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from dynamicid_jax.models import load_unet
 from dynamicid_jax.models.torch_import import WeightImportError
+from parity import rel_l2
 
 TINY = dict(
     sample_size=16,
@@ -35,10 +36,6 @@ TINY = dict(
 CONTEXT_LEN = 7
 # (height, width) of the latents: non-square; and 20 x 12, not a multiple of 8 (3 upsamplers).
 SHAPES = [(16, 24), (20, 12)]
-
-
-def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope="module")

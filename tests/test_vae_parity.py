@@ -18,6 +18,7 @@ from dynamicid_jax.models.vae import (  # noqa: E402
     load_vae,
     sample_latent,
 )
+from parity import rel_l2  # noqa: E402
 
 TINY_VAE = dict(
     block_out_channels=(32, 64),
@@ -27,11 +28,6 @@ TINY_VAE = dict(
     norm_num_groups=8,
     latent_channels=4,
 )
-
-
-def rel_l2(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 def randomise_(model, seed: int) -> None:

@@ -27,8 +27,8 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import traverse_util
 
+from dynamicid_jax.sharding import path_name
 from dynamicid_jax.training.partition import merge
 
 CHECKPOINTS = "checkpoints"
@@ -59,22 +59,10 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_state: Mapping[str,
                                                    data=ocp.args.JsonSave(dict(data_state))), force=force)
 
 
-def _leaf_name(path) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return ".".join(parts)
-
-
 def _saved_leaves(metadata) -> dict[str, tuple[tuple[int, ...], str]]:
     tree = metadata.tree if hasattr(metadata, "tree") else metadata
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    return {_leaf_name(p): (tuple(m.shape), str(np.dtype(m.dtype))) for p, m in leaves if hasattr(m, "shape")}
+    return {path_name(p, sep="."): (tuple(m.shape), str(np.dtype(m.dtype))) for p, m in leaves if hasattr(m, "shape")}
 
 
 def check_compatible(found, expected, where: str) -> None:
@@ -83,7 +71,7 @@ def check_compatible(found, expected, where: str) -> None:
     found: a tree of arrays / ShapeDtypeStructs or orbax metadata (what is there);
     expected: a tree of the same kinds (what the model being trained needs)."""
     saved = _saved_leaves(found)
-    wanted = {_leaf_name(p): (tuple(x.shape), str(np.dtype(x.dtype)))
+    wanted = {path_name(p, sep="."): (tuple(x.shape), str(np.dtype(x.dtype)))
               for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
     problems = [f"missing {n}" for n in sorted(set(wanted) - set(saved))]
     problems += [f"unexpected {n}" for n in sorted(set(saved) - set(wanted))]

@@ -141,15 +141,25 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
     bar = _progress(config, step, is_main)
     preemption = _Preemption()
     last: dict[str, Any] = {"step": step, "compile_seconds": compile_seconds}
-    window_start, window_steps, skipped, input_wait = time.perf_counter(), 0, 0, 0.0
+    window_start, window_steps, skipped, input_seconds = time.perf_counter(), 0, 0, 0.0
+
+    def fetch():
+        """Next global batch, the input position just after it, and the seconds it took."""
+        start = time.perf_counter()
+        fetched = next(batches)
+        return fetched, batches.get_state(), time.perf_counter() - start
+
     try:
+        if step < config.total_steps:
+            batch, position, input_seconds = fetch()
         while step < config.total_steps:
-            fetch_start = time.perf_counter()
-            batch = next(batches)
-            input_wait += time.perf_counter() - fetch_start  # time the step waited for input
-            state, metrics = compiled(state, fixed, batch)
+            state, metrics = compiled(state, fixed, batch)  # dispatched asynchronously
             step += 1
             window_steps += 1
+            consumed = position  # what a checkpoint of this step must resume after
+            if step < config.total_steps:  # read the next batch while this step computes
+                batch, position, seconds = fetch()
+                input_seconds += seconds
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not metrics["finite"]:
                 message = f"step {step}: non-finite loss {metrics['loss']} or gradient norm {metrics['grad_norm']}"
@@ -161,15 +171,15 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
                 elapsed = time.perf_counter() - window_start
                 metrics.update(learning_rate=float(schedule(step - 1)), steps_per_second=window_steps / elapsed,
                                images_per_second=window_steps * images_per_step / elapsed, skipped_updates=skipped,
-                               input_wait_fraction=input_wait / elapsed)
+                               input_share=input_seconds / elapsed)
                 _log(writer, bar, step, metrics)
-                window_start, window_steps, input_wait = time.perf_counter(), 0, 0.0
+                window_start, window_steps, input_seconds = time.perf_counter(), 0, 0.0
                 last = dict(metrics, step=step, compile_seconds=compile_seconds)
             if bar is not None:
                 bar.update(1)
-            checkpoints.save(mngr, step, state, batches.get_state(), force=step == config.total_steps)
+            checkpoints.save(mngr, step, state, consumed, force=step == config.total_steps)
             if preemption.agreed():
-                checkpoints.save(mngr, step, state, batches.get_state(), force=True)
+                checkpoints.save(mngr, step, state, consumed, force=True)
                 print(f"SIGTERM: saved step {step} and stopping", file=sys.stderr)
                 break
     finally:
@@ -255,7 +265,7 @@ def _log(writer, bar, step: int, metrics: dict) -> None:
             writer.add_scalar(f"train/{name}", value, step)
         writer.flush()
     line = {k: round(metrics[k], 5) for k in ("loss", "grad_norm", "learning_rate", "steps_per_second",
-                                              "images_per_second", "input_wait_fraction")}
+                                              "images_per_second", "input_share")}
     if bar is not None:
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", gnorm=f"{metrics['grad_norm']:.3f}",
                         img_s=f"{metrics['images_per_second']:.1f}")
