@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                      # tiny x 1 device, tiny x 8 fake devices, SD1.5 x 1
     python benchmarks/train_step.py --only tiny-1        # one case (tiny-1, tiny-8, sd15-1)
+    python benchmarks/train_step.py --flops_only sd15-1  # FLOPs from the lowered step, no compile
 
 Each case builds the modules from the stage config, random parameters from the shapes
 (no init compile), random in-memory batches of the shard format, compiles the step ahead of
@@ -110,6 +111,43 @@ def run_case(name: str, steps: int) -> dict:
     }
 
 
+def lowered_flops(name: str) -> dict:
+    """FLOPs of one step from the lowered (unoptimised) program: no XLA compile, no run.
+
+    For shapes whose full CPU compile does not fit the machine (the SD1.5 step on 2 cores /
+    24 GB); XLA's pre-optimisation count, close to the compiled one for matmul/conv-bound
+    programs.
+    """
+    from configs import anchor
+    from dynamicid_jax import modeling, sharding
+    from dynamicid_jax.data import records
+    from dynamicid_jax.training import data, trainer
+    from dynamicid_jax.training.step import make_optimizer
+
+    import jax
+
+    arg, n_devices, batch_size, resolution = CASES[name]
+    config = anchor.get_config(arg)
+    config.data.global_batch_size, config.data.resolution = batch_size, resolution
+    mesh = sharding.make_mesh(1, -1, jax.devices()[:n_devices])
+    modules = modeling.build_modules(config.model)
+    specs = data.expected_features("anchor", modules, config)
+    null = [s for s in specs if s.name in ("input_ids", "clip_image_features")]
+    manifest = {"features": records.specs_to_json(specs), "null_features": {"features": records.specs_to_json(null)}}
+    tx = make_optimizer(config.optimizer, config.total_steps)
+    start = time.perf_counter()
+    lowered, _, _ = trainer.lower_step("anchor", modules, config, tx, mesh, manifest)
+    lower_seconds = time.perf_counter() - start
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost["flops"]) * n_devices
+    per_image = flops / batch_size
+    return {"case": name, "global_batch": batch_size, "resolution": resolution, "lora_rank": config.model.lora_rank,
+            "lower_s": round(lower_seconds, 1), "flops_per_step": flops,
+            "implied_images_per_s_per_chip": {chip: round(UTILISATION * tf * 1e12 / per_image, 1)
+                                              for chip, tf in PEAK_TFLOPS.items()}}
+
+
 def report(results: list[dict]) -> str:
     gib = lambda b: "n/a" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
     lines = [
@@ -130,7 +168,11 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(CASES), help="run one case in this process and print its JSON")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case (after one warm-up)")
     parser.add_argument("--cases", default="tiny-1,tiny-8,sd15-1", help="comma-separated cases for the table")
+    parser.add_argument("--flops_only", choices=sorted(CASES), help="FLOPs of the lowered step only (no compile)")
     args = parser.parse_args()
+    if args.flops_only:
+        print(json.dumps(lowered_flops(args.flops_only)), flush=True)
+        return
     if args.only:
         print("RESULT " + json.dumps(run_case(args.only, args.steps)), flush=True)
         return

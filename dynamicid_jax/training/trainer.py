@@ -203,6 +203,16 @@ def compile_step(stage: str, modules, config, tx, mesh, manifest):
     two arguments. Parameters and optimizer state follow the sharding rules (fsdp-split above
     `config.sharding.min_size` elements); batches are split over (data, fsdp).
     """
+    lowered, abs_state, abs_fixed = lower_step(stage, modules, config, tx, mesh, manifest)
+    return lowered.compile(), abs_state, abs_fixed
+
+
+def lower_step(stage: str, modules, config, tx, mesh, manifest):
+    """`compile_step` up to the lowering: (jax.stages.Lowered, abstract_state, abstract_fixed).
+
+    Lowering is cheap next to XLA's compile, and `lowered.cost_analysis()` already gives the
+    step's FLOPs (used by the benchmark where a full compile does not fit the machine).
+    """
     rules, min_size = sharding.DEFAULT_RULES, config.sharding.min_size
     abs_trainable, abs_frozen, abs_model_state = partition.split_params(modeling.abstract_params(modules), stage)
     abs_state = jax.eval_shape(lambda t, m: init_state(t, m, tx, config.seed), abs_trainable, abs_model_state)
@@ -220,9 +230,9 @@ def compile_step(stage: str, modules, config, tx, mesh, manifest):
     )
     abs_state = with_shardings(abs_state, state_shardings)
     abs_fixed = with_shardings(abs_fixed, fixed_shardings)
-    compiled = jitted.lower(abs_state, abs_fixed, with_shardings(abs_batch, jax.tree.map(lambda _: batch_sharding,
-                                                                                          abs_batch))).compile()
-    return compiled, abs_state, abs_fixed
+    lowered = jitted.lower(abs_state, abs_fixed, with_shardings(abs_batch, jax.tree.map(lambda _: batch_sharding,
+                                                                                        abs_batch)))
+    return lowered, abs_state, abs_fixed
 
 
 def _abstract_constants(stage: str, modules, manifest) -> dict:
