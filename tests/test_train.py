@@ -8,6 +8,7 @@ anchor step on one device, the reconfig step. Everything else reuses those.
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -207,6 +208,29 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, anchor_data, anchor_run
     restarted = checkpoints.load_trained_params(workdir, modules)
     for path, value in traverse_util.flatten_dict(reference).items():
         np.testing.assert_array_equal(traverse_util.flatten_dict(restarted)[path], value, err_msg="/".join(path))
+
+
+def test_sigterm_saves_the_current_step_and_the_rerun_finishes(tmp_path, anchor_data):
+    """Preemption: SIGTERM during the loop saves the step in hand and exits 0; the rerun resumes."""
+    total, every = 200, 50  # long enough that the signal lands mid-run; few saves keep it quick
+    workdir = tmp_path / "preempted"
+    args = ["--stage=anchor", "--config=configs/anchor.py:tiny", f"--data={anchor_data}", f"--workdir={workdir}",
+            f"--config.total_steps={total}", f"--config.checkpoint.every_steps={every}", "--config.checkpoint.keep=2",
+            "--config.progress_bar=False", "--config.log_every_steps=1000"]
+    proc = _run_cli(args)
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / str(every)).is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGTERM)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output[-3000:]
+    saved = int(re.search(r"SIGTERM: saved step (\d+)", output).group(1))
+    assert every <= saved < total
+    assert (workdir / "checkpoints" / str(saved)).is_dir()
+    resumed = _run_cli(args)
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert (workdir / "checkpoints" / str(total)).is_dir()
 
 
 def test_restore_with_other_shapes_fails_loudly(anchor_run):

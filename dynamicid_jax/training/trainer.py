@@ -177,9 +177,10 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
                 last = dict(metrics, step=step, compile_seconds=compile_seconds)
             if bar is not None:
                 bar.update(1)
-            checkpoints.save(mngr, step, state, consumed, force=step == config.total_steps)
+            saved = checkpoints.save(mngr, step, state, consumed, force=step == config.total_steps)
             if preemption.agreed():
-                checkpoints.save(mngr, step, state, consumed, force=True)
+                if not saved:  # a step the interval just saved must not be saved twice
+                    checkpoints.save(mngr, step, state, consumed, force=True)
                 print(f"SIGTERM: saved step {step} and stopping", file=sys.stderr)
                 break
     finally:
