@@ -39,15 +39,16 @@ CASES = {  # name -> (config argument, devices, global batch, resolution)
 }
 
 
-def run_case(name: str, steps: int) -> dict:
+def _case(name: str):
+    """(config, mesh, modules, manifest, tx) of a case: the stage config at the case's batch
+    and resolution, a mesh over its devices, and a manifest of the shard format."""
     import jax
-    import numpy as np
 
     from configs import anchor
     from dynamicid_jax import modeling, sharding
     from dynamicid_jax.data import records
-    from dynamicid_jax.training import data, partition, trainer
-    from dynamicid_jax.training.step import init_state, make_optimizer
+    from dynamicid_jax.training import data
+    from dynamicid_jax.training.step import make_optimizer
 
     arg, n_devices, batch_size, resolution = CASES[name]
     config = anchor.get_config(arg)
@@ -60,8 +61,19 @@ def run_case(name: str, steps: int) -> dict:
     specs = data.expected_features("anchor", modules, config)
     null = [s for s in specs if s.name in ("input_ids", "clip_image_features")]
     manifest = {"features": records.specs_to_json(specs), "null_features": {"features": records.specs_to_json(null)}}
-    tx = make_optimizer(config.optimizer, config.total_steps)
+    return config, mesh, modules, manifest, make_optimizer(config.optimizer, config.total_steps)
 
+
+def run_case(name: str, steps: int) -> dict:
+    import jax
+    import numpy as np
+
+    from dynamicid_jax import modeling, sharding
+    from dynamicid_jax.training import data, partition, trainer
+    from dynamicid_jax.training.step import init_state
+
+    _, n_devices, batch_size, resolution = CASES[name]
+    config, mesh, modules, manifest, tx = _case(name)
     start = time.perf_counter()
     compiled, abs_state, abs_fixed = trainer.compile_step("anchor", modules, config, tx, mesh, manifest)
     compile_seconds = time.perf_counter() - start
@@ -118,23 +130,10 @@ def lowered_flops(name: str) -> dict:
     24 GB); XLA's pre-optimisation count, close to the compiled one for matmul/conv-bound
     programs.
     """
-    from configs import anchor
-    from dynamicid_jax import modeling, sharding
-    from dynamicid_jax.data import records
-    from dynamicid_jax.training import data, trainer
-    from dynamicid_jax.training.step import make_optimizer
+    from dynamicid_jax.training import trainer
 
-    import jax
-
-    arg, n_devices, batch_size, resolution = CASES[name]
-    config = anchor.get_config(arg)
-    config.data.global_batch_size, config.data.resolution = batch_size, resolution
-    mesh = sharding.make_mesh(1, -1, jax.devices()[:n_devices])
-    modules = modeling.build_modules(config.model)
-    specs = data.expected_features("anchor", modules, config)
-    null = [s for s in specs if s.name in ("input_ids", "clip_image_features")]
-    manifest = {"features": records.specs_to_json(specs), "null_features": {"features": records.specs_to_json(null)}}
-    tx = make_optimizer(config.optimizer, config.total_steps)
+    _, n_devices, batch_size, resolution = CASES[name]
+    config, mesh, modules, manifest, tx = _case(name)
     start = time.perf_counter()
     lowered, _, _ = trainer.lower_step("anchor", modules, config, tx, mesh, manifest)
     lower_seconds = time.perf_counter() - start
