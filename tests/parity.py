@@ -1,4 +1,4 @@
-"""What the parity tests share: one error measure and the tiny SD1.5-structured UNet."""
+"""What the parity tests share: one error measure and the tiny reference UNet and VAE."""
 
 import numpy as np
 
@@ -13,6 +13,16 @@ TINY_SD15_UNET = dict(
     norm_num_groups=8,
     cross_attention_dim=32,
     attention_head_dim=(2, 4, 4, 8),
+)
+
+# The tiny diffusers AutoencoderKL of the VAE, single-file and convert tests.
+TINY_VAE = dict(
+    block_out_channels=(32, 64),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=2,
+    norm_num_groups=8,
+    latent_channels=4,
 )
 
 

@@ -16,11 +16,9 @@ transformers = pytest.importorskip("transformers")
 from dynamicid_jax import convert  # noqa: E402
 from dynamicid_jax.models import torch_import  # noqa: E402
 from dynamicid_jax.models.unet import load_unet  # noqa: E402
-from parity import TINY_SD15_UNET as TINY_UNET  # noqa: E402
+from parity import TINY_SD15_UNET as TINY_UNET, TINY_VAE  # noqa: E402
 from dynamicid_jax.models.vae import AutoencoderKL, VAEConfig, load_vae  # noqa: E402
 
-TINY_VAE = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=2, norm_num_groups=8)
 TINY_TEXT = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=16, bos_token_id=97, eos_token_id=98, pad_token_id=1)
 TINY_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,

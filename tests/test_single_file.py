@@ -20,15 +20,8 @@ from dynamicid_jax.models import torch_import  # noqa: E402
 from dynamicid_jax.models.single_file import extract_component  # noqa: E402
 from dynamicid_jax.models.unet import UNetConfig, load_unet  # noqa: E402
 from dynamicid_jax.models.vae import AutoencoderKL, VAEConfig, load_vae  # noqa: E402
-from parity import TINY_SD15_UNET as TINY_UNET, rel_l2  # noqa: E402
+from parity import TINY_SD15_UNET as TINY_UNET, TINY_VAE, rel_l2  # noqa: E402
 
-TINY_VAE = dict(
-    block_out_channels=(32, 64),
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    layers_per_block=2,
-    norm_num_groups=8,
-)
 TINY_CLIP = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                  num_attention_heads=4, max_position_embeddings=16, hidden_act="quick_gelu",
                  bos_token_id=97, eos_token_id=98, pad_token_id=1)

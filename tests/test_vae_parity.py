@@ -18,16 +18,8 @@ from dynamicid_jax.models.vae import (  # noqa: E402
     load_vae,
     sample_latent,
 )
-from parity import rel_l2  # noqa: E402
+from parity import TINY_VAE, rel_l2  # noqa: E402
 
-TINY_VAE = dict(
-    block_out_channels=(32, 64),
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    layers_per_block=2,
-    norm_num_groups=8,
-    latent_channels=4,
-)
 
 
 def randomise_(model, seed: int) -> None:
