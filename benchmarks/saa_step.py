@@ -1,6 +1,7 @@
 """Denoising-step cost of DynamicID's SAA + LoRA UNet at the SD1.5 shape, on this machine.
 
     .venv/bin/python benchmarks/saa_step.py --repeats 3          # ~10 min on 2 CPU cores, ~16 GB RAM
+    python benchmarks/saa_step.py --dtype bfloat16 --torch_device cuda --repeats 50   # a GPU box
 
 Rows (one UNet forward of a CFG pair: batch 2, 64x64x4 latents, 77x768 text):
   plain      our Flax UNet, no SAA, no LoRA
@@ -8,6 +9,10 @@ Rows (one UNet forward of a CFG pair: batch 2, 64x64x4 latents, 77x768 text):
   saa-3id    the same with 3 identities (12 identity tokens, 3 boxes)
   torch-ip   diffusers UNet2DConditionModel with IPAdapterAttnProcessor2_0 on every attn2
              (4 identity tokens, scale 1): the closest off-the-shelf PyTorch peer
+  torch-plain  the same diffusers UNet with its default AttnProcessor2_0 (no identity)
+--dtype bfloat16 runs both frameworks in bfloat16 (our parameters cast once, as the bfloat16
+sampler does; torch's module `.to(bfloat16)`); JAX runs on its default backend, torch on
+--torch_device.
 Goals (issue): saa-1id / plain <= 1.15, saa-3id / saa-1id <= 1.05, saa-1id / torch-ip <= 0.8.
 
 Then the sampling loop (DynamicIDPipeline's jitted fori_loop + VAE decode) at 512 px:
@@ -30,6 +35,13 @@ def parse_args():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--skip-loop", action="store_true", help="skip the sampling-loop compile measurement")
+    p.add_argument("--channels", default="320,640,1280,1280",
+                   help="UNet block_out_channels (smaller values: a quick check of this script)")
+    p.add_argument("--loop_steps", default="2,3", help="step counts of the successive sampling-loop calls")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--torch_device", default="cpu", help="cpu or cuda")
+    p.add_argument("--attention_block", type=int, default=None,
+                   help="UNetConfig.attention_block (default: the config's; 0 = materialise all logits)")
     return p.parse_args()
 
 
@@ -55,24 +67,31 @@ def main():
     from dynamicid_jax.models.torch_import import import_params
     from dynamicid_jax.models.unet import UNet2DConditionModel, UNetConfig, unet_abstract_params, unet_key_fn
 
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    torch_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    device = torch.device(args.torch_device)
+    block = {} if args.attention_block is None else {"attention_block": args.attention_block or None}
+    channels = tuple(int(c) for c in args.channels.split(","))
+    block["block_out_channels"] = channels
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    torch_unet = TorchUNet(cross_attention_dim=768, sample_size=64).eval()
+    torch_unet = TorchUNet(block_out_channels=channels, cross_attention_dim=768, sample_size=64).eval()
     state_dict = {k: v.detach().numpy() for k, v in torch_unet.state_dict().items()}
-    plain = UNet2DConditionModel(UNetConfig.sd15())
+    plain = UNet2DConditionModel(UNetConfig.sd15(**block), dtype=dtype)
     plain_params = import_params(unet_abstract_params(plain), state_dict, unet_key_fn, model_name="unet")
     del state_dict
-    saa = UNet2DConditionModel(UNetConfig.sd15(lora_rank=128, saa=SAAConfig()))
+    saa = UNet2DConditionModel(UNetConfig.sd15(lora_rank=128, saa=SAAConfig(), **block), dtype=dtype)
     saa_params = pw.init_dynamicid_unet_params(plain_params, jax.random.PRNGKey(0), 128)
-    plain_params, saa_params = jax.device_put((plain_params, saa_params))
+    cast = lambda tree: jax.tree.map(lambda a: a.astype(dtype), tree)  # noqa: E731
+    plain_params, saa_params = jax.device_put((cast(plain_params), cast(saa_params)))
 
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((2, 64, 64, 4), dtype=np.float32))
+    x = jnp.asarray(rng.standard_normal((2, 64, 64, 4), dtype=np.float32), dtype)
     t = jnp.full((2,), 981, jnp.int32)
-    ctx = jnp.asarray(rng.standard_normal((2, 77, 768), dtype=np.float32))
+    ctx = jnp.asarray(rng.standard_normal((2, 77, 768), dtype=np.float32), dtype)
 
     def identity(n_ids):
-        tokens = jnp.asarray(rng.standard_normal((2, n_ids, 4, 768), dtype=np.float32))
+        tokens = jnp.asarray(rng.standard_normal((2, n_ids, 4, 768), dtype=np.float32), dtype)
         return identity_conditioning(tokens, None, layout_active=True, beta=4.0)
 
     forward_plain = jax.jit(lambda p, x, t, c: plain.apply({"params": p}, x, t, c))
@@ -88,6 +107,7 @@ def main():
         compile_s[f"saa-{n}id"] = time.perf_counter() - t0
 
     # diffusers peer: IP-Adapter processors on every attn2.
+    plain_procs = dict(torch_unet.attn_processors)
     procs = {}
     channels = torch_unet.config.block_out_channels
     for name in torch_unet.attn_processors:
@@ -102,9 +122,12 @@ def main():
             hidden = channels[int(name.split(".")[1])]
         procs[name] = IPAdapterAttnProcessor2_0(hidden_size=hidden, cross_attention_dim=768, num_tokens=(4,), scale=1.0)
     torch_unet.set_attn_processor(procs)
-    tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
-    tc = torch.from_numpy(np.asarray(ctx))
-    tip = [torch.from_numpy(rng.standard_normal((2, 4, 768), dtype=np.float32))]
+    torch_unet.to(device, torch_dtype)
+    as_torch = lambda a: torch.from_numpy(np.asarray(a, np.float32)).to(device, torch_dtype)  # noqa: E731
+    tx = as_torch(np.asarray(x, np.float32).transpose(0, 3, 1, 2).copy())
+    tc = as_torch(ctx)
+    tip = [as_torch(rng.standard_normal((2, 4, 768), dtype=np.float32))]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     runners = {
         "plain": lambda: compiled["plain"](plain_params, x, t, ctx).block_until_ready(),
@@ -115,8 +138,20 @@ def main():
     def torch_run():
         with torch.no_grad():
             torch_unet(tx, 981, encoder_hidden_states=(tc, tip))
+        sync()
+
+    torch_plain = TorchUNet(block_out_channels=channels, cross_attention_dim=768, sample_size=64).eval()
+    torch_plain.load_state_dict({k: v for k, v in torch_unet.state_dict().items() if "_ip" not in k})
+    torch_plain.set_attn_processor({k: AttnProcessor2_0() for k in plain_procs})
+    torch_plain.to(device, torch_dtype)
+
+    def torch_plain_run():
+        with torch.no_grad():
+            torch_plain(tx, 981, encoder_hidden_states=tc)
+        sync()
 
     runners["torch-ip"] = torch_run
+    runners["torch-plain"] = torch_plain_run
     for fn in runners.values():  # warm-up
         fn()
     times = {k: [] for k in runners}
@@ -125,25 +160,29 @@ def main():
             times[k].append(_timed(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
 
-    print(f"\n## SAA denoising step, SD1.5 shape (batch 2, 64x64, 77 tokens), {jax.devices()[0].platform}, "
-          f"{os.cpu_count()} cores, median of {args.repeats}\n")
+    print(f"\n## SAA denoising step, SD1.5 shape (batch 2, 64x64, 77 tokens), {args.dtype}, JAX on "
+          f"{jax.devices()[0].device_kind}, torch on {args.torch_device}, {os.cpu_count()} cores, "
+          f"attention_block {saa.config.attention_block}, median of {args.repeats}\n")
     print("| variant | step time (s) | compile (s) |")
     print("|---|---|---|")
     for k in runners:
-        print(f"| {k} | {med[k]:.2f} | {compile_s.get(k, float('nan')):.1f} |")
+        print(f"| {k} | {med[k]:.4f} | {compile_s.get(k, float('nan')):.1f} |")
     print("\n| ratio | measured | goal |")
     print("|---|---|---|")
     print(f"| saa-1id / plain | {med['saa-1id'] / med['plain']:.3f} | <= 1.15 |")
     print(f"| saa-3id / saa-1id | {med['saa-3id'] / med['saa-1id']:.3f} | <= 1.05 |")
     print(f"| saa-1id / torch-ip | {med['saa-1id'] / med['torch-ip']:.3f} | <= 0.8 |")
+    print(f"| plain / torch-plain | {med['plain'] / med['torch-plain']:.3f} | (no goal) |")
 
-    if args.skip_loop:
+    if args.skip_loop or channels != (320, 640, 1280, 1280):
         return
-    del compiled, runners, torch_unet
-    _sampling_loop(saa, saa_params)
+    del compiled, runners, torch_unet, torch_plain
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    _sampling_loop(saa_params, dtype, tuple(int(n) for n in args.loop_steps.split(",")))
 
 
-def _sampling_loop(saa_unet, saa_params):
+def _sampling_loop(saa_params, dtype, steps):
     """Compile time of the full denoising loop + decode at 512 px, and a step-count change."""
     import jax
     import jax.numpy as jnp
@@ -154,15 +193,16 @@ def _sampling_loop(saa_unet, saa_params):
     from dynamicid_jax.sampling import DynamicIDPipeline
 
     config = base.get_config()
-    modules = modeling.build_modules(config.model)
+    modules = modeling.build_modules(config.model, dtype=dtype)
     vae_params = jax.jit(modules.vae.init)(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 3)))["params"]
+    vae_params = jax.tree.map(lambda a: a.astype(dtype), vae_params)
 
     class _NoFaces:  # the loop needs no face models; the pipeline checks the embedding size only
         embedding_dim, name = modules.id_dim, "none"
 
     pipe = DynamicIDPipeline(modules, {"unet": saa_params, "vae": vae_params}, None, _NoFaces(),
                              schedulers.SchedulerConfig())
-    n_ids, steps = 2, (2, 3)
+    n_ids = 2
     rng = np.random.default_rng(0)
     noise = jnp.asarray(rng.standard_normal((1, 64, 64, 4), dtype=np.float32))
     context = jnp.asarray(rng.standard_normal((2, 77, 768), dtype=np.float32))
@@ -178,7 +218,8 @@ def _sampling_loop(saa_unet, saa_params):
                             jnp.float32(5.0), jnp.int32(1), jnp.float32(4.0), jnp.float32(1.0), jnp.float32(0.0),
                             gating=True, use_boxes=True, with_mix=False)
         jax.block_until_ready(out)
-        rows.append((n, time.perf_counter() - t0, pipe._denoise._cache_size()))
+        cache_size = getattr(pipe._denoise, "_cache_size", lambda: "n/a")()
+        rows.append((n, time.perf_counter() - t0, cache_size))
     print("\n## Sampling loop at 512x512 (2 identities, CFG batched, VAE decode included)\n")
     print("| call | steps | wall time incl. compile (s) | compiled programs after the call |")
     print("|---|---|---|---|")

@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                      # tiny x 1 device, tiny x 8 fake devices, SD1.5 x 1
     python benchmarks/train_step.py --only tiny-1        # one case (tiny-1, tiny-8, sd15-1)
     python benchmarks/train_step.py --flops_only sd15-1  # FLOPs from the lowered step, no compile
+    python benchmarks/train_step.py --only sd15-1 --global_batch 8 --dtype bfloat16 --steps 10   # a GPU box
 
 Each case builds the modules from the stage config, random parameters from the shapes
 (no init compile), random in-memory batches of the shard format, compiles the step ahead of
@@ -39,7 +40,7 @@ CASES = {  # name -> (config argument, devices, global batch, resolution)
 }
 
 
-def _case(name: str):
+def _case(name: str, global_batch: int | None = None, dtype: str | None = None):
     """(config, mesh, modules, manifest, tx) of a case: the stage config at the case's batch
     and resolution, a mesh over its devices, and a manifest of the shard format."""
     import jax
@@ -49,22 +50,24 @@ def _case(name: str):
     from dynamicid_jax.data import records
     from dynamicid_jax.training import data
     from dynamicid_jax.training.step import make_optimizer
+    from dynamicid_jax.training.trainer import compute_dtype
 
     arg, n_devices, batch_size, resolution = CASES[name]
     config = anchor.get_config(arg)
-    config.data.global_batch_size, config.data.resolution = batch_size, resolution
+    config.data.global_batch_size, config.data.resolution = global_batch or batch_size, resolution
+    config.dtype = dtype or config.dtype
     devices = jax.devices()[:n_devices]
     if len(devices) != n_devices:
         raise RuntimeError(f"{name} needs {n_devices} devices, found {len(jax.devices())}")
     mesh = sharding.make_mesh(1, -1, devices)
-    modules = modeling.build_modules(config.model)
+    modules = modeling.build_modules(config.model, dtype=compute_dtype(config.dtype))
     specs = data.expected_features("anchor", modules, config)
     null = [s for s in specs if s.name in ("input_ids", "clip_image_features")]
     manifest = {"features": records.specs_to_json(specs), "null_features": {"features": records.specs_to_json(null)}}
     return config, mesh, modules, manifest, make_optimizer(config.optimizer, config.total_steps)
 
 
-def run_case(name: str, steps: int) -> dict:
+def run_case(name: str, steps: int, global_batch: int | None = None, dtype: str | None = None) -> dict:
     import jax
     import numpy as np
 
@@ -73,7 +76,8 @@ def run_case(name: str, steps: int) -> dict:
     from dynamicid_jax.training.step import init_state
 
     _, n_devices, batch_size, resolution = CASES[name]
-    config, mesh, modules, manifest, tx = _case(name)
+    config, mesh, modules, manifest, tx = _case(name, global_batch, dtype)
+    batch_size = config.data.global_batch_size
     start = time.perf_counter()
     compiled, abs_state, abs_fixed = trainer.compile_step("anchor", modules, config, tx, mesh, manifest)
     compile_seconds = time.perf_counter() - start
@@ -113,10 +117,12 @@ def run_case(name: str, steps: int) -> dict:
     flops_per_step = flops_per_device * n_devices  # an SPMD program's analysis is per device
     per_image = flops_per_step / batch_size
     return {
-        "case": name, "devices": n_devices, "global_batch": batch_size, "resolution": resolution,
+        "case": name, "device_kind": jax.devices()[0].device_kind, "dtype": config.dtype, "devices": n_devices, "global_batch": batch_size, "resolution": resolution,
         "lora_rank": config.model.lora_rank, "compile_s": round(compile_seconds, 1), "step_s": round(seconds, 4),
         "images_per_s_cpu": round(batch_size / seconds, 3), "flops_per_step": flops_per_step,
         "xla_memory_bytes": xla_bytes, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "device_peak_bytes": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use"),  # None on CPU
+        "achieved_tflops": round(flops_per_step / seconds / 1e12, 1),
         "implied_images_per_s_per_chip": {chip: round(UTILISATION * tf * 1e12 / per_image, 1)
                                           for chip, tf in PEAK_TFLOPS.items()},
         "loss_finite": bool(np.isfinite(float(metrics["loss"]))),
@@ -167,13 +173,15 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(CASES), help="run one case in this process and print its JSON")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case (after one warm-up)")
     parser.add_argument("--cases", default="tiny-1,tiny-8,sd15-1", help="comma-separated cases for the table")
+    parser.add_argument("--global_batch", type=int, help="with --only: override the case's global batch")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="with --only: compute dtype")
     parser.add_argument("--flops_only", choices=sorted(CASES), help="FLOPs of the lowered step only (no compile)")
     args = parser.parse_args()
     if args.flops_only:
         print(json.dumps(lowered_flops(args.flops_only)), flush=True)
         return
     if args.only:
-        print("RESULT " + json.dumps(run_case(args.only, args.steps)), flush=True)
+        print("RESULT " + json.dumps(run_case(args.only, args.steps, args.global_batch, args.dtype)), flush=True)
         return
     results = []
     for name in args.cases.split(","):

@@ -148,6 +148,9 @@ def load_pipeline(
             scheduler = schedulers.SchedulerConfig.from_folder(scheduler_folder)
         provenance = {"base_model": str(base_model), "vision_encoder": str(vision_encoder), "dynamicid": str(dynamicid)}
     provenance["faces"] = analyzer.name
+    if compute_dtype != jnp.float32:  # inference only: half the memory and weight traffic, same compute
+        params = jax.tree.map(lambda a: a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                              params)
     params = jax.device_put(params)
     pipeline = DynamicIDPipeline(modules, params, tokenizer, analyzer, scheduler, expressions, provenance)
     return config, pipeline

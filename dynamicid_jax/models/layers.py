@@ -162,14 +162,34 @@ def attend_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, query_block: int,
     return jnp.swapaxes(out, 1, 2)[:, :n]
 
 
+def attend_long(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
+    """Unmasked attention over a long context, in the fastest exact form for the backend.
+
+    CPU: `attend_blockwise` (blocks of `block`; ~3x faster than materialised logits on 2
+    cores). GPU with bfloat16/float16 operands and a head size cuDNN takes (a multiple of 8,
+    at most 128): cuDNN's fused flash attention through `jax.nn.dot_product_attention`, which
+    never writes the (N, M) logits to memory. Otherwise `attend`. Same math in every case
+    (softmax in float32); only rounding differs.
+    q (B, N, H, D), k and v (B, M, H, D) -> (B, N, H, D) in v's dtype.
+    """
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return attend_blockwise(q, k, v, query_block=block, key_block=block)
+    head_dim = q.shape[-1]
+    if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128:
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    return attend(q, k, v)
+
+
 class Attention(nn.Module):
     """Multi-head attention with optional LoRA on every projection.
 
     Used by the UNet (self and cross), the VAE mid block (1 head), both CLIP towers, the
     perceiver resampler and IMR. `context=None` means self-attention.
     Shapes: x (B, N, C), context (B, M, Cc) -> (B, N, out_features or C).
-    `key_block`: when set and no mask is given, contexts longer than it use
-    `attend_blockwise` (same math, faster for long sequences on CPU); None = always `attend`.
+    `key_block`: when set and no mask is given, contexts longer than it go through
+    `attend_long` (blockwise on CPU, fused cuDNN attention on GPU in half precision; same
+    math); None = always `attend`.
     """
 
     num_heads: int
@@ -202,7 +222,7 @@ class Attention(nn.Module):
         k = split_heads(self.dense(inner, self.qkv_bias, "to_k")(context), self.num_heads)
         v = split_heads(self.dense(inner, self.qkv_bias, "to_v")(context), self.num_heads)
         if self.key_block is not None and mask is None and k.shape[1] > self.key_block:
-            out = merge_heads(attend_blockwise(q, k, v, query_block=self.key_block, key_block=self.key_block))
+            out = merge_heads(attend_long(q, k, v, self.key_block))
         else:
             out = merge_heads(attend(q, k, v, mask))
         return self.dense(self.out_features or x.shape[-1], self.out_bias, "to_out")(out)
