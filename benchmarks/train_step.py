@@ -81,6 +81,7 @@ def run_case(name: str, steps: int, global_batch: int | None = None, dtype: str 
     start = time.perf_counter()
     compiled, abs_state, abs_fixed = trainer.compile_step("anchor", modules, config, tx, mesh, manifest)
     compile_seconds = time.perf_counter() - start
+    print(f"compiled in {compile_seconds:.1f}s", file=sys.stderr, flush=True)
 
     rng = np.random.default_rng(0)
 
@@ -98,6 +99,7 @@ def run_case(name: str, steps: int, global_batch: int | None = None, dtype: str 
     batch["input_ids"] = jax.device_put(rng.integers(0, 100, batch["input_ids"].shape).astype(np.int32), batch_sharding)
     batch["vae_logvar"] = jax.device_put(np.full(batch["vae_logvar"].shape, -4.0, np.float32), batch_sharding)
 
+    print("inputs ready", file=sys.stderr, flush=True)
     state, metrics = compiled(state, fixed, batch)  # warm-up
     jax.block_until_ready(metrics)
     start = time.perf_counter()
