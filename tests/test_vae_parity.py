@@ -96,6 +96,23 @@ def test_component_folder_and_config(reference, loaded):
     jax.tree.map(np.testing.assert_array_equal, params, loaded[1])
 
 
+def test_sharded_safetensors_folder_loads_the_same(reference, loaded, tmp_path):
+    model, _ = reference
+    model.save_pretrained(tmp_path / "vae", max_shard_size="100KB")  # diffusers writes an index + shards
+    assert (tmp_path / "vae" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "vae").glob("diffusion_pytorch_model-*.safetensors"))) > 1
+    _, params = load_vae(tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, params, loaded[1])
+
+
+def test_a_file_is_refused_where_only_folders_exist(reference):
+    from dynamicid_jax.models.clip import load_vision_encoder
+
+    _, root = reference
+    with pytest.raises(ValueError, match="vision_encoder weights come as a folder"):
+        load_vision_encoder(root / "vae" / "diffusion_pytorch_model.safetensors")
+
+
 def test_sample_latent_statistics():
     mean = jnp.full((4, 32, 32, 4), 2.0)
     logvar = jnp.full((4, 32, 32, 4), np.log(0.25))

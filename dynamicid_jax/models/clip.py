@@ -18,9 +18,7 @@ Parameter names mirror transformers (`embeddings/token_embedding`, `encoder/laye
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import pathlib
 import re
 from typing import Any, Mapping, Optional
 
@@ -33,11 +31,10 @@ from .torch_import import (
     StateDict,
     WeightImportError,
     conv_kernel,
-    find_weight_file,
     identity,
     import_params,
     linear_kernel,
-    read_state_dict,
+    read_component,
 )
 
 Dtype = Any
@@ -402,22 +399,6 @@ def import_vision_params(config: CLIPVisionConfig, state_dict: StateDict):
     )
 
 
-def _component_folder(path: pathlib.Path, component: str) -> pathlib.Path:
-    """A pipeline folder's `component/` sub-folder, or the folder itself when it holds config.json."""
-    if (path / component / "config.json").is_file():
-        return path / component
-    if (path / "config.json").is_file():
-        return path
-    if not path.exists():
-        raise FileNotFoundError(f"CLIP weights not found: {path}")
-    raise FileNotFoundError(f"{path}: neither {component}/config.json nor config.json found")
-
-
-def _read_config(folder: pathlib.Path) -> dict:
-    with open(folder / "config.json") as f:
-        return json.load(f)
-
-
 def load_text_encoder(
     path: str | os.PathLike, dtype: Dtype = jnp.float32, config: Optional[CLIPTextConfig] = None
 ) -> tuple[CLIPTextModel, dict]:
@@ -430,22 +411,10 @@ def load_text_encoder(
     config: only for single-file checkpoints, which carry no config; defaults to SD1.5's.
     dtype: compute dtype of the module; params stay float32 numpy arrays (ready for device_put).
     """
-    from dynamicid_jax import convert  # local: convert imports every loader
-
-    path = pathlib.Path(path)
-    if config is not None and not path.is_file():
-        raise ValueError(f"load_text_encoder: config= is only for single-file checkpoints; {path} has its own")
-    if convert.is_converted(path):
-        config, params = convert.load_converted(path, "text_encoder", CLIPTextConfig)
-    elif path.is_file():
-        from .single_file import extract_component
-
-        config = config or CLIPTextConfig.sd15()
-        params = import_text_params(config, extract_component(path, "text_encoder"))
-    else:
-        folder = _component_folder(path, "text_encoder")
-        config = CLIPTextConfig.from_transformers(_read_config(folder))
-        params = import_text_params(config, read_state_dict(find_weight_file(folder, ["model", "pytorch_model"])))
+    config, params = read_component(
+        path, name="text_encoder", subfolder="text_encoder", weight_stems=["model", "pytorch_model"],
+        config_cls=CLIPTextConfig, config_from_json=CLIPTextConfig.from_transformers, import_fn=import_text_params,
+        single_file=True, config=config)
     return CLIPTextModel(config, dtype=dtype), params
 
 
@@ -457,13 +426,8 @@ def load_vision_encoder(path: str | os.PathLike, dtype: Dtype = jnp.float32) -> 
       holding `image_encoder/`, or a folder written by `python -m dynamicid_jax.convert`.
     dtype: compute dtype of the module; params stay float32 numpy arrays.
     """
-    from dynamicid_jax import convert
-
-    path = pathlib.Path(path)
-    if convert.is_converted(path):
-        config, params = convert.load_converted(path, "vision_encoder", CLIPVisionConfig)
-    else:
-        folder = _component_folder(path, "image_encoder")
-        config = CLIPVisionConfig.from_transformers(_read_config(folder))
-        params = import_vision_params(config, read_state_dict(find_weight_file(folder, ["model", "pytorch_model"])))
+    config, params = read_component(
+        path, name="vision_encoder", subfolder="image_encoder", weight_stems=["model", "pytorch_model"],
+        config_cls=CLIPVisionConfig, config_from_json=CLIPVisionConfig.from_transformers,
+        import_fn=import_vision_params)
     return CLIPVisionModel(config, dtype=dtype), params

@@ -11,10 +11,11 @@ pickles need torch, which only the optional `convert` extra installs.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -80,11 +81,21 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     """Read a checkpoint file into {key: float32/int numpy array}.
 
     .safetensors: read without torch. .bin/.ckpt/.pt/.pth: torch pickle (weights_only), with a
-    top-level "state_dict" unwrapped. Half-precision tensors are widened to float32.
+    top-level "state_dict" unwrapped. `*.index.json` (sharded checkpoints): every shard it names.
+    Half-precision tensors are widened to float32.
     """
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weight file not found: {path}")
+    if path.name.endswith(".index.json"):  # sharded: {"weight_map": {key: shard file name}}
+        weight_map = json.loads(path.read_text())["weight_map"]
+        state_dict: StateDict = {}
+        for shard in sorted(set(weight_map.values())):
+            state_dict.update(read_state_dict(path.parent / shard))
+        missing = sorted(set(weight_map) - set(state_dict))
+        if missing:
+            raise WeightImportError(f"{path}: keys listed in the index but absent from their shards: {missing[:10]}")
+        return state_dict
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
@@ -107,15 +118,61 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
 
 
 def find_weight_file(folder: str | os.PathLike, stems: Sequence[str]) -> pathlib.Path:
-    """First existing `<stem>.safetensors` or `<stem>.bin` in folder, preferring safetensors."""
+    """First existing weight file in folder: `<stem>.safetensors`, a sharded
+    `<stem>.safetensors.index.json`, then `<stem>.bin` (or its `.bin.index.json`)."""
     folder = pathlib.Path(folder)
-    for ext in (".safetensors", ".bin"):
+    for ext in (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"):
         for stem in stems:
             candidate = folder / f"{stem}{ext}"
             if candidate.is_file():
                 return candidate
-    names = ", ".join(f"{s}.safetensors|.bin" for s in stems)
+    names = ", ".join(f"{s}.safetensors|.bin[.index.json]" for s in stems)
     raise FileNotFoundError(f"no weight file ({names}) in {folder}")
+
+
+def read_component(
+    path: str | os.PathLike,
+    *,
+    name: str,
+    subfolder: str,
+    weight_stems: Sequence[str],
+    config_cls: type,
+    config_from_json: Callable[[dict], Any],
+    import_fn: Callable[[Any, StateDict], Any],
+    single_file: bool = False,
+    config: Any = None,
+) -> tuple[Any, Any]:
+    """The one dispatch every model loader shares -> (config, params).
+
+    path, in the order tried: a folder written by `python -m dynamicid_jax.convert` (orbax, no
+    torch); with `single_file`, a single checkpoint file (SD1.5 `.safetensors`/`.ckpt`, the
+    component split out by `single_file.extract_component`; it carries no config, so `config=`
+    or else `config_cls.sd15()`); a pipeline folder holding `subfolder/config.json`; a component
+    folder holding `config.json` (read by `config_from_json`). name: the component (`unet`, `vae`, `text_encoder`,
+    `vision_encoder`), as convert and single_file spell it. import_fn(config, state_dict) ->
+    params raises WeightImportError on any key mismatch.
+    """
+    from dynamicid_jax import convert  # local: convert imports every loader
+
+    path = pathlib.Path(path)
+    if config is not None and not path.is_file():
+        raise ValueError(f"loading {name}: config= is only for single-file checkpoints; {path} carries its own config")
+    if convert.is_converted(path):
+        return convert.load_converted(path, name, config_cls)
+    if path.is_file():
+        if not single_file:
+            raise ValueError(f"loading {name}: {path} is a file; {name} weights come as a folder with config.json")
+        from dynamicid_jax.models.single_file import extract_component
+
+        config = config or config_cls.sd15()
+        return config, import_fn(config, extract_component(path, name))
+    for folder in (path / subfolder, path):
+        if (folder / "config.json").is_file():
+            config = config_from_json(json.loads((folder / "config.json").read_text()))
+            return config, import_fn(config, read_state_dict(find_weight_file(folder, weight_stems)))
+    if not path.exists():
+        raise FileNotFoundError(f"{name} weights not found: {path}")
+    raise FileNotFoundError(f"{path}: neither {subfolder}/config.json nor config.json (a {name} folder) found")
 
 
 def import_params(

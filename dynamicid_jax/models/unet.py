@@ -17,10 +17,8 @@ plain shared `Attention`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import pathlib
 import re
 from typing import Any, Mapping, Optional, Sequence
 
@@ -704,14 +702,6 @@ def unet_abstract_params(module: UNet2DConditionModel, identity: Optional[Identi
     return variables["params"]
 
 
-def _read_component(folder: pathlib.Path) -> tuple[UNetConfig, dict[str, np.ndarray]]:
-    config_file = folder / "config.json"
-    with open(config_file) as f:
-        config = UNetConfig.from_diffusers(json.load(f))
-    weights = torch_import.find_weight_file(folder, ["diffusion_pytorch_model", "diffusion_pytorch_model.fp16"])
-    return config, torch_import.read_state_dict(weights)
-
-
 def load_unet(
     path: str | os.PathLike, dtype: Dtype = jnp.float32, config: Optional[UNetConfig] = None
 ) -> tuple[UNet2DConditionModel, dict]:
@@ -726,27 +716,14 @@ def load_unet(
     `module.apply({"params": params}, sample, timesteps, context)`.
     Raises WeightImportError listing every missing, unexpected and mis-shaped key.
     """
-    from dynamicid_jax import convert  # converted folders (python -m dynamicid_jax.convert)
+    config, params = torch_import.read_component(
+        path, name="unet", subfolder="unet", weight_stems=["diffusion_pytorch_model", "diffusion_pytorch_model.fp16"],
+        config_cls=UNetConfig, config_from_json=UNetConfig.from_diffusers, import_fn=import_unet_params,
+        single_file=True, config=config)
+    return UNet2DConditionModel(config, dtype=dtype), params
 
-    path = pathlib.Path(path)
-    if config is not None and not path.is_file():
-        raise ValueError(f"load_unet: config= is only for single-file checkpoints; {path} carries its own config")
-    if convert.is_converted(path):
-        config, params = convert.load_converted(path, "unet", UNetConfig)
-        return UNet2DConditionModel(config, dtype=dtype), params
-    if path.is_file():
-        from dynamicid_jax.models.single_file import extract_component  # another loader's module
 
-        config, state_dict = config or UNetConfig.sd15(), extract_component(path, "unet")
-    elif (path / "unet" / "config.json").is_file():
-        config, state_dict = _read_component(path / "unet")
-    elif (path / "config.json").is_file():
-        config, state_dict = _read_component(path)
-    else:
-        raise FileNotFoundError(
-            f"{path}: not a diffusers pipeline folder (unet/config.json), a unet folder (config.json) "
-            "or a single-file checkpoint"
-        )
-    module = UNet2DConditionModel(config, dtype=dtype)
-    params = torch_import.import_params(unet_abstract_params(module), state_dict, unet_key_fn, model_name="unet")
-    return module, params
+def import_unet_params(config: UNetConfig, state_dict: dict[str, np.ndarray]) -> dict:
+    """diffusers UNet2DConditionModel state dict -> our params (strict; WeightImportError)."""
+    abstract = unet_abstract_params(UNet2DConditionModel(config))
+    return torch_import.import_params(abstract, state_dict, unet_key_fn, model_name="unet")

@@ -13,9 +13,7 @@ so the import is a rename plus layout transposes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import pathlib
 import re
 from typing import Any, Mapping, Optional
 
@@ -24,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamicid_jax import convert
 from dynamicid_jax.models import torch_import
 from dynamicid_jax.models.layers import Attention
 
@@ -368,24 +365,7 @@ def load_vae(path: str | os.PathLike, dtype: Dtype = jnp.float32, config: Option
     config: only for single-file checkpoints, which carry no config; defaults to SD1.5's.
     dtype: compute dtype of the returned module; params stay float32 numpy arrays.
     """
-    path = pathlib.Path(path)
-    if config is not None and not path.is_file():
-        raise ValueError(f"load_vae: config= is only for single-file checkpoints; {path} carries its own config")
-    if convert.is_converted(path):
-        config, params = convert.load_converted(path, "vae", VAEConfig)
-    elif path.is_file():
-        from dynamicid_jax.models.single_file import extract_component
-
-        config = config or VAEConfig.sd15()
-        params = import_vae_params(config, extract_component(path, "vae"))
-    elif path.is_dir():
-        folder = path / "vae" if (path / "vae").is_dir() else path
-        config_file = folder / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"VAE folder {folder} has no config.json (expected a diffusers vae/ folder)")
-        config = VAEConfig.from_diffusers(json.loads(config_file.read_text()))
-        weights = torch_import.find_weight_file(folder, ["diffusion_pytorch_model"])
-        params = import_vae_params(config, torch_import.read_state_dict(weights))
-    else:
-        raise FileNotFoundError(f"VAE weights not found: {path}")
+    config, params = torch_import.read_component(
+        path, name="vae", subfolder="vae", weight_stems=["diffusion_pytorch_model"], config_cls=VAEConfig,
+        config_from_json=VAEConfig.from_diffusers, import_fn=import_vae_params, single_file=True, config=config)
     return AutoencoderKL(config, dtype=dtype), params
