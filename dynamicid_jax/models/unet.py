@@ -55,9 +55,10 @@ class UNetConfig:
     lora_rank: LoRA rank on to_q/to_k/to_v/to_out of every attn1 and attn2 (0 = none).
     saa: when set, every attn2 is DynamicID's Semantic-Activated Attention.
     attention_block: execution choice, not a weight shape: attention over more keys than
-      this runs blockwise (`layers.attend_blockwise`, queries and keys in blocks of this
-      size; 512 was fastest on a 2-core CPU among 256/512/1024, about 3x faster than
-      materialised logits for the 4096-token self-attention at 512 px). None = always
+      this runs through `layers.attend_long` (CPU: blockwise in blocks of this size, 512 the
+      fastest of 256/512/1024 on 2 cores, ~3x faster than materialised logits for the
+      4096-token self-attention at 512 px; GPU in bfloat16: cuDNN flash attention, 2.7x
+      faster than materialised logits on an H200, benchmarks/gpu_report.md). None = always
       materialise all logits.
     """
 
