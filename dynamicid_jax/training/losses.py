@@ -1,4 +1,4 @@
-"""The two training objectives, as pure functions of (modules, parameters, batch, rng).
+"""The two training objectives, as pure functions of (modules, parameters, batch, draws).
 
 anchor (stage 1), per example:
     z0 = sample(VAE moments) * scaling;  t ~ U{0..T-1};  z_t = sqrt(a_t) z0 + sqrt(1-a_t) eps
@@ -14,6 +14,13 @@ reconfig (stage 2), per example one identity with a source and T targets:
     loss = mean((pred - tgt)^2) + lambda * mean((UNet(z_t; pred) - UNet(z_t; tgt))^2)
     with one noisy latent z_t of each target image, one t, the fixed prompt's text states;
     the second UNet call is a target (no gradient); gradients reach pred through the first.
+
+Randomness: `anchor_draws` / `reconfig_draws` draw every random number of one update for the
+whole global batch, as arrays with the batch's leading axis (latent sample noise, diffusion
+noise, timesteps, the drop uniform). The losses take those arrays, not a key, so splitting
+a batch into micro-batches (gradient accumulation) splits the draws with the rows and the
+update is the same as without accumulation. (Per-example keys under `vmap` would not do:
+with the rbg PRNG, vmap of a draw over a batch of keys uses only the first key.)
 """
 
 from __future__ import annotations
@@ -24,34 +31,62 @@ import jax
 import jax.numpy as jnp
 
 from dynamicid_jax.dynamicid.saa import identity_conditioning
-from dynamicid_jax.models.vae import sample_latent
 from dynamicid_jax.schedulers import NoiseTable, ddpm_add_noise, training_target
 
 Batch = Mapping[str, jax.Array]
 
 
-def classifier_free_drops(rng: jax.Array, batch_size: int, p_face: float, p_text: float, p_both: float):
-    """One uniform draw per example -> (drop_face (B,) bool, drop_text (B,) bool), exclusive bins."""
+def _check_drops(p_face: float, p_text: float, p_both: float) -> None:
     if min(p_face, p_text, p_both) < 0 or p_face + p_text + p_both > 1:
         raise ValueError(f"drop probabilities must be >= 0 and sum to <= 1: {p_face}, {p_text}, {p_both}")
-    u = jax.random.uniform(rng, (batch_size,))
+
+
+def drops_from_uniform(u: jax.Array, p_face: float, p_text: float, p_both: float):
+    """Uniform draws (B,) in [0, 1) -> (drop_face (B,) bool, drop_text (B,) bool), exclusive bins."""
+    _check_drops(p_face, p_text, p_both)
     face_only = u < p_face
     text_only = (u >= p_face) & (u < p_face + p_text)
     both = (u >= p_face + p_text) & (u < p_face + p_text + p_both)
     return face_only | both, text_only | both
 
 
+def classifier_free_drops(rng: jax.Array, batch_size: int, p_face: float, p_text: float, p_both: float):
+    """One uniform draw per example -> (drop_face (B,) bool, drop_text (B,) bool), exclusive bins."""
+    _check_drops(p_face, p_text, p_both)
+    return drops_from_uniform(jax.random.uniform(rng, (batch_size,)), p_face, p_text, p_both)
+
+
 def _per_example(mask: jax.Array, ndim: int) -> jax.Array:
     return mask.reshape(mask.shape + (1,) * (ndim - 1))
 
 
-def noisy_latents(table: NoiseTable, mean, logvar, scaling: float, rng: jax.Array):
-    """Cached VAE moments (B, h, w, C) -> (z_t, t (B,), target) with a fresh latent sample."""
+def latent_draws(rng: jax.Array, latent_shape: tuple[int, ...], num_timesteps: int) -> dict[str, jax.Array]:
+    """The draws of `noisy_latents` for latents of `latent_shape` (B, ..., h, w, C): the VAE
+    sample's standard normal, the diffusion noise and one timestep per latent (shape[:-3])."""
     k_latent, k_noise, k_t = jax.random.split(rng, 3)
-    z0 = sample_latent(mean, logvar, k_latent) * scaling
-    noise = jax.random.normal(k_noise, z0.shape, jnp.float32)
-    t = jax.random.randint(k_t, (z0.shape[0],), 0, table.alphas_cumprod.shape[0])
+    return {"latent_eps": jax.random.normal(k_latent, latent_shape, jnp.float32),
+            "noise": jax.random.normal(k_noise, latent_shape, jnp.float32),
+            "t": jax.random.randint(k_t, latent_shape[:-3], 0, num_timesteps)}
+
+
+def noisy_latents(table: NoiseTable, mean, logvar, scaling: float, draws: Mapping[str, jax.Array]):
+    """Cached VAE moments (B, h, w, C) + `latent_draws` of that shape -> (z_t, t (B,), target)."""
+    z0 = (mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * draws["latent_eps"]) * scaling
+    noise, t = draws["noise"], draws["t"]
     return ddpm_add_noise(table, z0, noise, t), t, training_target(table, z0, noise, t)
+
+
+def anchor_draws(rng: jax.Array, batch: Batch, num_timesteps: int) -> dict[str, jax.Array]:
+    """Every random number of one anchor update, per example (leading axis = the batch's)."""
+    k_noise, k_drop = jax.random.split(rng)
+    draws = latent_draws(k_noise, batch["vae_mean"].shape, num_timesteps)
+    draws["drop_uniform"] = jax.random.uniform(k_drop, batch["vae_mean"].shape[:1])
+    return draws
+
+
+def reconfig_draws(rng: jax.Array, batch: Batch, num_timesteps: int) -> dict[str, jax.Array]:
+    """Every random number of one reconfig update: one noisy latent per target, (B, T, ...)."""
+    return latent_draws(rng, batch["target_vae_mean"].shape, num_timesteps)
 
 
 def _single_identity(tokens: jax.Array):
@@ -65,15 +100,14 @@ def text_states(modules, params: Mapping[str, Any], input_ids: jax.Array) -> jax
 
 
 def anchor_loss(modules, params: Mapping[str, Any], batch: Batch, constants: Mapping[str, Any],
-                rng: jax.Array, *, table: NoiseTable, scaling: float, drops: tuple[float, float, float]):
+                draws: Mapping[str, jax.Array], *, table: NoiseTable, scaling: float,
+                drops: tuple[float, float, float]):
     """Stage-1 loss. params: merged trainable+frozen {"unet", "text_encoder", "face_projection"};
     batch: vae_mean, vae_logvar (B, h, w, C), id_embedding (B, D), clip_image_features (B, N, W),
-    input_ids (B, L) [or text_states (B, L, Dt)]; constants["null"]: the dataset's null inputs.
-    Returns (loss, metrics)."""
-    k_noise, k_drop = jax.random.split(rng)
-    b = batch["vae_mean"].shape[0]
-    z_t, t, target = noisy_latents(table, batch["vae_mean"], batch["vae_logvar"], scaling, k_noise)
-    drop_face, drop_text = classifier_free_drops(k_drop, b, *drops)
+    input_ids (B, L) [or text_states (B, L, Dt)]; constants["null"]: the dataset's null inputs;
+    draws: `anchor_draws` of this batch. Returns (loss, metrics)."""
+    z_t, t, target = noisy_latents(table, batch["vae_mean"], batch["vae_logvar"], scaling, draws)
+    drop_face, drop_text = drops_from_uniform(draws["drop_uniform"], *drops)
     null = constants["null"]
 
     clip = batch["clip_image_features"].astype(jnp.float32)
@@ -98,13 +132,13 @@ def _flatten_targets(x: jax.Array) -> jax.Array:
 
 
 def reconfig_loss(modules, params: Mapping[str, Any], model_state: Mapping[str, Any], batch: Batch,
-                  constants: Mapping[str, Any], rng: jax.Array, *, table: NoiseTable, scaling: float,
-                  consistency_weight: float):
+                  constants: Mapping[str, Any], draws: Mapping[str, jax.Array], *, table: NoiseTable,
+                  scaling: float, consistency_weight: float):
     """Stage-2 loss. params: merged {"unet", "face_projection", "imr", "keypoint_encoder"
     (params only)}; model_state: {"keypoint_encoder": {"batch_stats"}}; batch: source_* (B, ...)
     and target_* (B, T, ...) of id_embedding, clip_image_features, landmark_image,
-    face_prompt_embedding, vae_mean, vae_logvar; constants["prompt_states"] (1, L, D).
-    Returns (loss, (metrics, new model_state))."""
+    face_prompt_embedding, vae_mean, vae_logvar; constants["prompt_states"] (1, L, D); draws:
+    `reconfig_draws` of this batch. Returns (loss, (metrics, new model_state))."""
     b, n_targets = batch["target_id_embedding"].shape[:2]
     project = lambda i, c: modules.face_projection.apply(  # noqa: E731
         {"params": params["face_projection"]}, i.astype(jnp.float32), c.astype(jnp.float32))
@@ -131,7 +165,8 @@ def reconfig_loss(modules, params: Mapping[str, Any], model_state: Mapping[str, 
     feature_loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - tgt_tokens.astype(jnp.float32)))
 
     z_t, t, _ = noisy_latents(table, _flatten_targets(batch["target_vae_mean"]),
-                              _flatten_targets(batch["target_vae_logvar"]), scaling, rng)
+                              _flatten_targets(batch["target_vae_logvar"]), scaling,
+                              jax.tree.map(_flatten_targets, dict(draws)))
     prompt = jnp.broadcast_to(constants["prompt_states"], (z_t.shape[0],) + constants["prompt_states"].shape[1:])
     unet = lambda tokens: modules.unet.apply(  # noqa: E731
         {"params": params["unet"]}, z_t, t, prompt, _single_identity(tokens)).astype(jnp.float32)

@@ -9,7 +9,11 @@ Only `trainable` has optimizer state; `frozen` (the stage's fixed parameters) an
 `fold_in(state.rng, state.step)`, so a restored state replays the same draws.
 
 Gradient accumulation: the global batch is split into `accumulation_steps` micro-batches that
-a `lax.scan` visits, summing gradients; clipping and AdamW run once on the mean. A non-finite
+a `lax.scan` visits, summing gradients; clipping and AdamW run once on the mean. The step's
+random draws (noise, timesteps, drops) are made for the whole global batch first and split
+with the rows, so an anchor update with accumulation equals the one without (up to float
+rounding). Stage 2's KeyPointEncoder BatchNorm uses per-micro-batch statistics, so there
+accumulation changes the update slightly, as it would in any framework. A non-finite
 loss or gradient norm never reaches the parameters: the update is replaced by a no-op and
 `metrics["finite"]` is 0 (the trainer then stops or carries on, per config).
 """
@@ -92,23 +96,27 @@ def _gathered(params, mesh):
 
 
 def _loss_fn(stage: str, modules, config: ml_collections.ConfigDict, mesh):
-    """(trainable, frozen, model_state, constants, batch, rng) -> (loss, (metrics, model_state))."""
+    """-> (loss_fn, draw_fn): loss_fn(trainable, frozen, model_state, constants, batch, draws) ->
+    (loss, (metrics, model_state)); draw_fn(rng, batch) -> the per-example draws of `batch`."""
     table = noise_table(SchedulerConfig())  # SD1.5's training schedule (epsilon prediction)
     scaling = float(modules.vae.config.scaling_factor)
+    num_timesteps = int(table.alphas_cumprod.shape[0])
     if stage == "anchor":
         drops = (config.loss.face_drop, config.loss.text_drop, config.loss.both_drop)
 
-        def fn(trainable, frozen, model_state, constants, batch, rng):
-            loss, metrics = losses.anchor_loss(modules, _gathered(merge(trainable, frozen), mesh), batch, constants, rng,
-                                               table=table, scaling=scaling, drops=drops)
+        def fn(trainable, frozen, model_state, constants, batch, draws):
+            loss, metrics = losses.anchor_loss(modules, _gathered(merge(trainable, frozen), mesh), batch, constants,
+                                               draws, table=table, scaling=scaling, drops=drops)
             return loss, (metrics, model_state)
-    else:
 
-        def fn(trainable, frozen, model_state, constants, batch, rng):
-            return losses.reconfig_loss(modules, _gathered(merge(trainable, frozen), mesh), model_state, batch, constants, rng,
-                                        table=table, scaling=scaling,
-                                        consistency_weight=config.loss.consistency_weight)
-    return fn
+        return fn, lambda rng, batch: losses.anchor_draws(rng, batch, num_timesteps)
+
+    def fn(trainable, frozen, model_state, constants, batch, draws):
+        return losses.reconfig_loss(modules, _gathered(merge(trainable, frozen), mesh), model_state, batch, constants,
+                                    draws, table=table, scaling=scaling,
+                                    consistency_weight=config.loss.consistency_weight)
+
+    return fn, lambda rng, batch: losses.reconfig_draws(rng, batch, num_timesteps)
 
 
 def _micro_batches(batch: Mapping[str, jax.Array], k: int, mesh) -> dict:
@@ -136,30 +144,32 @@ def make_step_fn(stage: str, modules, config: ml_collections.ConfigDict, tx: opt
     k = int(config.optimizer.accumulation_steps)
     if k < 1:
         raise ValueError(f"optimizer.accumulation_steps must be >= 1, got {k}")
-    grad_fn = jax.value_and_grad(_loss_fn(stage, modules, config, mesh), has_aux=True)
+    loss_fn, draw_fn = _loss_fn(stage, modules, config, mesh)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step_fn(state: TrainState, frozen, constants, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        draws = draw_fn(rng, batch)  # for the whole global batch, split below with its rows
         if k == 1:
             (loss, (metrics, model_state)), grads = grad_fn(
-                state.trainable, frozen, state.model_state, constants, batch, rng)
+                state.trainable, frozen, state.model_state, constants, batch, draws)
         else:
-            def body(carry, xs):
+            def body(carry, micro):
                 grad_sum, loss_sum, metric_sum, model_state = carry
-                micro, index = xs
                 (loss, (metrics, model_state)), grads = grad_fn(
-                    state.trainable, frozen, model_state, constants, micro, jax.random.fold_in(rng, index))
+                    state.trainable, frozen, model_state, constants, micro["batch"], micro["draws"])
                 add = functools.partial(jax.tree.map, jnp.add)
                 return (add(grad_sum, grads), loss_sum + loss, add(metric_sum, metrics), model_state), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+            first = lambda tree: jax.tree.map(lambda x: x[: x.shape[0] // k], tree)  # noqa: E731
             metric_shapes = jax.eval_shape(
-                lambda: grad_fn(state.trainable, frozen, state.model_state, constants,
-                                jax.tree.map(lambda x: x[: x.shape[0] // k], batch), rng)[0][1][0])
+                lambda: grad_fn(state.trainable, frozen, state.model_state, constants, first(batch),
+                                first(draws))[0][1][0])
             metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
             carry = (zeros, jnp.zeros((), jnp.float32), metric_zeros, state.model_state)
-            (grad_sum, loss_sum, metric_sum, model_state), _ = jax.lax.scan(
-                body, carry, (_micro_batches(batch, k, mesh), jnp.arange(k)))
+            micro = {"batch": _micro_batches(batch, k, mesh), "draws": _micro_batches(draws, k, mesh)}
+            (grad_sum, loss_sum, metric_sum, model_state), _ = jax.lax.scan(body, carry, micro)
             grads = jax.tree.map(lambda g: g / k, grad_sum)
             loss = loss_sum / k
             metrics = jax.tree.map(lambda m: m / k, metric_sum)
