@@ -41,9 +41,15 @@ class CheckpointMismatchError(ValueError):
 
 
 def manager(workdir, *, every_steps: int, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
-    """CheckpointManager over DIR/checkpoints: saves every `every_steps`, keeps the last `keep`."""
+    """CheckpointManager over DIR/checkpoints: saves every `every_steps`, keeps the last `keep`.
+
+    Only the interval decides (the trainer forces the last step and SIGTERM saves): orbax's
+    default policy would also save the first step of a fresh run (InitialSavePolicy)."""
+    policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=every_steps, max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        save_decision_policy=policies.AnySavePolicy([policies.FixedIntervalPolicy(every_steps),
+                                                     policies.PreemptionCheckpointingPolicy()]),
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / CHECKPOINTS, options=options,
                                  item_handlers=_item_handlers())
 
@@ -136,6 +142,16 @@ def _as_numpy_tree(tree):
     return jax.tree.map(lambda x: np.asarray(x), tree)
 
 
+def _local_target(metadata):
+    """Restore target for saved arrays on this process's first device, whatever topology
+    (device ids, process count) wrote them: orbax restores without a target only onto the
+    saving topology ("Topology mismatch detected" for a multi-host or other-device run)."""
+    tree = metadata.tree if hasattr(metadata, "tree") else metadata
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree,
+                        is_leaf=lambda x: hasattr(x, "shape"))
+
+
 def load_trained_params(workdir_or_checkpoint_dir, modules) -> dict:
     """A training workdir (or its checkpoints/ or one step folder) -> params dict for sampling.
 
@@ -152,12 +168,14 @@ def load_trained_params(workdir_or_checkpoint_dir, modules) -> dict:
     workdir = find_workdir(path)
     step = _step_from_path(path, workdir)
     checkpointer = ocp.StandardCheckpointer()
-    frozen = checkpointer.restore(workdir / FROZEN)["params"]
+    frozen_path = workdir / FROZEN
+    frozen = checkpointer.restore(frozen_path, _local_target(checkpointer.metadata(frozen_path).item_metadata))["params"]
     mngr = ocp.CheckpointManager(workdir / CHECKPOINTS, item_handlers=_item_handlers())
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{workdir / CHECKPOINTS} holds no finished checkpoint yet")
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    target = _local_target(mngr.item_metadata(step)["state"])
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     mngr.close()
     get = (lambda s, k: s[k]) if isinstance(state, Mapping) else getattr
     params = merge(_as_numpy_tree(frozen), _as_numpy_tree(get(state, "trainable")),
