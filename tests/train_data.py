@@ -28,8 +28,11 @@ def _values(spec: records.FeatureSpec, rng: np.random.Generator, vocab: int, tex
 
 
 def write_dataset(folder, stage: str, specs, *, units, null_specs=None, models=None, seed: int = 0,
-                  vocab: int = 1000, num_shards: int = 2) -> pathlib.Path:
-    """units: anchor -> number of records; reconfig -> {identity: (source, n_images)}."""
+                  vocab: int = 1000, num_shards: int = 2, edit=None) -> pathlib.Path:
+    """units: anchor -> number of records; reconfig -> {identity: (source, n_images)}.
+
+    edit: optional (key, values) -> values applied to each record after its values are drawn
+    (the draws, hence every other record, stay the same as without it)."""
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -54,6 +57,8 @@ def write_dataset(folder, stage: str, specs, *, units, null_specs=None, models=N
                 for info in unit:
                     values = {s.name: info[s.name] if s.dtype == records.STRING else _values(s, rng, vocab, "")
                               for s in specs}
+                    if edit is not None:
+                        values = edit(info["key"], values)
                     writer.write(records.encode_example(specs, values), **{k: info[k] for k in index_fields})
             writer.commit()
     shards.finalize_dataset(folder)

