@@ -11,10 +11,14 @@ export TEST_ASSETS ?= $(CURDIR)/test_assets
 
 .PHONY: install test demo bench clean assets
 
+# insightface 2.1 (the reference of tests/test_buffalo_parity.py) is pure Python and goes in
+# without its declared deps: their opencv-python would replace our opencv-python-headless<5.
+# What it imports (scikit-image, requests) is in the test extra.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[convert,faces,data,test]"
+	$(PY) -m pip install -q --no-deps insightface==2.1
 	touch $(STAMP)
 
 install: $(STAMP)
