@@ -21,6 +21,7 @@ import pytest
 from flax import traverse_util
 
 import train_data
+from train_data import fast_compiles  # noqa: F401  (autouse fixture)
 from configs import anchor as anchor_configs
 from configs import reconfig as reconfig_configs
 from dynamicid_jax import modeling, sharding
@@ -33,13 +34,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, EVERY = 6, 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """Fewer XLA passes: the same executables in-process and in the subprocesses (env below)."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def anchor_config():

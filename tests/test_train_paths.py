@@ -20,6 +20,7 @@ import pytest
 from flax import traverse_util
 
 import train_data
+from train_data import fast_compiles  # noqa: F401  (autouse fixture)
 from configs import anchor as anchor_configs
 from dynamicid_jax import modeling, sharding
 from dynamicid_jax.data import pipeline
@@ -30,13 +31,6 @@ from parity import rel_l2
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """As in test_train.py: the same executables in-process, in its subprocesses and in the cache."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def anchor_config(**overrides):
