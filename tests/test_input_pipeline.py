@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -109,6 +111,193 @@ def test_iterator_state_restores_exactly_across_epochs(anchor_data):
             np.testing.assert_array_equal(a[k], b[k])
 
 
+def _stacked(specs, payloads):
+    """The reference batch: every record through records.decode_example, then np.stack."""
+    rows = [records.decode_example(specs, p) for p in payloads]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _host_source(folder, stage):
+    manifest = shards.load_manifest(folder, stage)
+    return pipeline.ShardRecordSource(folder, pipeline.host_shard_files(manifest, 0, 1)), records.specs_from_json(
+        manifest["features"])
+
+
+def test_anchor_batch_j_is_records_jb_to_jb_plus_b_of_the_shuffled_stream(anchor_data):
+    """Batches decoded straight into batch arrays equal the per-record decode + stack, in the
+    order of the shuffled element stream (the order grain's .batch gave: saved states resume)."""
+    source, specs = _host_source(anchor_data, "anchor")
+    order = pipeline.EpochPermutation(len(source), seed=3)
+    ds = pipeline.anchor_dataset(anchor_data, global_batch_size=8, seed=3, keep_strings=True, process_index=0,
+                                 process_count=1)
+    for j in (0, 2, 3, 7):  # 3 batches per epoch: 3 and 7 lie in later epochs
+        expected = _stacked(specs, [source[order(i)] for i in range(8 * j, 8 * j + 8)])
+        got = ds[j]
+        assert got.keys() == expected.keys()
+        for k in expected:
+            assert got[k].dtype == expected[k].dtype and got[k].shape == expected[k].shape, k
+            np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
+            if got[k].dtype.kind != "U":
+                assert got[k].flags.writeable and got[k].flags.c_contiguous, k
+    assert ds[0]["vae_mean"] is not ds[0]["vae_mean"]  # fresh arrays every time
+    source.close()
+
+
+def test_batch_decoder_refuses_bad_records(anchor_data):
+    source, specs = _host_source(anchor_data, "anchor")
+    decode = pipeline.BatchDecoder(specs)
+    good = source[0]
+    short = [records.FeatureSpec(s.name, (2, 2, 2), s.dtype) if s.name == "vae_mean" else s for s in specs]
+    values = records.decode_example(specs, good)
+    wrong_size = records.encode_example(short, {**values, "vae_mean": np.zeros((2, 2, 2), np.float32)})
+    with pytest.raises(records.RecordFormatError, match=r"'vae_mean': 64 bytes, expected 32"):
+        pipeline.BatchDecoder(short)([good])
+    with pytest.raises(records.RecordFormatError, match=r"'vae_mean': 32 bytes, expected 64"):
+        decode([good, wrong_size])
+    missing = records.encode_example([s for s in specs if s.name != "caption"],
+                                     {k: v for k, v in values.items() if k != "caption"})
+    with pytest.raises(records.RecordFormatError, match="record lacks feature 'caption'"):
+        decode([missing])
+    with pytest.raises(ValueError, match="do not fill a batch of shape"):
+        decode([good, good, good], (2, 2))
+    source.close()
+
+
+class _Recording:
+    """A batched dataset that records which batches were read (from the iterator's threads)."""
+
+    def __init__(self, dataset, fail_at=None):
+        self.dataset, self.fail_at, self.read = dataset, fail_at, []
+        self._lock = threading.Lock()
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, j):
+        with self._lock:
+            self.read.append(j)
+        if j == self.fail_at:
+            raise OSError(f"disk error reading batch {j}")
+        return self.dataset[j]
+
+
+def _wait_for(condition, seconds=30.0):
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.005)
+    return condition()
+
+
+def test_placed_prefetch_keeps_the_consumed_position_exact(anchor_data):
+    """Batches read and placed ahead by the threads are not part of the state: it is the
+    position after what next() returned; a resume from it, or a set_state back, is exact."""
+    import jax
+
+    from dynamicid_jax.sharding import batch_sharding, make_mesh
+
+    mesh = make_mesh(4, 2)
+    ds = pipeline.anchor_dataset(anchor_data, global_batch_size=8, seed=1, process_index=0, process_count=1)
+    recording = _Recording(ds)
+    with pipeline.GlobalBatchIterator(recording, mesh, num_threads=2, prefetch=3) as it:
+        got = [next(it) for _ in range(4)]
+        assert _wait_for(lambda: max(recording.read) == 6)  # batches 4, 5, 6 read ahead
+        state = it.get_state()
+        assert state == {"next_index": 4}
+        for j, batch in enumerate(got):
+            for name, array in batch.items():
+                assert isinstance(array, jax.Array) and array.is_fully_addressable
+                assert array.sharding.is_equivalent_to(batch_sharding(mesh), array.ndim)
+                np.testing.assert_array_equal(np.asarray(array), ds[j][name])
+        it.set_state({"next_index": 1})  # back: the read-ahead batches are dropped
+        np.testing.assert_array_equal(np.asarray(next(it)["vae_mean"]), ds[1]["vae_mean"])
+        assert it.get_state() == {"next_index": 2}
+    with pipeline.GlobalBatchIterator(ds, mesh, prefetch=3) as resumed:
+        resumed.set_state(json.loads(json.dumps(state)))
+        for j in (4, 5):
+            batch = next(resumed)
+            for name in batch:
+                np.testing.assert_array_equal(np.asarray(batch[name]), ds[j][name])
+
+
+def test_iterator_errors_end_and_modes(anchor_data):
+    ds = pipeline.anchor_dataset(anchor_data, global_batch_size=8, seed=0, num_epochs=1, process_index=0,
+                                 process_count=1)
+    with pipeline.GlobalBatchIterator(_Recording(ds, fail_at=1), prefetch=2) as it:
+        it.next_local()
+        with pytest.raises(OSError, match="disk error reading batch 1"):
+            it.next_local()
+        assert it.get_state() == {"next_index": 1}  # the failed batch was not consumed
+    with pipeline.GlobalBatchIterator(ds, prefetch=5) as it:  # a finite dataset ends with StopIteration
+        assert len([it.next_local() for _ in range(len(ds))]) == 3
+        with pytest.raises(StopIteration):
+            it.next_local()
+        assert it.get_state() == {"next_index": 3}
+        with pytest.raises(ValueError, match="outside the dataset's 3 batches"):
+            it.set_state({"next_index": 4})
+        with pytest.raises(ValueError, match="use next_local"):
+            next(it)
+    from dynamicid_jax.sharding import make_mesh
+
+    with pipeline.GlobalBatchIterator(ds, make_mesh(4, 2)) as it:
+        with pytest.raises(ValueError, match="places its batches on the mesh"):
+            it.next_local()
+    it.close()  # closing twice is harmless
+    with pytest.raises(ValueError, match="closed"):
+        next(it)
+
+
+def test_trainer_logs_the_input_stall_and_saves_the_consumed_position(tmp_path, monkeypatch, capsys):
+    """Through the trainer: an input that is late by `delay` per batch shows in the logged
+    input_share (the loop waits for it with the devices idle), and every checkpoint holds the
+    position after the batches its steps consumed, not after what the threads read ahead."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    import train_data
+    from configs import anchor as anchor_configs
+    from dynamicid_jax import modeling
+    from dynamicid_jax.training import checkpoints, data, trainer
+
+    delay, read = 0.05, []
+
+    class Late(pipeline.GlobalBatchIterator):
+        def _read(self, index):
+            read.append(index)
+            return super()._read(index)
+
+        def __next__(self):
+            time.sleep(delay)
+            return super().__next__()
+
+    monkeypatch.setattr(pipeline, "GlobalBatchIterator", Late)
+    config = anchor_configs.get_config("tiny")
+    # tests/test_train.py's step (same shapes, schedule, XLA options): its compiled executable is reused.
+    config.total_steps, config.checkpoint.every_steps, config.checkpoint.keep = 6, 2, 5
+    config.progress_bar, config.log_every_steps = False, 3
+    specs = data.expected_features("anchor", modeling.build_modules(config.model), config)
+    folder = train_data.write_dataset(tmp_path / "shards", "anchor", specs, units=16,
+                                      null_specs=train_data.null_specs_for(specs))
+    optimizations = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        trainer.train(config, tmp_path / "run", folder, stage="anchor")
+    finally:
+        jax.config.update("jax_disable_most_optimizations", optimizations)
+    windows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [w["step"] for w in windows] == [3, 6]
+    for w in windows:
+        waited = w["input_share"] * 3 / w["steps_per_second"]  # seconds in next() over the window's 3 steps
+        assert 3 * delay <= waited < 3 * delay + 0.5, w
+    assert max(read) >= 6  # the threads had read past the last consumed batch (5)
+    mngr = checkpoints.manager(tmp_path / "run", every_steps=2, keep=5, async_save=False)
+    try:
+        for step in (2, 4, 6):
+            saved = mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+            assert saved == {"next_index": step}
+    finally:
+        mngr.close()
+
+
 def test_global_batches_are_sharded_over_data_and_fsdp(anchor_data):
     import jax
 
@@ -179,6 +368,29 @@ def test_reconfig_examples_hold_one_identity(reconfig_data):
     only_multi = pipeline.reconfig_dataset(reconfig_data, global_batch_size=2, num_targets=3, seed=0,
                                            kdef_probability=0.0, keep_strings=True, process_index=0, process_count=1)
     assert {s for i in range(10) for s in only_multi[i]["source_source"]} == {"multi"}
+
+
+def test_reconfig_batch_j_is_examples_jb_to_jb_plus_b(reconfig_data):
+    """Each example's source and targets decoded into the batch equal the per-record decode."""
+    source, specs = _host_source(reconfig_data, "reconfig")
+    draw = pipeline._DrawIdentityExample(pipeline.identity_pools(source, 2), 3, 0.3, 4)
+    ds = pipeline.reconfig_dataset(reconfig_data, global_batch_size=2, num_targets=3, seed=4, kdef_probability=0.3,
+                                   keep_strings=True, process_index=0, process_count=1)
+    for j in (0, 5):
+        examples = []
+        for i in (2 * j, 2 * j + 1):
+            rows = [records.decode_example(specs, source[int(r)]) for r in draw(i)]
+            example = {f"source_{k}": np.asarray(v) for k, v in rows[0].items()}
+            example.update({f"target_{k}": np.stack([r[k] for r in rows[1:]]) for k in rows[0]})
+            examples.append(example)
+        got = ds[j]
+        assert list(got) == list(examples[0])
+        for k in got:
+            expected = np.stack([e[k] for e in examples])
+            assert got[k].shape == expected.shape and got[k].dtype.kind == expected.dtype.kind, k
+            np.testing.assert_array_equal(got[k], expected, err_msg=k)
+            assert got[k].flags.c_contiguous, k
+    source.close()
 
 
 def test_reconfig_state_restores_exactly(reconfig_data):
