@@ -31,6 +31,7 @@ Stages (shapes with the dimensions the caller picks):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import struct
 from typing import BinaryIO, Iterator, Mapping, Sequence
@@ -64,9 +65,9 @@ class FeatureSpec:
             raise RecordFormatError(f"feature {self.name!r}: strings are scalars, got shape {self.shape}")
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
 
-    @property
+    @functools.cached_property
     def num_bytes(self) -> int:
-        """Payload size of an array feature."""
+        """Payload size of an array feature (cached: the decoder asks for it per record)."""
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
     def to_json(self) -> dict:

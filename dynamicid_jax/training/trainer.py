@@ -183,7 +183,8 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
                 metrics.update(learning_rate=float(schedule(step - 1)), steps_per_second=window_steps / elapsed,
                                images_per_second=window_steps * images_per_step / elapsed, skipped_updates=skipped,
                                input_share=input_seconds / elapsed)
-                _log(writer, bar, step, metrics)
+                if is_main:  # one log per job, not one per process
+                    _log(writer, bar, step, metrics)
                 window_start, window_steps, input_seconds = time.perf_counter(), 0, 0.0
                 last = dict(metrics, step=step, compile_seconds=compile_seconds)
             if bar is not None:
