@@ -40,7 +40,7 @@ except ImportError as error:  # pragma: no cover - the message is the point
         "dependency: `pip install --no-deps insightface==2.1` (make install does this)"
     ) from error
 
-from dynamicid_jax.faces import alignment, buffalo, load_face_analyzer, onnx_session
+from dynamicid_jax.faces import alignment, buffalo, detection, load_face_analyzer, onnx_session
 
 PHOTOS = ["obama.jpg", "multi_face.jpg", "0-f15-hao-ph.jpg", "biden.jpg"]
 # 928 wide x 1280 high: insightface's letterbox makes it 464 px wide (int(640 / (1280 / 928))),
@@ -225,7 +225,7 @@ def test_detector_matches_scrfd(reference, ours, photos):
             canvases.clear()
             ref_det, ref_kps = det.detect(bgr, input_size=(DET_SIZE, DET_SIZE))
             (canvas,) = canvases
-            ours_canvas, ours_scale = buffalo.scrfd_letterbox(rgb(bgr), DET_SIZE)
+            ours_canvas, ours_scale = detection.letterbox(rgb(bgr), DET_SIZE, via_aspect_ratio=True)
             np.testing.assert_array_equal(ours_canvas, rgb(canvas), err_msg=name)
             candidates = sum(int((s >= det.det_thresh).sum()) for s in forward(canvas, det.det_thresh)[0])
             boxes, scores, kps = ours.detect(rgb(bgr))
@@ -248,8 +248,8 @@ def test_nms_matches_scrfd_nms(reference):
         wh = rng.uniform(0.5, 30, (n, 2)) if trial % 2 else rng.uniform(0.2, 4, (n, 2))
         dets = np.hstack([xy, xy + wh, rng.uniform(0.5, 1, (n, 1))]).astype(np.float32)
         dets = dets[np.argsort(-dets[:, 4], kind="stable")]
-        np.testing.assert_array_equal(buffalo.scrfd_nms(dets[:, :4], dets[:, 4], det.nms_thresh), det.nms(dets),
-                                      err_msg=f"trial {trial}")
+        ours = detection.nms(dets[:, :4], dets[:, 4], det.nms_thresh, pixel_inclusive=True)
+        np.testing.assert_array_equal(ours, det.nms(dets), err_msg=f"trial {trial}")
 
 
 def _match(reference_faces, our_faces):

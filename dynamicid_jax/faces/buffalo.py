@@ -12,8 +12,9 @@ SCRFD (x - 127.5) / 128 on a letterboxed 640 input; ArcFace (x - 127.5) / 127.5;
 landmark models take raw 0-255 (their mxnet graphs normalise inside) on a 192 crop centred on
 the box, scaled so that 1.5 x the longer box side fills it.
 Checked against insightface 2.1's own classes on random-weight graphs with the real files'
-signatures (tests/test_buffalo_parity.py); the SCRFD letterbox rounding and NMS below follow
-insightface's model_zoo/scrfd.py (`SCRFD.detect`, `_detect_candidates`, `nms`).
+signatures (tests/test_buffalo_parity.py); the SCRFD letterbox rounding and NMS follow
+insightface's model_zoo/scrfd.py (`SCRFD.detect`, `nms`): `detection.letterbox(...,
+via_aspect_ratio=True)`, `detection.nms(..., pixel_inclusive=True)` on image-pixel boxes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pickle
 import cv2
 import numpy as np
 
-from dynamicid_jax.faces import alignment, onnx_session, pose
+from dynamicid_jax.faces import alignment, detection, onnx_session, pose
 from dynamicid_jax.faces.analyzer import FaceAnalyzer
 
 DETECTOR_FILE = "det_10g.onnx"
@@ -65,43 +66,6 @@ def decode_scrfd(outputs: list[np.ndarray], input_size: int, score_threshold: fl
     return np.concatenate(boxes), np.concatenate(scores), np.concatenate(kps)
 
 
-def scrfd_letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
-    """insightface's SCRFD letterbox: (size, size, 3) canvas, image top-left, and its scale.
-
-    The same as detection.letterbox except for the rounding of the shorter side, which
-    insightface computes through the aspect ratio (int(size / (h / w)), int(size * (h / w)));
-    for some image sizes (e.g. 928 x 1280) that is 1 px less than int(size * w / h).
-    """
-    height, width = image.shape[:2]
-    ratio = float(height) / width
-    if ratio > 1.0:
-        new_h, new_w = size, int(size / ratio)
-    else:
-        new_h, new_w = int(size * ratio), size
-    canvas = np.zeros((size, size, image.shape[2]), dtype=np.uint8)
-    canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))
-    return canvas, float(new_h) / height
-
-
-def scrfd_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """insightface's SCRFD NMS: indices kept, best first; areas pixel-inclusive (x1 - x0 + 1).
-
-    Run on image-pixel boxes (after undoing the letterbox scale), as insightface does.
-    """
-    x0, y0, x1, y1 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
-    areas = (x1 - x0 + 1) * (y1 - y0 + 1)
-    order = np.argsort(-scores, kind="stable")
-    keep = []
-    while order.size:
-        best, rest = order[0], order[1:]
-        keep.append(best)
-        w = np.maximum(0.0, np.minimum(x1[best], x1[rest]) - np.maximum(x0[best], x0[rest]) + 1)
-        h = np.maximum(0.0, np.minimum(y1[best], y1[rest]) - np.maximum(y0[best], y0[rest]) + 1)
-        inter = w * h
-        order = rest[inter / (areas[best] + areas[rest] - inter) <= iou_threshold]
-    return np.asarray(keep, dtype=np.int64)
-
-
 class SCRFDDetector:
     def __init__(self, path: pathlib.Path, input_size: int = 640, score_threshold: float = 0.5,
                  nms_threshold: float = 0.4):
@@ -109,11 +73,11 @@ class SCRFDDetector:
         self.input_size, self.score_threshold, self.nms_threshold = input_size, score_threshold, nms_threshold
 
     def __call__(self, image_rgb: np.ndarray):
-        canvas, scale = scrfd_letterbox(image_rgb, self.input_size)
+        canvas, scale = detection.letterbox(image_rgb, self.input_size, via_aspect_ratio=True)
         outputs = onnx_session.run_single_input(self.session, nchw_blob(canvas, 127.5, 128.0))
         boxes, scores, kps = decode_scrfd(outputs, self.input_size, self.score_threshold)
         boxes, kps = boxes / scale, kps / scale
-        keep = scrfd_nms(boxes, scores, self.nms_threshold)
+        keep = detection.nms(boxes, scores, self.nms_threshold, pixel_inclusive=True)  # on image pixels, as insightface
         return boxes[keep], scores[keep], kps[keep]
 
 
