@@ -71,7 +71,10 @@ def run_base(run) -> tuple[bool, str]:
 
 def sampling_config(demo: bool, dynamicid: Optional[str]):
     """Config with `model` and `sampling` sections for this source of weights."""
-    run = training_run_config(dynamicid)
+    return _sampling_config(demo, training_run_config(dynamicid))
+
+
+def _sampling_config(demo: bool, run):
     if run is None:
         return load_config("tiny" if demo else "base")
     config = load_config("tiny" if run_base(run)[0] else "base")
@@ -111,7 +114,7 @@ def load_pipeline(
 
     compute_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     run = training_run_config(dynamicid)
-    config = sampling_config(demo, dynamicid)
+    config = _sampling_config(demo, run)
     modules = modeling.build_modules(config.model, dtype=compute_dtype)
     analyzer = load_face_analyzer(faces)
     expressions = _expressions(expression_model)
