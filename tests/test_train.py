@@ -167,7 +167,7 @@ def test_overfit_and_nonfinite_guard(steppers, initial, anchor_data, modules, fi
 
 
 def test_classifier_free_drops_are_exclusive():
-    face, text = losses.classifier_free_drops(jax.random.key(1), 200_000, 0.05, 0.05, 0.05)
+    face, text = losses.drops_from_uniform(jax.random.uniform(jax.random.key(1), (200_000,)), 0.05, 0.05, 0.05)
     face, text = np.asarray(face), np.asarray(text)
     for observed in ((face & ~text).mean(), (~face & text).mean(), (face & text).mean()):
         assert abs(observed - 0.05) < 0.003

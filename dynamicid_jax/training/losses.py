@@ -36,24 +36,14 @@ from dynamicid_jax.schedulers import NoiseTable, ddpm_add_noise, training_target
 Batch = Mapping[str, jax.Array]
 
 
-def _check_drops(p_face: float, p_text: float, p_both: float) -> None:
-    if min(p_face, p_text, p_both) < 0 or p_face + p_text + p_both > 1:
-        raise ValueError(f"drop probabilities must be >= 0 and sum to <= 1: {p_face}, {p_text}, {p_both}")
-
-
 def drops_from_uniform(u: jax.Array, p_face: float, p_text: float, p_both: float):
     """Uniform draws (B,) in [0, 1) -> (drop_face (B,) bool, drop_text (B,) bool), exclusive bins."""
-    _check_drops(p_face, p_text, p_both)
+    if min(p_face, p_text, p_both) < 0 or p_face + p_text + p_both > 1:
+        raise ValueError(f"drop probabilities must be >= 0 and sum to <= 1: {p_face}, {p_text}, {p_both}")
     face_only = u < p_face
     text_only = (u >= p_face) & (u < p_face + p_text)
     both = (u >= p_face + p_text) & (u < p_face + p_text + p_both)
     return face_only | both, text_only | both
-
-
-def classifier_free_drops(rng: jax.Array, batch_size: int, p_face: float, p_text: float, p_both: float):
-    """One uniform draw per example -> (drop_face (B,) bool, drop_text (B,) bool), exclusive bins."""
-    _check_drops(p_face, p_text, p_both)
-    return drops_from_uniform(jax.random.uniform(rng, (batch_size,)), p_face, p_text, p_both)
 
 
 def _per_example(mask: jax.Array, ndim: int) -> jax.Array:
