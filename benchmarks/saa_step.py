@@ -70,17 +70,18 @@ def main():
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     torch_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     device = torch.device(args.torch_device)
-    block = {} if args.attention_block is None else {"attention_block": args.attention_block or None}
     channels = tuple(int(c) for c in args.channels.split(","))
-    block["block_out_channels"] = channels
+    overrides = {"block_out_channels": channels}  # UNetConfig fields set from the flags
+    if args.attention_block is not None:
+        overrides["attention_block"] = args.attention_block or None
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     torch_unet = TorchUNet(block_out_channels=channels, cross_attention_dim=768, sample_size=64).eval()
     state_dict = {k: v.detach().numpy() for k, v in torch_unet.state_dict().items()}
-    plain = UNet2DConditionModel(UNetConfig.sd15(**block), dtype=dtype)
+    plain = UNet2DConditionModel(UNetConfig.sd15(**overrides), dtype=dtype)
     plain_params = import_params(unet_abstract_params(plain), state_dict, unet_key_fn, model_name="unet")
     del state_dict
-    saa = UNet2DConditionModel(UNetConfig.sd15(lora_rank=128, saa=SAAConfig(), **block), dtype=dtype)
+    saa = UNet2DConditionModel(UNetConfig.sd15(lora_rank=128, saa=SAAConfig(), **overrides), dtype=dtype)
     saa_params = pw.init_dynamicid_unet_params(plain_params, jax.random.PRNGKey(0), 128)
     cast = lambda tree: jax.tree.map(lambda a: a.astype(dtype), tree)  # noqa: E731
     plain_params, saa_params = jax.device_put((cast(plain_params), cast(saa_params)))
@@ -107,9 +108,7 @@ def main():
         compile_s[f"saa-{n}id"] = time.perf_counter() - t0
 
     # diffusers peer: IP-Adapter processors on every attn2.
-    plain_procs = dict(torch_unet.attn_processors)
     procs = {}
-    channels = torch_unet.config.block_out_channels
     for name in torch_unet.attn_processors:
         if not name.endswith("attn2.processor"):
             procs[name] = AttnProcessor2_0()
@@ -142,7 +141,7 @@ def main():
 
     torch_plain = TorchUNet(block_out_channels=channels, cross_attention_dim=768, sample_size=64).eval()
     torch_plain.load_state_dict({k: v for k, v in torch_unet.state_dict().items() if "_ip" not in k})
-    torch_plain.set_attn_processor({k: AttnProcessor2_0() for k in plain_procs})
+    torch_plain.set_attn_processor(AttnProcessor2_0())
     torch_plain.to(device, torch_dtype)
 
     def torch_plain_run():

@@ -148,9 +148,9 @@ def read_component(
     torch); with `single_file`, a single checkpoint file (SD1.5 `.safetensors`/`.ckpt`, the
     component split out by `single_file.extract_component`; it carries no config, so `config=`
     or else `config_cls.sd15()`); a pipeline folder holding `subfolder/config.json`; a component
-    folder holding `config.json` (read by `config_from_json`). name: the component (`unet`, `vae`, `text_encoder`,
-    `vision_encoder`), as convert and single_file spell it. import_fn(config, state_dict) ->
-    params raises WeightImportError on any key mismatch.
+    folder holding `config.json` (read by `config_from_json`). name: the component (`unet`,
+    `vae`, `text_encoder`, `vision_encoder`), as convert and single_file spell it.
+    import_fn(config, state_dict) -> params raises WeightImportError on any key mismatch.
     """
     from dynamicid_jax import convert  # local: convert imports every loader
 
