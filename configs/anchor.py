@@ -16,6 +16,7 @@ Any field below can be overridden, e.g. `--config.optimizer.lr=1e-5 --config.mes
 import ml_collections
 
 from configs import base, tiny
+from dynamicid_jax import modeling
 
 
 def common_config(arg) -> ml_collections.ConfigDict:
@@ -33,11 +34,14 @@ def common_config(arg) -> ml_collections.ConfigDict:
     config.init.random = small  # random base model: tiny configs only (nothing pretrained to load)
     config.init.base_model = ""  # SD1.5 pipeline folder / single file / converted folder
     config.init.stage1 = ""  # reconfig: a stage-1 workdir or a folder with the release's SAA.bin
-    config.init.tokenizer = ""  # reconfig: tokenizer folder ("" = <base_model>/tokenizer)
+    # reconfig: tokenizer folder ("" = <base_model>/tokenizer, or the tiny vocabulary on the tiny random base)
+    config.init.tokenizer = ""
 
     config.data = ml_collections.ConfigDict()
     config.data.global_batch_size = 8 if small else 16  # examples per optimizer update, all hosts
-    config.data.resolution = 64 if small else 512  # pixel side the shards were made at
+    # Pixel side the shards were made at: the model's native size (tiny 64, SD1.5 512), which is
+    # also the precompute job's default.
+    config.data.resolution = modeling.native_resolution(config.model)
     config.data.num_threads = 2  # grain read threads per host
     config.data.prefetch = 2  # batches read ahead per host
     config.data.expected_models = ml_collections.ConfigDict()  # key -> value the manifest's "models" must hold

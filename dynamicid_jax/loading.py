@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import tempfile
 from typing import Callable, Optional
 
 import jax
@@ -92,9 +91,9 @@ def _expressions(path: Optional[str]):
 
 
 def _tiny_tokenizer():
-    from dynamicid_jax.tokenizer import CLIPTokenizer, write_tiny_vocab
+    from dynamicid_jax.tokenizer import tiny_tokenizer
 
-    return CLIPTokenizer.from_folder(write_tiny_vocab(pathlib.Path(tempfile.gettempdir()) / "dynamicid_jax_tiny_vocab"))
+    return tiny_tokenizer()
 
 
 def load_pipeline(

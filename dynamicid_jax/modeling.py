@@ -58,6 +58,16 @@ class DynamicIDModules:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
+def native_resolution(model: ml_collections.ConfigDict) -> int:
+    """Pixel side a config's model section is built for: the UNet's `sample_size` latents times
+    the VAE factor (SD1.5: 64 x 8 = 512; configs/tiny.py: 8 x 8 = 64). The default of both the
+    precompute job and the training configs, so shards and trainer agree without a flag."""
+    size = model.unet.sample_size
+    if not isinstance(size, int):
+        raise ValueError(f"model.unet.sample_size {size!r}: a native resolution needs one square size")
+    return size * 2 ** (len(model.vae.block_out_channels) - 1)
+
+
 def _tuple_fields(d: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 

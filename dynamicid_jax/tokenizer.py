@@ -248,3 +248,15 @@ def write_tiny_vocab(folder: str | os.PathLike) -> pathlib.Path:
     with open(folder / "tokenizer_config.json", "w", encoding="utf-8") as f:
         json.dump(config, f, indent=1)
     return folder
+
+
+def tiny_tokenizer(**kwargs) -> CLIPTokenizer:
+    """THE tokenizer of the tiny random base model: `write_tiny_vocab` in a temporary folder.
+
+    Every consumer of that base model (the precompute job, the stage-2 prompt of a tiny
+    training run, the demo and a sampler of a tiny run) tokenizes with it, so their ids agree.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return CLIPTokenizer.from_folder(write_tiny_vocab(tmp), **kwargs)

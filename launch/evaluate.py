@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     from dynamicid_jax.evaluation.protocol import ProtocolError
     from dynamicid_jax.evaluation.store import StaleImageError
     from dynamicid_jax.faces import NoFaceError
-    from dynamicid_jax.loading import DEMO_NOTICE, load_config, load_pipeline
+    from dynamicid_jax.loading import DEMO_NOTICE, load_config, load_pipeline, run_base, training_run_config
     from dynamicid_jax.models.torch_import import WeightImportError
     from dynamicid_jax.sampling import InputError
 
@@ -78,7 +78,9 @@ def main(argv=None) -> int:
         # Everything checkable without models first: a typo must not cost a model load.
         protocol = load_protocol(args.testset)
         seeds = _seeds(args.seeds)
-        config = load_config("tiny" if args.demo else "base")
+        run = training_run_config(args.dynamicid)  # a training run on the tiny base samples like the demo
+        tiny = args.demo or (run is not None and run_base(run)[0])
+        config = load_config("tiny" if tiny else "base")
         sampling = resolve_sampling(config.sampling, protocol)
         generate, provenance = None, None
         if not args.metrics_only:
@@ -104,7 +106,8 @@ def main(argv=None) -> int:
         result = evaluate(
             protocol, out_dir=args.out, mode=args.mode, ablation=Ablation(gating=not args.no_gating, imr=not args.no_imr),
             sampling=sampling, seeds=seeds, generate=generate, provenance=provenance, metrics=metrics,
-            arch="tiny random (demo)" if args.demo else "SD1.5", progress=not args.no_progress,
+            arch="tiny random (demo)" if args.demo else "tiny random base (training run)" if tiny else "SD1.5",
+            progress=not args.no_progress,
         )
     except (InputError, ProtocolError, StaleImageError, NoFaceError, WeightImportError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

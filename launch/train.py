@@ -69,7 +69,10 @@ def main(argv) -> None:
     initialize_distributed()
     from dynamicid_jax.training import trainer
 
-    trainer.train(FLAGS.config, FLAGS.workdir, FLAGS.data, stage=FLAGS.stage)
+    last = trainer.train(FLAGS.config, FLAGS.workdir, FLAGS.data, stage=FLAGS.stage)
+    print(f"train: {FLAGS.stage} run at step {last['step']} of {FLAGS.config.total_steps}: checkpoints in "
+          f"{os.path.join(FLAGS.workdir, 'checkpoints')}, config.json and TensorBoard events in {FLAGS.workdir}",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import tempfile
 from typing import Any, Optional
 
 import numpy as np
@@ -44,13 +43,12 @@ class BaseModels:
 def tiny_random_base_models(model_config, seed: int = 0) -> BaseModels:
     """Tiny random VAE / text tower / vision tower from a config's model section + a tiny vocab."""
     from dynamicid_jax import modeling
-    from dynamicid_jax.tokenizer import CLIPTokenizer, write_tiny_vocab
+    from dynamicid_jax.tokenizer import tiny_tokenizer
 
     modules = modeling.build_modules(model_config)
     vae, text, vision = modules.vae, modules.text_encoder, modules.vision_encoder
     vae_config, text_config, vision_config = vae.config, text.config, vision.config
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = CLIPTokenizer.from_folder(write_tiny_vocab(tmp))
+    tokenizer = tiny_tokenizer()
     if len(tokenizer.vocab) > text_config.vocab_size:
         raise ValueError(f"tiny vocabulary ({len(tokenizer.vocab)}) exceeds text vocab_size {text_config.vocab_size}")
     # The same weights the demo and a sampler of a tiny training run use.

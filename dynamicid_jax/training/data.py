@@ -56,14 +56,28 @@ def _check_models(manifest: Mapping[str, Any], expected: Mapping[str, Any], fold
         raise DataMismatchError(f"{folder}: shards were made with other models: " + "; ".join(problems))
 
 
+def _recorded_resolution(folder):
+    """The precompute's --resolution as its manifest records it (None when unreadable or absent)."""
+    try:
+        return json.loads((pathlib.Path(folder) / shards.MANIFEST).read_text())["settings"]["resolution"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def check_dataset(folder, stage: str, modules, config: ml_collections.ConfigDict) -> dict:
     """Load and verify the manifest -> manifest dict; raises DataMismatchError naming mismatches."""
     specs = expected_features(stage, modules, config)
     try:
         manifest = shards.load_manifest(pathlib.Path(folder), stage, specs)
     except shards.ManifestError as e:
+        made_at = _recorded_resolution(folder)
+        hint = ""
+        if made_at is not None and made_at != config.data.resolution:
+            hint = (f"; the shards were made at {made_at} px, the config trains at {config.data.resolution} px: "
+                    f"precompute with --resolution={config.data.resolution} or pass "
+                    f"--config.data.resolution={made_at}")
         raise DataMismatchError(f"{e} (the model config implies these features; shards made for another "
-                                "model configuration cannot be used)") from None
+                                f"model configuration cannot be used){hint}") from None
     _check_models(manifest, config.data.expected_models.to_dict(), folder)
     if stage == "anchor":
         text = next((s for s in records.specs_from_json(manifest["features"]) if s.name == "text_states"), None)

@@ -106,15 +106,26 @@ def stage1_params(config, modules) -> dict:
 
 
 def prompt_ids(config, modules) -> np.ndarray:
-    """Token ids (1, L) of the stage-2 fixed prompt, checked against the text encoder's vocabulary."""
-    from dynamicid_jax.tokenizer import CLIPTokenizer
+    """Token ids (1, L) of the stage-2 fixed prompt, checked against the text encoder's vocabulary.
+
+    Tokenizer: `init.tokenizer`, else `init.base_model`'s; a run on the tiny random base model
+    (directly or through its stage-1 run) has THE tiny vocabulary, the one its shards and its
+    sampler use.
+    """
+    from dynamicid_jax.loading import run_base  # which base a run (or its stage-1 run) started from
+    from dynamicid_jax.tokenizer import CLIPTokenizer, tiny_tokenizer
 
     folder = config.init.tokenizer or config.init.base_model
-    if not folder:
+    text = modules.text_encoder.config
+    if folder:
+        tokenizer = CLIPTokenizer.from_folder(folder, max_length=text.max_positions)
+    elif run_base(config)[0]:
+        folder = "tiny random base model's vocabulary"
+        tokenizer = tiny_tokenizer(max_length=text.max_positions)
+    else:
         raise ValueError("stage reconfig needs a tokenizer for its prompt: set config.init.tokenizer "
                          "(or config.init.base_model, whose tokenizer/ is used)")
-    text = modules.text_encoder.config
-    ids = CLIPTokenizer.from_folder(folder, max_length=text.max_positions)([config.loss.prompt])
+    ids = tokenizer([config.loss.prompt])
     if ids.max() >= text.vocab_size:
         raise ValueError(f"tokenizer {folder} gives id {ids.max()} >= the text encoder's vocab_size {text.vocab_size}")
     return ids

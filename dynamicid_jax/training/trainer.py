@@ -105,6 +105,14 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
     # ------------------------------------------------------------------ input (checked against the model)
     modules = modeling.build_modules(config.model, dtype=compute_dtype(config.dtype))
     manifest = data.check_dataset(data_dir, stage, modules, config)
+    mngr = checkpoints.manager(workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
+                               async_save=config.checkpoint.async_save)
+    latest = mngr.latest_step()
+    if latest is not None and latest >= config.total_steps:  # a finished run: rerunning it compiles nothing
+        mngr.close()
+        if is_main:
+            print(f"train: {workdir} is already at step {latest} of {config.total_steps}: nothing to do", flush=True)
+        return {"step": latest, "compile_seconds": 0.0}
 
     # ------------------------------------------------------------------ model, optimizer, sharding, update step
     tx = make_optimizer(config.optimizer, config.total_steps)
@@ -116,9 +124,6 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
     state_shardings = jax.tree.map(lambda a: a.sharding, abs_state)
 
     # ------------------------------------------------------------------ checkpoint: resume or start
-    mngr = checkpoints.manager(workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
-                               async_save=config.checkpoint.async_save)
-    latest = mngr.latest_step()
     if latest is not None:
         fixed = checkpoints.restore_frozen(workdir, abs_fixed)
         state, data_state = checkpoints.restore(mngr, latest, abs_state)
