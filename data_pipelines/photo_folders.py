@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         return 2
     n_id = sum(len(v) for v in IDENTITIES.values())
     print(f"wrote {args.out / 'anchor'} ({len(CAPTIONS)} captioned photos) and {args.out / 'identities'} "
-          f"({len(IDENTITIES)} people, {n_id} photos): {counts['written']} files written, "
+          f"({len(IDENTITIES)} identity folders, {n_id} photos): {counts['written']} files written, "
           f"{counts['unchanged']} already there", flush=True)
     return 0
 

@@ -70,7 +70,7 @@ def test_tiny_run_chain(tmp_path, test_assets, capsys, monkeypatch):
     assert len(captioned) == len(photo_folders.CAPTIONS)
 
     # ---------------------------------------------------------------- anchor shards (no --resolution)
-    summary = precompute_cli.main([f"--stage=anchor", f"--input={inputs / 'anchor'}",
+    summary = precompute_cli.main(["--stage=anchor", f"--input={inputs / 'anchor'}",
                                    f"--output={shards_dir / 'anchor'}", "--no_progress"])
     assert f"to {shards_dir / 'anchor'}" in _last_line(capsys)
     manifest = json.loads((shards_dir / "anchor" / shards.MANIFEST).read_text())
