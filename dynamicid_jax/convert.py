@@ -33,6 +33,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from dynamicid_jax.errors import ConfigError, MissingFileError
+
 MARKER = "dynamicid_converted.json"
 FORMAT_VERSION = 1
 
@@ -58,7 +60,7 @@ def _read_marker(directory: pathlib.Path) -> dict:
         return {"format": FORMAT_VERSION, "components": {}}
     data = json.loads(marker.read_text())
     if data.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{marker}: format {data.get('format')!r}, this code reads format {FORMAT_VERSION}")
+        raise ConfigError(f"{marker}: format {data.get('format')!r}, this code reads format {FORMAT_VERSION}")
     return data
 
 
@@ -126,9 +128,9 @@ def load_converted(directory: str | os.PathLike, component: str, config_cls: typ
     entry = _read_marker(directory)["components"].get(component)
     if entry is None or not (directory / component).is_dir():
         have = sorted(_read_marker(directory)["components"])
-        raise FileNotFoundError(f"{directory} holds no converted {component!r} (it has {have})")
+        raise MissingFileError(f"{directory} holds no converted {component!r} (it has {have})")
     if entry.get("config_class") != config_cls.__name__:
-        raise ValueError(
+        raise ConfigError(
             f"{directory}/{component} was written with config {entry.get('config_class')!r}, "
             f"not {config_cls.__name__!r}"
         )
@@ -159,14 +161,14 @@ def convert(
     sources: dict[str, os.PathLike | str] = {}
     for component in components:
         if component not in BASE_MODEL_COMPONENTS:
-            raise ValueError(f"base-model components are {BASE_MODEL_COMPONENTS}, got {component!r}")
+            raise ConfigError(f"base-model components are {BASE_MODEL_COMPONENTS}, got {component!r}")
         if base_model is None:
-            raise ValueError(f"converting {component!r} needs --base_model")
+            raise ConfigError(f"converting {component!r} needs --base_model")
         sources[component] = base_model
     if vision_encoder is not None:
         sources["vision_encoder"] = vision_encoder
     if not sources and dynamicid is None:
-        raise ValueError("nothing to convert: give --base_model, --vision_encoder or --dynamicid")
+        raise ConfigError("nothing to convert: give --base_model, --vision_encoder or --dynamicid")
     written = []
     for component, source in sources.items():
         module, params = _loader(component)(source)
@@ -197,9 +199,9 @@ def convert_dynamicid_weights(folder: str | os.PathLike, out: str | os.PathLike)
     found = {stem: next((folder / f"{stem}{ext}" for ext in (".bin", ".safetensors")
                          if (folder / f"{stem}{ext}").is_file()), None) for stem in DYNAMICID_FILES}
     if found["SAA"] is None:
-        raise FileNotFoundError(f"--dynamicid {folder}: SAA.bin (or SAA.safetensors) not found")
+        raise MissingFileError(f"--dynamicid {folder}: SAA.bin (or SAA.safetensors) not found")
     if (found["IMR"] is None) != (found["key_point_encoder"] is None):
-        raise FileNotFoundError(f"--dynamicid {folder}: IMR and key_point_encoder come together; found only one")
+        raise MissingFileError(f"--dynamicid {folder}: IMR and key_point_encoder come together; found only one")
     out.mkdir(parents=True, exist_ok=False)
     written = []
     for stem, source in found.items():

@@ -25,15 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from dynamicid_jax import schedulers
+from dynamicid_jax import images, schedulers
 from dynamicid_jax.dynamicid.saa import IdentityConditioning, default_boxes, validate_boxes
+from dynamicid_jax.errors import UserError
 from dynamicid_jax.modeling import DynamicIDModules, Params
 from dynamicid_jax.models.clip import clip_preprocess
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = images.IMAGE_SUFFIXES
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """A user input that cannot be used (names the input); the CLI exits 2 on it."""
 
 
@@ -132,15 +133,12 @@ def check_images_readable(request: SampleRequest) -> None:
 
 
 def read_image(path: str | pathlib.Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3); InputError naming the file when it cannot be read."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise InputError(f"image not found: {path}")
+    """Upright RGB uint8 (H, W, 3) via the one reader (`dynamicid_jax.images.read_rgb`: EXIF
+    orientation, every PIL mode); InputError naming the file when it cannot be read."""
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except Exception as e:  # PIL raises several types for corrupt files
-        raise InputError(f"cannot read image {path}: {e}") from e
+        return images.read_rgb(path)
+    except images.ImageError as e:
+        raise InputError(str(e)) from None
 
 
 def alpha_steps(alpha: float | int, steps: int) -> int:

@@ -42,6 +42,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from dynamicid_jax.data import records, shards
+from dynamicid_jax.errors import ConfigError
 
 # --------------------------------------------------------------------------- record access
 
@@ -52,7 +53,7 @@ def host_shard_files(manifest: Mapping[str, Any], process_index: int, process_co
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
     if len(files) < process_count:
-        raise ValueError(
+        raise ConfigError(
             f"{len(files)} shard file(s) cannot be split over {process_count} hosts; "
             "precompute with --num_shards >= the number of hosts"
         )
@@ -183,7 +184,7 @@ def _process(process_index: Optional[int], process_count: Optional[int]) -> tupl
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by {process_count} hosts")
+        raise ConfigError(f"global_batch_size={global_batch_size} is not divisible by {process_count} hosts")
     return global_batch_size // process_count
 
 
@@ -238,7 +239,7 @@ def anchor_dataset(
     index, count = _process(process_index, process_count)
     source = ShardRecordSource(folder, host_shard_files(manifest, index, count))
     if len(source) == 0:
-        raise ValueError(f"host {index} of {count} has no anchor records in {folder}")
+        raise ConfigError(f"host {index} of {count} has no anchor records in {folder}")
     decode = BatchDecoder(_array_specs(manifest, keep_strings))
     order = EpochPermutation(len(source), seed)
     length = len(source) * num_epochs if num_epochs is not None else 2**62
@@ -339,15 +340,15 @@ def reconfig_dataset(
     import grain
 
     if not 0.0 <= kdef_probability <= 1.0:
-        raise ValueError(f"kdef_probability must be in [0, 1], got {kdef_probability}")
+        raise ConfigError(f"kdef_probability must be in [0, 1], got {kdef_probability}")
     manifest = shards.load_manifest(folder, "reconfig", expected_features)
     index, count = _process(process_index, process_count)
     source = ShardRecordSource(folder, host_shard_files(manifest, index, count))
     pools = identity_pools(source, min_images)
     if kdef_probability < 1.0 and not pools.identities["multi"]:
-        raise ValueError(f"host {index}: no 'multi' identities with >= {min_images} images in {folder}")
+        raise ConfigError(f"host {index}: no 'multi' identities with >= {min_images} images in {folder}")
     if kdef_probability > 0.0 and not pools.identities["kdef"]:
-        raise ValueError(
+        raise ConfigError(
             f"host {index}: kdef_probability={kdef_probability} but no 'kdef' identities with >= {min_images} "
             f"images in its shards of {folder}; pass kdef_probability=0 or add KDEF-style identity folders"
         )

@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from dynamicid_jax.data import inputs, records, shards
+from dynamicid_jax.errors import ConfigError
 
 STAGES = ("anchor", "reconfig")
 
@@ -96,9 +97,9 @@ class PrecomputeJob:
 
     def __post_init__(self):
         if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+            raise ConfigError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.batch_size < 1 or self.resolution < 1:
-            raise ValueError(f"batch_size and resolution must be positive: {self.batch_size}, {self.resolution}")
+            raise ConfigError(f"batch_size and resolution must be positive: {self.batch_size}, {self.resolution}")
 
 
 # --------------------------------------------------------------------------- specs
@@ -107,7 +108,7 @@ class PrecomputeJob:
 def stage_specs(job: PrecomputeJob, dims: ExtractorDims) -> list[records.FeatureSpec]:
     f = dims.vae_downsample
     if job.resolution % f:
-        raise ValueError(f"resolution {job.resolution} is not a multiple of the VAE factor {f}")
+        raise ConfigError(f"resolution {job.resolution} is not a multiple of the VAE factor {f}")
     latent_hw = (job.resolution // f, job.resolution // f)
     common = dict(latent_hw=latent_hw, latent_channels=dims.latent_channels, id_dim=dims.id_dim,
                   clip_tokens=dims.clip_tokens, clip_width=dims.clip_width)

@@ -6,8 +6,10 @@ import dataclasses
 
 import numpy as np
 
+from dynamicid_jax.errors import UserError
 
-class NoFaceError(ValueError):
+
+class NoFaceError(UserError, ValueError):
     """No face was detected where one is required (never replaced by a zero embedding)."""
 
 

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dynamicid_jax.errors import MissingFileError, UserError
 from dynamicid_jax.sharding import path_name
 from dynamicid_jax.training.partition import merge
 
@@ -36,7 +37,7 @@ FROZEN = "frozen"
 CONFIG = "config.json"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint does not fit the model/config it is restored into (differences named)."""
 
 
@@ -128,7 +129,7 @@ def find_workdir(path) -> pathlib.Path:
     for candidate in (path, path.parent, path.parent.parent):
         if (candidate / FROZEN).is_dir() and (candidate / CHECKPOINTS).is_dir():
             return candidate
-    raise FileNotFoundError(f"{path} is not a training workdir (no {FROZEN}/ and {CHECKPOINTS}/ beside it)")
+    raise MissingFileError(f"{path} is not a training workdir (no {FROZEN}/ and {CHECKPOINTS}/ beside it)")
 
 
 def _step_from_path(path: pathlib.Path, workdir: pathlib.Path) -> Optional[int]:
@@ -173,7 +174,7 @@ def load_trained_params(workdir_or_checkpoint_dir, modules) -> dict:
     mngr = ocp.CheckpointManager(workdir / CHECKPOINTS, item_handlers=_item_handlers())
     step = mngr.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"{workdir / CHECKPOINTS} holds no finished checkpoint yet")
+        raise MissingFileError(f"{workdir / CHECKPOINTS} holds no finished checkpoint yet")
     target = _local_target(mngr.item_metadata(step)["state"])
     state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     mngr.close()

@@ -18,9 +18,10 @@ import ml_collections
 import numpy as np
 
 from dynamicid_jax.data import pipeline, records, shards
+from dynamicid_jax.errors import ConfigError, UserError
 
 
-class DataMismatchError(ValueError):
+class DataMismatchError(UserError, ValueError):
     """Shards made for another model configuration (the message names the difference)."""
 
 
@@ -28,7 +29,7 @@ def expected_features(stage: str, modules, config: ml_collections.ConfigDict) ->
     """Feature specs the shards must have for `modules` at `config.data.resolution`."""
     f = modules.vae_scale_factor
     if config.data.resolution % f:
-        raise ValueError(f"data.resolution {config.data.resolution} is not a multiple of the VAE factor {f}")
+        raise ConfigError(f"data.resolution {config.data.resolution} is not a multiple of the VAE factor {f}")
     vision = modules.vision_encoder.config
     common = dict(
         latent_hw=(config.data.resolution // f,) * 2,

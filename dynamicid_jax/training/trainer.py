@@ -25,6 +25,7 @@ import numpy as np
 
 from dynamicid_jax import modeling, sharding
 from dynamicid_jax.data import pipeline
+from dynamicid_jax.errors import ConfigError
 from dynamicid_jax.training import checkpoints, data, init, partition
 from dynamicid_jax.training.step import init_state, learning_rate_schedule, make_optimizer, make_step_fn
 
@@ -35,7 +36,7 @@ class NonFiniteError(FloatingPointError):
 
 def compute_dtype(name: str):
     if name not in ("float32", "bfloat16"):
-        raise ValueError(f"config.dtype must be 'float32' or 'bfloat16', got {name!r}")
+        raise ConfigError(f"config.dtype must be 'float32' or 'bfloat16', got {name!r}")
     return jnp.dtype(name)
 
 
@@ -48,7 +49,7 @@ def check_batch_layout(config, mesh) -> None:
     """The global batch must split evenly into micro-batches and over every device."""
     b, k, n = config.data.global_batch_size, config.optimizer.accumulation_steps, mesh.size
     if b % k or (b // k) % n:
-        raise ValueError(f"data.global_batch_size={b} must be a multiple of optimizer.accumulation_steps={k} "
+        raise ConfigError(f"data.global_batch_size={b} must be a multiple of optimizer.accumulation_steps={k} "
                          f"x {n} devices")
 
 
@@ -90,9 +91,9 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
     # ------------------------------------------------------------------ setup
     stage = partition.check_stage(config.stage if stage is None else stage)
     if stage != config.stage:
-        raise ValueError(f"--stage={stage} but the config is for stage {config.stage!r}")
+        raise ConfigError(f"--stage={stage} but the config is for stage {config.stage!r}")
     if config.nonfinite not in ("stop", "skip"):
-        raise ValueError(f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
+        raise ConfigError(f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
