@@ -25,10 +25,10 @@ from dynamicid_jax.errors import ConfigError, UserError, one_line
 USER_ERROR_STATUS = 2
 # Libraries that log INFO chatter per save/restore/compile (orbax alone prints hundreds of
 # lines per training run); their WARNINGs and ERRORs still show.
-_CHATTY_LOGGERS = ("absl", "orbax", "jax", "etils", "grain", "tensorboardX")
+_CHATTY_LOGGERS = ("absl", "orbax", "jax", "etils", "grain", "tensorboardX", "dynamicid_jax")
 
 
-def report_user_error(error: BaseException) -> int:
+def report_user_error(error: BaseException | str) -> int:
     print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
     return USER_ERROR_STATUS
 
@@ -113,4 +113,4 @@ def check_output_folder(path: str | os.PathLike, flag: str) -> pathlib.Path:
     return path
 
 
-__all__ = ["ArgumentParser", "UserError", "check_output_folder", "quiet_logs", "report_user_error", "run_main"]
+__all__ = ["ArgumentParser", "ConfigError", "UserError", "check_output_folder", "quiet_logs", "report_user_error", "run_main"]

@@ -21,7 +21,6 @@ whose weights do not match is an error; nothing is skipped silently.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import json
@@ -111,7 +110,7 @@ def save_component(directory: str | os.PathLike, component: str, config: Any, pa
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / component
     if target.exists():
-        raise FileExistsError(f"{target} exists; choose an empty --out folder")
+        raise ConfigError(f"--out {directory}: {component}/ exists already; choose an empty --out folder")
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(target, params)
     checkpointer.wait_until_finished()
@@ -169,6 +168,11 @@ def convert(
         sources["vision_encoder"] = vision_encoder
     if not sources and dynamicid is None:
         raise ConfigError("nothing to convert: give --base_model, --vision_encoder or --dynamicid")
+    # Refused before any conversion, so a bad --out leaves nothing half-written.
+    taken = [name for name in [*sources, *(["dynamicid"] if dynamicid is not None else [])]
+             if (pathlib.Path(out) / name).exists()]
+    if taken:
+        raise ConfigError(f"--out {out}: {', '.join(taken)} exist(s) already; choose an empty --out folder")
     written = []
     for component, source in sources.items():
         module, params = _loader(component)(source)
@@ -212,8 +216,11 @@ def convert_dynamicid_weights(folder: str | os.PathLike, out: str | os.PathLike)
     return written
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The CLI: 0 on success, 2 (one stderr line) on a user error."""
+    from dynamicid_jax import cli
+
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--base_model", help="diffusers SD1.5 pipeline folder or single-file checkpoint")
     parser.add_argument("--out", required=True, help="output folder (new or empty)")
     parser.add_argument("--components", default=",".join(BASE_MODEL_COMPONENTS),
@@ -221,9 +228,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--vision_encoder", help="CLIP ViT-H/14 image encoder folder (transformers)")
     parser.add_argument("--dynamicid", help="folder with the authors' SAA.bin [IMR.bin, key_point_encoder.bin]")
     args = parser.parse_args(argv)
+    cli.quiet_logs(args.verbose)
     components = [c for c in args.components.split(",") if c] if args.base_model else []
-    convert(args.base_model, args.out, components, args.vision_encoder, args.dynamicid)
+
+    def run():
+        cli.check_output_folder(args.out, "--out")
+        convert(args.base_model, args.out, components, args.vision_encoder, args.dynamicid)
+
+    return cli.run_main(run)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

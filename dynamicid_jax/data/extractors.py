@@ -164,7 +164,8 @@ def make_extractors(analyzer, base: BaseModels, expression=None, faces_descripti
         clip_image_size=clip_size,
     )
     return Extractors(
-        largest_face=analyzer.largest_face,
+        # Faces below faces.MIN_FACE_SIZE are rejected with that reason (SmallFaceError).
+        largest_face=lambda image, name: analyzer.largest_face(image, name, small="reject"),
         no_face_errors=(NoFaceError,),
         landmark_image=lambda face, hw: landmark_image(face, hw)[..., None],
         auto_face_prompt=auto_face_prompt,

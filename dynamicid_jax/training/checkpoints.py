@@ -20,6 +20,7 @@ step into modeling.py's params dict, so `launch/sample.py --dynamicid WORKDIR` s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 from typing import Any, Mapping, Optional
@@ -28,7 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dynamicid_jax.errors import MissingFileError, UserError
+from dynamicid_jax.errors import MissingFileError, StorageError, UserError
 from dynamicid_jax.sharding import path_name
 from dynamicid_jax.training.partition import merge
 
@@ -64,6 +65,43 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_state: Mapping[str,
     """Save (asynchronously) when the interval says so or `force`; returns whether it saved."""
     return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    data=ocp.args.JsonSave(dict(data_state))), force=force)
+
+
+def committed_steps(workdir) -> list[int]:
+    """Steps whose checkpoint is complete on disk (orbax renames a step's temporary folder to
+    its number only once every item is written), oldest first."""
+    folder = pathlib.Path(workdir) / CHECKPOINTS
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()) if folder.is_dir() else []
+
+
+def _os_error_in(error: BaseException) -> Optional[OSError]:
+    """The OSError behind `error` (itself, or along its cause/context chain), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and not isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextlib.contextmanager
+def storage_errors(what: str, workdir):
+    """Turn a failed write (disk full, read-only, permissions: an OSError, also when orbax
+    re-raises it from its save thread) into a StorageError saying what is still usable."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        cause = _os_error_in(e)
+        if cause is None:
+            raise
+        steps = committed_steps(workdir)
+        kept = (f"the newest complete checkpoint, step {steps[-1]}, is intact and a rerun of the same command "
+                "resumes from it" if steps else "no checkpoint was completed yet; a rerun starts afresh")
+        raise StorageError(f"{what} in {pathlib.Path(workdir) / CHECKPOINTS} failed: {cause}; {kept} "
+                           "(free space first)") from e
 
 
 def _saved_leaves(metadata) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -24,10 +24,13 @@ import ml_collections
 import numpy as np
 
 from dynamicid_jax import modeling, sharding
-from dynamicid_jax.data import pipeline
+from dynamicid_jax.data import pipeline, records
 from dynamicid_jax.errors import ConfigError
 from dynamicid_jax.training import checkpoints, data, init, partition
 from dynamicid_jax.training.step import init_state, learning_rate_schedule, make_optimizer, make_step_fn
+
+
+SUMMARY = "summary.json"
 
 
 class NonFiniteError(FloatingPointError):
@@ -95,7 +98,6 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
     if config.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
 
     # ------------------------------------------------------------------ mesh
@@ -106,6 +108,7 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
     # ------------------------------------------------------------------ input (checked against the model)
     modules = modeling.build_modules(config.model, dtype=compute_dtype(config.dtype))
     manifest = data.check_dataset(data_dir, stage, modules, config)
+    workdir.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to fit: no stray workdirs
 
     # ------------------------------------------------------------------ model, optimizer, sharding, update step
     tx = make_optimizer(config.optimizer, config.total_steps)
@@ -135,12 +138,14 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
         state = jax.jit(lambda t, m: init_state(t, m, tx, config.seed), out_shardings=state_shardings)(
             trainable, model_state)
         del params
-        checkpoints.save_frozen(workdir, fixed)
+        with checkpoints.storage_errors("writing the frozen parameters", workdir):
+            checkpoints.save_frozen(workdir, fixed)
         if is_main:
             checkpoints.write_config(workdir, config)
         data_state = None
 
-    dataset = data.dataset(data_dir, stage, modules, config)
+    corrupt = pipeline.CorruptRecords() if config.data.get("skip_corrupt_records", False) else None
+    dataset = data.dataset(data_dir, stage, modules, config, corrupt=corrupt)
     batches = pipeline.GlobalBatchIterator(dataset, mesh, num_threads=config.data.num_threads,
                                            prefetch=config.data.prefetch, sharding=batch_sharding)
     if data_state is not None:
@@ -163,7 +168,13 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
             # read, decode and place the next batches while steps run; next() hands over ready
             # arrays, or waits for them.
             wait_start = time.perf_counter()
-            previous, batch = batch, next(batches)
+            try:
+                previous, batch = batch, next(batches)
+            except records.RecordFormatError as e:
+                raise records.RecordFormatError(
+                    f"{e} (read for step {step + 1}; checkpoints so far are kept: "
+                    f"`python data_pipelines/precompute.py --verify {data_dir}` lists every bad record, "
+                    "--config.data.skip_corrupt_records=True skips them)") from None
             input_seconds += time.perf_counter() - wait_start
             consumed = batches.get_state()  # just after this batch: where a checkpoint of this step resumes
             state, metrics = compiled(state, fixed, batch)  # dispatched asynchronously
@@ -190,21 +201,28 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
                 last = dict(metrics, step=step, compile_seconds=compile_seconds)
             if bar is not None:
                 bar.update(1)
-            saved = checkpoints.save(mngr, step, state, consumed, force=step == config.total_steps)
+            with checkpoints.storage_errors(f"saving the checkpoint of step {step}", workdir):
+                saved = checkpoints.save(mngr, step, state, consumed, force=step == config.total_steps)
             if preemption.agreed():
                 if not saved:  # a step the interval just saved must not be saved twice
-                    checkpoints.save(mngr, step, state, consumed, force=True)
+                    with checkpoints.storage_errors(f"saving the checkpoint of step {step}", workdir):
+                        checkpoints.save(mngr, step, state, consumed, force=True)
                 print(f"SIGTERM: saved step {step} and stopping", file=sys.stderr)
                 break
     finally:
         preemption.restore()
-        mngr.wait_until_finished()
-        mngr.close()
         batches.close()
         if bar is not None:
             bar.close()
         if writer is not None:
             writer.close()
+        with checkpoints.storage_errors("finishing the last checkpoint save", workdir):
+            mngr.wait_until_finished()
+            mngr.close()
+    if corrupt is not None:
+        last["corrupt_records_skipped"] = len(corrupt)
+    if is_main:
+        _write_summary(workdir, last, corrupt)
     return last
 
 
@@ -267,6 +285,17 @@ def _constants(stage, config, modules, params, data_dir, manifest) -> dict:
     ids = init.prompt_ids(config, modules)
     states = jax.jit(modules.text_encoder.apply)({"params": params["text_encoder"]}, ids)[0]
     return {"prompt_states": np.asarray(states, np.float32)}
+
+
+def _write_summary(workdir: pathlib.Path, last: dict, corrupt) -> None:
+    """DIR/summary.json: the last logged metrics, and the corrupt records skipped (if skipping)."""
+    from dynamicid_jax.data.shards import write_json_atomic
+
+    summary = dict(last)
+    if corrupt is not None:
+        summary["corrupt_records"] = corrupt.to_json()
+    with checkpoints.storage_errors("writing summary.json", workdir):
+        write_json_atomic(workdir / SUMMARY, summary)
 
 
 def _summary_writer(workdir):
