@@ -4,6 +4,11 @@
   python launch/train.py --stage=anchor --config=configs/anchor.py --data=SHARDS --workdir=DIR \
       [--config.key=value ...]
 
+Errors in flags, config values, shards (a corrupt record: file and offset) or storage (a
+failed checkpoint save) stop with one line on stderr and status 2; earlier checkpoints stay
+and a rerun resumes. `--config.data.skip_corrupt_records=True` skips and counts corrupt
+records instead (DIR/summary.json). Library INFO logs are off unless --verbose.
+
 Checkpoints go to DIR/checkpoints (orbax: asynchronous, every `checkpoint.every_steps`, the
 last `checkpoint.keep` kept, one more on SIGTERM), TensorBoard events to DIR. Rerunning the
 same command after a crash or preemption resumes from the newest checkpoint: same step,
@@ -65,12 +70,14 @@ def initialize_distributed() -> None:
 
 
 def _run(argv) -> None:
+    from dynamicid_jax.cli import check_output_folder
     from dynamicid_jax.errors import ConfigError
 
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.config is None:
         raise ConfigError("--config is required (e.g. --config=configs/anchor.py)")
+    check_output_folder(FLAGS.workdir, "--workdir")
     initialize_distributed()
     from dynamicid_jax.training import trainer
 

@@ -174,6 +174,8 @@ def finalize_dataset(folder: pathlib.Path) -> dict:
     finishers that both finalize write identical files.
     """
     folder = pathlib.Path(folder)
+    if not (folder / RUN_CONFIG).is_file():
+        raise ManifestError(f"cannot finalize {folder}: no {RUN_CONFIG} (not the --output folder of a precompute run)")
     run_config = read_json(folder / RUN_CONFIG)
     stage, num_shards = run_config["stage"], run_config["num_shards"]
     missing = missing_shards(folder, stage, num_shards)
