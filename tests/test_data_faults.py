@@ -13,11 +13,8 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -123,73 +120,51 @@ def _precompute_cli():
     return module
 
 
-# --------------------------------------------------------------------------- corrupt records in training
+# --------------------------------------------------------------------------- faults in training
 
 
-def test_corrupt_record_stops_training_then_skipping_goes_on(anchor_data, tmp_path, monkeypatch, capsys, caplog):
-    """A record corrupted on disk after step 2's checkpoint: the run stops with one line naming
-    file and offset (status 2), the checkpoints saved before stay restorable; the same command
-    with skip_corrupt_records=True resumes from them, skips and counts the record, finishes."""
+def test_pipeline_skips_and_counts_corrupt_records(anchor_data, tmp_path):
+    """skip_corrupt_records at the input level: batches keep their size, a bad record is
+    replaced by the next readable one of the shuffled stream and counted once."""
+    from dynamicid_jax.data import pipeline
+
     folder = _copy(anchor_data, tmp_path)
-    path, offset = _record(folder, 1, 2)
-    save = checkpoints.save
-
-    def save_then_corrupt(mngr, step, *args, **kwargs):
-        saved = save(mngr, step, *args, **kwargs)
-        if step == EVERY:
-            mngr.wait_until_finished()
-            _flip_byte(path, offset)
-        return saved
-
-    monkeypatch.setattr(checkpoints, "save", save_then_corrupt)
-    workdir = tmp_path / "run"
-    capsys.readouterr()
-    assert cli.run_main(trainer.train, anchor_config(), workdir, folder, stage="anchor") == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"error: {path}: payload CRC mismatch at offset {offset}") and "--verify" in err
-    kept = checkpoints.committed_steps(workdir)
-    assert kept and EVERY in kept and STEPS not in kept
-    checkpoints.load_trained_params(workdir, modeling.build_modules(anchor_config().model))  # restorable
-
-    monkeypatch.setattr(checkpoints, "save", save)
-    with caplog.at_level(logging.WARNING, logger="dynamicid_jax"):
-        last = trainer.train(anchor_config(skip_corrupt_records=True), workdir, folder, stage="anchor")
-    assert last["step"] == STEPS and last["corrupt_records_skipped"] == 1
-    summary = json.loads((workdir / trainer.SUMMARY).read_text())
-    assert summary["corrupt_records"]["records"][0]["file"] == str(path)
-    assert summary["corrupt_records"]["records"][0]["offset"] == offset
-    warnings = [r.getMessage() for r in caplog.records if "skipping corrupt record" in r.getMessage()]
-    assert len(warnings) == 1 and f"{path} at offset {offset}" in warnings[0]
+    path, offset = _record(folder, 0, 5)
+    _flip_byte(path, offset)
+    with pytest.raises(records.RecordFormatError, match=f"payload CRC mismatch at offset {offset}"):
+        [pipeline.anchor_dataset(folder, global_batch_size=8, seed=0)[j] for j in range(2)]
+    corrupt = pipeline.CorruptRecords()
+    ds = pipeline.anchor_dataset(folder, global_batch_size=8, seed=0, corrupt=corrupt)
+    clean = pipeline.anchor_dataset(anchor_data, global_batch_size=8, seed=0)
+    for j in range(4):  # two epochs: the bad record is met twice, counted once
+        got, want = ds[j], clean[j]
+        rows = [i for i in range(8) if not np.array_equal(got["id_embedding"][i], want["id_embedding"][i])]
+        assert len(rows) <= 1 and got["id_embedding"].shape == want["id_embedding"].shape
+    assert corrupt.to_json()["count"] == 1 and list(corrupt.found) == [(str(path), offset)]
 
 
-def test_train_cli_on_a_corrupt_shard_exits_2_with_one_line(anchor_data, tmp_path):
-    """End to end through launch/train.py: no traceback, and none of orbax's INFO lines."""
-    folder = _copy(anchor_data, tmp_path)
-    for shard in (0, 1):
-        for k in range(8):  # every record bad: the first batch fails
-            _flip_byte(*_record(folder, shard, k))
-    cmd = [sys.executable, "launch/train.py", "--stage=anchor", "--config=configs/anchor.py:tiny", f"--data={folder}",
-           f"--workdir={tmp_path / 'run'}", f"--config.total_steps={STEPS}", f"--config.checkpoint.every_steps={EVERY}",
-           "--config.checkpoint.keep=5", "--config.progress_bar=False"]
-    env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="true", PYTHONPATH=str(ROOT))
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 2, result.stderr[-3000:]
-    err = result.stderr.strip().splitlines()
-    assert "Traceback" not in result.stderr and len(err) == 1, result.stderr[-3000:]
-    assert "payload CRC mismatch at offset" in err[0] and str(folder) in err[0]
-    assert not result.stdout.strip()  # no step finished: nothing logged, and no INFO chatter
+def test_training_faults_stop_cleanly_and_reruns_resume(anchor_data, tmp_path, monkeypatch, capsys, caplog):
+    """One workdir through three runs of the trainer (one compiled step, reused):
 
-
-# --------------------------------------------------------------------------- storage faults
-
-
-def test_failed_checkpoint_save_stops_and_the_rerun_resumes(anchor_data, tmp_path, monkeypatch, capsys):
-    """Disk full while orbax writes step 4 (its JSON item; the arrays may be on disk already):
-    the run stops with one line saying step 2 is intact; the rerun resumes from step 2 and
-    finishes. Also the log: one JSON line per interval with step, loss, lr, grad norm, img/s
-    and the input stall (input_share), nothing else on stdout."""
+    A. disk full while orbax writes step 4 (its JSON item; the arrays may be on disk already):
+       one line saying step 2 is intact, status 2; orbax's INFO logs stay silent.
+    B. the rerun resumes from step 2 and meets a record corrupted on disk: one line naming
+       file and offset, status 2; checkpoint 2 still restorable.
+    C. the same with skip_corrupt_records=True resumes from step 2, skips and counts the
+       record (summary.json, one warning) and finishes. Its stdout is the log: one JSON line
+       per interval with step, loss, lr, grad norm, img/s and the input stall (input_share).
+    """
     import orbax.checkpoint as ocp
 
+    compiled = {}
+    compile_step = trainer.compile_step
+    monkeypatch.setattr(trainer, "compile_step", lambda *a: compiled.get("step") or compiled.setdefault(
+        "step", compile_step(*a)))  # same config, mesh and shards in all three runs
+    folder = _copy(anchor_data, tmp_path)
+    workdir = tmp_path / "run"
+    modules = modeling.build_modules(anchor_config().model)
+
+    # A: a failed save.
     original = ocp.JsonCheckpointHandler._save_fn
 
     async def disk_full_at_step_4(self, x, directory):
@@ -198,17 +173,37 @@ def test_failed_checkpoint_save_stops_and_the_rerun_resumes(anchor_data, tmp_pat
         return await original(self, x, directory)
 
     monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", disk_full_at_step_4)
-    workdir = tmp_path / "run"
+    cli.quiet_logs(verbose=False)
     capsys.readouterr()
-    assert cli.run_main(trainer.train, anchor_config(), workdir, anchor_data, stage="anchor") == 2
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("absl").setLevel(logging.WARNING)  # what quiet_logs set (caplog lowered it)
+        assert cli.run_main(trainer.train, anchor_config(), workdir, folder, stage="anchor") == 2
+    assert not [r for r in caplog.records if r.name in ("absl", "orbax") and r.levelno < logging.WARNING]
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: saving the checkpoint of step") and "No space left on device" in err
     assert f"step {EVERY}, is intact" in err
     assert checkpoints.committed_steps(workdir) == [EVERY]
-
     monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", original)
-    last = trainer.train(anchor_config(), workdir, anchor_data, stage="anchor")
-    assert last["step"] == STEPS and checkpoints.committed_steps(workdir)[-1] == STEPS
+
+    # B: a record corrupted on disk (the resumed epoch, batches 2 and 3, reads every record).
+    path, offset = _record(folder, 1, 2)
+    _flip_byte(path, offset)
+    assert cli.run_main(trainer.train, anchor_config(), workdir, folder, stage="anchor") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {path}: payload CRC mismatch at offset {offset}") and "--verify" in err
+    assert checkpoints.committed_steps(workdir) == [EVERY]
+    checkpoints.load_trained_params(workdir, modules)  # restorable
+
+    # C: skipping.
+    with caplog.at_level(logging.WARNING, logger="dynamicid_jax"):
+        last = trainer.train(anchor_config(skip_corrupt_records=True), workdir, folder, stage="anchor")
+    assert last["step"] == STEPS and last["corrupt_records_skipped"] == 1
+    assert checkpoints.committed_steps(workdir)[-1] == STEPS
+    summary = json.loads((workdir / trainer.SUMMARY).read_text())
+    assert summary["corrupt_records"]["records"][0]["file"] == str(path)
+    assert summary["corrupt_records"]["records"][0]["offset"] == offset
+    warnings = [r.getMessage() for r in caplog.records if "skipping corrupt record" in r.getMessage()]
+    assert len(warnings) == 1 and f"{path} at offset {offset}" in warnings[0]
     lines = capsys.readouterr().out.strip().splitlines()
     logged = [json.loads(line) for line in lines]  # every stdout line is one log line
     assert [w["step"] for w in logged] == list(range(EVERY + 1, STEPS + 1))  # resumed after step 2
