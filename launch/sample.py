@@ -197,7 +197,12 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         if "tqdm" in bar:
             bar["tqdm"].close()
-    paths = save_outputs(args.out, images, request, details, pipeline.provenance)
+    try:
+        paths = save_outputs(args.out, images, request, details, pipeline.provenance)
+    except OSError as e:  # disk full, read-only: one line, not a traceback
+        from dynamicid_jax.errors import StorageError
+
+        raise StorageError(f"--out {args.out}: writing the pictures failed: {e}") from e
     print(f"wrote {', '.join(str(p) for p in paths)} (+ .json sidecars) in {time.time() - start:.1f}s")
     return 0
 

@@ -324,9 +324,15 @@ def run_precompute(job: PrecomputeJob, extractors: Extractors) -> dict:
     }
     if job.stage == "anchor":
         run_config["null_features"] = records.specs_to_json(null_specs(job, extractors.dims))
-    shards.check_or_write_run_config(job.output_dir, run_config)
-    if job.stage == "anchor" and job.process_index == 0:
-        _write_null_features(job, extractors, null_specs(job, extractors.dims))
+    try:
+        shards.check_or_write_run_config(job.output_dir, run_config)
+        if job.stage == "anchor" and job.process_index == 0:
+            _write_null_features(job, extractors, null_specs(job, extractors.dims))
+    except OSError as e:
+        if isinstance(e, UserError):
+            raise
+        raise StorageError(f"writing {job.output_dir}'s run config or null features failed: {e} "
+                           "(free space, then rerun the same command)") from e
 
     todo = [i for i in shards.owned_shards(num_shards, job.process_index, job.process_count)
             if not shards.is_shard_finished(job.output_dir, shards.shard_name(job.stage, i, num_shards))]

@@ -25,7 +25,7 @@ import numpy as np
 
 from dynamicid_jax import modeling, sharding
 from dynamicid_jax.data import pipeline, records
-from dynamicid_jax.errors import ConfigError
+from dynamicid_jax.errors import ConfigError, UserError
 from dynamicid_jax.training import checkpoints, data, init, partition
 from dynamicid_jax.training.step import init_state, learning_rate_schedule, make_optimizer, make_step_fn
 
@@ -33,8 +33,9 @@ from dynamicid_jax.training.step import init_state, learning_rate_schedule, make
 SUMMARY = "summary.json"
 
 
-class NonFiniteError(FloatingPointError):
-    """A NaN/Inf loss or gradient with `nonfinite = "stop"`; the message names the step."""
+class NonFiniteError(UserError, FloatingPointError):
+    """A NaN/Inf loss or gradient with `nonfinite = "stop"`; the message names the step and the
+    way on (a setting the user can change, so a UserError: one line, exit 2)."""
 
 
 def compute_dtype(name: str):
@@ -90,6 +91,12 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
     when the loop asks for it. On hosts whose cores also run the step (CPU) that work can
     still slow the step down without any stall; `benchmarks/input_share.py` measures that
     against a run with no input at all.
+
+    Faults: a corrupt record stops the run with RecordFormatError naming file and offset
+    (`config.data.skip_corrupt_records=True`: skipped and counted instead, see
+    `pipeline.CorruptRecords`); a failed checkpoint write raises StorageError naming the
+    newest complete step, which a rerun resumes from. DIR/summary.json gets the last logged
+    metrics (and the skipped records) at the end of a run.
     """
     # ------------------------------------------------------------------ setup
     stage = partition.check_stage(config.stage if stage is None else stage)
