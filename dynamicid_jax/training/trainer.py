@@ -329,4 +329,8 @@ def _log(writer, bar, step: int, metrics: dict) -> None:
     if bar is not None:
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", gnorm=f"{metrics['grad_norm']:.3f}",
                         img_s=f"{metrics['images_per_second']:.1f}")
-    print(json.dumps({"step": step, **line}), file=sys.stderr if bar is not None else sys.stdout, flush=True)
+    text = json.dumps({"step": step, **line})  # one line per interval: step, loss, lr, grad norm, img/s, stall
+    if bar is not None:
+        bar.write(text, file=sys.stderr)  # above the progress bar, not through it
+    else:
+        print(text, flush=True)
