@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import pathlib
 
 import numpy as np
 import pytest
@@ -77,7 +78,7 @@ def test_rotated_phone_jpeg_gives_the_upright_face_box(analyzer, upright, tmp_pa
     np.testing.assert_allclose(_box(analyzer, images.read_rgb(path)), reference, atol=BOX_TOLERANCE)
 
 
-def _save_mode(upright: Image.Image, mode: str, folder) -> "Path":  # noqa: F821
+def _save_mode(upright: Image.Image, mode: str, folder: pathlib.Path) -> pathlib.Path:
     """The photo stored in `mode` (lossless containers: PNG, TIFF for CMYK)."""
     if mode == "I;16":  # 16-bit grey, as scanners and medical/raw exports write it
         grey = np.asarray(upright.convert("L"), np.uint16) * 257
