@@ -113,4 +113,5 @@ def check_output_folder(path: str | os.PathLike, flag: str) -> pathlib.Path:
     return path
 
 
-__all__ = ["ArgumentParser", "ConfigError", "UserError", "check_output_folder", "quiet_logs", "report_user_error", "run_main"]
+__all__ = ["ArgumentParser", "ConfigError", "UserError", "check_output_folder", "quiet_logs", "report_user_error",
+           "run_main"]

@@ -180,7 +180,7 @@ def test_training_faults_stop_cleanly_and_reruns_resume(anchor_data, tmp_path, m
         assert cli.run_main(trainer.train, anchor_config(), workdir, folder, stage="anchor") == 2
     assert not [r for r in caplog.records if r.name in ("absl", "orbax") and r.levelno < logging.WARNING]
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: saving the checkpoint of step") and "No space left on device" in err
+    assert err.startswith("error: saving checkpoints (up to step") and "No space left on device" in err
     assert f"step {EVERY}, is intact" in err
     assert checkpoints.committed_steps(workdir) == [EVERY]
     monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", original)

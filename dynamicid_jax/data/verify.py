@@ -82,7 +82,8 @@ def verify_dataset(folder: str | os.PathLike) -> dict:
         entries = index.get("records", [])
         counts = {"manifest": shard["num_records"], "index": index.get("num_records"), "index entries": len(entries)}
         if len(set(counts.values())) != 1:
-            problems.append(f"{folder / name}: record counts differ ({', '.join(f'{k} {v}' for k, v in counts.items())})")
+            listed = ", ".join(f"{k} {v}" for k, v in counts.items())
+            problems.append(f"{folder / name}: record counts differ ({listed})")
         total_listed += len(entries)
         total_good += _check_records(folder / name, entries, specs, problems)
     if sum(s["num_records"] for s in manifest["shards"]) != manifest["num_records"]:

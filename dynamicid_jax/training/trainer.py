@@ -208,11 +208,12 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
                 last = dict(metrics, step=step, compile_seconds=compile_seconds)
             if bar is not None:
                 bar.update(1)
-            with checkpoints.storage_errors(f"saving the checkpoint of step {step}", workdir):
+            saving = f"saving checkpoints (up to step {step}; saves are asynchronous)"  # which one failed: the path
+            with checkpoints.storage_errors(saving, workdir):
                 saved = checkpoints.save(mngr, step, state, consumed, force=step == config.total_steps)
             if preemption.agreed():
                 if not saved:  # a step the interval just saved must not be saved twice
-                    with checkpoints.storage_errors(f"saving the checkpoint of step {step}", workdir):
+                    with checkpoints.storage_errors(saving, workdir):
                         checkpoints.save(mngr, step, state, consumed, force=True)
                 print(f"SIGTERM: saved step {step} and stopping", file=sys.stderr)
                 break
