@@ -4,7 +4,7 @@ training log line.
 
 The training runs use tests/test_train.py's tiny anchor configuration and dataset shape on
 the 8 fake devices, so their step executable comes from the persistent compile cache that
-test_train.py (or the first run here) fills; faults are injected in the real write paths
+test_train.py fills (this file sorts after it: named test_train_faults.py for that); faults are injected in the real write paths
 (orbax's item writer, the shard writer's file writes) as `OSError(ENOSPC)`.
 """
 
