@@ -23,6 +23,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import regex
 
+from dynamicid_jax.errors import MissingFileError
+
 # CLIP's pre-tokenisation: special tokens, English contractions, letter runs, single digits,
 # runs of anything else that is not whitespace.
 _PRETOKENIZE = regex.compile(
@@ -119,7 +121,7 @@ class CLIPTokenizer:
         vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
         for f in (vocab_file, merges_file):
             if not f.is_file():
-                raise FileNotFoundError(f"tokenizer file missing: {f}")
+                raise MissingFileError(f"tokenizer file missing: {f}")
         with open(vocab_file, encoding="utf-8") as f:
             vocab = json.load(f)
         merges = read_merges(merges_file)
