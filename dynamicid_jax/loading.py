@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dynamicid_jax import modeling, schedulers
+from dynamicid_jax.errors import MissingFileError
 from dynamicid_jax.sampling import DynamicIDPipeline, InputError
 
 DEMO_NOTICE = (
@@ -55,7 +56,7 @@ def training_run_config(dynamicid: Optional[str]):
     try:
         workdir = find_workdir(path)
     except (FileNotFoundError, ValueError) as e:
-        raise FileNotFoundError(f"--dynamicid {path}: neither a release folder (SAA.bin) nor a training run: {e}")
+        raise MissingFileError(f"--dynamicid {path}: neither a release folder (SAA.bin) nor a training run: {e}")
     return ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
 
 
@@ -174,7 +175,7 @@ def _tokenizer_folder(base_model: str) -> pathlib.Path:
     for candidate in (path / "tokenizer", path):
         if (candidate / "vocab.json").is_file() and (candidate / "merges.txt").is_file():
             return candidate
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"no CLIP tokenizer (vocab.json + merges.txt) in {path}/tokenizer: a single-file checkpoint carries "
         "none; convert it with launch/convert.py or pass a pipeline folder"
     )

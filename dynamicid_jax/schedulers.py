@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from dynamicid_jax.errors import MissingFileError
+
 _BETA_SCHEDULES = ("linear", "scaled_linear")
 _SPACINGS = ("leading", "trailing", "linspace")
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -95,7 +97,7 @@ class SchedulerConfig:
             if candidate.is_file():
                 with open(candidate) as f:
                     return cls.from_diffusers(json.load(f))
-        raise FileNotFoundError(f"{path}: no scheduler/scheduler_config.json")
+        raise MissingFileError(f"{path}: no scheduler/scheduler_config.json")
 
 
 @struct.dataclass

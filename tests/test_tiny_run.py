@@ -43,7 +43,7 @@ def _train_cli(argv: list[str], monkeypatch) -> None:
     argv = ["train.py", *argv]
     monkeypatch.setattr(sys, "argv", argv)
     cli.FLAGS(argv)
-    cli.main(argv[:1])
+    assert cli.main(argv[:1]) == 0
 
 
 def _last_line(capsys) -> str:

@@ -33,6 +33,7 @@ import pathlib
 import re
 from typing import Any, Mapping, Optional
 
+from dynamicid_jax.errors import MissingFileError, UserError
 from dynamicid_jax.evaluation.face_metrics import POSE_CATEGORIES
 from dynamicid_jax.faces.expression import EMOTIONS
 from dynamicid_jax.sampling import IdentityRequest, SampleRequest
@@ -56,7 +57,7 @@ SUBJECT_PHRASE = "{article} {expression} {noun} {orientation}"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-class ProtocolError(ValueError):
+class ProtocolError(UserError, ValueError):
     """A test-set file that cannot be used; the message names the file and the field."""
 
 
@@ -215,7 +216,7 @@ def expand_cases(
 
 def _read_file(path: pathlib.Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"test set not found: {path}")
+        raise MissingFileError(f"test set not found: {path}")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix in (".yaml", ".yml"):
