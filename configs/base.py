@@ -53,6 +53,7 @@ def sampling_config() -> ml_collections.ConfigDict:
     s.beta = 4.0  # layout intensity
     s.id_scale = 1.0
     s.negative_prompt = "lowres, bad anatomy, worst quality, low quality, blurry, deformed"
+    s.scheduler = "ddim"  # the release's sampler; see dynamicid_jax.schedulers.SCHEDULERS
     return s
 
 

@@ -5,11 +5,13 @@ Per identity (one or more reference photos, averaged):
   photo -> CLIP preprocess -> vision tower, penultimate      > FaceProjection -> tokens (T, D)
   [face prompt and/or target landmarks given] -> IMR(tokens, source motion, target motion)
 Then one jitted loop: classifier-free guidance batched as [negative, positive], the SAA UNet
-with every identity's tokens and boxes, DDIM steps, VAE decode.
+with every identity's tokens and boxes, the request's sampler (`schedulers.SCHEDULERS`:
+DDIM, DPM-Solver++ 2M, Euler, Euler ancestral, LCM), VAE decode.
 
 The denoising loop is a `lax.fori_loop` whose trip count is a traced value over timesteps
 padded to the training length, so changing `steps`, `guidance`, `alpha`, `beta`, boxes or
-prompts reuses the compiled program; only image size, batch and identity count recompile.
+prompts, seed or sampler (a traced index, `lax.switch`) reuses the compiled program; only
+image size, batch and identity count recompile.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class SampleRequest:
     id_scale: float = 1.0
     mix: Optional[float] = None
     gating: bool = True
+    scheduler: str = "ddim"  # one of schedulers.SCHEDULERS
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -113,8 +116,12 @@ def validate_request(request: SampleRequest, vae_factor: int) -> None:
         value = getattr(request, name)
         if value <= 0 or value % vae_factor:
             raise InputError(f"--{name} must be a positive multiple of {vae_factor}, got {value}")
-    if not 1 <= request.steps <= 1000:
-        raise InputError(f"--steps must be in [1, 1000], got {request.steps}")
+    if request.scheduler not in schedulers.SCHEDULERS:
+        raise InputError(f"--scheduler {request.scheduler!r} is unknown; choose one of {', '.join(schedulers.SCHEDULERS)}")
+    # LCM picks its steps from a 50-step distillation schedule.
+    limit = schedulers.samplers.LCM_ORIGINAL_STEPS if request.scheduler == "lcm" else 1000
+    if not 1 <= request.steps <= limit:
+        raise InputError(f"--steps must be in [1, {limit}] for --scheduler {request.scheduler}, got {request.steps}")
     if request.num_images < 1:
         raise InputError(f"--num_images must be >= 1, got {request.num_images}")
     if isinstance(request.alpha, float) and not 0.0 < request.alpha <= 1.0:
@@ -274,38 +281,53 @@ class DynamicIDPipeline:
             self._progress()
 
     def _denoise_fn(
-        self, unet_params, vae_params, noise, context, id_tokens, boxes, timesteps, prev_timesteps, num_steps,
+        self, unet_params, vae_params, noise, context, id_tokens, boxes, sampler, schedule, step_key,
         guidance, alpha_count, beta, id_scale, mix, *, gating: bool, use_boxes: bool, with_mix: bool,
     ):
-        """noise (N, h, w, C); context (2N, L, D) [negative; positive]; id_tokens (2N, n, T, D);
-        boxes (2N, n, 4); timesteps/prev padded to the training length; num_steps traced.
+        """noise (N, h, w, C) standard normal; context (2N, L, D) [negative; positive];
+        id_tokens (2N, n, T, D); boxes (2N, n, 4); sampler: () int32 index into
+        schedulers.SCHEDULERS; schedule: its `schedulers.Schedule` padded to the training length
+        (num_steps traced); step_key: the ancestral samplers' per-step noise key.
         Returns images (N, H, W, 3) float32 in [-1, 1]."""
         unet, table = self.modules.unet, self.table
 
-        def body(i, x):
-            t, prev = timesteps[i], prev_timesteps[i]
+        def body(i, carry):
+            x, state = carry
+            t = schedule.timesteps[i]
             identity = IdentityConditioning(
                 tokens=id_tokens, boxes=boxes, layout_active=i < alpha_count, beta=beta, id_scale=id_scale,
                 mix=mix if with_mix else None, use_boxes=use_boxes, gating=gating,
             )
-            x2 = jnp.concatenate([x, x])
+            x_in = schedulers.scale_model_input_by_index(sampler, schedule, i, x)
+            x2 = jnp.concatenate([x_in, x_in])
             eps = unet.apply({"params": unet_params}, x2, jnp.broadcast_to(t, (x2.shape[0],)), context, identity)
             uncond, cond = jnp.split(eps, 2)
             guided = uncond + guidance * (cond - uncond)
-            x, _ = schedulers.ddim_step(table, guided, t, prev, x)
+            x, state = schedulers.step_by_index(sampler, table, schedule, i, guided, x, state, step_key)
             jax.debug.callback(self._on_step, i)
-            return x
+            return x, state
 
-        latents = jax.lax.fori_loop(0, num_steps, body, noise)
+        start = noise * schedule.init_sigma
+        memory = schedulers.init_state("dpmpp_2m", start)  # the only multistep state; others pass it on
+        latents, _ = jax.lax.fori_loop(0, schedule.num_steps, body, (start, memory))
         scale = self.modules.vae.config.scaling_factor
         images = self.modules.vae.apply({"params": vae_params}, latents / scale, method="decode")
         return jnp.clip(images, -1.0, 1.0)
 
-    def generate(self, request: SampleRequest, progress: Optional[Callable[[int], Any]] = None):
+    @staticmethod
+    def initial_noise(seed: int, latent_shape) -> tuple[jax.Array, jax.Array]:
+        """(standard-normal start latents, key of the ancestral samplers' per-step noise), both
+        fixed by the seed (the start noise is the same for every sampler)."""
+        key = jax.random.PRNGKey(seed)
+        return jax.random.normal(key, latent_shape, jnp.float32), jax.random.fold_in(key, 1)
+
+    def generate(self, request: SampleRequest, progress: Optional[Callable[[int], Any]] = None,
+                 *, float_images: bool = False):
         """Run one request. Returns (images uint8 (N, H, W, 3), details dict for the sidecar).
 
         progress: called as progress(total_steps) once and returns a per-step callback
-        (e.g. a tqdm bar's update); None = silent.
+        (e.g. a tqdm bar's update); None = silent. float_images: the decoder's float32 output
+        in [-1, 1] instead of uint8 (parity checks).
         """
         f = self.modules.vae_scale_factor
         validate_request(request, f)
@@ -324,20 +346,17 @@ class DynamicIDPipeline:
         id_tokens = jnp.concatenate([jnp.repeat(uncond[None], n, 0), jnp.repeat(tokens[None], n, 0)])
         box_batch = jnp.broadcast_to(jnp.asarray(boxes), (2 * n, n_ids, 4))
 
-        total = self.scheduler.num_train_timesteps
-        ts = schedulers.ddim_timesteps(self.scheduler, request.steps)
-        prev = schedulers.ddim_prev_timesteps(self.scheduler, ts)
-        pad = total - request.steps  # fixed-length arrays: a new step count reuses the program
-        ts = jnp.pad(ts, (0, pad))
-        prev = jnp.pad(prev, (0, pad))
+        # Padded to the training length: a new step count reuses the program.
+        schedule = schedulers.make_schedule(request.scheduler, self.scheduler, request.steps)
         latent_shape = (n, request.height // f, request.width // f, self.modules.unet.config.in_channels)
-        noise = jax.random.normal(jax.random.PRNGKey(request.seed), latent_shape, jnp.float32)
+        noise, step_key = self.initial_noise(request.seed, latent_shape)
 
         self._progress = progress(request.steps) if progress is not None else None
         try:
             images = self._denoise(
-                self.params["unet"], self.params["vae"], noise, context, id_tokens, box_batch, ts, prev,
-                jnp.int32(request.steps), jnp.float32(request.guidance),
+                self.params["unet"], self.params["vae"], noise, context, id_tokens, box_batch,
+                jnp.int32(schedulers.sampler_index(request.scheduler)), schedule, step_key,
+                jnp.float32(request.guidance),
                 jnp.int32(alpha_steps(request.alpha, request.steps)), jnp.float32(request.beta),
                 jnp.float32(request.id_scale), jnp.float32(request.mix if request.mix is not None else 0.0),
                 gating=request.gating, use_boxes=use_boxes, with_mix=request.mix is not None,
@@ -345,13 +364,15 @@ class DynamicIDPipeline:
             images = np.asarray(jax.block_until_ready(images))
         finally:
             self._progress = None
-        images_uint8 = np.round((images + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
         details = {
             "boxes_used": boxes.tolist() if use_boxes else None,
             "identities_used": [info for _, info in per_identity],
             "alpha_steps": alpha_steps(request.alpha, request.steps),
+            "scheduler": schedulers.describe(request.scheduler, self.scheduler),
         }
-        return images_uint8, details
+        if float_images:
+            return images, details
+        return np.round((images + 1.0) * 127.5).clip(0, 255).astype(np.uint8), details
 
 
 def save_outputs(

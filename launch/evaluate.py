@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vision_encoder", default=None)
     p.add_argument("--dynamicid", default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--scheduler", default=None,
+                   help="ddim, dpmpp_2m, dpmpp_2m_karras, euler, euler_a or lcm (default: the test set's, else ddim)")
     phase = p.add_mutually_exclusive_group()
     phase.add_argument("--images_only", action="store_true", help="generate missing images, compute no metrics")
     phase.add_argument("--metrics_only", action="store_true", help="score existing images, generate nothing")
@@ -80,6 +82,12 @@ def main(argv=None) -> int:
         seeds = _seeds(args.seeds)
         config = load_config("tiny" if args.demo else "base")
         sampling = resolve_sampling(config.sampling, protocol)
+        if args.scheduler is not None:
+            from dynamicid_jax.schedulers import SCHEDULERS
+
+            if args.scheduler not in SCHEDULERS:
+                raise InputError(f"--scheduler {args.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+            sampling["scheduler"] = args.scheduler
         generate, provenance = None, None
         if not args.metrics_only:
             _, pipeline = load_pipeline(

@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--id_scale", type=float, default=None)
     p.add_argument("--mix", type=float, default=None, help="identity mixing weight m (one box, several identities)")
     p.add_argument("--no_gating", action="store_true", help="ablation: plain decoupled cross-attention")
+    p.add_argument("--scheduler", default=None,
+                   help="ddim (default), dpmpp_2m, dpmpp_2m_karras, euler, euler_a (ancestral) or lcm (LCM-LoRA)")
     p.add_argument("--base_model", default=None, help="SD1.5 pipeline folder, single-file checkpoint or converted folder")
     p.add_argument("--vision_encoder", default=None, help="CLIP ViT-H/14 image encoder folder (transformers)")
     p.add_argument("--dynamicid", default=None, help="release folder (SAA.bin, IMR.bin, key_point_encoder.bin) or a training workdir")
@@ -123,6 +125,7 @@ def build_request(args: argparse.Namespace, sampling_defaults):
         id_scale=pick(args.id_scale, sampling_defaults.id_scale),
         mix=args.mix,
         gating=not args.no_gating,
+        scheduler=pick(args.scheduler, sampling_defaults.scheduler),
     )
 
 

@@ -56,7 +56,9 @@ def test_same_seed_same_bytes_and_step_count_does_not_recompile(pipeline, test_a
     assert c.tobytes() != a.tobytes()
     d, _ = pipeline.generate(_request(test_assets, steps=5, guidance=3.0, alpha=0.5, beta=2.0))
     assert d.tobytes() != a.tobytes()
-    # Steps, guidance, alpha, beta, seed are traced: one compiled denoising program.
+    e, details = pipeline.generate(_request(test_assets, scheduler="dpmpp_2m_karras"))
+    assert e.tobytes() != a.tobytes() and details["scheduler"]["use_karras_sigmas"]
+    # Steps, guidance, alpha, beta, seed and sampler are traced: one compiled denoising program.
     assert pipeline._denoise._cache_size() == 1
     assert details["boxes_used"] == [[0.0, 0.0, 1.0, 0.5], [0.0, 0.5, 1.0, 1.0]]
 
@@ -99,6 +101,8 @@ def test_several_references_are_averaged(pipeline, test_assets):
         (dict(steps=0), "--steps"),
         (dict(mix=1.5), "--mix"),
         (dict(alpha=1.5), "--alpha"),
+        (dict(scheduler="heun"), "--scheduler"),
+        (dict(scheduler="lcm", steps=51), "--steps"),
     ],
 )
 def test_validate_request_names_the_setting(test_assets, change, message):
@@ -117,7 +121,7 @@ def test_cli_writes_png_and_sidecar_that_reproduces_it(pipeline, test_assets, tm
     argv = [
         "--demo", "--out", str(tmp_path / "a"), "--steps", "3", "--seed", "7",
         "--ref", str(test_assets / "obama.jpg"), "--ref", str(test_assets / "0-f15-hao-ph.jpg"),
-        "--box", "0,0,1,0.5", "--box", "0,0.5,1,1", "--face_prompt", "",
+        "--box", "0,0,1,0.5", "--box", "0,0.5,1,1", "--face_prompt", "", "--scheduler", "euler_a",
         "--face_prompt", "a very surprised expression, front view",
         "--expression_model", str(test_assets / "fer_emotion_model.hdf5"),
     ]
@@ -126,6 +130,9 @@ def test_cli_writes_png_and_sidecar_that_reproduces_it(pipeline, test_assets, tm
     png = tmp_path / "a" / "dynamicid-7-0.png"
     sidecar = json.loads((tmp_path / "a" / "dynamicid-7-0.json").read_text())
     assert sidecar["request"]["seed"] == 7 and sidecar["request"]["steps"] == 3
+    # The ancestral sampler's per-step noise comes from the seed: --from_json below reproduces it.
+    assert sidecar["request"]["scheduler"] == "euler_a"
+    assert sidecar["resolved"]["scheduler"]["timestep_spacing"] == "linspace"
     assert sidecar["weights"]["weights"].startswith("tiny random")
     assert sidecar["resolved"]["identities_used"][1]["target_prompt"] == "a very surprised expression, front view"
     again = ["--demo", "--from_json", str(tmp_path / "a" / "dynamicid-7-0.json"), "--out", str(tmp_path / "b"),

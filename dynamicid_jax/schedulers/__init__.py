@@ -25,7 +25,10 @@ from dynamicid_jax.schedulers.samplers import (  # noqa: F401
     make_schedule,
     max_steps,
     needs_noise,
+    sampler_index,
     scale_model_input,
+    scale_model_input_by_index,
     step,
+    step_by_index,
     step_noise,
 )

@@ -6,7 +6,8 @@ Two halves, so one compiled loop serves every step count:
   host side  `make_schedule(name, config, num_steps)` -> `Schedule`: numpy-built per-step
              arrays (timesteps, sigmas, alpha-bar indices) padded to a fixed length.
   device     `init_state`, `scale_model_input`, `step`: pure JAX, indexed by the traced step
-             `i` of a `lax.fori_loop`; the name is static (one program per sampler).
+             `i` of a `lax.fori_loop`, the name static; `*_by_index` take the sampler as a
+             traced index into SCHEDULERS (`lax.switch`), so one compiled loop serves them all.
 
     schedule = make_schedule("dpmpp_2m_karras", config, 20)
     x = noise * schedule.init_sigma
@@ -22,6 +23,7 @@ prediction (SD1.5) is implemented for the new samplers; anything else raises.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import jax
@@ -308,3 +310,38 @@ def step(
     else:
         check_name(name)
     return out.astype(sample.dtype), state
+
+
+# ----------------------------------------------------------------------------- traced choice
+
+
+def sampler_index(name: str) -> int:
+    check_name(name)
+    return SCHEDULERS.index(name)
+
+
+def scale_model_input_by_index(index: jax.Array, schedule: Schedule, i, sample: jax.Array) -> jax.Array:
+    """`scale_model_input` of SCHEDULERS[index], index traced."""
+    branches = [functools.partial(scale_model_input, name, schedule, i) for name in SCHEDULERS]
+    return jax.lax.switch(index, branches, sample)
+
+
+def step_by_index(
+    index: jax.Array, table: NoiseTable, schedule: Schedule, i, model_output: jax.Array, sample: jax.Array,
+    state: jax.Array, key: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """`step` of SCHEDULERS[index] with the sampler a traced index: `lax.switch` runs only the
+    chosen branch, so the cost per step is that sampler's. state: `init_state("dpmpp_2m", x)`
+    (the one multistep memory; the other samplers pass it through). key: the per-step noise
+    key (`step_noise(key, i)`, drawn only by the ancestral branches)."""
+
+    def branch(name):
+        def run(eps, x, memory):
+            noise = step_noise(key, i, x.shape) if needs_noise(name) else None
+            multistep = name.startswith("dpmpp")
+            out, new = step(name, table, schedule, i, eps, x, memory if multistep else (), noise=noise)
+            return out, (new if multistep else memory)
+
+        return run
+
+    return jax.lax.switch(index, [branch(name) for name in SCHEDULERS], model_output, sample, state)
