@@ -83,6 +83,7 @@ class SampleRequest:
     mix: Optional[float] = None
     gating: bool = True
     scheduler: str = "ddim"  # one of schedulers.SCHEDULERS
+    clip_skip: int = 0  # text states this many layers before the last (1 = penultimate)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -122,6 +123,8 @@ def validate_request(request: SampleRequest, vae_factor: int) -> None:
     limit = schedulers.samplers.LCM_ORIGINAL_STEPS if request.scheduler == "lcm" else 1000
     if not 1 <= request.steps <= limit:
         raise InputError(f"--steps must be in [1, {limit}] for --scheduler {request.scheduler}, got {request.steps}")
+    if request.clip_skip < 0:
+        raise InputError(f"--clip_skip must be >= 0, got {request.clip_skip}")
     if request.num_images < 1:
         raise InputError(f"--num_images must be >= 1, got {request.num_images}")
     if isinstance(request.alpha, float) and not 0.0 < request.alpha <= 1.0:
@@ -193,7 +196,8 @@ class DynamicIDPipeline:
         self.table = schedulers.noise_table(scheduler)
         self.provenance = dict(provenance or {})
         self._progress: Optional[Callable[[], None]] = None
-        self._encode_text = jax.jit(lambda p, ids: modules.text_encoder.apply({"params": p}, ids))
+        self._encode_text = jax.jit(lambda p, ids, skip: modules.text_encoder.apply({"params": p}, ids, skip),
+                                    static_argnums=2)
         self._clip_tokens = jax.jit(self._clip_tokens_fn)
         self._project = jax.jit(lambda p, e, c: modules.face_projection.apply({"params": p}, e, c))
         self._landmark_features = jax.jit(lambda v, x: modules.keypoint_encoder.apply(v, x, train=False))
@@ -207,10 +211,13 @@ class DynamicIDPipeline:
         _, _, hidden = self.modules.vision_encoder.apply({"params": params}, pixels)
         return hidden[-2]  # penultimate layer, as IP-Adapter-FaceID-Plus
 
-    def text_features(self, texts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
-        """(states (B, 77, D), pooled (B, D)) of the text encoder."""
+    def text_features(self, texts: Sequence[str], clip_skip: int = 0) -> tuple[jax.Array, jax.Array]:
+        """(states (B, 77, D), pooled (B, D)) of the text encoder; clip_skip as CLIPTextModel's."""
         ids = jnp.asarray(self.tokenizer(list(texts)))
-        return self._encode_text(self.params["text_encoder"], ids)
+        layers = self.modules.text_encoder.config.num_layers
+        if clip_skip >= layers:
+            raise InputError(f"--clip_skip {clip_skip}: the text encoder has {layers} layers (at most {layers - 1})")
+        return self._encode_text(self.params["text_encoder"], ids, clip_skip)
 
     def unconditional_tokens(self) -> jax.Array:
         """Tokens of a zero identity vector and the CLIP features of an all-zero image: (T, D)."""
@@ -340,7 +347,7 @@ class DynamicIDPipeline:
             boxes = np.asarray([ident.box for ident in request.identities], np.float32)
         else:
             boxes = default_boxes(n_ids).astype(np.float32)
-        states, _ = self.text_features([request.negative_prompt, request.prompt])
+        states, _ = self.text_features([request.negative_prompt, request.prompt], request.clip_skip)
         n = request.num_images
         context = jnp.concatenate([jnp.repeat(states[:1], n, 0), jnp.repeat(states[1:], n, 0)])
         id_tokens = jnp.concatenate([jnp.repeat(uncond[None], n, 0), jnp.repeat(tokens[None], n, 0)])

@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vision_encoder", default=None)
     p.add_argument("--dynamicid", default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--lora", action="append", default=[], help="style LoRA FILE[:SCALE], repeatable (as sample.py)")
+    p.add_argument("--lora_skip_unknown", action="store_true")
     p.add_argument("--scheduler", default=None,
                    help="ddim, dpmpp_2m, dpmpp_2m_karras, euler, euler_a or lcm (default: the test set's, else ddim)")
     phase = p.add_mutually_exclusive_group()
@@ -73,6 +75,7 @@ def main(argv=None) -> int:
     from dynamicid_jax.evaluation.store import StaleImageError
     from dynamicid_jax.faces import NoFaceError
     from dynamicid_jax.loading import DEMO_NOTICE, load_config, load_pipeline
+    from dynamicid_jax.models.lora_files import parse_lora_arg as parse_lora
     from dynamicid_jax.models.torch_import import WeightImportError
     from dynamicid_jax.sampling import InputError
 
@@ -93,7 +96,8 @@ def main(argv=None) -> int:
             _, pipeline = load_pipeline(
                 demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder,
                 dynamicid=args.dynamicid, faces=args.faces, expression_model=args.expression_model, dtype=args.dtype,
-                log=lambda m: print(m, flush=True),
+                log=lambda m: print(m, flush=True), loras=[parse_lora(t) for t in args.lora],
+                lora_skip_unknown=args.lora_skip_unknown,
             )
             generate, provenance = pipeline.generate, pipeline.provenance
         elif args.demo:

@@ -70,7 +70,9 @@ def _random_lora(models, layout: str, seed: int) -> dict:
             if layout == "kohya":
                 stem = ("lora_unet_" if comp == "unet" else "lora_te_") + name.replace(".", "_")
                 out[f"{stem}.lora_down.weight"], out[f"{stem}.lora_up.weight"] = down, up
-                out[f"{stem}.alpha"] = np.asarray(rng.choice([1.0, 2.0, 8.0]), np.float32)
+                # One network alpha for linear layers and one conv alpha for 3x3 convs, as
+                # sd-scripts writes them (network_alpha, conv_alpha).
+                out[f"{stem}.alpha"] = np.asarray(2.0 if weight.ndim == 4 and weight.shape[2] > 1 else 8.0, np.float32)
             else:
                 out[f"{comp}.{name}.lora_A.weight"], out[f"{comp}.{name}.lora_B.weight"] = down, up
     return out

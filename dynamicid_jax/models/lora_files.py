@@ -159,3 +159,14 @@ def merge_lora_file(
     """`merge_lora_state_dict` of a `.safetensors` (or torch pickle) LoRA file."""
     return merge_lora_state_dict(params, torch_import.read_state_dict(path), scale, skip_unknown=skip_unknown,
                                  name=str(path))
+
+
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """A command line's `FILE[:SCALE]` -> (file, scale); scale 1 when absent."""
+    path, sep, scale = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass  # a ':' inside the file name
+    return text, 1.0
