@@ -328,13 +328,11 @@ class DynamicIDPipeline:
         key = jax.random.PRNGKey(seed)
         return jax.random.normal(key, latent_shape, jnp.float32), jax.random.fold_in(key, 1)
 
-    def generate(self, request: SampleRequest, progress: Optional[Callable[[int], Any]] = None,
-                 *, float_images: bool = False):
+    def generate(self, request: SampleRequest, progress: Optional[Callable[[int], Any]] = None):
         """Run one request. Returns (images uint8 (N, H, W, 3), details dict for the sidecar).
 
         progress: called as progress(total_steps) once and returns a per-step callback
-        (e.g. a tqdm bar's update); None = silent. float_images: the decoder's float32 output
-        in [-1, 1] instead of uint8 (parity checks).
+        (e.g. a tqdm bar's update); None = silent.
         """
         f = self.modules.vae_scale_factor
         validate_request(request, f)
@@ -377,8 +375,6 @@ class DynamicIDPipeline:
             "alpha_steps": alpha_steps(request.alpha, request.steps),
             "scheduler": schedulers.describe(request.scheduler, self.scheduler),
         }
-        if float_images:
-            return images, details
         return np.round((images + 1.0) * 127.5).clip(0, 255).astype(np.uint8), details
 
 

@@ -38,7 +38,11 @@ class _NoFaces:  # the loop needs no face models; the pipeline checks the embedd
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_sd15_pipeline")
+    return build_models(tmp_path_factory.mktemp("tiny_sd15_pipeline"))
+
+
+def build_models(folder):
+    """Torch UNet/VAE, our pipeline with the same weights, text states (also for benchmarks/schedulers.py)."""
     unet = diffusers.UNet2DConditionModel(**TINY_DEMO_UNET).eval()
     vae = diffusers.AutoencoderKL(**TINY_DEMO_VAE).eval()
     randomise_(unet, 0)
