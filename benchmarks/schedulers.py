@@ -8,17 +8,23 @@ the time to merge a kohya-sized style LoRA into SD1.5-shaped weights.
 Step time = (time of an S-step call - time of a 1-step call) / (S - 1), so the VAE decode and
 call overhead cancel. Ours: the jitted loop (compiled once for every sampler: the sampler is a
 traced index); CFG batched (2 latents), identity branch off. Diffusers: the same UNet/VAE in
-torch, float32, CPU threads as set by torch.
+torch, float32. Both single-threaded by default (see below).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import re
 import sys
 import tempfile
 import time
+
+# One compute thread on each side unless told otherwise: on a shared 2-core machine torch's
+# default OpenMP threads spin against other processes (measured: 983 ms vs 57 ms for one tiny
+# UNet call), which would make the comparison meaningless.
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +49,8 @@ def bench_samplers(steps: int, repeats: int):
 
     import test_sampler_pipeline_parity as E
     from dynamicid_jax import schedulers as S
+
+    torch.set_num_threads(int(os.environ.get("BENCH_TORCH_THREADS", "1")))
 
     models = E.build_models(pathlib.Path(tempfile.mkdtemp()))
     ours = models["ours"]
@@ -75,15 +83,18 @@ def bench_samplers(steps: int, repeats: int):
     t0 = time.perf_counter()
     run_ours("ddim", 1)
     compile_s = time.perf_counter() - t0
-    rows = {}
+    # Rounds interleave the samplers so that load drifting on a shared machine hits all alike;
+    # each figure is the best round.
+    timings = {(name, side, n): [] for name in S.SCHEDULERS for side in (0, 1) for n in (1, steps)}
     for name in S.SCHEDULERS:
-        per_step = []
-        for runner in (run_ours, run_theirs):
-            runner(name, 2)  # warm-up
-            long = _best(lambda: runner(name, steps), repeats)
-            short = _best(lambda: runner(name, 1), repeats)
-            per_step.append((long - short) / (steps - 1))
-        rows[name] = per_step
+        run_ours(name, 2), run_theirs(name, 2)  # warm-up
+    for _ in range(repeats):
+        for name in S.SCHEDULERS:
+            for side, runner in enumerate((run_ours, run_theirs)):
+                for n in (1, steps):
+                    timings[(name, side, n)].append(_best(lambda: runner(name, n), 1))
+    rows = {name: [(min(timings[(name, side, steps)]) - min(timings[(name, side, 1)])) / (steps - 1)
+                   for side in (0, 1)] for name in S.SCHEDULERS}
     print(f"\n## Sampler step cost, tiny demo model ({E.SIZE} px, CFG), CPU, {steps}-step calls\n")
     print(f"One compile for all samplers: {compile_s:.1f} s.\n")
     print("| sampler | ours ms/step | vs our DDIM | diffusers ms/step | ours / diffusers |")
@@ -91,6 +102,41 @@ def bench_samplers(steps: int, repeats: int):
     ddim = rows["ddim"][0]
     for name, (o, d) in rows.items():
         print(f"| {name} | {1e3 * o:.2f} | {o / ddim:.3f} | {1e3 * d:.2f} | {o / d:.2f} |")
+
+
+def bench_step_math(repeats: int, steps: int = 50):
+    """The sampler update alone (no UNet) at SD1.5's 512 px latent (2, 64, 64, 4), inside the
+    sampling loop's `lax.switch`, per step: what a sampler adds to a UNet step."""
+    from dynamicid_jax import schedulers as S
+
+    config = S.SchedulerConfig()
+    table = S.noise_table(config)
+    x0 = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 4))
+    eps = 0.5 * x0
+
+    @jax.jit
+    def loop(index, schedule, key):
+        def body(i, carry):
+            x, state = carry
+            x = S.scale_model_input_by_index(index, schedule, i, x)
+            return S.step_by_index(index, table, schedule, i, eps + 0.01 * x, x, state, key)
+
+        start = x0 * schedule.init_sigma
+        return jax.lax.fori_loop(0, schedule.num_steps, body, (start, S.init_state("dpmpp_2m", start)))[0]
+
+    key = jax.random.PRNGKey(1)
+    rows = {}
+    for name in S.SCHEDULERS:
+        n = min(steps, S.max_steps(name, config))
+        schedule = S.make_schedule(name, config, n)
+        run = lambda: jax.block_until_ready(loop(jnp.int32(S.sampler_index(name)), schedule, key))  # noqa: E731
+        run()
+        rows[name] = _best(run, repeats) / n
+    print(f"\n## Sampler update alone, 512 px latent (2, 64, 64, 4), CPU, {steps}-step loops\n")
+    print("| sampler | us/step | vs DDIM |")
+    print("|---|---|---|")
+    for name, t in rows.items():
+        print(f"| {name} | {1e6 * t:.0f} | {t / rows['ddim']:.2f} |")
 
 
 def bench_lora_merge(rank: int):
@@ -143,10 +189,13 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--lora_rank", type=int, default=128)
     p.add_argument("--skip_samplers", action="store_true")
+    p.add_argument("--skip_lora", action="store_true")
     args = p.parse_args(argv)
     if not args.skip_samplers:
         bench_samplers(args.steps, args.repeats)
-    bench_lora_merge(args.lora_rank)
+    bench_step_math(max(args.repeats, 5))
+    if not args.skip_lora:
+        bench_lora_merge(args.lora_rank)
 
 
 if __name__ == "__main__":
