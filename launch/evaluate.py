@@ -48,6 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vision_encoder", default=None)
     p.add_argument("--dynamicid", default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--lora", action="append", default=[], help="style LoRA FILE[:SCALE], repeatable (as sample.py)")
+    p.add_argument("--lora_skip_unknown", action="store_true")
+    p.add_argument("--scheduler", default=None,
+                   help="ddim, dpmpp_2m, dpmpp_2m_karras, euler, euler_a or lcm (default: the test set's, else ddim)")
     phase = p.add_mutually_exclusive_group()
     phase.add_argument("--images_only", action="store_true", help="generate missing images, compute no metrics")
     phase.add_argument("--metrics_only", action="store_true", help="score existing images, generate nothing")
@@ -79,6 +83,8 @@ def _run(args: argparse.Namespace) -> int:
     from dynamicid_jax.cli import check_output_folder
     from dynamicid_jax.evaluation import Ablation, MetricModels, evaluate, load_protocol, resolve_sampling
     from dynamicid_jax.loading import DEMO_NOTICE, load_config, load_pipeline
+    from dynamicid_jax.models.lora_files import parse_lora_arg as parse_lora
+    from dynamicid_jax.sampling import InputError
 
     # Everything checkable without models first: a typo must not cost a model load.
     check_output_folder(args.out, "--out")
@@ -86,12 +92,19 @@ def _run(args: argparse.Namespace) -> int:
     seeds = _seeds(args.seeds)
     config = load_config("tiny" if args.demo else "base")
     sampling = resolve_sampling(config.sampling, protocol)
+    if args.scheduler is not None:
+        from dynamicid_jax.schedulers import SCHEDULERS
+
+        if args.scheduler not in SCHEDULERS:
+            raise InputError(f"--scheduler {args.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+        sampling["scheduler"] = args.scheduler
     generate, provenance = None, None
     if not args.metrics_only:
         _, pipeline = load_pipeline(
             demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder,
             dynamicid=args.dynamicid, faces=args.faces, expression_model=args.expression_model, dtype=args.dtype,
-            log=lambda m: print(m, flush=True),
+            log=lambda m: print(m, flush=True), loras=[parse_lora(t) for t in args.lora],
+            lora_skip_unknown=args.lora_skip_unknown,
         )
         generate, provenance = pipeline.generate, pipeline.provenance
     elif args.demo:
