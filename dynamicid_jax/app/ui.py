@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import pathlib
-import time
 
 import gradio as gr
 
@@ -40,11 +39,12 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
 
     def run_and_report(request, random_seed, with_maps, progress):
         future = runner.submit(service.run, request, random_seed=random_seed, with_maps=with_maps)
-        while not future.done():  # the handler's thread owns gradio's progress context
+        # The handler's thread owns gradio's progress context: it reports while the run goes on,
+        # and wait() returns the moment the run ends (no polling latency on the result).
+        while not concurrent.futures.wait([future], timeout=0.1).done:
             done, total = service.progress
             if total:
                 progress((done, total), desc="denoising", unit="steps")
-            time.sleep(0.1)
         try:
             result = future.result()
         except USER_ERRORS as e:
