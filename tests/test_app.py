@@ -191,6 +191,11 @@ def test_api_sidecar_refs_naming_server_files_are_refused(app, client, test_asse
     path.write_text(json.dumps({"request": request}))
     with pytest.raises(AppError, match="not opened on the server"):
         client.predict(handle_file(str(path)), None, None, None, None, False, api_name="/reproduce")
+    # Restoring it fills the form and only names the photos to upload again.
+    values = client.predict(handle_file(str(path)), api_name="/restore")
+    assert values[0] == BOXES[0] and values[4] == BOXES[1] and values[16] == "two people"
+    assert "upload them again" in values[-1] and "obama.jpg" in values[-1]
+    assert str(test_assets) not in values[-1]
 
 
 def test_cancel_stops_between_steps_and_one_program_served_everything(app, client, test_assets):

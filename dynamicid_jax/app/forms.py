@@ -178,11 +178,11 @@ def read_sidecar(path, upload_root: pathlib.Path) -> dict:
     resolved = check_upload(path, upload_root, SIDECAR_SUFFIXES)
     try:
         data = json.loads(resolved.read_text())
-        request = data.get("request", data)
-        SampleRequest.from_json(request)  # shape check only; nothing it names is opened
+        # Parsed into a request and back: unknown fields refused, missing ones take the
+        # defaults; nothing it names is opened.
+        return SampleRequest.from_json(data.get("request", data)).to_json()
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise InputError(f"sidecar {resolved.name} is not a DynamicID sidecar: {e}") from e
-    return request
 
 
 def sidecar_request(sidecar: dict, refs: Sequence[Sequence[str]], upload_root: pathlib.Path) -> SampleRequest:

@@ -51,13 +51,15 @@ def layout_preview(boxes: Sequence[Optional[Sequence[float]]], height: int, widt
 
 
 def activation_overlay(image: np.ndarray, activation: np.ndarray, colour) -> np.ndarray:
-    """image (H, W, 3) uint8; activation (h, w) >= 0 on the latent grid -> the picture
-    darkened and tinted by `colour` where the activation is high (normalised by its max, so
+    """image (H, W, 3) uint8; activation (h, w) >= 0 on the latent grid -> the picture in
+    dimmed grey, painted in `colour` where the activation is high (normalised by its max, so
     the shape reads even where the weights are small)."""
     h, w = image.shape[:2]
     peak = float(activation.max())
     a = activation / peak if peak > 0 else np.zeros_like(activation)
     a = np.asarray(Image.fromarray((a * 255).astype(np.uint8)).resize((w, h), Image.NEAREST), np.float32) / 255
+    grey = image.astype(np.float32).mean(axis=-1, keepdims=True) * 0.45
     tint = np.asarray(colour, np.float32)[None, None]
-    out = image.astype(np.float32) * (0.35 + 0.15 * a[..., None]) + tint * (0.5 * a[..., None])
+    strength = 0.8 * a[..., None]
+    out = grey * (1.0 - strength) + tint * strength
     return out.clip(0, 255).astype(np.uint8)
