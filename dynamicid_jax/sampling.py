@@ -286,7 +286,7 @@ class DynamicIDPipeline:
     ):
         """noise (N, h, w, C); context (2N, L, D) [negative; positive]; id_tokens (2N, n, T, D);
         boxes (2N, n, 4); timesteps/prev padded to the training length; num_steps traced.
-        capture_maps: at the steps in map_steps (K,) send the positive half's per-identity
+        capture_maps: at the steps in map_steps (K,), -1 padded, send the positive half's per-identity
         activation maps (N, n, h, w) to the host (`_on_maps`); a separate program.
         Returns images (N, H, W, 3) float32 in [-1, 1]."""
         unet, table = self.modules.unet, self.table
@@ -381,7 +381,7 @@ class DynamicIDPipeline:
                 jnp.int32(request.steps), jnp.float32(request.guidance),
                 jnp.int32(alpha_steps(request.alpha, request.steps)), jnp.float32(request.beta),
                 jnp.float32(request.id_scale), jnp.float32(request.mix if request.mix is not None else 0.0),
-                jnp.asarray(list(activation_steps) or [-1], jnp.int32) if capture else None,
+                _map_steps(activation_steps) if capture else None,
                 gating=request.gating, use_boxes=use_boxes, with_mix=request.mix is not None, capture_maps=capture,
             )
             images = np.asarray(jax.block_until_ready(images))
@@ -390,6 +390,16 @@ class DynamicIDPipeline:
             self._maps_sink = None
         images_uint8 = np.round((images + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
         return images_uint8, boxes, use_boxes
+
+
+MAX_MAP_STEPS = 8
+
+
+def _map_steps(steps: Sequence[int]) -> jax.Array:
+    """The capture steps padded with -1 to a fixed (MAX_MAP_STEPS,): their count never recompiles."""
+    if len(steps) > MAX_MAP_STEPS:
+        raise InputError(f"at most {MAX_MAP_STEPS} activation-map steps, got {len(steps)}")
+    return jnp.asarray(list(steps) + [-1] * (MAX_MAP_STEPS - len(steps)), jnp.int32)
 
 
 def save_outputs(
