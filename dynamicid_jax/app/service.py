@@ -22,8 +22,14 @@ import numpy as np
 
 from dynamicid_jax.app import forms, previews
 from dynamicid_jax.faces import NoFaceError
-from dynamicid_jax.sampling import DynamicIDPipeline, IdentityRequest, InputError, SampleRequest, read_image, \
-    save_outputs
+from dynamicid_jax.sampling import (
+    DynamicIDPipeline,
+    IdentityRequest,
+    InputError,
+    SampleRequest,
+    read_image,
+    save_outputs,
+)
 
 MAX_SEED = 2**31 - 1
 
