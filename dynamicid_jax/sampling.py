@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from dynamicid_jax import images, schedulers
+from dynamicid_jax.dynamicid.activation_maps import identity_activation_maps
 from dynamicid_jax.dynamicid.saa import IdentityConditioning, default_boxes, validate_boxes
 from dynamicid_jax.errors import UserError
 from dynamicid_jax.modeling import DynamicIDModules, Params
@@ -264,13 +265,14 @@ class DynamicIDPipeline:
         self.table = schedulers.noise_table(scheduler)
         self.provenance = dict(provenance or {})
         self._progress: Optional[Callable[[], None]] = None
+        self._maps_sink: Optional[dict] = None  # step -> (N, n, h, w) activation maps, when asked
         self._encode_text = jax.jit(lambda p, ids, skip: modules.text_encoder.apply({"params": p}, ids, skip),
                                     static_argnums=2)
         self._clip_tokens = jax.jit(self._clip_tokens_fn)
         self._project = jax.jit(lambda p, e, c: modules.face_projection.apply({"params": p}, e, c))
         self._landmark_features = jax.jit(lambda v, x: modules.keypoint_encoder.apply(v, x, train=False))
         self._reconfigure = jax.jit(lambda p, *a: modules.imr.apply({"params": p}, *a))
-        self._denoise = jax.jit(self._denoise_fn, static_argnames=("gating", "use_boxes", "with_mix"))
+        self._denoise = jax.jit(self._denoise_fn, static_argnames=("gating", "use_boxes", "with_mix", "capture_maps"))
 
     # -- identity -------------------------------------------------------------------------
 
@@ -353,16 +355,23 @@ class DynamicIDPipeline:
 
     def _on_step(self, step):
         if self._progress is not None:
-            self._progress()
+            self._progress()  # may raise to cancel: the error aborts the loop between steps
+
+    def _on_maps(self, step, maps):
+        if self._maps_sink is not None:
+            self._maps_sink[int(step)] = np.asarray(maps)
 
     def _denoise_fn(
         self, unet_params, vae_params, noise, context, id_tokens, boxes, sampler, schedule, step_key,
-        guidance, alpha_count, beta, id_scale, mix, *, gating: bool, use_boxes: bool, with_mix: bool,
+        guidance, alpha_count, beta, id_scale, mix, map_steps=None, *, gating: bool, use_boxes: bool,
+        with_mix: bool, capture_maps: bool = False,
     ):
         """noise (N, h, w, C) standard normal; context (2N, L, D) [negative; positive];
         id_tokens (2N, n, T, D); boxes (2N, n, 4); sampler: () int32 index into
         schedulers.SCHEDULERS; schedule: its `schedulers.Schedule` padded to the training length
         (num_steps traced); step_key: the ancestral samplers' per-step noise key.
+        capture_maps: at the steps in map_steps (K,), -1 padded, send the positive half's per-identity
+        activation maps (N, n, h, w) to the host (`_on_maps`); a separate program.
         Returns images (N, H, W, 3) float32 in [-1, 1]."""
         unet, table = self.modules.unet, self.table
 
@@ -375,7 +384,15 @@ class DynamicIDPipeline:
             )
             x_in = schedulers.scale_model_input_by_index(sampler, schedule, i, x)
             x2 = jnp.concatenate([x_in, x_in])
-            eps = unet.apply({"params": unet_params}, x2, jnp.broadcast_to(t, (x2.shape[0],)), context, identity)
+            t2 = jnp.broadcast_to(t, (x2.shape[0],))
+            if capture_maps:
+                eps, variables = unet.apply({"params": unet_params}, x2, t2, context, identity,
+                                            mutable=["intermediates"])
+                maps = identity_activation_maps(variables["intermediates"], x.shape[1:3], id_tokens.shape[2])
+                jax.lax.cond(jnp.any(map_steps == i), lambda: jax.debug.callback(self._on_maps, i, maps[x.shape[0]:]),
+                             lambda: None)
+            else:
+                eps = unet.apply({"params": unet_params}, x2, t2, context, identity)
             uncond, cond = jnp.split(eps, 2)
             guided = uncond + guidance * (cond - uncond)
             x, state = schedulers.step_by_index(sampler, table, schedule, i, guided, x, state, step_key)
@@ -396,17 +413,41 @@ class DynamicIDPipeline:
         key = jax.random.PRNGKey(seed)
         return jax.random.normal(key, latent_shape, jnp.float32), jax.random.fold_in(key, 1)
 
-    def generate(self, request: SampleRequest, progress: Optional[Callable[[int], Any]] = None):
+    def generate(
+        self, request: SampleRequest, progress: Optional[Callable[[int], Any]] = None,
+        activation_maps: Optional[dict] = None, activation_steps: Sequence[int] = (),
+    ):
         """Run one request. Returns (images uint8 (N, H, W, 3), details dict for the sidecar).
 
         progress: called as progress(total_steps) once and returns a per-step callback
-        (e.g. a tqdm bar's update); None = silent.
+        (e.g. a tqdm bar's update; it may raise to cancel between steps); None = silent.
+        activation_maps: a dict filled with {step: (N, n_ids, h, w) float32} SAA activation
+        maps (dynamicid/activation_maps.py) at the 0-based `activation_steps`; compiles a
+        separate program, so leave None for plain sampling.
         """
-        f = self.modules.vae_scale_factor
-        validate_request(request, f)
-        n_ids = len(request.identities)
+        validate_request(request, self.modules.vae_scale_factor)
         per_identity = [self.identity_tokens(ident) for ident in request.identities]
         tokens = jnp.stack([t for t, _ in per_identity])  # (n, T, D)
+        images_uint8, boxes, use_boxes = self._sample(request, tokens, progress, activation_maps, activation_steps)
+        details = {
+            "boxes_used": boxes.tolist() if use_boxes else None,
+            "identities_used": [info for _, info in per_identity],
+            "alpha_steps": alpha_steps(request.alpha, request.steps),
+            "scheduler": schedulers.describe(request.scheduler, self.scheduler),
+        }
+        return images_uint8, details
+
+    def warm_up(self, request: SampleRequest) -> None:
+        """Compile the denoising program for `request`'s shapes (size, batch, identity count,
+        boxes) without reading its photos: zero identity tokens, one step."""
+        validate_request(request, self.modules.vae_scale_factor)
+        tokens = jnp.zeros((len(request.identities),) + self.unconditional_tokens().shape)
+        self._sample(dataclasses.replace(request, steps=1, alpha=0), tokens, None, None, ())
+
+    def _sample(self, request, tokens, progress, activation_maps, activation_steps):
+        """tokens (n, T, D) -> (images uint8 (N, H, W, 3), boxes (n, 4), use_boxes)."""
+        f = self.modules.vae_scale_factor
+        n_ids = tokens.shape[0]
         uncond = jnp.broadcast_to(self.unconditional_tokens(), tokens.shape)
         use_boxes = n_ids > 1 or request.identities[0].box is not None
         if request.identities[0].box is not None:
@@ -425,6 +466,8 @@ class DynamicIDPipeline:
         noise, step_key = self.initial_noise(request.seed, latent_shape)
 
         self._progress = progress(request.steps) if progress is not None else None
+        capture = activation_maps is not None
+        self._maps_sink = activation_maps
         try:
             images = self._denoise(
                 self.params["unet"], self.params["vae"], noise, context, id_tokens, box_batch,
@@ -432,18 +475,25 @@ class DynamicIDPipeline:
                 jnp.float32(request.guidance),
                 jnp.int32(alpha_steps(request.alpha, request.steps)), jnp.float32(request.beta),
                 jnp.float32(request.id_scale), jnp.float32(request.mix if request.mix is not None else 0.0),
-                gating=request.gating, use_boxes=use_boxes, with_mix=request.mix is not None,
+                _map_steps(activation_steps) if capture else None,
+                gating=request.gating, use_boxes=use_boxes, with_mix=request.mix is not None, capture_maps=capture,
             )
             images = np.asarray(jax.block_until_ready(images))
         finally:
             self._progress = None
-        details = {
-            "boxes_used": boxes.tolist() if use_boxes else None,
-            "identities_used": [info for _, info in per_identity],
-            "alpha_steps": alpha_steps(request.alpha, request.steps),
-            "scheduler": schedulers.describe(request.scheduler, self.scheduler),
-        }
-        return np.round((images + 1.0) * 127.5).clip(0, 255).astype(np.uint8), details
+            self._maps_sink = None
+        images_uint8 = np.round((images + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
+        return images_uint8, boxes, use_boxes
+
+
+MAX_MAP_STEPS = 8
+
+
+def _map_steps(steps: Sequence[int]) -> jax.Array:
+    """The capture steps padded with -1 to a fixed (MAX_MAP_STEPS,): their count never recompiles."""
+    if len(steps) > MAX_MAP_STEPS:
+        raise InputError(f"at most {MAX_MAP_STEPS} activation-map steps, got {len(steps)}")
+    return jnp.asarray(list(steps) + [-1] * (MAX_MAP_STEPS - len(steps)), jnp.int32)
 
 
 def save_outputs(
