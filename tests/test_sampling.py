@@ -78,6 +78,7 @@ def test_lcm_lora_loads_and_samples_with_lcm(pipeline, test_assets, tmp_path):
 
     path = _lcm_lora_file(pipeline.params, tmp_path / "lcm_lora.safetensors")
     plain, _ = pipeline.generate(_request(test_assets, scheduler="lcm", steps=4, guidance=1.5))
+    programs = pipeline._denoise._cache_size()  # the pipeline is shared (demo_pipeline.py): count from here
     original = pipeline.params
     try:
         merged, records = merge_style_loras(dict(original), [(str(path), 1.0)])
@@ -87,7 +88,7 @@ def test_lcm_lora_loads_and_samples_with_lcm(pipeline, test_assets, tmp_path):
     finally:
         pipeline.params = original
     assert details["scheduler"]["name"] == "lcm" and lcm.tobytes() != plain.tobytes()
-    assert pipeline._denoise._cache_size() == 1  # merged weights are arguments: no recompile
+    assert pipeline._denoise._cache_size() == programs  # merged weights are arguments: no recompile
 
 
 def _cli(argv):
