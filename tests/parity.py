@@ -26,6 +26,14 @@ TINY_VAE = dict(
 )
 
 
+# configs/tiny.py's UNet and VAE (the demo model) as diffusers keyword arguments
+# (attention_head_dim is the head count, diffusers' legacy name).
+TINY_DEMO_UNET = dict(sample_size=8, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
+                      attention_head_dim=2, cross_attention_dim=32, norm_num_groups=8)
+TINY_DEMO_VAE = dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
+                     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+
+
 def rel_l2(ours, ref) -> float:
     """||ours - ref|| / ||ref|| in float64 (a zero reference gives a huge error, not a NaN)."""
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)

@@ -174,10 +174,11 @@ class EvalCase:
             seed=self.seed, steps=int(sampling["steps"]), guidance=float(sampling["guidance"]),
             height=int(sampling["height"]), width=int(sampling["width"]), num_images=1, alpha=sampling["alpha"],
             beta=float(sampling["beta"]), id_scale=float(sampling["id_scale"]), gating=self.ablation.gating,
+            scheduler=str(sampling.get("scheduler", "ddim")),
         )
 
 
-SAMPLING_KEYS = ("steps", "guidance", "height", "width", "alpha", "beta", "id_scale", "negative_prompt")
+SAMPLING_KEYS = ("steps", "guidance", "height", "width", "alpha", "beta", "id_scale", "negative_prompt", "scheduler")
 
 
 def expand_cases(
