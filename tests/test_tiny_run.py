@@ -138,7 +138,12 @@ def test_tiny_run_chain(tmp_path, test_assets, capsys, monkeypatch):
 
     # ---------------------------------------------------------------- evaluation report
     out = tmp_path / "eval"
-    assert evaluate_cli.main(["--dynamicid", str(runs / "reconfig"), "--testset", str(ROOT / "configs/eval/tiny.json"),
+    testset = ROOT / "configs/eval/tiny.json"  # its photo paths are relative to the repository's test_assets/
+    if test_assets.resolve() != (ROOT / "test_assets").resolve():  # TEST_ASSETS elsewhere: the same file, moved
+        testset = tmp_path / "tiny.json"
+        testset.write_text((ROOT / "configs/eval/tiny.json").read_text().replace("../../test_assets/",
+                                                                                 f"{test_assets.resolve()}/"))
+    assert evaluate_cli.main(["--dynamicid", str(runs / "reconfig"), "--testset", str(testset),
                               "--out", str(out), "--mode", "multi", "--seeds", "0", "--expression_model", fer,
                               "--no_progress"]) == 0
     assert f"{out / 'report.md'}" in _last_line(capsys)
