@@ -4,19 +4,20 @@ Per identity (one or more reference photos, averaged):
   photo -> largest face -> identity vector (ArcFace/SFace)  \
   photo -> CLIP preprocess -> vision tower, penultimate      > FaceProjection -> tokens (T, D)
   [face prompt and/or target landmarks given] -> IMR(tokens, source motion, target motion)
-Then one jitted loop: classifier-free guidance batched as [negative, positive], the SAA UNet
-with every identity's tokens and boxes, DDIM steps, VAE decode.
+Then one jitted loop over a batch of images (of one or many requests, `batching`): each
+image's classifier-free guidance pair [negative, positive] kept together, the SAA UNet with
+every identity's tokens and boxes, DDIM steps, VAE decode.
 
 The denoising loop is a `lax.fori_loop` whose trip count is a traced value over timesteps
 padded to the training length, so changing `steps`, `guidance`, `alpha`, `beta`, boxes or
 prompts reuses the compiled program; only image size, batch and identity count recompile.
+`generate` (one request) and `generate_items` (a batch, optionally over a device mesh) are
+the same sampler: a request alone is a batch of its own images.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import pathlib
 from typing import Any, Callable, Optional, Sequence
 
@@ -25,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from dynamicid_jax import schedulers
-from dynamicid_jax.dynamicid.saa import IdentityConditioning, default_boxes, validate_boxes
+from dynamicid_jax import batching, outputs, schedulers
+from dynamicid_jax.batching import ImageItem, alpha_steps  # noqa: F401  (alpha_steps: public here too)
+from dynamicid_jax.dynamicid.saa import IdentityConditioning, validate_boxes
 from dynamicid_jax.modeling import DynamicIDModules, Params
 from dynamicid_jax.models.clip import clip_preprocess
 
@@ -143,13 +145,6 @@ def read_image(path: str | pathlib.Path) -> np.ndarray:
         raise InputError(f"cannot read image {path}: {e}") from e
 
 
-def alpha_steps(alpha: float | int, steps: int) -> int:
-    """Alpha as a step count: ints are counts, floats fractions of `steps` (rounded up)."""
-    if isinstance(alpha, float):
-        return math.ceil(alpha * steps - 1e-9)
-    return int(alpha)
-
-
 # ----------------------------------------------------------------------------- pipeline
 
 
@@ -186,6 +181,10 @@ class DynamicIDPipeline:
         self.table = schedulers.noise_table(scheduler)
         self.provenance = dict(provenance or {})
         self._progress: Optional[Callable[[], None]] = None
+        self.conditioning = batching.ConditioningCache(self)
+        self._faces: dict[str, tuple[Any, tuple[int, int]]] = {}  # photo -> (largest face, (H, W))
+        self._reference_tokens: dict[str, jax.Array] = {}  # photo -> projected tokens (T, D)
+        self._mesh_params: dict[Any, Params] = {}
         self._encode_text = jax.jit(lambda p, ids: modules.text_encoder.apply({"params": p}, ids))
         self._clip_tokens = jax.jit(self._clip_tokens_fn)
         self._project = jax.jit(lambda p, e, c: modules.face_projection.apply({"params": p}, e, c))
@@ -232,16 +231,27 @@ class DynamicIDPipeline:
         dots = landmark_image(face, image_hw, size=size)[None, :, :, None]
         return self._landmark_features(self.params["keypoint_encoder"], jnp.asarray(dots))
 
-    def identity_tokens(self, ident: IdentityRequest) -> tuple[jax.Array, dict]:
-        """(T, D) tokens of one identity (IMR-edited when asked) and what was used."""
-        images = [read_image(p) for p in ident.refs]
-        faces = [self.faces.largest_face(im, str(p)) for im, p in zip(images, ident.refs)]
-        tokens = []
-        for image, face in zip(images, faces):
+    def face_of(self, path: str, image: Optional[np.ndarray] = None):
+        """(largest face, (H, W)) of a photo, analysed once per path and reused."""
+        if path not in self._faces:
+            image = read_image(path) if image is None else image
+            self._faces[path] = (self.faces.largest_face(image, str(path)), image.shape[:2])
+        return self._faces[path]
+
+    def reference_tokens(self, path: str) -> jax.Array:
+        """(T, D) face-projection tokens of one reference photo, computed once per path."""
+        if path not in self._reference_tokens:
+            image = read_image(path)
+            face, _ = self.face_of(path, image)
             clip_tokens = self._clip_tokens(self.params["vision_encoder"], jnp.asarray(image)[None])
             embedding = jnp.asarray(face.embedding, jnp.float32)[None]
-            tokens.append(self._project(self.params["face_projection"], embedding, clip_tokens)[0])
-        tokens = jnp.mean(jnp.stack(tokens), axis=0)
+            self._reference_tokens[path] = self._project(self.params["face_projection"], embedding, clip_tokens)[0]
+        return self._reference_tokens[path]
+
+    def identity_tokens(self, ident: IdentityRequest) -> tuple[jax.Array, dict]:
+        """(T, D) tokens of one identity (IMR-edited when asked) and what was used."""
+        tokens = jnp.mean(jnp.stack([self.reference_tokens(p) for p in ident.refs]), axis=0)
+        faces = [self.face_of(p)[0] for p in ident.refs]
         info: dict[str, Any] = {"refs": list(ident.refs), "face_boxes": [f.bbox.tolist() for f in faces]}
         if not ident.edits:
             return tokens, info
@@ -250,14 +260,13 @@ class DynamicIDPipeline:
                 "these weights have no IMR (a stage-1 training run): drop --face_prompt/--target_landmarks "
                 "or sample from a stage-2 (reconfig) run or the release"
             )
-        image, face = images[0], faces[0]
-        source_prompt = ident.source_prompt or self.describe_face(image, face)
+        face, image_hw = self.face_of(ident.refs[0])
+        source_prompt = ident.source_prompt or self.describe_face(read_image(ident.refs[0]), face)
         target_prompt = ident.face_prompt or source_prompt
-        src_landmarks = self._landmark_feature(face, image.shape[:2])
+        src_landmarks = self._landmark_feature(face, image_hw)
         if ident.target_landmarks is not None:
-            target_image = read_image(ident.target_landmarks)
-            target_face = self.faces.largest_face(target_image, ident.target_landmarks)
-            tgt_landmarks = self._landmark_feature(target_face, target_image.shape[:2])
+            target_face, target_hw = self.face_of(ident.target_landmarks)
+            tgt_landmarks = self._landmark_feature(target_face, target_hw)
         else:
             tgt_landmarks = src_landmarks
         _, pooled = self.text_features([source_prompt, target_prompt])
@@ -277,20 +286,30 @@ class DynamicIDPipeline:
         self, unet_params, vae_params, noise, context, id_tokens, boxes, timesteps, prev_timesteps, num_steps,
         guidance, alpha_count, beta, id_scale, mix, *, gating: bool, use_boxes: bool, with_mix: bool,
     ):
-        """noise (N, h, w, C); context (2N, L, D) [negative; positive]; id_tokens (2N, n, T, D);
-        boxes (2N, n, 4); timesteps/prev padded to the training length; num_steps traced.
-        Returns images (N, H, W, 3) float32 in [-1, 1]."""
+        """Per image (N rows, see `batching`): noise (N, h, w, C); context (N, 2, L, D) and
+        id_tokens (N, 2, n, T, D) as [negative, positive]; boxes (N, n, 4); guidance,
+        alpha_count, beta, id_scale, mix (N,). timesteps/prev padded to the training length;
+        num_steps traced. Returns images (N, H, W, 3) float32 in [-1, 1].
+
+        The UNet batch is 2N rows [neg_0, pos_0, neg_1, pos_1, ...]: (N, 2, ...) reshaped, so
+        with the image axis split over devices every CFG pair stays on its image's device."""
         unet, table = self.modules.unet, self.table
+        pairs = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731  (N, 2, ...) -> (2N, ...)
+        rows = lambda v: jnp.repeat(v, 2)[:, None]  # noqa: E731  (N,) -> (2N, 1): broadcasts over queries
+        context, id_tokens, boxes = pairs(context), pairs(id_tokens), jnp.repeat(boxes, 2, axis=0)
+        guidance = guidance[:, None, None, None]
 
         def body(i, x):
             t, prev = timesteps[i], prev_timesteps[i]
             identity = IdentityConditioning(
-                tokens=id_tokens, boxes=boxes, layout_active=i < alpha_count, beta=beta, id_scale=id_scale,
-                mix=mix if with_mix else None, use_boxes=use_boxes, gating=gating,
+                tokens=id_tokens, boxes=boxes, layout_active=rows(i < alpha_count), beta=rows(beta),
+                id_scale=rows(id_scale), mix=rows(mix)[..., None, None] if with_mix else None, use_boxes=use_boxes,
+                gating=gating,
             )
-            x2 = jnp.concatenate([x, x])
+            x2 = jnp.repeat(x, 2, axis=0)
             eps = unet.apply({"params": unet_params}, x2, jnp.broadcast_to(t, (x2.shape[0],)), context, identity)
-            uncond, cond = jnp.split(eps, 2)
+            eps = eps.reshape((-1, 2) + eps.shape[1:])
+            uncond, cond = eps[:, 0], eps[:, 1]
             guided = uncond + guidance * (cond - uncond)
             x, _ = schedulers.ddim_step(table, guided, t, prev, x)
             jax.debug.callback(self._on_step, i)
@@ -301,84 +320,91 @@ class DynamicIDPipeline:
         images = self.modules.vae.apply({"params": vae_params}, latents / scale, method="decode")
         return jnp.clip(images, -1.0, 1.0)
 
+    def _timesteps(self, steps: int) -> tuple[jax.Array, jax.Array]:
+        """(timesteps, previous timesteps), padded to the training length so that a new step
+        count reuses the compiled program."""
+        total = self.scheduler.num_train_timesteps
+        ts = schedulers.ddim_timesteps(self.scheduler, steps)
+        prev = schedulers.ddim_prev_timesteps(self.scheduler, ts)
+        pad = total - steps
+        return jnp.pad(ts, (0, pad)), jnp.pad(prev, (0, pad))
+
+    def _params_on(self, mesh) -> Params:
+        """Parameters placed on `mesh` by sharding.py's rules (replicated unless fsdp > 1), once."""
+        if mesh is None:
+            return self.params
+        if mesh not in self._mesh_params:
+            from dynamicid_jax import sharding
+
+            self._mesh_params[mesh] = jax.device_put(self.params, sharding.param_shardings(self.params, mesh))
+        return self._mesh_params[mesh]
+
+    def generate_items(self, items: Sequence[ImageItem], *, mesh=None, pad_to: Optional[int] = None):
+        """Images of `items` (equal `batching.shape_key`) in one denoising call.
+
+        mesh: a `sharding.make_mesh` mesh: the image axis is split over its (data, fsdp) axes
+        (pad_to must then divide by its size), parameters placed by `sharding.param_shardings`;
+        None = the default device. pad_to: batch rows to compute (a short batch is padded, so
+        every batch of a run has one compiled shape). Requests must already be validated.
+        Returns (images uint8 (len(items), H, W, 3), one details dict per item for its sidecar).
+        """
+        request = items[0].request
+        f = self.modules.vae_scale_factor
+        latent_hwc = (request.height // f, request.width // f, self.modules.unet.config.in_channels)
+        arrays, details = batching.assemble(list(items), self.conditioning, latent_hwc, pad_to)
+        ts, prev = self._timesteps(request.steps)
+        if mesh is not None:
+            from dynamicid_jax import sharding
+
+            if len(arrays["noise"]) % mesh.size:
+                raise ValueError(f"a batch of {len(arrays['noise'])} images does not split over {mesh.size} devices")
+            arrays = jax.device_put(arrays, sharding.batch_sharding(mesh))
+            ts, prev = jax.device_put((ts, prev), sharding.replicated(mesh))
+        params = self._params_on(mesh)
+        a = arrays
+        images = self._denoise(
+            params["unet"], params["vae"], a["noise"], a["context"], a["id_tokens"], a["boxes"], ts, prev,
+            np.int32(request.steps), a["guidance"], a["alpha_count"], a["beta"], a["id_scale"], a["mix"],
+            gating=request.gating, use_boxes=batching.uses_boxes(request), with_mix=request.mix is not None,
+        )
+        images = np.asarray(jax.block_until_ready(images))[: len(items)]
+        return np.round((images + 1.0) * 127.5).clip(0, 255).astype(np.uint8), details
+
     def generate(self, request: SampleRequest, progress: Optional[Callable[[int], Any]] = None):
         """Run one request. Returns (images uint8 (N, H, W, 3), details dict for the sidecar).
 
         progress: called as progress(total_steps) once and returns a per-step callback
         (e.g. a tqdm bar's update); None = silent.
         """
-        f = self.modules.vae_scale_factor
-        validate_request(request, f)
-        n_ids = len(request.identities)
-        per_identity = [self.identity_tokens(ident) for ident in request.identities]
-        tokens = jnp.stack([t for t, _ in per_identity])  # (n, T, D)
-        uncond = jnp.broadcast_to(self.unconditional_tokens(), tokens.shape)
-        use_boxes = n_ids > 1 or request.identities[0].box is not None
-        if request.identities[0].box is not None:
-            boxes = np.asarray([ident.box for ident in request.identities], np.float32)
-        else:
-            boxes = default_boxes(n_ids).astype(np.float32)
-        states, _ = self.text_features([request.negative_prompt, request.prompt])
-        n = request.num_images
-        context = jnp.concatenate([jnp.repeat(states[:1], n, 0), jnp.repeat(states[1:], n, 0)])
-        id_tokens = jnp.concatenate([jnp.repeat(uncond[None], n, 0), jnp.repeat(tokens[None], n, 0)])
-        box_batch = jnp.broadcast_to(jnp.asarray(boxes), (2 * n, n_ids, 4))
-
-        total = self.scheduler.num_train_timesteps
-        ts = schedulers.ddim_timesteps(self.scheduler, request.steps)
-        prev = schedulers.ddim_prev_timesteps(self.scheduler, ts)
-        pad = total - request.steps  # fixed-length arrays: a new step count reuses the program
-        ts = jnp.pad(ts, (0, pad))
-        prev = jnp.pad(prev, (0, pad))
-        latent_shape = (n, request.height // f, request.width // f, self.modules.unet.config.in_channels)
-        noise = jax.random.normal(jax.random.PRNGKey(request.seed), latent_shape, jnp.float32)
-
+        validate_request(request, self.modules.vae_scale_factor)
+        items = [ImageItem(request, k) for k in range(request.num_images)]
+        self.conditioning.prepare(request)  # faces and tokens first: a photo without a face fails here
         self._progress = progress(request.steps) if progress is not None else None
         try:
-            images = self._denoise(
-                self.params["unet"], self.params["vae"], noise, context, id_tokens, box_batch, ts, prev,
-                jnp.int32(request.steps), jnp.float32(request.guidance),
-                jnp.int32(alpha_steps(request.alpha, request.steps)), jnp.float32(request.beta),
-                jnp.float32(request.id_scale), jnp.float32(request.mix if request.mix is not None else 0.0),
-                gating=request.gating, use_boxes=use_boxes, with_mix=request.mix is not None,
-            )
-            images = np.asarray(jax.block_until_ready(images))
+            images, details = self.generate_items(items)
         finally:
             self._progress = None
-        images_uint8 = np.round((images + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
-        details = {
-            "boxes_used": boxes.tolist() if use_boxes else None,
-            "identities_used": [info for _, info in per_identity],
-            "alpha_steps": alpha_steps(request.alpha, request.steps),
-        }
-        return images_uint8, details
+        return images, details[0]
 
 
 def save_outputs(
     out_dir: str | pathlib.Path, images: np.ndarray, request: SampleRequest, details: dict, provenance: dict,
     stem: str = "dynamicid",
 ) -> list[pathlib.Path]:
-    """Write `stem-SEED-K.png` and a sidecar `stem-SEED-K.json` per image. Returns the PNG paths.
+    """Write `stem-SEED-K.png` and a sidecar `stem-SEED-K.json` per image (`outputs.save_image`).
+    Returns the PNG paths.
 
     The sidecar holds the whole request (so `launch/sample.py --from_json` reproduces the
     image), what the run resolved (boxes, automatic prompts) and the weights' provenance.
     """
-    import dynamicid_jax
-
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, image in enumerate(images):
-        name = f"{stem}-{request.seed}-{k}"
-        png = out_dir / f"{name}.png"
-        Image.fromarray(image).save(png)
-        sidecar = {
-            "request": request.to_json(),
-            "image_index": k,
-            "resolved": details,
-            "weights": provenance,
-            "dynamicid_jax_version": dynamicid_jax.__version__,
-        }
-        (out_dir / f"{name}.json").write_text(json.dumps(sidecar, indent=1))
+        png = output_path(out_dir, request, k, stem)
+        outputs.save_image(png, image, request, details, provenance, image_index=k)
         paths.append(png)
     return paths
+
+
+def output_path(out_dir: str | pathlib.Path, request: SampleRequest, index: int, stem: str = "dynamicid") -> pathlib.Path:
+    """Where picture `index` of `request` goes: OUT/stem-SEED-K.png."""
+    return pathlib.Path(out_dir) / f"{stem}-{request.seed}-{index}.png"
