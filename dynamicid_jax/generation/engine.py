@@ -91,7 +91,12 @@ class BatchSampler:
 
         devices = list(jax.local_devices() if devices is None else devices)
         self.pipeline = pipeline
-        self.mesh = sharding.make_mesh(-1, fsdp, devices)
+        try:
+            self.mesh = sharding.make_mesh(-1, fsdp, devices)
+        except ValueError as e:
+            from dynamicid_jax.sampling import InputError
+
+            raise InputError(f"--fsdp {fsdp} does not fit {len(devices)} local devices: {e}") from None
         size = self.mesh.size
         self.batch_size = size * max(1, -(-(batch_size or size) // size))
 
@@ -188,14 +193,26 @@ def _prepared(batch, prepare, rejected, stats, on_reject, user_errors) -> list[J
     return kept
 
 
+# Processes reach the end at different times (uneven shares, resumed work), far apart for a
+# collective (gloo gives up after 30 s): they meet at a coordination-service barrier instead.
+BARRIER_TIMEOUT_S = 7 * 24 * 3600
+_gathers = [0]  # calls so far: every process makes the same calls, so keys agree
+
+
 def gather_totals(stats: RunStats) -> np.ndarray:
     """(process_count, 3) [generated, reused, rejected images] of every process; with several
     processes this is also the barrier after which every image of the run is written."""
     import jax
 
-    mine = np.asarray([stats.generated, stats.reused, stats.rejected_images], np.int64)
+    mine = [stats.generated, stats.reused, stats.rejected_images]
     if jax.process_count() == 1:
-        return mine[None]
-    from jax.experimental import multihost_utils
+        return np.asarray([mine], np.int64)
+    from jax._src import distributed as jax_distributed  # the coordination service's client (as orbax uses it)
 
-    return np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), 3)
+    client = jax_distributed.global_state.client
+    _gathers[0] += 1
+    prefix = f"dynamicid_jax/generation/{_gathers[0]}"
+    client.key_value_set(f"{prefix}/{jax.process_index()}", ",".join(map(str, mine)))
+    client.wait_at_barrier(f"{prefix}/done", timeout_in_ms=BARRIER_TIMEOUT_S * 1000)
+    rows = [client.blocking_key_value_get(f"{prefix}/{i}", 60_000) for i in range(jax.process_count())]
+    return np.asarray([[int(v) for v in row.split(",")] for row in rows], np.int64)
