@@ -211,11 +211,10 @@ def _sampling_loop(saa_params, dtype, steps):
     row = lambda v, dtype=jnp.float32: jnp.full((1,), v, dtype)  # noqa: E731
     rows = []
     for n in steps:
-        ts = schedulers.ddim_timesteps(pipe.scheduler, n)
-        prev = schedulers.ddim_prev_timesteps(pipe.scheduler, ts)
-        ts, prev = jnp.pad(ts, (0, 1000 - n)), jnp.pad(prev, (0, 1000 - n))
+        schedule = schedulers.make_schedule("ddim", pipe.scheduler, n)
         t0 = time.perf_counter()
-        out = pipe._denoise(saa_params, vae_params, noise, context, tokens, boxes, ts, prev, jnp.int32(n),
+        out = pipe._denoise(saa_params, vae_params, noise, context, tokens, boxes, jnp.int32(0), schedule,
+                            jax.random.PRNGKey(1)[None],  # (N, 2): one ancestral-noise key per image
                             row(5.0), row(1, jnp.int32), row(4.0), row(1.0), row(0.0),
                             gating=True, use_boxes=True, with_mix=False)
         jax.block_until_ready(out)

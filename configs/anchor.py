@@ -40,6 +40,9 @@ def common_config(arg) -> ml_collections.ConfigDict:
     config.data.resolution = 64 if small else 512  # pixel side the shards were made at
     config.data.num_threads = 2  # grain read threads per host
     config.data.prefetch = 2  # batches read ahead per host
+    # A corrupt record (CRC) stops the run naming file and offset; True skips and counts them
+    # instead (logged once each, written to DIR/summary.json) for long runs on huge datasets.
+    config.data.skip_corrupt_records = False
     config.data.expected_models = ml_collections.ConfigDict()  # key -> value the manifest's "models" must hold
 
     config.mesh = ml_collections.ConfigDict()

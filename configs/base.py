@@ -43,17 +43,13 @@ def model_config() -> ml_collections.ConfigDict:
 
 
 def sampling_config() -> ml_collections.ConfigDict:
-    """Paper/release defaults for one sampling call."""
-    s = ml_collections.ConfigDict()
-    s.steps = 50
-    s.guidance = 5.0
-    s.height = 512
-    s.width = 512
-    s.alpha = 3  # layout control lasts this many steps (int) or this fraction of them (float)
-    s.beta = 4.0  # layout intensity
-    s.id_scale = 1.0
-    s.negative_prompt = "lowres, bad anatomy, worst quality, low quality, blurry, deformed"
-    return s
+    """Paper/release defaults for one sampling call: steps, guidance, height, width, alpha
+    (layout steps as an int, or a fraction of the steps as a float), beta (layout intensity),
+    id_scale, negative_prompt. Defined once, as `dynamicid_jax.sampling.SampleRequest`'s
+    defaults, so the library and the CLI agree."""
+    from dynamicid_jax.sampling import sampling_defaults
+
+    return ml_collections.ConfigDict(sampling_defaults())
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -6,6 +6,7 @@
         [--process_index=i --process_count=n] [--max_shards=k]
     python data_pipelines/precompute.py --stage=reconfig --input=IDENTITY_FOLDERS --output=OUT ...
     python data_pipelines/precompute.py --finalize --output=OUT
+    python data_pipelines/precompute.py --verify DIR       # check a dataset before a long run
 
 Inputs: anchor = images with captions (`.txt` sidecars or `captions.jsonl`); reconfig = one
 folder per identity (face prompts from `face_prompts.jsonl`, `.txt` sidecars, KDEF file
@@ -20,6 +21,14 @@ by the last process to finish (whichever sees every shard present; concurrent me
 identical files) or afterwards by `--finalize`. Rerunning the same command after a crash
 skips finished shards and redoes the interrupted ones; other settings than the first run's
 are refused (run_config.json).
+
+`--verify DIR` checks every shard's CRCs, the record counts against the manifest and every
+record against the feature specs, prints a JSON report and exits 2 when anything is wrong
+(each problem names the shard file and byte offset). Input faults (a missing folder, a
+caption given twice, ...) exit 2 with one line before anything is written; inputs that are
+not images, have no face or a face smaller than dynamicid_jax.faces.MIN_FACE_SIZE px are
+rejected with that reason in rejects.jsonl. A failed shard write (disk full) stops with one
+line; finished shards are kept and the rerun resumes.
 
 Without --base_model/--vision_encoder a TINY RANDOM base model (configs/tiny.py) is used:
 for tests and demos only; the output and the manifest say so.
@@ -38,10 +47,13 @@ if str(_ROOT) not in sys.path:  # for `configs` (repo-level, not part of the ins
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from dynamicid_jax.cli import ArgumentParser
+
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--stage", choices=("anchor", "reconfig"))
     p.add_argument("--input", type=pathlib.Path)
-    p.add_argument("--output", type=pathlib.Path, required=True)
+    p.add_argument("--output", type=pathlib.Path)
+    p.add_argument("--verify", type=pathlib.Path, metavar="DIR", help="check a finished dataset folder and exit")
     p.add_argument("--faces", default="default", help='"default" (offline YuNet+SFace) or a buffalo_l folder')
     p.add_argument("--base_model", default=None, help="SD1.5 pipeline folder or single file (default: tiny random)")
     p.add_argument("--vision_encoder", default=None, help="CLIP ViT-H/14 image encoder folder (default: tiny random)")
@@ -56,14 +68,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--finalize", action="store_true", help="only merge manifest.json / rejects.jsonl")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
+    if args.verify is not None:
+        return args
+    if args.output is None:
+        p.error("--output is required (unless --verify)")
     if not args.finalize and (args.stage is None or args.input is None):
-        p.error("--stage and --input are required (unless --finalize)")
+        p.error("--stage and --input are required (unless --finalize or --verify)")
     return args
 
 
 def main(argv=None) -> dict:
+    """Run the job; returns its summary (raises UserError on bad input: `cli.run_main` in
+    __main__ turns that into one line and status 2)."""
+    from dynamicid_jax import cli
+
     args = parse_args(argv)
+    cli.quiet_logs(args.verbose)
+    if args.verify is not None:
+        from dynamicid_jax.data.verify import raise_if_problems, verify_dataset
+
+        report = verify_dataset(args.verify)
+        print(json.dumps(report, indent=1), flush=True)
+        raise_if_problems(report)
+        return report
     from dynamicid_jax.data import precompute
+
+    cli.check_output_folder(args.output, "--output")
+    if not args.finalize and not args.input.is_dir():
+        raise cli.ConfigError(f"--input {args.input}: {'is a file' if args.input.exists() else 'does not exist'}"
+                              " (expected a folder of images)")
 
     if args.finalize:
         manifest = precompute.finalize(args.output)
@@ -108,4 +141,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from dynamicid_jax.cli import run_main
+
+    sys.exit(run_main(main))

@@ -9,6 +9,7 @@ the image axis over devices never separates a pair:
     id_tokens  (N, 2, n, T, D)      [unconditional tokens, identity tokens] of the n people
     boxes      (N, n, 4)            normalised boxes (the default strips when none are given)
     guidance, beta, id_scale, mix (N,) float32; alpha_count (N,) int32
+    step_key   (N, 2) uint32        the image's key of the ancestral samplers' per-step noise
 
 Every value that changes only numbers is a row; everything that changes the program or the
 shared loop is in `shape_key`, the one place that decides which requests may share a batch.
@@ -51,13 +52,13 @@ def uses_boxes(request) -> bool:
 def shape_key(request) -> tuple:
     """Requests with equal keys share one compiled denoising program and one loop.
 
-    Image size and identity count fix the shapes; steps fix the loop's timesteps and trip
-    count (shared by the batch); gating, box use and mixing are static switches of SAA.
-    A new static sampler option (e.g. the scheduler) is one more entry here.
+    Image size and identity count fix the shapes; steps and the sampler fix the loop's
+    schedule and trip count (shared by the batch); gating, box use and mixing are static
+    switches of SAA.
     """
     return (
-        request.height, request.width, len(request.identities), request.steps, bool(request.gating),
-        uses_boxes(request), request.mix is not None,
+        request.height, request.width, len(request.identities), request.steps, request.scheduler,
+        bool(request.gating), uses_boxes(request), request.mix is not None,
     )
 
 
@@ -87,7 +88,7 @@ class ConditioningCache:
     def __init__(self, pipeline, max_entries: int = 8192):
         self.pipeline = pipeline
         self.max_entries = max_entries
-        self._texts: dict[str, np.ndarray] = {}
+        self._texts: dict[tuple[str, int], np.ndarray] = {}
         self._identities: dict[str, tuple[np.ndarray, dict]] = {}
         self._uncond = None
 
@@ -97,12 +98,13 @@ class ConditioningCache:
         table[key] = value
         return value
 
-    def text(self, text: str) -> np.ndarray:
-        """(L, D) text states."""
-        if text not in self._texts:
-            states, _ = self.pipeline.text_features([text])
-            self._remember(self._texts, text, np.asarray(states[0]))
-        return self._texts[text]
+    def text(self, text: str, clip_skip: int = 0) -> np.ndarray:
+        """(L, D) text states (`clip_skip` layers before the last)."""
+        key = (text, clip_skip)
+        if key not in self._texts:
+            states, _ = self.pipeline.text_features([text], clip_skip)
+            self._remember(self._texts, key, np.asarray(states[0]))
+        return self._texts[key]
 
     def identity(self, ident) -> tuple[np.ndarray, dict]:
         """((T, D) tokens, what was used); raises the pipeline's user errors (no face, ...)."""
@@ -120,8 +122,8 @@ class ConditioningCache:
 
     def prepare(self, request) -> None:
         """Compute (and cache) everything `request` needs; raises its user errors now."""
-        self.text(request.negative_prompt)
-        self.text(request.prompt)
+        self.text(request.negative_prompt, request.clip_skip)
+        self.text(request.prompt, request.clip_skip)
         for ident in request.identities:
             self.identity(ident)
 
@@ -150,6 +152,16 @@ def noise_rows(items: list[ImageItem], latent_hwc: tuple[int, int, int]) -> np.n
     return np.stack(rows).astype(np.float32)
 
 
+def step_keys(seeds_and_indices) -> np.ndarray:
+    """(N, 2) uint32: image k of seed s draws its per-step noise (Euler ancestral, LCM) from
+    fold_in(fold_in(PRNGKey(s), 1), k) (`schedulers.step_noise`), so it depends on its request
+    only, never on the batch around it. seeds_and_indices: (seed, image index) per row."""
+    import jax
+
+    keys = [jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s), 1), k) for s, k in seeds_and_indices]
+    return np.stack([np.asarray(k) for k in keys]).astype(np.uint32)
+
+
 def assemble(items: list[ImageItem], cache: ConditioningCache, latent_hwc: tuple[int, int, int],
              pad_to: int | None = None) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Per-image arrays of `items` (equal `shape_key`; see the module docstring) and each
@@ -163,13 +175,14 @@ def assemble(items: list[ImageItem], cache: ConditioningCache, latent_hwc: tuple
     context, tokens, boxes = [], [], []
     for item in rows:
         r = item.request
-        context.append(np.stack([cache.text(r.negative_prompt), cache.text(r.prompt)]))
+        context.append(np.stack([cache.text(r.negative_prompt, r.clip_skip), cache.text(r.prompt, r.clip_skip)]))
         ids = np.stack([cache.identity(ident)[0] for ident in r.identities])  # (n, T, D)
         tokens.append(np.stack([np.broadcast_to(uncond, ids.shape), ids]))
         boxes.append(request_boxes(r))
     per_row = lambda f, dtype: np.asarray([f(item.request) for item in rows], dtype)  # noqa: E731
     arrays = {
         "noise": noise_rows(rows, latent_hwc),
+        "step_key": step_keys([(item.request.seed, item.index) for item in rows]),
         "context": np.stack(context),
         "id_tokens": np.stack(tokens),
         "boxes": np.stack(boxes),

@@ -21,7 +21,6 @@ whose weights do not match is an error; nothing is skipped silently.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import json
@@ -32,6 +31,8 @@ import typing
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+
+from dynamicid_jax.errors import ConfigError, MissingFileError
 
 MARKER = "dynamicid_converted.json"
 FORMAT_VERSION = 1
@@ -58,7 +59,7 @@ def _read_marker(directory: pathlib.Path) -> dict:
         return {"format": FORMAT_VERSION, "components": {}}
     data = json.loads(marker.read_text())
     if data.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{marker}: format {data.get('format')!r}, this code reads format {FORMAT_VERSION}")
+        raise ConfigError(f"{marker}: format {data.get('format')!r}, this code reads format {FORMAT_VERSION}")
     return data
 
 
@@ -109,7 +110,7 @@ def save_component(directory: str | os.PathLike, component: str, config: Any, pa
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / component
     if target.exists():
-        raise FileExistsError(f"{target} exists; choose an empty --out folder")
+        raise ConfigError(f"--out {directory}: {component}/ exists already; choose an empty --out folder")
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(target, params)
     checkpointer.wait_until_finished()
@@ -126,9 +127,9 @@ def load_converted(directory: str | os.PathLike, component: str, config_cls: typ
     entry = _read_marker(directory)["components"].get(component)
     if entry is None or not (directory / component).is_dir():
         have = sorted(_read_marker(directory)["components"])
-        raise FileNotFoundError(f"{directory} holds no converted {component!r} (it has {have})")
+        raise MissingFileError(f"{directory} holds no converted {component!r} (it has {have})")
     if entry.get("config_class") != config_cls.__name__:
-        raise ValueError(
+        raise ConfigError(
             f"{directory}/{component} was written with config {entry.get('config_class')!r}, "
             f"not {config_cls.__name__!r}"
         )
@@ -159,14 +160,19 @@ def convert(
     sources: dict[str, os.PathLike | str] = {}
     for component in components:
         if component not in BASE_MODEL_COMPONENTS:
-            raise ValueError(f"base-model components are {BASE_MODEL_COMPONENTS}, got {component!r}")
+            raise ConfigError(f"base-model components are {BASE_MODEL_COMPONENTS}, got {component!r}")
         if base_model is None:
-            raise ValueError(f"converting {component!r} needs --base_model")
+            raise ConfigError(f"converting {component!r} needs --base_model")
         sources[component] = base_model
     if vision_encoder is not None:
         sources["vision_encoder"] = vision_encoder
     if not sources and dynamicid is None:
-        raise ValueError("nothing to convert: give --base_model, --vision_encoder or --dynamicid")
+        raise ConfigError("nothing to convert: give --base_model, --vision_encoder or --dynamicid")
+    # Refused before any conversion, so a bad --out leaves nothing half-written.
+    taken = [name for name in [*sources, *(["dynamicid"] if dynamicid is not None else [])]
+             if (pathlib.Path(out) / name).exists()]
+    if taken:
+        raise ConfigError(f"--out {out}: {', '.join(taken)} exist(s) already; choose an empty --out folder")
     written = []
     for component, source in sources.items():
         module, params = _loader(component)(source)
@@ -197,9 +203,9 @@ def convert_dynamicid_weights(folder: str | os.PathLike, out: str | os.PathLike)
     found = {stem: next((folder / f"{stem}{ext}" for ext in (".bin", ".safetensors")
                          if (folder / f"{stem}{ext}").is_file()), None) for stem in DYNAMICID_FILES}
     if found["SAA"] is None:
-        raise FileNotFoundError(f"--dynamicid {folder}: SAA.bin (or SAA.safetensors) not found")
+        raise MissingFileError(f"--dynamicid {folder}: SAA.bin (or SAA.safetensors) not found")
     if (found["IMR"] is None) != (found["key_point_encoder"] is None):
-        raise FileNotFoundError(f"--dynamicid {folder}: IMR and key_point_encoder come together; found only one")
+        raise MissingFileError(f"--dynamicid {folder}: IMR and key_point_encoder come together; found only one")
     out.mkdir(parents=True, exist_ok=False)
     written = []
     for stem, source in found.items():
@@ -210,8 +216,11 @@ def convert_dynamicid_weights(folder: str | os.PathLike, out: str | os.PathLike)
     return written
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The CLI: 0 on success, 2 (one stderr line) on a user error."""
+    from dynamicid_jax import cli
+
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--base_model", help="diffusers SD1.5 pipeline folder or single-file checkpoint")
     parser.add_argument("--out", required=True, help="output folder (new or empty)")
     parser.add_argument("--components", default=",".join(BASE_MODEL_COMPONENTS),
@@ -219,9 +228,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--vision_encoder", help="CLIP ViT-H/14 image encoder folder (transformers)")
     parser.add_argument("--dynamicid", help="folder with the authors' SAA.bin [IMR.bin, key_point_encoder.bin]")
     args = parser.parse_args(argv)
+    cli.quiet_logs(args.verbose)
     components = [c for c in args.components.split(",") if c] if args.base_model else []
-    convert(args.base_model, args.out, components, args.vision_encoder, args.dynamicid)
+
+    def run():
+        cli.check_output_folder(args.out, "--out")
+        convert(args.base_model, args.out, components, args.vision_encoder, args.dynamicid)
+
+    return cli.run_main(run)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -29,7 +29,7 @@ def initialize(
 ) -> bool:
     """jax.distributed.initialize for a multi-process job; returns whether it was called.
 
-    Raises InputError when a coordinator is named without the process count and index.
+    Raises ConfigError (a UserError) when a coordinator is named without the process count and index.
     """
     import jax
 
@@ -38,9 +38,9 @@ def initialize(
         count = num_processes if num_processes is not None else os.environ.get("JAX_NUM_PROCESSES")
         index = process_id if process_id is not None else os.environ.get("JAX_PROCESS_ID")
         if count is None or index is None:
-            from dynamicid_jax.sampling import InputError  # lazily: train.py imports this before jax
+            from dynamicid_jax.errors import ConfigError
 
-            raise InputError("a coordinator address needs --num_processes and --process_id "
+            raise ConfigError("a coordinator address needs --num_processes and --process_id "
                              "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
         jax.distributed.initialize(coordinator_address=address, num_processes=int(count), process_id=int(index))
         return True

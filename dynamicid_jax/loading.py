@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import pathlib
 import tempfile
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from dynamicid_jax import modeling, schedulers
+from dynamicid_jax.errors import MissingFileError
 from dynamicid_jax.sampling import DynamicIDPipeline, InputError
 
 DEMO_NOTICE = (
@@ -56,7 +57,7 @@ def training_run_config(dynamicid: Optional[str]):
     try:
         workdir = find_workdir(path)
     except (FileNotFoundError, ValueError) as e:
-        raise FileNotFoundError(f"--dynamicid {path}: neither a release folder (SAA.bin) nor a training run: {e}")
+        raise MissingFileError(f"--dynamicid {path}: neither a release folder (SAA.bin) nor a training run: {e}")
     return ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
 
 
@@ -107,8 +108,15 @@ def load_pipeline(
     expression_model: Optional[str] = None,
     dtype: str = "float32",
     log: Callable[[str], None] = lambda m: None,
+    loras: Sequence[tuple[str, float]] = (),
+    lora_skip_unknown: bool = False,
 ):
-    """-> (config, DynamicIDPipeline). See the module docstring for the three sources."""
+    """-> (config, DynamicIDPipeline). See the module docstring for the three sources.
+
+    loras: style LoRA files (kohya or diffusers/PEFT) with their scales, merged in order into
+    the base UNet and text encoder (`models.lora_files`); the provenance lists each file and,
+    with lora_skip_unknown, the keys dropped from it.
+    """
     from dynamicid_jax.faces import load_face_analyzer
     from dynamicid_jax.tokenizer import CLIPTokenizer
 
@@ -151,12 +159,30 @@ def load_pipeline(
             scheduler = schedulers.SchedulerConfig.from_folder(scheduler_folder)
         provenance = {"base_model": str(base_model), "vision_encoder": str(vision_encoder), "dynamicid": str(dynamicid)}
     provenance["faces"] = analyzer.name
+    if loras:
+        params, provenance["loras"] = merge_style_loras(params, loras, lora_skip_unknown, log)
     if compute_dtype != jnp.float32:  # inference only: half the memory and weight traffic, same compute
         params = jax.tree.map(lambda a: a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
                               params)
     params = jax.device_put(params)
     pipeline = DynamicIDPipeline(modules, params, tokenizer, analyzer, scheduler, expressions, provenance)
     return config, pipeline
+
+
+def merge_style_loras(params: dict, loras: Sequence[tuple[str, float]], skip_unknown: bool = False,
+                      log: Callable[[str], None] = lambda m: None) -> tuple[dict, list[dict]]:
+    """Fold each (file, scale) into params' "unet"/"text_encoder"; -> (params, one record per file)."""
+    import dataclasses
+
+    from dynamicid_jax.models.lora_files import merge_lora_file
+
+    records = []
+    for path, scale in loras:
+        params, report = merge_lora_file(params, path, scale, skip_unknown=skip_unknown)
+        log(f"LoRA {path} x{scale}: merged {report.merged['unet']} UNet and {report.merged['text_encoder']} "
+            f"text-encoder modules" + (f", dropped {len(report.dropped)} unknown keys" if report.dropped else ""))
+        records.append(dataclasses.asdict(report))
+    return params, records
 
 
 def _without_edit_components(params: dict) -> dict:
@@ -175,7 +201,7 @@ def _tokenizer_folder(base_model: str) -> pathlib.Path:
     for candidate in (path / "tokenizer", path):
         if (candidate / "vocab.json").is_file() and (candidate / "merges.txt").is_file():
             return candidate
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"no CLIP tokenizer (vocab.json + merges.txt) in {path}/tokenizer: a single-file checkpoint carries "
         "none; convert it with launch/convert.py or pass a pipeline folder"
     )

@@ -28,6 +28,7 @@ from dynamicid_jax.dynamicid.face_projection import FaceProjection
 from dynamicid_jax.dynamicid.imr import IMR
 from dynamicid_jax.dynamicid.keypoint_encoder import KeyPointEncoder
 from dynamicid_jax.dynamicid.saa import SAAConfig, identity_conditioning
+from dynamicid_jax.errors import MissingFileError
 from dynamicid_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 from dynamicid_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dynamicid_jax.models.vae import AutoencoderKL, VAEConfig
@@ -196,7 +197,7 @@ def _require_file(folder, stem: str):
         path = folder / f"{stem}{ext}"
         if path.is_file():
             return path
-    raise FileNotFoundError(f"DynamicID weights: {stem}.bin (or .safetensors) not found in {folder}")
+    raise MissingFileError(f"DynamicID weights: {stem}.bin (or .safetensors) not found in {folder}")
 
 
 def param_count(tree) -> int:

@@ -23,11 +23,14 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 from PIL import Image
 
+from dynamicid_jax import images
+from dynamicid_jax.errors import UserError
+
 if TYPE_CHECKING:  # sampling imports this module: the request type is only named here
     from dynamicid_jax.sampling import SampleRequest
 
 
-class StaleImageError(ValueError):
+class StaleImageError(UserError, ValueError):
     """An existing image was generated with settings different from this run's."""
 
 
@@ -115,5 +118,4 @@ def read_generated(image_path: pathlib.Path) -> Optional[np.ndarray]:
     """RGB uint8 (H, W, 3) of a stored image with its sidecar, or None when not (fully) written."""
     if not is_complete(image_path):
         return None
-    with Image.open(image_path) as im:
-        return np.asarray(im.convert("RGB"))
+    return images.read_rgb(image_path)

@@ -6,36 +6,40 @@ Per identity (one or more reference photos, averaged):
   [face prompt and/or target landmarks given] -> IMR(tokens, source motion, target motion)
 Then one jitted loop over a batch of images (of one or many requests, `batching`): each
 image's classifier-free guidance pair [negative, positive] kept together, the SAA UNet with
-every identity's tokens and boxes, DDIM steps, VAE decode.
+every identity's tokens and boxes, the batch's sampler (`schedulers.SCHEDULERS`: DDIM,
+DPM-Solver++ 2M, Euler, Euler ancestral, LCM), VAE decode.
 
 The denoising loop is a `lax.fori_loop` whose trip count is a traced value over timesteps
 padded to the training length, so changing `steps`, `guidance`, `alpha`, `beta`, boxes or
-prompts reuses the compiled program; only image size, batch and identity count recompile.
-`generate` (one request) and `generate_items` (a batch, optionally over a device mesh) are
-the same sampler: a request alone is a batch of its own images.
+prompts, seed or sampler (a traced index, `lax.switch`) reuses the compiled program; only
+image size, batch and identity count recompile. `generate` (one request) and
+`generate_items` (a batch, optionally over a device mesh) are the same sampler: a request
+alone is a batch of its own images.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
-from dynamicid_jax import batching, outputs, schedulers
+from dynamicid_jax import batching, images, outputs, schedulers
 from dynamicid_jax.batching import ImageItem, alpha_steps  # noqa: F401  (alpha_steps: public here too)
+from dynamicid_jax.dynamicid.activation_maps import identity_activation_maps
 from dynamicid_jax.dynamicid.saa import IdentityConditioning, validate_boxes
+from dynamicid_jax.errors import UserError
 from dynamicid_jax.modeling import DynamicIDModules, Params
 from dynamicid_jax.models.clip import clip_preprocess
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = images.IMAGE_SUFFIXES
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """A user input that cannot be used (names the input); the CLI exits 2 on it."""
 
 
@@ -64,13 +68,24 @@ class IdentityRequest:
         return self.face_prompt is not None or self.target_landmarks is not None
 
 
+# The one set of sampling defaults (the paper's release settings): SampleRequest's fields
+# below, and the CLI's through configs/base.py (`sampling_defaults()`), so a library caller
+# and a `launch/sample.py` user asking for the same thing get the same picture.
+DEFAULT_NEGATIVE_PROMPT = "lowres, bad anatomy, worst quality, low quality, blurry, deformed"
+DEFAULT_KEYS = ("steps", "guidance", "height", "width", "alpha", "beta", "id_scale", "negative_prompt", "scheduler")
+
+# Largest request accepted (checked before any model is loaded; see validate_request).
+MAX_IMAGE_SIDE = 2048  # px: SD1.5 latents 256 x 256, 65,536 tokens in the first level's self-attention
+MAX_BATCH_PIXELS = 8 * 1024 * 1024  # num_images x height x width: eight 1024 px or two 2048 px pictures
+
+
 @dataclasses.dataclass
 class SampleRequest:
     """Every setting of one sampling call; `to_json`/`from_json` make the sidecar."""
 
     identities: list[IdentityRequest]
     prompt: str
-    negative_prompt: str = ""
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     seed: int = 0
     steps: int = 50
     guidance: float = 5.0
@@ -82,47 +97,114 @@ class SampleRequest:
     id_scale: float = 1.0
     mix: Optional[float] = None
     gating: bool = True
+    scheduler: str = "ddim"  # one of schedulers.SCHEDULERS
+    clip_skip: int = 0  # text states this many layers before the last (1 = penultimate)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> "SampleRequest":
+        """A request from its sidecar dict; InputError naming a missing or unknown field."""
+        if not isinstance(data, dict) or not isinstance(data.get("identities"), list):
+            raise InputError("not a sampling request: expected an object with an 'identities' list")
         data = dict(data)
-        data["identities"] = [IdentityRequest(**d) for d in data["identities"]]
-        return cls(**data)
+        try:
+            data["identities"] = [IdentityRequest(**d) for d in data["identities"]]
+            return cls(**data)
+        except TypeError as e:  # unknown or missing fields
+            raise InputError(f"not a sampling request: {e}") from None
+
+
+def sampling_defaults() -> dict:
+    """{field: default} of the sampling settings a config may override (configs/base.py)."""
+    fields = {f.name: f.default for f in dataclasses.fields(SampleRequest)}
+    return {k: fields[k] for k in DEFAULT_KEYS}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value) -> bool:
+    return _is_int(value) or (isinstance(value, (float, np.floating)))
+
+
+def _check_finite(name: str, value, *, above: Optional[float] = None) -> None:
+    if not _is_number(value) or not math.isfinite(value):
+        raise InputError(f"--{name} must be a finite number, got {value!r}")
+    if above is not None and not value > above:
+        raise InputError(f"--{name} must be > {above:g}, got {value!r}")
 
 
 def validate_request(request: SampleRequest, vae_factor: int) -> None:
-    """Raise InputError naming the first unusable setting."""
+    """Raise InputError naming the first unusable setting (before any model runs).
+
+    Rules: at least one identity, each with a reference; boxes for all identities or none,
+    inside [0, 1] with min < max; guidance, id_scale and mix finite (mix in [0, 1]); beta
+    finite and > -1 (the layout divides by beta + 1); alpha an int step count >= 0 or a
+    float fraction of the steps in (0, 1]; steps in [1, 1000]; height and width positive
+    multiples of `vae_factor`, each at most MAX_IMAGE_SIDE px, and num_images x height x
+    width at most MAX_BATCH_PIXELS (larger latents would not fit a device's memory).
+    """
     n = len(request.identities)
     if n == 0:
         raise InputError("at least one identity (--ref) is required")
     for i, ident in enumerate(request.identities):
         if not ident.refs:
             raise InputError(f"identity {i} has no reference image")
+    for name in ("prompt", "negative_prompt"):
+        if not isinstance(getattr(request, name), str):
+            raise InputError(f"--{name} must be text, got {getattr(request, name)!r}")
     given = [ident.box is not None for ident in request.identities]
     if any(given) and not all(given):
         raise InputError(f"boxes and identities differ in count: {sum(given)} boxes for {n} identities")
     if all(given):
         try:
             validate_boxes(np.asarray([ident.box for ident in request.identities], np.float32))
-        except ValueError as e:
+        except (TypeError, ValueError) as e:
             raise InputError(f"--box: {e}") from e
-    if request.mix is not None and not 0.0 <= request.mix <= 1.0:
-        raise InputError(f"--mix must be in [0, 1], got {request.mix}")
+    _check_finite("guidance", request.guidance)
+    _check_finite("id_scale", request.id_scale)
+    _check_finite("beta", request.beta, above=-1.0)
+    if request.mix is not None:
+        _check_finite("mix", request.mix)
+        if not 0.0 <= request.mix <= 1.0:
+            raise InputError(f"--mix must be in [0, 1], got {request.mix}")
+    for name in ("seed", "steps", "num_images", "height", "width"):
+        if not _is_int(getattr(request, name)):
+            raise InputError(f"--{name} must be an integer, got {getattr(request, name)!r}")
     for name in ("height", "width"):
         value = getattr(request, name)
         if value <= 0 or value % vae_factor:
             raise InputError(f"--{name} must be a positive multiple of {vae_factor}, got {value}")
-    if not 1 <= request.steps <= 1000:
-        raise InputError(f"--steps must be in [1, 1000], got {request.steps}")
+        if value > MAX_IMAGE_SIDE:
+            raise InputError(f"--{name} {value} exceeds the {MAX_IMAGE_SIDE} px limit (its latents would not fit)")
+    if request.scheduler not in schedulers.SCHEDULERS:
+        raise InputError(f"--scheduler {request.scheduler!r} is unknown; choose one of {', '.join(schedulers.SCHEDULERS)}")
+    # LCM picks its steps from a 50-step distillation schedule.
+    limit = schedulers.samplers.LCM_ORIGINAL_STEPS if request.scheduler == "lcm" else 1000
+    if not 1 <= request.steps <= limit:
+        raise InputError(f"--steps must be in [1, {limit}] for --scheduler {request.scheduler}, got {request.steps}")
+    if request.clip_skip < 0:
+        raise InputError(f"--clip_skip must be >= 0, got {request.clip_skip}")
     if request.num_images < 1:
         raise InputError(f"--num_images must be >= 1, got {request.num_images}")
-    if isinstance(request.alpha, float) and not 0.0 < request.alpha <= 1.0:
-        raise InputError(f"--alpha as a fraction must be in (0, 1], got {request.alpha}")
-    if isinstance(request.alpha, int) and request.alpha < 0:
-        raise InputError(f"--alpha as a step count must be >= 0, got {request.alpha}")
+    pixels = request.num_images * request.height * request.width
+    if pixels > MAX_BATCH_PIXELS:
+        raise InputError(
+            f"--num_images {request.num_images} x --height {request.height} x --width {request.width} = {pixels} "
+            f"pixels exceeds the {MAX_BATCH_PIXELS} per call (the latents would not fit): make fewer images per call"
+        )
+    alpha = request.alpha
+    if _is_int(alpha):
+        if alpha < 0:
+            raise InputError(f"--alpha as a step count must be >= 0, got {alpha}")
+    elif isinstance(alpha, (float, np.floating)):
+        if not (math.isfinite(alpha) and 0.0 < alpha <= 1.0):
+            raise InputError(f"--alpha as a fraction must be in (0, 1], got {alpha}")
+    else:
+        raise InputError(f"--alpha must be a step count (e.g. 12) or a fraction in (0, 1] (e.g. 0.24), got {alpha!r}")
 
 
 def check_images_readable(request: SampleRequest) -> None:
@@ -134,15 +216,12 @@ def check_images_readable(request: SampleRequest) -> None:
 
 
 def read_image(path: str | pathlib.Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3); InputError naming the file when it cannot be read."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise InputError(f"image not found: {path}")
+    """Upright RGB uint8 (H, W, 3) via the one reader (`dynamicid_jax.images.read_rgb`: EXIF
+    orientation, every PIL mode); InputError naming the file when it cannot be read."""
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except Exception as e:  # PIL raises several types for corrupt files
-        raise InputError(f"cannot read image {path}: {e}") from e
+        return images.read_rgb(path)
+    except images.ImageError as e:
+        raise InputError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -185,12 +264,14 @@ class DynamicIDPipeline:
         self._faces: dict[str, tuple[Any, tuple[int, int]]] = {}  # photo -> (largest face, (H, W))
         self._reference_tokens: dict[str, jax.Array] = {}  # photo -> projected tokens (T, D)
         self._mesh_params: dict[Any, Params] = {}
-        self._encode_text = jax.jit(lambda p, ids: modules.text_encoder.apply({"params": p}, ids))
+        self._maps_sink: Optional[dict] = None  # step -> (N, n, h, w) activation maps, when asked
+        self._encode_text = jax.jit(lambda p, ids, skip: modules.text_encoder.apply({"params": p}, ids, skip),
+                                    static_argnums=2)
         self._clip_tokens = jax.jit(self._clip_tokens_fn)
         self._project = jax.jit(lambda p, e, c: modules.face_projection.apply({"params": p}, e, c))
         self._landmark_features = jax.jit(lambda v, x: modules.keypoint_encoder.apply(v, x, train=False))
         self._reconfigure = jax.jit(lambda p, *a: modules.imr.apply({"params": p}, *a))
-        self._denoise = jax.jit(self._denoise_fn, static_argnames=("gating", "use_boxes", "with_mix"))
+        self._denoise = jax.jit(self._denoise_fn, static_argnames=("gating", "use_boxes", "with_mix", "capture_maps"))
 
     # -- identity -------------------------------------------------------------------------
 
@@ -199,10 +280,13 @@ class DynamicIDPipeline:
         _, _, hidden = self.modules.vision_encoder.apply({"params": params}, pixels)
         return hidden[-2]  # penultimate layer, as IP-Adapter-FaceID-Plus
 
-    def text_features(self, texts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
-        """(states (B, 77, D), pooled (B, D)) of the text encoder."""
+    def text_features(self, texts: Sequence[str], clip_skip: int = 0) -> tuple[jax.Array, jax.Array]:
+        """(states (B, 77, D), pooled (B, D)) of the text encoder; clip_skip as CLIPTextModel's."""
         ids = jnp.asarray(self.tokenizer(list(texts)))
-        return self._encode_text(self.params["text_encoder"], ids)
+        layers = self.modules.text_encoder.config.num_layers
+        if clip_skip >= layers:
+            raise InputError(f"--clip_skip {clip_skip}: the text encoder has {layers} layers (at most {layers - 1})")
+        return self._encode_text(self.params["text_encoder"], ids, clip_skip)
 
     def unconditional_tokens(self) -> jax.Array:
         """Tokens of a zero identity vector and the CLIP features of an all-zero image: (T, D)."""
@@ -280,16 +364,25 @@ class DynamicIDPipeline:
 
     def _on_step(self, step):
         if self._progress is not None:
-            self._progress()
+            self._progress()  # may raise to cancel: the error aborts the loop between steps
+
+    def _on_maps(self, step, maps):
+        if self._maps_sink is not None:
+            self._maps_sink[int(step)] = np.asarray(maps)
 
     def _denoise_fn(
-        self, unet_params, vae_params, noise, context, id_tokens, boxes, timesteps, prev_timesteps, num_steps,
-        guidance, alpha_count, beta, id_scale, mix, *, gating: bool, use_boxes: bool, with_mix: bool,
+        self, unet_params, vae_params, noise, context, id_tokens, boxes, sampler, schedule, step_key,
+        guidance, alpha_count, beta, id_scale, mix, map_steps=None, *, gating: bool, use_boxes: bool,
+        with_mix: bool, capture_maps: bool = False,
     ):
-        """Per image (N rows, see `batching`): noise (N, h, w, C); context (N, 2, L, D) and
-        id_tokens (N, 2, n, T, D) as [negative, positive]; boxes (N, n, 4); guidance,
-        alpha_count, beta, id_scale, mix (N,). timesteps/prev padded to the training length;
-        num_steps traced. Returns images (N, H, W, 3) float32 in [-1, 1].
+        """Per image (N rows, see `batching`): noise (N, h, w, C) standard normal; context
+        (N, 2, L, D) and id_tokens (N, 2, n, T, D) as [negative, positive]; boxes (N, n, 4);
+        sampler: () int32 index into schedulers.SCHEDULERS; schedule: its `schedulers.Schedule`
+        padded to the training length (num_steps traced); step_key (N, 2): each image's key of
+        the ancestral samplers' per-step noise; guidance, alpha_count, beta, id_scale, mix (N,).
+        capture_maps: at the steps in map_steps (K,), -1 padded, send the positive rows'
+        per-identity activation maps (N, n, h, w) to the host (`_on_maps`); a separate program.
+        Returns images (N, H, W, 3) float32 in [-1, 1].
 
         The UNet batch is 2N rows [neg_0, pos_0, neg_1, pos_1, ...]: (N, 2, ...) reshaped, so
         with the image axis split over devices every CFG pair stays on its image's device."""
@@ -299,35 +392,46 @@ class DynamicIDPipeline:
         context, id_tokens, boxes = pairs(context), pairs(id_tokens), jnp.repeat(boxes, 2, axis=0)
         guidance = guidance[:, None, None, None]
 
-        def body(i, x):
-            t, prev = timesteps[i], prev_timesteps[i]
+        def body(i, carry):
+            x, state = carry
+            t = schedule.timesteps[i]
             identity = IdentityConditioning(
                 tokens=id_tokens, boxes=boxes, layout_active=rows(i < alpha_count), beta=rows(beta),
                 id_scale=rows(id_scale), mix=rows(mix)[..., None, None] if with_mix else None, use_boxes=use_boxes,
                 gating=gating,
             )
-            x2 = jnp.repeat(x, 2, axis=0)
-            eps = unet.apply({"params": unet_params}, x2, jnp.broadcast_to(t, (x2.shape[0],)), context, identity)
+            x_in = schedulers.scale_model_input_by_index(sampler, schedule, i, x)
+            x2 = jnp.repeat(x_in, 2, axis=0)  # [neg_0, pos_0, neg_1, pos_1, ...]
+            t2 = jnp.broadcast_to(t, (x2.shape[0],))
+            if capture_maps:
+                eps, variables = unet.apply({"params": unet_params}, x2, t2, context, identity,
+                                            mutable=["intermediates"])
+                maps = identity_activation_maps(variables["intermediates"], x.shape[1:3], id_tokens.shape[2])
+                jax.lax.cond(jnp.any(map_steps == i), lambda: jax.debug.callback(self._on_maps, i, maps[1::2]),
+                             lambda: None)
+            else:
+                eps = unet.apply({"params": unet_params}, x2, t2, context, identity)
             eps = eps.reshape((-1, 2) + eps.shape[1:])
             uncond, cond = eps[:, 0], eps[:, 1]
             guided = uncond + guidance * (cond - uncond)
-            x, _ = schedulers.ddim_step(table, guided, t, prev, x)
+            x, state = schedulers.step_by_index(sampler, table, schedule, i, guided, x, state, step_key)
             jax.debug.callback(self._on_step, i)
-            return x
+            return x, state
 
-        latents = jax.lax.fori_loop(0, num_steps, body, noise)
+        start = noise * schedule.init_sigma
+        memory = schedulers.init_state("dpmpp_2m", start)  # the only multistep state; others pass it on
+        latents, _ = jax.lax.fori_loop(0, schedule.num_steps, body, (start, memory))
         scale = self.modules.vae.config.scaling_factor
         images = self.modules.vae.apply({"params": vae_params}, latents / scale, method="decode")
         return jnp.clip(images, -1.0, 1.0)
 
-    def _timesteps(self, steps: int) -> tuple[jax.Array, jax.Array]:
-        """(timesteps, previous timesteps), padded to the training length so that a new step
-        count reuses the compiled program."""
-        total = self.scheduler.num_train_timesteps
-        ts = schedulers.ddim_timesteps(self.scheduler, steps)
-        prev = schedulers.ddim_prev_timesteps(self.scheduler, ts)
-        pad = total - steps
-        return jnp.pad(ts, (0, pad)), jnp.pad(prev, (0, pad))
+    @staticmethod
+    def initial_noise(seed: int, latent_shape) -> tuple[jax.Array, jax.Array]:
+        """(standard-normal start latents (N, h, w, C), per-image keys (N, 2) of the ancestral
+        samplers' per-step noise) of a request alone, both fixed by the seed (the start noise
+        is the same for every sampler; `batching.noise_rows`/`batching.step_keys`)."""
+        noise = jax.random.normal(jax.random.PRNGKey(seed), latent_shape, jnp.float32)
+        return noise, jnp.asarray(batching.step_keys([(seed, k) for k in range(latent_shape[0])]))
 
     def _params_on(self, mesh) -> Params:
         """Parameters placed on `mesh` by sharding.py's rules (replicated unless fsdp > 1), once."""
@@ -339,52 +443,116 @@ class DynamicIDPipeline:
             self._mesh_params[mesh] = jax.device_put(self.params, sharding.param_shardings(self.params, mesh))
         return self._mesh_params[mesh]
 
-    def generate_items(self, items: Sequence[ImageItem], *, mesh=None, pad_to: Optional[int] = None):
+    def generate_items(
+        self, items: Sequence[ImageItem], *, mesh=None, pad_to: Optional[int] = None,
+        activation_maps: Optional[dict] = None, activation_steps: Sequence[int] = (),
+    ):
         """Images of `items` (equal `batching.shape_key`) in one denoising call.
 
         mesh: a `sharding.make_mesh` mesh: the image axis is split over its (data, fsdp) axes
         (pad_to must then divide by its size), parameters placed by `sharding.param_shardings`;
         None = the default device. pad_to: batch rows to compute (a short batch is padded, so
         every batch of a run has one compiled shape). Requests must already be validated.
+        activation_maps/activation_steps: as `generate` (rows beyond len(items) dropped).
         Returns (images uint8 (len(items), H, W, 3), one details dict per item for its sidecar).
         """
+        return self._sample(list(items), self.conditioning, mesh, pad_to, activation_maps, activation_steps)
+
+    def _sample(self, items, cache, mesh=None, pad_to=None, activation_maps=None, activation_steps=()):
+        """Rows of `items` through `cache` (`batching.assemble`) -> one denoising call.
+        Returns (images uint8 (len(items), H, W, 3), details per item)."""
         request = items[0].request
         f = self.modules.vae_scale_factor
         latent_hwc = (request.height // f, request.width // f, self.modules.unet.config.in_channels)
-        arrays, details = batching.assemble(list(items), self.conditioning, latent_hwc, pad_to)
-        ts, prev = self._timesteps(request.steps)
+        arrays, details = batching.assemble(items, cache, latent_hwc, pad_to)
+        described = schedulers.describe(request.scheduler, self.scheduler)  # one sampler per batch (shape_key)
+        details = [dict(d, scheduler=described) for d in details]
+        # Padded to the training length: a new step count reuses the program.
+        schedule = schedulers.make_schedule(request.scheduler, self.scheduler, request.steps)
         if mesh is not None:
             from dynamicid_jax import sharding
 
             if len(arrays["noise"]) % mesh.size:
                 raise ValueError(f"a batch of {len(arrays['noise'])} images does not split over {mesh.size} devices")
             arrays = jax.device_put(arrays, sharding.batch_sharding(mesh))
-            ts, prev = jax.device_put((ts, prev), sharding.replicated(mesh))
+            schedule = jax.device_put(schedule, sharding.replicated(mesh))
         params = self._params_on(mesh)
+        capture = activation_maps is not None
+        self._maps_sink = activation_maps
         a = arrays
-        images = self._denoise(
-            params["unet"], params["vae"], a["noise"], a["context"], a["id_tokens"], a["boxes"], ts, prev,
-            np.int32(request.steps), a["guidance"], a["alpha_count"], a["beta"], a["id_scale"], a["mix"],
-            gating=request.gating, use_boxes=batching.uses_boxes(request), with_mix=request.mix is not None,
-        )
-        images = np.asarray(jax.block_until_ready(images))[: len(items)]
+        try:
+            images = self._denoise(
+                params["unet"], params["vae"], a["noise"], a["context"], a["id_tokens"], a["boxes"],
+                jnp.int32(schedulers.sampler_index(request.scheduler)), schedule, a["step_key"],
+                a["guidance"], a["alpha_count"], a["beta"], a["id_scale"], a["mix"],
+                _map_steps(activation_steps) if capture else None,
+                gating=request.gating, use_boxes=batching.uses_boxes(request), with_mix=request.mix is not None,
+                capture_maps=capture,
+            )
+            images = np.asarray(jax.block_until_ready(images))[: len(items)]
+        finally:
+            self._maps_sink = None
+        if capture:
+            for step in activation_maps:
+                activation_maps[step] = activation_maps[step][: len(items)]
         return np.round((images + 1.0) * 127.5).clip(0, 255).astype(np.uint8), details
 
-    def generate(self, request: SampleRequest, progress: Optional[Callable[[int], Any]] = None):
+    def generate(
+        self, request: SampleRequest, progress: Optional[Callable[[int], Any]] = None,
+        activation_maps: Optional[dict] = None, activation_steps: Sequence[int] = (),
+    ):
         """Run one request. Returns (images uint8 (N, H, W, 3), details dict for the sidecar).
 
         progress: called as progress(total_steps) once and returns a per-step callback
-        (e.g. a tqdm bar's update); None = silent.
+        (e.g. a tqdm bar's update; it may raise to cancel between steps); None = silent.
+        activation_maps: a dict filled with {step: (N, n_ids, h, w) float32} SAA activation
+        maps (dynamicid/activation_maps.py) at the 0-based `activation_steps`; compiles a
+        separate program, so leave None for plain sampling.
         """
         validate_request(request, self.modules.vae_scale_factor)
         items = [ImageItem(request, k) for k in range(request.num_images)]
         self.conditioning.prepare(request)  # faces and tokens first: a photo without a face fails here
         self._progress = progress(request.steps) if progress is not None else None
         try:
-            images, details = self.generate_items(items)
+            images, details = self.generate_items(items, activation_maps=activation_maps,
+                                                  activation_steps=activation_steps)
         finally:
             self._progress = None
         return images, details[0]
+
+    def warm_up(self, request: SampleRequest) -> None:
+        """Compile the denoising program for `request`'s shapes (size, batch, identity count,
+        boxes) without reading its photos: zero identity tokens, one step."""
+        validate_request(request, self.modules.vae_scale_factor)
+        request = dataclasses.replace(request, steps=1, alpha=0)
+        items = [ImageItem(request, k) for k in range(request.num_images)]
+        self._sample(items, _NoPhotos(self.conditioning))
+
+
+class _NoPhotos:
+    """A ConditioningCache stand-in whose identities are zero tokens (warm-up: no photo read)."""
+
+    def __init__(self, cache: batching.ConditioningCache):
+        self.cache = cache
+
+    def text(self, text: str, clip_skip: int = 0) -> np.ndarray:
+        return self.cache.text(text, clip_skip)
+
+    def unconditional(self) -> np.ndarray:
+        return self.cache.unconditional()
+
+    def identity(self, ident) -> tuple[np.ndarray, dict]:
+        return np.zeros_like(self.cache.unconditional()), {}
+
+
+MAX_MAP_STEPS = 8
+
+
+def _map_steps(steps: Sequence[int]) -> jax.Array:
+    """The capture steps padded with -1 to a fixed (MAX_MAP_STEPS,): their count never recompiles."""
+    if len(steps) > MAX_MAP_STEPS:
+        raise InputError(f"at most {MAX_MAP_STEPS} activation-map steps, got {len(steps)}")
+    return jnp.asarray(list(steps) + [-1] * (MAX_MAP_STEPS - len(steps)), jnp.int32)
 
 
 def save_outputs(

@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dynamicid_jax.errors import ConfigError
+
 DATA = "data"
 FSDP = "fsdp"
 BATCH_AXES = (DATA, FSDP)
@@ -48,16 +50,16 @@ def make_mesh(data: int, fsdp: int, devices: Optional[Sequence[jax.Device]] = No
     n = len(devices)
     for name, size in ((DATA, data), (FSDP, fsdp)):
         if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or (size < 1 and size != -1):
-            raise ValueError(f"mesh size {name}={size!r} must be a positive int or -1")
+            raise ConfigError(f"mesh size {name}={size!r} must be a positive int or -1")
     if data == -1 and fsdp == -1:
-        raise ValueError("mesh sizes: at most one of data, fsdp may be -1")
+        raise ConfigError("mesh sizes: at most one of data, fsdp may be -1")
     if data == -1 or fsdp == -1:
         known = fsdp if data == -1 else data
         if n % known:
-            raise ValueError(f"mesh sizes: {n} devices do not divide by {known} (data={data}, fsdp={fsdp})")
+            raise ConfigError(f"mesh sizes: {n} devices do not divide by {known} (data={data}, fsdp={fsdp})")
         data, fsdp = (n // known, fsdp) if data == -1 else (data, n // known)
     if data * fsdp != n:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} does not match {n} devices")
+        raise ConfigError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} does not match {n} devices")
     return Mesh(np.asarray(devices, dtype=object).reshape(data, fsdp), (DATA, FSDP))
 
 

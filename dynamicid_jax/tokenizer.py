@@ -16,11 +16,14 @@ import html
 import json
 import os
 import pathlib
+import threading
 import unicodedata
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import regex
+
+from dynamicid_jax.errors import MissingFileError
 
 # CLIP's pre-tokenisation: special tokens, English contractions, letter runs, single digits,
 # runs of anything else that is not whitespace.
@@ -118,7 +121,7 @@ class CLIPTokenizer:
         vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
         for f in (vocab_file, merges_file):
             if not f.is_file():
-                raise FileNotFoundError(f"tokenizer file missing: {f}")
+                raise MissingFileError(f"tokenizer file missing: {f}")
         with open(vocab_file, encoding="utf-8") as f:
             vocab = json.load(f)
         merges = read_merges(merges_file)
@@ -234,10 +237,6 @@ def write_tiny_vocab(folder: str | os.PathLike) -> pathlib.Path:
     vocab = {}
     for token in vocab_list:
         vocab.setdefault(token, len(vocab))
-    with open(folder / "vocab.json", "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False)
-    with open(folder / "merges.txt", "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     config = {
         "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>",
@@ -245,6 +244,15 @@ def write_tiny_vocab(folder: str | os.PathLike) -> pathlib.Path:
         "unk_token": "<|endoftext|>",
         "model_max_length": 77,
     }
-    with open(folder / "tokenizer_config.json", "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=1)
+    _write_atomic(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    _write_atomic(folder / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    _write_atomic(folder / "tokenizer_config.json", json.dumps(config, indent=1))
     return folder
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    """Write via a unique temporary file and a rename: several processes (the demo app, test
+    workers) write the same shared tiny vocabulary, and a reader must never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

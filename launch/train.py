@@ -4,6 +4,11 @@
   python launch/train.py --stage=anchor --config=configs/anchor.py --data=SHARDS --workdir=DIR \
       [--config.key=value ...]
 
+Errors in flags, config values, shards (a corrupt record: file and offset) or storage (a
+failed checkpoint save) stop with one line on stderr and status 2; earlier checkpoints stay
+and a rerun resumes. `--config.data.skip_corrupt_records=True` skips and counts corrupt
+records instead (DIR/summary.json). Library INFO logs are off unless --verbose.
+
 Checkpoints go to DIR/checkpoints (orbax: asynchronous, every `checkpoint.every_steps`, the
 last `checkpoint.keep` kept, one more on SIGTERM), TensorBoard events to DIR. Rerunning the
 same command after a crash or preemption resumes from the newest checkpoint: same step,
@@ -45,28 +50,47 @@ flags.DEFINE_bool("multihost", False, distributed.FLAG_HELP["multihost"] + ".")
 flags.DEFINE_string("coordinator_address", None, distributed.FLAG_HELP["coordinator_address"] + ".")
 flags.DEFINE_integer("num_processes", None, distributed.FLAG_HELP["num_processes"] + ".")
 flags.DEFINE_integer("process_id", None, distributed.FLAG_HELP["process_id"] + ".")
+flags.DEFINE_bool("verbose", False, "Show the libraries' INFO logs (orbax, absl, jax); default: warnings only.")
 
 
 def initialize_distributed() -> None:
-    """jax.distributed.initialize when the flags or the environment describe a multi-process job."""
-    from dynamicid_jax.sampling import InputError
-
-    try:
-        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.multihost)
-    except InputError as e:
-        raise app.UsageError(str(e)) from None
+    """jax.distributed.initialize when the flags or the environment describe a multi-process job
+    (`dynamicid_jax.distributed`; a coordinator without count and index is a ConfigError)."""
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.multihost)
 
 
-def main(argv) -> None:
+def _run(argv) -> None:
+    from dynamicid_jax.cli import check_output_folder
+    from dynamicid_jax.errors import ConfigError
+
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise ConfigError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.config is None:
-        raise app.UsageError("--config is required (e.g. --config=configs/anchor.py)")
+        raise ConfigError("--config is required (e.g. --config=configs/anchor.py)")
+    check_output_folder(FLAGS.workdir, "--workdir")
     initialize_distributed()
     from dynamicid_jax.training import trainer
 
     trainer.train(FLAGS.config, FLAGS.workdir, FLAGS.data, stage=FLAGS.stage)
 
 
+def main(argv) -> int:
+    """0 on success; 2 with one stderr line on a user error (bad flag, data, disk); else a traceback."""
+    from dynamicid_jax import cli
+
+    cli.quiet_logs(FLAGS.verbose)
+    return cli.run_main(_run, argv)
+
+
+def parse_flags(argv):
+    """absl's flag parsing with the project's error style: one line, status 2 (absl: usage, 1)."""
+    from dynamicid_jax import cli
+
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(cli.report_user_error(f"{e} (see --helpfull)"))
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

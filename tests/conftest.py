@@ -12,7 +12,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_ROOT / ".cache" / "jax"))
+# Outside the clone (as the Makefile sets it): later runs and later clones reuse compiled programs.
+_CACHE_HOME = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE_HOME / "dynamicid_jax" / "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
 os.environ.setdefault("TEST_ASSETS", str(_ROOT / "test_assets"))
@@ -27,3 +29,19 @@ def test_assets() -> pathlib.Path:
     if not (path / "MANIFEST.json").exists():
         pytest.fail(f"test assets missing under {path}: run `make assets` (tests/fetch_test_assets.py)")
     return path
+
+
+# Modules by their cold cost on 2 cores, heaviest first: `make test` runs two xdist workers
+# with whole files per worker (--dist loadfile --no-loadscope-reorder), each taking the next
+# file when it is done, so the long training files must start first or they finish alone at
+# the end. Files not named keep their order after these.
+HEAVIEST_FIRST = (
+    "test_train_paths", "test_train", "test_tiny_run", "test_train_faults", "test_generation", "test_app",
+    "test_sampling", "test_input_pipeline", "test_sampler_pipeline_parity", "test_evaluation", "test_sharding",
+    "test_unet_parity", "test_lora_files", "test_precompute",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: test order within a file kept

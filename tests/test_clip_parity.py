@@ -197,3 +197,19 @@ def test_vision_tower_sharded_forward_equals_unsharded(vision_case):
         jax.device_put(params, shardings), jax.device_put(pixels, batch)
     )
     assert rel_l2(out, expected) <= 1e-5
+
+
+def test_clip_skip_matches_transformers_hidden_states(text_case):
+    """clip_skip N = hidden_states[-(N + 1)] through the final LayerNorm (diffusers' rule for
+    StableDiffusionPipeline(clip_skip=N)); pooled stays the last layer's."""
+    ref, module, params, ids = text_case
+    with torch.no_grad():
+        out = ref(torch.from_numpy(ids), output_hidden_states=True)
+        tower = getattr(ref, "text_model", ref)  # transformers 5 dropped the text_model level
+        want = tower.final_layer_norm(out.hidden_states[-2]).numpy()
+    skipped, pooled = jax.jit(module.apply, static_argnums=2)({"params": params}, jnp.asarray(ids, jnp.int32), 1)
+    assert rel_l2(skipped, want) <= 1e-4
+    assert rel_l2(skipped, out.last_hidden_state) > 1e-2  # a different layer indeed
+    assert rel_l2(pooled, out.pooler_output) <= 1e-4
+    with pytest.raises(ValueError, match="clip_skip"):
+        module.apply({"params": params}, jnp.asarray(ids, jnp.int32), module.config.num_layers)

@@ -132,7 +132,7 @@ def test_errors_name_the_problem(folders, tmp_path):
         from dynamicid_jax.models.unet import UNetConfig
 
         convert.load_converted(out, "vae", UNetConfig)
-    with pytest.raises(FileExistsError, match="vae exists"):
+    with pytest.raises(ValueError, match="vae exist"):  # a UserError (ConfigError), refused before converting
         convert.convert(pipeline, out, components=["vae"])
     with pytest.raises(ValueError, match="nothing to convert"):
         convert.convert(None, tmp_path / "x", components=[])

@@ -4,9 +4,12 @@ Runs the tiny random model (configs/tiny.py) with the offline face models on rea
 """
 
 import json
+import re
 import subprocess
 import sys
 
+import flax
+import jax
 import numpy as np
 import pytest
 
@@ -16,9 +19,9 @@ from dynamicid_jax.sampling import IdentityRequest, InputError, SampleRequest, v
 
 @pytest.fixture(scope="module")
 def pipeline(test_assets):
-    from dynamicid_jax.loading import load_pipeline
+    from demo_pipeline import demo_pipeline  # shared with test_app.py
 
-    _, pipe = load_pipeline(demo=True, expression_model=str(test_assets / "fer_emotion_model.hdf5"))
+    _, pipe = demo_pipeline(str(test_assets / "fer_emotion_model.hdf5"))
     return pipe
 
 
@@ -40,6 +43,54 @@ def _request(test_assets, **overrides):
     return SampleRequest(**fields)
 
 
+# The UNet modules of the published LCM-LoRA for SD1.5 (latent-consistency/lcm-lora-sdv1-5,
+# diffusers' train_lcm_distill_lora_sd.py targets), kohya-named in the file.
+LCM_LORA_MODULES = re.compile(r"(to_q|to_k|to_v|to_out\.0|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2|conv1|conv2"
+                              r"|conv_shortcut|downsamplers\.0\.conv|upsamplers\.0\.conv|time_emb_proj)$")
+
+
+def _lcm_lora_file(params, path, rank=4, seed=0):
+    """A random LoRA for the demo UNet in LCM-LoRA's key layout (kohya names, .alpha per module)."""
+    from safetensors.numpy import save_file
+
+    from dynamicid_jax.models.lora_files import component_targets
+
+    rng = np.random.default_rng(seed)
+    flat = {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(params["unet"]).items()}
+    out = {}
+    for name, (leaf_path, _) in sorted(component_targets(params["unet"], None)["unet"].items()):
+        if not LCM_LORA_MODULES.search(name):
+            continue
+        kernel = flat["/".join(leaf_path)]
+        inner = kernel.shape[:-1]  # (in,) or (kh, kw, in)
+        down_shape = (rank, inner[-1]) + tuple(inner[:-1])
+        up_shape = (kernel.shape[-1], rank) + ((1, 1) if kernel.ndim == 4 else ())
+        stem = "lora_unet_" + name.replace(".", "_")
+        out[stem + ".lora_down.weight"] = (rng.standard_normal(down_shape) / np.sqrt(np.prod(down_shape[1:]))).astype(np.float32)
+        out[stem + ".lora_up.weight"] = (0.2 * rng.standard_normal(up_shape)).astype(np.float32)
+        out[stem + ".alpha"] = np.asarray(rank / 2, np.float32)
+    save_file(out, str(path))
+    return path
+
+
+def test_lcm_lora_loads_and_samples_with_lcm(pipeline, test_assets, tmp_path):
+    from dynamicid_jax.loading import merge_style_loras
+
+    path = _lcm_lora_file(pipeline.params, tmp_path / "lcm_lora.safetensors")
+    plain, _ = pipeline.generate(_request(test_assets, scheduler="lcm", steps=4, guidance=1.5))
+    programs = pipeline._denoise._cache_size()  # the pipeline is shared (demo_pipeline.py): count from here
+    original = pipeline.params
+    try:
+        merged, records = merge_style_loras(dict(original), [(str(path), 1.0)])
+        pipeline.params = jax.device_put(merged)  # as load_pipeline places them
+        assert records[0]["merged"]["unet"] > 40 and not records[0]["dropped"]
+        lcm, details = pipeline.generate(_request(test_assets, scheduler="lcm", steps=4, guidance=1.5))
+    finally:
+        pipeline.params = original
+    assert details["scheduler"]["name"] == "lcm" and lcm.tobytes() != plain.tobytes()
+    assert pipeline._denoise._cache_size() == programs  # merged weights are arguments: no recompile
+
+
 def _cli(argv):
     sys.path.insert(0, ".")
     from launch import sample
@@ -49,6 +100,7 @@ def _cli(argv):
 
 def test_same_seed_same_bytes_and_step_count_does_not_recompile(pipeline, test_assets):
     a, details = pipeline.generate(_request(test_assets))
+    programs = pipeline._denoise._cache_size()  # the pipeline is shared (demo_pipeline.py): count from here
     b, _ = pipeline.generate(_request(test_assets))
     assert a.dtype == np.uint8 and a.shape == (1, 64, 64, 3)
     assert a.tobytes() == b.tobytes()
@@ -56,8 +108,10 @@ def test_same_seed_same_bytes_and_step_count_does_not_recompile(pipeline, test_a
     assert c.tobytes() != a.tobytes()
     d, _ = pipeline.generate(_request(test_assets, steps=5, guidance=3.0, alpha=0.5, beta=2.0))
     assert d.tobytes() != a.tobytes()
-    # Steps, guidance, alpha, beta, seed are traced: one compiled denoising program.
-    assert pipeline._denoise._cache_size() == 1
+    e, details = pipeline.generate(_request(test_assets, scheduler="dpmpp_2m_karras"))
+    assert e.tobytes() != a.tobytes() and details["scheduler"]["use_karras_sigmas"]
+    # Steps, guidance, alpha, beta, seed and sampler are traced: no new compiled denoising program.
+    assert pipeline._denoise._cache_size() == programs
     assert details["boxes_used"] == [[0.0, 0.0, 1.0, 0.5], [0.0, 0.5, 1.0, 1.0]]
 
 
@@ -99,6 +153,8 @@ def test_several_references_are_averaged(pipeline, test_assets):
         (dict(steps=0), "--steps"),
         (dict(mix=1.5), "--mix"),
         (dict(alpha=1.5), "--alpha"),
+        (dict(scheduler="heun"), "--scheduler"),
+        (dict(scheduler="lcm", steps=51), "--steps"),
     ],
 )
 def test_validate_request_names_the_setting(test_assets, change, message):
@@ -114,10 +170,11 @@ def test_boxes_must_match_identities(test_assets):
 
 
 def test_cli_writes_png_and_sidecar_that_reproduces_it(pipeline, test_assets, tmp_path, capsys):
+    lora = str(_lcm_lora_file(pipeline.params, tmp_path / "style.safetensors", seed=1))
     argv = [
-        "--demo", "--out", str(tmp_path / "a"), "--steps", "3", "--seed", "7",
+        "--demo", "--out", str(tmp_path / "a"), "--steps", "3", "--seed", "7", "--lora", f"{lora}:0.8",
         "--ref", str(test_assets / "obama.jpg"), "--ref", str(test_assets / "0-f15-hao-ph.jpg"),
-        "--box", "0,0,1,0.5", "--box", "0,0.5,1,1", "--face_prompt", "",
+        "--box", "0,0,1,0.5", "--box", "0,0.5,1,1", "--face_prompt", "", "--scheduler", "euler_a",
         "--face_prompt", "a very surprised expression, front view",
         "--expression_model", str(test_assets / "fer_emotion_model.hdf5"),
     ]
@@ -126,9 +183,14 @@ def test_cli_writes_png_and_sidecar_that_reproduces_it(pipeline, test_assets, tm
     png = tmp_path / "a" / "dynamicid-7-0.png"
     sidecar = json.loads((tmp_path / "a" / "dynamicid-7-0.json").read_text())
     assert sidecar["request"]["seed"] == 7 and sidecar["request"]["steps"] == 3
+    # The ancestral sampler's per-step noise comes from the seed: --from_json below reproduces it.
+    assert sidecar["request"]["scheduler"] == "euler_a"
+    assert sidecar["resolved"]["scheduler"]["timestep_spacing"] == "linspace"
     assert sidecar["weights"]["weights"].startswith("tiny random")
     assert sidecar["resolved"]["identities_used"][1]["target_prompt"] == "a very surprised expression, front view"
+    assert sidecar["weights"]["loras"][0]["scale"] == 0.8 and sidecar["weights"]["loras"][0]["merged"]["unet"] > 0
     again = ["--demo", "--from_json", str(tmp_path / "a" / "dynamicid-7-0.json"), "--out", str(tmp_path / "b"),
+             "--lora", f"{lora}:0.8",
              "--expression_model", str(test_assets / "fer_emotion_model.hdf5")]
     assert _cli(again) == 0
     assert (tmp_path / "b" / "dynamicid-7-0.png").read_bytes() == png.read_bytes()
@@ -141,6 +203,8 @@ def test_cli_writes_png_and_sidecar_that_reproduces_it(pipeline, test_assets, tm
         (["--box", "0,0.5,1,0.5"], "--box"),
         (["--box", "0,0,1,1", "--box", "0,0,1,1"], "differ in count"),
         (["--face_prompt", "a", "--face_prompt", "b"], "--face_prompt"),
+        (["--lora", "no_such_style.safetensors:0.8"], "no_such_style.safetensors"),
+        (["--scheduler", "heun"], "--scheduler"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(test_assets, capsys, extra, needle):

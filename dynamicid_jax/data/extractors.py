@@ -22,6 +22,7 @@ from typing import Any, Optional
 import numpy as np
 
 from dynamicid_jax.data.precompute import ExtractorDims, Extractors
+from dynamicid_jax.errors import ConfigError
 
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_WARNING = "TINY RANDOM base model: features are meaningless; for tests and demos only"
@@ -109,10 +110,10 @@ def build_extractors(
     from dynamicid_jax.faces import load_face_analyzer
 
     if (base_model is None) != (vision_encoder is None):
-        raise ValueError("give both base_model and vision_encoder, or neither (tiny random models)")
+        raise ConfigError("give both base_model and vision_encoder, or neither (tiny random models)")
     if base_model is None:
         if tiny_model_config is None:
-            raise ValueError("no base_model given: pass tiny_model_config (e.g. configs/tiny.py) for tiny random models")
+            raise ConfigError("no base_model given: pass tiny_model_config (e.g. configs/tiny.py) for tiny random models")
         base = tiny_random_base_models(tiny_model_config)
     else:
         base = load_base_models(base_model, vision_encoder)
@@ -163,7 +164,8 @@ def make_extractors(analyzer, base: BaseModels, expression=None, faces_descripti
         clip_image_size=clip_size,
     )
     return Extractors(
-        largest_face=analyzer.largest_face,
+        # Faces below faces.MIN_FACE_SIZE are rejected with that reason (SmallFaceError).
+        largest_face=lambda image, name: analyzer.largest_face(image, name, small="reject"),
         no_face_errors=(NoFaceError,),
         landmark_image=lambda face, hw: landmark_image(face, hw)[..., None],
         auto_face_prompt=auto_face_prompt,

@@ -21,15 +21,18 @@ from typing import Optional
 
 import numpy as np
 
+from dynamicid_jax import images
 from dynamicid_jax.data import face_prompts
+from dynamicid_jax.errors import ConfigError, MissingFileError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTENSIONS = images.IMAGE_SUFFIXES
 CAPTIONS_JSONL = "captions.jsonl"
 FACE_PROMPTS_JSONL = "face_prompts.jsonl"
 
 
-class CorruptImageError(ValueError):
-    """An input file could not be decoded as an image."""
+# One reader for every image of the project (EXIF orientation, every PIL mode, bomb limit).
+CorruptImageError = images.ImageError
+load_image = images.read_rgb
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +67,9 @@ def _read_jsonl(path: pathlib.Path, value_field: str) -> dict[str, str]:
                 obj = json.loads(line)
                 file, value = obj["file"], obj[value_field]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{line_no}: expected {{\"file\": ..., \"{value_field}\": ...}}: {e}") from None
+                raise ConfigError(f"{path}:{line_no}: expected {{\"file\": ..., \"{value_field}\": ...}}: {e}") from None
             if file in out:
-                raise ValueError(f"{path}:{line_no}: {file!r} listed twice")
+                raise ConfigError(f"{path}:{line_no}: {file!r} listed twice")
             out[file] = value
     return out
 
@@ -80,20 +83,20 @@ def find_anchor_inputs(folder: str | pathlib.Path) -> list[AnchorInput]:
     """Every image under `folder`, sorted by relative path, with its caption (or None)."""
     folder = pathlib.Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"anchor input folder {folder} does not exist")
+        raise MissingFileError(f"anchor input folder {folder} does not exist")
     files = _image_files(folder)
     from_jsonl = _read_jsonl(folder / CAPTIONS_JSONL, "caption") if (folder / CAPTIONS_JSONL).exists() else {}
     unknown = sorted(set(from_jsonl) - set(files))
     if unknown:
-        raise ValueError(f"{folder / CAPTIONS_JSONL} names files that are not images in {folder}: {unknown[:5]}")
+        raise ConfigError(f"{folder / CAPTIONS_JSONL} names files that are not images in {folder}: {unknown[:5]}")
     out = []
     for key in files:
         sidecar = _sidecar_text(folder, key)
         if key in from_jsonl and sidecar is not None:
-            raise ValueError(f"{key}: caption given both in {CAPTIONS_JSONL} and in a .txt sidecar")
+            raise ConfigError(f"{key}: caption given both in {CAPTIONS_JSONL} and in a .txt sidecar")
         out.append(AnchorInput(key, from_jsonl.get(key, sidecar)))
     if not out:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+        raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
     return out
 
 
@@ -101,10 +104,10 @@ def find_identity_inputs(folder: str | pathlib.Path) -> list[tuple[str, list[Rec
     """[(identity, its images)] sorted by identity then file; identities = sub-folders of `folder`."""
     folder = pathlib.Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"reconfig input folder {folder} does not exist")
+        raise MissingFileError(f"reconfig input folder {folder} does not exist")
     loose = [p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     if loose:
-        raise ValueError(f"images directly under {folder} belong to no identity folder: {sorted(loose)[:5]}")
+        raise ConfigError(f"images directly under {folder} belong to no identity folder: {sorted(loose)[:5]}")
     prompts_jsonl = (
         _read_jsonl(folder / FACE_PROMPTS_JSONL, "prompt") if (folder / FACE_PROMPTS_JSONL).exists() else {}
     )
@@ -121,7 +124,7 @@ def find_identity_inputs(folder: str | pathlib.Path) -> list[tuple[str, list[Rec
             seen.add(key)
             sidecar = _sidecar_text(folder, key)
             if key in prompts_jsonl and sidecar is not None:
-                raise ValueError(f"{key}: face prompt given both in {FACE_PROMPTS_JSONL} and in a .txt sidecar")
+                raise ConfigError(f"{key}: face prompt given both in {FACE_PROMPTS_JSONL} and in a .txt sidecar")
             prompt = prompts_jsonl.get(key, sidecar)
             if prompt is None:
                 kdef = face_prompts.parse_kdef_name(key)
@@ -130,22 +133,10 @@ def find_identity_inputs(folder: str | pathlib.Path) -> list[tuple[str, list[Rec
         out.append((identity, items))
     unknown = sorted(set(prompts_jsonl) - seen)
     if unknown:
-        raise ValueError(f"{folder / FACE_PROMPTS_JSONL} names files that are not identity images: {unknown[:5]}")
+        raise ConfigError(f"{folder / FACE_PROMPTS_JSONL} names files that are not identity images: {unknown[:5]}")
     if not out:
-        raise ValueError(f"no identity folders with images under {folder}")
+        raise ConfigError(f"no identity folders with images under {folder}")
     return out
-
-
-def load_image(path: str | pathlib.Path) -> np.ndarray:
-    """Decode an image file to RGB uint8 (H, W, 3), EXIF orientation applied."""
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except Exception as e:  # PIL raises many types for bad data; all mean "not a usable image"
-        raise CorruptImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
 
 def vae_pixels(image: np.ndarray, resolution: int) -> np.ndarray:

@@ -42,6 +42,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from dynamicid_jax.data import records, shards
+from dynamicid_jax.errors import ConfigError
 
 # --------------------------------------------------------------------------- record access
 
@@ -52,7 +53,7 @@ def host_shard_files(manifest: Mapping[str, Any], process_index: int, process_co
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
     if len(files) < process_count:
-        raise ValueError(
+        raise ConfigError(
             f"{len(files)} shard file(s) cannot be split over {process_count} hosts; "
             "precompute with --num_shards >= the number of hosts"
         )
@@ -92,7 +93,12 @@ class ShardRecordSource:
                 fd = self._fds.get(n)
                 if fd is None:
                     fd = self._fds[n] = os.open(self.folder / self.files[n], os.O_RDONLY)
-        return records.read_record_at(fd, offset, self.files[n])
+        return records.read_record_at(fd, offset, str(self.folder / self.files[n]))
+
+    def location(self, i: int) -> tuple[str, int]:
+        """(shard file path, byte offset) of record i."""
+        n, offset = self._locations[i]
+        return str(self.folder / self.files[n]), offset
 
     def close(self) -> None:
         for fd in getattr(self, "_fds", {}).values():
@@ -110,6 +116,57 @@ class ShardRecordSource:
 
     def __repr__(self) -> str:
         return f"ShardRecordSource({self.folder}, {len(self.files)} files, {len(self)} records)"
+
+
+class CorruptRecords:
+    """Opt-in skipping of corrupt records (config.data.skip_corrupt_records): counts them.
+
+    A record whose CRC or framing fails is replaced, in its batch, by the next readable
+    record of the same stream (anchor: the next one of the shuffled order; reconfig: the next
+    record of the same identity), so batches keep their size and the run goes on; that record
+    then appears twice in the batch. Each distinct bad record is logged once (a warning naming
+    file and offset) and listed in `.found` {(file, offset): reason}; the trainer writes the
+    count into the run summary. Without it (the default) the first bad record stops the run.
+    """
+
+    def __init__(self):
+        self.found: dict[tuple[str, int], str] = {}
+        self._lock = threading.Lock()
+
+    def add(self, location: tuple[str, int], error: Exception) -> None:
+        import logging
+
+        with self._lock:
+            if location in self.found:
+                return
+            self.found[location] = str(error)
+        logging.getLogger("dynamicid_jax").warning("skipping corrupt record %s at offset %d: %s",
+                                                   location[0], location[1], error)
+
+    def __len__(self) -> int:
+        return len(self.found)
+
+    def to_json(self) -> dict:
+        return {"count": len(self.found),
+                "records": [{"file": f, "offset": o, "error": e} for (f, o), e in sorted(self.found.items())[:1000]]}
+
+
+def _read_or_substitute(source: ShardRecordSource, index: int, candidates, corrupt: Optional[CorruptRecords]) -> bytes:
+    """source[index]; with `corrupt`, a bad record is counted and the first readable of
+    `candidates()` (record indices, in order) is read instead."""
+    try:
+        return source[index]
+    except records.RecordFormatError as e:
+        if corrupt is None:
+            raise
+        corrupt.add(source.location(index), e)
+    for other in candidates():
+        try:
+            return source[other]
+        except records.RecordFormatError as e:
+            corrupt.add(source.location(other), e)
+    raise records.RecordFormatError(f"every candidate record for record {index} is corrupt "
+                                    f"(first: {source.location(index)[0]} at offset {source.location(index)[1]})")
 
 
 def _array_specs(manifest: Mapping[str, Any], keep_strings: bool) -> list[records.FeatureSpec]:
@@ -183,7 +240,7 @@ def _process(process_index: Optional[int], process_count: Optional[int]) -> tupl
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by {process_count} hosts")
+        raise ConfigError(f"global_batch_size={global_batch_size} is not divisible by {process_count} hosts")
     return global_batch_size // process_count
 
 
@@ -223,6 +280,7 @@ def anchor_dataset(
     keep_strings: bool = False,
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
+    corrupt: Optional[CorruptRecords] = None,
 ):
     """Shuffled, repeated batches of anchor records -> grain.MapDataset of {name: (b, ...)}
     (element j = batch j, records j*b ... j*b + b - 1 of the shuffled stream).
@@ -230,7 +288,8 @@ def anchor_dataset(
     Shuffle: a seeded permutation of this host's records, reseeded every epoch; `num_epochs`
     None repeats forever. Batches are `global_batch_size / process_count` records, the last
     partial batch dropped (finite epochs). `expected_features` are checked against the
-    manifest (format version, names, shapes, dtypes) before anything is read.
+    manifest (format version, names, shapes, dtypes) before anything is read. `corrupt`
+    (a CorruptRecords) skips and counts bad records instead of raising on the first.
     """
     import grain
 
@@ -238,14 +297,17 @@ def anchor_dataset(
     index, count = _process(process_index, process_count)
     source = ShardRecordSource(folder, host_shard_files(manifest, index, count))
     if len(source) == 0:
-        raise ValueError(f"host {index} of {count} has no anchor records in {folder}")
+        raise ConfigError(f"host {index} of {count} has no anchor records in {folder}")
     decode = BatchDecoder(_array_specs(manifest, keep_strings))
     order = EpochPermutation(len(source), seed)
     length = len(source) * num_epochs if num_epochs is not None else 2**62
     b = _local_batch_size(global_batch_size, count)
 
     def read_batch(j: int) -> dict[str, np.ndarray]:  # elements j*b ... j*b + b - 1 of the shuffled stream
-        return decode([source[order(i)] for i in range(j * b, (j + 1) * b)])
+        def read(i):
+            return _read_or_substitute(source, order(i), lambda: (order(i + k) for k in range(1, len(source))), corrupt)
+
+        return decode([read(i) for i in range(j * b, (j + 1) * b)])
 
     return grain.MapDataset.range(length // b).map(read_batch)
 
@@ -326,6 +388,7 @@ def reconfig_dataset(
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
     num_examples: int = 2**62,
+    corrupt: Optional[CorruptRecords] = None,
 ):
     """Batches of identity examples -> grain.MapDataset of
     {"source_<name>": (b, ...), "target_<name>": (b, T, ...)} for every stored feature.
@@ -339,15 +402,15 @@ def reconfig_dataset(
     import grain
 
     if not 0.0 <= kdef_probability <= 1.0:
-        raise ValueError(f"kdef_probability must be in [0, 1], got {kdef_probability}")
+        raise ConfigError(f"kdef_probability must be in [0, 1], got {kdef_probability}")
     manifest = shards.load_manifest(folder, "reconfig", expected_features)
     index, count = _process(process_index, process_count)
     source = ShardRecordSource(folder, host_shard_files(manifest, index, count))
     pools = identity_pools(source, min_images)
     if kdef_probability < 1.0 and not pools.identities["multi"]:
-        raise ValueError(f"host {index}: no 'multi' identities with >= {min_images} images in {folder}")
+        raise ConfigError(f"host {index}: no 'multi' identities with >= {min_images} images in {folder}")
     if kdef_probability > 0.0 and not pools.identities["kdef"]:
-        raise ValueError(
+        raise ConfigError(
             f"host {index}: kdef_probability={kdef_probability} but no 'kdef' identities with >= {min_images} "
             f"images in its shards of {folder}; pass kdef_probability=0 or add KDEF-style identity folders"
         )
@@ -356,7 +419,15 @@ def reconfig_dataset(
     b = _local_batch_size(global_batch_size, count)
 
     def read_batch(j: int) -> dict[str, np.ndarray]:  # examples j*b ... j*b + b - 1
-        rows = decode([source[int(r)] for i in range(j * b, (j + 1) * b) for r in draw(i)], (b, 1 + num_targets))
+        def same_identity(r):  # substitutes for a corrupt record r: the identity's next records
+            members = pools.records[source.entries[r]["identity"]]
+            at = members.index(r)
+            return (members[(at + k) % len(members)] for k in range(1, len(members)))
+
+        def read(r):
+            return _read_or_substitute(source, r, lambda: same_identity(r), corrupt)
+
+        rows = decode([read(int(r)) for i in range(j * b, (j + 1) * b) for r in draw(i)], (b, 1 + num_targets))
         batch = {f"source_{k}": np.ascontiguousarray(v[:, 0]) for k, v in rows.items()}
         batch.update({f"target_{k}": np.ascontiguousarray(v[:, 1:]) for k, v in rows.items()})
         return batch

@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from dynamicid_jax.data import inputs, records, shards
+from dynamicid_jax.errors import ConfigError, StorageError, UserError
 
 STAGES = ("anchor", "reconfig")
 
@@ -96,9 +97,9 @@ class PrecomputeJob:
 
     def __post_init__(self):
         if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+            raise ConfigError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.batch_size < 1 or self.resolution < 1:
-            raise ValueError(f"batch_size and resolution must be positive: {self.batch_size}, {self.resolution}")
+            raise ConfigError(f"batch_size and resolution must be positive: {self.batch_size}, {self.resolution}")
 
 
 # --------------------------------------------------------------------------- specs
@@ -107,7 +108,7 @@ class PrecomputeJob:
 def stage_specs(job: PrecomputeJob, dims: ExtractorDims) -> list[records.FeatureSpec]:
     f = dims.vae_downsample
     if job.resolution % f:
-        raise ValueError(f"resolution {job.resolution} is not a multiple of the VAE factor {f}")
+        raise ConfigError(f"resolution {job.resolution} is not a multiple of the VAE factor {f}")
     latent_hw = (job.resolution // f, job.resolution // f)
     common = dict(latent_hw=latent_hw, latent_channels=dims.latent_channels, id_dim=dims.id_dim,
                   clip_tokens=dims.clip_tokens, clip_width=dims.clip_width)
@@ -177,8 +178,8 @@ def _analyze(job: PrecomputeJob, ex: Extractors, item) -> tuple[Optional[_Accept
         return None, f"corrupt image: {e}"
     try:
         face = ex.largest_face(image, item.key)
-    except ex.no_face_errors as e:
-        return None, f"no face: {e}"
+    except ex.no_face_errors as e:  # SmallFaceError says "face too small", others "no face"
+        return None, f"{getattr(e, 'reject_reason', 'no face')}: {e}"
     if job.stage == "anchor":
         info = {"key": item.key, "caption": item.caption}
         landmarks = None
@@ -230,7 +231,20 @@ def _features(job: PrecomputeJob, ex: Extractors, batch: list[_Accepted]) -> lis
 
 
 def _write_shard(job, ex, specs, name, items, progress) -> tuple[int, int]:
-    """Compute and atomically write one shard -> (records, rejects)."""
+    """Compute and atomically write one shard -> (records, rejects).
+
+    A failed write (disk full, ...) publishes nothing of this shard and raises StorageError:
+    finished shards stay, and rerunning the same command redoes only the unfinished ones."""
+    try:
+        return _write_shard_unguarded(job, ex, specs, name, items, progress)
+    except OSError as e:
+        if isinstance(e, UserError):
+            raise
+        raise StorageError(f"writing shard {job.output_dir / name} failed: {e}; the shards finished so far are "
+                           "kept and a rerun of the same command resumes with this one (free space first)") from e
+
+
+def _write_shard_unguarded(job, ex, specs, name, items, progress) -> tuple[int, int]:
     rejects, pending = [], []
     index_fields = ("key",) if job.stage == "anchor" else ("key", "identity", "source")
     with shards.AtomicShardWriter(job.output_dir, name) as writer:
@@ -293,11 +307,11 @@ def run_precompute(job: PrecomputeJob, extractors: Extractors) -> dict:
     """Write this process's unfinished shards; finalize when all shards exist. -> summary."""
     from tqdm import tqdm
 
-    job.output_dir.mkdir(parents=True, exist_ok=True)
-    units = _units(job)
+    units = _units(job)  # input errors come before anything is written
     num_shards = job.num_shards or max(1, -(-len(units) // job.records_per_shard))
     slices = shards.shard_slices(len(units), num_shards)
     specs = stage_specs(job, extractors.dims)
+    job.output_dir.mkdir(parents=True, exist_ok=True)
     run_config = {
         "stage": job.stage,
         "num_shards": num_shards,
@@ -310,9 +324,15 @@ def run_precompute(job: PrecomputeJob, extractors: Extractors) -> dict:
     }
     if job.stage == "anchor":
         run_config["null_features"] = records.specs_to_json(null_specs(job, extractors.dims))
-    shards.check_or_write_run_config(job.output_dir, run_config)
-    if job.stage == "anchor" and job.process_index == 0:
-        _write_null_features(job, extractors, null_specs(job, extractors.dims))
+    try:
+        shards.check_or_write_run_config(job.output_dir, run_config)
+        if job.stage == "anchor" and job.process_index == 0:
+            _write_null_features(job, extractors, null_specs(job, extractors.dims))
+    except OSError as e:
+        if isinstance(e, UserError):
+            raise
+        raise StorageError(f"writing {job.output_dir}'s run config or null features failed: {e} "
+                           "(free space, then rerun the same command)") from e
 
     todo = [i for i in shards.owned_shards(num_shards, job.process_index, job.process_count)
             if not shards.is_shard_finished(job.output_dir, shards.shard_name(job.stage, i, num_shards))]

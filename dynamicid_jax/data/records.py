@@ -38,6 +38,8 @@ from typing import BinaryIO, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from dynamicid_jax.errors import UserError
+
 # Bump when the meaning or layout of any stored feature changes; readers refuse a mismatch.
 FORMAT_VERSION = 1
 
@@ -45,7 +47,7 @@ STRING = "string"
 _ARRAY_DTYPES = ("float16", "float32", "int32", "int64", "uint8")
 
 
-class RecordFormatError(ValueError):
+class RecordFormatError(UserError, ValueError):
     """A record or manifest does not match the expected feature specs: the message says which."""
 
 

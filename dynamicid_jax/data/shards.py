@@ -25,6 +25,7 @@ import pathlib
 from typing import Any, BinaryIO, Mapping, Sequence
 
 from dynamicid_jax.data import records
+from dynamicid_jax.errors import ConfigError, UserError
 
 MANIFEST = "manifest.json"
 RUN_CONFIG = "run_config.json"
@@ -34,7 +35,7 @@ _TMP_SUFFIX = ".tmp"
 _INDEX_SUFFIX = ".index.json"
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A dataset folder is incomplete or does not match what the caller expects."""
 
 
@@ -50,9 +51,9 @@ def index_name(shard_file: str) -> str:
 def shard_slices(num_units: int, num_shards: int) -> list[tuple[int, int]]:
     """Contiguous [start, stop) of a sorted unit list for each shard; sizes differ by <= 1."""
     if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+        raise ConfigError(f"num_shards must be >= 1, got {num_shards}")
     if num_shards > num_units:
-        raise ValueError(f"num_shards={num_shards} exceeds the number of inputs ({num_units})")
+        raise ConfigError(f"num_shards={num_shards} exceeds the number of inputs ({num_units})")
     return [(i * num_units // num_shards, (i + 1) * num_units // num_shards) for i in range(num_shards)]
 
 
@@ -173,6 +174,8 @@ def finalize_dataset(folder: pathlib.Path) -> dict:
     finishers that both finalize write identical files.
     """
     folder = pathlib.Path(folder)
+    if not (folder / RUN_CONFIG).is_file():
+        raise ManifestError(f"cannot finalize {folder}: no {RUN_CONFIG} (not the --output folder of a precompute run)")
     run_config = read_json(folder / RUN_CONFIG)
     stage, num_shards = run_config["stage"], run_config["num_shards"]
     missing = missing_shards(folder, stage, num_shards)

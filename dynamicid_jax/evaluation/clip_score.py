@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dynamicid_jax.errors import MissingFileError
 from dynamicid_jax.models.clip import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -168,7 +169,7 @@ def load_clip_scorer(path: str | os.PathLike, dtype: Dtype = jnp.float32) -> CLI
     folder = pathlib.Path(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"--clip_model {folder}: no config.json (expected a transformers CLIPModel folder)")
+        raise MissingFileError(f"--clip_model {folder}: no config.json (expected a transformers CLIPModel folder)")
     config = json.loads(config_file.read_text())
     if "text_config" not in config or "vision_config" not in config or "projection_dim" not in config:
         raise ValueError(f"{config_file}: not a CLIPModel config (needs text_config, vision_config, projection_dim)")

@@ -33,6 +33,7 @@ import pathlib
 import re
 from typing import Any, Mapping, Optional
 
+from dynamicid_jax.errors import MissingFileError, UserError
 from dynamicid_jax.evaluation.face_metrics import POSE_CATEGORIES
 from dynamicid_jax.faces.expression import EMOTIONS
 from dynamicid_jax.sampling import IdentityRequest, SampleRequest
@@ -56,7 +57,7 @@ SUBJECT_PHRASE = "{article} {expression} {noun} {orientation}"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-class ProtocolError(ValueError):
+class ProtocolError(UserError, ValueError):
     """A test-set file that cannot be used; the message names the file and the field."""
 
 
@@ -173,10 +174,11 @@ class EvalCase:
             seed=self.seed, steps=int(sampling["steps"]), guidance=float(sampling["guidance"]),
             height=int(sampling["height"]), width=int(sampling["width"]), num_images=1, alpha=sampling["alpha"],
             beta=float(sampling["beta"]), id_scale=float(sampling["id_scale"]), gating=self.ablation.gating,
+            scheduler=str(sampling.get("scheduler", "ddim")),
         )
 
 
-SAMPLING_KEYS = ("steps", "guidance", "height", "width", "alpha", "beta", "id_scale", "negative_prompt")
+SAMPLING_KEYS = ("steps", "guidance", "height", "width", "alpha", "beta", "id_scale", "negative_prompt", "scheduler")
 
 
 def expand_cases(
@@ -215,7 +217,7 @@ def expand_cases(
 
 def _read_file(path: pathlib.Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"test set not found: {path}")
+        raise MissingFileError(f"test set not found: {path}")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix in (".yaml", ".yml"):

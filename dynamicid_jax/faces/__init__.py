@@ -11,7 +11,7 @@ import pathlib
 
 from dynamicid_jax.faces.analyzer import FaceAnalyzer
 from dynamicid_jax.faces.conditioning import landmark_image, source_face_prompt
-from dynamicid_jax.faces.face import Face, NoFaceError
+from dynamicid_jax.faces.face import MIN_FACE_SIZE, Face, NoFaceError, SmallFaceError, check_face_size
 from dynamicid_jax.faces.pose import pose_bins
 
 
@@ -26,5 +26,5 @@ def load_face_analyzer(spec: str = "default") -> FaceAnalyzer:
     return load_buffalo_analyzer(pathlib.Path(spec))
 
 
-__all__ = ["Face", "FaceAnalyzer", "NoFaceError", "landmark_image", "load_face_analyzer", "pose_bins",
-           "source_face_prompt"]
+__all__ = ["MIN_FACE_SIZE", "Face", "FaceAnalyzer", "NoFaceError", "SmallFaceError", "check_face_size",
+           "landmark_image", "load_face_analyzer", "pose_bins", "source_face_prompt"]

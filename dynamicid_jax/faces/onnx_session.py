@@ -9,6 +9,8 @@ import onnx
 from onnx import numpy_helper
 import onnxruntime as ort
 
+from dynamicid_jax.errors import MissingFileError
+
 
 def available_providers() -> list[str]:
     """CUDA first when this onnxruntime build has it, CPU always last."""
@@ -74,7 +76,7 @@ def create_session(path: str | pathlib.Path) -> ort.InferenceSession:
     """Load an ONNX file into a session, after the two repairs above (no-ops on clean files)."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ONNX model file not found: {path}")
+        raise MissingFileError(f"ONNX model file not found: {path}")
     model = onnx.load(str(path))
     drop_unconsumed_inputs(model)
     fold_weight_dequantize(model)

@@ -17,13 +17,13 @@ import json
 import pathlib
 from typing import Any, Mapping, Optional
 
-from dynamicid_jax.sampling import IdentityRequest, InputError, SampleRequest, read_image, validate_request
+from dynamicid_jax.sampling import DEFAULT_KEYS, IdentityRequest, InputError, SampleRequest, read_image, validate_request
 
 REQUEST_FIELDS = {f.name: f for f in dataclasses.fields(SampleRequest)}
 IDENTITY_FIELDS = {f.name for f in dataclasses.fields(IdentityRequest)}
-# The config's sampling keys that are request fields (the rest, e.g. the scheduler, are not).
-DEFAULTABLE = ("negative_prompt", "steps", "guidance", "height", "width", "alpha", "beta", "id_scale")
-_INT = ("seed", "steps", "height", "width", "num_images")
+# The config's sampling keys (sampling.DEFAULT_KEYS: request fields, the scheduler included).
+DEFAULTABLE = DEFAULT_KEYS
+_INT = ("seed", "steps", "height", "width", "num_images", "clip_skip")
 _NUMBER = ("guidance", "beta", "id_scale")
 
 
@@ -58,7 +58,7 @@ def _check_types(data: Mapping[str, Any]) -> None:
         raise InputError(f"'mix' must be a number or null, got {data['mix']!r}")
     if "gating" in data and not isinstance(data["gating"], bool):
         raise InputError(f"'gating' must be true or false, got {data['gating']!r}")
-    for name in ("prompt", "negative_prompt"):
+    for name in ("prompt", "negative_prompt", "scheduler"):
         if name in data and not isinstance(data[name], str):
             raise InputError(f"{name!r} must be a string, got {data[name]!r}")
 

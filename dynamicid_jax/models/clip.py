@@ -221,14 +221,19 @@ class CLIPTextModel(nn.Module):
     input_ids (B, L) int, L <= max_positions ->
       last_hidden_state (B, L, D): final-LayerNormed states (the UNet context);
       pooled (B, D): last_hidden_state at the EOS token (see `eos_positions`).
+    clip_skip (static): take the states `clip_skip` layers before the last, final-LayerNormed
+      (diffusers' `clip_skip`; 1 = the penultimate layer, A1111's "Clip skip 2"). The pooled
+      output always comes from the last layer.
     """
 
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, input_ids: jax.Array, clip_skip: int = 0) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
+        if not 0 <= clip_skip < cfg.num_layers:
+            raise ValueError(f"clip_skip must be in [0, {cfg.num_layers - 1}], got {clip_skip}")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
         length = input_ids.shape[1]
@@ -237,9 +242,10 @@ class CLIPTextModel(nn.Module):
         x = CLIPTextEmbeddings(cfg, self.dtype, name="embeddings")(input_ids)
         causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]  # (1, 1, L, L), True = keep
         states = _encoder(cfg, self.dtype)(x, causal)
-        last = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="final_layer_norm")(states[-1])
+        final_norm = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="final_layer_norm")
+        last = final_norm(states[-1])
         pooled = last[jnp.arange(last.shape[0]), eos_positions(input_ids, cfg.eos_token_id)]
-        return last, pooled
+        return (final_norm(states[-1 - clip_skip]) if clip_skip else last), pooled
 
 
 class CLIPVisionEmbeddings(nn.Module):

@@ -24,6 +24,7 @@ from typing import Mapping
 import ml_dtypes
 import numpy as np
 
+from dynamicid_jax.errors import MissingFileError
 from dynamicid_jax.models import torch_import
 
 StateDict = dict[str, np.ndarray]
@@ -247,7 +248,7 @@ def extract_component(path: str | os.PathLike, component: str) -> StateDict:
         raise ValueError(f"component must be one of {sorted(COMPONENT_PREFIXES)}, got {component!r}")
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"single-file checkpoint not found: {path}")
+        raise MissingFileError(f"single-file checkpoint not found: {path}")
     prefix = COMPONENT_PREFIXES[component]
     ldm = _read_component(path, prefix)
     if not ldm:

@@ -21,13 +21,15 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from dynamicid_jax.errors import MissingFileError, UserError
+
 StateDict = dict[str, np.ndarray]
 Transform = Callable[[np.ndarray], np.ndarray]
 # key_fn(flax_path) -> (torch_key, transform) or None when the leaf has no counterpart.
 KeyFn = Callable[[tuple[str, ...]], Optional[tuple[str, Transform]]]
 
 
-class WeightImportError(ValueError):
+class WeightImportError(UserError, ValueError):
     """A checkpoint does not match the model: the message lists every offending key."""
 
 
@@ -86,7 +88,7 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     """
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weight file not found: {path}")
+        raise MissingFileError(f"weight file not found: {path}")
     if path.name.endswith(".index.json"):  # sharded: {"weight_map": {key: shard file name}}
         weight_map = json.loads(path.read_text())["weight_map"]
         state_dict: StateDict = {}
@@ -127,7 +129,7 @@ def find_weight_file(folder: str | os.PathLike, stems: Sequence[str]) -> pathlib
             if candidate.is_file():
                 return candidate
     names = ", ".join(f"{s}.safetensors|.bin[.index.json]" for s in stems)
-    raise FileNotFoundError(f"no weight file ({names}) in {folder}")
+    raise MissingFileError(f"no weight file ({names}) in {folder}")
 
 
 def read_component(
@@ -171,8 +173,8 @@ def read_component(
             config = config_from_json(json.loads((folder / "config.json").read_text()))
             return config, import_fn(config, read_state_dict(find_weight_file(folder, weight_stems)))
     if not path.exists():
-        raise FileNotFoundError(f"{name} weights not found: {path}")
-    raise FileNotFoundError(f"{path}: neither {subfolder}/config.json nor config.json (a {name} folder) found")
+        raise MissingFileError(f"{name} weights not found: {path}")
+    raise MissingFileError(f"{path}: neither {subfolder}/config.json nor config.json (a {name} folder) found")
 
 
 def import_params(

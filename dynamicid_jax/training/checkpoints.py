@@ -20,6 +20,7 @@ step into modeling.py's params dict, so `launch/sample.py --dynamicid WORKDIR` s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 from typing import Any, Mapping, Optional
@@ -28,6 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dynamicid_jax.errors import MissingFileError, StorageError, UserError
 from dynamicid_jax.sharding import path_name
 from dynamicid_jax.training.partition import merge
 
@@ -36,7 +38,7 @@ FROZEN = "frozen"
 CONFIG = "config.json"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint does not fit the model/config it is restored into (differences named)."""
 
 
@@ -63,6 +65,43 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_state: Mapping[str,
     """Save (asynchronously) when the interval says so or `force`; returns whether it saved."""
     return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    data=ocp.args.JsonSave(dict(data_state))), force=force)
+
+
+def committed_steps(workdir) -> list[int]:
+    """Steps whose checkpoint is complete on disk (orbax renames a step's temporary folder to
+    its number only once every item is written), oldest first."""
+    folder = pathlib.Path(workdir) / CHECKPOINTS
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()) if folder.is_dir() else []
+
+
+def _os_error_in(error: BaseException) -> Optional[OSError]:
+    """The OSError behind `error` (itself, or along its cause/context chain), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and not isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextlib.contextmanager
+def storage_errors(what: str, workdir):
+    """Turn a failed write (disk full, read-only, permissions: an OSError, also when orbax
+    re-raises it from its save thread) into a StorageError saying what is still usable."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        cause = _os_error_in(e)
+        if cause is None:
+            raise
+        steps = committed_steps(workdir)
+        kept = (f"the newest complete checkpoint, step {steps[-1]}, is intact and a rerun of the same command "
+                "resumes from it" if steps else "no checkpoint was completed yet; a rerun starts afresh")
+        raise StorageError(f"{what} in {pathlib.Path(workdir) / CHECKPOINTS} failed: {cause}; {kept} "
+                           "(free space first)") from e
 
 
 def _saved_leaves(metadata) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -128,7 +167,7 @@ def find_workdir(path) -> pathlib.Path:
     for candidate in (path, path.parent, path.parent.parent):
         if (candidate / FROZEN).is_dir() and (candidate / CHECKPOINTS).is_dir():
             return candidate
-    raise FileNotFoundError(f"{path} is not a training workdir (no {FROZEN}/ and {CHECKPOINTS}/ beside it)")
+    raise MissingFileError(f"{path} is not a training workdir (no {FROZEN}/ and {CHECKPOINTS}/ beside it)")
 
 
 def _step_from_path(path: pathlib.Path, workdir: pathlib.Path) -> Optional[int]:
@@ -173,7 +212,7 @@ def load_trained_params(workdir_or_checkpoint_dir, modules) -> dict:
     mngr = ocp.CheckpointManager(workdir / CHECKPOINTS, item_handlers=_item_handlers())
     step = mngr.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"{workdir / CHECKPOINTS} holds no finished checkpoint yet")
+        raise MissingFileError(f"{workdir / CHECKPOINTS} holds no finished checkpoint yet")
     target = _local_target(mngr.item_metadata(step)["state"])
     state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     mngr.close()

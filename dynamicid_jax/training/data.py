@@ -18,9 +18,10 @@ import ml_collections
 import numpy as np
 
 from dynamicid_jax.data import pipeline, records, shards
+from dynamicid_jax.errors import ConfigError, UserError
 
 
-class DataMismatchError(ValueError):
+class DataMismatchError(UserError, ValueError):
     """Shards made for another model configuration (the message names the difference)."""
 
 
@@ -28,7 +29,7 @@ def expected_features(stage: str, modules, config: ml_collections.ConfigDict) ->
     """Feature specs the shards must have for `modules` at `config.data.resolution`."""
     f = modules.vae_scale_factor
     if config.data.resolution % f:
-        raise ValueError(f"data.resolution {config.data.resolution} is not a multiple of the VAE factor {f}")
+        raise ConfigError(f"data.resolution {config.data.resolution} is not a multiple of the VAE factor {f}")
     vision = modules.vision_encoder.config
     common = dict(
         latent_hw=(config.data.resolution // f,) * 2,
@@ -74,16 +75,18 @@ def check_dataset(folder, stage: str, modules, config: ml_collections.ConfigDict
     return manifest
 
 
-def dataset(folder, stage: str, modules, config: ml_collections.ConfigDict):
-    """The stage's batched grain MapDataset (host-local batches of global_batch_size / hosts)."""
+def dataset(folder, stage: str, modules, config: ml_collections.ConfigDict, corrupt=None):
+    """The stage's batched grain MapDataset (host-local batches of global_batch_size / hosts).
+
+    corrupt: a `pipeline.CorruptRecords` to skip and count bad records (None: the first stops)."""
     specs = expected_features(stage, modules, config)
     if stage == "anchor":
         return pipeline.anchor_dataset(folder, global_batch_size=config.data.global_batch_size, seed=config.seed,
-                                       expected_features=specs)
+                                       expected_features=specs, corrupt=corrupt)
     return pipeline.reconfig_dataset(
         folder, global_batch_size=config.data.global_batch_size, num_targets=config.data.num_targets,
         seed=config.seed, kdef_probability=config.data.kdef_probability, min_images=config.data.min_images,
-        expected_features=specs)
+        expected_features=specs, corrupt=corrupt)
 
 
 def abstract_batch(manifest: Mapping[str, Any], stage: str, config: ml_collections.ConfigDict) -> dict:

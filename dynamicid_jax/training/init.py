@@ -20,6 +20,7 @@ import numpy as np
 from flax import traverse_util
 
 from dynamicid_jax import modeling
+from dynamicid_jax.errors import ConfigError
 from dynamicid_jax.training import checkpoints
 
 SAA_STEMS = ("SAA.bin", "SAA.safetensors")
@@ -55,7 +56,7 @@ def _load_base(config, modules, names):
     from dynamicid_jax.models import load_text_encoder, load_unet
 
     if not config.init.base_model:
-        raise ValueError("config.init.base_model is empty: give the SD1.5 model to start from "
+        raise ConfigError("config.init.base_model is empty: give the SD1.5 model to start from "
                          "(or init.random=True with a tiny config)")
     out = {}
     if "unet" in names:
@@ -89,14 +90,14 @@ def stage1_params(config, modules) -> dict:
     from dynamicid_jax.dynamicid import published_weights as pw
 
     if not config.init.stage1:
-        raise ValueError("config.init.stage1 is empty: give a stage-1 workdir or a folder with SAA.bin")
+        raise ConfigError("config.init.stage1 is empty: give a stage-1 workdir or a folder with SAA.bin")
     source = pathlib.Path(config.init.stage1)
     saa = next((source / s for s in SAA_STEMS if (source / s).is_file()), None)
     if saa is None:
         trained = checkpoints.load_trained_params(source, modules)
         missing = [c for c in ("unet", "face_projection", "text_encoder") if c not in trained]
         if missing:
-            raise ValueError(f"{source}: not a stage-1 result, it lacks {missing}")
+            raise ConfigError(f"{source}: not a stage-1 result, it lacks {missing}")
         return {c: trained[c] for c in ("unet", "face_projection", "text_encoder")}
     params = _load_base(config, modules, ("unet", "text_encoder"))
     shapes = modeling.abstract_params(modules)["unet"]
@@ -111,10 +112,10 @@ def prompt_ids(config, modules) -> np.ndarray:
 
     folder = config.init.tokenizer or config.init.base_model
     if not folder:
-        raise ValueError("stage reconfig needs a tokenizer for its prompt: set config.init.tokenizer "
+        raise ConfigError("stage reconfig needs a tokenizer for its prompt: set config.init.tokenizer "
                          "(or config.init.base_model, whose tokenizer/ is used)")
     text = modules.text_encoder.config
     ids = CLIPTokenizer.from_folder(folder, max_length=text.max_positions)([config.loss.prompt])
     if ids.max() >= text.vocab_size:
-        raise ValueError(f"tokenizer {folder} gives id {ids.max()} >= the text encoder's vocab_size {text.vocab_size}")
+        raise ConfigError(f"tokenizer {folder} gives id {ids.max()} >= the text encoder's vocab_size {text.vocab_size}")
     return ids

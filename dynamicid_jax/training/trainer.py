@@ -24,18 +24,23 @@ import ml_collections
 import numpy as np
 
 from dynamicid_jax import modeling, sharding
-from dynamicid_jax.data import pipeline
+from dynamicid_jax.data import pipeline, records
+from dynamicid_jax.errors import ConfigError, UserError
 from dynamicid_jax.training import checkpoints, data, init, partition
 from dynamicid_jax.training.step import init_state, learning_rate_schedule, make_optimizer, make_step_fn
 
 
-class NonFiniteError(FloatingPointError):
-    """A NaN/Inf loss or gradient with `nonfinite = "stop"`; the message names the step."""
+SUMMARY = "summary.json"
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """A NaN/Inf loss or gradient with `nonfinite = "stop"`; the message names the step and the
+    way on (a setting the user can change, so a UserError: one line, exit 2)."""
 
 
 def compute_dtype(name: str):
     if name not in ("float32", "bfloat16"):
-        raise ValueError(f"config.dtype must be 'float32' or 'bfloat16', got {name!r}")
+        raise ConfigError(f"config.dtype must be 'float32' or 'bfloat16', got {name!r}")
     return jnp.dtype(name)
 
 
@@ -48,7 +53,7 @@ def check_batch_layout(config, mesh) -> None:
     """The global batch must split evenly into micro-batches and over every device."""
     b, k, n = config.data.global_batch_size, config.optimizer.accumulation_steps, mesh.size
     if b % k or (b // k) % n:
-        raise ValueError(f"data.global_batch_size={b} must be a multiple of optimizer.accumulation_steps={k} "
+        raise ConfigError(f"data.global_batch_size={b} must be a multiple of optimizer.accumulation_steps={k} "
                          f"x {n} devices")
 
 
@@ -86,15 +91,20 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
     when the loop asks for it. On hosts whose cores also run the step (CPU) that work can
     still slow the step down without any stall; `benchmarks/input_share.py` measures that
     against a run with no input at all.
+
+    Faults: a corrupt record stops the run with RecordFormatError naming file and offset
+    (`config.data.skip_corrupt_records=True`: skipped and counted instead, see
+    `pipeline.CorruptRecords`); a failed checkpoint write raises StorageError naming the
+    newest complete step, which a rerun resumes from. DIR/summary.json gets the last logged
+    metrics (and the skipped records) at the end of a run.
     """
     # ------------------------------------------------------------------ setup
     stage = partition.check_stage(config.stage if stage is None else stage)
     if stage != config.stage:
-        raise ValueError(f"--stage={stage} but the config is for stage {config.stage!r}")
+        raise ConfigError(f"--stage={stage} but the config is for stage {config.stage!r}")
     if config.nonfinite not in ("stop", "skip"):
-        raise ValueError(f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
+        raise ConfigError(f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
 
     # ------------------------------------------------------------------ mesh
@@ -105,6 +115,7 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
     # ------------------------------------------------------------------ input (checked against the model)
     modules = modeling.build_modules(config.model, dtype=compute_dtype(config.dtype))
     manifest = data.check_dataset(data_dir, stage, modules, config)
+    workdir.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to fit: no stray workdirs
 
     # ------------------------------------------------------------------ model, optimizer, sharding, update step
     tx = make_optimizer(config.optimizer, config.total_steps)
@@ -134,12 +145,14 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
         state = jax.jit(lambda t, m: init_state(t, m, tx, config.seed), out_shardings=state_shardings)(
             trainable, model_state)
         del params
-        checkpoints.save_frozen(workdir, fixed)
+        with checkpoints.storage_errors("writing the frozen parameters", workdir):
+            checkpoints.save_frozen(workdir, fixed)
         if is_main:
             checkpoints.write_config(workdir, config)
         data_state = None
 
-    dataset = data.dataset(data_dir, stage, modules, config)
+    corrupt = pipeline.CorruptRecords() if config.data.get("skip_corrupt_records", False) else None
+    dataset = data.dataset(data_dir, stage, modules, config, corrupt=corrupt)
     batches = pipeline.GlobalBatchIterator(dataset, mesh, num_threads=config.data.num_threads,
                                            prefetch=config.data.prefetch, sharding=batch_sharding)
     if data_state is not None:
@@ -162,7 +175,13 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
             # read, decode and place the next batches while steps run; next() hands over ready
             # arrays, or waits for them.
             wait_start = time.perf_counter()
-            previous, batch = batch, next(batches)
+            try:
+                previous, batch = batch, next(batches)
+            except records.RecordFormatError as e:
+                raise records.RecordFormatError(
+                    f"{e} (read for step {step + 1}; checkpoints so far are kept: "
+                    f"`python data_pipelines/precompute.py --verify {data_dir}` lists every bad record, "
+                    "--config.data.skip_corrupt_records=True skips them)") from None
             input_seconds += time.perf_counter() - wait_start
             consumed = batches.get_state()  # just after this batch: where a checkpoint of this step resumes
             state, metrics = compiled(state, fixed, batch)  # dispatched asynchronously
@@ -189,21 +208,29 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
                 last = dict(metrics, step=step, compile_seconds=compile_seconds)
             if bar is not None:
                 bar.update(1)
-            saved = checkpoints.save(mngr, step, state, consumed, force=step == config.total_steps)
+            saving = f"saving checkpoints (up to step {step}; saves are asynchronous)"  # which one failed: the path
+            with checkpoints.storage_errors(saving, workdir):
+                saved = checkpoints.save(mngr, step, state, consumed, force=step == config.total_steps)
             if preemption.agreed():
                 if not saved:  # a step the interval just saved must not be saved twice
-                    checkpoints.save(mngr, step, state, consumed, force=True)
+                    with checkpoints.storage_errors(saving, workdir):
+                        checkpoints.save(mngr, step, state, consumed, force=True)
                 print(f"SIGTERM: saved step {step} and stopping", file=sys.stderr)
                 break
     finally:
         preemption.restore()
-        mngr.wait_until_finished()
-        mngr.close()
         batches.close()
         if bar is not None:
             bar.close()
         if writer is not None:
             writer.close()
+        with checkpoints.storage_errors("finishing the last checkpoint save", workdir):
+            mngr.wait_until_finished()
+            mngr.close()
+    if corrupt is not None:
+        last["corrupt_records_skipped"] = len(corrupt)
+    if is_main:
+        _write_summary(workdir, last, corrupt)
     return last
 
 
@@ -268,6 +295,17 @@ def _constants(stage, config, modules, params, data_dir, manifest) -> dict:
     return {"prompt_states": np.asarray(states, np.float32)}
 
 
+def _write_summary(workdir: pathlib.Path, last: dict, corrupt) -> None:
+    """DIR/summary.json: the last logged metrics, and the corrupt records skipped (if skipping)."""
+    from dynamicid_jax.data.shards import write_json_atomic
+
+    summary = dict(last)
+    if corrupt is not None:
+        summary["corrupt_records"] = corrupt.to_json()
+    with checkpoints.storage_errors("writing summary.json", workdir):
+        write_json_atomic(workdir / SUMMARY, summary)
+
+
 def _summary_writer(workdir):
     from tensorboardX import SummaryWriter
 
@@ -292,4 +330,8 @@ def _log(writer, bar, step: int, metrics: dict) -> None:
     if bar is not None:
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", gnorm=f"{metrics['grad_norm']:.3f}",
                         img_s=f"{metrics['images_per_second']:.1f}")
-    print(json.dumps({"step": step, **line}), file=sys.stderr if bar is not None else sys.stdout, flush=True)
+    text = json.dumps({"step": step, **line})  # one line per interval: step, loss, lr, grad norm, img/s, stall
+    if bar is not None:
+        bar.write(text, file=sys.stderr)  # above the progress bar, not through it
+    else:
+        print(text, flush=True)

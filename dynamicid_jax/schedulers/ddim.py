@@ -1,4 +1,4 @@
-"""DDPM noising (training) and DDIM sampling as pure JAX functions, diffusers-compatible.
+"""DDPM noising (training), the noise schedule config and DDIM steps as pure JAX functions, diffusers-compatible.
 
 Everything that varies per step (timesteps, samples, noise) is an array, so `ddim_step` and
 `ddpm_add_noise` run inside `jit` and `lax.scan`; everything static (prediction type,
@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from dynamicid_jax.errors import MissingFileError
 
 _BETA_SCHEDULES = ("linear", "scaled_linear")
 _SPACINGS = ("leading", "trailing", "linspace")
@@ -61,12 +63,16 @@ class SchedulerConfig:
     clip_sample: bool = False
     clip_sample_range: float = 1.0
     prediction_type: str = "epsilon"  # "epsilon", "v_prediction" or "sample"
+    # timestep_spacing as the config file states it; None (SD1.5's file names none): each
+    # sampler takes its diffusers class's default (samplers.timestep_spacing).
+    stated_spacing: Optional[str] = None
 
     def __post_init__(self):
         for name, value, allowed in (
             ("beta_schedule", self.beta_schedule, _BETA_SCHEDULES),
             ("timestep_spacing", self.timestep_spacing, _SPACINGS),
             ("prediction_type", self.prediction_type, _PREDICTION_TYPES),
+            ("stated_spacing", self.stated_spacing, _SPACINGS + (None,)),
         ):
             if value not in allowed:
                 raise ValueError(f"SchedulerConfig.{name}={value!r} is not supported; choose one of {allowed}")
@@ -85,7 +91,7 @@ class SchedulerConfig:
                 raise ValueError(f"scheduler config: {key}={config[key]!r} is not supported")
         # A key the file omits takes DDIMScheduler's default, as DDIMScheduler.from_config would.
         kwargs = {name: config.get(name, default) for name, default in _DIFFUSERS_DDIM_DEFAULTS.items()}
-        return cls(**kwargs)
+        return cls(**kwargs, stated_spacing=config.get("timestep_spacing"))
 
     @classmethod
     def from_folder(cls, path: Union[str, os.PathLike]) -> "SchedulerConfig":
@@ -95,7 +101,7 @@ class SchedulerConfig:
             if candidate.is_file():
                 with open(candidate) as f:
                     return cls.from_diffusers(json.load(f))
-        raise FileNotFoundError(f"{path}: no scheduler/scheduler_config.json")
+        raise MissingFileError(f"{path}: no scheduler/scheduler_config.json")
 
 
 @struct.dataclass
@@ -113,14 +119,19 @@ class NoiseTable:
     clip_sample_range: float = struct.field(pytree_node=False, default=1.0)
 
 
-def alphas_cumprod(config: SchedulerConfig) -> jax.Array:
-    """alpha-bar_t = prod_{s<=t} (1 - beta_s), t = 0..T-1. -> (T,) float32 (computed in float64)."""
+def alphas_cumprod64(config: SchedulerConfig) -> np.ndarray:
+    """alpha-bar_t = prod_{s<=t} (1 - beta_s), t = 0..T-1. -> (T,) float64 numpy (host-side tables)."""
     n = config.num_train_timesteps
     if config.beta_schedule == "linear":
         betas = np.linspace(config.beta_start, config.beta_end, n, dtype=np.float64)
     else:  # scaled_linear: linear in sqrt(beta), SD's schedule
         betas = np.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=np.float64) ** 2
-    return jnp.asarray(np.cumprod(1.0 - betas).astype(np.float32))
+    return np.cumprod(1.0 - betas)
+
+
+def alphas_cumprod(config: SchedulerConfig) -> jax.Array:
+    """alpha-bar_t as a (T,) float32 array (computed in float64)."""
+    return jnp.asarray(alphas_cumprod64(config).astype(np.float32))
 
 
 def noise_table(config: SchedulerConfig) -> NoiseTable:

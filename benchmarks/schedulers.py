@@ -1,0 +1,204 @@
+"""Per-sampler step cost of our sampling loop against DDIM and against diffusers'
+StableDiffusionPipeline with the same scheduler (same run, same tiny random UNet + VAE), and
+the time to merge a kohya-sized style LoRA into SD1.5-shaped weights.
+
+  python benchmarks/schedulers.py                # tiny demo model, CPU: prints markdown tables
+  python benchmarks/schedulers.py --steps 20 --repeats 3 --lora_rank 128
+
+Step time = (time of an S-step call - time of a 1-step call) / (S - 1), so the VAE decode and
+call overhead cancel. Ours: the jitted loop (compiled once for every sampler: the sampler is a
+traced index); CFG batched (2 latents), identity branch off. Diffusers: the same UNet/VAE in
+torch, float32. Both single-threaded by default (see below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import re
+import sys
+import tempfile
+import time
+
+# One compute thread on each side unless told otherwise: on a shared 2-core machine torch's
+# default OpenMP threads spin against other processes (measured: 983 ms vs 57 ms for one tiny
+# UNet call), which would make the comparison meaningless.
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def _best(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def bench_samplers(steps: int, repeats: int):
+    import diffusers
+    import torch
+
+    import test_sampler_pipeline_parity as E
+    from dynamicid_jax import schedulers as S
+
+    torch.set_num_threads(int(os.environ.get("BENCH_TORCH_THREADS", "1")))
+
+    models = E.build_models(pathlib.Path(tempfile.mkdtemp()))
+    ours = models["ours"]
+    f = ours.modules.vae_scale_factor
+    noise, key = ours.initial_noise(0, (1, E.SIZE // f, E.SIZE // f, 4))
+
+    def run_ours(name, n):
+        schedule = S.make_schedule(name, ours.scheduler, n)
+        # One image's row (sampling.py's per-image layout): [negative, positive] on axis 1, settings (1,).
+        tokens = jnp.zeros((1, 2, 1, ours.modules.face_projection.num_tokens, models["context"].shape[-1]))
+        boxes = jnp.asarray([[[0.0, 0.0, 1.0, 1.0]]])
+        row = lambda v, dtype=jnp.float32: jnp.asarray([v], dtype)  # noqa: E731
+        out = ours._denoise(ours.params["unet"], ours.params["vae"], noise, jnp.asarray(models["context"])[None],
+                            tokens, boxes, jnp.int32(S.sampler_index(name)), schedule, key, row(5.0),
+                            row(1, jnp.int32), row(4.0), row(0.0), row(0.0), gating=False, use_boxes=False,
+                            with_mix=False)
+        jax.block_until_ready(out)
+
+    def run_theirs(name, n):
+        cls, extra = E.REFERENCE[name]
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=models["vae"], text_encoder=None, tokenizer=None, unet=models["unet"],
+            scheduler=cls.from_config({**E.SD15_SCHEDULER_JSON, **extra}), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            pipe(prompt_embeds=torch.from_numpy(models["context"][1:]),
+                 negative_prompt_embeds=torch.from_numpy(models["context"][:1]),
+                 latents=torch.from_numpy(np.asarray(noise).transpose(0, 3, 1, 2).copy()), num_inference_steps=n,
+                 guidance_scale=5.0, height=E.SIZE, width=E.SIZE, output_type="np")
+
+    t0 = time.perf_counter()
+    run_ours("ddim", 1)
+    compile_s = time.perf_counter() - t0
+    # Rounds interleave the samplers so that load drifting on a shared machine hits all alike;
+    # each figure is the best round.
+    timings = {(name, side, n): [] for name in S.SCHEDULERS for side in (0, 1) for n in (1, steps)}
+    for name in S.SCHEDULERS:
+        run_ours(name, 2), run_theirs(name, 2)  # warm-up
+    for _ in range(repeats):
+        for name in S.SCHEDULERS:
+            for side, runner in enumerate((run_ours, run_theirs)):
+                for n in (1, steps):
+                    timings[(name, side, n)].append(_best(lambda: runner(name, n), 1))
+    rows = {name: [(min(timings[(name, side, steps)]) - min(timings[(name, side, 1)])) / (steps - 1)
+                   for side in (0, 1)] for name in S.SCHEDULERS}
+    print(f"\n## Sampler step cost, tiny demo model ({E.SIZE} px, CFG), CPU, {steps}-step calls\n")
+    print(f"One compile for all samplers: {compile_s:.1f} s.\n")
+    print("| sampler | ours ms/step | vs our DDIM | diffusers ms/step | ours / diffusers |")
+    print("|---|---|---|---|---|")
+    ddim = rows["ddim"][0]
+    for name, (o, d) in rows.items():
+        print(f"| {name} | {1e3 * o:.2f} | {o / ddim:.3f} | {1e3 * d:.2f} | {o / d:.2f} |")
+
+
+def bench_step_math(repeats: int, steps: int = 50):
+    """The sampler update alone (no UNet) at SD1.5's 512 px latent (2, 64, 64, 4), inside the
+    sampling loop's `lax.switch`, per step: what a sampler adds to a UNet step."""
+    from dynamicid_jax import schedulers as S
+
+    config = S.SchedulerConfig()
+    table = S.noise_table(config)
+    x0 = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 4))
+    eps = 0.5 * x0
+
+    @jax.jit
+    def loop(index, schedule, key):
+        def body(i, carry):
+            x, state = carry
+            x = S.scale_model_input_by_index(index, schedule, i, x)
+            return S.step_by_index(index, table, schedule, i, eps + 0.01 * x, x, state, key)
+
+        start = x0 * schedule.init_sigma
+        return jax.lax.fori_loop(0, schedule.num_steps, body, (start, S.init_state("dpmpp_2m", start)))[0]
+
+    key = jax.random.PRNGKey(1)
+    rows = {}
+    for name in S.SCHEDULERS:
+        n = min(steps, S.max_steps(name, config))
+        schedule = S.make_schedule(name, config, n)
+        run = lambda: jax.block_until_ready(loop(jnp.int32(S.sampler_index(name)), schedule, key))  # noqa: E731
+        run()
+        rows[name] = _best(run, repeats) / n
+    print(f"\n## Sampler update alone, 512 px latent (2, 64, 64, 4), CPU, {steps}-step loops\n")
+    print("| sampler | us/step | vs DDIM |")
+    print("|---|---|---|")
+    for name, t in rows.items():
+        print(f"| {name} | {1e6 * t:.0f} | {t / rows['ddim']:.2f} |")
+
+
+def bench_lora_merge(rank: int):
+    """Merge a kohya LoRA of SD1.5's UNet + text attention/ff/proj modules at `rank` (fp16 on
+    disk, as downloaded files are) into zero-filled SD1.5-shaped float32 weights."""
+    from flax import traverse_util
+    from safetensors.numpy import save_file
+
+    from dynamicid_jax.models.clip import CLIPTextConfig, CLIPTextModel
+    from dynamicid_jax.models.lora_files import component_targets, merge_lora_file
+    from dynamicid_jax.models.unet import UNet2DConditionModel, UNetConfig, unet_abstract_params
+
+    unet_shapes = unet_abstract_params(UNet2DConditionModel(UNetConfig()))
+    text = CLIPTextModel(CLIPTextConfig.sd15())
+    text_shapes = jax.eval_shape(lambda: text.init(jax.random.key(0), jnp.zeros((1, 77), jnp.int32)))["params"]
+    # np.zeros is lazily committed by the OS: only the merged leaves are really touched.
+    zeros = lambda tree: traverse_util.unflatten_dict(  # noqa: E731
+        {k: np.zeros(v.shape, np.float32) for k, v in traverse_util.flatten_dict(tree).items()})
+    params = {"unet": zeros(unet_shapes), "text_encoder": zeros(text_shapes)}
+    pattern = re.compile(r"(to_q|to_k|to_v|to_out\.0|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2"
+                         r"|q_proj|k_proj|v_proj|out_proj|fc1|fc2)$")
+    rng = np.random.default_rng(0)
+    flat = {c: traverse_util.flatten_dict(params[c]) for c in params}
+    lora = {}
+    for comp, targets in component_targets(params["unet"], params["text_encoder"]).items():
+        for name, (path, _) in targets.items():
+            if not pattern.search(name):
+                continue
+            kernel = flat[comp][path]
+            fan_in, out = int(np.prod(kernel.shape[:-1])), kernel.shape[-1]
+            stem = ("lora_unet_" if comp == "unet" else "lora_te_") + name.replace(".", "_")
+            lora[stem + ".lora_down.weight"] = rng.standard_normal((rank, fan_in)).astype(np.float16)
+            lora[stem + ".lora_up.weight"] = rng.standard_normal((out, rank)).astype(np.float16)
+            lora[stem + ".alpha"] = np.asarray(rank / 2, np.float16)
+    path = pathlib.Path(tempfile.mkdtemp()) / "style.safetensors"
+    save_file(lora, str(path))
+    size = path.stat().st_size / 2**20
+    t0 = time.perf_counter()
+    _, report = merge_lora_file(params, path, 0.8)
+    seconds = time.perf_counter() - t0
+    print(f"\n## Style LoRA merge, SD1.5 shapes (kohya, rank {rank}, fp16 file)\n")
+    print("| file size (MiB) | modules merged (UNet / text) | merge time incl. read (s) |")
+    print("|---|---|---|")
+    print(f"| {size:.0f} | {report.merged['unet']} / {report.merged['text_encoder']} | {seconds:.2f} |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--lora_rank", type=int, default=128)
+    p.add_argument("--skip_samplers", action="store_true")
+    p.add_argument("--skip_lora", action="store_true")
+    args = p.parse_args(argv)
+    if not args.skip_samplers:
+        bench_samplers(args.steps, args.repeats)
+    bench_step_math(max(args.repeats, 5))
+    if not args.skip_lora:
+        bench_lora_merge(args.lora_rank)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The app's form values -> a checked `SampleRequest`, and sidecars -> form values.
+
+Nothing here opens a path a client typed: references and landmark photos are upload paths
+(checked to lie in the app's upload folder, of an image type, at most MAX_UPLOAD_BYTES), and
+a sidecar's `refs` are only shown by name. Errors are `InputError`s naming the input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Optional, Sequence
+
+from dynamicid_jax.faces.expression import EMOTIONS
+from dynamicid_jax.faces.pose import pose_bins
+from dynamicid_jax.sampling import IMAGE_SUFFIXES, IdentityRequest, InputError, SampleRequest, validate_request
+
+MAX_PEOPLE = 4
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_SIDE = 2048  # pixels: a shared server should not be asked for arbitrary memory
+MAX_IMAGES = 8
+SIDECAR_SUFFIXES = (".json",)
+KEEP = "keep"
+EXPRESSION_CHOICES = (KEEP,) + EMOTIONS
+ORIENTATION_CHOICES = (KEEP, "front", "side", "facing up", "facing down")
+# Settings a sidecar restores (every field of SampleRequest but the identities).
+SETTING_FIELDS = tuple(f.name for f in dataclasses.fields(SampleRequest) if f.name != "identities")
+
+
+@dataclasses.dataclass
+class PersonForm:
+    """One person's inputs as the page sends them (upload paths, strings)."""
+
+    refs: Sequence[str] = ()
+    box: str = ""
+    expression: str = KEEP
+    orientation: str = KEEP
+    face_text: str = ""
+    target_landmarks: Optional[str] = None
+
+    @property
+    def edits(self) -> bool:
+        return bool(self.face_text.strip()) or self.expression != KEEP or self.orientation != KEEP or bool(
+            self.target_landmarks)
+
+
+def check_upload(path, upload_root: pathlib.Path, kinds: Sequence[str] = IMAGE_SUFFIXES) -> pathlib.Path:
+    """An uploaded file's path, refused unless it lies under `upload_root`, has one of the
+    suffixes `kinds` and is at most MAX_UPLOAD_BYTES."""
+    path = pathlib.Path(str(path))
+    name = path.name
+    try:
+        resolved = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise InputError(f"upload {name} not found")
+    if upload_root.resolve() not in resolved.parents:
+        raise InputError(f"{name} is not an upload of this app: files must be uploaded, server paths are never opened")
+    if resolved.suffix.lower() not in kinds:
+        raise InputError(f"{name}: only {', '.join(kinds)} files are accepted")
+    if resolved.stat().st_size > MAX_UPLOAD_BYTES:
+        raise InputError(f"{name} is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
+    return resolved
+
+
+def parse_box(text: str, person: int) -> Optional[list[float]]:
+    """'y_min,x_min,y_max,x_max' (normalised) -> 4 floats; blank -> None."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise InputError(f"person {person} box {text!r}: expected 4 numbers y_min,x_min,y_max,x_max in [0, 1]")
+    return values
+
+
+def format_box(box: Optional[Sequence[float]]) -> str:
+    return "" if box is None else ",".join(f"{v:g}" for v in box)
+
+
+def compose_face_prompt(expression: str, orientation: str, source_emotion: str, pose) -> str:
+    """The face prompt of an expression/orientation choice in the release's source form
+    ("in a {emotion} expression, [facing up, |facing down, ]in {front|side} view"); "keep"
+    takes that part from the reference face (its classified emotion, its pose bins)."""
+    if expression not in EXPRESSION_CHOICES:
+        raise InputError(f"expression {expression!r}: choose one of {', '.join(EXPRESSION_CHOICES)}")
+    if orientation not in ORIENTATION_CHOICES:
+        raise InputError(f"orientation {orientation!r}: choose one of {', '.join(ORIENTATION_CHOICES)}")
+    vertical, view = pose_bins(pose)
+    emotion = source_emotion if expression == KEEP else expression
+    if orientation in ("front", "side"):
+        vertical, view = None, orientation
+    elif orientation in ("facing up", "facing down"):
+        vertical = orientation.split()[1]
+    facing = {None: "", "up": "facing up, ", "down": "facing down, "}[vertical]
+    return f"in a {emotion} expression, {facing}in {view} view"
+
+
+def build_request(people: Sequence[PersonForm], settings: dict, upload_root: pathlib.Path, describe) -> SampleRequest:
+    """Form values -> SampleRequest. People without reference uploads are left out (their
+    other fields must then be blank). describe(path) -> (emotion, pose) of the reference's
+    largest face, used to compose a face prompt from the expression/orientation choices."""
+    identities = []
+    for k, person in enumerate(people, start=1):
+        if not person.refs:
+            if person.box.strip() or person.edits:
+                raise InputError(f"person {k} has a box or an edit but no reference photo")
+            continue
+        refs = [str(check_upload(p, upload_root)) for p in person.refs]
+        target = str(check_upload(person.target_landmarks, upload_root)) if person.target_landmarks else None
+        face_prompt = person.face_text.strip() or None
+        if face_prompt is None and (person.expression != KEEP or person.orientation != KEEP):
+            emotion, pose = describe(refs[0])
+            face_prompt = compose_face_prompt(person.expression, person.orientation, emotion, pose)
+        identities.append(IdentityRequest(refs=refs, box=parse_box(person.box, k), face_prompt=face_prompt,
+                                          target_landmarks=target))
+    if not identities:
+        raise InputError("no reference photo: upload at least one photo for person 1")
+    if len(identities) > MAX_PEOPLE:
+        raise InputError(f"at most {MAX_PEOPLE} people")
+    return SampleRequest(identities=identities, **request_settings(settings))
+
+
+def validate_settings(request: SampleRequest, pipeline) -> None:
+    """The sampler's checks plus the app's limits on size and image count."""
+    validate_request(request, pipeline.modules.vae_scale_factor)
+    for name in ("height", "width"):
+        if getattr(request, name) > MAX_SIDE:
+            raise InputError(f"{name} {getattr(request, name)} is above this app's limit of {MAX_SIDE}")
+    if request.num_images > MAX_IMAGES:
+        raise InputError(f"num_images {request.num_images} is above this app's limit of {MAX_IMAGES}")
+
+
+def request_settings(settings: dict) -> dict:
+    """The non-identity fields of a SampleRequest from form values (types fixed, names checked)."""
+    unknown = sorted(set(settings) - set(SETTING_FIELDS))
+    if unknown:
+        raise InputError(f"unknown setting {unknown[0]!r}")
+    out = dict(settings)
+    try:
+        for name in ("seed", "steps", "height", "width", "num_images"):
+            if name in out:
+                out[name] = int(out[name])
+        for name in ("guidance", "beta", "id_scale"):
+            if name in out:
+                out[name] = float(out[name])
+        if "alpha" in out:
+            out["alpha"] = parse_alpha(out["alpha"])
+        if out.get("mix") in ("", None):
+            out["mix"] = None
+        elif "mix" in out:
+            out["mix"] = float(out["mix"])
+        if "gating" in out:
+            out["gating"] = bool(out["gating"])
+    except (TypeError, ValueError) as e:
+        raise InputError(f"setting: {e}") from e
+    return out
+
+
+def parse_alpha(value) -> float | int:
+    """As the CLI: an int is a step count, a value with a '.' a fraction of the steps."""
+    if isinstance(value, bool):
+        raise InputError(f"alpha {value!r}: a step count (12) or a fraction (0.24)")
+    if isinstance(value, (int, float)):
+        return value
+    text = str(value).strip()
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise InputError(f"alpha {text!r}: a step count (12) or a fraction (0.24)")
+
+
+def read_sidecar(path, upload_root: pathlib.Path) -> dict:
+    """An uploaded sidecar -> its request dict (as `SampleRequest.to_json`)."""
+    resolved = check_upload(path, upload_root, SIDECAR_SUFFIXES)
+    try:
+        data = json.loads(resolved.read_text())
+        # Parsed into a request and back: unknown fields refused, missing ones take the
+        # defaults; nothing it names is opened.
+        return SampleRequest.from_json(data.get("request", data)).to_json()
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise InputError(f"sidecar {resolved.name} is not a DynamicID sidecar: {e}") from e
+
+
+def sidecar_request(sidecar: dict, refs: Sequence[Sequence[str]], upload_root: pathlib.Path) -> SampleRequest:
+    """The sidecar's request with each person's references replaced by this request's
+    uploads. A person without uploads is refused: a sidecar's refs name files of whoever
+    wrote it and are never opened here."""
+    request = SampleRequest.from_json(sidecar)
+    if request.identities and any(i.target_landmarks for i in request.identities):
+        raise InputError("sidecar names target-landmark photos: they are never opened on the server; "
+                         "use the form with an uploaded landmark photo")
+    people = [list(r or []) for r in refs]
+    if len(people) < len(request.identities):
+        people += [[] for _ in range(len(request.identities) - len(people))]
+    for k, (ident, uploads) in enumerate(zip(request.identities, people), start=1):
+        if not uploads:
+            names = ", ".join(pathlib.PurePath(r).name for r in ident.refs)
+            raise InputError(f"sidecar person {k} refs ({names}) are not opened on the server: "
+                             "upload that person's reference photo(s)")
+        ident.refs = [str(check_upload(p, upload_root)) for p in uploads]
+    extra = [k for k, uploads in enumerate(people, start=1) if uploads and k > len(request.identities)]
+    if extra:
+        raise InputError(f"the sidecar has {len(request.identities)} people but person {extra[0]} has uploads")
+    return request
+
+
+def public_copy(request: SampleRequest, details: dict) -> tuple[SampleRequest, dict]:
+    """The request and details with server paths replaced by file names, for sidecars the
+    client downloads (paths of this server are none of its business)."""
+    request = SampleRequest.from_json(json.loads(json.dumps(request.to_json())))
+    for ident in request.identities:
+        ident.refs = [pathlib.PurePath(r).name for r in ident.refs]
+        if ident.target_landmarks:
+            ident.target_landmarks = pathlib.PurePath(ident.target_landmarks).name
+    details = json.loads(json.dumps(details))
+    for used in details.get("identities_used", []):
+        used["refs"] = [pathlib.PurePath(r).name for r in used.get("refs", [])]
+    return request, details

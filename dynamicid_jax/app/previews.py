@@ -1,0 +1,65 @@
+"""Pictures the page shows beside the form: detected faces, the layout, activation overlays.
+
+All return RGB uint8 arrays (H, W, 3); nothing here touches the models.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# One colour per person, in person order (also used for their activation overlays).
+COLOURS = ((230, 57, 70), (29, 120, 230), (46, 170, 80), (240, 160, 20))
+PREVIEW_SIDE = 256
+
+
+def face_preview(image: np.ndarray, bbox, colour=COLOURS[0]) -> np.ndarray:
+    """The face's surroundings (box grown by half its size) with the detected box drawn."""
+    x0, y0, x1, y1 = (float(v) for v in bbox[:4])
+    grow_x, grow_y = 0.5 * (x1 - x0), 0.5 * (y1 - y0)
+    h, w = image.shape[:2]
+    left, top = max(0, int(x0 - grow_x)), max(0, int(y0 - grow_y))
+    right, bottom = min(w, int(x1 + grow_x)), min(h, int(y1 + grow_y))
+    crop = Image.fromarray(image[top:bottom, left:right])
+    draw = ImageDraw.Draw(crop)
+    width = max(2, round(max(crop.size) / 100))
+    draw.rectangle([x0 - left, y0 - top, x1 - left, y1 - top], outline=colour, width=width)
+    crop.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+    return np.asarray(crop)
+
+
+def layout_preview(boxes: Sequence[Optional[Sequence[float]]], height: int, width: int,
+                   labels: Sequence[str]) -> np.ndarray:
+    """A canvas of the output's aspect ratio with each box (normalised [y0, x0, y1, x1]) as a
+    coloured rectangle labelled with its person; None entries are skipped."""
+    scale = PREVIEW_SIDE / max(height, width)
+    ch, cw = max(1, round(height * scale)), max(1, round(width * scale))
+    canvas = Image.new("RGB", (cw, ch), (245, 245, 245))
+    draw = ImageDraw.Draw(canvas, "RGBA")
+    for k, (box, label) in enumerate(zip(boxes, labels)):
+        if box is None:
+            continue
+        y0, x0, y1, x1 = box
+        colour = COLOURS[k % len(COLOURS)]
+        rect = [x0 * cw, y0 * ch, x1 * cw - 1, y1 * ch - 1]
+        draw.rectangle(rect, fill=colour + (60,), outline=colour + (255,), width=2)
+        draw.text((rect[0] + 4, rect[1] + 4), label, fill=colour + (255,))
+    draw.rectangle([0, 0, cw - 1, ch - 1], outline=(120, 120, 120))
+    return np.asarray(canvas)
+
+
+def activation_overlay(image: np.ndarray, activation: np.ndarray, colour) -> np.ndarray:
+    """image (H, W, 3) uint8; activation (h, w) >= 0 on the latent grid -> the picture in
+    dimmed grey, painted in `colour` where the activation is high (normalised by its max, so
+    the shape reads even where the weights are small)."""
+    h, w = image.shape[:2]
+    peak = float(activation.max())
+    a = activation / peak if peak > 0 else np.zeros_like(activation)
+    a = np.asarray(Image.fromarray((a * 255).astype(np.uint8)).resize((w, h), Image.NEAREST), np.float32) / 255
+    grey = image.astype(np.float32).mean(axis=-1, keepdims=True) * 0.45
+    tint = np.asarray(colour, np.float32)[None, None]
+    strength = 0.8 * a[..., None]
+    out = grey * (1.0 - strength) + tint * strength
+    return out.clip(0, 255).astype(np.uint8)

@@ -1,0 +1,256 @@
+"""The gradio page: people (uploads, face previews, IMR edits, boxes), settings, outputs.
+
+Named API endpoints (gradio_client, see README): `/generate` (the form), `/reproduce`
+(a sidecar + fresh reference uploads), `/restore` (a sidecar -> the form's settings),
+`/analyse_K` (person K's uploads -> face previews and description), `/layout`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import pathlib
+
+import gradio as gr
+
+from dynamicid_jax.app import forms, previews
+from dynamicid_jax.app.service import AppService, Cancelled
+from dynamicid_jax.dynamicid.saa import default_boxes
+from dynamicid_jax.faces import NoFaceError
+from dynamicid_jax.sampling import InputError
+
+USER_ERRORS = (InputError, NoFaceError, Cancelled)
+IMAGE_TYPES = list(forms.IMAGE_SUFFIXES)
+PEOPLE = range(1, forms.MAX_PEOPLE + 1)
+DEFAULT_PROMPT = "a photo of people"
+
+
+def _paths(files) -> list[str]:
+    if not files:
+        return []
+    files = files if isinstance(files, (list, tuple)) else [files]
+    return [str(getattr(f, "path", f)) for f in files]
+
+
+def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
+    """The page for `service`; notice: a line shown on top (e.g. the demo-mode warning)."""
+    d = service.defaults
+    # Threads that wait for a run; the device lock inside the service keeps one at a time.
+    runner = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="dynamicid-run")
+
+    def run_and_report(request, random_seed, with_maps, progress):
+        future = runner.submit(service.run, request, random_seed=random_seed, with_maps=with_maps)
+        # The handler's thread owns gradio's progress context: it reports while the run goes on,
+        # and wait() returns the moment the run ends (no polling latency on the result).
+        while not concurrent.futures.wait([future], timeout=0.1).done:
+            done, total = service.progress
+            if total:
+                progress((done, total), desc="denoising", unit="steps")
+        try:
+            result = future.result()
+        except USER_ERRORS as e:
+            raise gr.Error(str(e), print_exception=False)
+        gallery = [(str(p), p.name) for p in result.images]
+        downloads = [str(p) for pair in zip(result.images, result.sidecars) for p in pair]
+        message = (f"{len(result.images)} image(s), seed {result.request.seed}, {result.seconds:.1f}s"
+                   + (" (" + notice + ")" if notice else ""))
+        return gallery, downloads, result.maps, message
+
+    def settings_of(prompt, negative_prompt, seed, steps, guidance, width, height, num_images, alpha, beta,
+                    id_scale, mix, gating) -> dict:
+        """Form values -> SampleRequest settings; None (not sent) takes the page's default."""
+        page = dict(prompt=DEFAULT_PROMPT, negative_prompt=d.negative_prompt, seed=0, steps=d.steps,
+                    guidance=d.guidance, width=d.width, height=d.height, num_images=1, alpha=d.alpha, beta=d.beta,
+                    id_scale=d.id_scale, mix=None, gating=True)
+        given = dict(prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance,
+                     width=width, height=height, num_images=num_images, alpha=alpha, beta=beta, id_scale=id_scale,
+                     mix=mix, gating=gating)
+        return {k: page[k] if v is None else v for k, v in given.items()}
+
+    # Every parameter defaults to None (= the page's default) so API clients name only what they set.
+    def generate(refs_1=None, box_1=None, expression_1=None, orientation_1=None, face_text_1=None, landmarks_1=None,
+                 refs_2=None, box_2=None, expression_2=None, orientation_2=None, face_text_2=None, landmarks_2=None,
+                 refs_3=None, box_3=None, expression_3=None, orientation_3=None, face_text_3=None, landmarks_3=None,
+                 refs_4=None, box_4=None, expression_4=None, orientation_4=None, face_text_4=None, landmarks_4=None,
+                 prompt=None, negative_prompt=None, seed=None, random_seed=None, steps=None, guidance=None,
+                 width=None, height=None, num_images=None, alpha=None, beta=None, id_scale=None, mix=None,
+                 gating=None, activation_maps=None, progress=gr.Progress()):
+        people = [
+            forms.PersonForm(_paths(r), b or "", e or forms.KEEP, o or forms.KEEP, t or "", (_paths(lm) or [None])[0])
+            for r, b, e, o, t, lm in (
+                (refs_1, box_1, expression_1, orientation_1, face_text_1, landmarks_1),
+                (refs_2, box_2, expression_2, orientation_2, face_text_2, landmarks_2),
+                (refs_3, box_3, expression_3, orientation_3, face_text_3, landmarks_3),
+                (refs_4, box_4, expression_4, orientation_4, face_text_4, landmarks_4),
+            )
+        ]
+        settings = settings_of(prompt, negative_prompt, seed, steps, guidance, width, height, num_images, alpha,
+                               beta, id_scale, mix, gating)
+        try:
+            request = forms.build_request(people, settings, service.upload_root, service.describe)
+        except USER_ERRORS as e:
+            raise gr.Error(str(e), print_exception=False)
+        return run_and_report(request, bool(random_seed), bool(activation_maps), progress)
+
+    def reproduce(sidecar=None, refs_1=None, refs_2=None, refs_3=None, refs_4=None, activation_maps=None,
+                  progress=gr.Progress()):
+        try:
+            if not sidecar:
+                raise InputError("no sidecar: upload a .json sidecar written by this app or launch/sample.py")
+            data = forms.read_sidecar(_paths(sidecar)[0], service.upload_root)
+            request = forms.sidecar_request(data, [_paths(r) for r in (refs_1, refs_2, refs_3, refs_4)],
+                                            service.upload_root)
+        except USER_ERRORS as e:
+            raise gr.Error(str(e), print_exception=False)
+        return run_and_report(request, False, bool(activation_maps), progress)
+
+    def analyse(person: int):
+        def fn(refs):
+            crops, lines = [], []
+            for path in _paths(refs):
+                try:
+                    crop, line = service.analyse(path, person)
+                    crops.append((crop, pathlib.Path(path).name))
+                    lines.append(line)
+                except USER_ERRORS as e:
+                    lines.append(str(e))  # "no face found in NAME": said plainly, no zero embedding
+            return crops, "\n".join(lines)
+
+        return fn
+
+    def layout(width, height, refs_1, refs_2, refs_3, refs_4, box_1, box_2, box_3, box_4):
+        active = [k for k, r in zip(PEOPLE, (refs_1, refs_2, refs_3, refs_4)) if r]
+        typed = {}
+        for k, text in zip(PEOPLE, (box_1, box_2, box_3, box_4)):
+            try:
+                typed[k] = forms.parse_box(text or "", k)
+            except InputError:
+                typed[k] = None
+        if len(active) == 1 and not typed[active[0]]:
+            boxes, note = {}, "one person without a box: no layout control"
+        elif active and not any(typed[k] for k in active):
+            boxes = dict(zip(active, default_boxes(len(active)).tolist()))
+            note = "default vertical strips"
+        else:
+            boxes = {k: typed[k] for k in PEOPLE if typed[k] is not None}
+            note = "typed boxes"
+        canvas = previews.layout_preview([boxes.get(k) for k in PEOPLE], int(height or d.height),
+                                         int(width or d.width), [f"person {k}" for k in PEOPLE])
+        return canvas, note
+
+    def restore(sidecar):
+        try:
+            data = forms.read_sidecar(_paths(sidecar)[0], service.upload_root)
+        except USER_ERRORS as e:
+            raise gr.Error(str(e), print_exception=False)
+        idents = data["identities"]
+        values = []
+        for k in PEOPLE:
+            ident = idents[k - 1] if k <= len(idents) else {}
+            values += [forms.format_box(ident.get("box")), forms.KEEP, forms.KEEP, ident.get("face_prompt") or ""]
+        values += [data["prompt"], data["negative_prompt"], data["seed"], False, data["steps"], data["guidance"],
+                   data["width"], data["height"], data["num_images"], str(data["alpha"]), data["beta"],
+                   data["id_scale"], "" if data.get("mix") is None else str(data["mix"]), data["gating"]]
+        names = "; ".join(f"person {k}: {', '.join(pathlib.PurePath(r).name for r in i['refs'])}"
+                          for k, i in enumerate(idents, start=1))
+        message = f"settings restored; references are never read from a sidecar, upload them again ({names})"
+        return values + [message]
+
+    with gr.Blocks(title="DynamicID") as demo:
+        gr.Markdown("## DynamicID: several people, each kept from a photo, each face editable")
+        if notice:
+            gr.Markdown(f"**{notice}**", elem_id="notice")
+        person = {}
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Tabs():
+                    for k in PEOPLE:
+                        with gr.Tab(f"Person {k}", elem_id=f"tab_{k}"):
+                            p = person[k] = {}
+                            with gr.Row():
+                                p["refs"] = gr.File(label=f"person {k}: reference photo(s), several are averaged",
+                                                    file_count="multiple", file_types=IMAGE_TYPES, type="filepath",
+                                                    elem_id=f"refs_{k}")
+                                p["faces"] = gr.Gallery(label="detected face", height=200, columns=3,
+                                                        elem_id=f"faces_{k}", interactive=False)
+                            p["source"] = gr.Textbox(label="automatic source description", interactive=False,
+                                                     lines=1, elem_id=f"source_{k}")
+                            p["box"] = gr.Textbox(label="box y_min,x_min,y_max,x_max in [0,1] (blank: strips)",
+                                                  elem_id=f"box_{k}")
+                            with gr.Row():
+                                p["expression"] = gr.Dropdown(list(forms.EXPRESSION_CHOICES), value=forms.KEEP,
+                                                              label="expression", elem_id=f"expression_{k}")
+                                p["orientation"] = gr.Dropdown(list(forms.ORIENTATION_CHOICES), value=forms.KEEP,
+                                                               label="orientation", elem_id=f"orientation_{k}")
+                            p["face_text"] = gr.Textbox(label="or a face prompt of your own (overrides the choices)",
+                                                        elem_id=f"face_text_{k}")
+                            p["landmarks"] = gr.File(label="target landmarks photo (optional)",
+                                                     file_types=IMAGE_TYPES, type="filepath",
+                                                     elem_id=f"landmarks_{k}")
+                prompt = gr.Textbox(label="prompt", value=DEFAULT_PROMPT, elem_id="prompt")
+                negative = gr.Textbox(label="negative prompt", value=d.negative_prompt, elem_id="negative_prompt")
+                with gr.Row():
+                    seed = gr.Number(label="seed", value=0, precision=0, elem_id="seed")
+                    random_seed = gr.Checkbox(label="random seed", value=False, elem_id="random_seed")
+                    steps = gr.Slider(1, 200, value=d.steps, step=1, label="steps", elem_id="steps")
+                    guidance = gr.Number(label="guidance", value=d.guidance, elem_id="guidance")
+                with gr.Row():
+                    width = gr.Slider(64, forms.MAX_SIDE, value=d.width, step=8, label="width", elem_id="width")
+                    height = gr.Slider(64, forms.MAX_SIDE, value=d.height, step=8, label="height", elem_id="height")
+                    num_images = gr.Slider(1, forms.MAX_IMAGES, value=1, step=1, label="images", elem_id="num_images")
+                with gr.Row():
+                    alpha = gr.Textbox(label="alpha (layout steps, or a fraction like 0.24)", value=str(d.alpha),
+                                       elem_id="alpha")
+                    beta = gr.Number(label="beta", value=d.beta, elem_id="beta")
+                    id_scale = gr.Number(label="identity scale", value=d.id_scale, elem_id="id_scale")
+                    mix = gr.Textbox(label="mixing m (blank: off)", value="", elem_id="mix")
+                with gr.Row():
+                    gating = gr.Checkbox(label="gating", value=True, elem_id="gating")
+                    maps = gr.Checkbox(label="activation maps (compiles once more)", value=False, elem_id="maps")
+            with gr.Column(scale=2):
+                layout_view = gr.Image(label="layout", interactive=False, elem_id="layout", type="numpy")
+                layout_note = gr.Markdown(elem_id="layout_note")
+                with gr.Row():
+                    go = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Cancel", elem_id="cancel")
+                status = gr.Textbox(label="status", interactive=False, elem_id="status")
+                gallery = gr.Gallery(label="output", columns=2, elem_id="gallery", interactive=False)
+                downloads = gr.File(label="downloads: PNG + JSON sidecar", file_count="multiple",
+                                    interactive=False, elem_id="downloads")
+                maps_view = gr.Gallery(label="activation maps: where each person is injected", columns=4,
+                                       elem_id="maps_view", interactive=False)
+                sidecar = gr.File(label="drop a sidecar (.json) to restore its settings", file_types=[".json"],
+                                  type="filepath", elem_id="sidecar")
+                again = gr.Button("Reproduce the sidecar with the photos uploaded above", elem_id="reproduce")
+
+        per_person = [person[k][f] for k in PEOPLE for f in ("refs", "box", "expression", "orientation",
+                                                             "face_text", "landmarks")]
+        settings = [prompt, negative, seed, random_seed, steps, guidance, width, height, num_images, alpha, beta,
+                    id_scale, mix, gating]
+        outputs = [gallery, downloads, maps_view, status]
+        go.click(generate, per_person + settings + [maps], outputs, api_name="generate", concurrency_id="device",
+                 concurrency_limit=1)
+        again.click(reproduce, [sidecar] + [person[k]["refs"] for k in PEOPLE] + [maps], outputs,
+                    api_name="reproduce", concurrency_id="device", concurrency_limit=1)
+        stop.click(service.cancel, None, None, queue=False, api_name="cancel")
+        restored = [person[k][f] for k in PEOPLE for f in ("box", "expression", "orientation", "face_text")]
+        restored += [c for c in settings] + [status]
+        sidecar.upload(restore, sidecar, restored, api_name="restore")
+        for k in PEOPLE:
+            person[k]["refs"].change(analyse(k), person[k]["refs"], [person[k]["faces"], person[k]["source"]],
+                                     api_name=f"analyse_{k}", concurrency_limit=4)
+        layout_inputs = [width, height] + [person[k]["refs"] for k in PEOPLE] + [person[k]["box"] for k in PEOPLE]
+        for component in layout_inputs:
+            component.change(layout, layout_inputs, [layout_view, layout_note], api_visibility="private", queue=False)
+        demo.load(layout, layout_inputs, [layout_view, layout_note], api_visibility="private", queue=False)
+    return demo
+
+
+def launch(demo: gr.Blocks, service: AppService, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+           block: bool = True):
+    """Serve with one generation at a time (others queue, their position shown), uploads of at
+    most forms.MAX_UPLOAD_BYTES, and only the output folder servable besides gradio's own."""
+    demo.queue(default_concurrency_limit=1)
+    return demo.launch(
+        server_name=host, server_port=port, share=share, max_file_size=forms.MAX_UPLOAD_BYTES,
+        allowed_paths=[str(service.out_dir)], prevent_thread_lock=not block, show_error=True, quiet=not block,
+    )

@@ -1,0 +1,172 @@
+"""Community LoRA files (style LoRAs, LCM-LoRA) merged into SD1.5 UNet and text-encoder weights.
+
+Two layouts, as people download them:
+  kohya / sd-scripts  `lora_unet_<module>` / `lora_te_<module>` (diffusers module names with
+                      "." -> "_") + `.lora_down.weight`, `.lora_up.weight`, `.alpha`;
+                      conv LoRA (LoCon) on resnet convs: down (r, in, kh, kw), up (out, r, 1, 1).
+  diffusers / PEFT    `unet.<module>` / `text_encoder.<module>` + `.lora_A.weight`,
+                      `.lora_B.weight` (or the older `.lora.down.weight`, `.lora.up.weight`),
+                      an optional `.alpha` (absent: alpha = rank).
+Each pair is folded into the base weight once, before sampling (no per-step cost):
+  W (out, in[, kh, kw]) += scale * alpha / r * up @ down
+in PyTorch layout, then put into our layout by the same transform the weight import uses
+(`unet_key_fn`, the CLIP key function), so the module names come from one mapping. DynamicID's
+own LoRA leaves (`lora_down`/`lora_up` in our tree) are untouched: this changes base kernels.
+
+A key that matches no module is an error listing every such key, unless `skip_unknown`, which
+drops them and returns their names (the sampler's sidecar lists them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Callable, Mapping, Optional
+
+import numpy as np
+from flax import traverse_util
+
+from . import torch_import
+from .clip import _torch_key_fn as _clip_key_fn
+from .unet import unet_key_fn
+
+COMPONENTS = ("unet", "text_encoder")
+_KOHYA = re.compile(r"^lora_(unet|te)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_PEFT = re.compile(r"^(unet|text_encoder)\.(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight"
+                   r"|alpha)$")
+_ROLE = {"lora_down.weight": "down", "lora_A.weight": "down", "lora.down.weight": "down",
+         "lora_up.weight": "up", "lora_B.weight": "up", "lora.up.weight": "up", "alpha": "alpha"}
+
+
+class LoraFileError(torch_import.WeightImportError):
+    """A LoRA file that does not fit the model (names the file and the keys)."""
+
+
+@dataclasses.dataclass
+class LoraMergeReport:
+    """What one file changed: merged module count per component and the keys dropped."""
+
+    path: str
+    scale: float
+    merged: dict[str, int]
+    dropped: list[str]
+
+
+def _targets(params: Mapping, key_fn: Callable) -> dict[str, tuple[tuple[str, ...], Callable]]:
+    """{PyTorch module name: (our kernel path, torch->ours transform)} of every kernel leaf."""
+    out = {}
+    for path in traverse_util.flatten_dict(params):
+        if path[-1] != "kernel":
+            continue
+        mapped = key_fn(path)
+        if mapped is not None and mapped[0].endswith(".weight"):
+            out[mapped[0][: -len(".weight")]] = (path, mapped[1])
+    return out
+
+
+def component_targets(unet_params: Optional[Mapping], text_params: Optional[Mapping]) -> dict[str, dict]:
+    """Module names a LoRA may address, per component ({} for a component not given)."""
+    return {
+        "unet": _targets(unet_params, unet_key_fn) if unet_params is not None else {},
+        # SD1.5's CLIP names with transformers' `text_model.` level, as kohya and PEFT files use.
+        "text_encoder": _targets(text_params, _clip_key_fn("text_model.")) if text_params is not None else {},
+    }
+
+
+def parse_lora(state_dict: Mapping[str, np.ndarray], targets: dict[str, dict]):
+    """Group a LoRA state dict per target module.
+
+    Returns ({(component, module): {"down", "up"[, "alpha"]}}, [unmatched keys]).
+    """
+    kohya = {comp: {"lora_" + ("unet" if comp == "unet" else "te") + "_" + name.replace(".", "_"): name
+                    for name in names} for comp, names in targets.items()}
+    pairs: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        match = _KOHYA.match(key)
+        if match:
+            comp = "unet" if match.group(1) == "unet" else "text_encoder"
+            module = kohya[comp].get(f"lora_{match.group(1)}_{match.group(2)}")
+            role = _ROLE[match.group(3)]
+        else:
+            match = _PEFT.match(key)
+            comp, module, role = (match.group(1), match.group(2), _ROLE[match.group(3)]) if match else (None,) * 3
+            if module is not None and module not in targets[comp]:
+                module = None
+        if module is None:
+            unknown.append(key)
+            continue
+        pairs.setdefault((comp, module), {})[role] = np.asarray(value, np.float32)
+    for (comp, module), parts in list(pairs.items()):
+        if "down" not in parts or "up" not in parts:
+            missing = "up" if "down" in parts else "down"
+            raise LoraFileError(f"LoRA for {comp} {module} has no {missing} weight")
+    return pairs, sorted(unknown)
+
+
+def lora_delta(down: np.ndarray, up: np.ndarray, alpha: Optional[np.ndarray], scale: float) -> np.ndarray:
+    """scale * alpha / r * up @ down in PyTorch layout.
+
+    down (r, in) or (r, in, kh, kw); up (out, r) or (out, r, 1, 1). -> (out, in[, kh, kw]).
+    """
+    rank = down.shape[0]
+    factor = scale * (float(alpha) / rank if alpha is not None else 1.0)
+    delta = up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)
+    return (factor * delta).reshape((up.shape[0],) + down.shape[1:])
+
+
+def merge_lora_state_dict(
+    params: dict[str, Mapping], state_dict: Mapping[str, np.ndarray], scale: float = 1.0, *,
+    skip_unknown: bool = False, name: str = "LoRA",
+) -> tuple[dict[str, Mapping], LoraMergeReport]:
+    """Fold one LoRA into {"unet": ..., "text_encoder": ...} params (either may be absent).
+
+    Returns (new params, report); the input trees are not modified. Raises LoraFileError
+    naming every unmatched key (unless skip_unknown) or a shape that does not fit.
+    """
+    targets = component_targets(params.get("unet"), params.get("text_encoder"))
+    pairs, unknown = parse_lora(state_dict, targets)
+    if unknown and not skip_unknown:
+        shown = ", ".join(unknown[:20]) + (f" ... ({len(unknown)} in all)" if len(unknown) > 20 else "")
+        raise LoraFileError(f"{name}: {len(unknown)} key(s) match no UNet/text-encoder module: {shown} "
+                            "(--lora_skip_unknown drops them)")
+    flat = {comp: dict(traverse_util.flatten_dict(params[comp])) for comp in COMPONENTS if comp in params}
+    merged = {comp: 0 for comp in flat}
+    for (comp, module), parts in sorted(pairs.items()):
+        path, transform = targets[comp][module]
+        base = np.asarray(flat[comp][path], np.float32)
+        delta = lora_delta(parts["down"], parts["up"], parts.get("alpha"), scale)
+        if delta.ndim == 4 and transform is torch_import.linear_kernel:  # a 1x1 conv pair on a Linear
+            delta = delta[:, :, 0, 0] if delta.shape[2:] == (1, 1) else delta
+        try:
+            delta = transform(delta)
+        except (ValueError, IndexError) as e:
+            raise LoraFileError(f"{name}: {comp} {module}: LoRA shape {delta.shape} does not fit: {e}") from e
+        if delta.shape != base.shape:
+            raise LoraFileError(f"{name}: {comp} {module}: LoRA gives {delta.shape}, the weight is {base.shape}")
+        flat[comp][path] = base + delta
+        merged[comp] += 1
+    out = dict(params)
+    for comp, leaves in flat.items():
+        out[comp] = traverse_util.unflatten_dict(leaves)
+    return out, LoraMergeReport(path=name, scale=scale, merged=merged, dropped=unknown if skip_unknown else [])
+
+
+def merge_lora_file(
+    params: dict[str, Mapping], path: str | os.PathLike, scale: float = 1.0, *, skip_unknown: bool = False
+) -> tuple[dict[str, Mapping], LoraMergeReport]:
+    """`merge_lora_state_dict` of a `.safetensors` (or torch pickle) LoRA file."""
+    return merge_lora_state_dict(params, torch_import.read_state_dict(path), scale, skip_unknown=skip_unknown,
+                                 name=str(path))
+
+
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """A command line's `FILE[:SCALE]` -> (file, scale); scale 1 when absent."""
+    path, sep, scale = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass  # a ':' inside the file name
+    return text, 1.0

