@@ -154,12 +154,11 @@ def noise_rows(items: list[ImageItem], latent_hwc: tuple[int, int, int]) -> np.n
 
 def step_keys(seeds_and_indices) -> np.ndarray:
     """(N, 2) uint32: image k of seed s draws its per-step noise (Euler ancestral, LCM) from
-    fold_in(fold_in(PRNGKey(s), 1), k) (`schedulers.step_noise`), so it depends on its request
-    only, never on the batch around it. seeds_and_indices: (seed, image index) per row."""
-    import jax
+    its own key (`schedulers.step_noise_key(s, k)`), so it depends on its request only, never
+    on the batch around it. seeds_and_indices: (seed, image index) per row."""
+    from dynamicid_jax.schedulers import step_noise_key
 
-    keys = [jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s), 1), k) for s, k in seeds_and_indices]
-    return np.stack([np.asarray(k) for k in keys]).astype(np.uint32)
+    return np.stack([step_noise_key(s, k) for s, k in seeds_and_indices]).astype(np.uint32)
 
 
 def assemble(items: list[ImageItem], cache: ConditioningCache, latent_hwc: tuple[int, int, int],

@@ -214,10 +214,22 @@ def needs_noise(name: str) -> bool:
     return name in _ANCESTRAL
 
 
+# Threefry whatever the default PRNG: a vmapped threefry draw equals the row's draw alone; an
+# "rbg" draw under vmap does not (JAX documents it), which would tie a picture to its batch.
+STEP_NOISE_IMPL = "threefry2x32"
+
+
+def step_noise_key(seed: int, index: int = 0) -> np.ndarray:
+    """(2,) uint32: the per-step noise key of image `index` of a `seed` request."""
+    key = jax.random.key(seed, impl=STEP_NOISE_IMPL)
+    return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.fold_in(key, 1), index)))
+
+
 def step_noise(keys: jax.Array, i, shape) -> jax.Array:
     """The standard normal noise (float32, `shape` = (N, ...)) of step i: row r from
-    fold_in(keys[r], i), keys (N, 2) one per image, so every image's draw is fixed by its own
-    key whatever the step count or the batch around it."""
+    fold_in(keys[r], i), keys (N, 2) uint32 `step_noise_key`s, one per image, so every image's
+    draw is fixed by its own key whatever the step count or the batch around it."""
+    keys = jax.random.wrap_key_data(jnp.asarray(keys, jnp.uint32), impl=STEP_NOISE_IMPL)
     draw = lambda key: jax.random.normal(jax.random.fold_in(key, i), tuple(shape[1:]), jnp.float32)  # noqa: E731
     return jax.vmap(draw)(keys)
 
