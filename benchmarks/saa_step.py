@@ -204,16 +204,18 @@ def _sampling_loop(saa_params, dtype, steps):
     n_ids = 2
     rng = np.random.default_rng(0)
     noise = jnp.asarray(rng.standard_normal((1, 64, 64, 4), dtype=np.float32))
-    context = jnp.asarray(rng.standard_normal((2, 77, 768), dtype=np.float32))
-    tokens = jnp.asarray(rng.standard_normal((2, n_ids, 4, 768), dtype=np.float32))
-    boxes = jnp.asarray([[[0, 0, 1, 0.5], [0, 0.5, 1, 1]]] * 2, jnp.float32)
+    # Per image (see dynamicid_jax.batching): [negative, positive] on axis 1, per-row settings (N,).
+    context = jnp.asarray(rng.standard_normal((1, 2, 77, 768), dtype=np.float32))
+    tokens = jnp.asarray(rng.standard_normal((1, 2, n_ids, 4, 768), dtype=np.float32))
+    boxes = jnp.asarray([[[0, 0, 1, 0.5], [0, 0.5, 1, 1]]], jnp.float32)
+    row = lambda v, dtype=jnp.float32: jnp.full((1,), v, dtype)  # noqa: E731
     rows = []
     for n in steps:
         schedule = schedulers.make_schedule("ddim", pipe.scheduler, n)
         t0 = time.perf_counter()
         out = pipe._denoise(saa_params, vae_params, noise, context, tokens, boxes, jnp.int32(0), schedule,
-                            jax.random.PRNGKey(1),
-                            jnp.float32(5.0), jnp.int32(1), jnp.float32(4.0), jnp.float32(1.0), jnp.float32(0.0),
+                            jax.random.PRNGKey(1)[None],  # (N, 2): one ancestral-noise key per image
+                            row(5.0), row(1, jnp.int32), row(4.0), row(1.0), row(0.0),
                             gating=True, use_boxes=True, with_mix=False)
         jax.block_until_ready(out)
         cache_size = getattr(pipe._denoise, "_cache_size", lambda: "n/a")()

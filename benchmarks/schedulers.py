@@ -59,11 +59,13 @@ def bench_samplers(steps: int, repeats: int):
 
     def run_ours(name, n):
         schedule = S.make_schedule(name, ours.scheduler, n)
-        tokens = jnp.zeros((2, 1, ours.modules.face_projection.num_tokens, models["context"].shape[-1]))
-        boxes = jnp.asarray([[[0.0, 0.0, 1.0, 1.0]]] * 2)
-        out = ours._denoise(ours.params["unet"], ours.params["vae"], noise, jnp.asarray(models["context"]), tokens,
-                            boxes, jnp.int32(S.sampler_index(name)), schedule, key, jnp.float32(5.0), jnp.int32(1),
-                            jnp.float32(4.0), jnp.float32(0.0), jnp.float32(0.0), gating=False, use_boxes=False,
+        # One image's row (sampling.py's per-image layout): [negative, positive] on axis 1, settings (1,).
+        tokens = jnp.zeros((1, 2, 1, ours.modules.face_projection.num_tokens, models["context"].shape[-1]))
+        boxes = jnp.asarray([[[0.0, 0.0, 1.0, 1.0]]])
+        row = lambda v, dtype=jnp.float32: jnp.asarray([v], dtype)  # noqa: E731
+        out = ours._denoise(ours.params["unet"], ours.params["vae"], noise, jnp.asarray(models["context"])[None],
+                            tokens, boxes, jnp.int32(S.sampler_index(name)), schedule, key, row(5.0),
+                            row(1, jnp.int32), row(4.0), row(0.0), row(0.0), gating=False, use_boxes=False,
                             with_mix=False)
         jax.block_until_ready(out)
 

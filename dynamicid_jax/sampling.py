@@ -4,20 +4,22 @@ Per identity (one or more reference photos, averaged):
   photo -> largest face -> identity vector (ArcFace/SFace)  \
   photo -> CLIP preprocess -> vision tower, penultimate      > FaceProjection -> tokens (T, D)
   [face prompt and/or target landmarks given] -> IMR(tokens, source motion, target motion)
-Then one jitted loop: classifier-free guidance batched as [negative, positive], the SAA UNet
-with every identity's tokens and boxes, the request's sampler (`schedulers.SCHEDULERS`:
-DDIM, DPM-Solver++ 2M, Euler, Euler ancestral, LCM), VAE decode.
+Then one jitted loop over a batch of images (of one or many requests, `batching`): each
+image's classifier-free guidance pair [negative, positive] kept together, the SAA UNet with
+every identity's tokens and boxes, the batch's sampler (`schedulers.SCHEDULERS`: DDIM,
+DPM-Solver++ 2M, Euler, Euler ancestral, LCM), VAE decode.
 
 The denoising loop is a `lax.fori_loop` whose trip count is a traced value over timesteps
 padded to the training length, so changing `steps`, `guidance`, `alpha`, `beta`, boxes or
 prompts, seed or sampler (a traced index, `lax.switch`) reuses the compiled program; only
-image size, batch and identity count recompile.
+image size, batch and identity count recompile. `generate` (one request) and
+`generate_items` (a batch, optionally over a device mesh) are the same sampler: a request
+alone is a batch of its own images.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 from typing import Any, Callable, Optional, Sequence
@@ -25,11 +27,11 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
-from dynamicid_jax import images, schedulers
+from dynamicid_jax import batching, images, outputs, schedulers
+from dynamicid_jax.batching import ImageItem, alpha_steps  # noqa: F401  (alpha_steps: public here too)
 from dynamicid_jax.dynamicid.activation_maps import identity_activation_maps
-from dynamicid_jax.dynamicid.saa import IdentityConditioning, default_boxes, validate_boxes
+from dynamicid_jax.dynamicid.saa import IdentityConditioning, validate_boxes
 from dynamicid_jax.errors import UserError
 from dynamicid_jax.modeling import DynamicIDModules, Params
 from dynamicid_jax.models.clip import clip_preprocess
@@ -222,13 +224,6 @@ def read_image(path: str | pathlib.Path) -> np.ndarray:
         raise InputError(str(e)) from None
 
 
-def alpha_steps(alpha: float | int, steps: int) -> int:
-    """Alpha as a step count: ints are counts, floats fractions of `steps` (rounded up)."""
-    if isinstance(alpha, float):
-        return math.ceil(alpha * steps - 1e-9)
-    return int(alpha)
-
-
 # ----------------------------------------------------------------------------- pipeline
 
 
@@ -265,6 +260,10 @@ class DynamicIDPipeline:
         self.table = schedulers.noise_table(scheduler)
         self.provenance = dict(provenance or {})
         self._progress: Optional[Callable[[], None]] = None
+        self.conditioning = batching.ConditioningCache(self)
+        self._faces: dict[str, tuple[Any, tuple[int, int]]] = {}  # photo -> (largest face, (H, W))
+        self._reference_tokens: dict[str, jax.Array] = {}  # photo -> projected tokens (T, D)
+        self._mesh_params: dict[Any, Params] = {}
         self._maps_sink: Optional[dict] = None  # step -> (N, n, h, w) activation maps, when asked
         self._encode_text = jax.jit(lambda p, ids, skip: modules.text_encoder.apply({"params": p}, ids, skip),
                                     static_argnums=2)
@@ -316,16 +315,27 @@ class DynamicIDPipeline:
         dots = landmark_image(face, image_hw, size=size)[None, :, :, None]
         return self._landmark_features(self.params["keypoint_encoder"], jnp.asarray(dots))
 
-    def identity_tokens(self, ident: IdentityRequest) -> tuple[jax.Array, dict]:
-        """(T, D) tokens of one identity (IMR-edited when asked) and what was used."""
-        images = [read_image(p) for p in ident.refs]
-        faces = [self.faces.largest_face(im, str(p)) for im, p in zip(images, ident.refs)]
-        tokens = []
-        for image, face in zip(images, faces):
+    def face_of(self, path: str, image: Optional[np.ndarray] = None):
+        """(largest face, (H, W)) of a photo, analysed once per path and reused."""
+        if path not in self._faces:
+            image = read_image(path) if image is None else image
+            self._faces[path] = (self.faces.largest_face(image, str(path)), image.shape[:2])
+        return self._faces[path]
+
+    def reference_tokens(self, path: str) -> jax.Array:
+        """(T, D) face-projection tokens of one reference photo, computed once per path."""
+        if path not in self._reference_tokens:
+            image = read_image(path)
+            face, _ = self.face_of(path, image)
             clip_tokens = self._clip_tokens(self.params["vision_encoder"], jnp.asarray(image)[None])
             embedding = jnp.asarray(face.embedding, jnp.float32)[None]
-            tokens.append(self._project(self.params["face_projection"], embedding, clip_tokens)[0])
-        tokens = jnp.mean(jnp.stack(tokens), axis=0)
+            self._reference_tokens[path] = self._project(self.params["face_projection"], embedding, clip_tokens)[0]
+        return self._reference_tokens[path]
+
+    def identity_tokens(self, ident: IdentityRequest) -> tuple[jax.Array, dict]:
+        """(T, D) tokens of one identity (IMR-edited when asked) and what was used."""
+        tokens = jnp.mean(jnp.stack([self.reference_tokens(p) for p in ident.refs]), axis=0)
+        faces = [self.face_of(p)[0] for p in ident.refs]
         info: dict[str, Any] = {"refs": list(ident.refs), "face_boxes": [f.bbox.tolist() for f in faces]}
         if not ident.edits:
             return tokens, info
@@ -334,14 +344,13 @@ class DynamicIDPipeline:
                 "these weights have no IMR (a stage-1 training run): drop --face_prompt/--target_landmarks "
                 "or sample from a stage-2 (reconfig) run or the release"
             )
-        image, face = images[0], faces[0]
-        source_prompt = ident.source_prompt or self.describe_face(image, face)
+        face, image_hw = self.face_of(ident.refs[0])
+        source_prompt = ident.source_prompt or self.describe_face(read_image(ident.refs[0]), face)
         target_prompt = ident.face_prompt or source_prompt
-        src_landmarks = self._landmark_feature(face, image.shape[:2])
+        src_landmarks = self._landmark_feature(face, image_hw)
         if ident.target_landmarks is not None:
-            target_image = read_image(ident.target_landmarks)
-            target_face = self.faces.largest_face(target_image, ident.target_landmarks)
-            tgt_landmarks = self._landmark_feature(target_face, target_image.shape[:2])
+            target_face, target_hw = self.face_of(ident.target_landmarks)
+            tgt_landmarks = self._landmark_feature(target_face, target_hw)
         else:
             tgt_landmarks = src_landmarks
         _, pooled = self.text_features([source_prompt, target_prompt])
@@ -366,34 +375,44 @@ class DynamicIDPipeline:
         guidance, alpha_count, beta, id_scale, mix, map_steps=None, *, gating: bool, use_boxes: bool,
         with_mix: bool, capture_maps: bool = False,
     ):
-        """noise (N, h, w, C) standard normal; context (2N, L, D) [negative; positive];
-        id_tokens (2N, n, T, D); boxes (2N, n, 4); sampler: () int32 index into
-        schedulers.SCHEDULERS; schedule: its `schedulers.Schedule` padded to the training length
-        (num_steps traced); step_key: the ancestral samplers' per-step noise key.
-        capture_maps: at the steps in map_steps (K,), -1 padded, send the positive half's per-identity
-        activation maps (N, n, h, w) to the host (`_on_maps`); a separate program.
-        Returns images (N, H, W, 3) float32 in [-1, 1]."""
+        """Per image (N rows, see `batching`): noise (N, h, w, C) standard normal; context
+        (N, 2, L, D) and id_tokens (N, 2, n, T, D) as [negative, positive]; boxes (N, n, 4);
+        sampler: () int32 index into schedulers.SCHEDULERS; schedule: its `schedulers.Schedule`
+        padded to the training length (num_steps traced); step_key (N, 2): each image's key of
+        the ancestral samplers' per-step noise; guidance, alpha_count, beta, id_scale, mix (N,).
+        capture_maps: at the steps in map_steps (K,), -1 padded, send the positive rows'
+        per-identity activation maps (N, n, h, w) to the host (`_on_maps`); a separate program.
+        Returns images (N, H, W, 3) float32 in [-1, 1].
+
+        The UNet batch is 2N rows [neg_0, pos_0, neg_1, pos_1, ...]: (N, 2, ...) reshaped, so
+        with the image axis split over devices every CFG pair stays on its image's device."""
         unet, table = self.modules.unet, self.table
+        pairs = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731  (N, 2, ...) -> (2N, ...)
+        rows = lambda v: jnp.repeat(v, 2)[:, None]  # noqa: E731  (N,) -> (2N, 1): broadcasts over queries
+        context, id_tokens, boxes = pairs(context), pairs(id_tokens), jnp.repeat(boxes, 2, axis=0)
+        guidance = guidance[:, None, None, None]
 
         def body(i, carry):
             x, state = carry
             t = schedule.timesteps[i]
             identity = IdentityConditioning(
-                tokens=id_tokens, boxes=boxes, layout_active=i < alpha_count, beta=beta, id_scale=id_scale,
-                mix=mix if with_mix else None, use_boxes=use_boxes, gating=gating,
+                tokens=id_tokens, boxes=boxes, layout_active=rows(i < alpha_count), beta=rows(beta),
+                id_scale=rows(id_scale), mix=rows(mix)[..., None, None] if with_mix else None, use_boxes=use_boxes,
+                gating=gating,
             )
             x_in = schedulers.scale_model_input_by_index(sampler, schedule, i, x)
-            x2 = jnp.concatenate([x_in, x_in])
+            x2 = jnp.repeat(x_in, 2, axis=0)  # [neg_0, pos_0, neg_1, pos_1, ...]
             t2 = jnp.broadcast_to(t, (x2.shape[0],))
             if capture_maps:
                 eps, variables = unet.apply({"params": unet_params}, x2, t2, context, identity,
                                             mutable=["intermediates"])
                 maps = identity_activation_maps(variables["intermediates"], x.shape[1:3], id_tokens.shape[2])
-                jax.lax.cond(jnp.any(map_steps == i), lambda: jax.debug.callback(self._on_maps, i, maps[x.shape[0]:]),
+                jax.lax.cond(jnp.any(map_steps == i), lambda: jax.debug.callback(self._on_maps, i, maps[1::2]),
                              lambda: None)
             else:
                 eps = unet.apply({"params": unet_params}, x2, t2, context, identity)
-            uncond, cond = jnp.split(eps, 2)
+            eps = eps.reshape((-1, 2) + eps.shape[1:])
+            uncond, cond = eps[:, 0], eps[:, 1]
             guided = uncond + guidance * (cond - uncond)
             x, state = schedulers.step_by_index(sampler, table, schedule, i, guided, x, state, step_key)
             jax.debug.callback(self._on_step, i)
@@ -408,10 +427,75 @@ class DynamicIDPipeline:
 
     @staticmethod
     def initial_noise(seed: int, latent_shape) -> tuple[jax.Array, jax.Array]:
-        """(standard-normal start latents, key of the ancestral samplers' per-step noise), both
-        fixed by the seed (the start noise is the same for every sampler)."""
-        key = jax.random.PRNGKey(seed)
-        return jax.random.normal(key, latent_shape, jnp.float32), jax.random.fold_in(key, 1)
+        """(standard-normal start latents (N, h, w, C), per-image keys (N, 2) of the ancestral
+        samplers' per-step noise) of a request alone, both fixed by the seed (the start noise
+        is the same for every sampler; `batching.noise_rows`/`batching.step_keys`)."""
+        noise = jax.random.normal(jax.random.PRNGKey(seed), latent_shape, jnp.float32)
+        return noise, jnp.asarray(batching.step_keys([(seed, k) for k in range(latent_shape[0])]))
+
+    def _params_on(self, mesh) -> Params:
+        """Parameters placed on `mesh` by sharding.py's rules (replicated unless fsdp > 1), once."""
+        if mesh is None:
+            return self.params
+        if mesh not in self._mesh_params:
+            from dynamicid_jax import sharding
+
+            self._mesh_params[mesh] = jax.device_put(self.params, sharding.param_shardings(self.params, mesh))
+        return self._mesh_params[mesh]
+
+    def generate_items(
+        self, items: Sequence[ImageItem], *, mesh=None, pad_to: Optional[int] = None,
+        activation_maps: Optional[dict] = None, activation_steps: Sequence[int] = (),
+    ):
+        """Images of `items` (equal `batching.shape_key`) in one denoising call.
+
+        mesh: a `sharding.make_mesh` mesh: the image axis is split over its (data, fsdp) axes
+        (pad_to must then divide by its size), parameters placed by `sharding.param_shardings`;
+        None = the default device. pad_to: batch rows to compute (a short batch is padded, so
+        every batch of a run has one compiled shape). Requests must already be validated.
+        activation_maps/activation_steps: as `generate` (rows beyond len(items) dropped).
+        Returns (images uint8 (len(items), H, W, 3), one details dict per item for its sidecar).
+        """
+        return self._sample(list(items), self.conditioning, mesh, pad_to, activation_maps, activation_steps)
+
+    def _sample(self, items, cache, mesh=None, pad_to=None, activation_maps=None, activation_steps=()):
+        """Rows of `items` through `cache` (`batching.assemble`) -> one denoising call.
+        Returns (images uint8 (len(items), H, W, 3), details per item)."""
+        request = items[0].request
+        f = self.modules.vae_scale_factor
+        latent_hwc = (request.height // f, request.width // f, self.modules.unet.config.in_channels)
+        arrays, details = batching.assemble(items, cache, latent_hwc, pad_to)
+        described = schedulers.describe(request.scheduler, self.scheduler)  # one sampler per batch (shape_key)
+        details = [dict(d, scheduler=described) for d in details]
+        # Padded to the training length: a new step count reuses the program.
+        schedule = schedulers.make_schedule(request.scheduler, self.scheduler, request.steps)
+        if mesh is not None:
+            from dynamicid_jax import sharding
+
+            if len(arrays["noise"]) % mesh.size:
+                raise ValueError(f"a batch of {len(arrays['noise'])} images does not split over {mesh.size} devices")
+            arrays = jax.device_put(arrays, sharding.batch_sharding(mesh))
+            schedule = jax.device_put(schedule, sharding.replicated(mesh))
+        params = self._params_on(mesh)
+        capture = activation_maps is not None
+        self._maps_sink = activation_maps
+        a = arrays
+        try:
+            images = self._denoise(
+                params["unet"], params["vae"], a["noise"], a["context"], a["id_tokens"], a["boxes"],
+                jnp.int32(schedulers.sampler_index(request.scheduler)), schedule, a["step_key"],
+                a["guidance"], a["alpha_count"], a["beta"], a["id_scale"], a["mix"],
+                _map_steps(activation_steps) if capture else None,
+                gating=request.gating, use_boxes=batching.uses_boxes(request), with_mix=request.mix is not None,
+                capture_maps=capture,
+            )
+            images = np.asarray(jax.block_until_ready(images))[: len(items)]
+        finally:
+            self._maps_sink = None
+        if capture:
+            for step in activation_maps:
+                activation_maps[step] = activation_maps[step][: len(items)]
+        return np.round((images + 1.0) * 127.5).clip(0, 255).astype(np.uint8), details
 
     def generate(
         self, request: SampleRequest, progress: Optional[Callable[[int], Any]] = None,
@@ -426,64 +510,39 @@ class DynamicIDPipeline:
         separate program, so leave None for plain sampling.
         """
         validate_request(request, self.modules.vae_scale_factor)
-        per_identity = [self.identity_tokens(ident) for ident in request.identities]
-        tokens = jnp.stack([t for t, _ in per_identity])  # (n, T, D)
-        images_uint8, boxes, use_boxes = self._sample(request, tokens, progress, activation_maps, activation_steps)
-        details = {
-            "boxes_used": boxes.tolist() if use_boxes else None,
-            "identities_used": [info for _, info in per_identity],
-            "alpha_steps": alpha_steps(request.alpha, request.steps),
-            "scheduler": schedulers.describe(request.scheduler, self.scheduler),
-        }
-        return images_uint8, details
+        items = [ImageItem(request, k) for k in range(request.num_images)]
+        self.conditioning.prepare(request)  # faces and tokens first: a photo without a face fails here
+        self._progress = progress(request.steps) if progress is not None else None
+        try:
+            images, details = self.generate_items(items, activation_maps=activation_maps,
+                                                  activation_steps=activation_steps)
+        finally:
+            self._progress = None
+        return images, details[0]
 
     def warm_up(self, request: SampleRequest) -> None:
         """Compile the denoising program for `request`'s shapes (size, batch, identity count,
         boxes) without reading its photos: zero identity tokens, one step."""
         validate_request(request, self.modules.vae_scale_factor)
-        tokens = jnp.zeros((len(request.identities),) + self.unconditional_tokens().shape)
-        self._sample(dataclasses.replace(request, steps=1, alpha=0), tokens, None, None, ())
+        request = dataclasses.replace(request, steps=1, alpha=0)
+        items = [ImageItem(request, k) for k in range(request.num_images)]
+        self._sample(items, _NoPhotos(self.conditioning))
 
-    def _sample(self, request, tokens, progress, activation_maps, activation_steps):
-        """tokens (n, T, D) -> (images uint8 (N, H, W, 3), boxes (n, 4), use_boxes)."""
-        f = self.modules.vae_scale_factor
-        n_ids = tokens.shape[0]
-        uncond = jnp.broadcast_to(self.unconditional_tokens(), tokens.shape)
-        use_boxes = n_ids > 1 or request.identities[0].box is not None
-        if request.identities[0].box is not None:
-            boxes = np.asarray([ident.box for ident in request.identities], np.float32)
-        else:
-            boxes = default_boxes(n_ids).astype(np.float32)
-        states, _ = self.text_features([request.negative_prompt, request.prompt], request.clip_skip)
-        n = request.num_images
-        context = jnp.concatenate([jnp.repeat(states[:1], n, 0), jnp.repeat(states[1:], n, 0)])
-        id_tokens = jnp.concatenate([jnp.repeat(uncond[None], n, 0), jnp.repeat(tokens[None], n, 0)])
-        box_batch = jnp.broadcast_to(jnp.asarray(boxes), (2 * n, n_ids, 4))
 
-        # Padded to the training length: a new step count reuses the program.
-        schedule = schedulers.make_schedule(request.scheduler, self.scheduler, request.steps)
-        latent_shape = (n, request.height // f, request.width // f, self.modules.unet.config.in_channels)
-        noise, step_key = self.initial_noise(request.seed, latent_shape)
+class _NoPhotos:
+    """A ConditioningCache stand-in whose identities are zero tokens (warm-up: no photo read)."""
 
-        self._progress = progress(request.steps) if progress is not None else None
-        capture = activation_maps is not None
-        self._maps_sink = activation_maps
-        try:
-            images = self._denoise(
-                self.params["unet"], self.params["vae"], noise, context, id_tokens, box_batch,
-                jnp.int32(schedulers.sampler_index(request.scheduler)), schedule, step_key,
-                jnp.float32(request.guidance),
-                jnp.int32(alpha_steps(request.alpha, request.steps)), jnp.float32(request.beta),
-                jnp.float32(request.id_scale), jnp.float32(request.mix if request.mix is not None else 0.0),
-                _map_steps(activation_steps) if capture else None,
-                gating=request.gating, use_boxes=use_boxes, with_mix=request.mix is not None, capture_maps=capture,
-            )
-            images = np.asarray(jax.block_until_ready(images))
-        finally:
-            self._progress = None
-            self._maps_sink = None
-        images_uint8 = np.round((images + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
-        return images_uint8, boxes, use_boxes
+    def __init__(self, cache: batching.ConditioningCache):
+        self.cache = cache
+
+    def text(self, text: str, clip_skip: int = 0) -> np.ndarray:
+        return self.cache.text(text, clip_skip)
+
+    def unconditional(self) -> np.ndarray:
+        return self.cache.unconditional()
+
+    def identity(self, ident) -> tuple[np.ndarray, dict]:
+        return np.zeros_like(self.cache.unconditional()), {}
 
 
 MAX_MAP_STEPS = 8
@@ -500,27 +559,20 @@ def save_outputs(
     out_dir: str | pathlib.Path, images: np.ndarray, request: SampleRequest, details: dict, provenance: dict,
     stem: str = "dynamicid",
 ) -> list[pathlib.Path]:
-    """Write `stem-SEED-K.png` and a sidecar `stem-SEED-K.json` per image. Returns the PNG paths.
+    """Write `stem-SEED-K.png` and a sidecar `stem-SEED-K.json` per image (`outputs.save_image`).
+    Returns the PNG paths.
 
     The sidecar holds the whole request (so `launch/sample.py --from_json` reproduces the
     image), what the run resolved (boxes, automatic prompts) and the weights' provenance.
     """
-    import dynamicid_jax
-
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, image in enumerate(images):
-        name = f"{stem}-{request.seed}-{k}"
-        png = out_dir / f"{name}.png"
-        Image.fromarray(image).save(png)
-        sidecar = {
-            "request": request.to_json(),
-            "image_index": k,
-            "resolved": details,
-            "weights": provenance,
-            "dynamicid_jax_version": dynamicid_jax.__version__,
-        }
-        (out_dir / f"{name}.json").write_text(json.dumps(sidecar, indent=1))
+        png = output_path(out_dir, request, k, stem)
+        outputs.save_image(png, image, request, details, provenance, image_index=k)
         paths.append(png)
     return paths
+
+
+def output_path(out_dir: str | pathlib.Path, request: SampleRequest, index: int, stem: str = "dynamicid") -> pathlib.Path:
+    """Where picture `index` of `request` goes: OUT/stem-SEED-K.png."""
+    return pathlib.Path(out_dir) / f"{stem}-{request.seed}-{index}.png"

@@ -15,6 +15,17 @@ once per identity in --ref order; an empty --face_prompt leaves that identity un
 Boxes are normalised y_min,x_min,y_max,x_max. Without boxes several identities get vertical
 strips. Each PNG gets a JSON sidecar; `--from_json SIDECAR` reproduces it.
 
+Many pictures: `--requests FILE.jsonl` holds one request per line in the sidecar's `request`
+form (photo paths relative to the file; see dynamicid_jax/generation/requests.py). Requests
+sharing a compiled shape are batched (`--batch_size` images per step, default one per
+device), the batch split over every local device; pictures go to OUT/lineNNNNN-SEED-K.png,
+unusable lines to OUT/rejects.jsonl, counts to OUT/summary.json. Rerunning the same command
+skips finished pictures. Over several hosts, the same command on each with the flags of
+launch/train.py (each process takes a disjoint share, all write into --out):
+
+  python launch/sample.py --requests jobs.jsonl --out shared/out --batch_size 64 \
+      --coordinator_address=host0:1234 --num_processes=4 --process_id=$RANK ...
+
 No weights at hand: `--demo` runs a tiny random model (noise-like pictures, said plainly).
 Bad input exits with status 2 and one line on stderr naming it. `--verbose` shows the libraries'
 INFO logs.
@@ -72,6 +83,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--demo", action="store_true", help="tiny random model, no weights needed")
     p.add_argument("--from_json", default=None, help="sidecar JSON of an earlier image: reproduce its request")
     p.add_argument("--out", default="outputs")
+    p.add_argument("--requests", default=None, help="JSON Lines file, one request per line (batch generation)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="with --requests: images per denoising step over all processes (default: one per device)")
+    p.add_argument("--fsdp", type=int, default=1,
+                   help="with --requests: split parameters over this many devices (when a copy per device does not fit)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    from dynamicid_jax import distributed
+
+    distributed.add_argparse_flags(p)
     return p.parse_args(argv)
 
 
@@ -168,6 +188,52 @@ def build_request(args: argparse.Namespace, sampling_defaults):
     )
 
 
+def _loras(args) -> list:
+    """--lora FILE[:SCALE] values as (path, scale); InputError naming a missing file."""
+    from dynamicid_jax.models.lora_files import parse_lora_arg
+
+    loras = [parse_lora_arg(t) for t in args.lora]
+    for path, _ in loras:
+        if not pathlib.Path(path).is_file():
+            raise _input_error(f"--lora: file not found: {path}")
+    return loras
+
+
+def run_requests(args) -> int:
+    """--requests: every line of the file, batched over every device and process."""
+    from dynamicid_jax import distributed
+    from dynamicid_jax.generation import run_requests_file
+    from dynamicid_jax.loading import load_pipeline, sampling_config
+
+    if args.ref or args.from_json:
+        raise _input_error("--requests takes every request from its file: drop --ref/--from_json")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise _input_error(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.fsdp < 1:
+        raise _input_error(f"--fsdp must be >= 1, got {args.fsdp}")
+    if not pathlib.Path(args.requests).is_file():
+        raise _input_error(f"requests file not found: {args.requests}")
+    loras = _loras(args)
+    distributed.initialize_from_args(args)
+    import jax
+
+    main_process = jax.process_index() == 0
+    config = sampling_config(args.demo, args.dynamicid)
+    _, pipeline = load_pipeline(
+        demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder,
+        dynamicid=args.dynamicid, faces=args.faces, expression_model=args.expression_model, dtype=args.dtype,
+        log=lambda m: print(m, flush=True) if main_process else None, loras=loras,
+        lora_skip_unknown=args.lora_skip_unknown,
+    )
+    summary = run_requests_file(pipeline, args.requests, args.out, defaults=config.sampling.to_dict(),
+                                batch_size=args.batch_size, fsdp=args.fsdp, progress=not args.no_progress)
+    if main_process:
+        print(f"{summary['images']} images of {summary['requests']} requests: {summary['generated']} generated, "
+              f"{summary['reused']} already there, {len(summary['rejected_lines'])} line(s) rejected; "
+              f"wrote {args.out}/summary.json")
+    return 0
+
+
 def main(argv=None) -> int:
     """The CLI: 0 on success, 2 (one stderr line) on a user error; see the module docstring."""
     from dynamicid_jax import cli
@@ -179,9 +245,12 @@ def main(argv=None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from dynamicid_jax.cli import check_output_folder
+
+    if args.requests:
+        check_output_folder(args.out, "--out")
+        return run_requests(args)
     from dynamicid_jax.loading import load_pipeline, sampling_config
-    from dynamicid_jax.models.lora_files import parse_lora_arg as parse_lora
-    from dynamicid_jax.sampling import InputError, check_images_readable, save_outputs, validate_request
+    from dynamicid_jax.sampling import check_images_readable, save_outputs, validate_request
 
     # Everything checkable without models first: a typo must not cost a model load.
     check_output_folder(args.out, "--out")
@@ -189,10 +258,7 @@ def _run(args: argparse.Namespace) -> int:
     request = build_request(args, config.sampling)
     validate_request(request, 2 ** (len(config.model.vae.block_out_channels) - 1))
     check_images_readable(request)
-    loras = [parse_lora(t) for t in args.lora]
-    for path, _ in loras:
-        if not pathlib.Path(path).is_file():
-            raise InputError(f"--lora: file not found: {path}")
+    loras = _loras(args)
     _, pipeline = load_pipeline(
         demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder,
         dynamicid=args.dynamicid, faces=args.faces, expression_model=args.expression_model, dtype=args.dtype,

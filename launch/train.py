@@ -39,34 +39,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from dynamicid_jax import distributed  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("stage", None, ["anchor", "reconfig"], "Which training stage to run.", required=True)
 config_flags.DEFINE_config_file("config", None, "Stage config file (configs/anchor.py[:tiny] ...).", lock_config=True)
 flags.DEFINE_string("data", None, "Folder of precomputed shards for this stage.", required=True)
 flags.DEFINE_string("workdir", None, "Output folder: checkpoints, TensorBoard events, config.", required=True)
-flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with auto-detection (TPU pods, SLURM, MPI).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-node GPU).")
-flags.DEFINE_integer("num_processes", None, "Number of processes of the job.")
-flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+flags.DEFINE_bool("multihost", False, distributed.FLAG_HELP["multihost"] + ".")
+flags.DEFINE_string("coordinator_address", None, distributed.FLAG_HELP["coordinator_address"] + ".")
+flags.DEFINE_integer("num_processes", None, distributed.FLAG_HELP["num_processes"] + ".")
+flags.DEFINE_integer("process_id", None, distributed.FLAG_HELP["process_id"] + ".")
 flags.DEFINE_bool("verbose", False, "Show the libraries' INFO logs (orbax, absl, jax); default: warnings only.")
 
 
 def initialize_distributed() -> None:
-    """jax.distributed.initialize when the flags or the environment describe a multi-process job."""
-    import jax
-
-    from dynamicid_jax.errors import ConfigError
-
-    address = FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if address:
-        count = FLAGS.num_processes if FLAGS.num_processes is not None else os.environ.get("JAX_NUM_PROCESSES")
-        index = FLAGS.process_id if FLAGS.process_id is not None else os.environ.get("JAX_PROCESS_ID")
-        if count is None or index is None:
-            raise ConfigError("a coordinator address needs --num_processes and --process_id "
-                              "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
-        jax.distributed.initialize(coordinator_address=address, num_processes=int(count), process_id=int(index))
-    elif FLAGS.multihost:
-        jax.distributed.initialize()
+    """jax.distributed.initialize when the flags or the environment describe a multi-process job
+    (`dynamicid_jax.distributed`; a coordinator without count and index is a ConfigError)."""
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.multihost)
 
 
 def _run(argv) -> None:

@@ -8,6 +8,7 @@ import csv
 import json
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -19,6 +20,7 @@ from dynamicid_jax.evaluation import (Ablation, MetricModels, ProtocolError, Sta
                                       resolve_sampling, score_image)
 from dynamicid_jax.evaluation import records, report
 from dynamicid_jax.evaluation.face_metrics import reference_embeddings
+from dynamicid_jax.generation import BatchSampler
 from dynamicid_jax.models.clip import clip_preprocess
 from dynamicid_jax.models.torch_import import WeightImportError
 from dynamicid_jax.sampling import read_image
@@ -250,17 +252,22 @@ def test_protocol_errors_name_the_problem(tmp_path):
 
 
 class CountingGenerator:
-    """Stands in for DynamicIDPipeline.generate: returns the first identity's reference photo
-    (so FaceSim of a single-ID image is ~1), counts calls, can fail after `fail_after` calls."""
+    """Stands in for generation.BatchSampler (batch size 1): returns the first identity's
+    reference photo (so FaceSim of a single-ID image is ~1), counts images, can fail after
+    `fail_after` of them."""
 
     def __init__(self, fail_after=None):
         self.calls, self.fail_after = [], fail_after
 
-    def __call__(self, request):
-        if self.fail_after is not None and len(self.calls) >= self.fail_after:
-            raise KeyboardInterrupt("simulated interruption")
-        self.calls.append((request.identities[0].refs[0], request.seed))
-        return read_image(request.identities[0].refs[0])[None], {"fake": True}
+    def __call__(self, items):
+        images = []
+        for item in items:
+            request = item.request
+            if self.fail_after is not None and len(self.calls) >= self.fail_after:
+                raise KeyboardInterrupt("simulated interruption")
+            self.calls.append((request.identities[0].refs[0], request.seed))
+            images.append(read_image(request.identities[0].refs[0]))
+        return np.stack(images), [{"fake": True}] * len(items)
 
 
 def _read_csv(path):
@@ -336,7 +343,8 @@ def test_tiny_pipeline_end_to_end_and_cli_metrics_only(tiny_pipeline, metric_mod
     sampling = resolve_sampling(tiny.get_config().sampling, protocol)
     out = tmp_path / "out"
     result = evaluate(protocol, out_dir=out, mode="single", ablation=Ablation(), sampling=sampling,
-                      generate=tiny_pipeline.generate, provenance=tiny_pipeline.provenance, metrics=metric_models,
+                      generate=BatchSampler(tiny_pipeline, devices=jax.devices()[:1]),
+                      provenance=tiny_pipeline.provenance, metrics=metric_models,
                       arch="tiny random (demo)", progress=False)
     assert (result.generated, result.scored) == (1, 1)
     case = expand_cases(protocol, "single", Ablation())[0]

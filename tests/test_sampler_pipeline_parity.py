@@ -67,12 +67,14 @@ def _our_images(models, name, noise, step_key):
     """What `generate` runs for a one-identity request with the identity branch off."""
     ours = models["ours"]
     schedule = S.make_schedule(name, ours.scheduler, STEPS)
-    tokens = jnp.zeros((2, 1, ours.modules.face_projection.num_tokens, models["context"].shape[-1]))
-    boxes = jnp.asarray([[[0.0, 0.0, 1.0, 1.0]]] * 2)
+    # One image's row (sampling.py's per-image layout): [negative, positive] on axis 1.
+    tokens = jnp.zeros((1, 2, 1, ours.modules.face_projection.num_tokens, models["context"].shape[-1]))
+    boxes = jnp.asarray([[[0.0, 0.0, 1.0, 1.0]]])
+    row = lambda v, dtype=jnp.float32: jnp.asarray([v], dtype)  # noqa: E731  (N,) = (1,)
     images = ours._denoise(
-        ours.params["unet"], ours.params["vae"], noise, jnp.asarray(models["context"]), tokens, boxes,
-        jnp.int32(S.sampler_index(name)), schedule, step_key, jnp.float32(GUIDANCE), jnp.int32(1),
-        jnp.float32(4.0), jnp.float32(0.0), jnp.float32(0.0), gating=False, use_boxes=False, with_mix=False)
+        ours.params["unet"], ours.params["vae"], noise, jnp.asarray(models["context"])[None], tokens, boxes,
+        jnp.int32(S.sampler_index(name)), schedule, step_key, row(GUIDANCE), row(1, jnp.int32),
+        row(4.0), row(0.0), row(0.0), gating=False, use_boxes=False, with_mix=False)
     return np.asarray(images) * 0.5 + 0.5
 
 

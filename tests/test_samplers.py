@@ -107,7 +107,7 @@ def test_loop_matches_diffusers(name, num_steps):
     config = S.SchedulerConfig.from_diffusers(SD15_SCHEDULER_JSON)
     rng = np.random.default_rng(num_steps)
     x_T = rng.standard_normal(SHAPE).astype(np.float32)
-    key = jax.random.PRNGKey(num_steps)
+    key = np.stack([S.step_noise_key(num_steps, b) for b in range(SHAPE[0])])  # (B, 2): one key per image
     noises = [np.asarray(S.step_noise(key, i, SHAPE)) for i in range(num_steps)]
     ref_ts, ref_sigmas, ref_samples = _diffusers_loop(name, num_steps, x_T, noises)
 

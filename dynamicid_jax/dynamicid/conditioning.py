@@ -27,10 +27,10 @@ class IdentityConditioning:
 
     tokens:        (B, n_ids, T, D) identity tokens (T = 4 per identity by default, D = 768).
     boxes:         (B, n_ids, 4) normalised [y_min, x_min, y_max, x_max] per identity.
-    layout_active: () bool, True while the 0-based step index is below alpha.
-    beta:          () float, layout intensity (paper eq. 3).
-    id_scale:      () float, identity scale on the identity branch.
-    mix:           () float identity-mixing weight m, or None for no mixing.
+    layout_active: () bool, True while the 0-based step index is below alpha; or (B, 1) per row.
+    beta:          () float, layout intensity (paper eq. 3); or (B, 1) per row.
+    id_scale:      () float, identity scale on the identity branch; or (B, 1) per row.
+    mix:           () float identity-mixing weight m, or (B, 1, 1, 1) per row, or None for no mixing.
     use_boxes:     static; False = no layout control and no routing (one softmax over all ids).
     gating:        static; False = plain decoupled cross-attention (activation weight 1).
     """

@@ -14,7 +14,7 @@ from dynamicid_jax.evaluation.face_metrics import (POSE_CATEGORIES, SubjectScore
 from dynamicid_jax.evaluation.protocol import (Ablation, EvalCase, Protocol, ProtocolError, expand_cases,
                                                load_protocol)
 from dynamicid_jax.evaluation.runner import EvalResult, MetricModels, evaluate, resolve_sampling
-from dynamicid_jax.evaluation.store import StaleImageError
+from dynamicid_jax.outputs import StaleImageError
 
 __all__ = [
     "Ablation", "CLIPJointModel", "CLIPScorer", "EvalCase", "EvalResult", "MetricModels", "POSE_CATEGORIES",

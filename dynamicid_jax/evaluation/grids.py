@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dynamicid_jax.evaluation.protocol import EvalCase
-from dynamicid_jax.evaluation.store import atomic_write_bytes, png_bytes
+from dynamicid_jax.outputs import atomic_write_bytes, png_bytes
 
 LABEL_HEIGHT = 14
 

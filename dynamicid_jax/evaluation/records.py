@@ -15,7 +15,7 @@ from typing import Iterable, Optional, Sequence
 
 from dynamicid_jax.evaluation.face_metrics import SubjectScore
 from dynamicid_jax.evaluation.protocol import EvalCase
-from dynamicid_jax.evaluation.store import atomic_write_text
+from dynamicid_jax.outputs import atomic_write_text
 
 CSV_FIELDS = (
     "image", "mode", "ablation", "group", "prompt_name", "prompt_kind", "prompt", "seed",

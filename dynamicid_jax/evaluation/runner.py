@@ -2,11 +2,14 @@
 
     result = evaluate(protocol, out_dir="eval_out", mode="single", ablation=Ablation(),
                       sampling=resolve_sampling(config.sampling, protocol),
-                      generate=pipeline.generate, provenance=pipeline.provenance,
+                      generate=BatchSampler(pipeline, batch_size=16), provenance=pipeline.provenance,
                       metrics=MetricModels(analyzer, expressions, clip_scorer))
 
-Resumable at every step: images are reused when their sidecar matches the request (see
-`store`), metric rows when they were computed by the same face models (and CLIP model, when
+Images are made by the batch generation engine (`dynamicid_jax.generation`): every case is
+a one-picture request, batched over this process's devices, and with several processes
+(jax.distributed) each makes its share; process 0 then scores and reports, the others stop
+after generating. Resumable at every step: images are reused when their sidecar matches the
+request (`outputs.reusable`), metric rows when they were computed by the same face models (and CLIP model, when
 one is given) for an image not regenerated since. Output folder layout:
 
     images/<mode>/<ablation>/<group>__<prompt>__<edits>__seed<k>.png (+ .json sidecar)
@@ -24,14 +27,18 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 from tqdm import tqdm
 
-from dynamicid_jax.evaluation import grids, records, store
+from dynamicid_jax import outputs
+from dynamicid_jax.batching import ImageItem
+from dynamicid_jax.evaluation import grids, records
 from dynamicid_jax.evaluation.face_metrics import SubjectTarget, reference_embeddings, score_image
 from dynamicid_jax.evaluation.protocol import SAMPLING_KEYS, Ablation, EvalCase, Protocol, expand_cases
 from dynamicid_jax.evaluation.report import markdown_report
-from dynamicid_jax.sampling import SampleRequest, read_image
+from dynamicid_jax.generation.engine import Job, run_jobs
+from dynamicid_jax.sampling import read_image
 
-# generate(request) -> (images uint8 (N, H, W, 3), details dict): DynamicIDPipeline.generate.
-Generator = Callable[[SampleRequest], tuple[np.ndarray, dict]]
+# generate(items) -> (images uint8 (len(items), H, W, 3), details per item): a
+# generation.BatchSampler, or any callable with that signature (optional `batch_size`).
+Generator = Callable[[list[ImageItem]], tuple[np.ndarray, list]]
 CSV_NAME, REPORT_NAME = "metrics.csv", "report.md"
 
 
@@ -68,22 +75,19 @@ def resolve_sampling(defaults: Mapping[str, Any], protocol: Protocol) -> dict:
     return settings
 
 
-def _generate_missing(cases, out_dir, sampling, generate, provenance, progress) -> tuple[int, int, set[str]]:
-    generated, reused, fresh = 0, 0, set()
-    for case in tqdm(cases, desc="images", unit="img", disable=not progress):
-        path = out_dir / case.relative_path
-        request = case.sample_request(sampling)
-        if store.reusable(path, request, provenance):
-            reused += 1
-            continue
-        images, details = generate(request)
-        images = np.asarray(images)
-        if images.ndim != 4 or images.shape[0] < 1 or images.dtype != np.uint8:
-            raise ValueError(f"generator returned {images.dtype} {images.shape}; expected uint8 (N, H, W, 3)")
-        store.save_image(path, images[0], request, details, provenance)
-        fresh.add(str(case.relative_path))
-        generated += 1
-    return generated, reused, fresh
+def _generate_missing(cases, out_dir, sampling, generate, provenance, progress) -> tuple[int, int, set[str], bool]:
+    """(generated, reused, paths made now, whether this process scores): through the engine."""
+    import jax
+
+    jobs = [Job(ImageItem(case.sample_request(sampling), 0), out_dir / case.relative_path) for case in cases]
+    stats = run_jobs(jobs, generate, provenance=provenance, progress=progress)
+    fresh = {str(pathlib.PurePosixPath(p.relative_to(out_dir))) for p in stats.written}
+    if jax.process_count() > 1:
+        from dynamicid_jax.generation.engine import gather_totals
+
+        totals = gather_totals(stats)  # every process's images are written after this
+        return int(totals[:, 0].sum()), int(totals[:, 1].sum()), fresh, jax.process_index() == 0
+    return stats.generated, stats.reused, fresh, True
 
 
 def _rows_current(rows: list[Optional[records.Row]], metrics: MetricModels) -> bool:
@@ -101,7 +105,7 @@ def _score_missing(cases, out_dir, metrics: MetricModels, fresh: set[str], progr
     references: dict[str, np.ndarray] = {}
     scored = kept = missing = 0
     for case in tqdm(cases, desc="metrics", unit="img", disable=not progress):
-        image = store.read_generated(out_dir / case.relative_path)
+        image = outputs.read_generated(out_dir / case.relative_path)
         if image is None:
             missing += 1
             continue
@@ -154,19 +158,22 @@ def evaluate(
     generated = reused = 0
     fresh: set[str] = set()
     if generate is not None:
-        generated, reused, fresh = _generate_missing(cases, out_dir, sampling, generate, dict(provenance or {}), progress)
+        generated, reused, fresh, scores = _generate_missing(cases, out_dir, sampling, generate,
+                                                             dict(provenance or {}), progress)
+        if not scores:  # another process scores (it alone writes metrics.csv and report.md)
+            return EvalResult(len(cases), generated, reused, 0, 0, 0, out_dir / CSV_NAME, out_dir / REPORT_NAME, ())
     scored = kept = 0
-    missing = sum(not store.is_complete(out_dir / c.relative_path) for c in cases) if metrics is None else 0
+    missing = sum(not outputs.is_complete(out_dir / c.relative_path) for c in cases) if metrics is None else 0
     if metrics is not None:
         scored, kept, missing = _score_missing(cases, out_dir, metrics, fresh, progress)
-    sheets = grids.write_contact_sheets(out_dir, cases, lambda c: store.read_generated(out_dir / c.relative_path), read_image)
+    sheets = grids.write_contact_sheets(out_dir, cases, lambda c: outputs.read_generated(out_dir / c.relative_path), read_image)
     notes = [f"Test set: {protocol.name} ({len(cases)} images in this mode/ablation; {missing} not generated yet)."]
     if metrics is not None:
         notes.append(f"Face models: {metrics.analyzer.name}. CLIP model: "
                      f"{metrics.clip.name if metrics.clip else 'none (CLIP-T not measured)'}.")
     report_path = out_dir / REPORT_NAME
     rows = records.read_rows(out_dir / CSV_NAME)
-    store.atomic_write_text(report_path, markdown_report(rows, title=f"DynamicID evaluation: {protocol.name}",
+    outputs.atomic_write_text(report_path, markdown_report(rows, title=f"DynamicID evaluation: {protocol.name}",
                                                          arch=arch, notes=notes))
     return EvalResult(len(cases), generated, reused, scored, kept, missing, out_dir / CSV_NAME, report_path,
                       tuple(sheets))

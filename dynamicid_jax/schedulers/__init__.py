@@ -31,4 +31,5 @@ from dynamicid_jax.schedulers.samplers import (  # noqa: F401
     step,
     step_by_index,
     step_noise,
+    step_noise_key,
 )

@@ -14,7 +14,7 @@ Two halves, so one compiled loop serves every step count:
     def body(i, carry):
         x, state = carry
         eps = unet(scale_model_input(name, schedule, i, x), schedule.timesteps[i])
-        return step(name, table, schedule, i, eps, x, state, noise=step_noise(key, i, x.shape))
+        return step(name, table, schedule, i, eps, x, state, noise=step_noise(keys, i, x.shape))  # keys (B, 2)
     x, _ = lax.fori_loop(0, schedule.num_steps, body, (x, init_state(name, x)))
 
 Sigma-space samplers (Euler, DPM++) use sigma_t = sqrt((1 - a_t) / a_t). Only epsilon
@@ -214,10 +214,24 @@ def needs_noise(name: str) -> bool:
     return name in _ANCESTRAL
 
 
-def step_noise(key: jax.Array, i, shape) -> jax.Array:
-    """The standard normal noise of step i (float32): fold_in(key, i), so every step's draw is
-    fixed by the request's seed whatever the step count."""
-    return jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+# Threefry whatever the default PRNG: a vmapped threefry draw equals the row's draw alone; an
+# "rbg" draw under vmap does not (JAX documents it), which would tie a picture to its batch.
+STEP_NOISE_IMPL = "threefry2x32"
+
+
+def step_noise_key(seed: int, index: int = 0) -> np.ndarray:
+    """(2,) uint32: the per-step noise key of image `index` of a `seed` request."""
+    key = jax.random.key(seed, impl=STEP_NOISE_IMPL)
+    return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.fold_in(key, 1), index)))
+
+
+def step_noise(keys: jax.Array, i, shape) -> jax.Array:
+    """The standard normal noise (float32, `shape` = (N, ...)) of step i: row r from
+    fold_in(keys[r], i), keys (N, 2) uint32 `step_noise_key`s, one per image, so every image's
+    draw is fixed by its own key whatever the step count or the batch around it."""
+    keys = jax.random.wrap_key_data(jnp.asarray(keys, jnp.uint32), impl=STEP_NOISE_IMPL)
+    draw = lambda key: jax.random.normal(jax.random.fold_in(key, i), tuple(shape[1:]), jnp.float32)  # noqa: E731
+    return jax.vmap(draw)(keys)
 
 
 def init_state(name: str, sample: jax.Array) -> Any:
@@ -332,8 +346,8 @@ def step_by_index(
 ) -> tuple[jax.Array, jax.Array]:
     """`step` of SCHEDULERS[index] with the sampler a traced index: `lax.switch` runs only the
     chosen branch, so the cost per step is that sampler's. state: `init_state("dpmpp_2m", x)`
-    (the one multistep memory; the other samplers pass it through). key: the per-step noise
-    key (`step_noise(key, i)`, drawn only by the ancestral branches)."""
+    (the one multistep memory; the other samplers pass it through). key: (N, 2) per-image
+    noise keys (`step_noise(key, i, shape)`, drawn only by the ancestral branches)."""
 
     def branch(name):
         def run(eps, x, memory):

@@ -1,9 +1,11 @@
-"""Generated images on disk: atomic writes and the rule for reusing them on resume.
+"""Generated images on disk: THE writer of every PNG + sidecar, and the rule for reusing them.
 
-Each image `X.png` has a sidecar `X.json` holding the full sampler request and the weights'
-provenance (the layout `sampling.save_outputs` writes, so `launch/sample.py --from_json
-X.json` reproduces it). The sidecar is written after the image, each by write-to-temp then
-rename, so an interrupted run leaves either a complete pair or something that is redone.
+Each image `X.png` has a sidecar `X.json` holding the full sampler request, the index of the
+image within the request, what the run resolved and the weights' provenance, so
+`launch/sample.py --from_json X.json` reproduces it. Sampling (`sampling.save_outputs`), batch
+generation (`generation`) and evaluation all write through `save_image`. The sidecar is
+written after the image, each by write-to-temp then rename, so an interrupted run leaves
+either a complete pair or something that is redone.
 
 An image is reused only when its sidecar's request and weights equal the current ones; a
 pair made with other settings is an error (StaleImageError), never silently mixed in.
@@ -16,14 +18,16 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 from PIL import Image
 
 from dynamicid_jax import images
 from dynamicid_jax.errors import UserError
-from dynamicid_jax.sampling import SampleRequest
+
+if TYPE_CHECKING:  # sampling imports this module: the request type is only named here
+    from dynamicid_jax.sampling import SampleRequest
 
 
 class StaleImageError(UserError, ValueError):
@@ -63,14 +67,16 @@ def sidecar_path(image_path: pathlib.Path) -> pathlib.Path:
 
 
 def save_image(
-    image_path: pathlib.Path, image_uint8: np.ndarray, request: SampleRequest, details: dict, provenance: dict
+    image_path: pathlib.Path, image_uint8: np.ndarray, request: "SampleRequest", details: dict, provenance: dict,
+    image_index: int = 0,
 ) -> None:
-    """Write the PNG, then its sidecar (both atomically)."""
+    """Write the PNG (H, W, 3) uint8, then its sidecar (both atomically). image_index: which
+    of the request's `num_images` pictures this is (its noise is that row of the seed's draw)."""
     import dynamicid_jax
 
     atomic_write_bytes(image_path, png_bytes(image_uint8))
     sidecar = {
-        "request": request.to_json(), "image_index": 0, "resolved": details, "weights": provenance,
+        "request": request.to_json(), "image_index": int(image_index), "resolved": details, "weights": provenance,
         "dynamicid_jax_version": dynamicid_jax.__version__,
     }
     atomic_write_text(sidecar_path(image_path), json.dumps(_jsonable(sidecar), indent=1))
@@ -81,7 +87,7 @@ def _differences(stored: dict, current: dict) -> list[str]:
     return [f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
 
 
-def reusable(image_path: pathlib.Path, request: SampleRequest, provenance: dict) -> bool:
+def reusable(image_path: pathlib.Path, request: "SampleRequest", provenance: dict) -> bool:
     """True when a complete image/sidecar pair made with exactly this request and weights
     exists; False when it has to be (re)generated (absent, or interrupted before the sidecar).
     Raises StaleImageError when it exists but was made with other settings."""

@@ -1,0 +1,15 @@
+"""Generation at scale: many requests over every device and every process, resumable.
+
+    from dynamicid_jax.generation import BatchSampler, Job, run_jobs, run_requests_file
+
+`engine` plans shares and batches and runs them (any list of Jobs: a requests file, an
+evaluation's cases); `requests` reads a JSON Lines requests file; `run` is
+`launch/sample.py --requests`.
+"""
+
+from dynamicid_jax.generation.engine import BatchSampler, Job, RunStats, gather_totals, plan_batches, run_jobs
+from dynamicid_jax.generation.requests import Reject, read_requests
+from dynamicid_jax.generation.run import run_requests_file
+
+__all__ = ["BatchSampler", "Job", "Reject", "RunStats", "gather_totals", "plan_batches", "read_requests",
+           "run_jobs", "run_requests_file"]
