@@ -34,7 +34,7 @@ from dynamicid_jax.dynamicid.activation_maps import identity_activation_maps
 from dynamicid_jax.dynamicid.saa import IdentityConditioning, validate_boxes
 from dynamicid_jax.errors import UserError
 from dynamicid_jax.modeling import DynamicIDModules, Params
-from dynamicid_jax.models.clip import clip_preprocess
+from dynamicid_jax.models.clip import clip_preprocess_host
 
 IMAGE_SUFFIXES = images.IMAGE_SUFFIXES
 
@@ -275,14 +275,14 @@ class DynamicIDPipeline:
 
     # -- identity -------------------------------------------------------------------------
 
-    def _clip_tokens_fn(self, params, images_uint8):
-        pixels = clip_preprocess(images_uint8, size=self.modules.vision_encoder.config.image_size)
+    def _clip_tokens_fn(self, params, pixels):
+        """pixels (B, S, S, 3) CLIP-normalised (`clip_preprocess_host`) -> (B, 1 + P, D)."""
         _, _, hidden = self.modules.vision_encoder.apply({"params": params}, pixels)
         return hidden[-2]  # penultimate layer, as IP-Adapter-FaceID-Plus
 
     def text_features(self, texts: Sequence[str], clip_skip: int = 0) -> tuple[jax.Array, jax.Array]:
         """(states (B, 77, D), pooled (B, D)) of the text encoder; clip_skip as CLIPTextModel's."""
-        ids = jnp.asarray(self.tokenizer(list(texts)))
+        ids = np.asarray(self.tokenizer(list(texts)))  # numpy: jnp.asarray would compile per shape
         layers = self.modules.text_encoder.config.num_layers
         if clip_skip >= layers:
             raise InputError(f"--clip_skip {clip_skip}: the text encoder has {layers} layers (at most {layers - 1})")
@@ -291,10 +291,30 @@ class DynamicIDPipeline:
     def unconditional_tokens(self) -> jax.Array:
         """Tokens of a zero identity vector and the CLIP features of an all-zero image: (T, D)."""
         vis = self.modules.vision_encoder.config
-        pixels = jnp.zeros((1, vis.image_size, vis.image_size, vis.num_channels))
-        _, _, hidden = self.modules.vision_encoder.apply({"params": self.params["vision_encoder"]}, pixels)
-        zero_id = jnp.zeros((1, self.modules.id_dim))
-        return self._project(self.params["face_projection"], zero_id, hidden[-2])[0]
+        pixels = np.zeros((1, vis.image_size, vis.image_size, vis.num_channels), np.float32)
+        hidden = self._clip_tokens(self.params["vision_encoder"], pixels)  # the references' program
+        zero_id = np.zeros((1, self.modules.id_dim), np.float32)
+        return np.asarray(self._project(self.params["face_projection"], zero_id, hidden))[0]
+
+    def warm_up_identity(self) -> int:
+        """Compile every program a reference photo and a face edit run (CLIP tokens, face
+        projection, landmark encoder, the [source, target] text batch, IMR, expression
+        classifier) on zero inputs of their fixed shapes, so a first request compiles none.
+        Returns how many programs were compiled."""
+        from dynamicid_jax.compile_count import compiles
+        from dynamicid_jax.faces.expression import INPUT_SIZE
+
+        before = compiles()
+        tokens = self.unconditional_tokens()  # CLIP tokens + projection of a reference
+        if "imr" in self.params:
+            size = self.modules.keypoint_encoder.image_size
+            landmarks = self._landmark_features(self.params["keypoint_encoder"], np.zeros((1, size, size, 1), np.float32))
+            _, pooled = self.text_features(["", ""])
+            pooled = np.asarray(pooled)
+            np.asarray(self._reconfigure(self.params["imr"], tokens[None], landmarks, pooled[:1], landmarks, pooled[1:]))
+        if self.expressions is not None:
+            self.expressions.probabilities(np.zeros((1, INPUT_SIZE, INPUT_SIZE), np.float32))
+        return compiles() - before
 
     def describe_face(self, image: np.ndarray, face) -> str:
         """The automatic source prompt: expression classifier + pose bins."""
@@ -313,7 +333,7 @@ class DynamicIDPipeline:
 
         size = self.modules.keypoint_encoder.image_size
         dots = landmark_image(face, image_hw, size=size)[None, :, :, None]
-        return self._landmark_features(self.params["keypoint_encoder"], jnp.asarray(dots))
+        return self._landmark_features(self.params["keypoint_encoder"], np.asarray(dots))
 
     def face_of(self, path: str, image: Optional[np.ndarray] = None):
         """(largest face, (H, W)) of a photo, analysed once per path and reused."""
@@ -322,19 +342,25 @@ class DynamicIDPipeline:
             self._faces[path] = (self.faces.largest_face(image, str(path)), image.shape[:2])
         return self._faces[path]
 
-    def reference_tokens(self, path: str) -> jax.Array:
-        """(T, D) face-projection tokens of one reference photo, computed once per path."""
+    def reference_tokens(self, path: str) -> np.ndarray:
+        """(T, D) face-projection tokens of one reference photo, computed once per path.
+
+        Fixed-shape device work only (resize on the host, numpy in and out, no eager jnp
+        op): a photo of any size runs the programs `warm_up_identity` compiled."""
         if path not in self._reference_tokens:
             image = read_image(path)
             face, _ = self.face_of(path, image)
-            clip_tokens = self._clip_tokens(self.params["vision_encoder"], jnp.asarray(image)[None])
-            embedding = jnp.asarray(face.embedding, jnp.float32)[None]
-            self._reference_tokens[path] = self._project(self.params["face_projection"], embedding, clip_tokens)[0]
+            pixels = clip_preprocess_host(image, size=self.modules.vision_encoder.config.image_size)[None]
+            clip_tokens = self._clip_tokens(self.params["vision_encoder"], pixels)
+            embedding = np.asarray(face.embedding, np.float32)[None]
+            tokens = self._project(self.params["face_projection"], embedding, clip_tokens)
+            self._reference_tokens[path] = np.asarray(tokens)[0]
         return self._reference_tokens[path]
 
     def identity_tokens(self, ident: IdentityRequest) -> tuple[jax.Array, dict]:
         """(T, D) tokens of one identity (IMR-edited when asked) and what was used."""
-        tokens = jnp.mean(jnp.stack([self.reference_tokens(p) for p in ident.refs]), axis=0)
+        refs = np.stack([self.reference_tokens(p) for p in ident.refs])  # (R, T, D): averaged on the host
+        tokens = refs.mean(axis=0, dtype=np.float32).astype(refs.dtype)
         faces = [self.face_of(p)[0] for p in ident.refs]
         info: dict[str, Any] = {"refs": list(ident.refs), "face_boxes": [f.bbox.tolist() for f in faces]}
         if not ident.edits:
@@ -354,9 +380,10 @@ class DynamicIDPipeline:
         else:
             tgt_landmarks = src_landmarks
         _, pooled = self.text_features([source_prompt, target_prompt])
-        tokens = self._reconfigure(
+        pooled = np.asarray(pooled)
+        tokens = np.asarray(self._reconfigure(
             self.params["imr"], tokens[None], src_landmarks, pooled[:1], tgt_landmarks, pooled[1:]
-        )[0]
+        ))[0]
         info.update(source_prompt=source_prompt, target_prompt=target_prompt)
         return tokens, info
 
@@ -552,7 +579,7 @@ def _map_steps(steps: Sequence[int]) -> jax.Array:
     """The capture steps padded with -1 to a fixed (MAX_MAP_STEPS,): their count never recompiles."""
     if len(steps) > MAX_MAP_STEPS:
         raise InputError(f"at most {MAX_MAP_STEPS} activation-map steps, got {len(steps)}")
-    return jnp.asarray(list(steps) + [-1] * (MAX_MAP_STEPS - len(steps)), jnp.int32)
+    return np.asarray(list(steps) + [-1] * (MAX_MAP_STEPS - len(steps)), np.int32)
 
 
 def save_outputs(

@@ -2,7 +2,8 @@
 
 One app in demo mode (tiny random model) serves the whole module on a free port; every
 request uses the warmed-up shape (64x64, two people with boxes, one image), so the app
-compiles its sampling program once.
+compiles its sampling program once, and its identity programs (any photo size, face edits)
+at start-up too: no request before the activation-map one compiles anything.
 """
 
 import json
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from dynamicid_jax.app import forms
+from dynamicid_jax.compile_count import compiles
 from dynamicid_jax.sampling import InputError
 
 pytest.importorskip("gradio", reason="the app extra (make install) provides gradio")
@@ -43,10 +45,11 @@ def app(test_assets, tmp_path_factory):
                          log=logs.append)
     service.warm_up([2])
     programs = pipeline._denoise._cache_size()
+    compiled = compiles()  # XLA programs (jit and eager ops) compiled by the end of start-up
     demo = build_demo(service, DEMO_NOTICE)
     port = _free_port()
     launch(demo, service, port=port, block=False)
-    yield service, f"http://127.0.0.1:{port}/", logs, programs
+    yield service, f"http://127.0.0.1:{port}/", logs, programs, compiled
     demo.close()
 
 
@@ -109,6 +112,9 @@ def test_browser_two_people_boxes_and_an_edit(app, test_assets, tmp_path):
         steps.send_keys("3", Keys.TAB)
         css("#generate").click()
         css("#gallery img")
+        # The first request after start-up (face analysis, an IMR edit, 3 steps where the
+        # warm-up ran 1) waited for no XLA compile.
+        assert compiles() == app[4], f"the first request compiled {compiles() - app[4]} program(s)"
         links = wait.until(lambda d: [a.get_attribute("href") for a in d.find_elements(By.CSS_SELECTOR, "#downloads a")
                                       if a.get_attribute("href")] or None)
         driver.save_screenshot(str(tmp_path / "app.png"))
@@ -173,17 +179,20 @@ def test_api_bad_files_name_the_file_and_the_app_keeps_serving(app, client, test
             _generate(client, test_assets, refs=refs)
         assert needle in str(info.value)
         assert str(app[0].upload_root) not in str(info.value)  # no server path in the message
-    # two at once: both finish (queued one after the other), and differ by seed
-    jobs = [client.submit(**_job_kwargs(test_assets, seed)) for seed in (11, 12)]
+    # two at once: both finish (queued one after the other), and differ by seed; the second
+    # one's reference is a photo of another size (626x1200, the others 910x1137 and 512x512)
+    jobs = [client.submit(**_job_kwargs(test_assets, seed, ref)) for seed, ref in ((11, "obama.jpg"),
+                                                                                    (12, "obama2.jpg"))]
     results = [job.result(timeout=300) for job in jobs]
     pngs = [pathlib.Path(sorted(r[1])[0]).read_bytes() for r in results]
     assert pngs[0] != pngs[1]
+    assert compiles() == app[4], f"{compiles() - app[4]} program(s) compiled after start-up"
 
 
-def _job_kwargs(test_assets, seed):
+def _job_kwargs(test_assets, seed, ref="obama.jpg"):
     from gradio_client import handle_file
 
-    return dict(refs_1=[handle_file(str(test_assets / "obama.jpg"))],
+    return dict(refs_1=[handle_file(str(test_assets / ref))],
                 refs_2=[handle_file(str(test_assets / "0-f15-hao-ph.jpg"))], box_1=BOXES[0], box_2=BOXES[1],
                 seed=seed, steps=3, alpha="1", prompt="two people", api_name="/generate")
 
@@ -207,7 +216,7 @@ def test_api_sidecar_refs_naming_server_files_are_refused(app, client, test_asse
 
 
 def test_cancel_stops_between_steps_and_one_program_served_everything(app, client, test_assets):
-    service, _, logs, programs = app
+    service, _, logs, programs, compiled = app
     job = client.submit(**dict(_job_kwargs(test_assets, 5), steps=200))
     while service.progress[0] < 1 or service.progress[1] != 200:
         time.sleep(0.05)
@@ -218,8 +227,10 @@ def test_cancel_stops_between_steps_and_one_program_served_everything(app, clien
         job.result(timeout=300)
     done = int(str(info.value).split("step ")[1].split(" ")[0])
     assert done < 200
-    # every request had the start-up shape: compiled once, at start-up, never again
+    # every request had the start-up shape: compiled once, at start-up, never again; nor
+    # anything else (photos of three sizes, step counts 3 and 200 where the warm-up ran 1)
     assert service.pipeline._denoise._cache_size() == programs
+    assert compiles() == compiled, f"{compiles() - compiled} program(s) compiled after start-up"
     assert any("(start-up)" in line for line in logs) and not any("new shape" in line for line in logs)
 
 

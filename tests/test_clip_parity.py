@@ -177,6 +177,8 @@ def test_clip_preprocess_matches_clip_image_processor(size):
     assert levels.max() <= 1.0 + 1e-3 and levels.mean() <= 0.02, (levels.mean(), levels.max())
     if size == (224, 224):
         np.testing.assert_allclose(ours, ref, atol=1e-5)  # no resampling: exact up to float rounding
+    # The host (PIL) version the sampler uses is transformers' own resize: equal up to float rounding.
+    np.testing.assert_allclose(np.stack([clip.clip_preprocess_host(i) for i in images]), ref, atol=1e-5)
     with pytest.raises(ValueError, match="uint8"):
         clip.clip_preprocess(images.astype(np.float32))
 

@@ -95,7 +95,13 @@ class AppService:
         )
 
     def warm_up(self, people=(1, 2)) -> None:
-        """Compile the default size for these people counts now, so a first click does not wait."""
+        """Compile the default size for these people counts and the identity programs (any
+        photo size, face edits) now, so a first click does not wait for XLA."""
+        start = time.time()
+        with self._device:
+            count = self.pipeline.warm_up_identity()
+        self.log(f"compiled {count} identity program(s) (reference photos of any size, face edits) in "
+                 f"{time.time() - start:.1f}s (start-up)")
         for n in people:
             request = self.default_request(n)
             key = shape_key(request, False)

@@ -183,7 +183,7 @@ class ExpressionClassifier:
 
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
         """(B, 64, 64) crops in [-1, 1] -> (B, 7) probabilities in EMOTIONS order."""
-        probs = np.asarray(self._apply(jnp.asarray(crops, jnp.float32)[..., None]))
+        probs = np.asarray(self._apply(np.asarray(crops, np.float32)[..., None]))  # numpy: no eager op
         return probs[:, [_MODEL_ORDER.index(e) for e in EMOTIONS]]
 
     def predict(self, image_rgb: np.ndarray, face: Face) -> dict[str, float]:

@@ -340,6 +340,29 @@ def clip_preprocess(images, size: int = 224) -> jax.Array:
     return (x / 255.0 - mean) / std
 
 
+def clip_preprocess_host(image, size: int = 224):
+    """CLIPImageProcessor's defaults on the host with PIL itself (what transformers runs):
+    uint8 (H, W, 3) -> numpy float32 (size, size, 3), the sizes and crop of `clip_preprocess`.
+
+    For a server: the output's shape never depends on the photo's, so the vision tower after
+    it is one compiled program for every upload (`clip_preprocess` compiles per photo size).
+    """
+    import numpy as np
+    from PIL import Image
+
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image must be uint8 (height, width, 3), got {image.dtype} {image.shape}")
+    h, w, _ = image.shape
+    new_h, new_w = (int(size * h / w), size) if w <= h else (size, int(size * w / h))
+    pil = Image.fromarray(image)
+    if (new_h, new_w) != (h, w):
+        pil = pil.resize((new_w, new_h), resample=Image.BICUBIC, reducing_gap=None)
+    top, left = int((new_h - size) / 2.0), int((new_w - size) / 2.0)
+    x = np.asarray(pil, np.float32)[top : top + size, left : left + size]
+    return ((x / 255.0 - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)).astype(np.float32)
+
+
 # --------------------------------------------------------------------------- weight import
 
 # Buffers that transformers saves (older versions) but that are not parameters.

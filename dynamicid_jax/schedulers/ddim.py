@@ -198,6 +198,11 @@ def ddim_timesteps(config: SchedulerConfig, num_steps: int) -> jax.Array:
 
     SD1.5 ("leading", offset 1), 50 steps: 981, 961, ..., 21, 1.
     """
+    return jnp.asarray(ddim_timesteps_host(config, num_steps))
+
+
+def ddim_timesteps_host(config: SchedulerConfig, num_steps: int) -> np.ndarray:
+    """`ddim_timesteps` as a numpy array (no device op: building a schedule compiles nothing)."""
     n = config.num_train_timesteps
     if not 1 <= num_steps <= n:
         raise ValueError(f"num_steps must be in [1, {n}], got {num_steps}")
@@ -208,7 +213,7 @@ def ddim_timesteps(config: SchedulerConfig, num_steps: int) -> jax.Array:
         ts = np.round(np.arange(n, 0, -n / num_steps)).astype(np.int64) - 1
     else:  # linspace
         ts = np.linspace(0, n - 1, num_steps).round()[::-1]
-    return jnp.asarray(ts.astype(np.int32))
+    return ts.astype(np.int32)
 
 
 def ddim_prev_timesteps(config: SchedulerConfig, timesteps: jax.Array) -> jax.Array:

@@ -37,7 +37,7 @@ from dynamicid_jax.schedulers.ddim import (
     alphas_cumprod64,
     ddim_prev_timesteps,
     ddim_step,
-    ddim_timesteps,
+    ddim_timesteps_host,
 )
 
 SCHEDULERS = ("ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "lcm")
@@ -168,8 +168,8 @@ def make_schedule(name: str, config: SchedulerConfig, num_steps: int, length: Op
     sigmas = np.zeros(num_steps + 1)  # final sigma 0 (final_sigmas_type="zero")
     init_sigma = 1.0
     if name == "ddim":
-        ts = np.asarray(ddim_timesteps(config, num_steps))
-        t_index, prev_index = ts, np.asarray(ddim_prev_timesteps(config, jnp.asarray(ts)))
+        ts = ddim_timesteps_host(config, num_steps)  # numpy throughout: no eager op per step count
+        t_index, prev_index = ts, ddim_prev_timesteps(config, ts)
         timesteps = ts.astype(np.float32)
     elif name == "lcm":
         t_index = _lcm_timesteps(num_steps, config)
