@@ -241,7 +241,7 @@ def test_activation_maps_show_each_person_in_their_box(app, client, test_assets)
     plain = _generate(client, test_assets)[1]
     # capturing the maps leaves the picture as it is, byte for byte
     assert pathlib.Path(sorted(downloads)[0]).read_bytes() == pathlib.Path(sorted(plain)[0]).read_bytes()
-    assert [m["caption"] for m in maps] == [f"person {k}, step {s}/3" for s in (1, 2, 3) for k in (1, 2)]
+    assert [m["caption"] for m in maps] == [f"image 1, person {k}, step {s}/3" for s in (1, 2, 3) for k in (1, 2)]
     from dynamicid_jax.sampling import IdentityRequest, SampleRequest
 
     request = SampleRequest(identities=[IdentityRequest(refs=[str(test_assets / "obama.jpg")], box=[0, 0, 1, 0.5]),
@@ -289,6 +289,20 @@ def test_face_prompt_choices_compose_the_release_form():
         "in a sad expression, facing down, in front view"
     with pytest.raises(InputError, match="expression"):
         forms.compose_face_prompt("smug", "keep", "happy", side_up)
+
+
+def test_activation_overlays_cover_every_image():
+    """Two images, two steps, two people: an overlay each, image 2's from image 2's map."""
+    from dynamicid_jax.app.service import activation_overlays
+
+    images = np.full((2, 16, 16, 3), 200, np.uint8)
+    maps = {s: np.zeros((2, 2, 2, 2), np.float32) for s in (0, 4)}
+    maps[4][1, 0, 0, 0] = 1.0  # image 2, person 1: only the top-left latent cell is active
+    overlays = activation_overlays(images, maps, 5)
+    assert [c for _, c in overlays] == [f"image {i}, person {k}, step {s}/5" for i in (1, 2) for s in (1, 5)
+                                        for k in (1, 2)]
+    lit = [(o.astype(int) - o.mean(-1, keepdims=True)).std() > 0 for o, _ in overlays]  # tinted somewhere
+    assert lit == [False] * 6 + [True, False]
 
 
 def test_activation_maps_split_the_gate_by_identity():

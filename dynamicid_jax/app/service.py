@@ -192,13 +192,21 @@ class AppService:
         folder = self.out_dir / f"run-{next(self._runs):05d}-{request.seed}"
         public, public_details = forms.public_copy(request, details)
         pngs = save_outputs(folder, images, public, public_details, self.pipeline.provenance)
-        overlays = []
-        for step in sorted(maps or {}):
-            for k in range(len(request.identities)):
-                colour = previews.COLOURS[k % len(previews.COLOURS)]
-                overlays.append((previews.activation_overlay(images[0], maps[step][0, k], colour),
-                                 f"person {k + 1}, step {step + 1}/{request.steps}"))
+        overlays = activation_overlays(images, maps or {}, request.steps)
         return RunResult(pngs, [p.with_suffix(".json") for p in pngs], overlays, request, seconds)
+
+
+def activation_overlays(images: np.ndarray, maps: dict, steps: int) -> list[tuple[np.ndarray, str]]:
+    """images (N, H, W, 3) uint8; maps {0-based step: (N, n, h, w)} -> one overlay per image,
+    step and person (in that order), captioned "image i, person k, step s/steps"."""
+    overlays = []
+    for i, image in enumerate(images):
+        for step in sorted(maps):
+            for k in range(maps[step].shape[1]):
+                colour = previews.COLOURS[k % len(previews.COLOURS)]
+                overlays.append((previews.activation_overlay(image, maps[step][i, k], colour),
+                                 f"image {i + 1}, person {k + 1}, step {step + 1}/{steps}"))
+    return overlays
 
 
 def _without_paths(message: str, paths) -> str:
