@@ -72,12 +72,13 @@ def _generate(client, test_assets, refs=("obama.jpg", "0-f15-hao-ph.jpg"), **set
 
 
 def test_browser_two_people_boxes_and_an_edit(app, test_assets, tmp_path):
-    """Chromium uploads two photos, types two boxes, picks an expression, generates, and
-    downloads the PNG and its sidecar from the page."""
+    """Chromium uploads two photos, types a box and draws one with the mouse on the layout
+    canvas, picks an expression, generates, and downloads the PNG and its sidecar."""
     import urllib.request
 
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
@@ -98,11 +99,28 @@ def test_browser_two_people_boxes_and_an_edit(app, test_assets, tmp_path):
             tab = (By.XPATH, f"//button[@role='tab'][contains(., 'Person {k}')]")
             wait.until(ec.element_to_be_clickable(tab)).click()
             css(f"#refs_{k} input[type=file]").send_keys(str(test_assets / name))
-            box = css(f"#box_{k} textarea, #box_{k} input")
-            box.clear()
-            box.send_keys(BOXES[k - 1])
+            if k == 1:
+                box = css(f"#box_{k} textarea, #box_{k} input")
+                box.clear()
+                box.send_keys(BOXES[k - 1])
             # the face crop appears once the upload is analysed
             css(f"#faces_{k} img")
+        # Person 2's box drawn with the mouse: two clicks on the canvas at these fractions.
+        wait.until(ec.element_to_be_clickable((By.XPATH, "//*[@id='draw_person']//label[contains(., 'person 2')]"))
+                   ).click()
+        note = lambda d: d.find_element(By.CSS_SELECTOR, "#layout_note").text  # noqa: E731
+        for fx, fy in ((0.75, 0.9), (0.25, 0.2)):  # bottom-right, then top-left
+            _click_canvas(driver, ActionChains, css("#layout img"), fx, fy)
+            if fx == 0.75:
+                wait.until(lambda d: "first corner" in note(d))
+        box = css("#box_2 textarea, #box_2 input")
+        wait.until(lambda d: box.get_attribute("value").count(",") == 3)
+        drawn = [float(v) for v in box.get_attribute("value").split(",")]
+        # One canvas pixel is 1/255 of the side and a click lands within a pixel of its
+        # target (measured error 0.001); bound 0.02.
+        np.testing.assert_allclose(drawn, [0.2, 0.25, 0.9, 0.75], atol=0.02)
+        box.clear()
+        box.send_keys(BOXES[1])  # the sidecar check below wants the exact halves
         css("#expression_2 input").click()
         wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "li[role=option][aria-label='surprise']"))).click()
         chosen = lambda d: d.find_element(By.CSS_SELECTOR, "#expression_2 input").get_attribute("value")  # noqa: E731
@@ -131,6 +149,18 @@ def test_browser_two_people_boxes_and_an_edit(app, test_assets, tmp_path):
     assert identities[1]["face_prompt"].startswith("in a surprise expression")
     assert sidecar["request"]["steps"] == 3
     assert [i["refs"] for i in identities] == [["obama.jpg"], ["0-f15-hao-ph.jpg"]]  # names, not server paths
+
+
+def _click_canvas(driver, action_chains, img, fx: float, fy: float) -> None:
+    """Click the canvas pixel at fractions (fx, fy) of its last column/row, placed as gradio
+    places it (object-fit contain, never upscaled, centred in the <img>)."""
+    w, h, nw, nh = driver.execute_script(
+        "const r = arguments[0].getBoundingClientRect(); "
+        "return [r.width, r.height, arguments[0].naturalWidth, arguments[0].naturalHeight];", img)
+    r = min(w / nw, h / nh, 1.0)
+    x = (w - nw * r) / 2 + fx * (nw - 1) * r
+    y = (h - nh * r) / 2 + fy * (nh - 1) * r
+    action_chains(driver).move_to_element_with_offset(img, round(x - w / 2), round(y - h / 2)).click().perform()
 
 
 def test_api_png_equals_sample_cli_and_sidecar_reproduces(app, client, test_assets, tmp_path):

@@ -30,12 +30,27 @@ def face_preview(image: np.ndarray, bbox, colour=COLOURS[0]) -> np.ndarray:
     return np.asarray(crop)
 
 
+def canvas_size(height: int, width: int) -> tuple[int, int]:
+    """(rows, columns) of the layout canvas: the output's aspect ratio, longer side PREVIEW_SIDE."""
+    scale = PREVIEW_SIDE / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def box_from_corners(first: Sequence[float], second: Sequence[float], height: int, width: int) -> list[float]:
+    """Two clicked canvas pixels (x, y), any two opposite corners, -> the normalised box
+    [y_min, x_min, y_max, x_max] (3 decimals). The first and last pixel column/row map to 0
+    and 1, so a click on the canvas edge reaches the picture's edge."""
+    ch, cw = canvas_size(height, width)
+    xs = sorted(min(max(p[0] / max(cw - 1, 1), 0.0), 1.0) for p in (first, second))
+    ys = sorted(min(max(p[1] / max(ch - 1, 1), 0.0), 1.0) for p in (first, second))
+    return [round(ys[0], 3), round(xs[0], 3), round(ys[1], 3), round(xs[1], 3)]
+
+
 def layout_preview(boxes: Sequence[Optional[Sequence[float]]], height: int, width: int,
                    labels: Sequence[str]) -> np.ndarray:
     """A canvas of the output's aspect ratio with each box (normalised [y0, x0, y1, x1]) as a
     coloured rectangle labelled with its person; None entries are skipped."""
-    scale = PREVIEW_SIDE / max(height, width)
-    ch, cw = max(1, round(height * scale)), max(1, round(width * scale))
+    ch, cw = canvas_size(height, width)
     canvas = Image.new("RGB", (cw, ch), (245, 245, 245))
     draw = ImageDraw.Draw(canvas, "RGBA")
     for k, (box, label) in enumerate(zip(boxes, labels)):

@@ -137,6 +137,20 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
                                          int(width or d.width), [f"person {k}" for k in PEOPLE])
         return canvas, note
 
+    def draw(who, first, width, height, evt: gr.SelectData):
+        """A click on the layout canvas: the first stores a corner, the second (same person)
+        writes that person's box field (whose change redraws the canvas)."""
+        k = int(str(who).split()[-1])
+        point = evt.index  # (x, y) in the canvas' pixels, as gradio's Image reports it
+        skip = [gr.skip() for _ in PEOPLE]
+        if not point:
+            return skip + [first, "click inside the canvas"]
+        if not first or first[0] != k:
+            return skip + [(k, point), f"person {k}: first corner set; click the opposite corner"]
+        box = previews.box_from_corners(first[1], point, int(height or d.height), int(width or d.width))
+        skip[k - 1] = forms.format_box(box)
+        return skip + [None, f"person {k}: box drawn"]
+
     def restore(sidecar):
         try:
             data = forms.read_sidecar(_paths(sidecar)[0], service.upload_root)
@@ -209,6 +223,9 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
             with gr.Column(scale=2):
                 layout_view = gr.Image(label="layout", interactive=False, elem_id="layout", type="numpy")
                 layout_note = gr.Markdown(elem_id="layout_note")
+                draw_for = gr.Radio([f"person {k}" for k in PEOPLE], value="person 1", elem_id="draw_person",
+                                    label="draw a box: choose a person, click two opposite corners on the layout")
+                corner = gr.State(None)  # (person, (x, y)) of a first click, per browser session
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Cancel", elem_id="cancel")
@@ -241,6 +258,8 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
         layout_inputs = [width, height] + [person[k]["refs"] for k in PEOPLE] + [person[k]["box"] for k in PEOPLE]
         for component in layout_inputs:
             component.change(layout, layout_inputs, [layout_view, layout_note], api_visibility="private", queue=False)
+        layout_view.select(draw, [draw_for, corner, width, height], [person[k]["box"] for k in PEOPLE]
+                           + [corner, layout_note], api_visibility="private", queue=False)
         demo.load(layout, layout_inputs, [layout_view, layout_note], api_visibility="private", queue=False)
     return demo
 
