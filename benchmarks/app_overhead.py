@@ -7,7 +7,10 @@ against the same `DynamicIDPipeline.generate` + `save_outputs` call in-process (
 
 Both sides run the same request (two people, two boxes, one free-text face edit) on the
 same pipeline object; the app side includes the upload of both photos, the queue, the
-request building and the download of PNG + sidecar. Prints a markdown table.
+request building and the download of PNG + sidecar. "gradio floor" is the same call
+(same inputs, the same uploads, outputs of the same kinds and files) to an endpoint that does
+no work and returns a finished run's files: what gradio and its client cost by themselves.
+Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -57,7 +60,19 @@ def main() -> None:
         port = s.getsockname()[1]
     launch(demo, service, port=port, block=False)
     client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    floor_client, floor_demo, finished = _floor_app(service.out_dir)
     cache = service.pipeline._denoise._cache_size
+    run_seconds = []  # service.run inside the app (request checks, generate, PNG + sidecar)
+    service_run = service.run
+
+    def timed_run(*a, **k):
+        start = time.perf_counter()
+        try:
+            return service_run(*a, **k)
+        finally:
+            run_seconds.append(time.perf_counter() - start)
+
+    service.run = timed_run
 
     rows = []
     for size in sizes:
@@ -73,8 +88,13 @@ def main() -> None:
 
         def via_app():
             client.predict(refs_1=[handle_file(refs[0])], refs_2=[handle_file(refs[1])], box_1=BOXES[0],
-                           box_2=BOXES[1], face_text_2=FACE_PROMPT, prompt="two people", seed=0, steps=args.steps,
-                           width=size, height=size, api_name="/generate")
+                           box_2=BOXES[1], face_text_2=FACE_PROMPT, prompt="two people", seed=0,
+                           steps=args.steps, width=size, height=size, api_name="/generate")
+            finished[:] = sorted(service.out_dir.glob("run-*"))[-1:]  # what the floor endpoint returns
+
+        def floor():
+            floor_client.predict([handle_file(refs[0])], [handle_file(refs[1])], BOXES[0], BOXES[1], FACE_PROMPT,
+                                 "two people", 0, args.steps, size, size, api_name="/generate")
 
         before = cache()
         start = time.perf_counter()
@@ -83,26 +103,58 @@ def main() -> None:
         after_first = cache()
         via_app()
         after_second = cache()
-        times = {"in-process": [], "app": []}
-        for _ in range(args.repeats):  # interleaved, so load changes hit both alike
-            for name, fn in (("in-process", in_process), ("app", via_app)):
+        times = {"in-process": [], "app": [], "floor": []}
+        run_seconds.clear()
+        for _ in range(args.repeats):  # interleaved, so load changes hit all alike
+            for name, fn in (("in-process", in_process), ("app", via_app), ("floor", floor)):
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
-        direct, app = statistics.median(times["in-process"]), statistics.median(times["app"])
-        rows.append((size, first, after_first - before, after_second - after_first, direct, app))
+        direct, app, gradio = (statistics.median(times[k]) for k in ("in-process", "app", "floor"))
+        rows.append((size, first, after_first - before, after_second - after_first, direct, app,
+                     statistics.median(run_seconds), gradio))
     demo.close()
+    floor_demo.close()
 
     print(f"steps {args.steps}, median of {args.repeats}, two people with boxes and one face edit, demo model\n")
     print("| size | first app request (s) | compiles: first / second request | in-process generate (s) "
-          "| app request (s) | app / in-process |")
-    print("|---|---|---|---|---|---|")
-    for size, first, c1, c2, direct, app in rows:
-        print(f"| {size}x{size} | {first:.2f} | {c1} / {c2} | {direct:.3f} | {app:.3f} | {app / direct:.2f}x |")
+          "| app request (s) | app / in-process | run inside the app (s) | gradio floor (s) "
+          "| app - floor - run (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size, first, c1, c2, direct, app, run, gradio in rows:
+        print(f"| {size}x{size} | {first:.2f} | {c1} / {c2} | {direct:.3f} | {app:.3f} | {app / direct:.2f}x "
+              f"| {run:.3f} | {gradio:.3f} | {app - gradio - run:+.3f} |")
     print("\ncompile log:")
     for line in logs:
         if "compil" in line:
             print(f"- {line}")
+
+
+def _floor_app(out_dir):
+    """A gradio app with /generate's inputs and outputs that returns the files of the run named
+    in the returned list `finished` (set by the caller): gradio's own cost, no work."""
+    import gradio as gr
+    from gradio_client import Client
+
+    finished: list = []
+
+    def generate(*_):
+        run = finished[0]
+        png, side = sorted(run.glob("*.png"))[0], sorted(run.glob("*.json"))[0]
+        return [(str(png), png.name)], [str(png), str(side)], [], "done"
+
+    with gr.Blocks() as demo:
+        inputs = [gr.File(file_count="multiple"), gr.File(file_count="multiple"), gr.Textbox(), gr.Textbox(),
+                  gr.Textbox(), gr.Textbox(), gr.Number(), gr.Number(), gr.Number(), gr.Number()]
+        outputs = [gr.Gallery(), gr.File(file_count="multiple"), gr.Gallery(), gr.Textbox()]
+        gr.Button().click(generate, inputs, outputs, api_name="generate", concurrency_limit=1)
+    demo.queue(default_concurrency_limit=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, allowed_paths=[str(out_dir)], prevent_thread_lock=True,
+                quiet=True)
+    return Client(f"http://127.0.0.1:{port}/", verbose=False), demo, finished
 
 
 if __name__ == "__main__":
