@@ -229,6 +229,13 @@ def check_images_readable(request: SampleRequest) -> None:
             read_image(path)
 
 
+def check_embeddings_readable(request: SampleRequest, width: Optional[int] = None) -> None:
+    """Read every textual-inversion file of the request once (`width`: the text encoder's, from
+    the config), so a bad or mis-sized file fails before any model loads."""
+    loaded = [textual_inversion.read_embedding(p, width) for p in request.negative_embeddings]
+    textual_inversion.check_names(loaded)
+
+
 def read_image(path: str | pathlib.Path) -> np.ndarray:
     """Upright RGB uint8 (H, W, 3) via the one reader (`dynamicid_jax.images.read_rgb`: EXIF
     orientation, every PIL mode); InputError naming the file when it cannot be read."""
