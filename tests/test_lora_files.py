@@ -125,3 +125,45 @@ def test_unknown_keys_are_an_error_unless_skipped(models, tmp_path):
     _, report = merge_lora_file(models["params"], path, skip_unknown=True)
     assert report.dropped == sorted(["lora_unet_input_blocks_1_1_proj_in.lora_down.weight",
                                      "lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha"])
+
+
+def test_peft_saved_alpha_and_patterns_are_read_from_the_file(models, tmp_path):
+    """A diffusers `save_lora_weights` file of PEFT adapters whose lora_alpha != r (plus an
+    alpha_pattern, a rank_pattern and rsLoRA's alpha / sqrt(r)) carries its LoraConfig as
+    safetensors metadata: the merge reads it, as diffusers does."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    unet = diffusers.UNet2DConditionModel.from_pretrained(models["folder"] / "unet").eval()
+    text = transformers.CLIPTextModel.from_pretrained(models["folder"] / "text_encoder").eval()
+    configs = {
+        "unet": LoraConfig(r=4, lora_alpha=12, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"],
+                           rank_pattern={"to_k": 2}, alpha_pattern={"to_v": 3}),
+        "text_encoder": LoraConfig(r=4, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "v_proj", "fc1"]),
+    }
+    gen = torch.Generator().manual_seed(7)
+    for model, config in ((unet, configs["unet"]), (text, configs["text_encoder"])):
+        inject_adapter_in_model(config, model)  # what diffusers' add_adapter does (transformers' wants a newer peft)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:  # lora_B starts at zero: make the adapter do something
+                    p.copy_(0.5 * torch.randn(p.shape, generator=gen) / np.sqrt(p[0].numel()))
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=get_peft_model_state_dict(unet), text_encoder_lora_layers=get_peft_model_state_dict(text),
+        unet_lora_adapter_metadata=configs["unet"].to_dict(),
+        text_encoder_lora_adapter_metadata=configs["text_encoder"].to_dict())
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    merged, report = merge_lora_file(models["params"], path, 0.7)
+    assert report.merged["unet"] > 0 and report.merged["text_encoder"] == 3 * 2
+    want_eps, want_states = _diffusers_outputs(models, path, 0.7)
+    x = models["inputs"]
+    eps = models["unet_apply"](merged["unet"], x["sample"], x["t"], x["context"])
+    states = models["text_apply"](merged["text_encoder"], x["ids"])
+    assert rel_l2(eps, want_eps) <= OUTPUT_RTOL and rel_l2(states, want_states) <= OUTPUT_RTOL
+    # The breakage the metadata prevents: alpha = r for every module (the file's tensors alone).
+    from dynamicid_jax.models.lora_files import merge_lora_state_dict
+    from dynamicid_jax.models.torch_import import read_state_dict
+
+    naive, _ = merge_lora_state_dict(models["params"], read_state_dict(path), 0.7)
+    assert rel_l2(models["unet_apply"](naive["unet"], x["sample"], x["t"], x["context"]), want_eps) > 30 * OUTPUT_RTOL
+    assert rel_l2(models["text_apply"](naive["text_encoder"], x["ids"]), want_states) > 30 * OUTPUT_RTOL

@@ -6,7 +6,14 @@ Two layouts, as people download them:
                       conv LoRA (LoCon) on resnet convs: down (r, in, kh, kw), up (out, r, 1, 1).
   diffusers / PEFT    `unet.<module>` / `text_encoder.<module>` + `.lora_A.weight`,
                       `.lora_B.weight` (or the older `.lora.down.weight`, `.lora.up.weight`),
-                      an optional `.alpha` (absent: alpha = rank).
+                      an optional `.alpha`. Without one, alpha comes from the adapter's
+                      PEFT config when the file carries it (diffusers' `save_lora_weights`
+                      writes it as safetensors metadata `lora_adapter_metadata`: "unet.lora_alpha",
+                      "unet.alpha_pattern", "unet.use_rslora", ... per component; a PEFT
+                      folder has `adapter_config.json` beside `adapter_model.safetensors`),
+                      else alpha = rank. PEFT's rule: alpha_pattern's first key matching the
+                      module name's end (`(.*[.])?(key)$`), else lora_alpha; scale alpha / r,
+                      or alpha / sqrt(r) with use_rslora.
 Each pair is folded into the base weight once, before sampling (no per-step cost):
   W (out, in[, kh, kw]) += scale * alpha / r * up @ down
 in PyTorch layout, then put into our layout by the same transform the weight import uses
@@ -20,7 +27,10 @@ drops them and returns their names (the sampler's sidecar lists them).
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
+import pathlib
 import re
 from typing import Callable, Mapping, Optional
 
@@ -92,6 +102,8 @@ def parse_lora(state_dict: Mapping[str, np.ndarray], targets: dict[str, dict]):
         else:
             match = _PEFT.match(key)
             comp, module, role = (match.group(1), match.group(2), _ROLE[match.group(3)]) if match else (None,) * 3
+            if comp == "text_encoder" and not module.startswith("text_model."):
+                module = "text_model." + module  # transformers 5 saves CLIPTextModel without that level
             if module is not None and module not in targets[comp]:
                 module = None
         if module is None:
@@ -103,6 +115,42 @@ def parse_lora(state_dict: Mapping[str, np.ndarray], targets: dict[str, dict]):
             missing = "up" if "down" in parts else "down"
             raise LoraFileError(f"LoRA for {comp} {module} has no {missing} weight")
     return pairs, sorted(unknown)
+
+
+def read_adapter_configs(path: str | os.PathLike) -> dict[str, dict]:
+    """{component: PEFT LoraConfig dict} a LoRA file carries (see the module docstring); {} if none."""
+    path = pathlib.Path(path)
+    configs: dict[str, dict] = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as f:
+            raw = (f.metadata() or {}).get("lora_adapter_metadata")
+        if raw:
+            try:
+                flat = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise LoraFileError(f"{path}: unreadable lora_adapter_metadata: {e}") from None
+            for key, value in flat.items():
+                comp, _, field = key.partition(".")
+                if comp in COMPONENTS and field:
+                    configs.setdefault(comp, {})[field] = value
+    beside = path.with_name("adapter_config.json")
+    if path.stem == "adapter_model" and beside.is_file():  # a PEFT save_pretrained folder
+        config = json.loads(beside.read_text())
+        for comp in COMPONENTS:
+            configs.setdefault(comp, config)
+    return configs
+
+
+def peft_alpha(config: Mapping, module: str, rank: int) -> float:
+    """The alpha that makes alpha / rank PEFT's scaling of `module` under a LoraConfig dict."""
+    alpha = float(config.get("lora_alpha", rank))
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            alpha = float(value)
+            break
+    return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha  # rsLoRA: alpha / sqrt(r)
 
 
 def lora_delta(down: np.ndarray, up: np.ndarray, alpha: Optional[np.ndarray], scale: float) -> np.ndarray:
@@ -118,9 +166,12 @@ def lora_delta(down: np.ndarray, up: np.ndarray, alpha: Optional[np.ndarray], sc
 
 def merge_lora_state_dict(
     params: dict[str, Mapping], state_dict: Mapping[str, np.ndarray], scale: float = 1.0, *,
-    skip_unknown: bool = False, name: str = "LoRA",
+    skip_unknown: bool = False, name: str = "LoRA", adapter_configs: Optional[Mapping[str, Mapping]] = None,
 ) -> tuple[dict[str, Mapping], LoraMergeReport]:
     """Fold one LoRA into {"unet": ..., "text_encoder": ...} params (either may be absent).
+
+    adapter_configs: {component: PEFT LoraConfig dict} giving alpha where a module has no
+    `.alpha` key (`read_adapter_configs`).
 
     Returns (new params, report); the input trees are not modified. Raises LoraFileError
     naming every unmatched key (unless skip_unknown) or a shape that does not fit.
@@ -136,7 +187,10 @@ def merge_lora_state_dict(
     for (comp, module), parts in sorted(pairs.items()):
         path, transform = targets[comp][module]
         base = np.asarray(flat[comp][path], np.float32)
-        delta = lora_delta(parts["down"], parts["up"], parts.get("alpha"), scale)
+        alpha = parts.get("alpha")
+        if alpha is None and comp in (adapter_configs or {}):
+            alpha = peft_alpha(adapter_configs[comp], module, parts["down"].shape[0])
+        delta = lora_delta(parts["down"], parts["up"], alpha, scale)
         if delta.ndim == 4 and transform is torch_import.linear_kernel:  # a 1x1 conv pair on a Linear
             delta = delta[:, :, 0, 0] if delta.shape[2:] == (1, 1) else delta
         try:
@@ -158,7 +212,7 @@ def merge_lora_file(
 ) -> tuple[dict[str, Mapping], LoraMergeReport]:
     """`merge_lora_state_dict` of a `.safetensors` (or torch pickle) LoRA file."""
     return merge_lora_state_dict(params, torch_import.read_state_dict(path), scale, skip_unknown=skip_unknown,
-                                 name=str(path))
+                                 name=str(path), adapter_configs=read_adapter_configs(path))
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
