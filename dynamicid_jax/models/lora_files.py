@@ -4,6 +4,12 @@ Two layouts, as people download them:
   kohya / sd-scripts  `lora_unet_<module>` / `lora_te_<module>` (diffusers module names with
                       "." -> "_") + `.lora_down.weight`, `.lora_up.weight`, `.alpha`;
                       conv LoRA (LoCon) on resnet convs: down (r, in, kh, kw), up (out, r, 1, 1).
+                      UNet modules may also be in the original LDM naming
+                      (`lora_unet_input_blocks_4_1_proj_in`, `middle_block_*`, `output_blocks_*`,
+                      `time_embed_0`): `ldm_module_name` maps them, as single_file.py maps
+                      weights (input block n = level (n-1) // (L+1), slot (n-1) % (L+1), the
+                      last slot the downsampler; output block n = divmod(n, L+1); sub-module 0
+                      a resnet, 1 an attention or the upsampler; L resnets per down level).
   diffusers / PEFT    `unet.<module>` / `text_encoder.<module>` + `.lora_A.weight`,
                       `.lora_B.weight` (or the older `.lora.down.weight`, `.lora.up.weight`),
                       an optional `.alpha`. Without one, alpha comes from the adapter's
@@ -84,6 +90,46 @@ def component_targets(unet_params: Optional[Mapping], text_params: Optional[Mapp
     }
 
 
+_LDM_DIRECT = {"time_embed_0": "time_embedding_linear_1", "time_embed_2": "time_embedding_linear_2",
+               "input_blocks_0_0": "conv_in", "out_0": "conv_norm_out", "out_2": "conv_out"}
+_LDM_RESNET = {"in_layers_0": "norm1", "in_layers_2": "conv1", "emb_layers_1": "time_emb_proj",
+               "out_layers_0": "norm2", "out_layers_3": "conv2", "skip_connection": "conv_shortcut"}
+
+
+def ldm_module_name(name: str, layers_per_block: int) -> Optional[str]:
+    """A kohya UNet module in LDM naming (underscored, without `lora_unet_`) -> the same module
+    in diffusers naming, underscored (`input_blocks_1_1_proj_in` -> `down_blocks_0_attentions_0_proj_in`);
+    None when it is not an LDM name."""
+    if name in _LDM_DIRECT:
+        return _LDM_DIRECT[name]
+    slots = layers_per_block + 1
+    resnet = lambda rest: _LDM_RESNET.get(rest)  # noqa: E731
+    if m := re.fullmatch(r"input_blocks_(\d+)_([01])_(.+)", name):
+        level, slot = divmod(int(m[1]) - 1, slots)
+        if slot == layers_per_block:
+            return f"down_blocks_{level}_downsamplers_0_conv" if m[3] == "op" else None
+        if m[2] == "0":
+            return resnet(m[3]) and f"down_blocks_{level}_resnets_{slot}_{resnet(m[3])}"
+        return f"down_blocks_{level}_attentions_{slot}_{m[3]}"
+    if m := re.fullmatch(r"middle_block_([012])_(.+)", name):
+        if m[1] == "1":
+            return f"mid_block_attentions_0_{m[2]}"
+        return resnet(m[2]) and f"mid_block_resnets_{int(m[1]) // 2}_{resnet(m[2])}"
+    if m := re.fullmatch(r"output_blocks_(\d+)_([012])_(.+)", name):
+        level, slot = divmod(int(m[1]), slots)
+        if m[2] == "0":
+            return resnet(m[3]) and f"up_blocks_{level}_resnets_{slot}_{resnet(m[3])}"
+        if m[3] == "conv":
+            return f"up_blocks_{level}_upsamplers_0_conv"
+        return f"up_blocks_{level}_attentions_{slot}_{m[3]}" if m[2] == "1" else None
+    return None
+
+
+def _layers_per_block(unet_names) -> int:
+    """Resnets per down level of the UNet whose module names these are."""
+    return len({n.split(".")[3] for n in unet_names if n.startswith("down_blocks.0.resnets.")})
+
+
 def parse_lora(state_dict: Mapping[str, np.ndarray], targets: dict[str, dict]):
     """Group a LoRA state dict per target module.
 
@@ -91,6 +137,7 @@ def parse_lora(state_dict: Mapping[str, np.ndarray], targets: dict[str, dict]):
     """
     kohya = {comp: {"lora_" + ("unet" if comp == "unet" else "te") + "_" + name.replace(".", "_"): name
                     for name in names} for comp, names in targets.items()}
+    layers_per_block = _layers_per_block(targets["unet"])
     pairs: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     unknown = []
     for key, value in state_dict.items():
@@ -98,6 +145,8 @@ def parse_lora(state_dict: Mapping[str, np.ndarray], targets: dict[str, dict]):
         if match:
             comp = "unet" if match.group(1) == "unet" else "text_encoder"
             module = kohya[comp].get(f"lora_{match.group(1)}_{match.group(2)}")
+            if module is None and comp == "unet" and (ldm := ldm_module_name(match.group(2), layers_per_block)):
+                module = kohya[comp].get(f"lora_unet_{ldm}")
             role = _ROLE[match.group(3)]
         else:
             match = _PEFT.match(key)
