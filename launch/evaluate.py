@@ -116,7 +116,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.negative_embedding:
         from dynamicid_jax.models.textual_inversion import check_names, read_embedding
 
-        check_names([read_embedding(p) for p in args.negative_embedding])  # a bad file fails before any model
+        width = config.model.text.get("hidden_size")
+        check_names([read_embedding(p, width) for p in args.negative_embedding])  # fails before any model loads
         sampling["negative_embeddings"] = list(args.negative_embedding)
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch_size must be >= 1, got {args.batch_size}")

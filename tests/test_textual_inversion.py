@@ -167,3 +167,22 @@ def test_text_states_equal_diffusers_load_textual_inversion(tiny_text, tmp_path)
     flipped = [textual_inversion.TextualInversion(e.name, e.vectors[::-1], e.path, e.sha256) for e in embeddings]
     _, broken, _ = _ours(tiny_text, texts, flipped)
     assert rel_l2(broken[:2], want[:2]) > 30 * STATES_RTOL
+
+
+def test_requests_file_lines_take_embeddings_relative_to_the_file(tmp_path, test_assets):
+    import json
+
+    from dynamicid_jax.generation.requests import read_requests
+
+    (tmp_path / "emb").mkdir()
+    save_file({"emb_params": np.ones((2, WIDTH), np.float32)}, str(tmp_path / "emb" / "badhands.safetensors"))
+    base = {"identities": [{"refs": [str(test_assets / "obama.jpg")]}], "negative_prompt": "blurry"}
+    lines = [dict(base, negative_embeddings=["emb/badhands.safetensors"]), dict(base, negative_embeddings=["emb/no.pt"]),
+             dict(base, negative_embeddings="emb/badhands.safetensors")]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    requests, rejects = read_requests(tmp_path / "jobs.jsonl")
+    (number, request), = requests
+    assert number == 1 and request.negative_embeddings == [str(tmp_path / "emb" / "badhands.safetensors")]
+    assert request.negative_prompt == "blurry, badhands"
+    assert [r.line for r in rejects] == [2, 3]
+    assert "no.pt" in rejects[0].error and "list of embedding file paths" in rejects[1].error
