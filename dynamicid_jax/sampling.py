@@ -112,7 +112,10 @@ class SampleRequest:
                 self.negative_prompt, [pathlib.Path(p).stem for p in self.negative_embeddings])
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not data["negative_embeddings"]:  # so sidecars from before this field still match (outputs.reusable)
+            del data["negative_embeddings"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "SampleRequest":
