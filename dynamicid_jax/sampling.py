@@ -290,8 +290,8 @@ class DynamicIDPipeline:
         self._mesh_params: dict[Any, Params] = {}
         self._maps_sink: Optional[dict] = None  # step -> (N, n, h, w) activation maps, when asked
         # One program for every text: embedding tokens come in as a per-text table (traced).
-        self._encode_text = jax.jit(lambda p, ids, extra, skip: modules.text_encoder.apply({"params": p}, ids, skip, extra),
-                                    static_argnums=3)
+        self._encode_text = jax.jit(
+            lambda p, ids, extra, skip: modules.text_encoder.apply({"params": p}, ids, skip, extra), static_argnums=3)
         self._embeddings: dict[str, textual_inversion.TextualInversion] = {}  # file -> embedding
         self._clip_tokens = jax.jit(self._clip_tokens_fn)
         self._project = jax.jit(lambda p, e, c: modules.face_projection.apply({"params": p}, e, c))
