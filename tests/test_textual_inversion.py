@@ -76,6 +76,10 @@ def test_every_layout_reads_and_a_wrong_width_is_named(tmp_path):
     }
     save_file({"emb_params": vectors}, str(tmp_path / "emb.safetensors"))
     save_file({"<cat-toy>": one}, str(tmp_path / "learned_embeds.safetensors"))
+    import safetensors.torch  # bfloat16, which safetensors' numpy reader refuses
+
+    safetensors.torch.save_file({"emb_params": torch.from_numpy(vectors).bfloat16()}, str(tmp_path / "bf16.safetensors"))
+    files[tmp_path / "bf16.safetensors"] = torch.from_numpy(vectors).bfloat16().float().numpy()
     torch.save({"<cat-toy>": torch.from_numpy(one)}, tmp_path / "learned_embeds.bin")
     for path, want in files.items():
         got = textual_inversion.read_embedding(path, WIDTH)

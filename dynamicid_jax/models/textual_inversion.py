@@ -81,12 +81,13 @@ def read_embedding(path: str | os.PathLike, width: Optional[int] = None) -> Text
         raise EmbeddingFileError(f"{path}: an embedding file is one of {', '.join(SUFFIXES)}")
     raw = path.read_bytes()
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.numpy import load
+        from .single_file import _read_safetensors_prefixed  # reads bfloat16 too, floats as float32
 
+        if len(raw) < 8 or int.from_bytes(raw[:8], "little") > len(raw) - 8:
+            raise EmbeddingFileError(f"{path}: not a .safetensors file (its header length does not fit the file)")
         try:
-            data = load(raw)
-        except (SafetensorError, ValueError) as e:
+            data = _read_safetensors_prefixed(path, "")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
             raise EmbeddingFileError(f"{path}: not a readable .safetensors file: {e}") from None
     else:
         data = torch_pickle.load(path)

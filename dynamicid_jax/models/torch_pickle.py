@@ -116,15 +116,18 @@ def load(path: str | os.PathLike) -> Any:
     if not zipfile.is_zipfile(path):
         raise TorchPickleError(f"{path}: not a torch.save zip archive (a legacy pre-1.6 pickle, or not a torch file); "
                                "re-save it with a recent torch or use a .safetensors file")
-    with zipfile.ZipFile(path) as archive:
-        pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
-        if len(pickles) != 1:
-            raise TorchPickleError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}")
-        prefix = pickles[0][: -len("data.pkl")]
-        names = set(archive.namelist())
-        big_endian = f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder").strip() == b"big"
-        with archive.open(pickles[0]) as f:
-            try:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+            if len(pickles) != 1:
+                raise TorchPickleError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}")
+            prefix = pickles[0][: -len("data.pkl")]
+            names = set(archive.namelist())
+            big_endian = f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder").strip() == b"big"
+            with archive.open(pickles[0]) as f:
                 return _Unpickler(f, archive, prefix, big_endian).load()
-            except (pickle.UnpicklingError, KeyError, EOFError, TypeError, ValueError) as e:
-                raise TorchPickleError(f"{path}: {e}") from None
+    except TorchPickleError:
+        raise
+    except (pickle.UnpicklingError, zipfile.BadZipFile, KeyError, EOFError, TypeError, ValueError, IndexError,
+            AttributeError) as e:  # a malformed file, never a bug of ours: name it
+        raise TorchPickleError(f"{path}: {e}") from None
