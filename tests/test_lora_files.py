@@ -221,3 +221,27 @@ def test_kohya_file_in_ldm_naming_matches_diffusers(models, tmp_path):
         want_eps = unet(torch.from_numpy(x["sample"].transpose(0, 3, 1, 2)), torch.from_numpy(x["t"]),
                         torch.from_numpy(x["context"])).sample.numpy().transpose(0, 2, 3, 1)
     assert rel_l2(models["unet_apply"](merged["unet"], x["sample"], x["t"], x["context"]), want_eps) <= OUTPUT_RTOL
+
+
+def test_peft_folder_with_adapter_config_equals_peft_merge_and_unload(models, tmp_path):
+    """A PEFT `save_pretrained` folder of a UNet adapter (adapter_model.safetensors with
+    `base_model.model.*` keys + adapter_config.json, lora_alpha != r) merges as PEFT's own
+    merge_and_unload does."""
+    from peft import LoraConfig, get_peft_model
+
+    unet = diffusers.UNet2DConditionModel.from_pretrained(models["folder"] / "unet").eval()
+    peft_unet = get_peft_model(unet, LoraConfig(r=4, lora_alpha=10, target_modules=["to_q", "to_v", "conv2"],
+                                                alpha_pattern={"to_v": 2}))
+    gen = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for name, p in peft_unet.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen) / np.sqrt(p[0].numel()))
+    peft_unet.save_pretrained(tmp_path / "adapter")
+    merged, report = merge_lora_file(models["params"], tmp_path / "adapter" / "adapter_model.safetensors")
+    assert report.merged["unet"] > 0 and report.merged["text_encoder"] == 0
+    x = models["inputs"]
+    with torch.no_grad():
+        want = peft_unet.merge_and_unload()(torch.from_numpy(x["sample"].transpose(0, 3, 1, 2)), torch.from_numpy(x["t"]),
+                                            torch.from_numpy(x["context"])).sample.numpy().transpose(0, 2, 3, 1)
+    assert rel_l2(models["unet_apply"](merged["unet"], x["sample"], x["t"], x["context"]), want) <= OUTPUT_RTOL

@@ -16,7 +16,9 @@ Two layouts, as people download them:
                       PEFT config when the file carries it (diffusers' `save_lora_weights`
                       writes it as safetensors metadata `lora_adapter_metadata`: "unet.lora_alpha",
                       "unet.alpha_pattern", "unet.use_rslora", ... per component; a PEFT
-                      folder has `adapter_config.json` beside `adapter_model.safetensors`),
+                      folder has `adapter_config.json` beside `adapter_model.safetensors`, whose
+                      keys are `base_model.model.<module>.lora_A.weight` for the one model it
+                      adapted, UNet or text encoder, told apart by the module names),
                       else alpha = rank. PEFT's rule: alpha_pattern's first key matching the
                       module name's end (`(.*[.])?(key)$`), else lora_alpha; scale alpha / r,
                       or alpha / sqrt(r) with use_rslora.
@@ -51,6 +53,8 @@ COMPONENTS = ("unet", "text_encoder")
 _KOHYA = re.compile(r"^lora_(unet|te)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 _PEFT = re.compile(r"^(unet|text_encoder)\.(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight"
                    r"|alpha)$")
+# A PEFT `save_pretrained` folder's adapter_model.safetensors: one model's modules, no component.
+_PEFT_FOLDER = re.compile(r"^base_model\.model\.(.+?)\.(lora_A\.weight|lora_B\.weight)$")
 _ROLE = {"lora_down.weight": "down", "lora_A.weight": "down", "lora.down.weight": "down",
          "lora_up.weight": "up", "lora_B.weight": "up", "lora.up.weight": "up", "alpha": "alpha"}
 
@@ -149,8 +153,12 @@ def parse_lora(state_dict: Mapping[str, np.ndarray], targets: dict[str, dict]):
                 module = kohya[comp].get(f"lora_unet_{ldm}")
             role = _ROLE[match.group(3)]
         else:
-            match = _PEFT.match(key)
-            comp, module, role = (match.group(1), match.group(2), _ROLE[match.group(3)]) if match else (None,) * 3
+            if match := _PEFT_FOLDER.match(key):
+                module, role = match.group(1), _ROLE[match.group(2)]
+                comp = "unet" if module in targets["unet"] else "text_encoder"  # the names are disjoint
+            else:
+                match = _PEFT.match(key)
+                comp, module, role = (match.group(1), match.group(2), _ROLE[match.group(3)]) if match else (None,) * 3
             if comp == "text_encoder" and not module.startswith("text_model."):
                 module = "text_model." + module  # transformers 5 saves CLIPTextModel without that level
             if module is not None and module not in targets[comp]:
