@@ -30,3 +30,7 @@ XLA_PYTHON_CLIENT_PREALLOCATE=false part saa_bf16 200 \
 part train_bf16 170 python3 benchmarks/train_step.py --only sd15-1 --global_batch 8 --dtype bfloat16 --steps 10
 XLA_PYTHON_CLIENT_PREALLOCATE=false part saa_f32 120 \
   python3 benchmarks/saa_step.py --dtype float32 --torch_device cuda --repeats 20 --skip-loop
+# Whole-step cost of each sampler against DDIM (tiny model; diffusers stays on the CPU there, so
+# read only the "vs DDIM" columns) and the sampler update alone at SD1.5's 512 px latent.
+XLA_PYTHON_CLIENT_PREALLOCATE=false part schedulers 120 \
+  python3 benchmarks/schedulers.py --steps 40 --repeats 5 --skip_lora

@@ -6,9 +6,11 @@ the time to merge a kohya-sized style LoRA into SD1.5-shaped weights.
   python benchmarks/schedulers.py --steps 20 --repeats 3 --lora_rank 128
 
 Step time = (time of an S-step call - time of a 1-step call) / (S - 1), so the VAE decode and
-call overhead cancel. Ours: the jitted loop (compiled once for every sampler: the sampler is a
-traced index); CFG batched (2 latents), identity branch off. Diffusers: the same UNet/VAE in
-torch, float32. Both single-threaded by default (see below).
+call overhead cancel: a WHOLE denoising step (UNet, CFG, the sampler's update). Ours: the
+jitted loop (compiled once for every sampler: the sampler is a traced index), CFG batched (2
+latents), twice: identity branch off, and SAA on with 2 identities (gating, boxes, layout for
+the first 3 steps, identity scale 1). Diffusers: the same UNet/VAE in torch, float32. Both
+single-threaded by default (see below).
 """
 
 from __future__ import annotations
@@ -57,16 +59,20 @@ def bench_samplers(steps: int, repeats: int):
     f = ours.modules.vae_scale_factor
     noise, key = ours.initial_noise(0, (1, E.SIZE // f, E.SIZE // f, 4))
 
-    def run_ours(name, n):
+    # One image's row (sampling.py's per-image layout): [negative, positive] on axis 1, settings (1,).
+    width, num_tokens = models["context"].shape[-1], ours.modules.face_projection.num_tokens
+    plain = (jnp.zeros((1, 2, 1, num_tokens, width)), jnp.asarray([[[0.0, 0.0, 1.0, 1.0]]]), 0.0, False)
+    two_ids = (jax.random.normal(jax.random.PRNGKey(2), (1, 2, 2, num_tokens, width)),
+               jnp.asarray([[[0.0, 0.0, 1.0, 0.5], [0.0, 0.5, 1.0, 1.0]]]), 1.0, True)
+
+    def run_ours(name, n, saa=False):
+        tokens, boxes, id_scale, on = two_ids if saa else plain
         schedule = S.make_schedule(name, ours.scheduler, n)
-        # One image's row (sampling.py's per-image layout): [negative, positive] on axis 1, settings (1,).
-        tokens = jnp.zeros((1, 2, 1, ours.modules.face_projection.num_tokens, models["context"].shape[-1]))
-        boxes = jnp.asarray([[[0.0, 0.0, 1.0, 1.0]]])
         row = lambda v, dtype=jnp.float32: jnp.asarray([v], dtype)  # noqa: E731
         out = ours._denoise(ours.params["unet"], ours.params["vae"], noise, jnp.asarray(models["context"])[None],
                             tokens, boxes, jnp.int32(S.sampler_index(name)), schedule, key, row(5.0),
-                            row(1, jnp.int32), row(4.0), row(0.0), row(0.0), gating=False, use_boxes=False,
-                            with_mix=False)
+                            row(3 if saa else 1, jnp.int32), row(4.0), row(id_scale), row(0.0), gating=on,
+                            use_boxes=on, with_mix=False)
         jax.block_until_ready(out)
 
     def run_theirs(name, n):
@@ -85,25 +91,29 @@ def bench_samplers(steps: int, repeats: int):
     t0 = time.perf_counter()
     run_ours("ddim", 1)
     compile_s = time.perf_counter() - t0
-    # Rounds interleave the samplers so that load drifting on a shared machine hits all alike;
-    # each figure is the best round.
-    timings = {(name, side, n): [] for name in S.SCHEDULERS for side in (0, 1) for n in (1, steps)}
+    # Rounds interleave the samplers and sides (in a rotated order) so that load drifting on a
+    # shared machine hits all alike; each figure is the best round.
+    runners = (run_ours, lambda name, n: run_ours(name, n, saa=True), run_theirs)
+    timings = {(name, side, n): [] for name in S.SCHEDULERS for side in range(3) for n in (1, steps)}
     for name in S.SCHEDULERS:
-        run_ours(name, 2), run_theirs(name, 2)  # warm-up
-    for _ in range(repeats):
-        for name in S.SCHEDULERS:
-            for side, runner in enumerate((run_ours, run_theirs)):
+        for runner in runners:
+            runner(name, 2)  # warm-up (and the SAA program's compile)
+    for r in range(repeats):
+        for name in S.SCHEDULERS[r % len(S.SCHEDULERS):] + S.SCHEDULERS[:r % len(S.SCHEDULERS)]:  # rotated
+            for side, runner in enumerate(runners):
                 for n in (1, steps):
                     timings[(name, side, n)].append(_best(lambda: runner(name, n), 1))
     rows = {name: [(min(timings[(name, side, steps)]) - min(timings[(name, side, 1)])) / (steps - 1)
-                   for side in (0, 1)] for name in S.SCHEDULERS}
-    print(f"\n## Sampler step cost, tiny demo model ({E.SIZE} px, CFG), CPU, {steps}-step calls\n")
+                   for side in range(3)] for name in S.SCHEDULERS}
+    print(f"\n## Whole denoising step per sampler, tiny demo model ({E.SIZE} px, CFG), CPU, {steps}-step calls\n")
     print(f"One compile for all samplers: {compile_s:.1f} s.\n")
-    print("| sampler | ours ms/step | vs our DDIM | diffusers ms/step | ours / diffusers |")
-    print("|---|---|---|---|---|")
-    ddim = rows["ddim"][0]
-    for name, (o, d) in rows.items():
-        print(f"| {name} | {1e3 * o:.2f} | {o / ddim:.3f} | {1e3 * d:.2f} | {o / d:.2f} |")
+    print("| sampler | ours ms/step | vs our DDIM | ours SAA 2 ids ms/step | vs its DDIM | diffusers ms/step "
+          "| ours / diffusers |")
+    print("|---|---|---|---|---|---|---|")
+    ddim, ddim_saa = rows["ddim"][0], rows["ddim"][1]
+    for name, (o, s, d) in rows.items():
+        print(f"| {name} | {1e3 * o:.2f} | {o / ddim:.3f} | {1e3 * s:.2f} | {s / ddim_saa:.3f} | {1e3 * d:.2f} "
+              f"| {o / d:.2f} |")
 
 
 def bench_step_math(repeats: int, steps: int = 50):
@@ -126,7 +136,9 @@ def bench_step_math(repeats: int, steps: int = 50):
         start = x0 * schedule.init_sigma
         return jax.lax.fori_loop(0, schedule.num_steps, body, (start, S.init_state("dpmpp_2m", start)))[0]
 
-    key = jax.random.PRNGKey(1)
+    from dynamicid_jax.batching import step_keys
+
+    key = jnp.asarray(step_keys([(1, 0), (1, 1)]))  # each latent's own per-step noise key (N, 2)
     rows = {}
     for name in S.SCHEDULERS:
         n = min(steps, S.max_steps(name, config))

@@ -88,7 +88,7 @@ class ConditioningCache:
     def __init__(self, pipeline, max_entries: int = 8192):
         self.pipeline = pipeline
         self.max_entries = max_entries
-        self._texts: dict[tuple[str, int], np.ndarray] = {}
+        self._texts: dict[tuple[str, int, tuple], np.ndarray] = {}
         self._identities: dict[str, tuple[np.ndarray, dict]] = {}
         self._uncond = None
 
@@ -98,11 +98,12 @@ class ConditioningCache:
         table[key] = value
         return value
 
-    def text(self, text: str, clip_skip: int = 0) -> np.ndarray:
-        """(L, D) text states (`clip_skip` layers before the last)."""
-        key = (text, clip_skip)
+    def text(self, text: str, clip_skip: int = 0, embeddings=()) -> np.ndarray:
+        """(L, D) text states (`clip_skip` layers before the last; `embeddings` the
+        textual-inversion files whose names the text may use)."""
+        key = (text, clip_skip, tuple(embeddings))
         if key not in self._texts:
-            states, _ = self.pipeline.text_features([text], clip_skip)
+            states, _ = self.pipeline.text_features([text], clip_skip, embeddings)
             self._remember(self._texts, key, np.asarray(states[0]))
         return self._texts[key]
 
@@ -122,19 +123,23 @@ class ConditioningCache:
 
     def prepare(self, request) -> None:
         """Compute (and cache) everything `request` needs; raises its user errors now."""
-        self.text(request.negative_prompt, request.clip_skip)
-        self.text(request.prompt, request.clip_skip)
+        self.text(request.negative_prompt, request.clip_skip, request.negative_embeddings)
+        self.text(request.prompt, request.clip_skip, request.negative_embeddings)
         for ident in request.identities:
             self.identity(ident)
 
 
 def request_details(request, cache: ConditioningCache) -> dict:
-    """The sidecar's `resolved` section: boxes, identities' prompts, alpha as a step count."""
-    return {
+    """The sidecar's `resolved` section: boxes, identities' prompts, alpha as a step count and,
+    when used, each textual-inversion file's name, sha256 and vector count."""
+    details = {
         "boxes_used": request_boxes(request).tolist() if uses_boxes(request) else None,
         "identities_used": [cache.identity(ident)[1] for ident in request.identities],
         "alpha_steps": alpha_steps(request.alpha, request.steps),
     }
+    if request.negative_embeddings:
+        details["negative_embeddings"] = [cache.pipeline.embedding(p).record() for p in request.negative_embeddings]
+    return details
 
 
 def noise_rows(items: list[ImageItem], latent_hwc: tuple[int, int, int]) -> np.ndarray:
@@ -174,7 +179,8 @@ def assemble(items: list[ImageItem], cache: ConditioningCache, latent_hwc: tuple
     context, tokens, boxes = [], [], []
     for item in rows:
         r = item.request
-        context.append(np.stack([cache.text(r.negative_prompt, r.clip_skip), cache.text(r.prompt, r.clip_skip)]))
+        context.append(np.stack([cache.text(r.negative_prompt, r.clip_skip, r.negative_embeddings),
+                                 cache.text(r.prompt, r.clip_skip, r.negative_embeddings)]))
         ids = np.stack([cache.identity(ident)[0] for ident in r.identities])  # (n, T, D)
         tokens.append(np.stack([np.broadcast_to(uncond, ids.shape), ids]))
         boxes.append(request_boxes(r))

@@ -34,6 +34,7 @@ from dynamicid_jax.dynamicid.activation_maps import identity_activation_maps
 from dynamicid_jax.dynamicid.saa import IdentityConditioning, validate_boxes
 from dynamicid_jax.errors import UserError
 from dynamicid_jax.modeling import DynamicIDModules, Params
+from dynamicid_jax.models import textual_inversion
 from dynamicid_jax.models.clip import clip_preprocess_host
 
 IMAGE_SUFFIXES = images.IMAGE_SUFFIXES
@@ -99,9 +100,22 @@ class SampleRequest:
     gating: bool = True
     scheduler: str = "ddim"  # one of schedulers.SCHEDULERS
     clip_skip: int = 0  # text states this many layers before the last (1 = penultimate)
+    # Textual-inversion files (`models.textual_inversion`): each file's stem, written in either
+    # prompt, stands for its vectors; a stem the negative prompt does not mention is appended
+    # to it here (", stem"), so the stored request is what was encoded.
+    negative_embeddings: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if self.negative_embeddings and isinstance(self.negative_prompt, str) and isinstance(
+                self.negative_embeddings, list) and all(isinstance(p, str) for p in self.negative_embeddings):
+            self.negative_prompt = textual_inversion.with_names(
+                self.negative_prompt, [pathlib.Path(p).stem for p in self.negative_embeddings])
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not data["negative_embeddings"]:  # so sidecars from before this field still match (outputs.reusable)
+            del data["negative_embeddings"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "SampleRequest":
@@ -188,6 +202,9 @@ def validate_request(request: SampleRequest, vae_factor: int) -> None:
         raise InputError(f"--steps must be in [1, {limit}] for --scheduler {request.scheduler}, got {request.steps}")
     if request.clip_skip < 0:
         raise InputError(f"--clip_skip must be >= 0, got {request.clip_skip}")
+    embeddings = request.negative_embeddings
+    if not isinstance(embeddings, list) or not all(isinstance(p, str) and p for p in embeddings):
+        raise InputError(f"--negative_embedding must be a list of file paths, got {embeddings!r}")
     if request.num_images < 1:
         raise InputError(f"--num_images must be >= 1, got {request.num_images}")
     pixels = request.num_images * request.height * request.width
@@ -213,6 +230,13 @@ def check_images_readable(request: SampleRequest) -> None:
     for ident in request.identities:
         for path in ident.refs + ([ident.target_landmarks] if ident.target_landmarks else []):
             read_image(path)
+
+
+def check_embeddings_readable(request: SampleRequest, width: Optional[int] = None) -> None:
+    """Read every textual-inversion file of the request once (`width`: the text encoder's, from
+    the config), so a bad or mis-sized file fails before any model loads."""
+    loaded = [textual_inversion.read_embedding(p, width) for p in request.negative_embeddings]
+    textual_inversion.check_names(loaded)
 
 
 def read_image(path: str | pathlib.Path) -> np.ndarray:
@@ -265,8 +289,10 @@ class DynamicIDPipeline:
         self._reference_tokens: dict[str, jax.Array] = {}  # photo -> projected tokens (T, D)
         self._mesh_params: dict[Any, Params] = {}
         self._maps_sink: Optional[dict] = None  # step -> (N, n, h, w) activation maps, when asked
-        self._encode_text = jax.jit(lambda p, ids, skip: modules.text_encoder.apply({"params": p}, ids, skip),
-                                    static_argnums=2)
+        # One program for every text: embedding tokens come in as a per-text table (traced).
+        self._encode_text = jax.jit(
+            lambda p, ids, extra, skip: modules.text_encoder.apply({"params": p}, ids, skip, extra), static_argnums=3)
+        self._embeddings: dict[str, textual_inversion.TextualInversion] = {}  # file -> embedding
         self._clip_tokens = jax.jit(self._clip_tokens_fn)
         self._project = jax.jit(lambda p, e, c: modules.face_projection.apply({"params": p}, e, c))
         self._landmark_features = jax.jit(lambda v, x: modules.keypoint_encoder.apply(v, x, train=False))
@@ -280,15 +306,29 @@ class DynamicIDPipeline:
         _, _, hidden = self.modules.vision_encoder.apply({"params": params}, pixels)
         return hidden[-2]  # penultimate layer, as IP-Adapter-FaceID-Plus
 
-    def text_features(self, texts: Sequence[str], clip_skip: int = 0) -> tuple[jax.Array, jax.Array]:
-        """(states (B, 77, D), pooled (B, D)) of the text encoder; clip_skip as CLIPTextModel's."""
-        ids = np.asarray(self.tokenizer(list(texts)))  # numpy: jnp.asarray would compile per shape
-        layers = self.modules.text_encoder.config.num_layers
-        if clip_skip >= layers:
-            raise InputError(f"--clip_skip {clip_skip}: the text encoder has {layers} layers (at most {layers - 1})")
-        return self._encode_text(self.params["text_encoder"], ids, clip_skip)
+    def embedding(self, path: str) -> textual_inversion.TextualInversion:
+        """A textual-inversion file, read once and checked against the text encoder's width."""
+        if path not in self._embeddings:
+            width = self.modules.text_encoder.config.hidden_size
+            self._embeddings[path] = textual_inversion.read_embedding(path, width)
+        return self._embeddings[path]
 
-    def unconditional_tokens(self) -> jax.Array:
+    def text_features(self, texts: Sequence[str], clip_skip: int = 0,
+                      embeddings: Sequence[str] = ()) -> tuple[jax.Array, jax.Array]:
+        """(states (B, 77, D), pooled (B, D)) of the text encoder; clip_skip as CLIPTextModel's;
+        embeddings: textual-inversion files whose names the texts may mention."""
+        config = self.modules.text_encoder.config
+        if clip_skip >= config.num_layers:
+            raise InputError(f"--clip_skip {clip_skip}: the text encoder has {config.num_layers} layers "
+                             f"(at most {config.num_layers - 1})")
+        loaded = [self.embedding(p) for p in embeddings]
+        textual_inversion.check_names(loaded)
+        rows = [textual_inversion.tokenize(self.tokenizer, t, loaded, config.vocab_size, config.hidden_size)
+                for t in texts]
+        ids, tables = (np.stack(a) for a in zip(*rows))  # numpy: jnp.asarray would compile per shape
+        return self._encode_text(self.params["text_encoder"], ids, tables, clip_skip)
+
+    def unconditional_tokens(self) -> np.ndarray:
         """Tokens of a zero identity vector and the CLIP features of an all-zero image: (T, D)."""
         vis = self.modules.vision_encoder.config
         pixels = np.zeros((1, vis.image_size, vis.image_size, vis.num_channels), np.float32)
@@ -357,7 +397,7 @@ class DynamicIDPipeline:
             self._reference_tokens[path] = np.asarray(tokens)[0]
         return self._reference_tokens[path]
 
-    def identity_tokens(self, ident: IdentityRequest) -> tuple[jax.Array, dict]:
+    def identity_tokens(self, ident: IdentityRequest) -> tuple[np.ndarray, dict]:
         """(T, D) tokens of one identity (IMR-edited when asked) and what was used."""
         refs = np.stack([self.reference_tokens(p) for p in ident.refs])  # (R, T, D): averaged on the host
         tokens = refs.mean(axis=0, dtype=np.float32).astype(refs.dtype)
@@ -561,9 +601,10 @@ class _NoPhotos:
 
     def __init__(self, cache: batching.ConditioningCache):
         self.cache = cache
+        self.pipeline = cache.pipeline
 
-    def text(self, text: str, clip_skip: int = 0) -> np.ndarray:
-        return self.cache.text(text, clip_skip)
+    def text(self, text: str, clip_skip: int = 0, embeddings=()) -> np.ndarray:
+        return self.cache.text(text, clip_skip, embeddings)
 
     def unconditional(self) -> np.ndarray:
         return self.cache.unconditional()

@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--lora", action="append", default=[], help="style LoRA FILE[:SCALE], repeatable (as sample.py)")
     p.add_argument("--lora_skip_unknown", action="store_true")
+    p.add_argument("--negative_embedding", action="append", default=[],
+                   help="textual-inversion FILE, repeatable (as sample.py; appended to the negative prompt)")
     p.add_argument("--scheduler", default=None,
                    help="ddim, dpmpp_2m, dpmpp_2m_karras, euler, euler_a or lcm (default: the test set's, else ddim)")
     phase = p.add_mutually_exclusive_group()
@@ -111,6 +113,12 @@ def _run(args: argparse.Namespace) -> int:
         if args.scheduler not in SCHEDULERS:
             raise InputError(f"--scheduler {args.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
         sampling["scheduler"] = args.scheduler
+    if args.negative_embedding:
+        from dynamicid_jax.models.textual_inversion import check_names, read_embedding
+
+        width = config.model.text.get("hidden_size")
+        check_names([read_embedding(p, width) for p in args.negative_embedding])  # fails before any model loads
+        sampling["negative_embeddings"] = list(args.negative_embedding)
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch_size must be >= 1, got {args.batch_size}")
     generate, provenance = None, None

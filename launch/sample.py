@@ -70,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="text states N layers before the last (1 = penultimate, A1111's 'Clip skip 2')")
     p.add_argument("--scheduler", default=None,
                    help="ddim (default), dpmpp_2m, dpmpp_2m_karras, euler, euler_a (ancestral) or lcm (LCM-LoRA)")
+    p.add_argument("--negative_embedding", action="append", default=[],
+                   help="textual-inversion FILE (A1111 .pt/.safetensors, diffusers learned_embeds), repeatable: its "
+                        "stem is a token in either prompt, appended to the negative prompt when that does not name it")
     p.add_argument("--base_model", default=None, help="SD1.5 pipeline folder, single-file checkpoint or converted folder")
     p.add_argument("--vision_encoder", default=None, help="CLIP ViT-H/14 image encoder folder (transformers)")
     p.add_argument("--dynamicid", default=None, help="release folder (SAA.bin, IMR.bin, key_point_encoder.bin) or a training workdir")
@@ -142,9 +145,22 @@ def read_sidecar(path: str):
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _input_error(f"--from_json {file}: not a JSON file ({e})") from None
     try:
-        return SampleRequest.from_json(data.get("request", data) if isinstance(data, dict) else data)
+        request = SampleRequest.from_json(data.get("request", data) if isinstance(data, dict) else data)
     except InputError as e:
         raise _input_error(f"--from_json {file}: {e}") from None
+    _check_recorded_embeddings(data, file)
+    return request
+
+
+def _check_recorded_embeddings(sidecar, file) -> None:
+    """The embedding files a sidecar names must be the bytes it was made with (sha256)."""
+    import hashlib
+
+    recorded = sidecar.get("resolved", {}).get("negative_embeddings", []) if isinstance(sidecar, dict) else []
+    for record in recorded:
+        path = pathlib.Path(record["file"])
+        if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() != record["sha256"]:
+            raise _input_error(f"--from_json {file}: embedding {path} changed since (sha256 differs from the sidecar's)")
 
 
 def build_request(args: argparse.Namespace, sampling_defaults):
@@ -185,6 +201,7 @@ def build_request(args: argparse.Namespace, sampling_defaults):
         gating=not args.no_gating,
         scheduler=pick(args.scheduler, sampling_defaults.scheduler),
         clip_skip=args.clip_skip,
+        negative_embeddings=list(args.negative_embedding),
     )
 
 
@@ -250,7 +267,7 @@ def _run(args: argparse.Namespace) -> int:
         check_output_folder(args.out, "--out")
         return run_requests(args)
     from dynamicid_jax.loading import load_pipeline, sampling_config
-    from dynamicid_jax.sampling import check_images_readable, save_outputs, validate_request
+    from dynamicid_jax.sampling import check_embeddings_readable, check_images_readable, save_outputs, validate_request
 
     # Everything checkable without models first: a typo must not cost a model load.
     check_output_folder(args.out, "--out")
@@ -258,6 +275,7 @@ def _run(args: argparse.Namespace) -> int:
     request = build_request(args, config.sampling)
     validate_request(request, 2 ** (len(config.model.vae.block_out_channels) - 1))
     check_images_readable(request)
+    check_embeddings_readable(request, config.model.text.get("hidden_size"))
     loras = _loras(args)
     _, pipeline = load_pipeline(
         demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder,

@@ -368,3 +368,7 @@ def test_sidecar_requests_take_settings_but_only_uploaded_references(tmp_path):
     assert request.identities[0].face_prompt == "f"
     with pytest.raises(InputError, match="passwd.jpg.*not opened"):
         forms.sidecar_request(sidecar, [[]], root)
+    with pytest.raises(InputError, match="textual-inversion files: they are never opened"):
+        forms.sidecar_request(dict(sidecar, negative_embeddings=["/etc/badhands.pt"]), [[str(root / "x.jpg")]], root)
+    with pytest.raises(InputError, match="unknown setting 'negative_embeddings'"):
+        forms.request_settings({"negative_embeddings": ["/etc/badhands.pt"]})

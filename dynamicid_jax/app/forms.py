@@ -24,8 +24,10 @@ SIDECAR_SUFFIXES = (".json",)
 KEEP = "keep"
 EXPRESSION_CHOICES = (KEEP,) + EMOTIONS
 ORIENTATION_CHOICES = (KEEP, "front", "side", "facing up", "facing down")
-# Settings a sidecar restores (every field of SampleRequest but the identities).
-SETTING_FIELDS = tuple(f.name for f in dataclasses.fields(SampleRequest) if f.name != "identities")
+# Settings a sidecar restores (every field of SampleRequest but the identities and the
+# textual-inversion files, which name server paths: the app never opens a path it is sent).
+SETTING_FIELDS = tuple(f.name for f in dataclasses.fields(SampleRequest)
+                       if f.name not in ("identities", "negative_embeddings"))
 
 
 @dataclasses.dataclass
@@ -193,6 +195,9 @@ def sidecar_request(sidecar: dict, refs: Sequence[Sequence[str]], upload_root: p
     if request.identities and any(i.target_landmarks for i in request.identities):
         raise InputError("sidecar names target-landmark photos: they are never opened on the server; "
                          "use the form with an uploaded landmark photo")
+    if request.negative_embeddings:
+        raise InputError("sidecar names textual-inversion files: they are never opened on the server "
+                         "(use launch/sample.py --from_json)")
     people = [list(r or []) for r in refs]
     if len(people) < len(request.identities):
         people += [[] for _ in range(len(request.identities) - len(people))]

@@ -175,6 +175,7 @@ class EvalCase:
             height=int(sampling["height"]), width=int(sampling["width"]), num_images=1, alpha=sampling["alpha"],
             beta=float(sampling["beta"]), id_scale=float(sampling["id_scale"]), gating=self.ablation.gating,
             scheduler=str(sampling.get("scheduler", "ddim")),
+            negative_embeddings=list(sampling.get("negative_embeddings", ())),
         )
 
 

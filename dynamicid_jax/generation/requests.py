@@ -17,6 +17,7 @@ import json
 import pathlib
 from typing import Any, Mapping, Optional
 
+from dynamicid_jax.errors import UserError
 from dynamicid_jax.sampling import DEFAULT_KEYS, IdentityRequest, InputError, SampleRequest, read_image, validate_request
 
 REQUEST_FIELDS = {f.name: f for f in dataclasses.fields(SampleRequest)}
@@ -61,6 +62,14 @@ def _check_types(data: Mapping[str, Any]) -> None:
     for name in ("prompt", "negative_prompt", "scheduler"):
         if name in data and not isinstance(data[name], str):
             raise InputError(f"{name!r} must be a string, got {data[name]!r}")
+    files = data.get("negative_embeddings", [])
+    if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
+        raise InputError(f"'negative_embeddings' must be a list of embedding file paths, got {files!r}")
+
+
+def _resolve(path: str, base: pathlib.Path) -> str:
+    """A path of the file, relative to its folder unless absolute."""
+    return str(path if pathlib.Path(path).is_absolute() else base / path)
 
 
 def _identity(d, base: pathlib.Path, i: int) -> IdentityRequest:
@@ -78,7 +87,7 @@ def _identity(d, base: pathlib.Path, i: int) -> IdentityRequest:
     for name in ("face_prompt", "source_prompt", "target_landmarks"):
         if d.get(name) is not None and not isinstance(d[name], str):
             raise InputError(f"identity {i}: {name!r} must be a string or null, got {d[name]!r}")
-    resolve = lambda p: str(p if pathlib.Path(p).is_absolute() else base / p)  # noqa: E731
+    resolve = lambda p: _resolve(p, base)  # noqa: E731
     return IdentityRequest(
         refs=[resolve(r) for r in refs], box=None if box is None else [float(v) for v in box],
         face_prompt=d.get("face_prompt"), target_landmarks=None if d.get("target_landmarks") is None
@@ -99,6 +108,8 @@ def parse_request(data, base: pathlib.Path, defaults: Mapping[str, Any]) -> Samp
     fields = {k: v for k, v in defaults.items() if k in DEFAULTABLE}
     fields.update({k: v for k, v in data.items() if k != "identities"})
     fields["identities"] = [_identity(d, base, i) for i, d in enumerate(data["identities"])]
+    if "negative_embeddings" in data:
+        fields["negative_embeddings"] = [_resolve(f, base) for f in data["negative_embeddings"]]
     fields.setdefault("prompt", "a photo of a person")
     return SampleRequest(**fields)
 
@@ -129,11 +140,27 @@ def read_requests(
             request = parse_request(data, path.parent, defaults)
             validate_request(request, vae_factor)
             _check_photos(request, photo_errors)
+            _check_embeddings(request, photo_errors)
         except (InputError, TypeError) as e:
             rejects.append(Reject(number, str(e), text))
             continue
         requests.append((number, request))
     return requests, rejects
+
+
+def _check_embeddings(request: SampleRequest, errors: dict[str, Optional[str]]) -> None:
+    """Each textual-inversion file is read once per file (its outcome remembered in `errors`)."""
+    from dynamicid_jax.models.textual_inversion import read_embedding
+
+    for path in request.negative_embeddings:
+        if path not in errors:
+            try:
+                read_embedding(path)
+                errors[path] = None
+            except UserError as e:
+                errors[path] = str(e)
+        if errors[path] is not None:
+            raise InputError(errors[path])
 
 
 def _check_photos(request: SampleRequest, errors: dict[str, Optional[str]]) -> None:

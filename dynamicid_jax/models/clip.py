@@ -198,17 +198,28 @@ def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
     return jnp.argmax((input_ids == eos_token_id).astype(jnp.int32), axis=-1)
 
 
-
 class CLIPTextEmbeddings(nn.Module):
-    """Token plus learned position embeddings. (B, L) int -> (B, L, D)."""
+    """Token plus learned position embeddings. (B, L) int -> (B, L, D).
+
+    extra_embeddings (B, E, D), optional: per-row input embeddings of ids >= vocab_size (id
+    vocab_size + k takes row k), the textual-inversion tokens of `textual_inversion.tokenize`.
+    """
 
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, extra_embeddings: Optional[jax.Array] = None) -> jax.Array:
         cfg = self.config
-        tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="token_embedding")(input_ids)
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="token_embedding")
+        if extra_embeddings is None:
+            tokens = embed(input_ids)
+        else:
+            added = input_ids >= cfg.vocab_size
+            tokens = embed(jnp.where(added, 0, input_ids))
+            rows = jnp.clip(input_ids - cfg.vocab_size, 0, extra_embeddings.shape[1] - 1)
+            extra = jnp.take_along_axis(extra_embeddings, rows[..., None], axis=1).astype(tokens.dtype)
+            tokens = jnp.where(added[..., None], extra, tokens)
         positions = nn.Embed(cfg.max_positions, cfg.hidden_size, dtype=self.dtype, name="position_embedding")(
             jnp.arange(input_ids.shape[1])
         )
@@ -224,13 +235,17 @@ class CLIPTextModel(nn.Module):
     clip_skip (static): take the states `clip_skip` layers before the last, final-LayerNormed
       (diffusers' `clip_skip`; 1 = the penultimate layer, A1111's "Clip skip 2"). The pooled
       output always comes from the last layer.
+    extra_embeddings (B, E, D), optional: input embeddings of ids >= vocab_size (textual
+      inversion, see `CLIPTextEmbeddings`). Such ids never count as the EOS in pooling
+      (transformers' legacy argmax rule would pick them; the EOS is what CLIP was trained on).
     """
 
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, clip_skip: int = 0) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, input_ids: jax.Array, clip_skip: int = 0,
+                 extra_embeddings: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         if not 0 <= clip_skip < cfg.num_layers:
             raise ValueError(f"clip_skip must be in [0, {cfg.num_layers - 1}], got {clip_skip}")
@@ -239,12 +254,13 @@ class CLIPTextModel(nn.Module):
         length = input_ids.shape[1]
         if length > cfg.max_positions:
             raise ValueError(f"input_ids length {length} exceeds max_positions {cfg.max_positions}")
-        x = CLIPTextEmbeddings(cfg, self.dtype, name="embeddings")(input_ids)
+        x = CLIPTextEmbeddings(cfg, self.dtype, name="embeddings")(input_ids, extra_embeddings)
         causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]  # (1, 1, L, L), True = keep
         states = _encoder(cfg, self.dtype)(x, causal)
         final_norm = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="final_layer_norm")
         last = final_norm(states[-1])
-        pooled = last[jnp.arange(last.shape[0]), eos_positions(input_ids, cfg.eos_token_id)]
+        pool_ids = input_ids if extra_embeddings is None else jnp.where(input_ids >= cfg.vocab_size, 0, input_ids)
+        pooled = last[jnp.arange(last.shape[0]), eos_positions(pool_ids, cfg.eos_token_id)]
         return (final_norm(states[-1 - clip_skip]) if clip_skip else last), pooled
 
 

@@ -4,9 +4,24 @@ Two layouts, as people download them:
   kohya / sd-scripts  `lora_unet_<module>` / `lora_te_<module>` (diffusers module names with
                       "." -> "_") + `.lora_down.weight`, `.lora_up.weight`, `.alpha`;
                       conv LoRA (LoCon) on resnet convs: down (r, in, kh, kw), up (out, r, 1, 1).
+                      UNet modules may also be in the original LDM naming
+                      (`lora_unet_input_blocks_4_1_proj_in`, `middle_block_*`, `output_blocks_*`,
+                      `time_embed_0`): `ldm_module_name` maps them, as single_file.py maps
+                      weights (input block n = level (n-1) // (L+1), slot (n-1) % (L+1), the
+                      last slot the downsampler; output block n = divmod(n, L+1); sub-module 0
+                      a resnet, 1 an attention or the upsampler; L resnets per down level).
   diffusers / PEFT    `unet.<module>` / `text_encoder.<module>` + `.lora_A.weight`,
                       `.lora_B.weight` (or the older `.lora.down.weight`, `.lora.up.weight`),
-                      an optional `.alpha` (absent: alpha = rank).
+                      an optional `.alpha`. Without one, alpha comes from the adapter's
+                      PEFT config when the file carries it (diffusers' `save_lora_weights`
+                      writes it as safetensors metadata `lora_adapter_metadata`: "unet.lora_alpha",
+                      "unet.alpha_pattern", "unet.use_rslora", ... per component; a PEFT
+                      folder has `adapter_config.json` beside `adapter_model.safetensors`, whose
+                      keys are `base_model.model.<module>.lora_A.weight` for the one model it
+                      adapted, UNet or text encoder, told apart by the module names),
+                      else alpha = rank. PEFT's rule: alpha_pattern's first key matching the
+                      module name's end (`(.*[.])?(key)$`), else lora_alpha; scale alpha / r,
+                      or alpha / sqrt(r) with use_rslora.
 Each pair is folded into the base weight once, before sampling (no per-step cost):
   W (out, in[, kh, kw]) += scale * alpha / r * up @ down
 in PyTorch layout, then put into our layout by the same transform the weight import uses
@@ -20,7 +35,10 @@ drops them and returns their names (the sampler's sidecar lists them).
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
+import pathlib
 import re
 from typing import Callable, Mapping, Optional
 
@@ -35,6 +53,8 @@ COMPONENTS = ("unet", "text_encoder")
 _KOHYA = re.compile(r"^lora_(unet|te)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 _PEFT = re.compile(r"^(unet|text_encoder)\.(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight"
                    r"|alpha)$")
+# A PEFT `save_pretrained` folder's adapter_model.safetensors: one model's modules, no component.
+_PEFT_FOLDER = re.compile(r"^base_model\.model\.(.+?)\.(lora_A\.weight|lora_B\.weight)$")
 _ROLE = {"lora_down.weight": "down", "lora_A.weight": "down", "lora.down.weight": "down",
          "lora_up.weight": "up", "lora_B.weight": "up", "lora.up.weight": "up", "alpha": "alpha"}
 
@@ -74,6 +94,46 @@ def component_targets(unet_params: Optional[Mapping], text_params: Optional[Mapp
     }
 
 
+_LDM_DIRECT = {"time_embed_0": "time_embedding_linear_1", "time_embed_2": "time_embedding_linear_2",
+               "input_blocks_0_0": "conv_in", "out_0": "conv_norm_out", "out_2": "conv_out"}
+_LDM_RESNET = {"in_layers_0": "norm1", "in_layers_2": "conv1", "emb_layers_1": "time_emb_proj",
+               "out_layers_0": "norm2", "out_layers_3": "conv2", "skip_connection": "conv_shortcut"}
+
+
+def ldm_module_name(name: str, layers_per_block: int) -> Optional[str]:
+    """A kohya UNet module in LDM naming (underscored, without `lora_unet_`) -> the same module
+    in diffusers naming, underscored (`input_blocks_1_1_proj_in` -> `down_blocks_0_attentions_0_proj_in`);
+    None when it is not an LDM name."""
+    if name in _LDM_DIRECT:
+        return _LDM_DIRECT[name]
+    slots = layers_per_block + 1
+    resnet = lambda rest: _LDM_RESNET.get(rest)  # noqa: E731
+    if m := re.fullmatch(r"input_blocks_(\d+)_([01])_(.+)", name):
+        level, slot = divmod(int(m[1]) - 1, slots)
+        if slot == layers_per_block:
+            return f"down_blocks_{level}_downsamplers_0_conv" if m[3] == "op" else None
+        if m[2] == "0":
+            return resnet(m[3]) and f"down_blocks_{level}_resnets_{slot}_{resnet(m[3])}"
+        return f"down_blocks_{level}_attentions_{slot}_{m[3]}"
+    if m := re.fullmatch(r"middle_block_([012])_(.+)", name):
+        if m[1] == "1":
+            return f"mid_block_attentions_0_{m[2]}"
+        return resnet(m[2]) and f"mid_block_resnets_{int(m[1]) // 2}_{resnet(m[2])}"
+    if m := re.fullmatch(r"output_blocks_(\d+)_([012])_(.+)", name):
+        level, slot = divmod(int(m[1]), slots)
+        if m[2] == "0":
+            return resnet(m[3]) and f"up_blocks_{level}_resnets_{slot}_{resnet(m[3])}"
+        if m[3] == "conv":
+            return f"up_blocks_{level}_upsamplers_0_conv"
+        return f"up_blocks_{level}_attentions_{slot}_{m[3]}" if m[2] == "1" else None
+    return None
+
+
+def _layers_per_block(unet_names) -> int:
+    """Resnets per down level of the UNet whose module names these are."""
+    return len({n.split(".")[3] for n in unet_names if n.startswith("down_blocks.0.resnets.")})
+
+
 def parse_lora(state_dict: Mapping[str, np.ndarray], targets: dict[str, dict]):
     """Group a LoRA state dict per target module.
 
@@ -81,6 +141,7 @@ def parse_lora(state_dict: Mapping[str, np.ndarray], targets: dict[str, dict]):
     """
     kohya = {comp: {"lora_" + ("unet" if comp == "unet" else "te") + "_" + name.replace(".", "_"): name
                     for name in names} for comp, names in targets.items()}
+    layers_per_block = _layers_per_block(targets["unet"])
     pairs: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     unknown = []
     for key, value in state_dict.items():
@@ -88,10 +149,18 @@ def parse_lora(state_dict: Mapping[str, np.ndarray], targets: dict[str, dict]):
         if match:
             comp = "unet" if match.group(1) == "unet" else "text_encoder"
             module = kohya[comp].get(f"lora_{match.group(1)}_{match.group(2)}")
+            if module is None and comp == "unet" and (ldm := ldm_module_name(match.group(2), layers_per_block)):
+                module = kohya[comp].get(f"lora_unet_{ldm}")
             role = _ROLE[match.group(3)]
         else:
-            match = _PEFT.match(key)
-            comp, module, role = (match.group(1), match.group(2), _ROLE[match.group(3)]) if match else (None,) * 3
+            if match := _PEFT_FOLDER.match(key):
+                module, role = match.group(1), _ROLE[match.group(2)]
+                comp = "unet" if module in targets["unet"] else "text_encoder"  # the names are disjoint
+            else:
+                match = _PEFT.match(key)
+                comp, module, role = (match.group(1), match.group(2), _ROLE[match.group(3)]) if match else (None,) * 3
+            if comp == "text_encoder" and not module.startswith("text_model."):
+                module = "text_model." + module  # transformers 5 saves CLIPTextModel without that level
             if module is not None and module not in targets[comp]:
                 module = None
         if module is None:
@@ -103,6 +172,42 @@ def parse_lora(state_dict: Mapping[str, np.ndarray], targets: dict[str, dict]):
             missing = "up" if "down" in parts else "down"
             raise LoraFileError(f"LoRA for {comp} {module} has no {missing} weight")
     return pairs, sorted(unknown)
+
+
+def read_adapter_configs(path: str | os.PathLike) -> dict[str, dict]:
+    """{component: PEFT LoraConfig dict} a LoRA file carries (see the module docstring); {} if none."""
+    path = pathlib.Path(path)
+    configs: dict[str, dict] = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as f:
+            raw = (f.metadata() or {}).get("lora_adapter_metadata")
+        if raw:
+            try:
+                flat = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise LoraFileError(f"{path}: unreadable lora_adapter_metadata: {e}") from None
+            for key, value in flat.items():
+                comp, _, field = key.partition(".")
+                if comp in COMPONENTS and field:
+                    configs.setdefault(comp, {})[field] = value
+    beside = path.with_name("adapter_config.json")
+    if path.stem == "adapter_model" and beside.is_file():  # a PEFT save_pretrained folder
+        config = json.loads(beside.read_text())
+        for comp in COMPONENTS:
+            configs.setdefault(comp, config)
+    return configs
+
+
+def peft_alpha(config: Mapping, module: str, rank: int) -> float:
+    """The alpha that makes alpha / rank PEFT's scaling of `module` under a LoraConfig dict."""
+    alpha = float(config.get("lora_alpha", rank))
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            alpha = float(value)
+            break
+    return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha  # rsLoRA: alpha / sqrt(r)
 
 
 def lora_delta(down: np.ndarray, up: np.ndarray, alpha: Optional[np.ndarray], scale: float) -> np.ndarray:
@@ -118,9 +223,12 @@ def lora_delta(down: np.ndarray, up: np.ndarray, alpha: Optional[np.ndarray], sc
 
 def merge_lora_state_dict(
     params: dict[str, Mapping], state_dict: Mapping[str, np.ndarray], scale: float = 1.0, *,
-    skip_unknown: bool = False, name: str = "LoRA",
+    skip_unknown: bool = False, name: str = "LoRA", adapter_configs: Optional[Mapping[str, Mapping]] = None,
 ) -> tuple[dict[str, Mapping], LoraMergeReport]:
     """Fold one LoRA into {"unet": ..., "text_encoder": ...} params (either may be absent).
+
+    adapter_configs: {component: PEFT LoraConfig dict} giving alpha where a module has no
+    `.alpha` key (`read_adapter_configs`).
 
     Returns (new params, report); the input trees are not modified. Raises LoraFileError
     naming every unmatched key (unless skip_unknown) or a shape that does not fit.
@@ -136,7 +244,10 @@ def merge_lora_state_dict(
     for (comp, module), parts in sorted(pairs.items()):
         path, transform = targets[comp][module]
         base = np.asarray(flat[comp][path], np.float32)
-        delta = lora_delta(parts["down"], parts["up"], parts.get("alpha"), scale)
+        alpha = parts.get("alpha")
+        if alpha is None and comp in (adapter_configs or {}):
+            alpha = peft_alpha(adapter_configs[comp], module, parts["down"].shape[0])
+        delta = lora_delta(parts["down"], parts["up"], alpha, scale)
         if delta.ndim == 4 and transform is torch_import.linear_kernel:  # a 1x1 conv pair on a Linear
             delta = delta[:, :, 0, 0] if delta.shape[2:] == (1, 1) else delta
         try:
@@ -158,7 +269,7 @@ def merge_lora_file(
 ) -> tuple[dict[str, Mapping], LoraMergeReport]:
     """`merge_lora_state_dict` of a `.safetensors` (or torch pickle) LoRA file."""
     return merge_lora_state_dict(params, torch_import.read_state_dict(path), scale, skip_unknown=skip_unknown,
-                                 name=str(path))
+                                 name=str(path), adapter_configs=read_adapter_configs(path))
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
