@@ -110,7 +110,7 @@ def test_browser_two_people_boxes_and_an_edit(app, test_assets, tmp_path):
                    ).click()
         note = lambda d: d.find_element(By.CSS_SELECTOR, "#layout_note").text  # noqa: E731
         for fx, fy in ((0.75, 0.9), (0.25, 0.2)):  # bottom-right, then top-left
-            _click_canvas(driver, ActionChains, css("#layout img"), fx, fy)
+            _click_canvas(driver, wait, ActionChains, fx, fy)
             if fx == 0.75:
                 wait.until(lambda d: "first corner" in note(d))
         box = css("#box_2 textarea, #box_2 input")
@@ -151,12 +151,25 @@ def test_browser_two_people_boxes_and_an_edit(app, test_assets, tmp_path):
     assert [i["refs"] for i in identities] == [["obama.jpg"], ["0-f15-hao-ph.jpg"]]  # names, not server paths
 
 
-def _click_canvas(driver, action_chains, img, fx: float, fy: float) -> None:
-    """Click the canvas pixel at fractions (fx, fy) of its last column/row, placed as gradio
-    places it (object-fit contain, never upscaled, centred in the <img>)."""
-    w, h, nw, nh = driver.execute_script(
-        "const r = arguments[0].getBoundingClientRect(); "
-        "return [r.width, r.height, arguments[0].naturalWidth, arguments[0].naturalHeight];", img)
+def _click_canvas(driver, wait, action_chains, fx: float, fy: float) -> None:
+    """Click the layout canvas pixel at fractions (fx, fy) of its last column/row, placed as
+    gradio places it (object-fit contain, never upscaled, centred in the <img>). Waits for
+    the current picture to be loaded: a redraw replaces the <img>."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    def loaded(d):
+        try:
+            img = d.find_element(By.CSS_SELECTOR, "#layout img")
+            size = d.execute_script(
+                "const i = arguments[0], r = i.getBoundingClientRect(); "
+                "return i.complete && i.naturalWidth > 0 ? [r.width, r.height, i.naturalWidth, i.naturalHeight] : null;",
+                img)
+        except StaleElementReferenceException:
+            return None
+        return (img, size) if size else None
+
+    img, (w, h, nw, nh) = wait.until(loaded)
     r = min(w / nw, h / nh, 1.0)
     x = (w - nw * r) / 2 + fx * (nw - 1) * r
     y = (h - nh * r) / 2 + fy * (nh - 1) * r
