@@ -4,9 +4,9 @@
   python launch/app.py --base_model sd15/ --vision_encoder image_encoder/ \
       --dynamicid dynamicid_release/ --faces buffalo_l/ [--dtype bfloat16] [--port 7860]
 
-Models load once; the default size is compiled at start-up (logged), so a first click does
-not wait for XLA. Binds 127.0.0.1 unless --host says otherwise; no public link unless
---share. Outputs (PNG + JSON sidecar per image) go under --out. The HTTP API (gradio_client,
+Models load once; the default size and the identity programs (photos of any size, face
+edits) are compiled at start-up (logged), so a first click does not wait for XLA. Binds
+127.0.0.1 unless --host says otherwise; no public link unless --share. Outputs (PNG + JSON sidecar per image) go under --out. The HTTP API (gradio_client,
 endpoint /generate) is described in the README. Bad start-up input exits 2 with one line.
 """
 
