@@ -6,8 +6,9 @@
 
 Models load once; the default size and the identity programs (photos of any size, face
 edits) are compiled at start-up (logged), so a first click does not wait for XLA. Binds
-127.0.0.1 unless --host says otherwise; no public link unless --share. Outputs (PNG + JSON sidecar per image) go under --out. The HTTP API (gradio_client,
-endpoint /generate) is described in the README. Bad start-up input exits 2 with one line.
+127.0.0.1 unless --host says otherwise; no public link unless --share. Outputs (PNG + JSON
+sidecar per image) go under --out. The HTTP API (gradio_client, endpoint /generate) is
+described in the README. Bad start-up input exits 2 with one line.
 """
 
 from __future__ import annotations
