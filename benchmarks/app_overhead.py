@@ -38,6 +38,7 @@ def main() -> None:
     args = p.parse_args()
     from gradio_client import Client, handle_file
 
+    from dynamicid_jax import denoising
     from dynamicid_jax.app.service import create_service
     from dynamicid_jax.app.ui import build_demo, launch
     from dynamicid_jax.sampling import IdentityRequest, SampleRequest, save_outputs
@@ -57,7 +58,7 @@ def main() -> None:
         port = s.getsockname()[1]
     launch(demo, service, port=port, block=False)
     client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-    cache = service.pipeline._denoise._cache_size
+    cache = denoising.compiled_programs
 
     rows = []
     for size in sizes:

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+from dynamicid_jax import denoising
 from dynamicid_jax.app import forms
 from dynamicid_jax.sampling import InputError
 
@@ -42,7 +43,7 @@ def app(test_assets, tmp_path_factory):
     service = AppService(pipeline, config.sampling, tmp_path_factory.mktemp("app_out"), get_upload_folder(),
                          log=logs.append)
     service.warm_up([2])
-    programs = pipeline._denoise._cache_size()
+    programs = denoising.compiled_programs()
     demo = build_demo(service, DEMO_NOTICE)
     port = _free_port()
     launch(demo, service, port=port, block=False)
@@ -219,7 +220,7 @@ def test_cancel_stops_between_steps_and_one_program_served_everything(app, clien
     done = int(str(info.value).split("step ")[1].split(" ")[0])
     assert done < 200
     # every request had the start-up shape: compiled once, at start-up, never again
-    assert service.pipeline._denoise._cache_size() == programs
+    assert denoising.compiled_programs() == programs
     assert any("(start-up)" in line for line in logs) and not any("new shape" in line for line in logs)
 
 
