@@ -9,9 +9,10 @@ Latent sizes that are not multiples of 2**num_upsamplers work as in diffusers: e
 downsampler gives ceil(h/2), and each upsampler resizes (nearest, torch's index rule) to the
 spatial size of the skip connection it is concatenated with.
 
-When `UNetConfig.saa` is set, every cross-attention (`attn2`) is DynamicID's
-`SemanticActivatedAttention` and receives the `identity` conditioning; otherwise it is the
-plain shared `Attention`.
+Every cross-attention (`attn2`) is the plain shared `Attention`, unless the caller gives
+`UNetConfig.saa`: a factory for another attn2 module that also receives the UNet's
+`conditioning` argument (DynamicID's `dynamicid.saa.SAAConfig`, set by `modeling.py`). This
+module knows nothing of what that conditioning holds.
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ import dataclasses
 import math
 import os
 import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Protocol, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamicid_jax.dynamicid.saa import IdentityConditioning, SAAConfig
 from . import torch_import
 from .layers import Attention, Dtype, LoRADense, exact_gelu
 
@@ -45,6 +45,19 @@ TRANSFORMER_LAYERNORM_EPS = 1e-5
 # ----------------------------------------------------------------------------- config
 
 
+class CrossAttentionFactory(Protocol):
+    """What `UNetConfig.saa` holds: a hashable (frozen dataclass) factory.
+
+    factory(num_heads=, head_dim=, lora_rank=, dtype=, param_dtype=, name="attn2") returns a
+    linen module called as module(x (B, N, C), context (B, L, Cc), conditioning,
+    spatial_shape=(h, w)) -> (B, N, C), where `conditioning` is the UNet's own argument,
+    passed through untouched.
+    """
+
+    def __call__(self, **attention_kwargs) -> nn.Module: ...
+
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
     """Static shape of a UNet2DConditionModel. Defaults are SD1.5's.
@@ -53,7 +66,10 @@ class UNetConfig:
       the last one), as diffusers does. diffusers' SD1.5 config spells this
       `attention_head_dim: 8`, which in fact means 8 heads (see `from_diffusers`).
     lora_rank: LoRA rank on to_q/to_k/to_v/to_out of every attn1 and attn2 (0 = none).
-    saa: when set, every attn2 is DynamicID's Semantic-Activated Attention.
+    saa: None = plain attention in every attn2; else a `CrossAttentionFactory` whose modules
+      replace them and take the UNet's `conditioning`. Named for its one user (DynamicID's
+      Semantic-Activated Attention) because the field name is part of the converted-folder
+      JSON (`convert.py`), which must keep reading folders written before.
     attention_block: execution choice, not a weight shape: attention over more keys than
       this runs through `layers.attend_long` (CPU: blockwise in blocks of this size, 512 the
       fastest of 256/512/1024 on 2 cores, ~3x faster than materialised logits for the
@@ -77,7 +93,7 @@ class UNetConfig:
     freq_shift: int = 0
     use_linear_projection: bool = False
     lora_rank: int = 0
-    saa: Optional[SAAConfig] = None
+    saa: Optional[CrossAttentionFactory] = None
     attention_block: Optional[int] = 512
 
     def __post_init__(self):
@@ -378,7 +394,7 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Self-attention, cross-attention (or SAA), GEGLU feed-forward; pre-LayerNorm residuals.
+    """Self-attention, cross-attention (or the configured replacement), GEGLU feed-forward; pre-LayerNorm residuals.
 
     x (B, N, C) with N = h*w row-major, context (B, L, Cc) -> (B, N, C).
     """
@@ -386,7 +402,7 @@ class BasicTransformerBlock(nn.Module):
     num_heads: int
     head_dim: int
     lora_rank: int = 0
-    saa: Optional[SAAConfig] = None
+    cross_attention: Optional[CrossAttentionFactory] = None
     attention_block: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -396,7 +412,7 @@ class BasicTransformerBlock(nn.Module):
         self,
         x: jax.Array,
         context: jax.Array,
-        identity: Optional[IdentityConditioning],
+        conditioning: Any,
         spatial_shape: tuple[int, int],
     ) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -406,12 +422,8 @@ class BasicTransformerBlock(nn.Module):
         )
         x = x + Attention(name="attn1", key_block=self.attention_block, **attn)(norm("norm1")(x))
         h = norm("norm2")(x)
-        if self.saa is not None:
-            from dynamicid_jax.dynamicid.saa import SemanticActivatedAttention  # DynamicID only
-
-            h = SemanticActivatedAttention(config=self.saa, name="attn2", **attn)(
-                h, context, identity, spatial_shape=spatial_shape
-            )
+        if self.cross_attention is not None:
+            h = self.cross_attention(name="attn2", **attn)(h, context, conditioning, spatial_shape=spatial_shape)
         else:
             h = Attention(name="attn2", key_block=self.attention_block, **attn)(h, context)
         x = x + h
@@ -429,21 +441,22 @@ class Transformer2DModel(nn.Module):
     num_heads: int
     groups: int
     lora_rank: int = 0
-    saa: Optional[SAAConfig] = None
+    cross_attention: Optional[CrossAttentionFactory] = None
     attention_block: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array, identity: Optional[IdentityConditioning]) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, conditioning: Any) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, h, w, c = x.shape
         y = _group_norm(self.groups, TRANSFORMER_GROUPNORM_EPS, name="norm", **kw)(x)
         y = LoRADense(c, name="proj_in", **kw)(y.reshape(b, h * w, c))
         y = BasicTransformerBlock(
-            num_heads=self.num_heads, head_dim=c // self.num_heads, lora_rank=self.lora_rank, saa=self.saa,
+            num_heads=self.num_heads, head_dim=c // self.num_heads, lora_rank=self.lora_rank,
+            cross_attention=self.cross_attention,
             attention_block=self.attention_block, name="transformer_blocks_0", **kw,
-        )(y, context, identity, (h, w))
+        )(y, context, conditioning, (h, w))
         y = LoRADense(c, name="proj_out", **kw)(y)
         return x + y.reshape(b, h, w, c)
 
@@ -485,22 +498,22 @@ class DownBlock(nn.Module):
     with_attention: bool
     add_downsample: bool
     lora_rank: int = 0
-    saa: Optional[SAAConfig] = None
+    cross_attention: Optional[CrossAttentionFactory] = None
     attention_block: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, temb, context, identity) -> tuple[jax.Array, list[jax.Array]]:
+    def __call__(self, x, temb, context, conditioning) -> tuple[jax.Array, list[jax.Array]]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         skips = []
         for i in range(self.num_layers):
             x = ResnetBlock2D(self.out_channels, self.groups, self.eps, name=f"resnets_{i}", **kw)(x, temb)
             if self.with_attention:
                 x = Transformer2DModel(
-                    self.num_heads, self.groups, self.lora_rank, self.saa, self.attention_block,
+                    self.num_heads, self.groups, self.lora_rank, self.cross_attention, self.attention_block,
                     name=f"attentions_{i}", **kw,
-                )(x, context, identity)
+                )(x, context, conditioning)
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(name="downsamplers_0", **kw)(x)
@@ -522,13 +535,13 @@ class UpBlock(nn.Module):
     eps: float
     with_attention: bool
     lora_rank: int = 0
-    saa: Optional[SAAConfig] = None
+    cross_attention: Optional[CrossAttentionFactory] = None
     attention_block: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, skips: Sequence[jax.Array], temb, context, identity, upsample_size=None) -> jax.Array:
+    def __call__(self, x, skips: Sequence[jax.Array], temb, context, conditioning, upsample_size=None) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if len(skips) != self.num_layers:
             raise ValueError(f"UpBlock expects {self.num_layers} skip states, got {len(skips)}")
@@ -537,9 +550,9 @@ class UpBlock(nn.Module):
             x = ResnetBlock2D(self.out_channels, self.groups, self.eps, name=f"resnets_{i}", **kw)(x, temb)
             if self.with_attention:
                 x = Transformer2DModel(
-                    self.num_heads, self.groups, self.lora_rank, self.saa, self.attention_block,
+                    self.num_heads, self.groups, self.lora_rank, self.cross_attention, self.attention_block,
                     name=f"attentions_{i}", **kw,
-                )(x, context, identity)
+                )(x, context, conditioning)
         if upsample_size is not None:
             x = Upsample2D(name="upsamplers_0", **kw)(x, upsample_size)
         return x
@@ -552,19 +565,20 @@ class MidBlock2DCrossAttn(nn.Module):
     groups: int
     eps: float
     lora_rank: int = 0
-    saa: Optional[SAAConfig] = None
+    cross_attention: Optional[CrossAttentionFactory] = None
     attention_block: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, temb, context, identity) -> jax.Array:
+    def __call__(self, x, temb, context, conditioning) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         c = x.shape[-1]
         x = ResnetBlock2D(c, self.groups, self.eps, name="resnets_0", **kw)(x, temb)
         x = Transformer2DModel(
-            self.num_heads, self.groups, self.lora_rank, self.saa, self.attention_block, name="attentions_0", **kw
-        )(x, context, identity)
+            self.num_heads, self.groups, self.lora_rank, self.cross_attention, self.attention_block,
+            name="attentions_0", **kw,
+        )(x, context, conditioning)
         return ResnetBlock2D(c, self.groups, self.eps, name="resnets_1", **kw)(x, temb)
 
 
@@ -572,9 +586,10 @@ class UNet2DConditionModel(nn.Module):
     """SD1.5-style conditional UNet, channels-last.
 
     __call__(sample (B,H,W,Cin), timesteps (B,) or (), context (B,L,Ccross),
-             identity: IdentityConditioning | None = None) -> (B,H,W,Cout) float32.
+             conditioning=None) -> (B,H,W,Cout) float32.
     Any H, W >= 1 work; sizes that are not multiples of 2**(levels-1) follow diffusers.
-    `identity` is required by nothing but SAA; passing it to a UNet without SAA is an error.
+    `conditioning` goes to the `config.saa` modules (DynamicID: an
+    IdentityConditioning); giving it to a UNet with plain attention is an error.
     """
 
     config: UNetConfig
@@ -587,16 +602,16 @@ class UNet2DConditionModel(nn.Module):
         sample: jax.Array,
         timesteps: jax.Array,
         context: jax.Array,
-        identity: Optional[IdentityConditioning] = None,
+        conditioning: Any = None,
     ) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         blocks = dict(
-            groups=cfg.norm_num_groups, eps=cfg.norm_eps, lora_rank=cfg.lora_rank, saa=cfg.saa,
+            groups=cfg.norm_num_groups, eps=cfg.norm_eps, lora_rank=cfg.lora_rank, cross_attention=cfg.saa,
             attention_block=cfg.attention_block, **kw,
         )
-        if identity is not None and cfg.saa is None:
-            raise ValueError("identity conditioning was given but UNetConfig.saa is None (no SAA layers to use it)")
+        if conditioning is not None and cfg.saa is None:
+            raise ValueError("conditioning was given but UNetConfig.saa is None (plain attention ignores it)")
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
             raise ValueError(f"sample must be (B, H, W, {cfg.in_channels}) NHWC, got {sample.shape}")
         if context.ndim != 3 or context.shape[-1] != cfg.cross_attention_dim:
@@ -619,10 +634,10 @@ class UNet2DConditionModel(nn.Module):
                 add_downsample=i < levels - 1,
                 name=f"down_blocks_{i}",
                 **blocks,
-            )(x, temb, context, identity)
+            )(x, temb, context, conditioning)
             skips.extend(states)
 
-        x = MidBlock2DCrossAttn(cfg.num_attention_heads[-1], name="mid_block", **blocks)(x, temb, context, identity)
+        x = MidBlock2DCrossAttn(cfg.num_attention_heads[-1], name="mid_block", **blocks)(x, temb, context, conditioning)
 
         up_channels = cfg.block_out_channels[::-1]
         up_heads = cfg.num_attention_heads[::-1]
@@ -638,7 +653,7 @@ class UNet2DConditionModel(nn.Module):
                 with_attention=block_type == CROSS_ATTN_UP,
                 name=f"up_blocks_{i}",
                 **blocks,
-            )(x, block_skips, temb, context, identity, upsample_size)
+            )(x, block_skips, temb, context, conditioning, upsample_size)
 
         x = jax.nn.silu(_group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x))
         x = _conv(cfg.out_channels, 3, name="conv_out", **kw)(x)
@@ -687,10 +702,11 @@ def unet_key_fn(path: tuple[str, ...]) -> Optional[tuple[str, torch_import.Trans
     return None
 
 
-def unet_abstract_params(module: UNet2DConditionModel, identity: Optional[IdentityConditioning] = None):
+def unet_abstract_params(module: UNet2DConditionModel, conditioning: Any = None):
     """Parameter shapes (ShapeDtypeStructs) of `module`, without running an init.
 
-    identity: example identity inputs (arrays or ShapeDtypeStructs, batch 1) for an SAA UNet.
+    conditioning: example inputs (arrays or ShapeDtypeStructs, batch 1) for the
+      `config.saa` modules, when the config has them.
     """
     cfg = module.config
     size = 2 ** (len(cfg.block_out_channels) - 1)
@@ -698,7 +714,7 @@ def unet_abstract_params(module: UNet2DConditionModel, identity: Optional[Identi
     timesteps = jax.ShapeDtypeStruct((1,), jnp.float32)
     context = jax.ShapeDtypeStruct((1, 1, cfg.cross_attention_dim), jnp.float32)
     variables = jax.eval_shape(
-        lambda s, t, c, i: module.init(jax.random.key(0), s, t, c, i), sample, timesteps, context, identity
+        lambda s, t, c, i: module.init(jax.random.key(0), s, t, c, i), sample, timesteps, context, conditioning
     )
     return variables["params"]
 
