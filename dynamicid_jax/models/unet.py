@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import torch_import
+from . import torch_import, weight_sources
 from .layers import Attention, Dtype, LoRADense, exact_gelu
 
 CROSS_ATTN_DOWN = "CrossAttnDownBlock2D"
@@ -733,7 +733,7 @@ def load_unet(
     `module.apply({"params": params}, sample, timesteps, context)`.
     Raises WeightImportError listing every missing, unexpected and mis-shaped key.
     """
-    config, params = torch_import.read_component(
+    config, params = weight_sources.read_component(
         path, name="unet", subfolder="unet", weight_stems=["diffusion_pytorch_model", "diffusion_pytorch_model.fp16"],
         config_cls=UNetConfig, config_from_json=UNetConfig.from_diffusers, import_fn=import_unet_params,
         single_file=True, config=config)

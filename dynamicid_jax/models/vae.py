@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamicid_jax.models import torch_import
+from dynamicid_jax.models import torch_import, weight_sources
 from dynamicid_jax.models.layers import Attention
 
 Dtype = Any
@@ -365,7 +365,7 @@ def load_vae(path: str | os.PathLike, dtype: Dtype = jnp.float32, config: Option
     config: only for single-file checkpoints, which carry no config; defaults to SD1.5's.
     dtype: compute dtype of the returned module; params stay float32 numpy arrays.
     """
-    config, params = torch_import.read_component(
+    config, params = weight_sources.read_component(
         path, name="vae", subfolder="vae", weight_stems=["diffusion_pytorch_model"], config_cls=VAEConfig,
         config_from_json=VAEConfig.from_diffusers, import_fn=import_vae_params, single_file=True, config=config)
     return AutoencoderKL(config, dtype=dtype), params
