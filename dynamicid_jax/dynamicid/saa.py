@@ -60,6 +60,7 @@ __all__ = [
     "IdentityConditioning",
     "SAAConfig",
     "SemanticActivatedAttention",
+    "alpha_steps",
     "default_boxes",
     "identity_conditioning",
     "layout_active",
@@ -138,8 +139,8 @@ def validate_boxes(boxes) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def layout_active(step, num_steps: int, alpha: float | int) -> jax.Array:
-    """Whether the layout boost is on at 0-based `step` (python int or traced scalar).
+def alpha_steps(alpha: float | int, num_steps: int) -> int:
+    """How many of the first steps have the layout boost on (the one alpha rule).
 
     alpha as an int is a step count (the release's form: active while step < alpha);
     as a float in (0, 1] a fraction of the steps: active for the first ceil(alpha * num_steps)
@@ -152,13 +153,17 @@ def layout_active(step, num_steps: int, alpha: float | int) -> jax.Array:
     if isinstance(alpha, (int, np.integer)):
         if alpha < 0:
             raise ValueError(f"alpha as a step count must be >= 0, got {alpha}")
-        count = int(alpha)
-    else:
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha as a fraction of the steps must be in (0, 1], got {alpha}")
-        # The small tolerance keeps e.g. 0.07 * 100 = 7.000000000000001 at 7 steps.
-        count = math.ceil(alpha * num_steps - 1e-9)
-    return jnp.asarray(step) < count
+        return int(alpha)
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha as a fraction of the steps must be in (0, 1], got {alpha}")
+    # The small tolerance keeps e.g. 0.07 * 100 = 7.000000000000001 at 7 steps.
+    return math.ceil(alpha * num_steps - 1e-9)
+
+
+def layout_active(step, num_steps: int, alpha: float | int) -> jax.Array:
+    """Whether the layout boost is on at 0-based `step` (python int or traced scalar):
+    step < `alpha_steps(alpha, num_steps)`."""
+    return jnp.asarray(step) < alpha_steps(alpha, num_steps)
 
 
 def identity_conditioning(
