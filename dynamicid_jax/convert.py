@@ -29,6 +29,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from dynamicid_jax.dynamicid import published_weights as pw
 from dynamicid_jax.errors import ConfigError, MissingFileError
 # The folder format (models/converted.py) lives below the loaders that read it.
 from dynamicid_jax.models.converted import save_component
@@ -96,7 +97,7 @@ def convert(
     return written
 
 
-DYNAMICID_FILES = ("SAA", "IMR", "key_point_encoder")
+DYNAMICID_FILES = pw.RELEASE_STEMS
 
 
 def convert_dynamicid_weights(folder: str | os.PathLike, out: str | os.PathLike) -> list[pathlib.Path]:
@@ -105,8 +106,7 @@ def convert_dynamicid_weights(folder: str | os.PathLike, out: str | os.PathLike)
     from safetensors.numpy import save_file
 
     folder, out = pathlib.Path(folder), pathlib.Path(out)
-    found = {stem: next((folder / f"{stem}{ext}" for ext in (".bin", ".safetensors")
-                         if (folder / f"{stem}{ext}").is_file()), None) for stem in DYNAMICID_FILES}
+    found = {stem: pw.find_release_file(folder, stem) for stem in DYNAMICID_FILES}
     if found["SAA"] is None:
         raise MissingFileError(f"--dynamicid {folder}: SAA.bin (or SAA.safetensors) not found")
     if (found["IMR"] is None) != (found["key_point_encoder"] is None):
