@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import torch_import, weight_sources
-from .layers import Attention, Dtype, LoRADense, exact_gelu
+from .layers import Attention, Dtype, LoRADense, ResnetBlock2D, conv2d, exact_gelu, group_norm
 
 CROSS_ATTN_DOWN = "CrossAttnDownBlock2D"
 PLAIN_DOWN = "DownBlock2D"
@@ -312,21 +312,6 @@ def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 # ----------------------------------------------------------------------------- modules
 
 
-def _group_norm(groups: int, eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.GroupNorm:
-    # Two-pass variance like torch (the fast E[x^2]-E[x]^2 form loses digits on offset inputs).
-    return nn.GroupNorm(
-        num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name
-    )
-
-
-def _conv(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, name: str, stride: int = 1) -> nn.Conv:
-    pad = (kernel - 1) // 2
-    return nn.Conv(
-        features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-        dtype=dtype, param_dtype=param_dtype, name=name,
-    )
-
-
 class TimestepEmbedding(nn.Module):
     """linear_1 -> SiLU -> linear_2. (B, Cin) -> (B, features)."""
 
@@ -340,29 +325,6 @@ class TimestepEmbedding(nn.Module):
         return LoRADense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_2")(
             jax.nn.silu(x)
         )
-
-
-class ResnetBlock2D(nn.Module):
-    """diffusers ResnetBlock2D ("default" time embedding). x (B,H,W,Cin), temb (B,T) -> (B,H,W,out)."""
-
-    out_channels: int
-    groups: int
-    eps: float
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = jax.nn.silu(_group_norm(self.groups, self.eps, name="norm1", **kw)(x))
-        h = _conv(self.out_channels, 3, name="conv1", **kw)(h)
-        t = LoRADense(self.out_channels, name="time_emb_proj", **kw)(jax.nn.silu(temb))
-        h = h + t[:, None, None, :]
-        h = jax.nn.silu(_group_norm(self.groups, self.eps, name="norm2", **kw)(h))
-        h = _conv(self.out_channels, 3, name="conv2", **kw)(h)
-        if x.shape[-1] != self.out_channels:
-            x = _conv(self.out_channels, 1, name="conv_shortcut", **kw)(x)
-        return x + h
 
 
 class GEGLU(nn.Module):
@@ -450,7 +412,7 @@ class Transformer2DModel(nn.Module):
     def __call__(self, x: jax.Array, context: jax.Array, conditioning: Any) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, h, w, c = x.shape
-        y = _group_norm(self.groups, TRANSFORMER_GROUPNORM_EPS, name="norm", **kw)(x)
+        y = group_norm(self.groups, TRANSFORMER_GROUPNORM_EPS, name="norm", **kw)(x)
         y = LoRADense(c, name="proj_in", **kw)(y.reshape(b, h * w, c))
         y = BasicTransformerBlock(
             num_heads=self.num_heads, head_dim=c // self.num_heads, lora_rank=self.lora_rank,
@@ -469,7 +431,7 @@ class Downsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _conv(x.shape[-1], 3, self.dtype, self.param_dtype, name="conv", stride=2)(x)
+        return conv2d(x.shape[-1], 3, self.dtype, self.param_dtype, name="conv", stride=2)(x)
 
 
 class Upsample2D(nn.Module):
@@ -480,7 +442,7 @@ class Upsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, size: tuple[int, int]) -> jax.Array:
-        return _conv(x.shape[-1], 3, self.dtype, self.param_dtype, name="conv")(resize_nearest(x, size))
+        return conv2d(x.shape[-1], 3, self.dtype, self.param_dtype, name="conv")(resize_nearest(x, size))
 
 
 class DownBlock(nn.Module):
@@ -622,7 +584,7 @@ class UNet2DConditionModel(nn.Module):
         t = timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         temb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(t)
 
-        x = _conv(cfg.block_out_channels[0], 3, name="conv_in", **kw)(sample)
+        x = conv2d(cfg.block_out_channels[0], 3, name="conv_in", **kw)(sample)
         skips = [x]
         levels = len(cfg.block_out_channels)
         for i, block_type in enumerate(cfg.down_block_types):
@@ -655,8 +617,8 @@ class UNet2DConditionModel(nn.Module):
                 **blocks,
             )(x, block_skips, temb, context, conditioning, upsample_size)
 
-        x = jax.nn.silu(_group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x))
-        x = _conv(cfg.out_channels, 3, name="conv_out", **kw)(x)
+        x = jax.nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x))
+        x = conv2d(cfg.out_channels, 3, name="conv_out", **kw)(x)
         return x.astype(jnp.float32)
 
 
