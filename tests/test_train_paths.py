@@ -287,6 +287,7 @@ def test_two_processes_match_one(tmp_path, anchor_data, modules):
     assert len(all_files) == 2
     for i in range(2):
         assert files[i]["read"] and set(files[i]["read"]) <= set(files[i]["opened"]), files[i]
+        assert not files[i]["torch_imported"], f"process {i} imported torch"  # installed here (test extra)
     assert not set(files[0]["opened"]) & set(files[1]["opened"])
     assert sorted(files[0]["opened"] + files[1]["opened"]) == all_files
     assert _steps_saved(workdir)[-1] == MP_STEPS

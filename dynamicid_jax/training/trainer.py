@@ -312,9 +312,9 @@ def _write_summary(workdir: pathlib.Path, last: dict, corrupt) -> None:
 
 
 def _summary_writer(workdir):
-    from tensorboardX import SummaryWriter
+    from dynamicid_jax.torchless import import_hiding_torch
 
-    return SummaryWriter(str(workdir))
+    return import_hiding_torch("tensorboardX").SummaryWriter(str(workdir))
 
 
 def _progress(config, step: int, is_main: bool):
