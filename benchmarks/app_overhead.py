@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import socket
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,7 @@ def main() -> None:
     from dynamicid_jax import denoising
     from dynamicid_jax.app.service import create_service
     from dynamicid_jax.app.ui import build_demo, launch
+    from dynamicid_jax.distributed import free_local_port
     from dynamicid_jax.sampling import IdentityRequest, SampleRequest, save_outputs
 
     assets = pathlib.Path(args.assets)
@@ -53,9 +53,7 @@ def main() -> None:
     service.defaults.height = service.defaults.width = sizes[0]
     service.warm_up([2])
     demo = build_demo(service, notice)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_local_port()
     launch(demo, service, port=port, block=False)
     client = Client(f"http://127.0.0.1:{port}/", verbose=False)
     cache = denoising.compiled_programs

@@ -8,25 +8,19 @@ compiles its sampling program once.
 import json
 import pathlib
 import shutil
-import socket
 import time
 
 import numpy as np
 import pytest
 
 from dynamicid_jax import denoising
+from dynamicid_jax.distributed import free_local_port
 from dynamicid_jax.app import forms
 from dynamicid_jax.sampling import InputError
 
 pytest.importorskip("gradio", reason="the app extra (make install) provides gradio")
 
 BOXES = ("0,0,1,0.5", "0,0.5,1,1")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +39,7 @@ def app(test_assets, tmp_path_factory):
     service.warm_up([2])
     programs = denoising.compiled_programs()
     demo = build_demo(service, DEMO_NOTICE)
-    port = _free_port()
+    port = free_local_port()
     launch(demo, service, port=port, block=False)
     yield service, f"http://127.0.0.1:{port}/", logs, programs
     demo.close()
