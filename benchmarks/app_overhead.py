@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import socket
 import statistics
 import sys
 import tempfile
@@ -41,8 +40,10 @@ def main() -> None:
     args = p.parse_args()
     from gradio_client import Client, handle_file
 
+    from dynamicid_jax import denoising
     from dynamicid_jax.app.service import create_service
     from dynamicid_jax.app.ui import build_demo, launch
+    from dynamicid_jax.distributed import free_local_port
     from dynamicid_jax.sampling import IdentityRequest, SampleRequest, save_outputs
 
     assets = pathlib.Path(args.assets)
@@ -55,13 +56,11 @@ def main() -> None:
     service.defaults.height = service.defaults.width = sizes[0]
     service.warm_up([2])
     demo = build_demo(service, notice)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_local_port()
     launch(demo, service, port=port, block=False)
     client = Client(f"http://127.0.0.1:{port}/", verbose=False)
     floor_client, floor_demo, finished = _floor_app(service.out_dir)
-    cache = service.pipeline._denoise._cache_size
+    cache = denoising.compiled_programs
     run_seconds = []  # service.run inside the app (request checks, generate, PNG + sidecar)
     service_run = service.run
 
@@ -149,9 +148,9 @@ def _floor_app(out_dir):
         outputs = [gr.Gallery(), gr.File(file_count="multiple"), gr.Gallery(), gr.Textbox()]
         gr.Button().click(generate, inputs, outputs, api_name="generate", concurrency_limit=1)
     demo.queue(default_concurrency_limit=1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from dynamicid_jax.distributed import free_local_port
+
+    port = free_local_port()
     demo.launch(server_name="127.0.0.1", server_port=port, allowed_paths=[str(out_dir)], prevent_thread_lock=True,
                 quiet=True)
     return Client(f"http://127.0.0.1:{port}/", verbose=False), demo, finished

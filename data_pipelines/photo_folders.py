@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import shutil
 import sys
+
+from dynamicid_jax.atomic_write import atomic_write_bytes
 
 # photo -> caption (what the photo shows; the tiny model cannot use more detail)
 CAPTIONS = {
@@ -58,10 +59,7 @@ def _put(src: pathlib.Path, dest: pathlib.Path, text: str | None = None) -> bool
     data = src.read_bytes() if text is None else (text + "\n").encode()
     if dest.is_file() and dest.read_bytes() == data:
         return False
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(dest)
+    atomic_write_bytes(dest, data)
     return True
 
 

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Any
 
 import numpy as np
 
-from dynamicid_jax.dynamicid.saa import default_boxes
+from dynamicid_jax.dynamicid.saa import alpha_steps, default_boxes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +34,6 @@ class ImageItem:
 
     request: Any
     index: int
-
-
-def alpha_steps(alpha: float | int, steps: int) -> int:
-    """Alpha as a step count: ints are counts, floats fractions of `steps` (rounded up)."""
-    if isinstance(alpha, float):
-        return math.ceil(alpha * steps - 1e-9)
-    return int(alpha)
 
 
 def uses_boxes(request) -> bool:

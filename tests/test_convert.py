@@ -14,7 +14,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from dynamicid_jax import convert  # noqa: E402
-from dynamicid_jax.models import torch_import  # noqa: E402
+from dynamicid_jax.models import converted, torch_import  # noqa: E402
 from dynamicid_jax.models.unet import load_unet  # noqa: E402
 from parity import TINY_SD15_UNET as TINY_UNET, TINY_VAE  # noqa: E402
 from dynamicid_jax.models.vae import AutoencoderKL, VAEConfig, load_vae  # noqa: E402
@@ -56,8 +56,8 @@ def folders(tmp_path_factory):
 
 def test_marker_and_layout(folders):
     _, vision, _, out = folders
-    assert convert.is_converted(out)
-    marker = convert._read_marker(out)
+    assert converted.is_converted(out)
+    marker = converted._read_marker(out)
     expected = {"unet", "vae", "text_encoder", "vision_encoder"}
     assert set(marker["components"]) == expected
     assert all((out / c).is_dir() for c in expected)
@@ -127,11 +127,11 @@ def test_converted_folder_loads_without_torch(folders):
 def test_errors_name_the_problem(folders, tmp_path):
     pipeline, _, _, out = folders
     with pytest.raises(FileNotFoundError, match="no converted 'nonexistent'"):
-        convert.load_converted(out, "nonexistent", VAEConfig)
+        converted.load_converted(out, "nonexistent", VAEConfig)
     with pytest.raises(ValueError, match="written with config 'VAEConfig'"):
         from dynamicid_jax.models.unet import UNetConfig
 
-        convert.load_converted(out, "vae", UNetConfig)
+        converted.load_converted(out, "vae", UNetConfig)
     with pytest.raises(ValueError, match="vae exist"):  # a UserError (ConfigError), refused before converting
         convert.convert(pipeline, out, components=["vae"])
     with pytest.raises(ValueError, match="nothing to convert"):

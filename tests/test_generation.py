@@ -15,7 +15,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import jax
 import numpy as np
 import pytest
 
+from dynamicid_jax.distributed import free_local_port
 from dynamicid_jax.batching import ImageItem, shape_key
 from dynamicid_jax.generation import BatchSampler, Job, plan_batches
 from dynamicid_jax.sampling import IdentityRequest, SampleRequest
@@ -237,17 +237,11 @@ def test_process_shares_are_disjoint_complete_and_keep_one_shape_per_batch():
         assert shares == [plan_batches(jobs, 4, i, count) for i in range(count)]  # deterministic
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_processes(requests_file, out, *, kill_after_first_picture: bool) -> list[str]:
     """launch/sample.py --requests as 2 jax.distributed processes x 4 CPU devices, global batch
     8 (each process: batches of 4 over its 4 devices); SIGKILLed as soon as a picture is
     complete, or run to the end (then both must exit 0). Returns the processes' output."""
-    port = _free_port()
+    port = free_local_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT))
     procs = [subprocess.Popen(

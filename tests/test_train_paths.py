@@ -10,7 +10,6 @@ update with the checkpoint before it.
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -22,6 +21,7 @@ from flax import traverse_util
 import train_data
 from train_data import fast_compiles  # noqa: F401  (autouse fixture)
 from configs import anchor as anchor_configs
+from dynamicid_jax.distributed import free_local_port
 from dynamicid_jax import modeling, sharding
 from dynamicid_jax.data import pipeline
 from dynamicid_jax.training import checkpoints, data, init, partition, trainer
@@ -253,12 +253,6 @@ def test_bfloat16_run_trains_and_loads_in_the_sampler(tmp_path, anchor_data, tes
 # --------------------------------------------------------------------------- 4. two processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 MP_STEPS = 4
 
 
@@ -267,7 +261,7 @@ def test_two_processes_match_one(tmp_path, anchor_data, modules):
     """2 processes x 4 CPU devices (jax.distributed, gloo collectives) through launch/train.py's
     multi-process flags, both writing one workdir: disjoint shard files per host, exit 0, and
     the same parameters as one process with 8 devices fed the same global batches."""
-    workdir, port = tmp_path / "two", _free_port()
+    workdir, port = tmp_path / "two", free_local_port()
     args = ["--stage=anchor", "--config=configs/anchor.py:tiny", f"--data={anchor_data}", f"--workdir={workdir}",
             f"--config.total_steps={MP_STEPS}", "--config.checkpoint.every_steps=2", "--config.progress_bar=False",
             f"--coordinator_address=localhost:{port}", "--num_processes=2"]
@@ -293,6 +287,7 @@ def test_two_processes_match_one(tmp_path, anchor_data, modules):
     assert len(all_files) == 2
     for i in range(2):
         assert files[i]["read"] and set(files[i]["read"]) <= set(files[i]["opened"]), files[i]
+        assert not files[i]["torch_imported"], f"process {i} imported torch"  # installed here (test extra)
     assert not set(files[0]["opened"]) & set(files[1]["opened"])
     assert sorted(files[0]["opened"] + files[1]["opened"]) == all_files
     assert _steps_saved(workdir)[-1] == MP_STEPS

@@ -190,6 +190,32 @@ def test_convert_cli_bad_inputs(files, test_assets, capsys, extra, needle):
     assert not out.exists() or not any(out.iterdir())
 
 
+# --------------------------------------------------------------------------- launch/app.py
+
+APP_CASES = [
+    (["--port", "x"], "argument --port"),
+    (["--warmup_people", "1,two"], "--warmup_people '1,two'"),
+    (["--demo", "--expression_model", "{tmp}/missing.hdf5"], "missing.hdf5"),
+    (["--base_model", "{tmp}/no_such_model", "--vision_encoder", "{tmp}/empty_dir",
+      "--dynamicid", "{tmp}/empty_dir"], "--dynamicid {tmp}/empty_dir: neither a release folder"),
+    (["--bogus_flag"], "unrecognized arguments: --bogus_flag"),
+]
+
+
+@pytest.mark.parametrize("extra, needle", APP_CASES, ids=[" ".join(c[0]) for c in APP_CASES])
+def test_app_cli_bad_start_up_inputs(files, capsys, extra, needle):
+    from launch import app
+
+    out = files / "app_out"
+    argv = ["--out", str(out), "--warmup_people=", *_subst(extra, files, None)]
+    try:
+        code = app.main(argv)
+    except SystemExit as e:  # argparse-level errors
+        code = e.code
+    _assert_user_error(code, capsys.readouterr().err, needle.replace("{tmp}", str(files)))
+    assert not out.exists()  # nothing written
+
+
 # --------------------------------------------------------------------------- data_pipelines/precompute.py
 
 PRECOMPUTE_CASES = [

@@ -4,8 +4,8 @@ input pipeline opens and reads.
     python tests/train_process.py SHARD_LOG.json  [launch/train.py flags ...]
 
 Runs launch/train.py as __main__ with the remaining arguments; at exit writes
-{"opened": [files given to ShardRecordSource], "read": [files a record was read from]} to
-SHARD_LOG.json. Only observes dynamicid_jax.data.pipeline (wraps two methods); changes nothing.
+{"opened": [files given to ShardRecordSource], "read": [files a record was read from],
+"torch_imported": whether anything imported torch (training never should)} to SHARD_LOG.json. Only observes dynamicid_jax.data.pipeline (wraps two methods); changes nothing.
 """
 
 import atexit
@@ -40,7 +40,8 @@ def _recording_getitem(self, i):
 
 pipeline.ShardRecordSource.__init__ = _recording_init
 pipeline.ShardRecordSource.__getitem__ = _recording_getitem
-atexit.register(lambda: pathlib.Path(log_path).write_text(json.dumps({"opened": opened, "read": sorted(read)})))
+atexit.register(lambda: pathlib.Path(log_path).write_text(json.dumps(
+    {"opened": opened, "read": sorted(read), "torch_imported": "torch" in sys.modules})))
 
 train = ROOT / "launch" / "train.py"
 sys.argv = [str(train), *args]

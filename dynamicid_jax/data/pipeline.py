@@ -187,9 +187,7 @@ class BatchDecoder:
     """
 
     def __init__(self, specs: Sequence[records.FeatureSpec]):
-        from tfrecord import example_pb2
-
-        self._example = example_pb2.Example
+        self._example = records.tfrecord_module("example_pb2").Example
         self._arrays = [(s.name, np.dtype(s.dtype), s.shape, s.num_bytes) for s in specs if s.dtype != records.STRING]
         self._strings = [s.name for s in specs if s.dtype == records.STRING]
         self._order = [s.name for s in specs]

@@ -173,9 +173,17 @@ def check_specs(found: Sequence[FeatureSpec], expected: Sequence[FeatureSpec], w
 # tf.train.Example encoding
 
 
+def tfrecord_module(name: str):
+    """`tfrecord.<name>` (example_pb2, writer), imported without torch (`torchless`)."""
+    from dynamicid_jax.torchless import import_hiding_torch
+
+    import_hiding_torch("tfrecord")
+    return import_hiding_torch(f"tfrecord.{name}")
+
+
 def encode_example(specs: Sequence[FeatureSpec], values: Mapping[str, object]) -> bytes:
     """Serialize one record; every spec'd feature must be present with its exact shape/dtype."""
-    from tfrecord import example_pb2
+    example_pb2 = tfrecord_module("example_pb2")
 
     extra = set(values) - {s.name for s in specs}
     if extra:
@@ -204,7 +212,7 @@ def encode_example(specs: Sequence[FeatureSpec], values: Mapping[str, object]) -
 
 def decode_example(specs: Sequence[FeatureSpec], data: bytes) -> dict[str, object]:
     """Parse one record into {name: numpy array | str}; checks presence and byte sizes."""
-    from tfrecord import example_pb2
+    example_pb2 = tfrecord_module("example_pb2")
 
     example = example_pb2.Example()
     example.ParseFromString(bytes(data))
@@ -235,9 +243,7 @@ def decode_example(specs: Sequence[FeatureSpec], data: bytes) -> dict[str, objec
 
 
 def _masked_crc(data: bytes) -> bytes:
-    from tfrecord.writer import TFRecordWriter
-
-    return TFRecordWriter.masked_crc(data)
+    return tfrecord_module("writer").TFRecordWriter.masked_crc(data)
 
 
 def write_record(f: BinaryIO, payload: bytes) -> tuple[int, int]:

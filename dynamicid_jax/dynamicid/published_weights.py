@@ -22,8 +22,9 @@ an error naming it.
 from __future__ import annotations
 
 import os
+import pathlib
 import re
-from typing import Mapping, Union
+from typing import Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,18 @@ _BASE_PREFIX = "unet:"  # marks base-UNet leaves inside the merged source dict
 
 
 # ----------------------------------------------------------------------------- reading
+
+# The release's file stems, and the forms each may take (the release's .bin pickle, or the
+# torch-free .safetensors `python -m dynamicid_jax.convert --dynamicid` writes), in that order.
+RELEASE_STEMS = ("SAA", "IMR", "key_point_encoder")
+RELEASE_SUFFIXES = (".bin", ".safetensors")
+
+
+def find_release_file(folder: str | os.PathLike, stem: str) -> Optional[pathlib.Path]:
+    """`folder/<stem>.bin`, else `folder/<stem>.safetensors`, else None (stem: RELEASE_STEMS)."""
+    folder = pathlib.Path(folder)
+    return next((folder / f"{stem}{ext}" for ext in RELEASE_SUFFIXES if (folder / f"{stem}{ext}").is_file()), None)
+
 
 
 def _as_state_dict(source: Source) -> dict[str, np.ndarray]:

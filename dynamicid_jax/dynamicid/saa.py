@@ -1,6 +1,8 @@
 """Semantic-Activated Attention (SAA): DynamicID's replacement for every UNet cross-attention.
 
-The interface the UNet relies on (fixed; see the module class below):
+The UNet gets it as `UNetConfig(saa=SAAConfig(...))` (the config is the factory of the attn2
+modules) and passes its `conditioning` argument, an IdentityConditioning, through to every
+attn2. The interface the UNet relies on (fixed; see the module class below):
 
     SemanticActivatedAttention(num_heads, head_dim, lora_rank, config: SAAConfig,
                                dtype, param_dtype)(x, context, identity, spatial_shape)
@@ -35,9 +37,7 @@ Rules this implementation fixes where the release is undefined (see the architec
 
 from __future__ import annotations
 
-# First, before any model import: models/unet.py imports these two names from this module.
-from dynamicid_jax.dynamicid.conditioning import IdentityConditioning, SAAConfig  # noqa: I001
-
+import dataclasses
 import math
 from typing import Optional, Sequence
 
@@ -45,6 +45,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from dynamicid_jax.models.layers import (
     Dtype,
@@ -59,11 +60,53 @@ __all__ = [
     "IdentityConditioning",
     "SAAConfig",
     "SemanticActivatedAttention",
+    "alpha_steps",
     "default_boxes",
     "identity_conditioning",
     "layout_active",
     "validate_boxes",
 ]
+
+
+# ----------------------------------------------------------------------------- types
+
+
+@dataclasses.dataclass(frozen=True)
+class SAAConfig:
+    """Static SAA settings that belong to the model, not to one sampling call.
+
+    Also what `UNetConfig.saa` holds: calling it (the UNet's `CrossAttentionFactory`
+    interface) builds the `SemanticActivatedAttention` that replaces an attn2.
+    """
+
+    threshold: float = 0.3  # activation weights strictly below this become 0 (release rule)
+
+    def __call__(self, **attention_kwargs) -> "SemanticActivatedAttention":
+        return SemanticActivatedAttention(config=self, **attention_kwargs)
+
+
+@struct.dataclass
+class IdentityConditioning:
+    """Per-call identity inputs threaded through the UNet to every SAA layer.
+
+    tokens:        (B, n_ids, T, D) identity tokens (T = 4 per identity by default, D = 768).
+    boxes:         (B, n_ids, 4) normalised [y_min, x_min, y_max, x_max] per identity.
+    layout_active: () bool, True while the 0-based step index is below alpha; or (B, 1) per row.
+    beta:          () float, layout intensity (paper eq. 3); or (B, 1) per row.
+    id_scale:      () float, identity scale on the identity branch; or (B, 1) per row.
+    mix:           () float identity-mixing weight m, or (B, 1, 1, 1) per row, or None for no mixing.
+    use_boxes:     static; False = no layout control and no routing (one softmax over all ids).
+    gating:        static; False = plain decoupled cross-attention (activation weight 1).
+    """
+
+    tokens: jax.Array
+    boxes: jax.Array
+    layout_active: jax.Array
+    beta: jax.Array
+    id_scale: jax.Array
+    mix: Optional[jax.Array] = None
+    use_boxes: bool = struct.field(pytree_node=False, default=True)
+    gating: bool = struct.field(pytree_node=False, default=True)
 
 
 # ----------------------------------------------------------------------------- host helpers
@@ -96,8 +139,8 @@ def validate_boxes(boxes) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def layout_active(step, num_steps: int, alpha: float | int) -> jax.Array:
-    """Whether the layout boost is on at 0-based `step` (python int or traced scalar).
+def alpha_steps(alpha: float | int, num_steps: int) -> int:
+    """How many of the first steps have the layout boost on (the one alpha rule).
 
     alpha as an int is a step count (the release's form: active while step < alpha);
     as a float in (0, 1] a fraction of the steps: active for the first ceil(alpha * num_steps)
@@ -110,13 +153,17 @@ def layout_active(step, num_steps: int, alpha: float | int) -> jax.Array:
     if isinstance(alpha, (int, np.integer)):
         if alpha < 0:
             raise ValueError(f"alpha as a step count must be >= 0, got {alpha}")
-        count = int(alpha)
-    else:
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha as a fraction of the steps must be in (0, 1], got {alpha}")
-        # The small tolerance keeps e.g. 0.07 * 100 = 7.000000000000001 at 7 steps.
-        count = math.ceil(alpha * num_steps - 1e-9)
-    return jnp.asarray(step) < count
+        return int(alpha)
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha as a fraction of the steps must be in (0, 1], got {alpha}")
+    # The small tolerance keeps e.g. 0.07 * 100 = 7.000000000000001 at 7 steps.
+    return math.ceil(alpha * num_steps - 1e-9)
+
+
+def layout_active(step, num_steps: int, alpha: float | int) -> jax.Array:
+    """Whether the layout boost is on at 0-based `step` (python int or traced scalar):
+    step < `alpha_steps(alpha, num_steps)`."""
+    return jnp.asarray(step) < alpha_steps(alpha, num_steps)
 
 
 def identity_conditioning(

@@ -148,29 +148,28 @@ def read_requests(
     return requests, rejects
 
 
+def _check_once(key: str, errors: dict[str, Optional[str]], read, catch: type[Exception]) -> None:
+    """`read(key)` the first time `key` is seen (its outcome remembered in `errors`); an
+    InputError with the remembered message whenever it failed."""
+    if key not in errors:
+        try:
+            read(key)
+            errors[key] = None
+        except catch as e:
+            errors[key] = str(e)
+    if errors[key] is not None:
+        raise InputError(errors[key])
+
+
 def _check_embeddings(request: SampleRequest, errors: dict[str, Optional[str]]) -> None:
-    """Each textual-inversion file is read once per file (its outcome remembered in `errors`)."""
+    """Each textual-inversion file is read once per file."""
     from dynamicid_jax.models.textual_inversion import read_embedding
 
     for path in request.negative_embeddings:
-        if path not in errors:
-            try:
-                read_embedding(path)
-                errors[path] = None
-            except UserError as e:
-                errors[path] = str(e)
-        if errors[path] is not None:
-            raise InputError(errors[path])
+        _check_once(path, errors, read_embedding, UserError)
 
 
 def _check_photos(request: SampleRequest, errors: dict[str, Optional[str]]) -> None:
     for ident in request.identities:
         for photo in ident.refs + ([ident.target_landmarks] if ident.target_landmarks else []):
-            if photo not in errors:
-                try:
-                    read_image(photo)
-                    errors[photo] = None
-                except InputError as e:
-                    errors[photo] = str(e)
-            if errors[photo] is not None:
-                raise InputError(errors[photo])
+            _check_once(photo, errors, read_image, InputError)

@@ -34,8 +34,8 @@ from .torch_import import (
     identity,
     import_params,
     linear_kernel,
-    read_component,
 )
+from .weight_sources import read_component
 
 Dtype = Any
 

@@ -1,4 +1,4 @@
-"""Building blocks shared by every model: one attention, one MLP, one LoRA dense.
+"""Building blocks shared by every model: one attention, one MLP, one LoRA dense, one resnet.
 
 Everything here is channels-last. Parameters are float32 (`param_dtype`); `dtype` is the
 compute dtype (float32 or bfloat16). Softmax runs in float32 whatever the compute dtype;
@@ -251,3 +251,59 @@ class MLP(nn.Module):
         return LoRADense(
             features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
+
+
+# ----------------------------------------------------------------------------- convolutional
+
+
+def group_norm(groups: int, eps: float, dtype: Dtype, param_dtype: Dtype, name: str,
+               two_pass: bool = True) -> nn.GroupNorm:
+    """nn.GroupNorm. two_pass: torch's variance E[(x - mean)^2]; the fast E[x^2] - E[x]^2
+    form loses digits on offset inputs (the UNet uses two-pass, as diffusers; the VAE keeps
+    the fast form its parity tests were measured with)."""
+    return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+                        use_fast_variance=not two_pass, name=name)
+
+
+def conv2d(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, name: str, stride: int = 1,
+           padding: Any = None) -> nn.Conv:
+    """Square nn.Conv; padding None = (kernel - 1) // 2 on every side, as torch's padding=k//2
+    (for stride 2 that is not flax's "SAME", which pads the far side only)."""
+    if padding is None:
+        pad = (kernel - 1) // 2
+        padding = ((pad, pad), (pad, pad))
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
+                   dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers ResnetBlock2D ("default" time-embedding mode, or none for the VAE).
+
+    x (B, H, W, Cin), temb (B, T) or None -> (B, H, W, out_channels). norm1 -> SiLU -> conv1
+    [+ time_emb_proj(SiLU(temb))] -> norm2 -> SiLU -> conv2, plus x (through a 1x1
+    conv_shortcut when Cin != out_channels). time_emb_proj exists only when temb is given.
+    """
+
+    out_channels: int
+    groups: int
+    eps: float
+    two_pass_norm: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        def norm(name):
+            return group_norm(self.groups, self.eps, name=name, two_pass=self.two_pass_norm, **kw)
+
+        h = jax.nn.silu(norm("norm1")(x))
+        h = conv2d(self.out_channels, 3, name="conv1", **kw)(h)
+        if temb is not None:
+            t = LoRADense(self.out_channels, name="time_emb_proj", **kw)(jax.nn.silu(temb))
+            h = h + t[:, None, None, :]
+        h = jax.nn.silu(norm("norm2")(h))
+        h = conv2d(self.out_channels, 3, name="conv2", **kw)(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv2d(self.out_channels, 1, name="conv_shortcut", **kw)(x)
+        return x + h

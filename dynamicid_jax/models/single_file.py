@@ -15,13 +15,11 @@ Non-EMA weights are used (`model.diffusion_model.*`), as diffusers does by defau
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import re
 from typing import Mapping
 
-import ml_dtypes
 import numpy as np
 
 from dynamicid_jax.errors import MissingFileError
@@ -65,40 +63,11 @@ _VAE_RESNET_PARTS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv
 _VAE_ATTENTION_PARTS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-
-
-def _read_safetensors_prefixed(path: pathlib.Path, prefix: str) -> StateDict:
-    """Tensors of a .safetensors file under `prefix`, read from a memory map.
-
-    Parses the format directly (8-byte header length, JSON header, raw little-endian data)
-    because safetensors' numpy reader rejects bfloat16, which some fine-tunes are saved in.
-    """
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
-    out: StateDict = {}
-    for key, info in header.items():
-        if key == "__metadata__" or not key.startswith(prefix):
-            continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise torch_import.WeightImportError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
-        start, stop = info["data_offsets"]
-        value = np.frombuffer(data[start:stop], dtype=_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-        floating = np.issubdtype(value.dtype, np.floating) or value.dtype == ml_dtypes.bfloat16
-        out[key[len(prefix):]] = value.astype(np.float32) if floating else value.copy()
-    return out
-
-
 def _read_component(path: pathlib.Path, prefix: str) -> StateDict:
     """Tensors under `prefix` (prefix stripped), floating point widened to float32."""
     if path.suffix == ".safetensors":
         # Read only this component's tensors: a full SD1.5 file is 2-7 GB.
-        return _read_safetensors_prefixed(path, prefix)
+        return torch_import.read_safetensors(path, prefix)
     state_dict = torch_import.read_state_dict(path)
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 

@@ -81,12 +81,12 @@ def read_embedding(path: str | os.PathLike, width: Optional[int] = None) -> Text
         raise EmbeddingFileError(f"{path}: an embedding file is one of {', '.join(SUFFIXES)}")
     raw = path.read_bytes()
     if path.suffix == ".safetensors":
-        from .single_file import _read_safetensors_prefixed  # reads bfloat16 too, floats as float32
+        from .torch_import import read_safetensors  # reads bfloat16 too, floats as float32
 
         if len(raw) < 8 or int.from_bytes(raw[:8], "little") > len(raw) - 8:
             raise EmbeddingFileError(f"{path}: not a .safetensors file (its header length does not fit the file)")
         try:
-            data = _read_safetensors_prefixed(path, "")
+            data = read_safetensors(path)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
             raise EmbeddingFileError(f"{path}: not a readable .safetensors file: {e}") from None
     else:

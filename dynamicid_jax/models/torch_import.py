@@ -5,7 +5,7 @@ init runs), ask a per-model `key_fn` which PyTorch key (and which transform) fil
 check the shape, and at the end report every missing, unexpected and mis-shaped key at once.
 There is no fallback to random init: an incomplete checkpoint is an error that names keys.
 
-`.safetensors` files are read with `safetensors.numpy` (no torch). `.bin`/`.ckpt`/`.pt`
+`.safetensors` files are parsed here directly (no torch; bfloat16 too). `.bin`/`.ckpt`/`.pt`
 pickles need torch, which only the optional `convert` extra installs.
 """
 
@@ -15,9 +15,10 @@ import json
 import os
 import pathlib
 import re
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
@@ -79,12 +80,46 @@ def _to_numpy_tree(obj, prefix: str = "") -> StateDict:
     return out
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def read_safetensors(path: str | os.PathLike, prefix: str = "") -> StateDict:
+    """Tensors of a .safetensors file whose key starts with `prefix` (stripped), read from a
+    memory map, so a 2-7 GB single file yields one component without reading the rest.
+    Floating point (float16, bfloat16, float64) arrives as float32, integers as stored.
+
+    Parses the format directly (8-byte header length, JSON header, raw little-endian data)
+    because safetensors' numpy reader rejects bfloat16, which some fine-tunes are saved in.
+    """
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    data_start = 8 + header_len
+    # np.memmap refuses an empty region (a file of zero-size tensors only).
+    data = (np.memmap(path, dtype=np.uint8, mode="r", offset=data_start)
+            if os.path.getsize(path) > data_start else np.zeros(0, np.uint8))
+    out: StateDict = {}
+    for key, info in header.items():
+        if key == "__metadata__" or not key.startswith(prefix):
+            continue
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise WeightImportError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
+        start, stop = info["data_offsets"]
+        value = np.frombuffer(data[start:stop], dtype=_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+        floating = np.issubdtype(value.dtype, np.floating) or value.dtype == ml_dtypes.bfloat16
+        out[key[len(prefix):]] = value.astype(np.float32) if floating else value.copy()
+    return out
+
+
 def read_state_dict(path: str | os.PathLike) -> StateDict:
     """Read a checkpoint file into {key: float32/int numpy array}.
 
-    .safetensors: read without torch. .bin/.ckpt/.pt/.pth: torch pickle (weights_only), with a
-    top-level "state_dict" unwrapped. `*.index.json` (sharded checkpoints): every shard it names.
-    Half-precision tensors are widened to float32.
+    .safetensors: read without torch (`read_safetensors`). .bin/.ckpt/.pt/.pth: torch pickle
+    (weights_only), with a top-level "state_dict" unwrapped. `*.index.json` (sharded
+    checkpoints): every shard it names. Floating-point tensors arrive as float32.
     """
     path = pathlib.Path(path)
     if not path.is_file():
@@ -99,11 +134,7 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
             raise WeightImportError(f"{path}: keys listed in the index but absent from their shards: {missing[:10]}")
         return state_dict
     if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        sd = load_file(str(path))
-        return {k: (v.astype(np.float32) if v.dtype in (np.float16,) or v.dtype.name == "bfloat16" else v)
-                for k, v in sd.items()}
+        return read_safetensors(path)
     if path.suffix in (".bin", ".ckpt", ".pt", ".pth"):
         try:
             import torch
@@ -130,51 +161,6 @@ def find_weight_file(folder: str | os.PathLike, stems: Sequence[str]) -> pathlib
                 return candidate
     names = ", ".join(f"{s}.safetensors|.bin[.index.json]" for s in stems)
     raise MissingFileError(f"no weight file ({names}) in {folder}")
-
-
-def read_component(
-    path: str | os.PathLike,
-    *,
-    name: str,
-    subfolder: str,
-    weight_stems: Sequence[str],
-    config_cls: type,
-    config_from_json: Callable[[dict], Any],
-    import_fn: Callable[[Any, StateDict], Any],
-    single_file: bool = False,
-    config: Any = None,
-) -> tuple[Any, Any]:
-    """The one dispatch every model loader shares -> (config, params).
-
-    path, in the order tried: a folder written by `python -m dynamicid_jax.convert` (orbax, no
-    torch); with `single_file`, a single checkpoint file (SD1.5 `.safetensors`/`.ckpt`, the
-    component split out by `single_file.extract_component`; it carries no config, so `config=`
-    or else `config_cls.sd15()`); a pipeline folder holding `subfolder/config.json`; a component
-    folder holding `config.json` (read by `config_from_json`). name: the component (`unet`,
-    `vae`, `text_encoder`, `vision_encoder`), as convert and single_file spell it.
-    import_fn(config, state_dict) -> params raises WeightImportError on any key mismatch.
-    """
-    from dynamicid_jax import convert  # local: convert imports every loader
-
-    path = pathlib.Path(path)
-    if config is not None and not path.is_file():
-        raise ValueError(f"loading {name}: config= is only for single-file checkpoints; {path} carries its own config")
-    if convert.is_converted(path):
-        return convert.load_converted(path, name, config_cls)
-    if path.is_file():
-        if not single_file:
-            raise ValueError(f"loading {name}: {path} is a file; {name} weights come as a folder with config.json")
-        from dynamicid_jax.models.single_file import extract_component
-
-        config = config or config_cls.sd15()
-        return config, import_fn(config, extract_component(path, name))
-    for folder in (path / subfolder, path):
-        if (folder / "config.json").is_file():
-            config = config_from_json(json.loads((folder / "config.json").read_text()))
-            return config, import_fn(config, read_state_dict(find_weight_file(folder, weight_stems)))
-    if not path.exists():
-        raise MissingFileError(f"{name} weights not found: {path}")
-    raise MissingFileError(f"{path}: neither {subfolder}/config.json nor config.json (a {name} folder) found")
 
 
 def import_params(

@@ -1,6 +1,7 @@
 """The Stable Diffusion 1.5 UNet (diffusers' `UNet2DConditionModel`) in Flax linen, NHWC.
 
-Structure and parameter names mirror diffusers module names with list indices joined by an
+The config (`UNetConfig`, re-exported here) lives in `unet_config.py`. Structure and
+parameter names mirror diffusers module names with list indices joined by an
 underscore (`down_blocks.0.resnets.1.conv1.weight` -> `down_blocks_0/resnets_1/conv1/kernel`;
 `to_out.0` -> `to_out`), so weight import is a rename plus a layout transform
 (`unet_key_fn`). Parameters are float32; `dtype` is the compute dtype.
@@ -9,251 +10,32 @@ Latent sizes that are not multiples of 2**num_upsamplers work as in diffusers: e
 downsampler gives ceil(h/2), and each upsampler resizes (nearest, torch's index rule) to the
 spatial size of the skip connection it is concatenated with.
 
-When `UNetConfig.saa` is set, every cross-attention (`attn2`) is DynamicID's
-`SemanticActivatedAttention` and receives the `identity` conditioning; otherwise it is the
-plain shared `Attention`.
+Every cross-attention (`attn2`) is the plain shared `Attention`, unless the caller gives
+`UNetConfig.saa`: a factory for another attn2 module that also receives the UNet's
+`conditioning` argument (DynamicID's `dynamicid.saa.SAAConfig`, set by `modeling.py`). This
+module knows nothing of what that conditioning holds.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamicid_jax.dynamicid.saa import IdentityConditioning, SAAConfig
-from . import torch_import
-from .layers import Attention, Dtype, LoRADense, exact_gelu
-
-CROSS_ATTN_DOWN = "CrossAttnDownBlock2D"
-PLAIN_DOWN = "DownBlock2D"
-CROSS_ATTN_UP = "CrossAttnUpBlock2D"
-PLAIN_UP = "UpBlock2D"
+from . import torch_import, weight_sources
+from .layers import Attention, Dtype, LoRADense, ResnetBlock2D, conv2d, exact_gelu, group_norm
+from .unet_config import CROSS_ATTN_DOWN, CROSS_ATTN_UP, CrossAttentionFactory, UNetConfig
 
 # diffusers' Transformer2DModel GroupNorm and BasicTransformerBlock LayerNorm epsilons
 # (fixed in diffusers, not taken from the UNet config's norm_eps).
 TRANSFORMER_GROUPNORM_EPS = 1e-6
 TRANSFORMER_LAYERNORM_EPS = 1e-5
-
-
-# ----------------------------------------------------------------------------- config
-
-
-@dataclasses.dataclass(frozen=True)
-class UNetConfig:
-    """Static shape of a UNet2DConditionModel. Defaults are SD1.5's.
-
-    num_attention_heads: heads per down level (up levels use them reversed, the mid block
-      the last one), as diffusers does. diffusers' SD1.5 config spells this
-      `attention_head_dim: 8`, which in fact means 8 heads (see `from_diffusers`).
-    lora_rank: LoRA rank on to_q/to_k/to_v/to_out of every attn1 and attn2 (0 = none).
-    saa: when set, every attn2 is DynamicID's Semantic-Activated Attention.
-    attention_block: execution choice, not a weight shape: attention over more keys than
-      this runs through `layers.attend_long` (CPU: blockwise in blocks of this size, 512 the
-      fastest of 256/512/1024 on 2 cores, ~3x faster than materialised logits for the
-      4096-token self-attention at 512 px; GPU in bfloat16: cuDNN flash attention, 2.7x
-      faster than materialised logits on an H200, benchmarks/gpu_report.md). None = always
-      materialise all logits.
-    """
-
-    in_channels: int = 4
-    out_channels: int = 4
-    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
-    layers_per_block: int = 2
-    down_block_types: tuple[str, ...] = (CROSS_ATTN_DOWN, CROSS_ATTN_DOWN, CROSS_ATTN_DOWN, PLAIN_DOWN)
-    up_block_types: tuple[str, ...] = (PLAIN_UP, CROSS_ATTN_UP, CROSS_ATTN_UP, CROSS_ATTN_UP)
-    num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)
-    cross_attention_dim: int = 768
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    sample_size: int | tuple[int, int] = 64
-    flip_sin_to_cos: bool = True
-    freq_shift: int = 0
-    use_linear_projection: bool = False
-    lora_rank: int = 0
-    saa: Optional[SAAConfig] = None
-    attention_block: Optional[int] = 512
-
-    def __post_init__(self):
-        # Normalise list-valued fields to tuples so the config stays hashable.
-        for name in ("block_out_channels", "down_block_types", "up_block_types"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        heads = self.num_attention_heads
-        heads = (heads,) * len(self.block_out_channels) if isinstance(heads, int) else tuple(heads)
-        object.__setattr__(self, "num_attention_heads", heads)
-        if isinstance(self.sample_size, (list, tuple)):
-            object.__setattr__(self, "sample_size", tuple(self.sample_size))
-        self._validate()
-
-    def _validate(self):
-        levels = len(self.block_out_channels)
-        for name in ("down_block_types", "up_block_types", "num_attention_heads"):
-            if len(getattr(self, name)) != levels:
-                raise ValueError(
-                    f"UNetConfig.{name} has {len(getattr(self, name))} entries, "
-                    f"block_out_channels has {levels}"
-                )
-        for t in self.down_block_types:
-            if t not in (CROSS_ATTN_DOWN, PLAIN_DOWN):
-                raise ValueError(f"UNetConfig.down_block_types: unsupported block {t!r}")
-        for t in self.up_block_types:
-            if t not in (CROSS_ATTN_UP, PLAIN_UP):
-                raise ValueError(f"UNetConfig.up_block_types: unsupported block {t!r}")
-        for level, (c, h) in enumerate(zip(self.block_out_channels, self.num_attention_heads)):
-            if c % self.norm_num_groups:
-                raise ValueError(
-                    f"UNetConfig.block_out_channels[{level}]={c} is not divisible by norm_num_groups="
-                    f"{self.norm_num_groups}"
-                )
-            if c % h:
-                raise ValueError(
-                    f"UNetConfig.block_out_channels[{level}]={c} is not divisible by "
-                    f"num_attention_heads[{level}]={h}"
-                )
-        if self.layers_per_block < 1:
-            raise ValueError(f"UNetConfig.layers_per_block must be >= 1, got {self.layers_per_block}")
-        if self.lora_rank < 0:
-            raise ValueError(f"UNetConfig.lora_rank must be >= 0, got {self.lora_rank}")
-        if self.attention_block is not None and self.attention_block < 1:
-            raise ValueError(f"UNetConfig.attention_block must be None or >= 1, got {self.attention_block}")
-
-    @property
-    def time_embed_dim(self) -> int:
-        return 4 * self.block_out_channels[0]
-
-    @classmethod
-    def sd15(cls, **overrides) -> "UNetConfig":
-        """Stable Diffusion 1.5 (and its fine-tunes)."""
-        return cls(**overrides)
-
-    @classmethod
-    def from_diffusers(cls, config: Mapping[str, Any], **overrides) -> "UNetConfig":
-        """From a diffusers `unet/config.json` dict; rejects features this model lacks.
-
-        Fields absent from `config` take diffusers' own defaults. Unknown fields and fields
-        whose value we do not implement raise ValueError naming the field.
-        """
-        unknown = sorted(
-            k for k in config
-            if not k.startswith("_") and k not in _DIFFUSERS_USED and k not in _DIFFUSERS_FIXED
-            and k not in _DIFFUSERS_IGNORED
-        )
-        if unknown:
-            raise ValueError(f"unsupported UNet config fields: {', '.join(unknown)}")
-        for field, accepted in _DIFFUSERS_FIXED.items():
-            if field in config and not _accepts(config[field], accepted):
-                raise ValueError(
-                    f"unsupported UNet config: {field}={config[field]!r} (only {accepted!r} is implemented)"
-                )
-        get = lambda k: config.get(k, _DIFFUSERS_USED[k])  # noqa: E731
-        levels = len(get("block_out_channels"))
-        if config.get("num_attention_heads") is not None:
-            raise ValueError(
-                "unsupported UNet config: num_attention_heads is set; diffusers' UNet2DConditionModel "
-                "takes the head count from attention_head_dim"
-            )
-        if get("norm_num_groups") is None:
-            raise ValueError("unsupported UNet config: norm_num_groups=None (no output GroupNorm)")
-        # diffusers' historical naming: `attention_head_dim` holds the number of HEADS.
-        heads = get("attention_head_dim")
-        heads = (heads,) * levels if isinstance(heads, int) else tuple(heads)
-        kwargs = dict(
-            in_channels=get("in_channels"),
-            out_channels=get("out_channels"),
-            block_out_channels=tuple(get("block_out_channels")),
-            layers_per_block=_uniform(get("layers_per_block"), "layers_per_block"),
-            down_block_types=tuple(get("down_block_types")),
-            up_block_types=tuple(get("up_block_types")),
-            num_attention_heads=heads,
-            cross_attention_dim=_uniform(get("cross_attention_dim"), "cross_attention_dim"),
-            norm_num_groups=get("norm_num_groups"),
-            norm_eps=float(get("norm_eps")),
-            sample_size=get("sample_size"),
-            flip_sin_to_cos=bool(get("flip_sin_to_cos")),
-            freq_shift=get("freq_shift"),
-            use_linear_projection=bool(get("use_linear_projection")),
-        )
-        kwargs.update(overrides)
-        return cls(**kwargs)
-
-
-# Fields we read, with diffusers' UNet2DConditionModel defaults for absent ones.
-_DIFFUSERS_USED: dict[str, Any] = {
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "layers_per_block": 2,
-    "down_block_types": (CROSS_ATTN_DOWN, CROSS_ATTN_DOWN, CROSS_ATTN_DOWN, PLAIN_DOWN),
-    "up_block_types": (PLAIN_UP, CROSS_ATTN_UP, CROSS_ATTN_UP, CROSS_ATTN_UP),
-    "attention_head_dim": 8,
-    "num_attention_heads": None,
-    "cross_attention_dim": 1280,
-    "norm_num_groups": 32,
-    "norm_eps": 1e-5,
-    "sample_size": None,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "use_linear_projection": False,
-}
-# Fields that change the computation: only these values are implemented.
-_DIFFUSERS_FIXED: dict[str, Any] = {
-    "center_input_sample": False,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "only_cross_attention": False,
-    "mid_block_only_cross_attention": (None, False),
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "act_fn": "silu",
-    "transformer_layers_per_block": 1,
-    "reverse_transformer_layers_per_block": None,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "dual_cross_attention": False,
-    "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
-    "num_class_embeds": None,
-    "resnet_time_scale_shift": "default",
-    "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0,
-    "time_embedding_type": "positional",
-    "time_embedding_dim": None,
-    "time_embedding_act_fn": None,
-    "timestep_post_act": None,
-    "time_cond_proj_dim": None,
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
-    "attention_type": "default",
-    "class_embeddings_concat": False,
-    "cross_attention_norm": None,
-}
-# Fields with no effect on inference here: dropout (inference only); upcast_attention (our
-# logits and softmax are always float32); addition_embed_type_num_heads (only read when
-# addition_embed_type is set, which is rejected above).
-_DIFFUSERS_IGNORED = {"dropout", "upcast_attention", "addition_embed_type_num_heads"}
-
-
-def _accepts(value, accepted) -> bool:
-    options = accepted if isinstance(accepted, tuple) else (accepted,)
-    if isinstance(value, list):  # per-block lists are fine when every entry is accepted
-        return all(v in options for v in value)
-    return value in options
-
-
-def _uniform(value, name: str) -> int:
-    if isinstance(value, int):
-        return value
-    values = set(value)
-    if len(values) != 1:
-        raise ValueError(f"unsupported UNet config: per-block {name}={list(value)!r} (must be one value)")
-    return values.pop()
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -296,21 +78,6 @@ def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 # ----------------------------------------------------------------------------- modules
 
 
-def _group_norm(groups: int, eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.GroupNorm:
-    # Two-pass variance like torch (the fast E[x^2]-E[x]^2 form loses digits on offset inputs).
-    return nn.GroupNorm(
-        num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name
-    )
-
-
-def _conv(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, name: str, stride: int = 1) -> nn.Conv:
-    pad = (kernel - 1) // 2
-    return nn.Conv(
-        features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-        dtype=dtype, param_dtype=param_dtype, name=name,
-    )
-
-
 class TimestepEmbedding(nn.Module):
     """linear_1 -> SiLU -> linear_2. (B, Cin) -> (B, features)."""
 
@@ -324,29 +91,6 @@ class TimestepEmbedding(nn.Module):
         return LoRADense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_2")(
             jax.nn.silu(x)
         )
-
-
-class ResnetBlock2D(nn.Module):
-    """diffusers ResnetBlock2D ("default" time embedding). x (B,H,W,Cin), temb (B,T) -> (B,H,W,out)."""
-
-    out_channels: int
-    groups: int
-    eps: float
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = jax.nn.silu(_group_norm(self.groups, self.eps, name="norm1", **kw)(x))
-        h = _conv(self.out_channels, 3, name="conv1", **kw)(h)
-        t = LoRADense(self.out_channels, name="time_emb_proj", **kw)(jax.nn.silu(temb))
-        h = h + t[:, None, None, :]
-        h = jax.nn.silu(_group_norm(self.groups, self.eps, name="norm2", **kw)(h))
-        h = _conv(self.out_channels, 3, name="conv2", **kw)(h)
-        if x.shape[-1] != self.out_channels:
-            x = _conv(self.out_channels, 1, name="conv_shortcut", **kw)(x)
-        return x + h
 
 
 class GEGLU(nn.Module):
@@ -378,7 +122,7 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Self-attention, cross-attention (or SAA), GEGLU feed-forward; pre-LayerNorm residuals.
+    """Self-attention, cross-attention (or the configured replacement), GEGLU feed-forward; pre-LayerNorm residuals.
 
     x (B, N, C) with N = h*w row-major, context (B, L, Cc) -> (B, N, C).
     """
@@ -386,7 +130,7 @@ class BasicTransformerBlock(nn.Module):
     num_heads: int
     head_dim: int
     lora_rank: int = 0
-    saa: Optional[SAAConfig] = None
+    cross_attention: Optional[CrossAttentionFactory] = None
     attention_block: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -396,7 +140,7 @@ class BasicTransformerBlock(nn.Module):
         self,
         x: jax.Array,
         context: jax.Array,
-        identity: Optional[IdentityConditioning],
+        conditioning: Any,
         spatial_shape: tuple[int, int],
     ) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -406,12 +150,8 @@ class BasicTransformerBlock(nn.Module):
         )
         x = x + Attention(name="attn1", key_block=self.attention_block, **attn)(norm("norm1")(x))
         h = norm("norm2")(x)
-        if self.saa is not None:
-            from dynamicid_jax.dynamicid.saa import SemanticActivatedAttention  # DynamicID only
-
-            h = SemanticActivatedAttention(config=self.saa, name="attn2", **attn)(
-                h, context, identity, spatial_shape=spatial_shape
-            )
+        if self.cross_attention is not None:
+            h = self.cross_attention(name="attn2", **attn)(h, context, conditioning, spatial_shape=spatial_shape)
         else:
             h = Attention(name="attn2", key_block=self.attention_block, **attn)(h, context)
         x = x + h
@@ -429,21 +169,22 @@ class Transformer2DModel(nn.Module):
     num_heads: int
     groups: int
     lora_rank: int = 0
-    saa: Optional[SAAConfig] = None
+    cross_attention: Optional[CrossAttentionFactory] = None
     attention_block: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array, identity: Optional[IdentityConditioning]) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, conditioning: Any) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, h, w, c = x.shape
-        y = _group_norm(self.groups, TRANSFORMER_GROUPNORM_EPS, name="norm", **kw)(x)
+        y = group_norm(self.groups, TRANSFORMER_GROUPNORM_EPS, name="norm", **kw)(x)
         y = LoRADense(c, name="proj_in", **kw)(y.reshape(b, h * w, c))
         y = BasicTransformerBlock(
-            num_heads=self.num_heads, head_dim=c // self.num_heads, lora_rank=self.lora_rank, saa=self.saa,
+            num_heads=self.num_heads, head_dim=c // self.num_heads, lora_rank=self.lora_rank,
+            cross_attention=self.cross_attention,
             attention_block=self.attention_block, name="transformer_blocks_0", **kw,
-        )(y, context, identity, (h, w))
+        )(y, context, conditioning, (h, w))
         y = LoRADense(c, name="proj_out", **kw)(y)
         return x + y.reshape(b, h, w, c)
 
@@ -456,7 +197,7 @@ class Downsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _conv(x.shape[-1], 3, self.dtype, self.param_dtype, name="conv", stride=2)(x)
+        return conv2d(x.shape[-1], 3, self.dtype, self.param_dtype, name="conv", stride=2)(x)
 
 
 class Upsample2D(nn.Module):
@@ -467,7 +208,7 @@ class Upsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, size: tuple[int, int]) -> jax.Array:
-        return _conv(x.shape[-1], 3, self.dtype, self.param_dtype, name="conv")(resize_nearest(x, size))
+        return conv2d(x.shape[-1], 3, self.dtype, self.param_dtype, name="conv")(resize_nearest(x, size))
 
 
 class DownBlock(nn.Module):
@@ -485,22 +226,22 @@ class DownBlock(nn.Module):
     with_attention: bool
     add_downsample: bool
     lora_rank: int = 0
-    saa: Optional[SAAConfig] = None
+    cross_attention: Optional[CrossAttentionFactory] = None
     attention_block: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, temb, context, identity) -> tuple[jax.Array, list[jax.Array]]:
+    def __call__(self, x, temb, context, conditioning) -> tuple[jax.Array, list[jax.Array]]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         skips = []
         for i in range(self.num_layers):
             x = ResnetBlock2D(self.out_channels, self.groups, self.eps, name=f"resnets_{i}", **kw)(x, temb)
             if self.with_attention:
                 x = Transformer2DModel(
-                    self.num_heads, self.groups, self.lora_rank, self.saa, self.attention_block,
+                    self.num_heads, self.groups, self.lora_rank, self.cross_attention, self.attention_block,
                     name=f"attentions_{i}", **kw,
-                )(x, context, identity)
+                )(x, context, conditioning)
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(name="downsamplers_0", **kw)(x)
@@ -522,13 +263,13 @@ class UpBlock(nn.Module):
     eps: float
     with_attention: bool
     lora_rank: int = 0
-    saa: Optional[SAAConfig] = None
+    cross_attention: Optional[CrossAttentionFactory] = None
     attention_block: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, skips: Sequence[jax.Array], temb, context, identity, upsample_size=None) -> jax.Array:
+    def __call__(self, x, skips: Sequence[jax.Array], temb, context, conditioning, upsample_size=None) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if len(skips) != self.num_layers:
             raise ValueError(f"UpBlock expects {self.num_layers} skip states, got {len(skips)}")
@@ -537,9 +278,9 @@ class UpBlock(nn.Module):
             x = ResnetBlock2D(self.out_channels, self.groups, self.eps, name=f"resnets_{i}", **kw)(x, temb)
             if self.with_attention:
                 x = Transformer2DModel(
-                    self.num_heads, self.groups, self.lora_rank, self.saa, self.attention_block,
+                    self.num_heads, self.groups, self.lora_rank, self.cross_attention, self.attention_block,
                     name=f"attentions_{i}", **kw,
-                )(x, context, identity)
+                )(x, context, conditioning)
         if upsample_size is not None:
             x = Upsample2D(name="upsamplers_0", **kw)(x, upsample_size)
         return x
@@ -552,19 +293,20 @@ class MidBlock2DCrossAttn(nn.Module):
     groups: int
     eps: float
     lora_rank: int = 0
-    saa: Optional[SAAConfig] = None
+    cross_attention: Optional[CrossAttentionFactory] = None
     attention_block: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, temb, context, identity) -> jax.Array:
+    def __call__(self, x, temb, context, conditioning) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         c = x.shape[-1]
         x = ResnetBlock2D(c, self.groups, self.eps, name="resnets_0", **kw)(x, temb)
         x = Transformer2DModel(
-            self.num_heads, self.groups, self.lora_rank, self.saa, self.attention_block, name="attentions_0", **kw
-        )(x, context, identity)
+            self.num_heads, self.groups, self.lora_rank, self.cross_attention, self.attention_block,
+            name="attentions_0", **kw,
+        )(x, context, conditioning)
         return ResnetBlock2D(c, self.groups, self.eps, name="resnets_1", **kw)(x, temb)
 
 
@@ -572,9 +314,10 @@ class UNet2DConditionModel(nn.Module):
     """SD1.5-style conditional UNet, channels-last.
 
     __call__(sample (B,H,W,Cin), timesteps (B,) or (), context (B,L,Ccross),
-             identity: IdentityConditioning | None = None) -> (B,H,W,Cout) float32.
+             conditioning=None) -> (B,H,W,Cout) float32.
     Any H, W >= 1 work; sizes that are not multiples of 2**(levels-1) follow diffusers.
-    `identity` is required by nothing but SAA; passing it to a UNet without SAA is an error.
+    `conditioning` goes to the `config.saa` modules (DynamicID: an
+    IdentityConditioning); giving it to a UNet with plain attention is an error.
     """
 
     config: UNetConfig
@@ -587,16 +330,16 @@ class UNet2DConditionModel(nn.Module):
         sample: jax.Array,
         timesteps: jax.Array,
         context: jax.Array,
-        identity: Optional[IdentityConditioning] = None,
+        conditioning: Any = None,
     ) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         blocks = dict(
-            groups=cfg.norm_num_groups, eps=cfg.norm_eps, lora_rank=cfg.lora_rank, saa=cfg.saa,
+            groups=cfg.norm_num_groups, eps=cfg.norm_eps, lora_rank=cfg.lora_rank, cross_attention=cfg.saa,
             attention_block=cfg.attention_block, **kw,
         )
-        if identity is not None and cfg.saa is None:
-            raise ValueError("identity conditioning was given but UNetConfig.saa is None (no SAA layers to use it)")
+        if conditioning is not None and cfg.saa is None:
+            raise ValueError("conditioning was given but UNetConfig.saa is None (plain attention ignores it)")
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
             raise ValueError(f"sample must be (B, H, W, {cfg.in_channels}) NHWC, got {sample.shape}")
         if context.ndim != 3 or context.shape[-1] != cfg.cross_attention_dim:
@@ -607,7 +350,7 @@ class UNet2DConditionModel(nn.Module):
         t = timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         temb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(t)
 
-        x = _conv(cfg.block_out_channels[0], 3, name="conv_in", **kw)(sample)
+        x = conv2d(cfg.block_out_channels[0], 3, name="conv_in", **kw)(sample)
         skips = [x]
         levels = len(cfg.block_out_channels)
         for i, block_type in enumerate(cfg.down_block_types):
@@ -619,10 +362,10 @@ class UNet2DConditionModel(nn.Module):
                 add_downsample=i < levels - 1,
                 name=f"down_blocks_{i}",
                 **blocks,
-            )(x, temb, context, identity)
+            )(x, temb, context, conditioning)
             skips.extend(states)
 
-        x = MidBlock2DCrossAttn(cfg.num_attention_heads[-1], name="mid_block", **blocks)(x, temb, context, identity)
+        x = MidBlock2DCrossAttn(cfg.num_attention_heads[-1], name="mid_block", **blocks)(x, temb, context, conditioning)
 
         up_channels = cfg.block_out_channels[::-1]
         up_heads = cfg.num_attention_heads[::-1]
@@ -638,10 +381,10 @@ class UNet2DConditionModel(nn.Module):
                 with_attention=block_type == CROSS_ATTN_UP,
                 name=f"up_blocks_{i}",
                 **blocks,
-            )(x, block_skips, temb, context, identity, upsample_size)
+            )(x, block_skips, temb, context, conditioning, upsample_size)
 
-        x = jax.nn.silu(_group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x))
-        x = _conv(cfg.out_channels, 3, name="conv_out", **kw)(x)
+        x = jax.nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x))
+        x = conv2d(cfg.out_channels, 3, name="conv_out", **kw)(x)
         return x.astype(jnp.float32)
 
 
@@ -687,10 +430,11 @@ def unet_key_fn(path: tuple[str, ...]) -> Optional[tuple[str, torch_import.Trans
     return None
 
 
-def unet_abstract_params(module: UNet2DConditionModel, identity: Optional[IdentityConditioning] = None):
+def unet_abstract_params(module: UNet2DConditionModel, conditioning: Any = None):
     """Parameter shapes (ShapeDtypeStructs) of `module`, without running an init.
 
-    identity: example identity inputs (arrays or ShapeDtypeStructs, batch 1) for an SAA UNet.
+    conditioning: example inputs (arrays or ShapeDtypeStructs, batch 1) for the
+      `config.saa` modules, when the config has them.
     """
     cfg = module.config
     size = 2 ** (len(cfg.block_out_channels) - 1)
@@ -698,7 +442,7 @@ def unet_abstract_params(module: UNet2DConditionModel, identity: Optional[Identi
     timesteps = jax.ShapeDtypeStruct((1,), jnp.float32)
     context = jax.ShapeDtypeStruct((1, 1, cfg.cross_attention_dim), jnp.float32)
     variables = jax.eval_shape(
-        lambda s, t, c, i: module.init(jax.random.key(0), s, t, c, i), sample, timesteps, context, identity
+        lambda s, t, c, i: module.init(jax.random.key(0), s, t, c, i), sample, timesteps, context, conditioning
     )
     return variables["params"]
 
@@ -717,7 +461,7 @@ def load_unet(
     `module.apply({"params": params}, sample, timesteps, context)`.
     Raises WeightImportError listing every missing, unexpected and mis-shaped key.
     """
-    config, params = torch_import.read_component(
+    config, params = weight_sources.read_component(
         path, name="unet", subfolder="unet", weight_stems=["diffusion_pytorch_model", "diffusion_pytorch_model.fp16"],
         config_cls=UNetConfig, config_from_json=UNetConfig.from_diffusers, import_fn=import_unet_params,
         single_file=True, config=config)

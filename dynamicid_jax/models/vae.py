@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamicid_jax.models import torch_import
-from dynamicid_jax.models.layers import Attention
+from dynamicid_jax.models import torch_import, weight_sources
+from dynamicid_jax.models.layers import Attention, ResnetBlock2D, conv2d, group_norm
 
 Dtype = Any
 
@@ -91,33 +91,13 @@ def sample_latent(mean: jax.Array, logvar: jax.Array, rng: jax.Array) -> jax.Arr
 
 
 def _group_norm(groups: int, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=groups, epsilon=NORM_EPS, dtype=dtype, param_dtype=param_dtype, name=name)
+    """The VAE's GroupNorm: eps NORM_EPS, flax's fast variance."""
+    return group_norm(groups, NORM_EPS, dtype, param_dtype, name, two_pass=False)
 
 
-def _conv(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, name: str, stride: int = 1,
-          padding: Any = "SAME") -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                   dtype=dtype, param_dtype=param_dtype, name=name)
-
-
-class ResnetBlock(nn.Module):
-    """diffusers ResnetBlock2D without time embedding: (B, H, W, Cin) -> (B, H, W, out_channels)."""
-
-    out_channels: int
-    groups: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.silu(_group_norm(self.groups, name="norm1", **kw)(x))
-        h = _conv(self.out_channels, 3, name="conv1", **kw)(h)
-        h = nn.silu(_group_norm(self.groups, name="norm2", **kw)(h))
-        h = _conv(self.out_channels, 3, name="conv2", **kw)(h)
-        if x.shape[-1] != self.out_channels:
-            x = _conv(self.out_channels, 1, name="conv_shortcut", **kw)(x)
-        return x + h
+def _resnet(channels: int, groups: int, name: str, **kw) -> ResnetBlock2D:
+    """The VAE's resnet: no time embedding, the VAE's GroupNorm."""
+    return ResnetBlock2D(channels, groups, NORM_EPS, two_pass_norm=False, name=name, **kw)
 
 
 class SpatialSelfAttention(nn.Module):
@@ -156,10 +136,10 @@ class MidBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         c = x.shape[-1]
-        x = ResnetBlock(c, self.groups, name="resnets_0", **kw)(x)
+        x = _resnet(c, self.groups, name="resnets_0", **kw)(x)
         if self.add_attention:
             x = SpatialSelfAttention(c, self.groups, name="attentions_0", **kw)(x)
-        return ResnetBlock(c, self.groups, name="resnets_1", **kw)(x)
+        return _resnet(c, self.groups, name="resnets_1", **kw)(x)
 
 
 class Downsample(nn.Module):
@@ -171,7 +151,7 @@ class Downsample(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return _conv(x.shape[-1], 3, self.dtype, self.param_dtype, "conv", stride=2, padding="VALID")(x)
+        return conv2d(x.shape[-1], 3, self.dtype, self.param_dtype, "conv", stride=2, padding="VALID")(x)
 
 
 class Upsample(nn.Module):
@@ -183,7 +163,7 @@ class Upsample(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return _conv(x.shape[-1], 3, self.dtype, self.param_dtype, "conv")(x)
+        return conv2d(x.shape[-1], 3, self.dtype, self.param_dtype, "conv")(x)
 
 
 class _DownEncoderBlock(nn.Module):
@@ -200,7 +180,7 @@ class _DownEncoderBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for j in range(self.num_layers):
-            x = ResnetBlock(self.channels, self.groups, name=f"resnets_{j}", **kw)(x)
+            x = _resnet(self.channels, self.groups, name=f"resnets_{j}", **kw)(x)
         if self.add_downsample:
             x = Downsample(name="downsamplers_0", **kw)(x)
         return x
@@ -220,7 +200,7 @@ class _UpDecoderBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for j in range(self.num_layers):
-            x = ResnetBlock(self.channels, self.groups, name=f"resnets_{j}", **kw)(x)
+            x = _resnet(self.channels, self.groups, name=f"resnets_{j}", **kw)(x)
         if self.add_upsample:
             x = Upsample(name="upsamplers_0", **kw)(x)
         return x
@@ -236,14 +216,14 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = _conv(cfg.block_out_channels[0], 3, name="conv_in", **kw)(x)
+        x = conv2d(cfg.block_out_channels[0], 3, name="conv_in", **kw)(x)
         for i, channels in enumerate(cfg.block_out_channels):
             x = _DownEncoderBlock(channels, cfg.layers_per_block, cfg.norm_num_groups,
                                   add_downsample=i < len(cfg.block_out_channels) - 1,
                                   name=f"down_blocks_{i}", **kw)(x)
         x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, name="mid_block", **kw)(x)
         x = nn.silu(_group_norm(cfg.norm_num_groups, name="conv_norm_out", **kw)(x))
-        return _conv(2 * cfg.latent_channels, 3, name="conv_out", **kw)(x)
+        return conv2d(2 * cfg.latent_channels, 3, name="conv_out", **kw)(x)
 
 
 class Decoder(nn.Module):
@@ -257,13 +237,13 @@ class Decoder(nn.Module):
     def __call__(self, z: jax.Array) -> jax.Array:
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         widths = tuple(reversed(cfg.block_out_channels))
-        x = _conv(widths[0], 3, name="conv_in", **kw)(z)
+        x = conv2d(widths[0], 3, name="conv_in", **kw)(z)
         x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, name="mid_block", **kw)(x)
         for i, channels in enumerate(widths):
             x = _UpDecoderBlock(channels, cfg.layers_per_block + 1, cfg.norm_num_groups,
                                 add_upsample=i < len(widths) - 1, name=f"up_blocks_{i}", **kw)(x)
         x = nn.silu(_group_norm(cfg.norm_num_groups, name="conv_norm_out", **kw)(x))
-        return _conv(cfg.out_channels, 3, name="conv_out", **kw)(x)
+        return conv2d(cfg.out_channels, 3, name="conv_out", **kw)(x)
 
 
 class AutoencoderKL(nn.Module):
@@ -283,9 +263,9 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(cfg, **kw)
         self.decoder = Decoder(cfg, **kw)
         if cfg.use_quant_conv:
-            self.quant_conv = _conv(2 * cfg.latent_channels, 1, name="quant_conv", **kw)
+            self.quant_conv = conv2d(2 * cfg.latent_channels, 1, name="quant_conv", **kw)
         if cfg.use_post_quant_conv:
-            self.post_quant_conv = _conv(cfg.latent_channels, 1, name="post_quant_conv", **kw)
+            self.post_quant_conv = conv2d(cfg.latent_channels, 1, name="post_quant_conv", **kw)
 
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         moments = self.encoder(images)
@@ -365,7 +345,7 @@ def load_vae(path: str | os.PathLike, dtype: Dtype = jnp.float32, config: Option
     config: only for single-file checkpoints, which carry no config; defaults to SD1.5's.
     dtype: compute dtype of the returned module; params stay float32 numpy arrays.
     """
-    config, params = torch_import.read_component(
+    config, params = weight_sources.read_component(
         path, name="vae", subfolder="vae", weight_stems=["diffusion_pytorch_model"], config_cls=VAEConfig,
         config_from_json=VAEConfig.from_diffusers, import_fn=import_vae_params, single_file=True, config=config)
     return AutoencoderKL(config, dtype=dtype), params

@@ -23,9 +23,6 @@ from dynamicid_jax import modeling
 from dynamicid_jax.errors import ConfigError
 from dynamicid_jax.training import checkpoints
 
-SAA_STEMS = ("SAA.bin", "SAA.safetensors")
-
-
 def fresh_component(modules, name: str, rng: jax.Array):
     """Random init of one component (the trainable new modules)."""
     return jax.tree.map(np.asarray, modeling.init_component(modules, name, rng))
@@ -92,7 +89,7 @@ def stage1_params(config, modules) -> dict:
     if not config.init.stage1:
         raise ConfigError("config.init.stage1 is empty: give a stage-1 workdir or a folder with SAA.bin")
     source = pathlib.Path(config.init.stage1)
-    saa = next((source / s for s in SAA_STEMS if (source / s).is_file()), None)
+    saa = pw.find_release_file(source, "SAA")
     if saa is None:
         trained = checkpoints.load_trained_params(source, modules)
         missing = [c for c in ("unet", "face_projection", "text_encoder") if c not in trained]

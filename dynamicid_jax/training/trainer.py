@@ -180,8 +180,9 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
             # read, decode and place the next batches while steps run; next() hands over ready
             # arrays, or waits for them.
             wait_start = time.perf_counter()
+            previous = batch  # kept alive until this step is dispatched (freed by `del` below)
             try:
-                previous, batch = batch, next(batches)
+                batch = next(batches)
             except records.RecordFormatError as e:
                 raise records.RecordFormatError(
                     f"{e} (read for step {step + 1}; checkpoints so far are kept: "
@@ -191,7 +192,8 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
             consumed = batches.get_state()  # just after this batch: where a checkpoint of this step resumes
             state, metrics = compiled(state, fixed, batch)  # dispatched asynchronously
             # Free the previous batch while this step computes: freed as soon as its own step had
-            # finished (at `batch = next(...)`), it blocked the loop ~0.7 ms per tiny CPU step.
+            # finished (at `batch = next(...)`), its buffers' release blocked the loop before the
+            # next dispatch (figure: benchmarks/input_share_report.md).
             del previous
             step += 1
             window_steps += 1
@@ -312,9 +314,9 @@ def _write_summary(workdir: pathlib.Path, last: dict, corrupt) -> None:
 
 
 def _summary_writer(workdir):
-    from tensorboardX import SummaryWriter
+    from dynamicid_jax.torchless import import_hiding_torch
 
-    return SummaryWriter(str(workdir))
+    return import_hiding_torch("tensorboardX").SummaryWriter(str(workdir))
 
 
 def _progress(config, step: int, is_main: bool):

@@ -1,0 +1,244 @@
+"""The static shape of a diffusers `UNet2DConditionModel`: `UNetConfig`, read from a diffusers
+`unet/config.json` (`UNetConfig.from_diffusers`, which rejects every feature `models/unet.py`
+does not implement, naming the field), plus the interface of a replacement cross-attention
+(`CrossAttentionFactory`). No linen module here; `models/unet.py` builds the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Protocol
+
+import flax.linen as nn
+
+CROSS_ATTN_DOWN = "CrossAttnDownBlock2D"
+PLAIN_DOWN = "DownBlock2D"
+CROSS_ATTN_UP = "CrossAttnUpBlock2D"
+PLAIN_UP = "UpBlock2D"
+
+
+class CrossAttentionFactory(Protocol):
+    """What `UNetConfig.saa` holds: a hashable (frozen dataclass) factory.
+
+    factory(num_heads=, head_dim=, lora_rank=, dtype=, param_dtype=, name="attn2") returns a
+    linen module called as module(x (B, N, C), context (B, L, Cc), conditioning,
+    spatial_shape=(h, w)) -> (B, N, C), where `conditioning` is the UNet's own argument,
+    passed through untouched.
+    """
+
+    def __call__(self, **attention_kwargs) -> nn.Module: ...
+
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """Static shape of a UNet2DConditionModel. Defaults are SD1.5's.
+
+    num_attention_heads: heads per down level (up levels use them reversed, the mid block
+      the last one), as diffusers does. diffusers' SD1.5 config spells this
+      `attention_head_dim: 8`, which in fact means 8 heads (see `from_diffusers`).
+    lora_rank: LoRA rank on to_q/to_k/to_v/to_out of every attn1 and attn2 (0 = none).
+    saa: None = plain attention in every attn2; else a `CrossAttentionFactory` whose modules
+      replace them and take the UNet's `conditioning`. Named for its one user (DynamicID's
+      Semantic-Activated Attention) because the field name is part of the converted-folder
+      JSON (`convert.py`), which must keep reading folders written before.
+    attention_block: execution choice, not a weight shape: attention over more keys than
+      this runs through `layers.attend_long` (CPU: blockwise in blocks of this size, 512 the
+      fastest of 256/512/1024 on 2 cores, ~3x faster than materialised logits for the
+      4096-token self-attention at 512 px; GPU in bfloat16: cuDNN flash attention, 2.7x
+      faster than materialised logits on an H200, benchmarks/gpu_report.md). None = always
+      materialise all logits.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    down_block_types: tuple[str, ...] = (CROSS_ATTN_DOWN, CROSS_ATTN_DOWN, CROSS_ATTN_DOWN, PLAIN_DOWN)
+    up_block_types: tuple[str, ...] = (PLAIN_UP, CROSS_ATTN_UP, CROSS_ATTN_UP, CROSS_ATTN_UP)
+    num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)
+    cross_attention_dim: int = 768
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    sample_size: int | tuple[int, int] = 64
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    use_linear_projection: bool = False
+    lora_rank: int = 0
+    saa: Optional[CrossAttentionFactory] = None
+    attention_block: Optional[int] = 512
+
+    def __post_init__(self):
+        # Normalise list-valued fields to tuples so the config stays hashable.
+        for name in ("block_out_channels", "down_block_types", "up_block_types"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        heads = self.num_attention_heads
+        heads = (heads,) * len(self.block_out_channels) if isinstance(heads, int) else tuple(heads)
+        object.__setattr__(self, "num_attention_heads", heads)
+        if isinstance(self.sample_size, (list, tuple)):
+            object.__setattr__(self, "sample_size", tuple(self.sample_size))
+        self._validate()
+
+    def _validate(self):
+        levels = len(self.block_out_channels)
+        for name in ("down_block_types", "up_block_types", "num_attention_heads"):
+            if len(getattr(self, name)) != levels:
+                raise ValueError(
+                    f"UNetConfig.{name} has {len(getattr(self, name))} entries, "
+                    f"block_out_channels has {levels}"
+                )
+        for t in self.down_block_types:
+            if t not in (CROSS_ATTN_DOWN, PLAIN_DOWN):
+                raise ValueError(f"UNetConfig.down_block_types: unsupported block {t!r}")
+        for t in self.up_block_types:
+            if t not in (CROSS_ATTN_UP, PLAIN_UP):
+                raise ValueError(f"UNetConfig.up_block_types: unsupported block {t!r}")
+        for level, (c, h) in enumerate(zip(self.block_out_channels, self.num_attention_heads)):
+            if c % self.norm_num_groups:
+                raise ValueError(
+                    f"UNetConfig.block_out_channels[{level}]={c} is not divisible by norm_num_groups="
+                    f"{self.norm_num_groups}"
+                )
+            if c % h:
+                raise ValueError(
+                    f"UNetConfig.block_out_channels[{level}]={c} is not divisible by "
+                    f"num_attention_heads[{level}]={h}"
+                )
+        if self.layers_per_block < 1:
+            raise ValueError(f"UNetConfig.layers_per_block must be >= 1, got {self.layers_per_block}")
+        if self.lora_rank < 0:
+            raise ValueError(f"UNetConfig.lora_rank must be >= 0, got {self.lora_rank}")
+        if self.attention_block is not None and self.attention_block < 1:
+            raise ValueError(f"UNetConfig.attention_block must be None or >= 1, got {self.attention_block}")
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.block_out_channels[0]
+
+    @classmethod
+    def sd15(cls, **overrides) -> "UNetConfig":
+        """Stable Diffusion 1.5 (and its fine-tunes)."""
+        return cls(**overrides)
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any], **overrides) -> "UNetConfig":
+        """From a diffusers `unet/config.json` dict; rejects features this model lacks.
+
+        Fields absent from `config` take diffusers' own defaults. Unknown fields and fields
+        whose value we do not implement raise ValueError naming the field.
+        """
+        unknown = sorted(
+            k for k in config
+            if not k.startswith("_") and k not in _DIFFUSERS_USED and k not in _DIFFUSERS_FIXED
+            and k not in _DIFFUSERS_IGNORED
+        )
+        if unknown:
+            raise ValueError(f"unsupported UNet config fields: {', '.join(unknown)}")
+        for field, accepted in _DIFFUSERS_FIXED.items():
+            if field in config and not _accepts(config[field], accepted):
+                raise ValueError(
+                    f"unsupported UNet config: {field}={config[field]!r} (only {accepted!r} is implemented)"
+                )
+        get = lambda k: config.get(k, _DIFFUSERS_USED[k])  # noqa: E731
+        levels = len(get("block_out_channels"))
+        if config.get("num_attention_heads") is not None:
+            raise ValueError(
+                "unsupported UNet config: num_attention_heads is set; diffusers' UNet2DConditionModel "
+                "takes the head count from attention_head_dim"
+            )
+        if get("norm_num_groups") is None:
+            raise ValueError("unsupported UNet config: norm_num_groups=None (no output GroupNorm)")
+        # diffusers' historical naming: `attention_head_dim` holds the number of HEADS.
+        heads = get("attention_head_dim")
+        heads = (heads,) * levels if isinstance(heads, int) else tuple(heads)
+        kwargs = dict(
+            in_channels=get("in_channels"),
+            out_channels=get("out_channels"),
+            block_out_channels=tuple(get("block_out_channels")),
+            layers_per_block=_uniform(get("layers_per_block"), "layers_per_block"),
+            down_block_types=tuple(get("down_block_types")),
+            up_block_types=tuple(get("up_block_types")),
+            num_attention_heads=heads,
+            cross_attention_dim=_uniform(get("cross_attention_dim"), "cross_attention_dim"),
+            norm_num_groups=get("norm_num_groups"),
+            norm_eps=float(get("norm_eps")),
+            sample_size=get("sample_size"),
+            flip_sin_to_cos=bool(get("flip_sin_to_cos")),
+            freq_shift=get("freq_shift"),
+            use_linear_projection=bool(get("use_linear_projection")),
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+# Fields we read, with diffusers' UNet2DConditionModel defaults for absent ones.
+_DIFFUSERS_USED: dict[str, Any] = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "down_block_types": (CROSS_ATTN_DOWN, CROSS_ATTN_DOWN, CROSS_ATTN_DOWN, PLAIN_DOWN),
+    "up_block_types": (PLAIN_UP, CROSS_ATTN_UP, CROSS_ATTN_UP, CROSS_ATTN_UP),
+    "attention_head_dim": 8,
+    "num_attention_heads": None,
+    "cross_attention_dim": 1280,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "sample_size": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "use_linear_projection": False,
+}
+# Fields that change the computation: only these values are implemented.
+_DIFFUSERS_FIXED: dict[str, Any] = {
+    "center_input_sample": False,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "only_cross_attention": False,
+    "mid_block_only_cross_attention": (None, False),
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "transformer_layers_per_block": 1,
+    "reverse_transformer_layers_per_block": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "num_class_embeds": None,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "cross_attention_norm": None,
+}
+# Fields with no effect on inference here: dropout (inference only); upcast_attention (our
+# logits and softmax are always float32); addition_embed_type_num_heads (only read when
+# addition_embed_type is set, which is rejected above).
+_DIFFUSERS_IGNORED = {"dropout", "upcast_attention", "addition_embed_type_num_heads"}
+
+
+def _accepts(value, accepted) -> bool:
+    options = accepted if isinstance(accepted, tuple) else (accepted,)
+    if isinstance(value, list):  # per-block lists are fine when every entry is accepted
+        return all(v in options for v in value)
+    return value in options
+
+
+def _uniform(value, name: str) -> int:
+    if isinstance(value, int):
+        return value
+    values = set(value)
+    if len(values) != 1:
+        raise ValueError(f"unsupported UNet config: per-block {name}={list(value)!r} (must be one value)")
+    return values.pop()

@@ -1,0 +1,60 @@
+"""Where a model loader's weights come from: the one dispatch `load_unet`, `load_vae`,
+`load_text_encoder` and `load_vision_encoder` share.
+
+A path is, in the order tried: a converted folder (`models/converted.py`, orbax, no torch),
+a single-file SD1.5 checkpoint (`models/single_file.py`), a diffusers pipeline folder or a
+component folder (`config.json` + weights, read by `models/torch_import.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any, Callable, Sequence
+
+from dynamicid_jax.errors import MissingFileError
+from dynamicid_jax.models import converted
+from dynamicid_jax.models.single_file import extract_component
+from dynamicid_jax.models.torch_import import StateDict, find_weight_file, read_state_dict
+
+
+def read_component(
+    path: str | os.PathLike,
+    *,
+    name: str,
+    subfolder: str,
+    weight_stems: Sequence[str],
+    config_cls: type,
+    config_from_json: Callable[[dict], Any],
+    import_fn: Callable[[Any, StateDict], Any],
+    single_file: bool = False,
+    config: Any = None,
+) -> tuple[Any, Any]:
+    """The one dispatch every model loader shares -> (config, params).
+
+    path, in the order tried: a folder written by `python -m dynamicid_jax.convert` (orbax, no
+    torch); with `single_file`, a single checkpoint file (SD1.5 `.safetensors`/`.ckpt`, the
+    component split out by `single_file.extract_component`; it carries no config, so `config=`
+    or else `config_cls.sd15()`); a pipeline folder holding `subfolder/config.json`; a component
+    folder holding `config.json` (read by `config_from_json`). name: the component (`unet`,
+    `vae`, `text_encoder`, `vision_encoder`), as convert and single_file spell it.
+    import_fn(config, state_dict) -> params raises WeightImportError on any key mismatch.
+    """
+    path = pathlib.Path(path)
+    if config is not None and not path.is_file():
+        raise ValueError(f"loading {name}: config= is only for single-file checkpoints; {path} carries its own config")
+    if converted.is_converted(path):
+        return converted.load_converted(path, name, config_cls)
+    if path.is_file():
+        if not single_file:
+            raise ValueError(f"loading {name}: {path} is a file; {name} weights come as a folder with config.json")
+        config = config or config_cls.sd15()
+        return config, import_fn(config, extract_component(path, name))
+    for folder in (path / subfolder, path):
+        if (folder / "config.json").is_file():
+            config = config_from_json(json.loads((folder / "config.json").read_text()))
+            return config, import_fn(config, read_state_dict(find_weight_file(folder, weight_stems)))
+    if not path.exists():
+        raise MissingFileError(f"{name} weights not found: {path}")
+    raise MissingFileError(f"{path}: neither {subfolder}/config.json nor config.json (a {name} folder) found")
