@@ -82,7 +82,8 @@ def main() -> None:
                 prompt="two people", negative_prompt=service.defaults.negative_prompt, seed=0, steps=args.steps,
                 guidance=service.defaults.guidance, height=size, width=size, alpha=service.defaults.alpha,
                 beta=service.defaults.beta, id_scale=service.defaults.id_scale)
-            images, details = service.pipeline.generate(request)
+            # per-step progress as launch/sample.py's bar: the program the app runs (compiled at start-up)
+            images, details = service.pipeline.generate(request, progress=lambda total: lambda: None)
             save_outputs(out / "direct", images, request, details, service.pipeline.provenance)
 
         def via_app():

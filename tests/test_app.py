@@ -195,7 +195,8 @@ def test_api_png_equals_sample_cli_and_sidecar_reproduces(app, client, test_asse
                               "--face_prompt", "", "--face_prompt", face_prompt, "--prompt", "two people at a cafe",
                               "--seed", "3", "--steps", "3", "--alpha", "1"])
     request = sample.build_request(args, service.defaults)
-    images, details = service.pipeline.generate(request)
+    # with per-step progress, as launch/sample.py's bar and the app: the program start-up compiled
+    images, details = service.pipeline.generate(request, progress=lambda total: lambda: None)
     cli_png = save_outputs(tmp_path, images, request, details, service.pipeline.provenance)[0]
     assert pathlib.Path(png).read_bytes() == cli_png.read_bytes()
     # The sidecar plus fresh uploads reproduces the picture bit for bit.
@@ -287,7 +288,9 @@ def test_activation_maps_show_each_person_in_their_box(app, client, test_assets)
                                                         box=[0, 0.5, 1, 1])],
                             prompt="two people", steps=3, height=64, width=64, alpha=1)
     captured = {}
-    service.pipeline.generate(request, activation_maps=captured, activation_steps=[0])
+    # with progress, as the app: its maps program (one compile), not a second one
+    service.pipeline.generate(request, progress=lambda total: lambda: None, activation_maps=captured,
+                              activation_steps=[0])
     m = captured[0][0]  # (people, h, w) on the 8x8 latent grid
     # Person 1's box is the left half, person 2's the right: each is injected (almost) only
     # there. The coarsest UNet grids cannot split the halves, so a little leaks; measured
