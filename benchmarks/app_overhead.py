@@ -37,6 +37,7 @@ def main() -> None:
     args = p.parse_args()
     from gradio_client import Client, handle_file
 
+    from dynamicid_jax import denoising
     from dynamicid_jax.app.service import create_service
     from dynamicid_jax.app.ui import build_demo, launch
     from dynamicid_jax.distributed import free_local_port
@@ -55,7 +56,7 @@ def main() -> None:
     port = free_local_port()
     launch(demo, service, port=port, block=False)
     client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-    cache = service.pipeline._denoise._cache_size
+    cache = denoising.compiled_programs
 
     rows = []
     for size in sizes:

@@ -188,7 +188,7 @@ def _sampling_loop(saa_params, dtype, steps):
     import numpy as np
 
     from configs import base
-    from dynamicid_jax import modeling, schedulers
+    from dynamicid_jax import denoising, modeling, schedulers
     from dynamicid_jax.sampling import DynamicIDPipeline
 
     config = base.get_config()
@@ -213,12 +213,13 @@ def _sampling_loop(saa_params, dtype, steps):
     for n in steps:
         schedule = schedulers.make_schedule("ddim", pipe.scheduler, n)
         t0 = time.perf_counter()
-        out = pipe._denoise(saa_params, vae_params, noise, context, tokens, boxes, jnp.int32(0), schedule,
-                            jax.random.PRNGKey(1)[None],  # (N, 2): one ancestral-noise key per image
-                            row(5.0), row(1, jnp.int32), row(4.0), row(1.0), row(0.0),
-                            gating=True, use_boxes=True, with_mix=False)
+        out = denoising.denoise(saa_params, vae_params, noise, context, tokens, boxes, jnp.int32(0), schedule,
+                                jax.random.PRNGKey(1)[None],  # (N, 2): one ancestral-noise key per image
+                                row(5.0), row(1, jnp.int32), row(4.0), row(1.0), row(0.0), None, jnp.int32(0),
+                                modules=pipe.modules, scheduler=pipe.scheduler, gating=True, use_boxes=True,
+                                with_mix=False)
         jax.block_until_ready(out)
-        cache_size = getattr(pipe._denoise, "_cache_size", lambda: "n/a")()
+        cache_size = denoising.compiled_programs()
         rows.append((n, time.perf_counter() - t0, cache_size))
     print("\n## Sampling loop at 512x512 (2 identities, CFG batched, VAE decode included)\n")
     print("| call | steps | wall time incl. compile (s) | compiled programs after the call |")

@@ -28,10 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamicid_jax import batching, images, outputs, schedulers
+from dynamicid_jax import batching, denoising, images, outputs, schedulers
 from dynamicid_jax.batching import ImageItem, alpha_steps  # noqa: F401  (alpha_steps: public here too)
-from dynamicid_jax.dynamicid.activation_maps import identity_activation_maps
-from dynamicid_jax.dynamicid.saa import IdentityConditioning, validate_boxes
+from dynamicid_jax.dynamicid.saa import validate_boxes
 from dynamicid_jax.errors import UserError
 from dynamicid_jax.modeling import DynamicIDModules, Params
 from dynamicid_jax.models import textual_inversion
@@ -281,14 +280,12 @@ class DynamicIDPipeline:
         self.faces = faces
         self.expressions = expressions
         self.scheduler = scheduler
-        self.table = schedulers.noise_table(scheduler)
         self.provenance = dict(provenance or {})
-        self._progress: Optional[Callable[[], None]] = None
+        self._progress: Optional[Callable[[], None]] = None  # per denoising step, when asked (`generate`)
         self.conditioning = batching.ConditioningCache(self)
         self._faces: dict[str, tuple[Any, tuple[int, int]]] = {}  # photo -> (largest face, (H, W))
         self._reference_tokens: dict[str, jax.Array] = {}  # photo -> projected tokens (T, D)
         self._mesh_params: dict[Any, Params] = {}
-        self._maps_sink: Optional[dict] = None  # step -> (N, n, h, w) activation maps, when asked
         # One program for every text: embedding tokens come in as a per-text table (traced).
         self._encode_text = jax.jit(
             lambda p, ids, extra, skip: modules.text_encoder.apply({"params": p}, ids, skip, extra), static_argnums=3)
@@ -297,7 +294,6 @@ class DynamicIDPipeline:
         self._project = jax.jit(lambda p, e, c: modules.face_projection.apply({"params": p}, e, c))
         self._landmark_features = jax.jit(lambda v, x: modules.keypoint_encoder.apply(v, x, train=False))
         self._reconfigure = jax.jit(lambda p, *a: modules.imr.apply({"params": p}, *a))
-        self._denoise = jax.jit(self._denoise_fn, static_argnames=("gating", "use_boxes", "with_mix", "capture_maps"))
 
     # -- identity -------------------------------------------------------------------------
 
@@ -402,69 +398,6 @@ class DynamicIDPipeline:
 
     # -- denoising ------------------------------------------------------------------------
 
-    def _on_step(self, step):
-        if self._progress is not None:
-            self._progress()  # may raise to cancel: the error aborts the loop between steps
-
-    def _on_maps(self, step, maps):
-        if self._maps_sink is not None:
-            self._maps_sink[int(step)] = np.asarray(maps)
-
-    def _denoise_fn(
-        self, unet_params, vae_params, noise, context, id_tokens, boxes, sampler, schedule, step_key,
-        guidance, alpha_count, beta, id_scale, mix, map_steps=None, *, gating: bool, use_boxes: bool,
-        with_mix: bool, capture_maps: bool = False,
-    ):
-        """Per image (N rows, see `batching`): noise (N, h, w, C) standard normal; context
-        (N, 2, L, D) and id_tokens (N, 2, n, T, D) as [negative, positive]; boxes (N, n, 4);
-        sampler: () int32 index into schedulers.SCHEDULERS; schedule: its `schedulers.Schedule`
-        padded to the training length (num_steps traced); step_key (N, 2): each image's key of
-        the ancestral samplers' per-step noise; guidance, alpha_count, beta, id_scale, mix (N,).
-        capture_maps: at the steps in map_steps (K,), -1 padded, send the positive rows'
-        per-identity activation maps (N, n, h, w) to the host (`_on_maps`); a separate program.
-        Returns images (N, H, W, 3) float32 in [-1, 1].
-
-        The UNet batch is 2N rows [neg_0, pos_0, neg_1, pos_1, ...]: (N, 2, ...) reshaped, so
-        with the image axis split over devices every CFG pair stays on its image's device."""
-        unet, table = self.modules.unet, self.table
-        pairs = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731  (N, 2, ...) -> (2N, ...)
-        rows = lambda v: jnp.repeat(v, 2)[:, None]  # noqa: E731  (N,) -> (2N, 1): broadcasts over queries
-        context, id_tokens, boxes = pairs(context), pairs(id_tokens), jnp.repeat(boxes, 2, axis=0)
-        guidance = guidance[:, None, None, None]
-
-        def body(i, carry):
-            x, state = carry
-            t = schedule.timesteps[i]
-            identity = IdentityConditioning(
-                tokens=id_tokens, boxes=boxes, layout_active=rows(i < alpha_count), beta=rows(beta),
-                id_scale=rows(id_scale), mix=rows(mix)[..., None, None] if with_mix else None, use_boxes=use_boxes,
-                gating=gating,
-            )
-            x_in = schedulers.scale_model_input_by_index(sampler, schedule, i, x)
-            x2 = jnp.repeat(x_in, 2, axis=0)  # [neg_0, pos_0, neg_1, pos_1, ...]
-            t2 = jnp.broadcast_to(t, (x2.shape[0],))
-            if capture_maps:
-                eps, variables = unet.apply({"params": unet_params}, x2, t2, context, identity,
-                                            mutable=["intermediates"])
-                maps = identity_activation_maps(variables["intermediates"], x.shape[1:3], id_tokens.shape[2])
-                jax.lax.cond(jnp.any(map_steps == i), lambda: jax.debug.callback(self._on_maps, i, maps[1::2]),
-                             lambda: None)
-            else:
-                eps = unet.apply({"params": unet_params}, x2, t2, context, identity)
-            eps = eps.reshape((-1, 2) + eps.shape[1:])
-            uncond, cond = eps[:, 0], eps[:, 1]
-            guided = uncond + guidance * (cond - uncond)
-            x, state = schedulers.step_by_index(sampler, table, schedule, i, guided, x, state, step_key)
-            jax.debug.callback(self._on_step, i)
-            return x, state
-
-        start = noise * schedule.init_sigma
-        memory = schedulers.init_state("dpmpp_2m", start)  # the only multistep state; others pass it on
-        latents, _ = jax.lax.fori_loop(0, schedule.num_steps, body, (start, memory))
-        scale = self.modules.vae.config.scaling_factor
-        images = self.modules.vae.apply({"params": vae_params}, latents / scale, method="decode")
-        return jnp.clip(images, -1.0, 1.0)
-
     @staticmethod
     def initial_noise(seed: int, latent_shape) -> tuple[jax.Array, jax.Array]:
         """(standard-normal start latents (N, h, w, C), per-image keys (N, 2) of the ancestral
@@ -518,20 +451,18 @@ class DynamicIDPipeline:
             schedule = jax.device_put(schedule, sharding.replicated(mesh))
         params = self._params_on(mesh)
         capture = activation_maps is not None
-        self._maps_sink = activation_maps
         a = arrays
-        try:
-            images = self._denoise(
+        with denoising.host_sink(on_step=self._progress, maps=activation_maps) as sink:
+            images = denoising.denoise(
                 params["unet"], params["vae"], a["noise"], a["context"], a["id_tokens"], a["boxes"],
                 jnp.int32(schedulers.sampler_index(request.scheduler)), schedule, a["step_key"],
                 a["guidance"], a["alpha_count"], a["beta"], a["id_scale"], a["mix"],
-                _map_steps(activation_steps) if capture else None,
-                gating=request.gating, use_boxes=batching.uses_boxes(request), with_mix=request.mix is not None,
-                capture_maps=capture,
+                _map_steps(activation_steps) if capture else None, sink,
+                modules=self.modules, scheduler=self.scheduler, gating=request.gating,
+                use_boxes=batching.uses_boxes(request), with_mix=request.mix is not None, capture_maps=capture,
+                report_steps=self._progress is not None,
             )
             images = np.asarray(jax.block_until_ready(images))[: len(items)]
-        finally:
-            self._maps_sink = None
         if capture:
             for step in activation_maps:
                 activation_maps[step] = activation_maps[step][: len(items)]
@@ -560,13 +491,18 @@ class DynamicIDPipeline:
             self._progress = None
         return images, details[0]
 
-    def warm_up(self, request: SampleRequest) -> None:
+    def warm_up(self, request: SampleRequest, report_steps: bool = False) -> None:
         """Compile the denoising program for `request`'s shapes (size, batch, identity count,
-        boxes) without reading its photos: zero identity tokens, one step."""
+        boxes) without reading its photos: zero identity tokens, one step. report_steps: the
+        program with per-step progress (what `generate(request, progress=...)` runs)."""
         validate_request(request, self.modules.vae_scale_factor)
         request = dataclasses.replace(request, steps=1, alpha=0)
         items = [ImageItem(request, k) for k in range(request.num_images)]
-        self._sample(items, _NoPhotos(self.conditioning))
+        self._progress = (lambda: None) if report_steps else None
+        try:
+            self._sample(items, _NoPhotos(self.conditioning))
+        finally:
+            self._progress = None
 
 
 class _NoPhotos:

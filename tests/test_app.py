@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from dynamicid_jax import denoising
 from dynamicid_jax.distributed import free_local_port
 from dynamicid_jax.app import forms
 from dynamicid_jax.sampling import InputError
@@ -36,7 +37,7 @@ def app(test_assets, tmp_path_factory):
     service = AppService(pipeline, config.sampling, tmp_path_factory.mktemp("app_out"), get_upload_folder(),
                          log=logs.append)
     service.warm_up([2])
-    programs = pipeline._denoise._cache_size()
+    programs = denoising.compiled_programs()
     demo = build_demo(service, DEMO_NOTICE)
     port = free_local_port()
     launch(demo, service, port=port, block=False)
@@ -213,7 +214,7 @@ def test_cancel_stops_between_steps_and_one_program_served_everything(app, clien
     done = int(str(info.value).split("step ")[1].split(" ")[0])
     assert done < 200
     # every request had the start-up shape: compiled once, at start-up, never again
-    assert service.pipeline._denoise._cache_size() == programs
+    assert denoising.compiled_programs() == programs
     assert any("(start-up)" in line for line in logs) and not any("new shape" in line for line in logs)
 
 

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from dynamicid_jax import denoising
 from dynamicid_jax.errors import UserError
 from dynamicid_jax.sampling import IdentityRequest, InputError, SampleRequest, validate_request
 
@@ -82,7 +83,7 @@ def test_lcm_lora_loads_and_samples_with_lcm(pipeline, test_assets, tmp_path):
 
     path = _lcm_lora_file(pipeline.params, tmp_path / "lcm_lora.safetensors")
     plain, _ = pipeline.generate(_request(test_assets, scheduler="lcm", steps=4, guidance=1.5))
-    programs = pipeline._denoise._cache_size()  # the pipeline is shared (demo_pipeline.py): count from here
+    programs = denoising.compiled_programs()  # the pipeline is shared (demo_pipeline.py): count from here
     original = pipeline.params
     try:
         merged, records = merge_style_loras(dict(original), [(str(path), 1.0)])
@@ -92,7 +93,7 @@ def test_lcm_lora_loads_and_samples_with_lcm(pipeline, test_assets, tmp_path):
     finally:
         pipeline.params = original
     assert details["scheduler"]["name"] == "lcm" and lcm.tobytes() != plain.tobytes()
-    assert pipeline._denoise._cache_size() == programs  # merged weights are arguments: no recompile
+    assert denoising.compiled_programs() == programs  # merged weights are arguments: no recompile
 
 
 def _cli(argv):
@@ -104,7 +105,7 @@ def _cli(argv):
 
 def test_same_seed_same_bytes_and_step_count_does_not_recompile(pipeline, test_assets):
     a, details = pipeline.generate(_request(test_assets))
-    programs = pipeline._denoise._cache_size()  # the pipeline is shared (demo_pipeline.py): count from here
+    programs = denoising.compiled_programs()  # the pipeline is shared (demo_pipeline.py): count from here
     b, _ = pipeline.generate(_request(test_assets))
     assert a.dtype == np.uint8 and a.shape == (1, 64, 64, 3)
     assert a.tobytes() == b.tobytes()
@@ -115,7 +116,7 @@ def test_same_seed_same_bytes_and_step_count_does_not_recompile(pipeline, test_a
     e, details = pipeline.generate(_request(test_assets, scheduler="dpmpp_2m_karras"))
     assert e.tobytes() != a.tobytes() and details["scheduler"]["use_karras_sigmas"]
     # Steps, guidance, alpha, beta, seed and sampler are traced: no new compiled denoising program.
-    assert pipeline._denoise._cache_size() == programs
+    assert denoising.compiled_programs() == programs
     assert details["boxes_used"] == [[0.0, 0.0, 1.0, 0.5], [0.0, 0.5, 1.0, 1.0]]
 
 

@@ -102,7 +102,7 @@ class AppService:
             self.log(f"compiling the sampling program for {describe_shape(key)} (start-up) ...")
             start = time.time()
             with self._device:
-                self.pipeline.warm_up(request)
+                self.pipeline.warm_up(request, report_steps=True)  # requests report progress per step
             self._compiled.add(key)
             self.log(f"compiled {describe_shape(key)} in {time.time() - start:.1f}s")
 
