@@ -19,11 +19,12 @@ Rerunning it leaves identical files alone (the later steps resume on unchanged i
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
+from dynamicid_jax import cli
 from dynamicid_jax.atomic_write import atomic_write_bytes
+from dynamicid_jax.errors import MissingFileError
 
 # photo -> caption (what the photo shows; the tiny model cannot use more detail)
 CAPTIONS = {
@@ -67,7 +68,7 @@ def build(photos: pathlib.Path, out: pathlib.Path) -> dict[str, int]:
     """Write out/anchor and out/identities from `photos`; -> {"written": n, "unchanged": m}."""
     missing = sorted({p for p in CAPTIONS} - {p.name for p in photos.glob("*")}) if photos.is_dir() else ["(folder)"]
     if missing:
-        raise FileNotFoundError(f"--photos {photos}: missing {', '.join(missing)} (run `make assets` to fetch them)")
+        raise MissingFileError(f"--photos {photos}: missing {', '.join(missing)} (run `make assets` to fetch them)")
     written = unchanged = 0
     for name, caption in CAPTIONS.items():
         for dest, text in ((out / "anchor" / name, None), ((out / "anchor" / name).with_suffix(".txt"), caption)):
@@ -85,15 +86,15 @@ def build(photos: pathlib.Path, out: pathlib.Path) -> dict[str, int]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--photos", type=pathlib.Path, required=True, help="the test photos folder (make assets)")
     p.add_argument("--out", type=pathlib.Path, required=True, help="gets anchor/ and identities/")
     args = p.parse_args(argv)
-    try:
-        counts = build(args.photos, args.out)
-    except FileNotFoundError as e:  # the one input error: photos missing
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.run_main(_run, args)
+
+
+def _run(args) -> int:
+    counts = build(args.photos, args.out)
     n_id = sum(len(v) for v in IDENTITIES.values())
     print(f"wrote {args.out / 'anchor'} ({len(CAPTIONS)} captioned photos) and {args.out / 'identities'} "
           f"({len(IDENTITIES)} identity folders, {n_id} photos): {counts['written']} files written, "

@@ -132,7 +132,7 @@ TINY_PRNG_IMPL = "rbg"
 def _initializers_only(init, *args):
     """`init(*args)` evaluated without its forward pass: flax's `init` runs the module on dummy
     inputs, whose activations nobody uses. Jitting it makes XLA compile that whole forward
-    (the tiny UNet: ~40 s on one CPU core, most of a tiny run's start-up); dropping the
+    (most of a tiny run's start-up: benchmarks/design_choices_report.md); dropping the
     equations no output depends on leaves only the initializers (5,501 -> 1,584 for the tiny
     UNet), run op by op. The values are the jitted init's (measured equal for the UNet and VAE,
     within 1 ulp elsewhere: XLA fuses the float conversions differently)."""

@@ -5,9 +5,9 @@ One compiled shape everywhere (64 px, 2 identities with boxes, 2 steps, the tiny
 model) and one pipeline (tests/demo_pipeline.py, shared with test_sampling and test_app), so
 the denoising programs are: batch 1 on one device (shared with test_sampling), batch 8 on one
 device, batch 8 over 8 devices (the reference, reused by every rerun), batch 4 over 4 devices
-(the two processes). The two processes are started twice: SIGKILLed after their first
-picture, then the same command to the end (resume after SIGKILL, the closing barrier, the
-summary and the merged rejects of a real multi-process run).
+(the CLI: one process SIGKILLed after its first picture, then the same job as two processes
+to the end: resume after SIGKILL, the closing barrier, the summary and the merged rejects of
+a real multi-process run).
 """
 
 import json
@@ -237,18 +237,21 @@ def test_process_shares_are_disjoint_complete_and_keep_one_shape_per_batch():
         assert shares == [plan_batches(jobs, 4, i, count) for i in range(count)]  # deterministic
 
 
-def _two_processes(requests_file, out, *, kill_after_first_picture: bool) -> list[str]:
-    """launch/sample.py --requests as 2 jax.distributed processes x 4 CPU devices, global batch
-    8 (each process: batches of 4 over its 4 devices); SIGKILLed as soon as a picture is
-    complete, or run to the end (then both must exit 0). Returns the processes' output."""
-    port = free_local_port()
+def _sample_cli(requests_file, out, *, processes: int, kill_after_first_picture: bool) -> list[str]:
+    """launch/sample.py --requests on 4 CPU devices per process, 4 pictures per batch per
+    process: one process, or 2 jax.distributed processes (global batch 8). SIGKILLed as soon as
+    a picture is complete, or run to the end (then every process must exit 0). Returns their
+    output. Only process 0 of a job writes the persistent compile cache, so a 2-process job's
+    process 1 compiles its programs on every start: one such start, the killed run is single."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen(
-        [sys.executable, str(ROOT / "launch" / "sample.py"), "--demo", "--requests", str(requests_file), "--out",
-         str(out), "--batch_size", "8", "--no_progress", f"--coordinator_address=localhost:{port}",
-         "--num_processes=2", f"--process_id={i}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    command = [sys.executable, str(ROOT / "launch" / "sample.py"), "--demo", "--requests", str(requests_file),
+               "--out", str(out), "--batch_size", str(4 * processes), "--no_progress"]
+    if processes > 1:
+        port = free_local_port()
+        command += [f"--coordinator_address=localhost:{port}", f"--num_processes={processes}"]
+    procs = [subprocess.Popen(command + ([f"--process_id={i}"] if processes > 1 else []), cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(processes)]
     try:
         if not kill_after_first_picture:
             outputs = [p.communicate(timeout=900)[0] for p in procs]
@@ -270,35 +273,33 @@ def _two_processes(requests_file, out, *, kill_after_first_picture: bool) -> lis
 
 
 @pytest.mark.slow
-def test_two_processes_take_disjoint_shares_and_resume_after_sigkill(pipe, reference, requests_file, tmp_path):
-    """2 processes (the CLI) write only pictures of their own first batches (disjoint shares of
-    `plan_batches`), each within a grey level of the single-process picture; SIGKILLed there,
-    the same command rerun keeps exactly their complete pictures, both processes finish, and
-    the run ends with the reference's names, sidecars and rejects, process 0's summary counting
-    every process's share."""
+def test_killed_run_resumed_by_two_processes(pipe, reference, requests_file, tmp_path):
+    """launch/sample.py SIGKILLed as soon as a picture is written leaves only complete pictures
+    of its first batch; the same job rerun as 2 processes keeps exactly those, both processes
+    finish, and the run ends with the reference's names, sidecars and rejects, each picture
+    within a grey level of the single-process one, process 0's summary counting every share."""
     from dynamicid_jax.generation.requests import read_requests
     from dynamicid_jax.generation.run import request_jobs
     from dynamicid_jax.loading import sampling_config
 
     out = tmp_path / "two"
-    _two_processes(requests_file, out, kill_after_first_picture=True)
+    _sample_cli(requests_file, out, processes=1, kill_after_first_picture=True)
     done = sorted(p.name for p in out.glob("line*.png") if p.with_suffix(".json").is_file())
     requests, _ = read_requests(requests_file, sampling_config(True, None).sampling.to_dict())
-    jobs = request_jobs(requests, out)  # as the processes planned: line 8's faceless photo fails only at run time
-    firsts = [{j.path.name for j in plan_batches(jobs, 4, i, 2)[0]} for i in range(2)]
-    assert not firsts[0] & firsts[1] and len(firsts[0]) == len(firsts[1]) == 4  # disjoint shares
-    assert done and set(done) <= firsts[0] | firsts[1], done  # nothing outside a first batch
-    two = {n: (out / n).read_bytes() for n in done}
+    jobs = request_jobs(requests, out)  # as the process planned: line 8's faceless photo fails only at run time
+    first = {j.path.name for j in plan_batches(jobs, 4)[0]}
+    assert done and set(done) <= first, done  # nothing outside the first batch
+    killed = {n: (out / n).read_bytes() for n in done}
 
-    _two_processes(requests_file, out, kill_after_first_picture=False)
+    _sample_cli(requests_file, out, processes=2, kill_after_first_picture=False)
     theirs, ours = _pngs(reference), _pngs(out)
     assert sorted(ours) == sorted(theirs)
-    assert all(ours[n] == two[n] for n in two)  # the killed run's complete pictures kept as they were
-    # Each process computes batches of 4 on its 4 devices (one picture per device, like the
-    # reference's 8 over 8), yet XLA's programs for the two meshes round differently: measured
-    # 1 picture of 12 off by 1 grey level on a few pixels; bounded like batch 8 on one device.
+    assert all(ours[n] == killed[n] for n in killed)  # the killed run's complete pictures kept as they were
+    # Batches of 4 on 4 devices (one picture per device, like the reference's 8 over 8), yet
+    # XLA's programs for the two meshes round differently: measured 1 picture of 12 off by 1
+    # grey level on a few pixels; bounded like batch 8 on one device.
     _assert_within_a_grey_level(np.stack([_decoded(ours[n]) for n in sorted(ours)]),
-                                np.stack([_decoded(theirs[n]) for n in sorted(ours)]), "2 processes")
+                                np.stack([_decoded(theirs[n]) for n in sorted(ours)]), "4 devices, 2 processes")
     for name in theirs:
         side = name.replace(".png", ".json")
         assert json.loads((out / side).read_text()) == json.loads((reference / side).read_text()), side
@@ -307,5 +308,6 @@ def test_two_processes_take_disjoint_shares_and_resume_after_sigkill(pipe, refer
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["processes"], summary["devices"], summary["images"]) == (2, 8, 13)
     assert (summary["reused"], summary["generated"], summary["rejected_images"]) == (len(done), 12 - len(done), 1)
-    # Each process's share (generated + reused + rejected) is its half of the 13 pictures.
+    # Each process's share (generated + reused + rejected) is its half of the 13 pictures: the
+    # counts add up to 13 only if the shares are disjoint and together complete.
     assert sorted(summary["images_per_process"]) == [6, 7], summary

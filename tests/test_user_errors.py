@@ -216,6 +216,28 @@ def test_app_cli_bad_start_up_inputs(files, capsys, extra, needle):
     assert not out.exists()  # nothing written
 
 
+# --------------------------------------------------------------------------- data_pipelines/photo_folders.py
+
+PHOTO_FOLDERS_CASES = [
+    (["--photos", "{tmp}/empty_dir"], "--photos {tmp}/empty_dir: missing"),
+    (["--photos", "{tmp}/nope"], "--photos {tmp}/nope: missing (folder)"),
+    (["--photos", "{tmp}/empty_dir", "--bogus_flag"], "unrecognized arguments: --bogus_flag"),
+]
+
+
+@pytest.mark.parametrize("extra, needle", PHOTO_FOLDERS_CASES, ids=[" ".join(c[0]) for c in PHOTO_FOLDERS_CASES])
+def test_photo_folders_cli_bad_inputs(files, capsys, extra, needle):
+    from data_pipelines import photo_folders
+
+    out = files / "inputs"
+    try:
+        code = photo_folders.main(["--out", str(out), *_subst(extra, files, None)])
+    except SystemExit as e:  # argparse-level errors
+        code = e.code
+    _assert_user_error(code, capsys.readouterr().err, needle.replace("{tmp}", str(files)))
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- data_pipelines/precompute.py
 
 PRECOMPUTE_CASES = [

@@ -180,9 +180,9 @@ class BatchDecoder:
 
     Gives exactly what stacking `records.decode_example` of every record gives (same checks:
     every feature present, one value, the spec's byte size; strings as str arrays), without
-    its per-record work (profiled on the tiny anchor batch of 8 records: 8 x 28 us of
-    decode_example, most of it `FeatureSpec.num_bytes`, then 26 us of np.stack; here the byte
-    sizes are computed once and each feature is one join of the records' bytes). Arrays are
+    its per-record work (mostly `FeatureSpec.num_bytes` per record, then np.stack; profile in
+    benchmarks/design_choices_report.md): here the byte sizes are computed once and each
+    feature is one join of the records' bytes. Arrays are
     new for every call, never reused: a batch placed on a CPU device may share its buffer.
     """
 
@@ -249,9 +249,9 @@ class EpochPermutation:
     """Element i of the repeated dataset -> record index: one numpy permutation of the n
     records per epoch, seeded by (seed, epoch), the current and previous epoch cached.
 
-    Why not grain's `MapDataset.shuffle`: its keyed index bijection cost about 3 ms per
-    element here (profiled), several times the read and decode of a record, and showed up
-    as input stalls of the tiny train step. A cached permutation is O(1) per element; it
+    Why not grain's `MapDataset.shuffle`: its keyed index bijection cost several times the
+    read and decode of a record per element (profiled: benchmarks/design_choices_report.md)
+    and showed up as input stalls of the tiny train step. A cached permutation is O(1) per element; it
     holds 8 bytes per record (80 MB for 10M records on one host).
     """
 
@@ -472,8 +472,8 @@ class GlobalBatchIterator:
 
     Placed batches read ahead occupy device memory: `prefetch` batches besides the one in use.
     (grain's own iterator, used before, read ahead too but left the placement to `next()` on
-    the caller's thread; on the tiny anchor batch its `next()` cost ~1 ms against ~0.05 ms
-    here, see benchmarks/input_share.py.)
+    the caller's thread, which made `next()` block the loop far longer than here: figures in
+    benchmarks/input_share_report.md.)
     """
 
     def __init__(self, dataset, mesh=None, *, num_threads: int = 2, prefetch: int = 2, sharding=None):

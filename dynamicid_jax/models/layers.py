@@ -117,8 +117,8 @@ def attend_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, query_block: int,
 
     Same result as `attend(q, k, v)` up to float32 rounding, but never holds more than a
     (B, H, query_block, key_block) block of logits: for long sequences (the UNet's 4096-token
-    self-attention at 512 px) that block stays in cache, which made it about 3x faster on CPU
-    than materialising all logits. Sequences are zero-padded to whole blocks; padded keys are
+    self-attention at 512 px) that block stays in cache, which made it faster on CPU than
+    materialising all logits (figures: benchmarks/design_choices_report.md). Sequences are zero-padded to whole blocks; padded keys are
     masked out, padded queries dropped.
     q (B, N, H, D), k and v (B, M, H, D) -> (B, N, H, D) in v's dtype.
     """
@@ -165,8 +165,8 @@ def attend_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, query_block: int,
 def attend_long(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
     """Unmasked attention over a long context, in the fastest exact form for the backend.
 
-    CPU: `attend_blockwise` (blocks of `block`; ~3x faster than materialised logits on 2
-    cores). GPU with bfloat16/float16 operands and a head size cuDNN takes (a multiple of 8,
+    CPU: `attend_blockwise` (blocks of `block`; faster than materialised logits there,
+    benchmarks/design_choices_report.md). GPU with bfloat16/float16 operands and a head size cuDNN takes (a multiple of 8,
     at most 128): cuDNN's fused flash attention through `jax.nn.dot_product_attention`, which
     never writes the (N, M) logits to memory. Otherwise `attend`. Same math in every case
     (softmax in float32); only rounding differs.

@@ -44,10 +44,9 @@ class UNetConfig:
       JSON (`convert.py`), which must keep reading folders written before.
     attention_block: execution choice, not a weight shape: attention over more keys than
       this runs through `layers.attend_long` (CPU: blockwise in blocks of this size, 512 the
-      fastest of 256/512/1024 on 2 cores, ~3x faster than materialised logits for the
-      4096-token self-attention at 512 px; GPU in bfloat16: cuDNN flash attention, 2.7x
-      faster than materialised logits on an H200, benchmarks/gpu_report.md). None = always
-      materialise all logits.
+      fastest block measured; GPU in bfloat16: cuDNN flash attention; both faster than
+      materialised logits, figures in benchmarks/design_choices_report.md and
+      benchmarks/gpu_report.md). None = always materialise all logits.
     """
 
     in_channels: int = 4
