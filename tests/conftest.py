@@ -36,8 +36,8 @@ def test_assets() -> pathlib.Path:
 # file when it is done, so the long training files must start first or they finish alone at
 # the end. Files not named keep their order after these.
 HEAVIEST_FIRST = (
-    "test_train_paths", "test_train", "test_tiny_run", "test_train_faults", "test_generation", "test_app",
-    "test_sampling", "test_input_pipeline", "test_sampler_pipeline_parity", "test_evaluation", "test_sharding",
+    "test_train_paths", "test_train", "test_tiny_run", "test_train_faults", "test_generation", "test_evaluation",
+    "test_app", "test_sampling", "test_input_pipeline", "test_sampler_pipeline_parity", "test_sharding",
     "test_unet_parity", "test_lora_files", "test_precompute",
 )
 

