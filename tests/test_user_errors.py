@@ -33,6 +33,17 @@ def _assert_user_error(code, err: str, needle: str):
     assert "Traceback" not in err
 
 
+def _assert_main_refuses(main, argv, capsys, needle: str, files, output) -> None:
+    """main(argv) (argparse-level errors raise SystemExit) exits 2 with one line naming
+    `needle` ({tmp} = the files folder) and writes nothing at `output`."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    _assert_user_error(code, capsys.readouterr().err, needle.replace("{tmp}", str(files)))
+    assert not output.exists()  # nothing written
+
+
 @pytest.fixture
 def files(tmp_path, test_assets):
     """Named bad inputs: a text file posing as JSON/image, an existing plain file, folders."""
@@ -132,12 +143,7 @@ def test_sample_cli_bad_inputs(files, test_assets, capsys, extra, needle):
 
     out = files / "out"
     argv = ["--demo", "--ref", f"{test_assets}/obama.jpg", "--out", str(out), *_subst(extra, files, test_assets)]
-    try:
-        code = sample.main(argv)
-    except SystemExit as e:  # argparse-level errors
-        code = e.code
-    _assert_user_error(code, capsys.readouterr().err, needle.replace("{tmp}", str(files)))
-    assert not out.exists()  # nothing written
+    _assert_main_refuses(sample.main, argv, capsys, needle, files, out)
 
 
 # --------------------------------------------------------------------------- launch/evaluate.py
@@ -159,12 +165,7 @@ def test_evaluate_cli_bad_inputs(files, test_assets, capsys, monkeypatch, extra,
     monkeypatch.chdir(ROOT)
     out = files / "eval_out"
     argv = ["--demo", "--out", str(out), *_subst(extra, files, test_assets)]
-    try:
-        code = evaluate.main(argv)
-    except SystemExit as e:
-        code = e.code
-    _assert_user_error(code, capsys.readouterr().err, needle.replace("{tmp}", str(files)))
-    assert not out.exists()
+    _assert_main_refuses(evaluate.main, argv, capsys, needle, files, out)
 
 
 # --------------------------------------------------------------------------- launch/convert.py
@@ -208,12 +209,7 @@ def test_app_cli_bad_start_up_inputs(files, capsys, extra, needle):
 
     out = files / "app_out"
     argv = ["--out", str(out), "--warmup_people=", *_subst(extra, files, None)]
-    try:
-        code = app.main(argv)
-    except SystemExit as e:  # argparse-level errors
-        code = e.code
-    _assert_user_error(code, capsys.readouterr().err, needle.replace("{tmp}", str(files)))
-    assert not out.exists()  # nothing written
+    _assert_main_refuses(app.main, argv, capsys, needle, files, out)
 
 
 # --------------------------------------------------------------------------- data_pipelines/photo_folders.py
@@ -230,12 +226,8 @@ def test_photo_folders_cli_bad_inputs(files, capsys, extra, needle):
     from data_pipelines import photo_folders
 
     out = files / "inputs"
-    try:
-        code = photo_folders.main(["--out", str(out), *_subst(extra, files, None)])
-    except SystemExit as e:  # argparse-level errors
-        code = e.code
-    _assert_user_error(code, capsys.readouterr().err, needle.replace("{tmp}", str(files)))
-    assert not out.exists()
+    argv = ["--out", str(out), *_subst(extra, files, None)]
+    _assert_main_refuses(photo_folders.main, argv, capsys, needle, files, out)
 
 
 # --------------------------------------------------------------------------- data_pipelines/precompute.py
@@ -264,12 +256,8 @@ def _precompute_module():
 @pytest.mark.parametrize("extra, needle", PRECOMPUTE_CASES, ids=[" ".join(c[0]) for c in PRECOMPUTE_CASES])
 def test_precompute_cli_bad_inputs(files, test_assets, capsys, extra, needle):
     module = _precompute_module()
-    try:
-        code = cli.run_main(module.main, _subst(extra, files, test_assets))
-    except SystemExit as e:
-        code = e.code
-    _assert_user_error(code, capsys.readouterr().err, needle.replace("{tmp}", str(files)))
-    assert not (files / "shards").exists()
+    _assert_main_refuses(lambda argv: cli.run_main(module.main, argv), _subst(extra, files, test_assets), capsys,
+                         needle, files, files / "shards")
 
 
 def test_precompute_folder_layout_errors_come_before_any_output(tmp_path, test_assets):
