@@ -12,6 +12,7 @@ import shutil
 import time
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from dynamicid_jax import denoising
@@ -278,9 +279,13 @@ def test_activation_maps_show_each_person_in_their_box(app, client, test_assets)
     service = app[0]
     gallery, downloads, maps, status = _generate(client, test_assets, activation_maps=True)
     plain = _generate(client, test_assets)[1]
-    # capturing the maps leaves the picture as it is, byte for byte
-    png = lambda files: next(pathlib.Path(f) for f in files if str(f).endswith(".png"))  # noqa: E731
-    assert png(downloads).read_bytes() == png(plain).read_bytes()  # (downloads: PNG and sidecar, any order)
+    # Capturing the maps leaves the picture as it is, up to rounding: the maps program is
+    # another XLA program (it keeps the attention intermediates), fused differently, so like
+    # every other pair of programs (tests/test_generation.py) at most 1 grey level on at most
+    # 0.1% of values (a cold suite run measured a difference in one PNG's bytes; warm runs none).
+    png = lambda files: np.asarray(Image.open(next(f for f in files if str(f).endswith(".png"))), int)  # noqa: E731
+    diff = np.abs(png(downloads) - png(plain))  # (downloads: PNG and sidecar, any order)
+    assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3, (diff.max(), (diff > 0).mean())
     assert [m["caption"] for m in maps] == [f"image 1, person {k}, step {s}/3" for s in (1, 2, 3) for k in (1, 2)]
     from dynamicid_jax.sampling import IdentityRequest, SampleRequest
 
