@@ -10,6 +10,9 @@ STAMP := $(VENV)/.installed-stamp
 # compile options and the jax version: a stale entry is never reused for a changed program.
 export JAX_COMPILATION_CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/dynamicid_jax/jax
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
+# Tiny random weights (tests, --demo, the app's demo mode), keyed by the program that draws
+# them: computing them op by op costs seconds in every process (dynamicid_jax/random_init.py).
+export DYNAMICID_JAX_INIT_CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/dynamicid_jax/random_init
 export JAX_DEFAULT_PRNG_IMPL ?= rbg
 export TEST_ASSETS ?= $(CURDIR)/test_assets
 

@@ -28,6 +28,7 @@ from dynamicid_jax.dynamicid.face_projection import FaceProjection
 from dynamicid_jax.dynamicid.imr import IMR
 from dynamicid_jax.dynamicid.keypoint_encoder import KeyPointEncoder
 from dynamicid_jax.dynamicid.saa import SAAConfig, identity_conditioning
+from dynamicid_jax import random_init
 from dynamicid_jax.errors import MissingFileError
 from dynamicid_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 from dynamicid_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -129,45 +130,11 @@ def _dummy_inputs(modules: DynamicIDModules) -> dict[str, tuple]:
 TINY_PRNG_IMPL = "rbg"
 
 
-def _initializers_only(init, *args):
-    """`init(*args)` evaluated without its forward pass: flax's `init` runs the module on dummy
-    inputs, whose activations nobody uses. Jitting it makes XLA compile that whole forward
-    (most of a tiny run's start-up: benchmarks/design_choices_report.md); dropping the
-    equations no output depends on leaves only the initializers (5,501 -> 1,584 for the tiny
-    UNet), run op by op. The values are the jitted init's (measured equal for the UNet and VAE,
-    within 1 ulp elsewhere: XLA fuses the float conversions differently)."""
-    import jax.extend.core as jcore
-
-    closed = jax.make_jaxpr(init)(*args)
-    jaxpr = closed.jaxpr
-    needed = {v for v in jaxpr.outvars if isinstance(v, jcore.Var)}
-    kept = []
-    for eqn in reversed(jaxpr.eqns):
-        if eqn.effects or any(v in needed for v in eqn.outvars):
-            kept.append(eqn)
-            needed.update(v for v in eqn.invars if isinstance(v, jcore.Var))
-    pruned = jcore.ClosedJaxpr(jaxpr.replace(eqns=kept[::-1]), closed.consts)
-    leaves = jcore.jaxpr_as_fun(pruned)(*jax.tree.leaves(args))
-    return jax.tree.unflatten(jax.tree.structure(jax.eval_shape(init, *args)), leaves)
-
-
-# Small random trees already made in this process, by (modules, component, key): the tests and
-# the demo ask for the same tiny model many times. Trees above _MEMO_BYTES are not kept.
-_MEMO: dict = {}
-_MEMO_BYTES = 64 << 20
-
-
 def init_component(modules: DynamicIDModules, name: str, rng: jax.Array):
     """Random init of one component: its params tree ({"params", "batch_stats"} for the
-    keypoint encoder, which carries batch-norm statistics). rng: a concrete key."""
-    memo_key = (modules, name, str(jax.random.key_impl(rng)), np.asarray(jax.random.key_data(rng)).tobytes())
-    tree = _MEMO.get(memo_key)
-    if tree is None:
-        tree = _component_tree(name, _initializers_only(getattr(modules, name).init, rng,
-                                                        *_dummy_inputs(modules)[name]))
-        if sum(x.nbytes for x in jax.tree.leaves(tree)) <= _MEMO_BYTES:
-            _MEMO[memo_key] = tree
-    return jax.tree.map(lambda x: x, tree)  # fresh containers: callers may edit their dicts
+    keypoint encoder, which carries batch-norm statistics). rng: a concrete key. From the
+    initializers alone, memoised and possibly read from disk (dynamicid_jax/random_init.py)."""
+    return _component_tree(name, random_init.evaluate(getattr(modules, name), rng, *_dummy_inputs(modules)[name]))
 
 
 def _component_tree(name: str, variables):
@@ -190,9 +157,9 @@ def tiny_random_params(modules: DynamicIDModules, seed: int = 0, components=COMP
 
 
 def abstract_params(modules: DynamicIDModules) -> Params:
-    """Shapes of `init_random_params` without running any init (jax.eval_shape)."""
-    rng, inputs = jax.random.PRNGKey(0), _dummy_inputs(modules)
-    return {name: _component_tree(name, jax.eval_shape(getattr(modules, name).init, rng, *inputs[name]))
+    """Shapes of `init_random_params` without running any init (the trace the tiny init uses)."""
+    rng, inputs = jax.random.key(0, impl=TINY_PRNG_IMPL), _dummy_inputs(modules)
+    return {name: _component_tree(name, random_init.abstract(getattr(modules, name), rng, *inputs[name]))
             for name in COMPONENTS}
 
 

@@ -1,0 +1,68 @@
+"""dynamicid_jax/random_init.py: random parameters from the initializers alone, the shapes from
+the same trace, and the on-disk cache (hits are read, torn files recomputed, keys distinct)."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from dynamicid_jax import modeling, random_init
+
+
+@pytest.fixture(scope="module")
+def projection():
+    modules = modeling.build_modules(tiny.get_config().model)
+    return modules.face_projection, modeling._dummy_inputs(modules)["face_projection"]
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_values_are_the_jitted_inits_and_shapes_its_eval_shape(projection, monkeypatch):
+    monkeypatch.delenv(random_init.CACHE_ENV, raising=False)
+    module, args = projection
+    rng = jax.random.key(3, impl=modeling.TINY_PRNG_IMPL)
+    ours = random_init.evaluate(module, rng, *args)
+    reference = jax.jit(module.init)(rng, *args)
+    assert jax.tree.structure(ours) == jax.tree.structure(reference)
+    # The same random bits and initializer arithmetic, fused differently by XLA (the jitted
+    # init also compiles the forward): at most 1 ulp apart. A wrong key moves every value.
+    for a, b in zip(_leaves(ours), _leaves(reference)):
+        np.testing.assert_array_max_ulp(a, b, maxulp=1)
+    other = random_init.evaluate(module, jax.random.key(4, impl=modeling.TINY_PRNG_IMPL), *args)
+    flat = lambda tree: np.concatenate([x.ravel() for x in _leaves(tree)])  # noqa: E731
+    assert np.mean(flat(other) != flat(ours)) > 0.5
+    shapes = jax.eval_shape(module.init, rng, *args)
+    assert jax.tree.map(lambda s: (s.shape, s.dtype), random_init.abstract(module, rng, *args)) == \
+        jax.tree.map(lambda s: (s.shape, s.dtype), shapes)
+    ours["params"].clear()  # fresh containers: a caller's edit never reaches the memo
+    assert random_init.evaluate(module, rng, *args)["params"]
+
+
+def test_disk_cache_is_read_and_torn_files_are_recomputed(projection, tmp_path, monkeypatch):
+    module, args = projection
+    monkeypatch.setenv(random_init.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(random_init, "_VALUES", {})
+    rng = jax.random.key(7, impl=modeling.TINY_PRNG_IMPL)
+    computed = _leaves(random_init.evaluate(module, rng, *args))
+    [entry] = list(tmp_path.glob("*.npz"))
+
+    # A hit is what is read: plant other values of the same shapes, and they come back.
+    planted = [x + 1 for x in computed]
+    np.savez(entry, *planted)
+    monkeypatch.setattr(random_init, "_VALUES", {})
+    for a, b in zip(_leaves(random_init.evaluate(module, rng, *args)), planted):
+        np.testing.assert_array_equal(a, b)
+
+    # A torn file is not used: recomputed (the op-by-op values, bit for bit) and rewritten.
+    entry.write_bytes(entry.read_bytes()[:100])
+    monkeypatch.setattr(random_init, "_VALUES", {})
+    for a, b in zip(_leaves(random_init.evaluate(module, rng, *args)), computed):
+        np.testing.assert_array_equal(a, b)
+    with np.load(entry) as f:
+        np.testing.assert_array_equal(f["arr_0"], computed[0])
+
+    # Another key is another entry.
+    random_init.evaluate(module, jax.random.key(8, impl=modeling.TINY_PRNG_IMPL), *args)
+    assert len(list(tmp_path.glob("*.npz"))) == 2
