@@ -338,6 +338,24 @@ def test_face_prompt_choices_compose_the_release_form():
         forms.compose_face_prompt("smug", "keep", "happy", side_up)
 
 
+def test_previews_are_files_written_once_by_content(tmp_path):
+    """The layout canvas and face crops reach gradio as files named by their PNG bytes and
+    never rewritten: gradio rewrites an array's cache file on every return, and a canvas
+    redrawn unchanged was then served half written (a cold suite run saw the browser wait on a
+    broken layout image)."""
+    from dynamicid_jax.app.previews import layout_preview, png_file
+
+    canvas = layout_preview([[0, 0, 1, 0.5], None], 64, 96, ["person 1", "person 2"])
+    first = pathlib.Path(png_file(canvas, tmp_path))
+    stamp = first.stat().st_mtime_ns
+    time.sleep(0.01)
+    assert pathlib.Path(png_file(canvas.copy(), tmp_path)) == first and first.stat().st_mtime_ns == stamp
+    np.testing.assert_array_equal(np.asarray(Image.open(first)), canvas)
+    other = layout_preview([[0, 0, 1, 0.5], [0, 0.5, 1, 1]], 64, 96, ["person 1", "person 2"])
+    assert pathlib.Path(png_file(other, tmp_path)) != first
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".png", ".png"]  # no temporary left over
+
+
 def test_activation_overlays_cover_every_image():
     """Two images, two steps, two people: an overlay each, image 2's from image 2's map."""
     from dynamicid_jax.app.service import activation_overlays

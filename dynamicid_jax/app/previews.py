@@ -1,14 +1,20 @@
 """Pictures the page shows beside the form: detected faces, the layout, activation overlays.
 
-All return RGB uint8 arrays (H, W, 3); nothing here touches the models.
+All return RGB uint8 arrays (H, W, 3); nothing here touches the models. `png_file` turns one
+into the file the page is handed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import pathlib
 from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from dynamicid_jax.atomic_write import atomic_write_bytes
 
 # One colour per person, in person order (also used for their activation overlays).
 COLOURS = ((230, 57, 70), (29, 120, 230), (46, 170, 80), (240, 160, 20))
@@ -78,3 +84,19 @@ def activation_overlay(image: np.ndarray, activation: np.ndarray, colour) -> np.
     strength = 0.8 * a[..., None]
     out = grey * (1.0 - strength) + tint * strength
     return out.clip(0, 255).astype(np.uint8)
+
+
+def png_file(image: np.ndarray, folder: pathlib.Path) -> str:
+    """image (H, W, 3) uint8 as FOLDER/<sha256 of the PNG>.png, written once and atomically.
+
+    Returned to gradio instead of the array: gradio writes an array to its cache by truncating
+    and rewriting the file named by its content every time, so a canvas redrawn unchanged (each
+    keystroke in a box field redraws it) could be served half written to a browser fetching
+    the same file, which then shows a broken image. A file path it copies atomically, once."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    path = pathlib.Path(folder) / f"{hashlib.sha256(data).hexdigest()}.png"
+    if not path.is_file():
+        atomic_write_bytes(path, data)
+    return str(path)

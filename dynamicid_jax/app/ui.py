@@ -36,6 +36,7 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
     d = service.defaults
     # Threads that wait for a run; the device lock inside the service keeps one at a time.
     runner = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="dynamicid-run")
+    previews_dir = service.upload_root / "previews"  # gradio's temporary tree: it may serve these
 
     def run_and_report(request, random_seed, with_maps, progress):
         future = runner.submit(service.run, request, random_seed=random_seed, with_maps=with_maps)
@@ -109,7 +110,7 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
             for path in _paths(refs):
                 try:
                     crop, line = service.analyse(path, person)
-                    crops.append((crop, pathlib.Path(path).name))
+                    crops.append((previews.png_file(crop, previews_dir), pathlib.Path(path).name))
                     lines.append(line)
                 except USER_ERRORS as e:
                     lines.append(str(e))  # "no face found in NAME": said plainly, no zero embedding
@@ -135,7 +136,7 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
             note = "typed boxes"
         canvas = previews.layout_preview([boxes.get(k) for k in PEOPLE], int(height or d.height),
                                          int(width or d.width), [f"person {k}" for k in PEOPLE])
-        return canvas, note
+        return previews.png_file(canvas, previews_dir), note
 
     def draw(who, first, width, height, evt: gr.SelectData):
         """A click on the layout canvas: the first stores a corner, the second (same person)
