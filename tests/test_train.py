@@ -175,8 +175,10 @@ def test_classifier_free_drops_are_exclusive():
     assert abs((~face & ~text).mean() - 0.85) < 0.003
 
 
-def _run_cli(args, **kwargs):
-    env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="true", PYTHONPATH=str(ROOT))
+def _run_cli(args, devices=8, **kwargs):
+    """launch/train.py ARGS on `devices` CPU devices (8: the in-process runs' mesh and programs)."""
+    env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="true", PYTHONPATH=str(ROOT),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     return subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
@@ -206,7 +208,9 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, anchor_data, anchor_run
 
 
 def test_sigterm_saves_the_current_step_and_the_rerun_finishes(tmp_path, anchor_data):
-    """Preemption: SIGTERM during the loop saves the step in hand and exits 0; the rerun resumes."""
+    """Preemption: SIGTERM during the loop saves the step in hand and exits 0; the rerun resumes.
+    On one device: the steps are the "single" stepper's program (compiled above, so both starts
+    load it), and the signal path does not depend on the mesh."""
     # The signal is sent once step `every` is saved: the 55 steps left (each a few tens of ms at
     # the fastest) leave the run time to receive it mid-run; few saves keep it quick.
     total, every = 60, 5
@@ -214,7 +218,7 @@ def test_sigterm_saves_the_current_step_and_the_rerun_finishes(tmp_path, anchor_
     args = ["--stage=anchor", "--config=configs/anchor.py:tiny", f"--data={anchor_data}", f"--workdir={workdir}",
             f"--config.total_steps={total}", f"--config.checkpoint.every_steps={every}", "--config.checkpoint.keep=2",
             "--config.progress_bar=False", "--config.log_every_steps=1000"]
-    proc = _run_cli(args)
+    proc = _run_cli(args, devices=1)
     deadline = time.time() + 300
     while not (workdir / "checkpoints" / str(every)).is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -224,7 +228,7 @@ def test_sigterm_saves_the_current_step_and_the_rerun_finishes(tmp_path, anchor_
     saved = int(re.search(r"SIGTERM: saved step (\d+)", output).group(1))
     assert every <= saved < total
     assert (workdir / "checkpoints" / str(saved)).is_dir()
-    resumed = _run_cli(args)
+    resumed = _run_cli(args, devices=1)
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output[-3000:]
     assert (workdir / "checkpoints" / str(total)).is_dir()
