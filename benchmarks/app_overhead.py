@@ -2,15 +2,18 @@
 against the same `DynamicIDPipeline.generate` + `save_outputs` call in-process (what
 `launch/sample.py` does), and whether a second request at the same size recompiles.
 
-  python benchmarks/app_overhead.py --repeats 5            # demo model, 64x64 and 256x256
-  python benchmarks/app_overhead.py --sizes 512 --steps 30  # a bigger picture
+  python benchmarks/app_overhead.py --repeats 5            # demo model, 64x64, 256x256, 512x512
+  python benchmarks/app_overhead.py --sizes 64,512 --steps 30
 
 Both sides run the same request (two people, two boxes, one free-text face edit) on the
 same pipeline object; the app side includes the upload of both photos, the queue, the
-request building and the download of PNG + sidecar. "gradio floor" is the same call
-(same inputs, the same uploads, outputs of the same kinds and files) to an endpoint that does
-no work and returns a finished run's files: what gradio and its client cost by themselves.
-Prints a markdown table.
+request building and the download of PNG + sidecar. It is timed with two clients: the
+README's (`ssl_verify=ssl.create_default_context()`: one TLS context for all requests) and
+gradio_client's default (a new TLS context, ~25 ms of CPU, for every upload, download and
+result stream). "gradio floor" is the same call (same inputs, the same uploads, outputs of
+the same kinds and files) to an endpoint that does no work and returns a finished run's
+files: what gradio and its client cost by themselves. `app_floor_breakdown.py` splits that
+floor into its phases. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import ssl
 import statistics
 import sys
 import tempfile
@@ -29,12 +33,13 @@ os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
 
 BOXES = ("0,0,1,0.5", "0,0.5,1,1")
 FACE_PROMPT = "in a surprise expression, in front view"
+CLIENTS = ("README client", "default client")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--assets", default=os.environ.get("TEST_ASSETS", str(_ROOT / "test_assets")))
-    p.add_argument("--sizes", default="64,256", help="square sizes; the first is the warmed-up default")
+    p.add_argument("--sizes", default="64,256,512", help="square sizes; the first is the warmed-up default")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
@@ -46,6 +51,7 @@ def main() -> None:
     from dynamicid_jax.distributed import free_local_port
     from dynamicid_jax.sampling import IdentityRequest, SampleRequest, save_outputs
 
+    load = [os.getloadavg()[0]]
     assets = pathlib.Path(args.assets)
     refs = [str(assets / "obama.jpg"), str(assets / "0-f15-hao-ph.jpg")]
     logs = []
@@ -58,8 +64,12 @@ def main() -> None:
     demo = build_demo(service, notice)
     port = free_local_port()
     launch(demo, service, port=port, block=False)
-    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    url = f"http://127.0.0.1:{port}/"
+    clients = dict(zip(CLIENTS, (Client(url, verbose=False, ssl_verify=ssl.create_default_context()),
+                                 Client(url, verbose=False))))
     floor_client, floor_demo, finished = _floor_app(service.out_dir)
+    floor_clients = dict(zip(CLIENTS, (floor_client, Client(floor_client.src, verbose=False))))
+    floor_client.ssl_verify = ssl.create_default_context()
     cache = denoising.compiled_programs
     run_seconds = []  # service.run inside the app (request checks, generate, PNG + sidecar)
     service_run = service.run
@@ -86,44 +96,57 @@ def main() -> None:
             images, details = service.pipeline.generate(request, progress=lambda total: lambda: None)
             save_outputs(out / "direct", images, request, details, service.pipeline.provenance)
 
-        def via_app():
+        def via_app(client):
             client.predict(refs_1=[handle_file(refs[0])], refs_2=[handle_file(refs[1])], box_1=BOXES[0],
                            box_2=BOXES[1], face_text_2=FACE_PROMPT, prompt="two people", seed=0,
                            steps=args.steps, width=size, height=size, api_name="/generate")
             finished[:] = sorted(service.out_dir.glob("run-*"))[-1:]  # what the floor endpoint returns
 
-        def floor():
-            floor_client.predict([handle_file(refs[0])], [handle_file(refs[1])], BOXES[0], BOXES[1], FACE_PROMPT,
-                                 "two people", 0, args.steps, size, size, api_name="/generate")
+        def floor(client):
+            client.predict([handle_file(refs[0])], [handle_file(refs[1])], BOXES[0], BOXES[1], FACE_PROMPT,
+                           "two people", 0, args.steps, size, size, api_name="/generate")
 
         before = cache()
         start = time.perf_counter()
-        via_app()  # first request at this size (compiles unless warmed up)
+        via_app(clients[CLIENTS[0]])  # first request at this size (compiles unless warmed up)
         first = time.perf_counter() - start
         after_first = cache()
-        via_app()
+        via_app(clients[CLIENTS[0]])
         after_second = cache()
-        times = {"in-process": [], "app": [], "floor": []}
-        run_seconds.clear()
+        calls = [("in-process", in_process)]
+        for name in CLIENTS:
+            calls += [(f"app, {name}", lambda c=clients[name]: via_app(c)),
+                      (f"floor, {name}", lambda c=floor_clients[name]: floor(c))]
+        times = {name: [] for name, _ in calls}
+        runs = {name: [] for name in CLIENTS}
         for _ in range(args.repeats):  # interleaved, so load changes hit all alike
-            for name, fn in (("in-process", in_process), ("app", via_app), ("floor", floor)):
+            for name, fn in calls:
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
-        direct, app, gradio = (statistics.median(times[k]) for k in ("in-process", "app", "floor"))
-        rows.append((size, first, after_first - before, after_second - after_first, direct, app,
-                     statistics.median(run_seconds), gradio))
+                if name.startswith("app, "):
+                    runs[name[len("app, "):]].append(run_seconds[-1])
+        med = {name: statistics.median(t) for name, t in times.items()}
+        med.update({f"run, {c}": statistics.median(r) for c, r in runs.items()})
+        rows.append((size, first, after_first - before, after_second - after_first, med))
+        load.append(os.getloadavg()[0])
     demo.close()
     floor_demo.close()
 
-    print(f"steps {args.steps}, median of {args.repeats}, two people with boxes and one face edit, demo model\n")
+    print(f"steps {args.steps}, median of {args.repeats}, two people with boxes and one face edit, demo model; "
+          f"1-minute load average {', '.join(f'{v:.1f}' for v in load)} (start, after each size)\n")
+    readme, default = (f"app, {c}" for c in CLIENTS)
     print("| size | first app request (s) | compiles: first / second request | in-process generate (s) "
-          "| app request (s) | app / in-process | run inside the app (s) | gradio floor (s) "
-          "| app - floor - run (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for size, first, c1, c2, direct, app, run, gradio in rows:
-        print(f"| {size}x{size} | {first:.2f} | {c1} / {c2} | {direct:.3f} | {app:.3f} | {app / direct:.2f}x "
-              f"| {run:.3f} | {gradio:.3f} | {app - gradio - run:+.3f} |")
+          "| app request, README client (s) | app / in-process | app request, default client (s) "
+          "| app / in-process | run inside the app, README / default client (s) "
+          "| gradio floor, README / default client (s) | app - floor - run, README client (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for size, first, c1, c2, m in rows:
+        direct, floor_r, floor_d = m["in-process"], m[f"floor, {CLIENTS[0]}"], m[f"floor, {CLIENTS[1]}"]
+        run_r, run_d = m[f"run, {CLIENTS[0]}"], m[f"run, {CLIENTS[1]}"]
+        print(f"| {size}x{size} | {first:.2f} | {c1} / {c2} | {direct:.3f} | {m[readme]:.3f} "
+              f"| {m[readme] / direct:.2f}x | {m[default]:.3f} | {m[default] / direct:.2f}x "
+              f"| {run_r:.3f} / {run_d:.3f} | {floor_r:.3f} / {floor_d:.3f} | {m[readme] - floor_r - run_r:+.3f} |")
     print("\ncompile log:")
     for line in logs:
         if "compil" in line:
@@ -131,29 +154,30 @@ def main() -> None:
 
 
 def _floor_app(out_dir):
-    """A gradio app with /generate's inputs and outputs that returns the files of the run named
-    in the returned list `finished` (set by the caller): gradio's own cost, no work."""
+    """A gradio app with /generate's inputs and outputs, served as the app is (`ui.launch`),
+    that returns the files of the run named in the returned list `finished` (set by the
+    caller): gradio's own cost, no work."""
+    import types
+
     import gradio as gr
     from gradio_client import Client
+
+    from dynamicid_jax.app.ui import launch
+    from dynamicid_jax.distributed import free_local_port
 
     finished: list = []
 
     def generate(*_):
         run = finished[0]
-        png, side = sorted(run.glob("*.png"))[0], sorted(run.glob("*.json"))[0]
-        return [(str(png), png.name)], [str(png), str(side)], [], "done"
+        return [str(p) for p in sorted(run.glob("*.png")) + sorted(run.glob("*.json"))], [], "done"
 
     with gr.Blocks() as demo:
         inputs = [gr.File(file_count="multiple"), gr.File(file_count="multiple"), gr.Textbox(), gr.Textbox(),
                   gr.Textbox(), gr.Textbox(), gr.Number(), gr.Number(), gr.Number(), gr.Number()]
-        outputs = [gr.Gallery(), gr.File(file_count="multiple"), gr.Gallery(), gr.Textbox()]
+        outputs = [gr.File(file_count="multiple"), gr.Gallery(), gr.Textbox()]
         gr.Button().click(generate, inputs, outputs, api_name="generate", concurrency_limit=1)
-    demo.queue(default_concurrency_limit=1)
-    from dynamicid_jax.distributed import free_local_port
-
     port = free_local_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, allowed_paths=[str(out_dir)], prevent_thread_lock=True,
-                quiet=True)
+    launch(demo, types.SimpleNamespace(out_dir=out_dir), port=port, block=False)
     return Client(f"http://127.0.0.1:{port}/", verbose=False), demo, finished
 
 

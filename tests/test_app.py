@@ -51,9 +51,18 @@ def app(test_assets, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(app):
+    import ssl
+
     from gradio_client import Client
 
-    return Client(app[1], verbose=False)
+    # As the README's example: one TLS context for all requests (gradio_client otherwise
+    # builds one per upload, download and stream, even over plain http).
+    return Client(app[1], verbose=False, ssl_verify=ssl.create_default_context())
+
+
+def _png(files) -> pathlib.Path:
+    """The PNG among a run's downloaded files (their order is gradio's cache paths)."""
+    return pathlib.Path(next(f for f in files if str(f).endswith(".png")))
 
 
 def _generate(client, test_assets, refs=("obama.jpg", "0-f15-hao-ph.jpg"), **settings):
@@ -180,10 +189,12 @@ def test_api_png_equals_sample_cli_and_sidecar_reproduces(app, client, test_asse
     from dynamicid_jax.sampling import save_outputs
 
     service = app[0]
-    gallery, downloads, maps, status = _generate(client, test_assets)
-    png, side = sorted(downloads, key=lambda p: p.endswith(".json"))
+    downloads, maps, status = _generate(client, test_assets)
+    # each PNG comes once, then its sidecar, as the README says (the page's gallery is
+    # filled from these files)
+    png, side = downloads
+    assert png.endswith(".png") and side.endswith(".json")
     sidecar = json.loads(pathlib.Path(side).read_text())
-    assert pathlib.Path(gallery[0]["image"]).read_bytes() == pathlib.Path(png).read_bytes()
     assert maps == [] and "seed 3" in status
     face_prompt = sidecar["request"]["identities"][1]["face_prompt"]
     # The same settings through launch/sample.py's request building, on the app's pipeline
@@ -201,10 +212,10 @@ def test_api_png_equals_sample_cli_and_sidecar_reproduces(app, client, test_asse
     cli_png = save_outputs(tmp_path, images, request, details, service.pipeline.provenance)[0]
     assert pathlib.Path(png).read_bytes() == cli_png.read_bytes()
     # The sidecar plus fresh uploads reproduces the picture bit for bit.
-    _, again, _, _ = client.predict(handle_file(side), [handle_file(str(test_assets / "obama.jpg"))],
-                                    [handle_file(str(test_assets / "0-f15-hao-ph.jpg"))], None, None, False,
-                                    api_name="/reproduce")
-    assert pathlib.Path(sorted(again)[0]).read_bytes() == pathlib.Path(png).read_bytes()
+    again, _, _ = client.predict(handle_file(side), [handle_file(str(test_assets / "obama.jpg"))],
+                                 [handle_file(str(test_assets / "0-f15-hao-ph.jpg"))], None, None, False,
+                                 api_name="/reproduce")
+    assert _png(again).read_bytes() == pathlib.Path(png).read_bytes()
 
 
 def test_api_bad_files_name_the_file_and_the_app_keeps_serving(app, client, test_assets, tmp_path):
@@ -224,7 +235,7 @@ def test_api_bad_files_name_the_file_and_the_app_keeps_serving(app, client, test
     jobs = [client.submit(**_job_kwargs(test_assets, seed, ref)) for seed, ref in ((11, "obama.jpg"),
                                                                                     (12, "obama2.jpg"))]
     results = [job.result(timeout=300) for job in jobs]
-    pngs = [pathlib.Path(sorted(r[1])[0]).read_bytes() for r in results]
+    pngs = [_png(r[0]).read_bytes() for r in results]
     assert pngs[0] != pngs[1]
     assert compiles() == app[4], f"{compiles() - app[4]} program(s) compiled after start-up"
 
@@ -277,14 +288,14 @@ def test_cancel_stops_between_steps_and_one_program_served_everything(app, clien
 def test_activation_maps_show_each_person_in_their_box(app, client, test_assets):
     """Runs last among the app tests: the maps are a second program (compiled once here)."""
     service = app[0]
-    gallery, downloads, maps, status = _generate(client, test_assets, activation_maps=True)
-    plain = _generate(client, test_assets)[1]
+    downloads, maps, status = _generate(client, test_assets, activation_maps=True)
+    plain = _generate(client, test_assets)[0]
     # Capturing the maps leaves the picture as it is, up to rounding: the maps program is
     # another XLA program (it keeps the attention intermediates), fused differently, so like
     # every other pair of programs (tests/test_generation.py) at most 1 grey level on at most
     # 0.1% of values (a cold suite run measured a difference in one PNG's bytes; warm runs none).
-    png = lambda files: np.asarray(Image.open(next(f for f in files if str(f).endswith(".png"))), int)  # noqa: E731
-    diff = np.abs(png(downloads) - png(plain))  # (downloads: PNG and sidecar, any order)
+    png = lambda files: np.asarray(Image.open(_png(files)), int)  # noqa: E731
+    diff = np.abs(png(downloads) - png(plain))
     assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3, (diff.max(), (diff > 0).mean())
     assert [m["caption"] for m in maps] == [f"image 1, person {k}, step {s}/3" for s in (1, 2, 3) for k in (1, 2)]
     from dynamicid_jax.sampling import IdentityRequest, SampleRequest

@@ -3,6 +3,9 @@
 Named API endpoints (gradio_client, see README): `/generate` (the form), `/reproduce`
 (a sidecar + fresh reference uploads), `/restore` (a sidecar -> the form's settings),
 `/analyse_K` (person K's uploads -> face previews and description), `/layout`.
+A run returns (files: PNG and sidecar per image, activation maps, status); the page's
+gallery is filled from those files by a private follow-up event, so an API client gets
+each PNG once (gradio_client downloads every file of a reply).
 """
 
 from __future__ import annotations
@@ -50,11 +53,14 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
             result = future.result()
         except USER_ERRORS as e:
             raise gr.Error(str(e), print_exception=False)
-        gallery = [(str(p), p.name) for p in result.images]
         downloads = [str(p) for pair in zip(result.images, result.sidecars) for p in pair]
         message = (f"{len(result.images)} image(s), seed {result.request.seed}, {result.seconds:.1f}s"
                    + (" (" + notice + ")" if notice else ""))
-        return gallery, downloads, result.maps, message
+        return downloads, result.maps, message
+
+    def gallery_of(files):
+        """The run's files (as the page holds them) -> the gallery: its PNGs, captioned."""
+        return [(p, pathlib.PurePath(p).name) for p in _paths(files) if p.lower().endswith(".png")]
 
     def settings_of(prompt, negative_prompt, seed, steps, guidance, width, height, num_images, alpha, beta,
                     id_scale, mix, gating) -> dict:
@@ -244,11 +250,13 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
                                                              "face_text", "landmarks")]
         settings = [prompt, negative, seed, random_seed, steps, guidance, width, height, num_images, alpha, beta,
                     id_scale, mix, gating]
-        outputs = [gallery, downloads, maps_view, status]
-        go.click(generate, per_person + settings + [maps], outputs, api_name="generate", concurrency_id="device",
-                 concurrency_limit=1)
-        again.click(reproduce, [sidecar] + [person[k]["refs"] for k in PEOPLE] + [maps], outputs,
-                    api_name="reproduce", concurrency_id="device", concurrency_limit=1)
+        outputs = [downloads, maps_view, status]
+        runs = [go.click(generate, per_person + settings + [maps], outputs, api_name="generate",
+                         concurrency_id="device", concurrency_limit=1),
+                again.click(reproduce, [sidecar] + [person[k]["refs"] for k in PEOPLE] + [maps], outputs,
+                            api_name="reproduce", concurrency_id="device", concurrency_limit=1)]
+        for run in runs:  # the page only: no device, no queue, not in the API
+            run.success(gallery_of, downloads, gallery, api_visibility="private", queue=False)
         stop.click(service.cancel, None, None, queue=False, api_name="cancel")
         restored = [person[k][f] for k in PEOPLE for f in ("box", "expression", "orientation", "face_text")]
         restored += [c for c in settings] + [status]
