@@ -26,10 +26,14 @@ def test_values_are_the_jitted_inits_and_shapes_its_eval_shape(projection, monke
     ours = random_init.evaluate(module, rng, *args)
     reference = jax.jit(module.init)(rng, *args)
     assert jax.tree.structure(ours) == jax.tree.structure(reference)
-    # The same random bits and initializer arithmetic, fused differently by XLA (the jitted
-    # init also compiles the forward): at most 1 ulp apart. A wrong key moves every value.
+    # The same random bits and initializer arithmetic, fused and rounded differently by XLA
+    # (the jitted init is one program; a cold suite run measured 4 ulp on some values). An
+    # initializer is a handful of float32 operations (uniform bits -> [0, 1) -> scale and shift,
+    # erfinv for normals) on values of the tensor's own magnitude, so each value is within a few
+    # roundings of that magnitude: 64 float32 epsilons of the tensor's largest value is far
+    # above that, and far below what a wrong key or a wrong scale moves (the whole magnitude).
     for a, b in zip(_leaves(ours), _leaves(reference)):
-        np.testing.assert_array_max_ulp(a, b, maxulp=1)
+        np.testing.assert_allclose(a, b, rtol=0, atol=64 * np.finfo(np.float32).eps * float(np.abs(b).max()))
     other = random_init.evaluate(module, jax.random.key(4, impl=modeling.TINY_PRNG_IMPL), *args)
     flat = lambda tree: np.concatenate([x.ravel() for x in _leaves(tree)])  # noqa: E731
     assert np.mean(flat(other) != flat(ours)) > 0.5
