@@ -96,4 +96,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
 
 clean:
-	rm -rf $(VENV) .cache $(JAX_COMPILATION_CACHE_DIR)
+	rm -rf $(VENV) .cache $(JAX_COMPILATION_CACHE_DIR) $(DYNAMICID_JAX_INIT_CACHE_DIR)

@@ -5,8 +5,8 @@ precompute.py --stage=reconfig -> train.py --stage=reconfig -> sample.py -> eval
 called through its CLI's main() with the flags the Makefile passes (plus step counts and
 --no_progress), so every seam is the real one: the shards' resolution and the stage-2
 tokenizer come from defaults that agree, not from extra flags. Each stage's output is checked
-as what the next stage reads. On 8 fake CPU devices (conftest) with XLA's fast-compile
-setting; the anchor and reconfig steps have the shapes of tests/test_train.py's (same tiny
+as what the next stage reads. On 8 fake CPU devices with XLA's fast-compile setting (both set
+by conftest); the anchor and reconfig steps have the shapes of tests/test_train.py's (same tiny
 config, 64 px, batch 8), so a suite run compiles them once.
 """
 
@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from train_data import fast_compiles  # noqa: F401  (autouse fixture)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # launch/ and data_pipelines/ sit beside the package

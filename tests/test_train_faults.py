@@ -21,7 +21,6 @@ import pytest
 
 import _data_helpers as helpers
 import train_data
-from train_data import fast_compiles  # noqa: F401  (autouse fixture)
 from configs import anchor as anchor_configs
 from dynamicid_jax import cli, modeling
 from dynamicid_jax.data import records, shards, verify

@@ -19,7 +19,6 @@ import pytest
 from flax import traverse_util
 
 import train_data
-from train_data import fast_compiles  # noqa: F401  (autouse fixture)
 from configs import anchor as anchor_configs
 from dynamicid_jax.distributed import free_local_port
 from dynamicid_jax import modeling, sharding
@@ -210,7 +209,7 @@ def test_nonfinite_skip_drops_that_update_and_goes_on(tmp_path, poisoned_data, m
 
 
 def _env(**extra):
-    env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="true", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.update(extra)
     return env
 

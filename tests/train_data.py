@@ -5,22 +5,9 @@ from __future__ import annotations
 
 import pathlib
 
-import jax
 import numpy as np
-import pytest
 
 from dynamicid_jax.data import records, shards
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """Fewer XLA passes for the training tests (import this autouse fixture into the test
-    module): the same executables in-process, in their subprocesses (which set the flag in
-    their env) and in the persistent compile cache."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def _values(spec: records.FeatureSpec, rng: np.random.Generator, vocab: int, text: str):
