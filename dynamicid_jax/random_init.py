@@ -5,8 +5,8 @@ flax's `init` runs the module forward on dummy inputs, whose activations nobody 
 it makes XLA compile that whole forward (most of a tiny run's start-up:
 benchmarks/design_choices_report.md); dropping the equations no output depends on leaves only
 the initializers (5,501 -> 1,584 for the tiny UNet), which run op by op. The values are the
-jitted init's (measured equal for the UNet and VAE, within 1 ulp elsewhere: XLA fuses the float
-conversions differently).
+jitted init's up to float32 rounding: XLA fuses the float conversions differently (measured
+equal for the UNet and VAE, a few ulp elsewhere; tests/test_random_init.py bounds it).
 
 Each `init` is traced once per process and (module, argument types): the same trace gives the
 parameter shapes (`abstract`) and the values (`evaluate`). Small trees are memoised per

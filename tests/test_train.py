@@ -1,8 +1,9 @@
 """Stage-1 training on 8 fake CPU devices with the tiny config and synthetic shards.
 
 Compiles, in order: the anchor step on an 8-device fsdp mesh (the in-process reference run,
-reused from the persistent cache by the subprocess runs and the sharded-step test), the
-anchor step on one device. Everything else reuses those. Stage 2 from a stage-1 run (stage 1
+reused from the persistent cache by the kill-and-resume subprocess runs and the sharded-step
+test), the anchor step on one device (reused by the one-device SIGTERM subprocess runs).
+Everything else reuses those. Stage 2 from a stage-1 run (stage 1
 left bit-identical, IMR trained) and both runs as the sampler's --dynamicid are covered by
 tests/test_tiny_run.py on real shards.
 """
