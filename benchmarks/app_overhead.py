@@ -49,7 +49,8 @@ def main() -> None:
     from dynamicid_jax.app.service import create_service
     from dynamicid_jax.app.ui import build_demo, launch
     from dynamicid_jax.distributed import free_local_port
-    from dynamicid_jax.sampling import IdentityRequest, SampleRequest, save_outputs
+    from dynamicid_jax.outputs import save_outputs
+    from dynamicid_jax.request import IdentityRequest, SampleRequest
 
     load = [os.getloadavg()[0]]
     assets = pathlib.Path(args.assets)

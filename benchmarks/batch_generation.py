@@ -42,7 +42,7 @@ def main() -> None:
     from dynamicid_jax.batching import ImageItem
     from dynamicid_jax.generation import BatchSampler
     from dynamicid_jax.loading import load_pipeline
-    from dynamicid_jax.sampling import IdentityRequest, SampleRequest
+    from dynamicid_jax.request import IdentityRequest, SampleRequest
 
     _, pipe = load_pipeline(demo=True)
     photos = [os.path.join(args.photos, n) for n in ("obama.jpg", "biden.jpg")]

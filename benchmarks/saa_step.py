@@ -189,7 +189,7 @@ def _sampling_loop(saa_params, dtype, steps):
 
     from configs import base
     from dynamicid_jax import denoising, modeling, schedulers
-    from dynamicid_jax.sampling import DynamicIDPipeline
+    from dynamicid_jax.pipeline import DynamicIDPipeline
 
     config = base.get_config()
     modules = modeling.build_modules(config.model, dtype=dtype)

@@ -60,7 +60,7 @@ def bench_samplers(steps: int, repeats: int):
     f = ours.modules.vae_scale_factor
     noise, key = ours.initial_noise(0, (1, E.SIZE // f, E.SIZE // f, 4))
 
-    # One image's row (sampling.py's per-image layout): [negative, positive] on axis 1, settings (1,).
+    # One image's row (batching.py's per-image layout): [negative, positive] on axis 1, settings (1,).
     width, num_tokens = models["context"].shape[-1], ours.modules.face_projection.num_tokens
     plain = (jnp.zeros((1, 2, 1, num_tokens, width)), jnp.asarray([[[0.0, 0.0, 1.0, 1.0]]]), 0.0, False)
     two_ids = (jax.random.normal(jax.random.PRNGKey(2), (1, 2, 2, num_tokens, width)),

@@ -45,9 +45,9 @@ def model_config() -> ml_collections.ConfigDict:
 def sampling_config() -> ml_collections.ConfigDict:
     """Paper/release defaults for one sampling call: steps, guidance, height, width, alpha
     (layout steps as an int, or a fraction of the steps as a float), beta (layout intensity),
-    id_scale, negative_prompt. Defined once, as `dynamicid_jax.sampling.SampleRequest`'s
+    id_scale, negative_prompt. Defined once, as `dynamicid_jax.request.SampleRequest`'s
     defaults, so the library and the CLI agree."""
-    from dynamicid_jax.sampling import sampling_defaults
+    from dynamicid_jax.request import sampling_defaults
 
     return ml_collections.ConfigDict(sampling_defaults())
 

@@ -6,7 +6,7 @@ names the input and says what is wrong; `dynamicid_jax.cli.run_main` prints it a
 `error: ...` on stderr and exits with status 2, without a traceback. Every other exception
 is a bug or an unexpected internal failure: it keeps its traceback (exit 1).
 
-Module-specific user errors (sampling.InputError, faces NoFaceError, WeightImportError,
+Module-specific user errors (request.InputError, faces NoFaceError, WeightImportError,
 DataMismatchError, RecordFormatError, ...) subclass `UserError` where they are defined; they
 also keep their historical built-in base (ValueError, FileNotFoundError, ...) so callers that
 catch those still do. This module imports nothing, so any module may use it.

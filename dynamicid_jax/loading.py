@@ -22,7 +22,8 @@ import ml_collections
 
 from dynamicid_jax import modeling, schedulers
 from dynamicid_jax.errors import MissingFileError
-from dynamicid_jax.sampling import DynamicIDPipeline, InputError
+from dynamicid_jax.pipeline import DynamicIDPipeline
+from dynamicid_jax.request import InputError
 
 DEMO_NOTICE = (
     "DEMO MODE: tiny model with RANDOM weights (configs/tiny.py). Pictures will be noise-like; "

@@ -2,7 +2,7 @@
 
 Each image `X.png` has a sidecar `X.json` holding the full sampler request, the index of the
 image within the request, what the run resolved and the weights' provenance, so
-`launch/sample.py --from_json X.json` reproduces it. Sampling (`sampling.save_outputs`), batch
+`launch/sample.py --from_json X.json` reproduces it. Sampling (`save_outputs`), batch
 generation (`generation`) and evaluation all write through `save_image`. The sidecar is
 written after the image, each by write-to-temp then rename, so an interrupted run leaves
 either a complete pair or something that is redone.
@@ -25,8 +25,8 @@ from dynamicid_jax import images
 from dynamicid_jax.atomic_write import atomic_write_bytes, atomic_write_text  # noqa: F401  (public here too)
 from dynamicid_jax.errors import UserError
 
-if TYPE_CHECKING:  # sampling imports this module: the request type is only named here
-    from dynamicid_jax.sampling import SampleRequest
+if TYPE_CHECKING:  # request.py is light, but outputs need only the type's name
+    from dynamicid_jax.request import SampleRequest
 
 
 class StaleImageError(UserError, ValueError):
@@ -100,3 +100,26 @@ def read_generated(image_path: pathlib.Path) -> Optional[np.ndarray]:
     if not is_complete(image_path):
         return None
     return images.read_rgb(image_path)
+
+
+def save_outputs(
+    out_dir: str | pathlib.Path, images: np.ndarray, request: SampleRequest, details: dict, provenance: dict,
+    stem: str = "dynamicid",
+) -> list[pathlib.Path]:
+    """Write `stem-SEED-K.png` and a sidecar `stem-SEED-K.json` per image (`outputs.save_image`).
+    Returns the PNG paths.
+
+    The sidecar holds the whole request (so `launch/sample.py --from_json` reproduces the
+    image), what the run resolved (boxes, automatic prompts) and the weights' provenance.
+    """
+    paths = []
+    for k, image in enumerate(images):
+        png = output_path(out_dir, request, k, stem)
+        save_image(png, image, request, details, provenance, image_index=k)
+        paths.append(png)
+    return paths
+
+
+def output_path(out_dir: str | pathlib.Path, request: SampleRequest, index: int, stem: str = "dynamicid") -> pathlib.Path:
+    """Where picture `index` of `request` goes: OUT/stem-SEED-K.png."""
+    return pathlib.Path(out_dir) / f"{stem}-{request.seed}-{index}.png"

@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _start(args: argparse.Namespace):
     """Load the models and compile the warm-up sizes -> (service, notice); bad input: UserError."""
     from dynamicid_jax.app.service import create_service
-    from dynamicid_jax.sampling import InputError
+    from dynamicid_jax.request import InputError
 
     try:
         people = [int(v) for v in args.warmup_people.split(",") if v.strip()]

@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _seeds(text):
-    from dynamicid_jax.sampling import InputError
+    from dynamicid_jax.request import InputError
 
     if text is None:
         return None
@@ -85,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     from dynamicid_jax.evaluation import Ablation, MetricModels, evaluate, load_protocol, resolve_sampling
     from dynamicid_jax.loading import DEMO_NOTICE, load_config, load_pipeline, run_base, training_run_config
     from dynamicid_jax.models.lora_files import parse_lora_arg as parse_lora
-    from dynamicid_jax.sampling import InputError
+    from dynamicid_jax.request import InputError
 
     # Everything checkable without models first: a typo must not cost a model load.
     check_output_folder(args.out, "--out")

@@ -88,7 +88,7 @@ def _per_identity(values: list[str], n: int, flag: str) -> list:
 
 
 def _input_error(message: str):
-    from dynamicid_jax.sampling import InputError
+    from dynamicid_jax.request import InputError
 
     return InputError(message)
 
@@ -118,7 +118,7 @@ def parse_alpha(text: str) -> int | float:
 
 def read_sidecar(path: str):
     """The SampleRequest of a sidecar (or bare request) JSON file; InputError naming the file."""
-    from dynamicid_jax.sampling import InputError, SampleRequest
+    from dynamicid_jax.request import InputError, SampleRequest
 
     file = pathlib.Path(path)
     if not file.is_file():
@@ -147,7 +147,7 @@ def _check_recorded_embeddings(sidecar, file) -> None:
 
 
 def build_request(args: argparse.Namespace, sampling_defaults):
-    from dynamicid_jax.sampling import IdentityRequest, SampleRequest
+    from dynamicid_jax.request import IdentityRequest, SampleRequest
 
     if args.from_json:
         return read_sidecar(args.from_json)
@@ -250,7 +250,8 @@ def _run(args: argparse.Namespace) -> int:
         check_output_folder(args.out, "--out")
         return run_requests(args)
     from dynamicid_jax.loading import load_pipeline, sampling_config
-    from dynamicid_jax.sampling import check_embeddings_readable, check_images_readable, save_outputs, validate_request
+    from dynamicid_jax.outputs import save_outputs
+    from dynamicid_jax.request import check_embeddings_readable, check_images_readable, validate_request
 
     # Everything checkable without models first: a typo must not cost a model load.
     check_output_folder(args.out, "--out")

@@ -19,7 +19,7 @@ from dynamicid_jax import denoising
 from dynamicid_jax.distributed import free_local_port
 from dynamicid_jax.app import forms
 from dynamicid_jax.compile_count import compiles
-from dynamicid_jax.sampling import InputError
+from dynamicid_jax.request import InputError
 
 pytest.importorskip("gradio", reason="the app extra (make install) provides gradio")
 
@@ -186,7 +186,7 @@ def test_api_png_equals_sample_cli_and_sidecar_reproduces(app, client, test_asse
 
     from gradio_client import handle_file
 
-    from dynamicid_jax.sampling import save_outputs
+    from dynamicid_jax.outputs import save_outputs
 
     service = app[0]
     downloads, maps, status = _generate(client, test_assets)
@@ -298,7 +298,7 @@ def test_activation_maps_show_each_person_in_their_box(app, client, test_assets)
     diff = np.abs(png(downloads) - png(plain))
     assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3, (diff.max(), (diff > 0).mean())
     assert [m["caption"] for m in maps] == [f"image 1, person {k}, step {s}/3" for s in (1, 2, 3) for k in (1, 2)]
-    from dynamicid_jax.sampling import IdentityRequest, SampleRequest
+    from dynamicid_jax.request import IdentityRequest, SampleRequest
 
     request = SampleRequest(identities=[IdentityRequest(refs=[str(test_assets / "obama.jpg")], box=[0, 0, 1, 0.5]),
                                         IdentityRequest(refs=[str(test_assets / "0-f15-hao-ph.jpg")],

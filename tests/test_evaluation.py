@@ -25,7 +25,7 @@ from dynamicid_jax.evaluation.face_metrics import reference_embeddings
 from dynamicid_jax.generation import BatchSampler
 from dynamicid_jax.models.clip import clip_preprocess
 from dynamicid_jax.models.torch_import import WeightImportError
-from dynamicid_jax.sampling import read_image
+from dynamicid_jax.request import read_image
 from dynamicid_jax.tokenizer import write_tiny_vocab
 from parity import rel_l2
 from processes import finish_all

@@ -26,7 +26,7 @@ import pytest
 from dynamicid_jax.distributed import free_local_port
 from dynamicid_jax.batching import ImageItem, shape_key
 from dynamicid_jax.generation import BatchSampler, Job, plan_batches
-from dynamicid_jax.sampling import IdentityRequest, SampleRequest
+from dynamicid_jax.request import IdentityRequest, SampleRequest
 from processes import finish_all
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from dynamicid_jax import schedulers as S  # noqa: E402
 from dynamicid_jax.dynamicid import published_weights as pw  # noqa: E402
 from dynamicid_jax.models import load_unet, load_vae  # noqa: E402
 from dynamicid_jax.loading import load_config  # noqa: E402
-from dynamicid_jax.sampling import DynamicIDPipeline  # noqa: E402
+from dynamicid_jax.pipeline import DynamicIDPipeline
 from parity import TINY_DEMO_UNET, TINY_DEMO_VAE, rel_l2  # noqa: E402
 from test_samplers import REFERENCE  # noqa: E402
 from test_schedulers import SD15_SCHEDULER_JSON  # noqa: E402
@@ -67,7 +67,7 @@ def _our_images(models, name, noise, step_key):
     """What `generate` runs for a one-identity request with the identity branch off."""
     ours = models["ours"]
     schedule = S.make_schedule(name, ours.scheduler, STEPS)
-    # One image's row (sampling.py's per-image layout): [negative, positive] on axis 1.
+    # One image's row (batching.py's per-image layout): [negative, positive] on axis 1.
     tokens = jnp.zeros((1, 2, 1, ours.modules.face_projection.num_tokens, models["context"].shape[-1]))
     boxes = jnp.asarray([[[0.0, 0.0, 1.0, 1.0]]])
     row = lambda v, dtype=jnp.float32: jnp.asarray([v], dtype)  # noqa: E731  (N,) = (1,)

@@ -18,7 +18,7 @@ import pytest
 
 from dynamicid_jax import denoising
 from dynamicid_jax.errors import UserError
-from dynamicid_jax.sampling import IdentityRequest, InputError, SampleRequest, validate_request
+from dynamicid_jax.request import IdentityRequest, InputError, SampleRequest, validate_request
 
 
 

@@ -224,7 +224,7 @@ def _step_lines(output: str) -> list[dict]:
 @pytest.mark.slow
 def test_bfloat16_run_trains_and_loads_in_the_sampler(tmp_path, anchor_data, test_assets):
     from dynamicid_jax.loading import load_pipeline
-    from dynamicid_jax.sampling import IdentityRequest, SampleRequest
+    from dynamicid_jax.request import IdentityRequest, SampleRequest
 
     workdir, steps = tmp_path / "bf16", 3
     proc = subprocess.run(

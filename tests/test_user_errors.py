@@ -19,7 +19,7 @@ import pytest
 
 from dynamicid_jax import cli
 from dynamicid_jax.errors import UserError
-from dynamicid_jax.sampling import IdentityRequest, InputError, SampleRequest, sampling_defaults, validate_request
+from dynamicid_jax.request import IdentityRequest, InputError, SampleRequest, sampling_defaults, validate_request
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

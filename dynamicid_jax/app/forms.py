@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from dynamicid_jax.faces.expression import EMOTIONS
 from dynamicid_jax.faces.pose import pose_bins
-from dynamicid_jax.sampling import IMAGE_SUFFIXES, IdentityRequest, InputError, SampleRequest, validate_request
+from dynamicid_jax.request import IMAGE_SUFFIXES, IdentityRequest, InputError, SampleRequest, validate_request
 
 MAX_PEOPLE = 4
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024

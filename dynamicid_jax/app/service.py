@@ -22,14 +22,9 @@ import numpy as np
 
 from dynamicid_jax.app import forms, previews
 from dynamicid_jax.faces import NoFaceError
-from dynamicid_jax.sampling import (
-    DynamicIDPipeline,
-    IdentityRequest,
-    InputError,
-    SampleRequest,
-    read_image,
-    save_outputs,
-)
+from dynamicid_jax.outputs import save_outputs
+from dynamicid_jax.pipeline import DynamicIDPipeline
+from dynamicid_jax.request import IdentityRequest, InputError, SampleRequest, read_image
 
 MAX_SEED = 2**31 - 1
 

@@ -19,7 +19,7 @@ from dynamicid_jax.app import forms, previews
 from dynamicid_jax.app.service import AppService, Cancelled
 from dynamicid_jax.dynamicid.saa import default_boxes
 from dynamicid_jax.faces import NoFaceError
-from dynamicid_jax.sampling import InputError
+from dynamicid_jax.request import InputError
 
 USER_ERRORS = (InputError, NoFaceError, Cancelled)
 IMAGE_TYPES = list(forms.IMAGE_SUFFIXES)

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Optional
 from dynamicid_jax.errors import MissingFileError, UserError
 from dynamicid_jax.evaluation.face_metrics import POSE_CATEGORIES
 from dynamicid_jax.faces.expression import EMOTIONS
-from dynamicid_jax.sampling import IdentityRequest, SampleRequest
+from dynamicid_jax.request import IdentityRequest, SampleRequest
 
 MODES = ("single", "multi")
 PROMPT_KINDS = ("context", "action", "style")

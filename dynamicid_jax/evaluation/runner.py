@@ -34,7 +34,7 @@ from dynamicid_jax.evaluation.face_metrics import SubjectTarget, reference_embed
 from dynamicid_jax.evaluation.protocol import SAMPLING_KEYS, Ablation, EvalCase, Protocol, expand_cases
 from dynamicid_jax.evaluation.report import markdown_report
 from dynamicid_jax.generation.engine import Job, run_jobs
-from dynamicid_jax.sampling import read_image
+from dynamicid_jax.request import read_image
 
 # generate(items) -> (images uint8 (len(items), H, W, 3), details per item): a
 # generation.BatchSampler, or any callable with that signature (optional `batch_size`).

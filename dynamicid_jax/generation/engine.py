@@ -94,7 +94,7 @@ class BatchSampler:
         try:
             self.mesh = sharding.make_mesh(-1, fsdp, devices)
         except ValueError as e:
-            from dynamicid_jax.sampling import InputError
+            from dynamicid_jax.request import InputError
 
             raise InputError(f"--fsdp {fsdp} does not fit {len(devices)} local devices: {e}") from None
         size = self.mesh.size

@@ -18,7 +18,7 @@ import pathlib
 from typing import Any, Mapping, Optional
 
 from dynamicid_jax.errors import UserError
-from dynamicid_jax.sampling import DEFAULT_KEYS, IdentityRequest, InputError, SampleRequest, read_image, validate_request
+from dynamicid_jax.request import DEFAULT_KEYS, IdentityRequest, InputError, SampleRequest, read_image, validate_request
 
 REQUEST_FIELDS = {f.name: f for f in dataclasses.fields(SampleRequest)}
 IDENTITY_FIELDS = {f.name for f in dataclasses.fields(IdentityRequest)}

@@ -19,7 +19,8 @@ from dynamicid_jax import outputs
 from dynamicid_jax.batching import ImageItem
 from dynamicid_jax.generation.engine import BatchSampler, Job, gather_totals, run_jobs
 from dynamicid_jax.generation.requests import Reject, read_requests
-from dynamicid_jax.sampling import InputError, output_path
+from dynamicid_jax.outputs import output_path
+from dynamicid_jax.request import InputError
 
 REJECTS, SUMMARY = "rejects.jsonl", "summary.json"
 

@@ -1,0 +1,227 @@
+"""A sampling request: `SampleRequest` (every setting of one call, the sidecar's `request`),
+`IdentityRequest` (one person), the one set of defaults and the one validation.
+
+Every entry point (the CLI's flags, request-file lines, sidecars, the app's form) ends in a
+`SampleRequest` checked by `validate_request` before any model runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from typing import Optional
+
+import numpy as np
+
+from dynamicid_jax import images, schedulers
+from dynamicid_jax.dynamicid.saa import validate_boxes
+from dynamicid_jax.errors import UserError
+from dynamicid_jax.models import textual_inversion
+
+IMAGE_SUFFIXES = images.IMAGE_SUFFIXES
+
+
+class InputError(UserError, ValueError):
+    """A user input that cannot be used (names the input); the CLI exits 2 on it."""
+
+
+@dataclasses.dataclass
+class IdentityRequest:
+    """One person in the picture.
+
+    refs: reference photo paths of this person (several are averaged in token space).
+    box: normalised [y_min, x_min, y_max, x_max] where this person should appear.
+    face_prompt: target face prompt for IMR, e.g. "a very surprised expression, front view".
+    target_landmarks: a photo whose largest face gives the target landmarks (head pose).
+    source_prompt: the reference face's own description; automatic when None.
+    """
+
+    refs: list[str]
+    box: Optional[list[float]] = None
+    face_prompt: Optional[str] = None
+    target_landmarks: Optional[str] = None
+    source_prompt: Optional[str] = None
+
+    @property
+    def edits(self) -> bool:
+        return self.face_prompt is not None or self.target_landmarks is not None
+
+
+# The one set of sampling defaults (the paper's release settings): SampleRequest's fields
+# below, and the CLI's through configs/base.py (`sampling_defaults()`), so a library caller
+# and a `launch/sample.py` user asking for the same thing get the same picture.
+DEFAULT_NEGATIVE_PROMPT = "lowres, bad anatomy, worst quality, low quality, blurry, deformed"
+DEFAULT_KEYS = ("steps", "guidance", "height", "width", "alpha", "beta", "id_scale", "negative_prompt", "scheduler")
+
+# Largest request accepted (checked before any model is loaded; see validate_request).
+MAX_IMAGE_SIDE = 2048  # px: SD1.5 latents 256 x 256, 65,536 tokens in the first level's self-attention
+MAX_BATCH_PIXELS = 8 * 1024 * 1024  # num_images x height x width: eight 1024 px or two 2048 px pictures
+
+
+@dataclasses.dataclass
+class SampleRequest:
+    """Every setting of one sampling call; `to_json`/`from_json` make the sidecar."""
+
+    identities: list[IdentityRequest]
+    prompt: str
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    seed: int = 0
+    steps: int = 50
+    guidance: float = 5.0
+    height: int = 512
+    width: int = 512
+    num_images: int = 1
+    alpha: float | int = 3
+    beta: float = 4.0
+    id_scale: float = 1.0
+    mix: Optional[float] = None
+    gating: bool = True
+    scheduler: str = "ddim"  # one of schedulers.SCHEDULERS
+    clip_skip: int = 0  # text states this many layers before the last (1 = penultimate)
+    # Textual-inversion files (`models.textual_inversion`): each file's stem, written in either
+    # prompt, stands for its vectors; a stem the negative prompt does not mention is appended
+    # to it here (", stem"), so the stored request is what was encoded.
+    negative_embeddings: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if self.negative_embeddings and isinstance(self.negative_prompt, str) and isinstance(
+                self.negative_embeddings, list) and all(isinstance(p, str) for p in self.negative_embeddings):
+            self.negative_prompt = textual_inversion.with_names(
+                self.negative_prompt, [pathlib.Path(p).stem for p in self.negative_embeddings])
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        if not data["negative_embeddings"]:  # so sidecars from before this field still match (outputs.reusable)
+            del data["negative_embeddings"]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SampleRequest":
+        """A request from its sidecar dict; InputError naming a missing or unknown field."""
+        if not isinstance(data, dict) or not isinstance(data.get("identities"), list):
+            raise InputError("not a sampling request: expected an object with an 'identities' list")
+        data = dict(data)
+        try:
+            data["identities"] = [IdentityRequest(**d) for d in data["identities"]]
+            return cls(**data)
+        except TypeError as e:  # unknown or missing fields
+            raise InputError(f"not a sampling request: {e}") from None
+
+
+def sampling_defaults() -> dict:
+    """{field: default} of the sampling settings a config may override (configs/base.py)."""
+    fields = {f.name: f.default for f in dataclasses.fields(SampleRequest)}
+    return {k: fields[k] for k in DEFAULT_KEYS}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value) -> bool:
+    return _is_int(value) or (isinstance(value, (float, np.floating)))
+
+
+def _check_finite(name: str, value, *, above: Optional[float] = None) -> None:
+    if not _is_number(value) or not math.isfinite(value):
+        raise InputError(f"--{name} must be a finite number, got {value!r}")
+    if above is not None and not value > above:
+        raise InputError(f"--{name} must be > {above:g}, got {value!r}")
+
+
+def validate_request(request: SampleRequest, vae_factor: int) -> None:
+    """Raise InputError naming the first unusable setting (before any model runs).
+
+    Rules: at least one identity, each with a reference; boxes for all identities or none,
+    inside [0, 1] with min < max; guidance, id_scale and mix finite (mix in [0, 1]); beta
+    finite and > -1 (the layout divides by beta + 1); alpha an int step count >= 0 or a
+    float fraction of the steps in (0, 1]; steps in [1, 1000]; height and width positive
+    multiples of `vae_factor`, each at most MAX_IMAGE_SIDE px, and num_images x height x
+    width at most MAX_BATCH_PIXELS (larger latents would not fit a device's memory).
+    """
+    n = len(request.identities)
+    if n == 0:
+        raise InputError("at least one identity (--ref) is required")
+    for i, ident in enumerate(request.identities):
+        if not ident.refs:
+            raise InputError(f"identity {i} has no reference image")
+    for name in ("prompt", "negative_prompt"):
+        if not isinstance(getattr(request, name), str):
+            raise InputError(f"--{name} must be text, got {getattr(request, name)!r}")
+    given = [ident.box is not None for ident in request.identities]
+    if any(given) and not all(given):
+        raise InputError(f"boxes and identities differ in count: {sum(given)} boxes for {n} identities")
+    if all(given):
+        try:
+            validate_boxes(np.asarray([ident.box for ident in request.identities], np.float32))
+        except (TypeError, ValueError) as e:
+            raise InputError(f"--box: {e}") from e
+    _check_finite("guidance", request.guidance)
+    _check_finite("id_scale", request.id_scale)
+    _check_finite("beta", request.beta, above=-1.0)
+    if request.mix is not None:
+        _check_finite("mix", request.mix)
+        if not 0.0 <= request.mix <= 1.0:
+            raise InputError(f"--mix must be in [0, 1], got {request.mix}")
+    for name in ("seed", "steps", "num_images", "height", "width"):
+        if not _is_int(getattr(request, name)):
+            raise InputError(f"--{name} must be an integer, got {getattr(request, name)!r}")
+    for name in ("height", "width"):
+        value = getattr(request, name)
+        if value <= 0 or value % vae_factor:
+            raise InputError(f"--{name} must be a positive multiple of {vae_factor}, got {value}")
+        if value > MAX_IMAGE_SIDE:
+            raise InputError(f"--{name} {value} exceeds the {MAX_IMAGE_SIDE} px limit (its latents would not fit)")
+    if request.scheduler not in schedulers.SCHEDULERS:
+        raise InputError(f"--scheduler {request.scheduler!r} is unknown; choose one of {', '.join(schedulers.SCHEDULERS)}")
+    # LCM picks its steps from a 50-step distillation schedule.
+    limit = schedulers.samplers.LCM_ORIGINAL_STEPS if request.scheduler == "lcm" else 1000
+    if not 1 <= request.steps <= limit:
+        raise InputError(f"--steps must be in [1, {limit}] for --scheduler {request.scheduler}, got {request.steps}")
+    if request.clip_skip < 0:
+        raise InputError(f"--clip_skip must be >= 0, got {request.clip_skip}")
+    embeddings = request.negative_embeddings
+    if not isinstance(embeddings, list) or not all(isinstance(p, str) and p for p in embeddings):
+        raise InputError(f"--negative_embedding must be a list of file paths, got {embeddings!r}")
+    if request.num_images < 1:
+        raise InputError(f"--num_images must be >= 1, got {request.num_images}")
+    pixels = request.num_images * request.height * request.width
+    if pixels > MAX_BATCH_PIXELS:
+        raise InputError(
+            f"--num_images {request.num_images} x --height {request.height} x --width {request.width} = {pixels} "
+            f"pixels exceeds the {MAX_BATCH_PIXELS} per call (the latents would not fit): make fewer images per call"
+        )
+    alpha = request.alpha
+    if _is_int(alpha):
+        if alpha < 0:
+            raise InputError(f"--alpha as a step count must be >= 0, got {alpha}")
+    elif isinstance(alpha, (float, np.floating)):
+        if not (math.isfinite(alpha) and 0.0 < alpha <= 1.0):
+            raise InputError(f"--alpha as a fraction must be in (0, 1], got {alpha}")
+    else:
+        raise InputError(f"--alpha must be a step count (e.g. 12) or a fraction in (0, 1] (e.g. 0.24), got {alpha!r}")
+
+
+def check_images_readable(request: SampleRequest) -> None:
+    """Read every reference and target-landmark photo once, so a bad file fails before any
+    model is loaded or compiled (InputError naming it)."""
+    for ident in request.identities:
+        for path in ident.refs + ([ident.target_landmarks] if ident.target_landmarks else []):
+            read_image(path)
+
+
+def check_embeddings_readable(request: SampleRequest, width: Optional[int] = None) -> None:
+    """Read every textual-inversion file of the request once (`width`: the text encoder's, from
+    the config), so a bad or mis-sized file fails before any model loads."""
+    loaded = [textual_inversion.read_embedding(p, width) for p in request.negative_embeddings]
+    textual_inversion.check_names(loaded)
+
+
+def read_image(path: str | pathlib.Path) -> np.ndarray:
+    """Upright RGB uint8 (H, W, 3) via the one reader (`dynamicid_jax.images.read_rgb`: EXIF
+    orientation, every PIL mode); InputError naming the file when it cannot be read."""
+    try:
+        return images.read_rgb(path)
+    except images.ImageError as e:
+        raise InputError(str(e)) from None
