@@ -187,11 +187,11 @@ def _sampling_loop(saa_params, dtype, steps):
     import jax.numpy as jnp
     import numpy as np
 
-    from configs import base
     from dynamicid_jax import denoising, modeling, schedulers
+    from dynamicid_jax.base_models import TextConditioning, default_config
     from dynamicid_jax.pipeline import DynamicIDPipeline
 
-    config = base.get_config()
+    config = default_config()
     modules = modeling.build_modules(config.model, dtype=dtype)
     vae_params = jax.jit(modules.vae.init)(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 3)))["params"]
     vae_params = jax.tree.map(lambda a: a.astype(dtype), vae_params)
@@ -199,8 +199,7 @@ def _sampling_loop(saa_params, dtype, steps):
     class _NoFaces:  # the loop needs no face models; the pipeline checks the embedding size only
         embedding_dim, name = modules.id_dim, "none"
 
-    pipe = DynamicIDPipeline(modules, {"unet": saa_params, "vae": vae_params}, None, _NoFaces(),
-                             schedulers.SchedulerConfig())
+    pipe = DynamicIDPipeline(modules, {"unet": saa_params, "vae": vae_params}, None, _NoFaces())
     n_ids = 2
     rng = np.random.default_rng(0)
     noise = jnp.asarray(rng.standard_normal((1, 64, 64, 4), dtype=np.float32))
@@ -213,11 +212,12 @@ def _sampling_loop(saa_params, dtype, steps):
     for n in steps:
         schedule = schedulers.make_schedule("ddim", pipe.scheduler, n)
         t0 = time.perf_counter()
-        out = denoising.denoise(saa_params, vae_params, noise, context, tokens, boxes, jnp.int32(0), schedule,
-                                jax.random.PRNGKey(1)[None],  # (N, 2): one ancestral-noise key per image
-                                row(5.0), row(1, jnp.int32), row(4.0), row(1.0), row(0.0), None, jnp.int32(0),
-                                modules=pipe.modules, scheduler=pipe.scheduler, gating=True, use_boxes=True,
-                                with_mix=False)
+        image_rows = dict(noise=noise, conditioning=TextConditioning(context=context), id_tokens=tokens, boxes=boxes,
+                          step_key=jax.random.PRNGKey(1)[None],  # (N, 2): one ancestral-noise key per image
+                          guidance=row(5.0), alpha_count=row(1, jnp.int32), beta=row(4.0), id_scale=row(1.0),
+                          mix=row(0.0))
+        out = denoising.denoise({"unet": saa_params, "vae": vae_params}, image_rows, jnp.int32(0), schedule, None,
+                                jnp.int32(0), modules=pipe.modules, gating=True, use_boxes=True, with_mix=False)
         jax.block_until_ready(out)
         cache_size = denoising.compiled_programs()
         rows.append((n, time.perf_counter() - t0, cache_size))

@@ -52,6 +52,7 @@ def bench_samplers(steps: int, repeats: int):
     import test_sampler_pipeline_parity as E
     from dynamicid_jax import denoising
     from dynamicid_jax import schedulers as S
+    from dynamicid_jax.base_models import TextConditioning
 
     torch.set_num_threads(int(os.environ.get("BENCH_TORCH_THREADS", "1")))
 
@@ -70,10 +71,11 @@ def bench_samplers(steps: int, repeats: int):
         tokens, boxes, id_scale, on = two_ids if saa else plain
         schedule = S.make_schedule(name, ours.scheduler, n)
         row = lambda v, dtype=jnp.float32: jnp.asarray([v], dtype)  # noqa: E731
-        out = denoising.denoise(ours.params["unet"], ours.params["vae"], noise,
-                                jnp.asarray(models["context"])[None], tokens, boxes, jnp.int32(S.sampler_index(name)),
-                                schedule, key, row(5.0), row(3 if saa else 1, jnp.int32), row(4.0), row(id_scale),
-                                row(0.0), None, jnp.int32(0), modules=ours.modules, scheduler=ours.scheduler,
+        rows = dict(noise=noise, conditioning=TextConditioning(context=jnp.asarray(models["context"])[None]),
+                    id_tokens=tokens, boxes=boxes, step_key=key, guidance=row(5.0),
+                    alpha_count=row(3 if saa else 1, jnp.int32), beta=row(4.0), id_scale=row(id_scale), mix=row(0.0))
+        out = denoising.denoise({"unet": ours.params["unet"], "vae": ours.params["vae"]}, rows,
+                                jnp.int32(S.sampler_index(name)), schedule, None, jnp.int32(0), modules=ours.modules,
                                 gating=on, use_boxes=on, with_mix=False)
         jax.block_until_ready(out)
 

@@ -20,11 +20,11 @@ tokenizer is `init.tokenizer` or `<init.base_model>/tokenizer`).
 
 import ml_collections
 
-from configs import anchor
+from dynamicid_jax.training.defaults import common_config
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-    config = anchor.common_config(arg)
+    config = common_config(arg)
     small = arg == "tiny"
     config.stage = "reconfig"
     config.init.random = False  # stage 2 starts from a stage-1 result (config.init.stage1)

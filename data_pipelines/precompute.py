@@ -42,11 +42,6 @@ import json
 import pathlib
 import sys
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # for `configs` (repo-level, not part of the installed package)
-    sys.path.insert(0, str(_ROOT))
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     from dynamicid_jax.cli import ArgumentParser
 
@@ -109,14 +104,14 @@ def main(argv=None) -> dict:
 
     from dynamicid_jax.data import extractors
 
-    from configs import base, tiny
-    from dynamicid_jax.modeling import native_resolution
+    from dynamicid_jax.base_models import default_config, native_resolution
 
     tiny_config = None
     if args.base_model is None and args.vision_encoder is None:
-        tiny_config = tiny.model_config()
+        tiny_config = default_config(tiny=True).model
         print(f"WARNING: no --base_model/--vision_encoder: {extractors.TINY_RANDOM_WARNING}", flush=True)
-    resolution = native_resolution(tiny_config or base.model_config()) if args.resolution is None else args.resolution
+    model = tiny_config or default_config().model
+    resolution = native_resolution(model) if args.resolution is None else args.resolution
     ex = extractors.build_extractors(
         faces=args.faces,
         base_model=args.base_model,

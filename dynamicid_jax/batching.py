@@ -5,7 +5,8 @@ guidance pair stays inside that row ([negative, positive] on a second axis), so 
 the image axis over devices never separates a pair:
 
     noise      (N, h, w, C)         row i = image `index` of the seed's draw (N_req, h, w, C)
-    context    (N, 2, L, D)         text states of [negative prompt, prompt]
+    conditioning                    a `base_models.TextConditioning` of [negative prompt, prompt]:
+                                    context (N, 2, L, D) and the family's extras (N, 2, ...)
     id_tokens  (N, 2, n, T, D)      [unconditional tokens, identity tokens] of the n people
     boxes      (N, n, 4)            normalised boxes (the default strips when none are given)
     guidance, beta, id_scale, mix (N,) float32; alpha_count (N,) int32
@@ -23,8 +24,11 @@ import dataclasses
 import json
 from typing import Any
 
+import jax
 import numpy as np
 
+from dynamicid_jax.base_models import conditioning as text_conditioning
+from dynamicid_jax.base_models.conditioning import TextConditioning
 from dynamicid_jax.dynamicid.saa import alpha_steps, default_boxes
 
 
@@ -73,14 +77,14 @@ class ConditioningCache:
 
     pipeline: a DynamicIDPipeline (`text_features`, `identity_tokens`, `unconditional_tokens`).
     Every text is encoded alone (batch 1) so its states are the same in any batch. Sizes are
-    small (77 x 768 floats per text, T x 768 per identity); `max_entries` bounds each table
+    small (one text's context, T tokens per identity); `max_entries` bounds each table
     for runs over very many prompts (oldest dropped first).
     """
 
     def __init__(self, pipeline, max_entries: int = 8192):
         self.pipeline = pipeline
         self.max_entries = max_entries
-        self._texts: dict[tuple[str, int, tuple], np.ndarray] = {}
+        self._texts: dict[tuple[str, int, tuple], TextConditioning] = {}
         self._identities: dict[str, tuple[np.ndarray, dict]] = {}
         self._uncond = None
 
@@ -90,13 +94,13 @@ class ConditioningCache:
         table[key] = value
         return value
 
-    def text(self, text: str, clip_skip: int = 0, embeddings=()) -> np.ndarray:
-        """(L, D) text states (`clip_skip` layers before the last; `embeddings` the
-        textual-inversion files whose names the text may use)."""
+    def text(self, text: str, clip_skip: int = 0, embeddings=()) -> TextConditioning:
+        """The text's conditioning, context (L, D) (`clip_skip` layers before the last;
+        `embeddings` the textual-inversion files whose names the text may use)."""
         key = (text, clip_skip, tuple(embeddings))
         if key not in self._texts:
-            states, _ = self.pipeline.text_features([text], clip_skip, embeddings)
-            self._remember(self._texts, key, np.asarray(states[0]))
+            conditioning, _ = self.pipeline.text_features([text], clip_skip, embeddings)
+            self._remember(self._texts, key, jax.tree.map(lambda a: np.asarray(a[0]), conditioning))
         return self._texts[key]
 
     def identity(self, ident) -> tuple[np.ndarray, dict]:
@@ -137,8 +141,6 @@ def request_details(request, cache: ConditioningCache) -> dict:
 def noise_rows(items: list[ImageItem], latent_hwc: tuple[int, int, int]) -> np.ndarray:
     """(N, h, w, C) float32: row i is image `index` of normal(PRNGKey(seed), (num_images, h, w, C)),
     the same draw a request alone makes, so an image's noise does not depend on its batch."""
-    import jax
-
     draws: dict[tuple[int, int], np.ndarray] = {}
     rows = []
     for item in items:
@@ -168,11 +170,14 @@ def assemble(items: list[ImageItem], cache: ConditioningCache, latent_hwc: tuple
         raise ValueError(f"a batch needs one shape_key, got {sorted(keys)}")
     rows = list(items) + [items[-1]] * max(0, (pad_to or 0) - len(items))
     uncond = cache.unconditional()
-    context, tokens, boxes = [], [], []
+    family = cache.pipeline.modules.family
+    conditioning, tokens, boxes = [], [], []
     for item in rows:
         r = item.request
-        context.append(np.stack([cache.text(r.negative_prompt, r.clip_skip, r.negative_embeddings),
-                                 cache.text(r.prompt, r.clip_skip, r.negative_embeddings)]))
+        pair = text_conditioning.stack([cache.text(r.negative_prompt, r.clip_skip, r.negative_embeddings),
+                                        cache.text(r.prompt, r.clip_skip, r.negative_embeddings)])
+        size_extras = {k: np.stack([v, v]) for k, v in family.request_extras(r.height, r.width).items()}
+        conditioning.append(pair.replace(extras={**pair.extras, **size_extras}))
         ids = np.stack([cache.identity(ident)[0] for ident in r.identities])  # (n, T, D)
         tokens.append(np.stack([np.broadcast_to(uncond, ids.shape), ids]))
         boxes.append(request_boxes(r))
@@ -180,7 +185,7 @@ def assemble(items: list[ImageItem], cache: ConditioningCache, latent_hwc: tuple
     arrays = {
         "noise": noise_rows(rows, latent_hwc),
         "step_key": step_keys([(item.request.seed, item.index) for item in rows]),
-        "context": np.stack(context),
+        "conditioning": text_conditioning.stack(conditioning),
         "id_tokens": np.stack(tokens),
         "boxes": np.stack(boxes),
         "guidance": per_row(lambda r: r.guidance, np.float32),

@@ -62,65 +62,67 @@ def _maps_reached(sink, step, maps):
         sink_maps[int(step)] = np.asarray(maps)
 
 
-@functools.partial(jax.jit, static_argnames=("modules", "scheduler", "gating", "use_boxes", "with_mix",
-                                             "capture_maps", "report_steps"))
+@functools.partial(jax.jit, static_argnames=("modules", "gating", "use_boxes", "with_mix", "capture_maps",
+                                             "report_steps"))
 def denoise(
-    unet_params, vae_params, noise, context, id_tokens, boxes, sampler, schedule, step_key,
-    guidance, alpha_count, beta, id_scale, mix, map_steps, sink, *, modules, scheduler: schedulers.SchedulerConfig,
-    gating: bool, use_boxes: bool, with_mix: bool, capture_maps: bool = False, report_steps: bool = False,
+    params, rows, sampler, schedule, map_steps, sink, *, modules, gating: bool, use_boxes: bool, with_mix: bool,
+    capture_maps: bool = False, report_steps: bool = False,
 ):
-    """Per image (N rows, see `batching`): noise (N, h, w, C) standard normal; context
-    (N, 2, L, D) and id_tokens (N, 2, n, T, D) as [negative, positive]; boxes (N, n, 4);
+    """params: {"unet", "vae"}; rows: `batching.assemble`'s per-image arrays (N rows):
+      noise (N, h, w, C) standard normal; conditioning: a `base_models.TextConditioning` of
+      (N, 2, ...) [negative, positive]; id_tokens (N, 2, n, T, D) likewise; boxes (N, n, 4);
+      step_key (N, 2): each image's key of the ancestral samplers' per-step noise; guidance,
+      alpha_count, beta, id_scale, mix (N,).
     sampler: () int32 index into schedulers.SCHEDULERS; schedule: its `schedulers.Schedule`
-    padded to the training length (num_steps traced); step_key (N, 2): each image's key of
-    the ancestral samplers' per-step noise; guidance, alpha_count, beta, id_scale, mix (N,).
-    capture_maps: at the steps in map_steps (K,), -1 padded, send the positive rows'
-    per-identity activation maps (N, n, h, w) to `sink`'s dict (map_steps None otherwise).
-    report_steps: call `sink`'s on_step after each step. Each flag is a separate program.
-    modules: `modeling.DynamicIDModules` (hashable); scheduler: the noise schedule's config.
+    padded to the training length (num_steps traced). capture_maps: at the steps in map_steps
+    (K,), -1 padded, send the positive rows' per-identity activation maps (N, n, h, w) to
+    `sink`'s dict (map_steps None otherwise). report_steps: call `sink`'s on_step after each
+    step. Each flag is a separate program. modules: `modeling.DynamicIDModules` (hashable);
+    the model call is its family's `denoiser`, the noise schedule its `scheduler`.
     Returns images (N, H, W, 3) float32 in [-1, 1].
 
-    The UNet batch is 2N rows [neg_0, pos_0, neg_1, pos_1, ...]: (N, 2, ...) reshaped, so
+    The model batch is 2N rows [neg_0, pos_0, neg_1, pos_1, ...]: (N, 2, ...) reshaped, so
     with the image axis split over devices every CFG pair stays on its image's device."""
-    unet = modules.unet
     with jax.ensure_compile_time_eval():  # the table as constants of the program, computed once
-        table = schedulers.noise_table(scheduler)
+        table = schedulers.noise_table(modules.scheduler)
     pairs = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731  (N, 2, ...) -> (2N, ...)
-    rows = lambda v: jnp.repeat(v, 2)[:, None]  # noqa: E731  (N,) -> (2N, 1): broadcasts over queries
-    context, id_tokens, boxes = pairs(context), pairs(id_tokens), jnp.repeat(boxes, 2, axis=0)
-    guidance = guidance[:, None, None, None]
+    per_row = lambda v: jnp.repeat(v, 2)[:, None]  # noqa: E731  (N,) -> (2N, 1): broadcasts over queries
+    conditioning = jax.tree.map(pairs, rows["conditioning"])
+    id_tokens, boxes = pairs(rows["id_tokens"]), jnp.repeat(rows["boxes"], 2, axis=0)
+    guidance = rows["guidance"][:, None, None, None]
 
     def body(i, carry):
         x, state = carry
         t = schedule.timesteps[i]
         identity = IdentityConditioning(
-            tokens=id_tokens, boxes=boxes, layout_active=rows(i < alpha_count), beta=rows(beta),
-            id_scale=rows(id_scale), mix=rows(mix)[..., None, None] if with_mix else None, use_boxes=use_boxes,
-            gating=gating,
+            tokens=id_tokens, boxes=boxes, layout_active=per_row(i < rows["alpha_count"]),
+            beta=per_row(rows["beta"]), id_scale=per_row(rows["id_scale"]),
+            mix=per_row(rows["mix"])[..., None, None] if with_mix else None, use_boxes=use_boxes, gating=gating,
         )
         x_in = schedulers.scale_model_input_by_index(sampler, schedule, i, x)
         x2 = jnp.repeat(x_in, 2, axis=0)  # [neg_0, pos_0, neg_1, pos_1, ...]
         t2 = jnp.broadcast_to(t, (x2.shape[0],))
         if capture_maps:
-            eps, variables = unet.apply({"params": unet_params}, x2, t2, context, identity, mutable=["intermediates"])
+            eps, variables = modules.family.denoiser(modules, params["unet"], x2, t2, conditioning, identity,
+                                                     capture=True)
             maps = identity_activation_maps(variables["intermediates"], x.shape[1:3], id_tokens.shape[2])
             jax.lax.cond(jnp.any(map_steps == i), lambda: jax.debug.callback(_maps_reached, sink, i, maps[1::2]),
                          lambda: None)
         else:
-            eps = unet.apply({"params": unet_params}, x2, t2, context, identity)
+            eps = modules.family.denoiser(modules, params["unet"], x2, t2, conditioning, identity)
         eps = eps.reshape((-1, 2) + eps.shape[1:])
         uncond, cond = eps[:, 0], eps[:, 1]
         guided = uncond + guidance * (cond - uncond)
-        x, state = schedulers.step_by_index(sampler, table, schedule, i, guided, x, state, step_key)
+        x, state = schedulers.step_by_index(sampler, table, schedule, i, guided, x, state, rows["step_key"])
         if report_steps:
             jax.debug.callback(_step_reached, sink, i)
         return x, state
 
-    start = noise * schedule.init_sigma
+    start = rows["noise"] * schedule.init_sigma
     memory = schedulers.init_state("dpmpp_2m", start)  # the only multistep state; others pass it on
     latents, _ = jax.lax.fori_loop(0, schedule.num_steps, body, (start, memory))
     scale = modules.vae.config.scaling_factor
-    images = modules.vae.apply({"params": vae_params}, latents / scale, method="decode")
+    images = modules.vae.apply({"params": params["vae"]}, latents / scale, method="decode")
     return jnp.clip(images, -1.0, 1.0)
 
 

@@ -1,7 +1,7 @@
 """Assemble a ready DynamicIDPipeline from files (real weights, a training run) or the demo.
 
 Three sources of weights, one result:
-  demo         configs/tiny.py with THE tiny random weights (`modeling.tiny_random_params`).
+  demo         the family's tiny model with THE tiny random weights (`modeling.tiny_random_params`).
   release      SD1.5 + CLIP ViT-H/14 + the authors' SAA.bin/IMR.bin/key_point_encoder.bin.
   training run a `launch/train.py` workdir: its config.json fixes the architecture; trained
                components from its newest checkpoint, the rest from the base model it
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dynamicid_jax import modeling, schedulers
+from dynamicid_jax import base_models, modeling
 from dynamicid_jax.errors import MissingFileError
 from dynamicid_jax.pipeline import DynamicIDPipeline
 from dynamicid_jax.request import InputError
@@ -32,17 +32,6 @@ DEMO_NOTICE = (
 TINY_NOTICE = "NOTE: this training run started from the TINY RANDOM base model: pictures will be noise-like."
 # Components a training run may lack (stage 1 has no IMR): never filled with random weights.
 EDIT_COMPONENTS = ("imr", "keypoint_encoder")
-
-
-def load_config(name: str):
-    """configs/<name>.py's get_config(); configs/ sits beside the package in the repo."""
-    import importlib
-    import sys
-
-    root = str(pathlib.Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    return importlib.import_module(f"configs.{name}").get_config()
 
 
 def training_run_config(dynamicid: Optional[str]):
@@ -72,16 +61,22 @@ def run_base(run) -> tuple[bool, str]:
     return run_base(stage1) if stage1 is not None else (False, "")
 
 
-def sampling_config(demo: bool, dynamicid: Optional[str]):
-    """Config with `model` and `sampling` sections for this source of weights."""
-    return _sampling_config(demo, training_run_config(dynamicid))
+def sampling_config(demo: bool, dynamicid: Optional[str], base_model: Optional[str] = None):
+    """Config with `model` and `sampling` sections for this source of weights: a training run's
+    own model section; else the family's defaults (`base_models.default_config`), the sections
+    a base model's files define read from them (`model_from_files`)."""
+    return _sampling_config(demo, training_run_config(dynamicid), base_model)
 
 
-def _sampling_config(demo: bool, run):
-    if run is None:
-        return load_config("tiny" if demo else "base")
-    config = load_config("tiny" if run_base(run)[0] else "base")
-    config.model = run.model
+def _sampling_config(demo: bool, run, base_model: Optional[str] = None):
+    if run is not None:
+        config = base_models.default_config(tiny=run_base(run)[0], family=run.model.get("family", "sd15"))
+        config.model = run.model
+        return config
+    config = base_models.default_config(tiny=demo)
+    if base_model and not demo:
+        family = base_models.get(config.model.family)
+        config.model = family.model_from_files(config.model, base_model)
     return config
 
 
@@ -124,11 +119,10 @@ def load_pipeline(
 
     compute_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     run = training_run_config(dynamicid)
-    config = _sampling_config(demo, run)
+    config = _sampling_config(demo, run, base_model)
     modules = modeling.build_modules(config.model, dtype=compute_dtype)
     analyzer = load_face_analyzer(faces)
     expressions = _expressions(expression_model)
-    scheduler = schedulers.SchedulerConfig()
     if demo:
         if base_model or vision_encoder or dynamicid:
             raise InputError("--demo uses random weights: drop --base_model/--vision_encoder/--dynamicid")
@@ -156,9 +150,6 @@ def load_pipeline(
             params = modeling.load_pretrained(modules, base_model=base_model, vision_encoder=vision_encoder)
             params.update(_trained(dynamicid, modules))
         tokenizer = CLIPTokenizer.from_folder(_tokenizer_folder(base_model))
-        scheduler_folder = pathlib.Path(base_model) / "scheduler"
-        if scheduler_folder.is_dir():
-            scheduler = schedulers.SchedulerConfig.from_folder(scheduler_folder)
         provenance = {"base_model": str(base_model), "vision_encoder": str(vision_encoder), "dynamicid": str(dynamicid)}
     provenance["faces"] = analyzer.name
     if loras:
@@ -167,7 +158,7 @@ def load_pipeline(
         params = jax.tree.map(lambda a: a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
                               params)
     params = jax.device_put(params)
-    pipeline = DynamicIDPipeline(modules, params, tokenizer, analyzer, scheduler, expressions, provenance)
+    pipeline = DynamicIDPipeline(modules, params, tokenizer, analyzer, expressions, provenance)
     return config, pipeline
 
 

@@ -24,15 +24,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dynamicid_jax import base_models, random_init
 from dynamicid_jax.dynamicid.face_projection import FaceProjection
 from dynamicid_jax.dynamicid.imr import IMR
 from dynamicid_jax.dynamicid.keypoint_encoder import KeyPointEncoder
 from dynamicid_jax.dynamicid.saa import SAAConfig, identity_conditioning
-from dynamicid_jax import random_init
 from dynamicid_jax.errors import MissingFileError
 from dynamicid_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 from dynamicid_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dynamicid_jax.models.vae import AutoencoderKL, VAEConfig
+from dynamicid_jax.schedulers import SchedulerConfig
 
 Params = dict[str, Any]
 COMPONENTS = ("unet", "vae", "text_encoder", "vision_encoder", "face_projection", "imr", "keypoint_encoder")
@@ -40,9 +41,12 @@ COMPONENTS = ("unet", "vae", "text_encoder", "vision_encoder", "face_projection"
 
 @dataclasses.dataclass(frozen=True)
 class DynamicIDModules:
-    """Linen modules of the whole system (stateless; parameters live beside them)."""
+    """Linen modules of the whole system (stateless; parameters live beside them), with the
+    base model's family (`base_models`: its conditioning and denoiser call) and noise schedule."""
 
-    unet: UNet2DConditionModel  # SD1.5 UNet with SAA in every attn2 and LoRA everywhere
+    family: Any  # a base_models family object (hashable)
+    scheduler: SchedulerConfig  # the base model's noise schedule (training and sampling)
+    unet: UNet2DConditionModel  # the base UNet with SAA in every attn2 and LoRA everywhere
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     vision_encoder: CLIPVisionModel
@@ -60,22 +64,17 @@ class DynamicIDModules:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
-def native_resolution(model: ml_collections.ConfigDict) -> int:
-    """Pixel side a config's model section is built for: the UNet's `sample_size` latents times
-    the VAE factor (SD1.5: 64 x 8 = 512; configs/tiny.py: 8 x 8 = 64). The default of both the
-    precompute job and the training configs, so shards and trainer agree without a flag."""
-    size = model.unet.sample_size
-    if not isinstance(size, int):
-        raise ValueError(f"model.unet.sample_size {size!r}: a native resolution needs one square size")
-    return size * 2 ** (len(model.vae.block_out_channels) - 1)
-
-
 def _tuple_fields(d: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
 def build_modules(model: ml_collections.ConfigDict, dtype=jnp.float32) -> DynamicIDModules:
-    """Modules from a config's `model` section (see configs/base.py). dtype = compute dtype."""
+    """Modules from a config's `model` section (`base_models`' model_config). dtype = compute dtype.
+
+    A training run's config.json written before `family` and `scheduler` were model fields
+    was an SD1.5 run on SD1.5's schedule: those two take the sd15 family's values."""
+    family = base_models.get(model.get("family", "sd15"))
+    scheduler = model.get("scheduler") or family.model_config().scheduler
     unet_config = UNetConfig(
         **_tuple_fields(model.unet.to_dict()), lora_rank=model.lora_rank, saa=SAAConfig(threshold=model.saa_threshold)
     )
@@ -83,6 +82,8 @@ def build_modules(model: ml_collections.ConfigDict, dtype=jnp.float32) -> Dynami
     vision_config = CLIPVisionConfig(**_tuple_fields(model.vision.to_dict()))
     width = unet_config.cross_attention_dim
     return DynamicIDModules(
+        family=family,
+        scheduler=SchedulerConfig(**scheduler.to_dict()),
         unet=UNet2DConditionModel(unet_config, dtype=dtype),
         vae=AutoencoderKL(VAEConfig(**_tuple_fields(model.vae.to_dict())), dtype=dtype),
         text_encoder=CLIPTextModel(text_config, dtype=dtype),
@@ -118,7 +119,7 @@ def _dummy_inputs(modules: DynamicIDModules) -> dict[str, tuple]:
         "unet": (
             jnp.zeros((1,) + (2 ** (len(unet_cfg.block_out_channels) - 1),) * 2 + (unet_cfg.in_channels,)),
             jnp.zeros((1,), jnp.int32),
-            jnp.zeros((1, 77, width)),
+            jnp.zeros((1, modules.text_encoder.config.max_positions, width)),
             identity_conditioning(jnp.zeros((1, 1, tokens, width))),
         ),
     }
@@ -178,7 +179,7 @@ def load_pretrained(
     dynamicid: folder with the authors' SAA.bin, IMR.bin, key_point_encoder.bin (or a
       trained checkpoint exported to that layout). None: the UNet gets fresh SAA/LoRA
       parameters initialised for training (to_k_ip/to_v_ip copied from to_k/to_v).
-    The modules' architecture must match the files (configs/base.py does for SD1.5).
+    The modules must be built from the files (`loading` builds them from `model_from_files`).
     """
     import pathlib
 

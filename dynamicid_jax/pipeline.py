@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamicid_jax import batching, denoising, schedulers
+from dynamicid_jax.base_models import TextConditioning
 from dynamicid_jax.batching import ImageItem
 from dynamicid_jax.modeling import DynamicIDModules, Params
 from dynamicid_jax.models import textual_inversion
@@ -48,7 +49,6 @@ class DynamicIDPipeline:
         params: Params,
         tokenizer,
         faces,
-        scheduler: schedulers.SchedulerConfig,
         expressions=None,
         provenance: Optional[dict] = None,
     ):
@@ -62,7 +62,7 @@ class DynamicIDPipeline:
         self.tokenizer = tokenizer
         self.faces = faces
         self.expressions = expressions
-        self.scheduler = scheduler
+        self.scheduler = modules.scheduler
         self.provenance = dict(provenance or {})
         self._progress: Optional[Callable[[], None]] = None  # per denoising step, when asked (`generate`)
         self.conditioning = batching.ConditioningCache(self)
@@ -71,7 +71,8 @@ class DynamicIDPipeline:
         self._mesh_params: dict[Any, Params] = {}
         # One program for every text: embedding tokens come in as a per-text table (traced).
         self._encode_text = jax.jit(
-            lambda p, ids, extra, skip: modules.text_encoder.apply({"params": p}, ids, skip, extra), static_argnums=3)
+            lambda p, ids, extra, skip: modules.family.text_conditioning(modules, p, ids, skip, extra),
+            static_argnums=3)
         self._embeddings: dict[str, textual_inversion.TextualInversion] = {}  # file -> embedding
         self._clip_tokens = jax.jit(self._clip_tokens_fn)
         self._project = jax.jit(lambda p, e, c: modules.face_projection.apply({"params": p}, e, c))
@@ -93,9 +94,10 @@ class DynamicIDPipeline:
         return self._embeddings[path]
 
     def text_features(self, texts: Sequence[str], clip_skip: int = 0,
-                      embeddings: Sequence[str] = ()) -> tuple[jax.Array, jax.Array]:
-        """(states (B, 77, D), pooled (B, D)) of the text encoder; clip_skip as CLIPTextModel's;
-        embeddings: textual-inversion files whose names the texts may mention."""
+                      embeddings: Sequence[str] = ()) -> tuple[TextConditioning, jax.Array]:
+        """(the base model's conditioning of each text, batch B; pooled (B, D) CLIP text
+        features, IMR's face-prompt input); clip_skip as CLIPTextModel's; embeddings:
+        textual-inversion files whose names the texts may mention."""
         config = self.modules.text_encoder.config
         if clip_skip >= config.num_layers:
             raise InputError(f"--clip_skip {clip_skip}: the text encoder has {config.num_layers} layers "
@@ -105,7 +107,7 @@ class DynamicIDPipeline:
         rows = [textual_inversion.tokenize(self.tokenizer, t, loaded, config.vocab_size, config.hidden_size)
                 for t in texts]
         ids, tables = (np.stack(a) for a in zip(*rows))  # numpy: jnp.asarray would compile per shape
-        return self._encode_text(self.params["text_encoder"], ids, tables, clip_skip)
+        return self._encode_text(self.params, ids, tables, clip_skip)
 
     def unconditional_tokens(self) -> np.ndarray:
         """Tokens of a zero identity vector and the CLIP features of an all-zero image: (T, D)."""
@@ -261,14 +263,11 @@ class DynamicIDPipeline:
             schedule = jax.device_put(schedule, sharding.replicated(mesh))
         params = self._params_on(mesh)
         capture = activation_maps is not None
-        a = arrays
         with denoising.host_sink(on_step=self._progress, maps=activation_maps) as sink:
             images = denoising.denoise(
-                params["unet"], params["vae"], a["noise"], a["context"], a["id_tokens"], a["boxes"],
-                jnp.int32(schedulers.sampler_index(request.scheduler)), schedule, a["step_key"],
-                a["guidance"], a["alpha_count"], a["beta"], a["id_scale"], a["mix"],
-                _map_steps(activation_steps) if capture else None, sink,
-                modules=self.modules, scheduler=self.scheduler, gating=request.gating,
+                {"unet": params["unet"], "vae": params["vae"]}, arrays,
+                jnp.int32(schedulers.sampler_index(request.scheduler)), schedule,
+                _map_steps(activation_steps) if capture else None, sink, modules=self.modules, gating=request.gating,
                 use_boxes=batching.uses_boxes(request), with_mix=request.mix is not None, capture_maps=capture,
                 report_steps=self._progress is not None,
             )
@@ -322,7 +321,7 @@ class _NoPhotos:
         self.cache = cache
         self.pipeline = cache.pipeline
 
-    def text(self, text: str, clip_skip: int = 0, embeddings=()) -> np.ndarray:
+    def text(self, text: str, clip_skip: int = 0, embeddings=()) -> TextConditioning:
         return self.cache.text(text, clip_skip, embeddings)
 
     def unconditional(self) -> np.ndarray:

@@ -14,12 +14,8 @@ described in the README. Bad start-up input exits 2 with one line.
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # configs/ lives beside the package
-    sys.path.insert(0, str(_ROOT))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

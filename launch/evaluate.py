@@ -27,12 +27,8 @@ each process makes its share into the shared --out, process 0 then scores and re
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # configs/ lives beside the package
-    sys.path.insert(0, str(_ROOT))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -83,7 +79,7 @@ def main(argv=None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from dynamicid_jax.cli import check_output_folder
     from dynamicid_jax.evaluation import Ablation, MetricModels, evaluate, load_protocol, resolve_sampling
-    from dynamicid_jax.loading import DEMO_NOTICE, load_config, load_pipeline, run_base, training_run_config
+    from dynamicid_jax.loading import DEMO_NOTICE, load_pipeline, run_base, sampling_config, training_run_config
     from dynamicid_jax.models.lora_files import parse_lora_arg as parse_lora
     from dynamicid_jax.request import InputError
 
@@ -93,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     seeds = _seeds(args.seeds)
     run = training_run_config(args.dynamicid)  # a training run on the tiny base samples like the demo
     tiny = args.demo or (run is not None and run_base(run)[0])
-    config = load_config("tiny" if tiny else "base")
+    config = sampling_config(args.demo, args.dynamicid, args.base_model)
     sampling = resolve_sampling(config.sampling, protocol)
     if args.scheduler is not None:
         from dynamicid_jax.schedulers import SCHEDULERS
@@ -142,7 +138,7 @@ def _run(args: argparse.Namespace) -> int:
     result = evaluate(
         protocol, out_dir=args.out, mode=args.mode, ablation=Ablation(gating=not args.no_gating, imr=not args.no_imr),
         sampling=sampling, seeds=seeds, generate=generate, provenance=provenance, metrics=metrics,
-        arch="tiny random (demo)" if args.demo else "tiny random base (training run)" if tiny else "SD1.5",
+        arch="tiny random (demo)" if args.demo else "tiny random base (training run)" if tiny else config.model.family,
         progress=not args.no_progress,
     )
     import jax

@@ -39,9 +39,6 @@ import pathlib
 import sys
 import time
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # configs/ lives beside the package
-    sys.path.insert(0, str(_ROOT))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

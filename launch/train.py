@@ -34,12 +34,10 @@ Multi-host (one process per host, same command everywhere):
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from dynamicid_jax import distributed  # noqa: E402
+from dynamicid_jax import distributed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("stage", None, ["anchor", "reconfig"], "Which training stage to run.", required=True)

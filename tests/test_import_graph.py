@@ -131,3 +131,48 @@ def test_no_import_cycles():
 
 def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def _python_files(*folders: str) -> list[pathlib.Path]:
+    return [p for folder in folders for p in sorted((ROOT / folder).rglob("*.py"))]
+
+
+def _edits_sys_path(tree: ast.AST) -> bool:
+    """True when the code calls a method of `sys.path` (insert, append, ...) or assigns to it."""
+    def is_sys_path(node) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+                and node.value.id == "sys")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and is_sys_path(node.func.value):
+            return True
+        if isinstance(node, (ast.Assign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(is_sys_path(t) or (isinstance(t, ast.Subscript) and is_sys_path(t.value)) for t in targets):
+                return True
+    return False
+
+
+def test_no_sys_path_edits_in_the_library_and_entry_points():
+    """configs/ are reached through the installed package (they import the library's defaults),
+    never by putting the repository on sys.path."""
+    files = _python_files(PACKAGE, "launch", "data_pipelines")
+    assert len(files) > 50
+    assert [str(p.relative_to(ROOT)) for p in files if _edits_sys_path(ast.parse(p.read_text()))] == []
+
+
+def test_sys_path_check_sees_an_edit():
+    assert _edits_sys_path(ast.parse("import sys\nsys.path.insert(0, '.')"))
+    assert _edits_sys_path(ast.parse("import sys\nsys.path += ['.']"))
+    assert not _edits_sys_path(ast.parse("import sys\nprint(sys.path)"))
+
+
+def test_library_never_imports_configs():
+    """Defaults are owned by the library (`base_models`, `training.defaults`); configs import them."""
+    bad = []
+    for path in _python_files(PACKAGE):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bad += [f"{path.relative_to(ROOT)}: {n}" for n in names if n == "configs" or n.startswith("configs.")]
+    assert bad == []

@@ -7,6 +7,8 @@ One shape for every sampler (the demo model's 64 px, 3 steps, CFG on) and the sa
 traced index: the loop compiles once for all six.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,8 +21,8 @@ from dynamicid_jax import denoising, modeling  # noqa: E402
 from dynamicid_jax import schedulers as S  # noqa: E402
 from dynamicid_jax.dynamicid import published_weights as pw  # noqa: E402
 from dynamicid_jax.models import load_unet, load_vae  # noqa: E402
-from dynamicid_jax.loading import load_config  # noqa: E402
-from dynamicid_jax.pipeline import DynamicIDPipeline
+from dynamicid_jax.base_models import TextConditioning, default_config  # noqa: E402
+from dynamicid_jax.pipeline import DynamicIDPipeline  # noqa: E402
 from parity import TINY_DEMO_UNET, TINY_DEMO_VAE, rel_l2  # noqa: E402
 from test_samplers import REFERENCE  # noqa: E402
 from test_schedulers import SD15_SCHEDULER_JSON  # noqa: E402
@@ -49,14 +51,15 @@ def build_models(folder):
     randomise_(vae, 1)
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
-    modules = modeling.build_modules(load_config("tiny").model)
+    model = default_config(tiny=True).model
+    model.scheduler = dataclasses.asdict(S.SchedulerConfig.from_diffusers(SD15_SCHEDULER_JSON))
+    modules = modeling.build_modules(model)
     _, unet_base = load_unet(folder)
     _, vae_params = load_vae(folder)
     shapes = modeling.abstract_params(modules)["unet"]
     params = {"unet": pw.init_dynamicid_unet_params(unet_base, jax.random.PRNGKey(0), modules.unet.config.lora_rank,
                                                     abstract_params=shapes), "vae": vae_params}
-    ours = DynamicIDPipeline(modules, jax.device_put(params), None, _NoFaces(modules.id_dim),
-                             S.SchedulerConfig.from_diffusers(SD15_SCHEDULER_JSON))
+    ours = DynamicIDPipeline(modules, jax.device_put(params), None, _NoFaces(modules.id_dim))
     rng = np.random.default_rng(0)
     width = modules.unet.config.cross_attention_dim
     context = rng.standard_normal((2, 77, width)).astype(np.float32)  # [negative; positive] text states
@@ -71,11 +74,12 @@ def _our_images(models, name, noise, step_key):
     tokens = jnp.zeros((1, 2, 1, ours.modules.face_projection.num_tokens, models["context"].shape[-1]))
     boxes = jnp.asarray([[[0.0, 0.0, 1.0, 1.0]]])
     row = lambda v, dtype=jnp.float32: jnp.asarray([v], dtype)  # noqa: E731  (N,) = (1,)
+    rows = dict(noise=noise, conditioning=TextConditioning(context=jnp.asarray(models["context"])[None]),
+                id_tokens=tokens, boxes=boxes, step_key=step_key, guidance=row(GUIDANCE), alpha_count=row(1, jnp.int32),
+                beta=row(4.0), id_scale=row(0.0), mix=row(0.0))
     images = denoising.denoise(
-        ours.params["unet"], ours.params["vae"], noise, jnp.asarray(models["context"])[None], tokens, boxes,
-        jnp.int32(S.sampler_index(name)), schedule, step_key, row(GUIDANCE), row(1, jnp.int32),
-        row(4.0), row(0.0), row(0.0), None, jnp.int32(0), modules=ours.modules, scheduler=ours.scheduler,
-        gating=False, use_boxes=False, with_mix=False)
+        {"unet": ours.params["unet"], "vae": ours.params["vae"]}, rows, jnp.int32(S.sampler_index(name)), schedule,
+        None, jnp.int32(0), modules=ours.modules, gating=False, use_boxes=False, with_mix=False)
     return np.asarray(images) * 0.5 + 0.5
 
 

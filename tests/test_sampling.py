@@ -196,11 +196,11 @@ def test_negative_embedding_reaches_the_context_without_recompiling(pipeline, te
     assert request.negative_prompt == "blurry, badhands"  # appended once: replace() keeps it
     assert dataclasses.replace(request, seed=3).negative_prompt == "blurry, badhands"
     with_emb, details = batching.assemble([batching.ImageItem(request, 0)], cache, latent_hwc)
-    assert np.abs(with_emb["context"][:, 0] - without["context"][:, 0]).max() > 0.1  # the negative row
-    assert np.array_equal(with_emb["context"][:, 1], without["context"][:, 1])  # the prompt does not name it
+    assert np.abs(with_emb["conditioning"].context[:, 0] - without["conditioning"].context[:, 0]).max() > 0.1  # the negative row
+    assert np.array_equal(with_emb["conditioning"].context[:, 1], without["conditioning"].context[:, 1])  # the prompt does not name it
     assert details[0]["negative_embeddings"][0]["vectors"] == 3
-    assert np.array_equal(cache.text("blurry", 0, [five]), plain)  # not mentioned: the plain text's states
-    assert not np.array_equal(cache.text("blurry, ugly", 0, [three, five]), cache.text("blurry, ugly", 0))
+    assert np.array_equal(cache.text("blurry", 0, [five]).context, plain.context)  # not mentioned: the plain text's states
+    assert not np.array_equal(cache.text("blurry, ugly", 0, [three, five]).context, cache.text("blurry, ugly", 0).context)
     assert pipeline._encode_text._cache_size() == programs  # any embedding, any vector count: one program
     with pytest.raises(UserError, match=r"wide\.safetensors: 768-d embedding vectors, but the text encoder is 32-d"):
         cache.text("blurry", 0, [_embedding_file(tmp_path / "wide.safetensors", 2, width=768)])

@@ -96,10 +96,8 @@ def save_component(directory: str | os.PathLike, component: str, config: Any, pa
     (directory / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True))
 
 
-def load_converted(directory: str | os.PathLike, component: str, config_cls: type) -> tuple[Any, Any]:
-    """(config, params) of `component` from a converted folder; params as numpy float32 trees."""
-    import orbax.checkpoint as ocp
-
+def read_converted_config(directory: str | os.PathLike, component: str, config_cls: type) -> Any:
+    """The config of `component` in a converted folder (its JSON marker; no weights read)."""
     directory = pathlib.Path(directory).resolve()
     entry = _read_marker(directory)["components"].get(component)
     if entry is None or not (directory / component).is_dir():
@@ -110,6 +108,13 @@ def load_converted(directory: str | os.PathLike, component: str, config_cls: typ
             f"{directory}/{component} was written with config {entry.get('config_class')!r}, "
             f"not {config_cls.__name__!r}"
         )
-    config = config_from_json(config_cls, entry["config"])
-    params = ocp.StandardCheckpointer().restore(directory / component)
+    return config_from_json(config_cls, entry["config"])
+
+
+def load_converted(directory: str | os.PathLike, component: str, config_cls: type) -> tuple[Any, Any]:
+    """(config, params) of `component` from a converted folder; params as numpy float32 trees."""
+    import orbax.checkpoint as ocp
+
+    config = read_converted_config(directory, component, config_cls)
+    params = ocp.StandardCheckpointer().restore(pathlib.Path(directory).resolve() / component)
     return config, params

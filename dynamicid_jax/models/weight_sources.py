@@ -51,10 +51,28 @@ def read_component(
             raise ValueError(f"loading {name}: {path} is a file; {name} weights come as a folder with config.json")
         config = config or config_cls.sd15()
         return config, import_fn(config, extract_component(path, name))
+    folder = _config_folder(path, name=name, subfolder=subfolder)
+    config = config_from_json(json.loads((folder / "config.json").read_text()))
+    return config, import_fn(config, read_state_dict(find_weight_file(folder, weight_stems)))
+
+
+def read_config(path: str | os.PathLike, *, name: str, subfolder: str, config_cls: type,
+                config_from_json: Callable[[dict], Any]) -> Any:
+    """The config `read_component` would build for `path`, without reading any weights; None
+    for a single-file checkpoint (it carries no config: the base-model family decides)."""
+    path = pathlib.Path(path)
+    if converted.is_converted(path):
+        return converted.read_converted_config(path, name, config_cls)
+    if path.is_file():
+        return None
+    return config_from_json(json.loads((_config_folder(path, name=name, subfolder=subfolder) / "config.json").read_text()))
+
+
+def _config_folder(path: pathlib.Path, *, name: str, subfolder: str) -> pathlib.Path:
+    """`path/subfolder` or `path` itself, whichever holds config.json; MissingFileError else."""
     for folder in (path / subfolder, path):
         if (folder / "config.json").is_file():
-            config = config_from_json(json.loads((folder / "config.json").read_text()))
-            return config, import_fn(config, read_state_dict(find_weight_file(folder, weight_stems)))
+            return folder
     if not path.exists():
         raise MissingFileError(f"{name} weights not found: {path}")
     raise MissingFileError(f"{path}: neither {subfolder}/config.json nor config.json (a {name} folder) found")

@@ -6,7 +6,7 @@ anchor (stage 1), per example:
       u < p_face                    face dropped (zero ID vector, null CLIP image features)
       p_face <= u < p_face+p_text   text dropped (empty caption)
       next p_both                   both dropped
-    loss = mean((UNet(z_t, t, text, FaceProjection(id, clip)) - eps)^2)
+    loss = mean((denoiser(z_t, t, text, FaceProjection(id, clip)) - target)^2)   (the family's model call)
 
 reconfig (stage 2), per example one identity with a source and T targets:
     src = FaceProjection(source), tgt = FaceProjection(targets) (frozen, (T, 4, D))
@@ -30,6 +30,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from dynamicid_jax.base_models import TextConditioning
 from dynamicid_jax.dynamicid.saa import identity_conditioning
 from dynamicid_jax.schedulers import NoiseTable, ddpm_add_noise, training_target
 
@@ -84,9 +85,16 @@ def _single_identity(tokens: jax.Array):
     return identity_conditioning(tokens[:, None])
 
 
-def text_states(modules, params: Mapping[str, Any], input_ids: jax.Array) -> jax.Array:
-    """CLIP text hidden states (B, L, D) of token ids (B, L) with the frozen text encoder."""
-    return modules.text_encoder.apply({"params": params["text_encoder"]}, input_ids)[0]
+def text_conditioning(modules, params: Mapping[str, Any], input_ids: jax.Array) -> TextConditioning:
+    """The base model's conditioning (context (B, L, D), extras) of token ids (B, L), with the
+    frozen text encoder(s)."""
+    return modules.family.text_conditioning(modules, params, input_ids)[0]
+
+
+def _predict(modules, params: Mapping[str, Any], z_t, t, conditioning: TextConditioning, tokens) -> jax.Array:
+    """The base model's prediction (float32) with one identity's tokens (B, T, D) per image."""
+    return modules.family.denoiser(modules, params["unet"], z_t, t, conditioning,
+                                   _single_identity(tokens)).astype(jnp.float32)
 
 
 def anchor_loss(modules, params: Mapping[str, Any], batch: Batch, constants: Mapping[str, Any],
@@ -104,14 +112,15 @@ def anchor_loss(modules, params: Mapping[str, Any], batch: Batch, constants: Map
     clip = jnp.where(_per_example(drop_face, 3), null["clip_image_features"].astype(jnp.float32)[None], clip)
     id_embedding = jnp.where(drop_face[:, None], 0.0, batch["id_embedding"].astype(jnp.float32))
     if "text_states" in batch:
-        states = jnp.where(_per_example(drop_text, 3), null["text_states"][None], batch["text_states"])
+        text = TextConditioning(
+            context=jnp.where(_per_example(drop_text, 3), null["text_states"][None], batch["text_states"]))
     else:
         ids = jnp.where(drop_text[:, None], null["input_ids"][None], batch["input_ids"])
-        states = text_states(modules, params, ids)
+        text = text_conditioning(modules, params, ids)
 
     tokens = modules.face_projection.apply({"params": params["face_projection"]}, id_embedding, clip)
-    pred = modules.unet.apply({"params": params["unet"]}, z_t, t, states, _single_identity(tokens))
-    loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
+    pred = _predict(modules, params, z_t, t, text, tokens)
+    loss = jnp.mean(jnp.square(pred - target.astype(jnp.float32)))
     metrics = {"face_dropped": drop_face.mean(), "text_dropped": drop_text.mean()}
     return loss, metrics
 
@@ -127,7 +136,8 @@ def reconfig_loss(modules, params: Mapping[str, Any], model_state: Mapping[str, 
     """Stage-2 loss. params: merged {"unet", "face_projection", "imr", "keypoint_encoder"
     (params only)}; model_state: {"keypoint_encoder": {"batch_stats"}}; batch: source_* (B, ...)
     and target_* (B, T, ...) of id_embedding, clip_image_features, landmark_image,
-    face_prompt_embedding, vae_mean, vae_logvar; constants["prompt_states"] (1, L, D); draws:
+    face_prompt_embedding, vae_mean, vae_logvar; constants["prompt"]: the fixed prompt's
+    TextConditioning, batch 1; draws:
     `reconfig_draws` of this batch. Returns (loss, (metrics, new model_state))."""
     b, n_targets = batch["target_id_embedding"].shape[:2]
     project = lambda i, c: modules.face_projection.apply(  # noqa: E731
@@ -157,9 +167,8 @@ def reconfig_loss(modules, params: Mapping[str, Any], model_state: Mapping[str, 
     z_t, t, _ = noisy_latents(table, _flatten_targets(batch["target_vae_mean"]),
                               _flatten_targets(batch["target_vae_logvar"]), scaling,
                               jax.tree.map(_flatten_targets, dict(draws)))
-    prompt = jnp.broadcast_to(constants["prompt_states"], (z_t.shape[0],) + constants["prompt_states"].shape[1:])
-    unet = lambda tokens: modules.unet.apply(  # noqa: E731
-        {"params": params["unet"]}, z_t, t, prompt, _single_identity(tokens)).astype(jnp.float32)
+    prompt = jax.tree.map(lambda a: jnp.broadcast_to(a, (z_t.shape[0],) + a.shape[1:]), constants["prompt"])
+    unet = lambda tokens: _predict(modules, params, z_t, t, prompt, tokens)  # noqa: E731
     consistency = jnp.mean(jnp.square(unet(pred) - jax.lax.stop_gradient(unet(tgt_tokens))))
     loss = feature_loss + consistency_weight * consistency
     metrics = {"feature_loss": feature_loss, "consistency_loss": consistency}

@@ -30,7 +30,7 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dynamicid_jax.schedulers import SchedulerConfig, noise_table
+from dynamicid_jax.schedulers import noise_table
 from dynamicid_jax.training import losses
 from dynamicid_jax.training.partition import check_stage, merge
 
@@ -98,7 +98,7 @@ def _gathered(params, mesh):
 def _loss_fn(stage: str, modules, config: ml_collections.ConfigDict, mesh):
     """-> (loss_fn, draw_fn): loss_fn(trainable, frozen, model_state, constants, batch, draws) ->
     (loss, (metrics, model_state)); draw_fn(rng, batch) -> the per-example draws of `batch`."""
-    table = noise_table(SchedulerConfig())  # SD1.5's training schedule (epsilon prediction)
+    table = noise_table(modules.scheduler)  # the base model's schedule and prediction type
     scaling = float(modules.vae.config.scaling_factor)
     num_timesteps = int(table.alphas_cumprod.shape[0])
     if stage == "anchor":

@@ -11,6 +11,7 @@ is assembled from the per-host batches.
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import signal
@@ -291,15 +292,23 @@ def _abstract_constants(stage: str, modules, manifest) -> dict:
         return {"null": {s.name: jax.ShapeDtypeStruct(s.shape, np.dtype(s.dtype))
                          for s in records.specs_from_json(null) if s.dtype != records.STRING}}
     text = modules.text_encoder.config
-    return {"prompt_states": jax.ShapeDtypeStruct((1, text.max_positions, text.hidden_size), jnp.float32)}
+    ids = jax.ShapeDtypeStruct((1, text.max_positions), jnp.int32)
+    params = modeling.abstract_params(modules)
+    return {"prompt": jax.eval_shape(lambda p, i: _prompt_conditioning(modules, p, i), params, ids)}
+
+
+def _prompt_conditioning(modules, params, ids):
+    """The base model's float32 conditioning of the stage-2 prompt's ids (1, L)."""
+    conditioning = modules.family.text_conditioning(modules, params, ids)[0]
+    return jax.tree.map(lambda a: a.astype(jnp.float32), conditioning)
 
 
 def _constants(stage, config, modules, params, data_dir, manifest) -> dict:
     if stage == "anchor":
         return {"null": data.null_features(data_dir, manifest)}
     ids = init.prompt_ids(config, modules)
-    states = jax.jit(modules.text_encoder.apply)({"params": params["text_encoder"]}, ids)[0]
-    return {"prompt_states": np.asarray(states, np.float32)}
+    prompt = jax.jit(functools.partial(_prompt_conditioning, modules))(params, ids)
+    return {"prompt": jax.tree.map(np.asarray, prompt)}
 
 
 def _write_summary(workdir: pathlib.Path, last: dict, corrupt) -> None:

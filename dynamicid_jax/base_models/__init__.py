@@ -1,0 +1,58 @@
+"""Base-model families behind one seam (SD1.5 now; SDXL and FLUX plug in beside it).
+
+A family is a hashable object (it is part of the jitted programs' static modules) that says
+everything depending on the base model, so that batching, the sampler loop, the trainer and
+the entry points never branch on which one it is:
+
+    model_config() / tiny_model_config()   the architecture (configs/ import these defaults)
+    model_from_files(model, base_model)    the sections read from the base model's own files
+    text_conditioning(modules, params, ids, clip_skip, extra) -> (TextConditioning, pooled)
+    request_extras(height, width)          per-picture extras of the conditioning
+    denoiser(modules, unet_params, x_t, t, conditioning, identity[, capture]) -> prediction
+
+A config's `model.family` names its family (`get`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from dynamicid_jax.base_models.conditioning import TextConditioning  # noqa: F401  (the seam's pytree)
+from dynamicid_jax.base_models.sd15 import SD15
+
+FAMILIES = {SD15.name: SD15()}
+
+
+def get(name: str):
+    """The family called `name` (a config's `model.family`); ValueError naming the known ones."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown base-model family {name!r}; known: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]
+
+
+def native_resolution(model: ml_collections.ConfigDict) -> int:
+    """Pixel side a config's model section is built for: the UNet's `sample_size` latents times
+    the VAE factor (the tiny configs: 8 x 8 = 64). The default of both the
+    precompute job and the training configs, so shards and trainer agree without a flag."""
+    size = model.unet.sample_size
+    if not isinstance(size, int):
+        raise ValueError(f"model.unet.sample_size {size!r}: a native resolution needs one square size")
+    return size * 2 ** (len(model.vae.block_out_channels) - 1)
+
+
+def default_config(tiny: bool = False, family: str = "sd15"):
+    """The library's defaults for one family: `model` (full size, or the tiny random model of
+    tests and --demo), `sampling` (SampleRequest's defaults at the model's native size; the
+    tiny model samples 8 steps) and `faces`. configs/base.py and configs/tiny.py are these."""
+    from dynamicid_jax.request import sampling_defaults
+
+    members = get(family)
+    config = ml_collections.ConfigDict()
+    config.model = members.tiny_model_config() if tiny else members.model_config()
+    config.sampling = ml_collections.ConfigDict(sampling_defaults())
+    config.sampling.height = config.sampling.width = native_resolution(config.model)
+    if tiny:  # seconds on 2 CPU cores; a layout phase of 2 of the 8 steps
+        config.sampling.steps = 8
+        config.sampling.alpha = 2
+    config.faces = "default"  # "default" (offline YuNet/SFace) or a buffalo_l folder
+    return config

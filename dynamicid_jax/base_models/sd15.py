@@ -1,0 +1,153 @@
+"""Stable Diffusion 1.5, the first base-model family: every SD1.5 constant of the library.
+
+  model_config()            the full-size architecture: SD1.5's UNet, VAE (its latent scale),
+                            CLIP ViT-L/14 text tower (77 tokens, 768 wide) and noise schedule,
+                            plus DynamicID's modules as the release has them
+  tiny_model_config()       the same structure a few thousand times smaller (tests, --demo)
+  model_from_files(m, path) the unet / vae / text / scheduler sections read from a base
+                            model's own files (a single file carries no config: SD1.5's)
+  text_conditioning(...)    token ids -> TextConditioning (the text states; no extras)
+  denoiser(...)             the UNet call (`conditioning.unet_denoiser`)
+
+configs/ import these defaults; nothing else in the library writes an SD1.5 number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, ClassVar, Mapping
+
+import ml_collections
+
+from dynamicid_jax.base_models.conditioning import TextConditioning, unet_denoiser
+
+# diffusers' SD1.5 scheduler_config.json (PNDM's file; these keys define the noise schedule).
+SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    steps_offset=1, set_alpha_to_one=False, timestep_spacing="leading", clip_sample=False,
+    clip_sample_range=1.0, prediction_type="epsilon", stated_spacing=None,
+)
+# The UNet was trained on VAE samples times this (unit-variance latents); SD1.5's vae/config.json.
+VAE_SCALING_FACTOR = 0.18215
+TEXT_LENGTH = 77  # CLIP's context: <|startoftext|>, 75 tokens, <|endoftext|>
+# Sections `model_from_files` replaces with what the files say (the UNet's DynamicID fields,
+# lora_rank and the SAA threshold, stay the config's).
+FILE_SECTIONS = ("unet", "vae", "text", "scheduler")
+
+
+def model_config() -> ml_collections.ConfigDict:
+    """Architecture of every module at full size (fields mirror the config dataclasses)."""
+    m = ml_collections.ConfigDict()
+    m.family = "sd15"
+    m.unet = dict(  # UNetConfig fields
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, num_attention_heads=(8, 8, 8, 8),
+        cross_attention_dim=768, norm_num_groups=32, sample_size=64,
+    )
+    m.lora_rank = 128  # LoRA on every attn1/attn2 projection
+    m.saa_threshold = 0.3  # activation weights strictly below become 0
+    m.vae = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                 scaling_factor=VAE_SCALING_FACTOR)  # VAEConfig
+    m.text = dict(  # CLIPTextConfig (OpenAI ViT-L/14 text tower)
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12,
+        max_positions=TEXT_LENGTH, activation="quick_gelu",
+    )
+    m.scheduler = dict(SCHEDULER)  # SchedulerConfig: the training noise schedule and the samplers'
+    m.vision = dict(  # CLIPVisionConfig (OpenCLIP ViT-H/14)
+        hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=16, image_size=224,
+        patch_size=14, activation="gelu",
+    )
+    m.face_projection = dict(id_dim=512, num_tokens=4, depth=4, num_heads=12, head_dim=64)  # FaceProjection
+    m.imr = dict(width=1024, num_heads=16, head_dim=64, num_motion_tokens=4, depth=1)  # IMR
+    m.keypoint_encoder = dict(  # KeyPointEncoder
+        image_size=96, channels=(16, 32, 64, 128, 256, 512), num_residual=(0, 2, 3, 2, 2, 1)
+    )
+    return m
+
+
+def tiny_model_config() -> ml_collections.ConfigDict:
+    """SD1.5's structure (4 UNet levels, VAE factor 8, 77 text tokens, 4 identity tokens) sized so
+    that 2 CPU cores compile and run it in seconds; 128-d identities (the offline SFace set)."""
+    m = model_config()
+    m.unet = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, num_attention_heads=(2, 2, 2, 2),
+                  cross_attention_dim=32, norm_num_groups=8, sample_size=8)
+    m.lora_rank = 4
+    m.vae = dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
+                 scaling_factor=VAE_SCALING_FACTOR)
+    m.text = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                  max_positions=TEXT_LENGTH, activation="quick_gelu")
+    m.vision = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, image_size=32, patch_size=8,
+                    activation="gelu")
+    m.face_projection = dict(id_dim=128, num_tokens=4, depth=2, num_heads=2, head_dim=16)
+    m.imr = dict(width=64, num_heads=2, head_dim=32, num_motion_tokens=4, depth=1)
+    m.keypoint_encoder = dict(image_size=96, channels=(8, 8, 16, 16, 32, 32), num_residual=(0, 1, 1, 1, 1, 1))
+    return m
+
+
+def _fields(config: Any, drop: tuple[str, ...] = ()) -> dict:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in drop}
+
+
+@dataclasses.dataclass(frozen=True)
+class SD15:
+    """The family object (hashable: it is part of the jitted programs' static modules)."""
+
+    name: ClassVar[str] = "sd15"
+
+    def model_config(self) -> ml_collections.ConfigDict:
+        return model_config()
+
+    def tiny_model_config(self) -> ml_collections.ConfigDict:
+        return tiny_model_config()
+
+    def model_from_files(self, model: ml_collections.ConfigDict, base_model: str | os.PathLike) -> ml_collections.ConfigDict:
+        """`model` with its FILE_SECTIONS read from the base model's files: a diffusers folder's
+        config.json files, a converted folder's marker; a single file keeps SD1.5's sections
+        (it carries no config). The files, not this module, say a fine-tune's scaling factor."""
+        from dynamicid_jax.models import clip, unet, vae
+        from dynamicid_jax.models.weight_sources import read_config
+        from dynamicid_jax.schedulers import SchedulerConfig
+
+        model = ml_collections.ConfigDict(model.to_dict())
+        read = {
+            "unet": read_config(base_model, name="unet", subfolder="unet", config_cls=unet.UNetConfig,
+                                config_from_json=unet.UNetConfig.from_diffusers),
+            "vae": read_config(base_model, name="vae", subfolder="vae", config_cls=vae.VAEConfig,
+                               config_from_json=vae.VAEConfig.from_diffusers),
+            "text": read_config(base_model, name="text_encoder", subfolder="text_encoder",
+                                config_cls=clip.CLIPTextConfig, config_from_json=clip.CLIPTextConfig.from_transformers),
+        }
+        for section, config in read.items():
+            if config is not None:
+                drop = ("lora_rank", "saa", "attention_block") if section == "unet" else ()
+                setattr(model, section, _fields(config, drop))
+        scheduler_file = _scheduler_file(base_model)
+        if scheduler_file is not None:
+            model.scheduler = _fields(SchedulerConfig.from_folder(scheduler_file))
+        return model
+
+    def text_conditioning(self, modules, params: Mapping[str, Any], input_ids, clip_skip: int = 0,
+                          extra_embeddings=None):
+        """Token ids (B, L) -> (TextConditioning(context (B, L, D)), pooled (B, D)): the CLIP
+        states `clip_skip` layers before the last, and the pooled EOS state (IMR's face-prompt
+        feature)."""
+        states, pooled = modules.text_encoder.apply({"params": params["text_encoder"]}, input_ids, clip_skip,
+                                                    extra_embeddings)
+        return TextConditioning(context=states), pooled
+
+    def request_extras(self, height: int, width: int) -> dict:
+        """Per-image extras a picture's size adds to its conditioning: none on SD1.5."""
+        return {}
+
+    def denoiser(self, modules, unet_params, x_t, t, conditioning: TextConditioning, identity, capture: bool = False):
+        return unet_denoiser(modules, unet_params, x_t, t, conditioning, identity, capture)
+
+
+def _scheduler_file(base_model) -> Any:
+    import pathlib
+
+    path = pathlib.Path(base_model)
+    for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json"):
+        if candidate.is_file():
+            return candidate
+    return None
