@@ -48,7 +48,7 @@ def _case(name: str, global_batch: int | None = None, dtype: str | None = None):
     from configs import anchor
     from dynamicid_jax import modeling, sharding
     from dynamicid_jax.data import records
-    from dynamicid_jax.training import data
+    from dynamicid_jax.training import data, stages
     from dynamicid_jax.training.step import make_optimizer
     from dynamicid_jax.training.trainer import compute_dtype
 
@@ -61,7 +61,7 @@ def _case(name: str, global_batch: int | None = None, dtype: str | None = None):
         raise RuntimeError(f"{name} needs {n_devices} devices, found {len(jax.devices())}")
     mesh = sharding.make_mesh(1, -1, devices)
     modules = modeling.build_modules(config.model, dtype=compute_dtype(config.dtype))
-    specs = data.expected_features("anchor", modules, config)
+    specs = data.expected_features(stages.get("anchor"), modules, config)
     null = [s for s in specs if s.name in ("input_ids", "clip_image_features")]
     manifest = {"features": records.specs_to_json(specs), "null_features": {"features": records.specs_to_json(null)}}
     return config, mesh, modules, manifest, make_optimizer(config.optimizer, config.total_steps)
@@ -72,14 +72,14 @@ def run_case(name: str, steps: int, global_batch: int | None = None, dtype: str 
     import numpy as np
 
     from dynamicid_jax import modeling, sharding
-    from dynamicid_jax.training import data, partition, trainer
+    from dynamicid_jax.training import data, partition, stages, trainer
     from dynamicid_jax.training.step import init_state
 
     _, n_devices, batch_size, resolution = CASES[name]
     config, mesh, modules, manifest, tx = _case(name, global_batch, dtype)
     batch_size = config.data.global_batch_size
     start = time.perf_counter()
-    compiled, abs_state, abs_fixed = trainer.compile_step("anchor", modules, config, tx, mesh, manifest)
+    compiled, abs_state, abs_fixed = trainer.compile_step(stages.get("anchor"), modules, config, tx, mesh, manifest)
     compile_seconds = time.perf_counter() - start
     print(f"compiled in {compile_seconds:.1f}s", file=sys.stderr, flush=True)
 
@@ -90,12 +90,12 @@ def run_case(name: str, steps: int, global_batch: int | None = None, dtype: str 
             return np.zeros(leaf.shape, leaf.dtype)
         return (0.02 * rng.standard_normal(leaf.shape, np.float32)).astype(leaf.dtype)
 
-    trainable, frozen, model_state = partition.split_params(modeling.abstract_params(modules), "anchor")
+    trainable, frozen, model_state = partition.split_params(modeling.abstract_params(modules), stages.get("anchor"))
     state = jax.jit(lambda t, m: init_state(t, m, tx, 0), out_shardings=jax.tree.map(lambda a: a.sharding, abs_state))(
         jax.tree.map(draw, trainable), jax.tree.map(draw, model_state))
     fixed = jax.device_put(jax.tree.map(draw, abs_fixed), jax.tree.map(lambda a: a.sharding, abs_fixed))
     batch_sharding = sharding.batch_sharding(mesh)
-    batch = {k: jax.device_put(draw(v), batch_sharding) for k, v in data.abstract_batch(manifest, "anchor", config).items()}
+    batch = {k: jax.device_put(draw(v), batch_sharding) for k, v in data.abstract_batch(manifest, stages.get("anchor"), config).items()}
     batch["input_ids"] = jax.device_put(rng.integers(0, 100, batch["input_ids"].shape).astype(np.int32), batch_sharding)
     batch["vae_logvar"] = jax.device_put(np.full(batch["vae_logvar"].shape, -4.0, np.float32), batch_sharding)
 
@@ -138,12 +138,12 @@ def lowered_flops(name: str) -> dict:
     24 GB); XLA's pre-optimisation count, close to the compiled one for matmul/conv-bound
     programs.
     """
-    from dynamicid_jax.training import trainer
+    from dynamicid_jax.training import stages, trainer
 
     _, n_devices, batch_size, resolution = CASES[name]
     config, mesh, modules, manifest, tx = _case(name)
     start = time.perf_counter()
-    lowered, _, _ = trainer.lower_step("anchor", modules, config, tx, mesh, manifest)
+    lowered, _, _ = trainer.lower_step(stages.get("anchor"), modules, config, tx, mesh, manifest)
     lower_seconds = time.perf_counter() - start
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dynamicid_jax import base_models, loading, modeling, schedulers
-from dynamicid_jax.training import losses, step
+from dynamicid_jax.training import losses, stages, step
 from parity import TINY_DEMO_UNET, TINY_DEMO_VAE
 
 # A fine-tune whose files say other things than SD1.5's defaults.
@@ -65,7 +65,7 @@ def test_training_scales_latents_by_the_files_factor(fine_tune, monkeypatch):
     monkeypatch.setattr(losses, "anchor_loss", anchor_loss)
     config = base_models.default_config()
     config.loss = dict(face_drop=0.05, text_drop=0.05, both_drop=0.05)
-    loss_fn, _ = step._loss_fn("anchor", modules, config, None)
+    loss_fn, _ = step._loss_fn(stages.get("anchor"), modules, config, None)
     loss_fn({}, {}, {}, {}, {}, {})
     assert seen["scaling"] == SCALING
     expected = schedulers.noise_table(schedulers.SchedulerConfig(beta_end=BETA_END))

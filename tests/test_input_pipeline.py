@@ -255,7 +255,7 @@ def test_trainer_logs_the_input_stall_and_saves_the_consumed_position(tmp_path, 
     import train_data
     from configs import anchor as anchor_configs
     from dynamicid_jax import modeling
-    from dynamicid_jax.training import checkpoints, data, trainer
+    from dynamicid_jax.training import checkpoints, data, stages, trainer
 
     delay, read = 0.05, []
 
@@ -273,7 +273,7 @@ def test_trainer_logs_the_input_stall_and_saves_the_consumed_position(tmp_path, 
     # tests/test_train.py's step (same shapes, schedule, XLA options): its compiled executable is reused.
     config.total_steps, config.checkpoint.every_steps, config.checkpoint.keep = 6, 2, 5
     config.progress_bar, config.log_every_steps = False, 3
-    specs = data.expected_features("anchor", modeling.build_modules(config.model), config)
+    specs = data.expected_features(stages.get("anchor"), modeling.build_modules(config.model), config)
     folder = train_data.write_dataset(tmp_path / "shards", "anchor", specs, units=16,
                                       null_specs=train_data.null_specs_for(specs))
     trainer.train(config, tmp_path / "run", folder, stage="anchor")

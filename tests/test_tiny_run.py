@@ -55,7 +55,7 @@ def test_tiny_run_chain(tmp_path, test_assets, capsys, monkeypatch):
     from data_pipelines import precompute as precompute_cli
     from dynamicid_jax import modeling
     from dynamicid_jax.data import shards
-    from dynamicid_jax.training import checkpoints, data, init
+    from dynamicid_jax.training import checkpoints, data, init, stages
     from launch import evaluate as evaluate_cli
     from launch import sample as sample_cli
 
@@ -84,7 +84,7 @@ def test_tiny_run_chain(tmp_path, test_assets, capsys, monkeypatch):
     other = anchor_configs.get_config("tiny")
     other.data.resolution = 32
     with pytest.raises(data.DataMismatchError, match="made at 64 px, the config trains at 32 px"):
-        data.check_dataset(shards_dir / "anchor", "anchor", modeling.build_modules(other.model), other)
+        data.check_dataset(shards_dir / "anchor", stages.get("anchor"), modeling.build_modules(other.model), other)
 
     # ---------------------------------------------------------------- stage 1 (then rerun: nothing to do)
     anchor_argv = ["--stage=anchor", "--config=configs/anchor.py:tiny", f"--data={shards_dir / 'anchor'}",

@@ -26,7 +26,7 @@ from flax import traverse_util
 import train_data
 from configs import anchor as anchor_configs
 from dynamicid_jax import modeling, sharding
-from dynamicid_jax.training import checkpoints, data, init, losses, partition, trainer
+from dynamicid_jax.training import checkpoints, data, init, losses, partition, stages, trainer
 from dynamicid_jax.training.step import make_optimizer
 from parity import assert_updates_close, assert_updates_differ
 
@@ -55,7 +55,7 @@ def modules():
 
 @pytest.fixture(scope="module")
 def anchor_data(tmp_path_factory, modules):
-    specs = data.expected_features("anchor", modules, anchor_config())
+    specs = data.expected_features(stages.get("anchor"), modules, anchor_config())
     return train_data.write_dataset(tmp_path_factory.mktemp("anchor_shards"), "anchor", specs, units=16,
                                     null_specs=train_data.null_specs_for(specs))
 
@@ -70,8 +70,8 @@ def anchor_run(tmp_path_factory, anchor_data):
 
 @pytest.fixture(scope="module")
 def initial(modules):
-    params = init.initial_params("anchor", anchor_config(), modules)
-    return partition.split_params(params, "anchor")
+    params = init.initial_params(stages.get("anchor"), anchor_config(), modules)
+    return partition.split_params(params, stages.get("anchor"))
 
 
 def _place(tree, abstract):
@@ -82,18 +82,18 @@ def _place(tree, abstract):
 def steppers(modules, anchor_data, anchor_run):
     """name -> (compiled step, abstract state, abstract fixed, mesh) for the fsdp-8 and 1-device meshes."""
     config = anchor_config()
-    manifest = data.check_dataset(anchor_data, "anchor", modules, config)
+    manifest = data.check_dataset(anchor_data, stages.get("anchor"), modules, config)
     tx = make_optimizer(config.optimizer, config.total_steps)
     out = {}
     for name, devices in (("fsdp8", jax.devices()), ("single", jax.devices()[:1])):
         mesh = sharding.make_mesh(1, -1, devices)
-        out[name] = trainer.compile_step("anchor", modules, config, tx, mesh, manifest) + (mesh,)
+        out[name] = trainer.compile_step(stages.get("anchor"), modules, config, tx, mesh, manifest) + (mesh,)
     return out
 
 
 @pytest.fixture(scope="module")
 def first_batch(modules, anchor_data):
-    ds = data.dataset(anchor_data, "anchor", modules, anchor_config())
+    ds = data.dataset(anchor_data, stages.get("anchor"), modules, anchor_config())
     return ds[0]
 
 
@@ -107,7 +107,7 @@ def _start(stepper, initial, anchor_data, modules):
 
     state = jax.jit(lambda t, m: init_state(t, m, tx, config.seed),
                     out_shardings=jax.tree.map(lambda a: a.sharding, abs_state))(trainable, model_state)
-    manifest = data.check_dataset(anchor_data, "anchor", modules, config)
+    manifest = data.check_dataset(anchor_data, stages.get("anchor"), modules, config)
     fixed = _place({"params": frozen, "constants": {"null": data.null_features(anchor_data, manifest)}}, abs_fixed)
     return state, fixed, sharding.batch_sharding(mesh)
 
@@ -242,7 +242,7 @@ def test_restore_with_other_shapes_fails_loudly(anchor_run):
     tx = make_optimizer(config.optimizer, config.total_steps)
     from dynamicid_jax.training.step import init_state
 
-    trainable, _, model_state = partition.split_params(modeling.abstract_params(other), "anchor")
+    trainable, _, model_state = partition.split_params(modeling.abstract_params(other), stages.get("anchor"))
     abstract = jax.eval_shape(lambda t, m: init_state(t, m, tx, 0), trainable, model_state)
     mngr = checkpoints.manager(anchor_run[0], every_steps=EVERY, keep=5)
     with pytest.raises(checkpoints.CheckpointMismatchError, match="lora_down"):
@@ -254,11 +254,11 @@ def test_mismatched_shards_are_refused(tmp_path, anchor_data, modules):
     config = anchor_config()
     config.model.face_projection.id_dim = 64
     with pytest.raises(data.DataMismatchError, match="id_embedding"):
-        data.check_dataset(anchor_data, "anchor", modeling.build_modules(config.model), config)
+        data.check_dataset(anchor_data, stages.get("anchor"), modeling.build_modules(config.model), config)
     config = anchor_config()
     config.data.expected_models = {"kind": "sd15-vae"}
     with pytest.raises(data.DataMismatchError, match="kind"):
-        data.check_dataset(anchor_data, "anchor", modules, config)
+        data.check_dataset(anchor_data, stages.get("anchor"), modules, config)
     import shutil
 
     copy = pathlib.Path(shutil.copytree(anchor_data, tmp_path / "old_format"))
@@ -266,4 +266,4 @@ def test_mismatched_shards_are_refused(tmp_path, anchor_data, modules):
     manifest["format_version"] = 0
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(data.DataMismatchError, match="format_version"):
-        data.check_dataset(copy, "anchor", modules, anchor_config())
+        data.check_dataset(copy, stages.get("anchor"), modules, anchor_config())

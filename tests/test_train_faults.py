@@ -25,7 +25,7 @@ from configs import anchor as anchor_configs
 from dynamicid_jax import cli, modeling
 from dynamicid_jax.data import records, shards, verify
 from dynamicid_jax.errors import StorageError
-from dynamicid_jax.training import checkpoints, data, trainer
+from dynamicid_jax.training import checkpoints, data, stages, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, EVERY = 6, 2
@@ -45,7 +45,7 @@ def anchor_config(**data_overrides):
 @pytest.fixture(scope="module")
 def anchor_data(tmp_path_factory):
     config = anchor_config()
-    specs = data.expected_features("anchor", modeling.build_modules(config.model), config)
+    specs = data.expected_features(stages.get("anchor"), modeling.build_modules(config.model), config)
     return train_data.write_dataset(tmp_path_factory.mktemp("anchor_shards"), "anchor", specs, units=16,
                                     null_specs=train_data.null_specs_for(specs))
 

@@ -23,7 +23,7 @@ from configs import anchor as anchor_configs
 from dynamicid_jax.distributed import free_local_port
 from dynamicid_jax import modeling, sharding
 from dynamicid_jax.data import pipeline
-from dynamicid_jax.training import checkpoints, data, init, partition, trainer
+from dynamicid_jax.training import checkpoints, data, init, partition, stages, trainer
 from dynamicid_jax.training.step import init_state, make_optimizer
 from parity import assert_updates_close, assert_updates_differ
 from processes import finish_all
@@ -51,7 +51,7 @@ def modules():
 
 
 def _write_anchor(folder, modules, units, **kwargs):
-    specs = data.expected_features("anchor", modules, anchor_config())
+    specs = data.expected_features(stages.get("anchor"), modules, anchor_config())
     return train_data.write_dataset(folder, "anchor", specs, units=units, null_specs=train_data.null_specs_for(specs),
                                     **kwargs)
 
@@ -69,12 +69,12 @@ def _trainable(workdir_or_step, modules, names) -> dict:
 
 def _fresh(config, modules, data_dir, abs_state, abs_fixed):
     """Step-0 state and fixed inputs exactly as the trainer builds them, placed for `abs_*`."""
-    params = init.initial_params("anchor", config, modules)
-    trainable, frozen, model_state = partition.split_params(params, "anchor")
+    params = init.initial_params(stages.get("anchor"), config, modules)
+    trainable, frozen, model_state = partition.split_params(params, stages.get("anchor"))
     tx = make_optimizer(config.optimizer, config.total_steps)
     state = jax.jit(lambda t, m: init_state(t, m, tx, config.seed),
                     out_shardings=jax.tree.map(lambda a: a.sharding, abs_state))(trainable, model_state)
-    manifest = data.check_dataset(data_dir, "anchor", modules, config)
+    manifest = data.check_dataset(data_dir, stages.get("anchor"), modules, config)
     fixed = {"params": frozen, "constants": {"null": data.null_features(data_dir, manifest)}}
     return state, jax.device_put(fixed, jax.tree.map(lambda a: a.sharding, abs_fixed))
 
@@ -93,9 +93,9 @@ def _one_update(config, modules, data_dir, devices, *batches):
     compile for all) -> [(trainable, metrics)]."""
     mesh = sharding.make_mesh(1, -1, devices)
     trainer.check_batch_layout(config, mesh)
-    manifest = data.check_dataset(data_dir, "anchor", modules, config)
+    manifest = data.check_dataset(data_dir, stages.get("anchor"), modules, config)
     tx = make_optimizer(config.optimizer, config.total_steps)
-    compiled, abs_state, abs_fixed = trainer.compile_step("anchor", modules, config, tx, mesh, manifest)
+    compiled, abs_state, abs_fixed = trainer.compile_step(stages.get("anchor"), modules, config, tx, mesh, manifest)
     results = []
     for batch in batches:
         state, fixed = _fresh(config, modules, data_dir, abs_state, abs_fixed)
@@ -117,14 +117,14 @@ def test_accumulation_matches_one_big_batch(modules, anchor_data):
     two = anchor_config(**ACCUMULATION, **{"optimizer.accumulation_steps": 2})
     with pytest.raises(ValueError, match="multiple of optimizer.accumulation_steps=2 x 8 devices"):
         trainer.check_batch_layout(anchor_config(**{"optimizer.accumulation_steps": 2}), sharding.make_mesh(1, -1))
-    batch = data.dataset(anchor_data, "anchor", modules, one)[0]
+    batch = data.dataset(anchor_data, stages.get("anchor"), modules, one)[0]
     assert batch["vae_mean"].shape[0] == 16
     # The bug to catch: a micro-batch dropped (here: micro-batch 0 = rows 0, 2, ... counted
     # twice in place of micro-batch 1 = rows 1, 3, ...).
     dropped = {k: np.repeat(v[0::2], 2, axis=0) for k, v in batch.items()}
     (reference, ref_metrics), (broken, _) = _one_update(one, modules, anchor_data, jax.devices()[:1], batch, dropped)
-    initial = traverse_util.flatten_dict(partition.split_params(init.initial_params("anchor", one, modules),
-                                                                "anchor")[0])
+    initial = traverse_util.flatten_dict(partition.split_params(init.initial_params(stages.get("anchor"), one, modules),
+                                                                stages.get("anchor"))[0])
     assert ref_metrics["finite"] == 1.0
     assert 0 < ref_metrics["face_dropped"] < 1 and 0 < ref_metrics["text_dropped"] < 1
     moved = [p for p in reference if not np.array_equal(reference[p], initial[p])]
@@ -154,7 +154,7 @@ def poisoned_data(tmp_path_factory, modules):
     """32 records (4 steps of 8 per epoch, so each record is used once in 4 steps) where the
     8 records of step BAD_STEP have a NaN VAE mean."""
     clean = _write_anchor(tmp_path_factory.mktemp("clean32"), modules, 32)
-    specs = data.expected_features("anchor", modules, anchor_config())
+    specs = data.expected_features(stages.get("anchor"), modules, anchor_config())
     # The order depends on the number of records, shards and the seed only, not on values.
     with_keys = pipeline.anchor_dataset(clean, global_batch_size=8, seed=0, expected_features=specs, keep_strings=True)
     bad_keys = {str(k) for k in with_keys[BAD_STEP - 1]["key"]}
@@ -164,7 +164,7 @@ def poisoned_data(tmp_path_factory, modules):
         return dict(values, vae_mean=np.full_like(values["vae_mean"], np.nan)) if key in bad_keys else values
 
     folder = _write_anchor(tmp_path_factory.mktemp("poisoned32"), modules, 32, edit=poison)
-    batches = data.dataset(folder, "anchor", modules, anchor_config())  # what the trainer reads
+    batches = data.dataset(folder, stages.get("anchor"), modules, anchor_config())  # what the trainer reads
     for step in range(1, NONFINITE_STEPS + 1):
         assert np.isnan(batches[step - 1]["vae_mean"]).any() == (step == BAD_STEP), step
     return folder
@@ -196,7 +196,7 @@ def test_nonfinite_skip_drops_that_update_and_goes_on(tmp_path, poisoned_data, m
 
     config = _nonfinite_config("skip")
     names = traverse_util.flatten_dict(partition.split_params(
-        init.initial_params("anchor", config, modules), "anchor")[0]).keys()
+        init.initial_params(stages.get("anchor"), config, modules), stages.get("anchor"))[0]).keys()
     at = {s: _trainable(workdir / "checkpoints" / str(s), modules, names) for s in (BAD_STEP - 1, BAD_STEP,
                                                                                       BAD_STEP + 1)}
     for path in names:  # the bad step changed nothing, the next one trains again
@@ -290,15 +290,15 @@ def test_two_processes_match_one(tmp_path, anchor_data, modules):
 
     # One process, 8 devices, the same global batches: rows of host 0 then host 1.
     config = anchor_config(total_steps=MP_STEPS)
-    specs = data.expected_features("anchor", modules, config)
+    specs = data.expected_features(stages.get("anchor"), modules, config)
     hosts = [pipeline.anchor_dataset(anchor_data, global_batch_size=8, seed=config.seed, expected_features=specs,
                                      process_index=i, process_count=2) for i in range(2)]
     mesh = sharding.make_mesh(1, -1)
-    manifest = data.check_dataset(anchor_data, "anchor", modules, config)
+    manifest = data.check_dataset(anchor_data, stages.get("anchor"), modules, config)
     tx = make_optimizer(config.optimizer, config.total_steps)
-    compiled, abs_state, abs_fixed = trainer.compile_step("anchor", modules, config, tx, mesh, manifest)
-    initial = traverse_util.flatten_dict(partition.split_params(init.initial_params("anchor", config, modules),
-                                                                "anchor")[0])
+    compiled, abs_state, abs_fixed = trainer.compile_step(stages.get("anchor"), modules, config, tx, mesh, manifest)
+    initial = traverse_util.flatten_dict(partition.split_params(init.initial_params(stages.get("anchor"), config, modules),
+                                                                stages.get("anchor"))[0])
 
     def run(rows_of_step):
         state, fixed = _fresh(config, modules, anchor_data, abs_state, abs_fixed)

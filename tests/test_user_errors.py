@@ -307,10 +307,10 @@ def tiny_shards(tmp_path_factory):
     import train_data
     from configs import anchor as anchor_configs
     from dynamicid_jax import modeling
-    from dynamicid_jax.training import data
+    from dynamicid_jax.training import data, stages
 
     config = anchor_configs.get_config("tiny")
-    specs = data.expected_features("anchor", modeling.build_modules(config.model), config)
+    specs = data.expected_features(stages.get("anchor"), modeling.build_modules(config.model), config)
     return train_data.write_dataset(tmp_path_factory.mktemp("shards"), "anchor", specs, units=16,
                                     null_specs=train_data.null_specs_for(specs))
 

@@ -1,4 +1,5 @@
-"""Training inputs of each stage: which shards a model configuration can use, and their batches.
+"""Training inputs of a stage (`training.stages`): which shards a model configuration can use,
+and their batches.
 
 The shards' manifest must agree with the model being trained, else the run is refused with
 the mismatch named: the format version and stage (`shards.load_manifest`), every feature's
@@ -13,7 +14,6 @@ import json
 import pathlib
 from typing import Any, Mapping
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -25,8 +25,9 @@ class DataMismatchError(UserError, ValueError):
     """Shards made for another model configuration (the message names the difference)."""
 
 
-def expected_features(stage: str, modules, config: ml_collections.ConfigDict) -> list[records.FeatureSpec]:
-    """Feature specs the shards must have for `modules` at `config.data.resolution`."""
+def expected_features(stage, modules, config: ml_collections.ConfigDict) -> list[records.FeatureSpec]:
+    """Feature specs the shards of `stage` (a `training.stages` object) must have for `modules`
+    at `config.data.resolution`."""
     f = modules.vae_scale_factor
     if config.data.resolution % f:
         raise ConfigError(f"data.resolution {config.data.resolution} is not a multiple of the VAE factor {f}")
@@ -38,11 +39,7 @@ def expected_features(stage: str, modules, config: ml_collections.ConfigDict) ->
         clip_tokens=vision.num_positions,
         clip_width=vision.hidden_size,
     )
-    if stage == "anchor":
-        return records.anchor_specs(text_length=modules.text_encoder.config.max_positions, **common)
-    return records.reconfig_specs(
-        landmark_size=modules.keypoint_encoder.image_size, prompt_dim=modules.text_encoder.config.hidden_size, **common
-    )
+    return stage.feature_specs(modules, common)
 
 
 def _check_models(manifest: Mapping[str, Any], expected: Mapping[str, Any], folder) -> None:
@@ -65,11 +62,11 @@ def _recorded_resolution(folder):
         return None
 
 
-def check_dataset(folder, stage: str, modules, config: ml_collections.ConfigDict) -> dict:
+def check_dataset(folder, stage, modules, config: ml_collections.ConfigDict) -> dict:
     """Load and verify the manifest -> manifest dict; raises DataMismatchError naming mismatches."""
     specs = expected_features(stage, modules, config)
     try:
-        manifest = shards.load_manifest(pathlib.Path(folder), stage, specs)
+        manifest = shards.load_manifest(pathlib.Path(folder), stage.name, specs)
     except shards.ManifestError as e:
         made_at = _recorded_resolution(folder)
         hint = ""
@@ -80,42 +77,23 @@ def check_dataset(folder, stage: str, modules, config: ml_collections.ConfigDict
         raise DataMismatchError(f"{e} (the model config implies these features; shards made for another "
                                 f"model configuration cannot be used){hint}") from None
     _check_models(manifest, config.data.expected_models.to_dict(), folder)
-    if stage == "anchor":
-        text = next((s for s in records.specs_from_json(manifest["features"]) if s.name == "text_states"), None)
-        width = modules.unet.config.cross_attention_dim
-        if text is not None and text.shape != (modules.text_encoder.config.max_positions, width):
-            raise DataMismatchError(f"{folder}: cached text_states {list(text.shape)} do not fit the UNet "
-                                    f"context ({modules.text_encoder.config.max_positions}, {width})")
+    stage.check_manifest(folder, manifest, modules)
     return manifest
 
 
-def dataset(folder, stage: str, modules, config: ml_collections.ConfigDict, corrupt=None):
+def dataset(folder, stage, modules, config: ml_collections.ConfigDict, corrupt=None):
     """The stage's batched grain MapDataset (host-local batches of global_batch_size / hosts).
 
     corrupt: a `pipeline.CorruptRecords` to skip and count bad records (None: the first stops)."""
-    specs = expected_features(stage, modules, config)
-    if stage == "anchor":
-        return pipeline.anchor_dataset(folder, global_batch_size=config.data.global_batch_size, seed=config.seed,
-                                       expected_features=specs, corrupt=corrupt)
-    return pipeline.reconfig_dataset(
-        folder, global_batch_size=config.data.global_batch_size, num_targets=config.data.num_targets,
-        seed=config.seed, kdef_probability=config.data.kdef_probability, min_images=config.data.min_images,
-        expected_features=specs, corrupt=corrupt)
+    return stage.dataset(folder, config, expected_features(stage, modules, config), corrupt)
 
 
-def abstract_batch(manifest: Mapping[str, Any], stage: str, config: ml_collections.ConfigDict) -> dict:
+def abstract_batch(manifest: Mapping[str, Any], stage, config: ml_collections.ConfigDict) -> dict:
     """ShapeDtypeStructs of one global batch (the array features the pipeline yields)."""
-    b = config.data.global_batch_size
     out = {}
     for spec in records.specs_from_json(manifest["features"]):
-        if spec.dtype == records.STRING:
-            continue
-        if stage == "anchor":
-            out[spec.name] = jax.ShapeDtypeStruct((b, *spec.shape), np.dtype(spec.dtype))
-        else:
-            t = config.data.num_targets
-            out[f"source_{spec.name}"] = jax.ShapeDtypeStruct((b, *spec.shape), np.dtype(spec.dtype))
-            out[f"target_{spec.name}"] = jax.ShapeDtypeStruct((b, t, *spec.shape), np.dtype(spec.dtype))
+        if spec.dtype != records.STRING:
+            out.update(stage.batch_shapes(spec, config))
     return out
 
 

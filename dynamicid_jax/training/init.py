@@ -23,6 +23,7 @@ from dynamicid_jax import modeling
 from dynamicid_jax.errors import ConfigError
 from dynamicid_jax.training import checkpoints
 
+
 def fresh_component(modules, name: str, rng: jax.Array):
     """Random init of one component (the trainable new modules)."""
     return jax.tree.map(np.asarray, modeling.init_component(modules, name, rng))
@@ -49,7 +50,8 @@ def _check(tree, modules, name: str, source: str):
     return tree
 
 
-def _load_base(config, modules, names):
+def load_base(config, modules, names):
+    """The named components' pretrained trees from `config.init.base_model` (checked)."""
     from dynamicid_jax.models import load_text_encoder, load_unet
 
     if not config.init.base_model:
@@ -64,22 +66,15 @@ def _load_base(config, modules, names):
     return out
 
 
-def initial_params(stage: str, config: ml_collections.ConfigDict, modules) -> dict:
-    """The stage's starting params dict (numpy), see the module docstring."""
+def initial_params(stage, config: ml_collections.ConfigDict, modules) -> dict:
+    """The starting params dict (numpy) of `stage` (a `training.stages` object): every component
+    random with `init.random` (tiny configs and tests), else the stage's own sources."""
     rng = jax.random.key(config.seed)
     if config.init.random:
         params = jax.tree.map(np.asarray, modeling.init_random_params(modules, jax.random.fold_in(rng, 0)))
         params["unet"] = anchor_unet(_base_unet_tree(params["unet"]), modules, jax.random.fold_in(rng, 1))
         return params
-    if stage == "anchor":
-        params = _load_base(config, modules, ("unet", "text_encoder"))
-        params["unet"] = anchor_unet(params["unet"], modules, jax.random.fold_in(rng, 1))
-        params["face_projection"] = fresh_component(modules, "face_projection", jax.random.fold_in(rng, 2))
-        return params
-    params = stage1_params(config, modules)
-    params["imr"] = fresh_component(modules, "imr", jax.random.fold_in(rng, 3))
-    params["keypoint_encoder"] = fresh_component(modules, "keypoint_encoder", jax.random.fold_in(rng, 4))
-    return params
+    return stage.initial_params(config, modules, rng)
 
 
 def stage1_params(config, modules) -> dict:
@@ -96,7 +91,7 @@ def stage1_params(config, modules) -> dict:
         if missing:
             raise ConfigError(f"{source}: not a stage-1 result, it lacks {missing}")
         return {c: trained[c] for c in ("unet", "face_projection", "text_encoder")}
-    params = _load_base(config, modules, ("unet", "text_encoder"))
+    params = load_base(config, modules, ("unet", "text_encoder"))
     shapes = modeling.abstract_params(modules)["unet"]
     params["unet"] = pw.merge_dynamicid_unet_params(params["unet"], saa, abstract_params=shapes)
     params["face_projection"] = pw.load_face_projection_params(saa, modules.face_projection)

@@ -1,7 +1,7 @@
 """Train state, optimizer and the jitted update step of either stage.
 
     state = TrainState(step, rng, trainable, opt_state, model_state)
-    step_fn = make_step_fn(stage, modules, config)       # pure: (state, frozen, constants, batch)
+    step_fn = make_step_fn(stages.get(name), modules, config)   # pure: (state, frozen, constants, batch)
     new_state, metrics = step_fn(state, frozen, constants, batch)
 
 Only `trainable` has optimizer state; `frozen` (the stage's fixed parameters) and `constants`
@@ -31,8 +31,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dynamicid_jax.schedulers import noise_table
-from dynamicid_jax.training import losses
-from dynamicid_jax.training.partition import check_stage, merge
+from dynamicid_jax.training.partition import merge
 
 
 @struct.dataclass
@@ -95,28 +94,18 @@ def _gathered(params, mesh):
     return jax.lax.with_sharding_constraint(params, NamedSharding(mesh, PartitionSpec()))
 
 
-def _loss_fn(stage: str, modules, config: ml_collections.ConfigDict, mesh):
+def _loss_fn(stage, modules, config: ml_collections.ConfigDict, mesh):
     """-> (loss_fn, draw_fn): loss_fn(trainable, frozen, model_state, constants, batch, draws) ->
-    (loss, (metrics, model_state)); draw_fn(rng, batch) -> the per-example draws of `batch`."""
+    (loss, (metrics, model_state)); draw_fn(rng, batch) -> the per-example draws of `batch`.
+    The stage's loss on the base model's noise schedule and latent scale."""
     table = noise_table(modules.scheduler)  # the base model's schedule and prediction type
     scaling = float(modules.vae.config.scaling_factor)
-    num_timesteps = int(table.alphas_cumprod.shape[0])
-    if stage == "anchor":
-        drops = (config.loss.face_drop, config.loss.text_drop, config.loss.both_drop)
-
-        def fn(trainable, frozen, model_state, constants, batch, draws):
-            loss, metrics = losses.anchor_loss(modules, _gathered(merge(trainable, frozen), mesh), batch, constants,
-                                               draws, table=table, scaling=scaling, drops=drops)
-            return loss, (metrics, model_state)
-
-        return fn, lambda rng, batch: losses.anchor_draws(rng, batch, num_timesteps)
+    loss, draw_fn = stage.loss(modules, config, table=table, scaling=scaling)
 
     def fn(trainable, frozen, model_state, constants, batch, draws):
-        return losses.reconfig_loss(modules, _gathered(merge(trainable, frozen), mesh), model_state, batch, constants,
-                                    draws, table=table, scaling=scaling,
-                                    consistency_weight=config.loss.consistency_weight)
+        return loss(_gathered(merge(trainable, frozen), mesh), model_state, constants, batch, draws)
 
-    return fn, lambda rng, batch: losses.reconfig_draws(rng, batch, num_timesteps)
+    return fn, draw_fn
 
 
 def _micro_batches(batch: Mapping[str, jax.Array], k: int, mesh) -> dict:
@@ -132,15 +121,15 @@ def _micro_batches(batch: Mapping[str, jax.Array], k: int, mesh) -> dict:
     return out
 
 
-def make_step_fn(stage: str, modules, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+def make_step_fn(stage, modules, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                  mesh=None):
-    """The pure update step of `stage`: (state, frozen, constants, batch) -> (state, metrics).
+    """The pure update step of `stage` (a `training.stages` object): (state, frozen, constants,
+    batch) -> (state, metrics).
 
     metrics: loss, grad_norm, learning-rate-free scalars of the loss (drop rates or the two
     stage-2 terms) and `finite` (1.0 when the update was applied). `mesh` (optional) pins
     the micro-batch layout when accumulating.
     """
-    check_stage(stage)
     k = int(config.optimizer.accumulation_steps)
     if k < 1:
         raise ValueError(f"optimizer.accumulation_steps must be >= 1, got {k}")

@@ -11,7 +11,6 @@ is assembled from the per-host batches.
 
 from __future__ import annotations
 
-import functools
 import json
 import pathlib
 import signal
@@ -27,7 +26,7 @@ import numpy as np
 from dynamicid_jax import modeling, sharding
 from dynamicid_jax.data import pipeline, records
 from dynamicid_jax.errors import ConfigError, UserError
-from dynamicid_jax.training import checkpoints, data, init, partition
+from dynamicid_jax.training import checkpoints, data, init, partition, stages
 from dynamicid_jax.training.step import init_state, learning_rate_schedule, make_optimizer, make_step_fn
 
 
@@ -100,9 +99,10 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
     metrics (and the skipped records) at the end of a run.
     """
     # ------------------------------------------------------------------ setup
-    stage = partition.check_stage(config.stage if stage is None else stage)
-    if stage != config.stage:
-        raise ConfigError(f"--stage={stage} but the config is for stage {config.stage!r}")
+    name = config.stage if stage is None else stage
+    if name != config.stage:
+        raise ConfigError(f"--stage={name} but the config is for stage {config.stage!r}")
+    stage = stages.get(name)
     if config.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
     workdir = pathlib.Path(workdir)
@@ -141,7 +141,7 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
         state, data_state = checkpoints.restore(mngr, latest, abs_state)
     else:
         params = init.initial_params(stage, config, modules)
-        constants = _constants(stage, config, modules, params, data_dir, manifest)
+        constants = stage.constants(config, modules, params, data_dir, manifest)
         trainable, frozen, model_state = partition.split_params(params, stage)
         checkpoints.check_compatible(trainable, abs_state.trainable, "initial trainable parameters")
         checkpoints.check_compatible(model_state, abs_state.model_state, "initial model state")
@@ -166,7 +166,7 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
 
     # ------------------------------------------------------------------ loop
     step = int(jax.device_get(state.step))
-    images_per_step = config.data.global_batch_size * (config.data.num_targets if stage == "reconfig" else 1)
+    images_per_step = config.data.global_batch_size * stage.images_per_example(config)
     writer = _summary_writer(workdir) if is_main else None
     bar = _progress(config, step, is_main)
     preemption = _Preemption()
@@ -242,7 +242,7 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
     return last
 
 
-def compile_step(stage: str, modules, config, tx, mesh, manifest):
+def compile_step(stage, modules, config, tx, mesh, manifest):
     """Shard and compile the update step ahead of time for `mesh`.
 
     Returns (compiled, abstract_state, abstract_fixed): the executable
@@ -255,7 +255,7 @@ def compile_step(stage: str, modules, config, tx, mesh, manifest):
     return lowered.compile(), abs_state, abs_fixed
 
 
-def lower_step(stage: str, modules, config, tx, mesh, manifest):
+def lower_step(stage, modules, config, tx, mesh, manifest):
     """`compile_step` up to the lowering: (jax.stages.Lowered, abstract_state, abstract_fixed).
 
     Lowering is cheap next to XLA's compile, and `lowered.cost_analysis()` already gives the
@@ -264,7 +264,7 @@ def lower_step(stage: str, modules, config, tx, mesh, manifest):
     rules, min_size = sharding.DEFAULT_RULES, config.sharding.min_size
     abs_trainable, abs_frozen, abs_model_state = partition.split_params(modeling.abstract_params(modules), stage)
     abs_state = jax.eval_shape(lambda t, m: init_state(t, m, tx, config.seed), abs_trainable, abs_model_state)
-    abs_fixed = {"params": abs_frozen, "constants": _abstract_constants(stage, modules, manifest)}
+    abs_fixed = {"params": abs_frozen, "constants": stage.abstract_constants(modules, manifest)}
     state_shardings = sharding.param_shardings(abs_state, mesh, rules, min_size)
     fixed_shardings = sharding.param_shardings(abs_fixed, mesh, rules, min_size)
     batch_sharding = sharding.batch_sharding(mesh)
@@ -281,34 +281,6 @@ def lower_step(stage: str, modules, config, tx, mesh, manifest):
     lowered = jitted.lower(abs_state, abs_fixed, with_shardings(abs_batch, jax.tree.map(lambda _: batch_sharding,
                                                                                         abs_batch)))
     return lowered, abs_state, abs_fixed
-
-
-def _abstract_constants(stage: str, modules, manifest) -> dict:
-    """Shapes of the per-run constants: the null features (anchor) or the prompt states (reconfig)."""
-    from dynamicid_jax.data import records
-
-    if stage == "anchor":
-        null = manifest["null_features"]["features"]
-        return {"null": {s.name: jax.ShapeDtypeStruct(s.shape, np.dtype(s.dtype))
-                         for s in records.specs_from_json(null) if s.dtype != records.STRING}}
-    text = modules.text_encoder.config
-    ids = jax.ShapeDtypeStruct((1, text.max_positions), jnp.int32)
-    params = modeling.abstract_params(modules)
-    return {"prompt": jax.eval_shape(lambda p, i: _prompt_conditioning(modules, p, i), params, ids)}
-
-
-def _prompt_conditioning(modules, params, ids):
-    """The base model's float32 conditioning of the stage-2 prompt's ids (1, L)."""
-    conditioning = modules.family.text_conditioning(modules, params, ids)[0]
-    return jax.tree.map(lambda a: a.astype(jnp.float32), conditioning)
-
-
-def _constants(stage, config, modules, params, data_dir, manifest) -> dict:
-    if stage == "anchor":
-        return {"null": data.null_features(data_dir, manifest)}
-    ids = init.prompt_ids(config, modules)
-    prompt = jax.jit(functools.partial(_prompt_conditioning, modules))(params, ids)
-    return {"prompt": jax.tree.map(np.asarray, prompt)}
 
 
 def _write_summary(workdir: pathlib.Path, last: dict, corrupt) -> None:
