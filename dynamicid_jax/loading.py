@@ -104,6 +104,7 @@ def load_pipeline(
     faces: str = "default",
     expression_model: Optional[str] = None,
     dtype: str = "float32",
+    vae_dtype: str = "float32",
     log: Callable[[str], None] = lambda m: None,
     loras: Sequence[tuple[str, float]] = (),
     lora_skip_unknown: bool = False,
@@ -118,9 +119,12 @@ def load_pipeline(
     from dynamicid_jax.tokenizer import CLIPTokenizer
 
     compute_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    # The VAE stays float32 under a bfloat16 model unless asked: its decoder's activations
+    # span a range where bfloat16's 8-bit mantissa shows as banding (and fp16 VAEs overflow).
+    decode_dtype = jnp.bfloat16 if vae_dtype == "bfloat16" else jnp.float32
     run = training_run_config(dynamicid)
     config = _sampling_config(demo, run, base_model)
-    modules = modeling.build_modules(config.model, dtype=compute_dtype)
+    modules = modeling.build_modules(config.model, dtype=compute_dtype, vae_dtype=decode_dtype)
     analyzer = load_face_analyzer(faces)
     expressions = _expressions(expression_model)
     if demo:
@@ -154,9 +158,10 @@ def load_pipeline(
     provenance["faces"] = analyzer.name
     if loras:
         params, provenance["loras"] = merge_style_loras(params, loras, lora_skip_unknown, log)
-    if compute_dtype != jnp.float32:  # inference only: half the memory and weight traffic, same compute
-        params = jax.tree.map(lambda a: a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-                              params)
+    # Inference only: half the memory and weight traffic, same compute.
+    cast = lambda tree, to: jax.tree.map(  # noqa: E731
+        lambda a: a.astype(to) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != to else a, tree)
+    params = {name: cast(tree, decode_dtype if name == "vae" else compute_dtype) for name, tree in params.items()}
     params = jax.device_put(params)
     pipeline = DynamicIDPipeline(modules, params, tokenizer, analyzer, expressions, provenance)
     return config, pipeline

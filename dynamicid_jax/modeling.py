@@ -68,8 +68,9 @@ def _tuple_fields(d: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
-def build_modules(model: ml_collections.ConfigDict, dtype=jnp.float32) -> DynamicIDModules:
-    """Modules from a config's `model` section (`base_models`' model_config). dtype = compute dtype.
+def build_modules(model: ml_collections.ConfigDict, dtype=jnp.float32, vae_dtype=None) -> DynamicIDModules:
+    """Modules from a config's `model` section (`base_models`' model_config). dtype = compute
+    dtype; vae_dtype: the VAE's (None: dtype).
 
     A training run's config.json written before `family` and `scheduler` were model fields
     was an SD1.5 run on SD1.5's schedule: those two take the sd15 family's values."""
@@ -85,7 +86,7 @@ def build_modules(model: ml_collections.ConfigDict, dtype=jnp.float32) -> Dynami
         family=family,
         scheduler=SchedulerConfig(**scheduler.to_dict()),
         unet=UNet2DConditionModel(unet_config, dtype=dtype),
-        vae=AutoencoderKL(VAEConfig(**_tuple_fields(model.vae.to_dict())), dtype=dtype),
+        vae=AutoencoderKL(VAEConfig(**_tuple_fields(model.vae.to_dict())), dtype=vae_dtype or dtype),
         text_encoder=CLIPTextModel(text_config, dtype=dtype),
         vision_encoder=CLIPVisionModel(vision_config, dtype=dtype),
         face_projection=FaceProjection(
