@@ -221,9 +221,9 @@ def test_unet_from_single_file_matches_diffusers(reference):
 
 
 def test_text_encoder_from_single_file_matches_transformers(reference):
-    from dynamicid_jax.models import clip
+    from dynamicid_jax.models import clip, clip_weights
     config = clip.CLIPTextConfig.from_transformers(reference["text"].config.to_dict())
-    module, params = clip.load_text_encoder(reference["path"], config=config)
+    module, params = clip_weights.load_text_encoder(reference["path"], config=config)
     ids = np.array([[97, 5, 17, 42, 98, 1, 1, 1], [97, 63, 98, 1, 1, 1, 1, 1]], np.int32)
     outputs = module.apply({"params": params}, ids)
     hidden = outputs[0] if isinstance(outputs, (tuple, list)) else getattr(outputs, "last_hidden_state", outputs)
