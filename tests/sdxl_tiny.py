@@ -20,6 +20,8 @@ from __future__ import annotations
 import pathlib
 import tempfile
 
+import numpy as np
+
 # diffusers' get_dummy_components, argument for argument.
 UNET = dict(
     block_out_channels=(2, 4),
@@ -99,3 +101,33 @@ def write_tiny_sdxl(folder: str | pathlib.Path) -> pathlib.Path:
     folder = pathlib.Path(folder)
     StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def write_tiny_sdxl_single_file(folder: str | pathlib.Path, path: str | pathlib.Path) -> pathlib.Path:
+    """The tiny SDXL pipeline `folder` as one SGM-layout `.safetensors` file (what SDXL
+    fine-tunes ship): UNet under `model.diffusion_model.` (label_emb = add_embedding), VAE
+    under `first_stage_model.`, CLIP-L under `conditioner.embedders.0.transformer.` and bigG
+    under `conditioner.embedders.1.model.` in OpenCLIP names. Written test-side by hand from the
+    documented layout (`ldm_layout.py`), not by our converter. Cost: well under a second."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from dynamicid_jax.models.torch_import import read_safetensors
+    from ldm_layout import open_clip_from_transformers, unet_to_ldm, vae_to_ldm
+
+    folder, path = pathlib.Path(folder), pathlib.Path(path)
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    sgm = {}
+    sgm.update(unet_to_ldm(read_safetensors(folder / "unet" / "diffusion_pytorch_model.safetensors"),
+                           unet_config["layers_per_block"], ["CrossAttn" in t for t in unet_config["up_block_types"]]))
+    sgm.update(vae_to_ldm(read_safetensors(folder / "vae" / "diffusion_pytorch_model.safetensors"),
+                          len(vae_config["block_out_channels"])))
+    clip_l = read_safetensors(folder / "text_encoder" / "model.safetensors")
+    sgm.update({"conditioner.embedders.0.transformer." + k: v for k, v in clip_l.items()})
+    big_g = open_clip_from_transformers(read_safetensors(folder / "text_encoder_2" / "model.safetensors"))
+    sgm.update({"conditioner.embedders.1.model." + k: v for k, v in big_g.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in sgm.items()}, str(path))
+    return path

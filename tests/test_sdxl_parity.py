@@ -14,7 +14,7 @@ output far more (measured: time ids in the wrong order 0.036, another pooled vec
 text_projection transposed 1.3, encoder 1's pooled vector for encoder 2's 1.2), so
 BROKEN = 1e-2 sits two orders above the bound and below every breakage.
 
-Cost: about 25 s on 2 cores (torch/diffusers imports, writing the folder, three small XLA
+Cost: about 40 s on 2 shared cores (torch/diffusers imports, writing the folder, three small XLA
 compiles: the UNet, each encoder).
 """
 
@@ -171,3 +171,29 @@ def test_text_encoder_2_must_have_a_projection(folder):
     # encoder 1's folder (a CLIPTextModel) offered as text_encoder_2
     with pytest.raises(WeightImportError, match="not a CLIPTextModelWithProjection"):
         load_text_encoder(folder / "text_encoder", component="text_encoder_2")
+
+
+def test_transformer_layer_counts_as_diffusers_reads_them():
+    """An int, one per level, or one per resnet (then the up levels' must be given: diffusers'
+    rule); the mid block takes the last level's first count. No model is built."""
+    from dynamicid_jax.models.unet_config import UNetConfig
+
+    base = dict(block_out_channels=(64, 128), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), num_attention_heads=(1, 2), norm_num_groups=8)
+    per_level = UNetConfig(**base, transformer_layers_per_block=(1, 3))
+    assert per_level.down_transformer_layers(1) == (3, 3) and per_level.up_transformer_layers(0) == (3, 3, 3)
+    assert per_level.mid_transformer_layers == 3
+    with pytest.raises(ValueError, match="give reverse_transformer_layers_per_block"):
+        UNetConfig(**base, transformer_layers_per_block=((1, 1), (2, 4)))
+    per_resnet = UNetConfig(**base, transformer_layers_per_block=[[1, 1], [2, 4]],  # lists, as JSON gives them
+                            reverse_transformer_layers_per_block=[[5, 6, 7], [1, 1, 1]])
+    assert per_resnet.down_transformer_layers(1) == (2, 4) and per_resnet.up_transformer_layers(0) == (5, 6, 7)
+    assert per_resnet.mid_transformer_layers == 2 and hash(per_resnet)
+    with pytest.raises(ValueError, match=r"reverse_transformer_layers_per_block\[0\].*need 3 counts"):
+        UNetConfig(**base, transformer_layers_per_block=((1, 1), (2, 4)),
+                   reverse_transformer_layers_per_block=((5, 6), (1, 1)))
+    with pytest.raises(ValueError, match="addition_embed_type: unsupported 'text'"):
+        UNetConfig.from_diffusers({"addition_embed_type": "text", "addition_time_embed_dim": 8,
+                                   "projection_class_embeddings_input_dim": 80})
+    with pytest.raises(ValueError, match="num_attention_heads is set"):
+        UNetConfig.from_diffusers({"num_attention_heads": [5, 10, 20]})

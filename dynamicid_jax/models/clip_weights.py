@@ -25,6 +25,7 @@ from .torch_import import (
     import_params,
     linear_kernel,
 )
+from . import single_file_configs
 from .weight_sources import read_component
 
 Dtype = Any
@@ -102,11 +103,12 @@ def load_text_encoder(
 
     path: a diffusers pipeline folder (uses `<component>/`), a transformers CLIPTextModel(WithProjection)
       folder (config.json + model.safetensors|pytorch_model.bin), a single-file SD1.5
-      checkpoint (.safetensors/.ckpt with `cond_stage_model.transformer.*`), or a folder
-      written by `python -m dynamicid_jax.convert`.
+      checkpoint (.safetensors/.ckpt with `cond_stage_model.transformer.*`) or SDXL one
+      (`conditioner.embedders.0/1`), or a folder written by `python -m dynamicid_jax.convert`.
     component: "text_encoder", or "text_encoder_2" (SDXL's bigG, which must be a
       CLIPTextModelWithProjection: a config without projection_dim is an error).
-    config: only for single-file checkpoints, which carry no config; defaults to SD1.5's.
+    config: only for single-file checkpoints, which carry no config; defaults to SD1.5's for
+      an SD1.5 file, to the shapes' reading (`single_file_configs`) for an SDXL one.
     dtype: compute dtype of the module; params stay float32 numpy arrays (ready for device_put).
     """
     if component not in _TEXT_COMPONENTS:
@@ -114,7 +116,8 @@ def load_text_encoder(
     config, params = read_component(
         path, name=component, subfolder=component, weight_stems=["model", "pytorch_model"],
         config_cls=CLIPTextConfig, config_from_json=CLIPTextConfig.from_transformers, import_fn=import_text_params,
-        single_file=True, config=config)
+        single_file=True, config=config,
+        single_file_config=lambda sd, where: single_file_configs.infer_text_config(sd, component, where))
     if component == "text_encoder_2" and config.projection_dim is None:
         raise WeightImportError(f"{path}: text_encoder_2 is not a CLIPTextModelWithProjection (no projection_dim)")
     return CLIPTextModel(config, dtype=dtype), params

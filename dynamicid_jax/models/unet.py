@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import torch_import, weight_sources
+from . import single_file_configs, torch_import, weight_sources
 from .layers import Dtype, LoRADense, conv2d, group_norm
 from .unet_blocks import DownBlock, MidBlock2DCrossAttn, UpBlock
 from .unet_config import CROSS_ATTN_DOWN, CROSS_ATTN_UP, TEXT_TIME, UNetConfig
@@ -130,7 +130,8 @@ class UNet2DConditionModel(nn.Module):
         if (added_cond is None) != (cfg.addition_embed_type is None):
             raise ValueError(
                 f"added_cond is {'missing' if added_cond is None else 'given'} but UNetConfig.addition_embed_type is "
-                f"{cfg.addition_embed_type!r}: {TEXT_TIME!r} needs added_cond={{'text_embeds', 'time_ids'}}, None takes none"
+                f"{cfg.addition_embed_type!r}: {TEXT_TIME!r} needs added_cond={{'text_embeds', 'time_ids'}}, "
+                "None takes none"
             )
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
             raise ValueError(f"sample must be (B, H, W, {cfg.in_channels}) NHWC, got {sample.shape}")
@@ -244,8 +245,8 @@ def unet_abstract_params(module: UNet2DConditionModel, conditioning: Any = None)
     context = jax.ShapeDtypeStruct((1, 1, cfg.cross_attention_dim), jnp.float32)
     added_cond = None
     if cfg.addition_embed_type == TEXT_TIME:  # any split of the projection input traces the same params
-        width = cfg.addition_time_embed_dim
-        added_cond = {"text_embeds": jax.ShapeDtypeStruct((1, cfg.projection_class_embeddings_input_dim - width), jnp.float32),
+        pooled = cfg.projection_class_embeddings_input_dim - cfg.addition_time_embed_dim
+        added_cond = {"text_embeds": jax.ShapeDtypeStruct((1, pooled), jnp.float32),
                       "time_ids": jax.ShapeDtypeStruct((1, 1), jnp.float32)}
     variables = jax.eval_shape(
         lambda s, t, c, i, a: module.init(jax.random.key(0), s, t, c, i, a),
@@ -260,10 +261,11 @@ def load_unet(
     """Load a UNet from diffusers-format or single-file SD1.5 weights.
 
     path: a diffusers pipeline folder (its `unet/` is used), a `unet` component folder
-      (`config.json` + `diffusion_pytorch_model.safetensors|.bin`), or a single-file SD1.5
-      checkpoint (`.safetensors`/`.ckpt`), or a folder written by `python -m dynamicid_jax.convert`.
+      (`config.json` + `diffusion_pytorch_model.safetensors|.bin`), or a single-file SD1.5 or
+      SDXL checkpoint (`.safetensors`/`.ckpt`), or a folder written by `python -m dynamicid_jax.convert`.
     dtype: compute dtype of the returned module; parameters are float32 either way.
-    config: only for single-file checkpoints, which carry no config; defaults to SD1.5's.
+    config: only for single-file checkpoints, which carry no config; defaults to SD1.5's for
+      an SD1.5 file, to the shapes' reading (`single_file_configs`) for an SDXL one.
     Returns (module, params): params is the nested dict of float32 numpy arrays for
     `module.apply({"params": params}, sample, timesteps, context)`.
     Raises WeightImportError listing every missing, unexpected and mis-shaped key.
@@ -271,7 +273,7 @@ def load_unet(
     config, params = weight_sources.read_component(
         path, name="unet", subfolder="unet", weight_stems=["diffusion_pytorch_model", "diffusion_pytorch_model.fp16"],
         config_cls=UNetConfig, config_from_json=UNetConfig.from_diffusers, import_fn=import_unet_params,
-        single_file=True, config=config)
+        single_file=True, config=config, single_file_config=single_file_configs.infer_unet_config)
     return UNet2DConditionModel(config, dtype=dtype), params
 
 

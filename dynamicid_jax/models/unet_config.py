@@ -148,7 +148,8 @@ class UNetConfig:
             raise ValueError("UNetConfig.transformer_layers_per_block is per resnet: "
                              "give reverse_transformer_layers_per_block too (as diffusers requires)")
         if reverse is not None and len(reverse) != levels:
-            raise ValueError(f"UNetConfig.reverse_transformer_layers_per_block has {len(reverse)} entries, {levels} levels")
+            raise ValueError(
+                f"UNetConfig.reverse_transformer_layers_per_block has {len(reverse)} entries, {levels} levels")
         for level in range(levels):  # the accessors check per-resnet lengths and counts
             self.down_transformer_layers(level), self.up_transformer_layers(level)
 

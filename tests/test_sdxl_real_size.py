@@ -3,10 +3,11 @@
 - our UNet and bigG text encoder have diffusers'/transformers' parameters, name for name
   and shape for shape (the reference built on torch's meta device: no memory), 2,567,463,684
   and 694,659,840 parameters;
+- a single file's architecture read off real SDXL shapes (`single_file_configs`) is SDXL's;
 - `sharding.py`'s default rules split every tensor above the size threshold over an
   8-device fsdp mesh (conftest's 8 fake CPU devices), so a device holds about 1/8 of each.
 
-Cost: about 25 s on 2 cores (tracing SDXL's 70 transformer blocks is most of it).
+Cost: about 25 s on 2 shared cores (tracing SDXL's 70 transformer blocks is most of it).
 """
 
 import json
@@ -21,6 +22,7 @@ from dynamicid_jax import sharding
 from dynamicid_jax.models import converted
 from dynamicid_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from dynamicid_jax.models.clip_weights import clip_key_fn
+from dynamicid_jax.models.single_file_configs import infer_text_config, infer_unet_config, infer_vae_fields
 from dynamicid_jax.models.unet import UNet2DConditionModel, UNetConfig, unet_abstract_params, unet_key_fn
 
 SDXL_UNET_PARAMS = 2_567_463_684  # stabilityai/stable-diffusion-xl-base-1.0 unet
@@ -69,23 +71,60 @@ def assert_same_parameters(ours, reference: dict, key_fn):
     assert used == set(reference)
 
 
-def test_sdxl_unet_has_diffusers_parameters(unet_shapes):
+def meta_shapes(build) -> dict:
+    """{state-dict key: shape} of a torch model built on the meta device (shapes only: SDXL's
+    UNet would take 10 GB), buffers such as position_ids left out."""
+    with torch.device("meta"):
+        model = build()
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+
+
+@pytest.fixture(scope="module")
+def torch_unet():
     from diffusers import UNet2DConditionModel as TorchUNet
 
-    with torch.device("meta"):  # shapes only: no 10 GB allocation
-        reference = TorchUNet(**SDXL_UNET_CONFIG)
-    assert n_params(unet_shapes) == SDXL_UNET_PARAMS == sum(p.numel() for p in reference.parameters())
-    assert_same_parameters(unet_shapes, {k: tuple(v.shape) for k, v in reference.state_dict().items()}, unet_key_fn)
+    return meta_shapes(lambda: TorchUNet(**SDXL_UNET_CONFIG))
 
 
-def test_sdxl_bigg_has_transformers_parameters(bigg_shapes):
+@pytest.fixture(scope="module")
+def torch_bigg():
     import transformers
 
-    with torch.device("meta"):
-        reference = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**SDXL_BIGG_CONFIG))
-    state = {k: tuple(v.shape) for k, v in reference.state_dict().items() if not k.endswith("position_ids")}
-    assert n_params(bigg_shapes) == SDXL_BIGG_PARAMS == sum(p.numel() for p in reference.parameters())
-    assert_same_parameters(bigg_shapes, state, clip_key_fn("text_model."))
+    return meta_shapes(lambda: transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**SDXL_BIGG_CONFIG)))
+
+
+def zeros(shapes: dict) -> dict:
+    """Arrays of the given shapes that take no memory (a broadcast scalar): what shape inference reads."""
+    return {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}
+
+
+def test_sdxl_unet_has_diffusers_parameters(unet_shapes, torch_unet):
+    assert n_params(unet_shapes) == SDXL_UNET_PARAMS == sum(int(np.prod(s)) for s in torch_unet.values())
+    assert_same_parameters(unet_shapes, torch_unet, unet_key_fn)
+
+
+def test_sdxl_bigg_has_transformers_parameters(bigg_shapes, torch_bigg):
+    assert n_params(bigg_shapes) == SDXL_BIGG_PARAMS == sum(int(np.prod(s)) for s in torch_bigg.values())
+    assert_same_parameters(bigg_shapes, torch_bigg, clip_key_fn("text_model."))
+
+
+def test_single_file_shapes_read_as_sdxl(torch_unet, torch_bigg):
+    """What an SDXL single file's tensors say, after renaming, is SDXL's architecture."""
+    import transformers
+    from diffusers import AutoencoderKL
+
+    from dynamicid_jax.models.vae import VAEConfig
+
+    assert infer_unet_config(zeros(torch_unet), "sdxl.safetensors") == UNetConfig.sdxl()
+    assert infer_text_config(zeros(torch_bigg), "text_encoder_2", "sdxl.safetensors") == CLIPTextConfig.sdxl_bigg()
+    clip_l = meta_shapes(lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)))
+    clip_l = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in clip_l.items()}  # as extracted
+    assert infer_text_config(zeros(clip_l), "text_encoder", "sdxl.safetensors") == CLIPTextConfig.sd15()
+    vae = meta_shapes(lambda: AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4))
+    assert VAEConfig(**infer_vae_fields(zeros(vae), "sdxl.safetensors")) == VAEConfig(scaling_factor=0.13025)
 
 
 def test_sdxl_configs_survive_the_converted_json():
