@@ -40,8 +40,8 @@ from dynamicid_jax.models.torch_import import read_state_dict
 LOADERS: dict[str, tuple[str, str]] = {
     "unet": ("dynamicid_jax.models.unet", "load_unet"),
     "vae": ("dynamicid_jax.models.vae", "load_vae"),
-    "text_encoder": ("dynamicid_jax.models.clip", "load_text_encoder"),
-    "vision_encoder": ("dynamicid_jax.models.clip", "load_vision_encoder"),
+    "text_encoder": ("dynamicid_jax.models.clip_weights", "load_text_encoder"),
+    "vision_encoder": ("dynamicid_jax.models.clip_weights", "load_vision_encoder"),
 }
 BASE_MODEL_COMPONENTS = ("unet", "vae", "text_encoder")
 

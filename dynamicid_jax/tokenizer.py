@@ -1,7 +1,9 @@
 """CLIP's byte-level BPE tokenizer, without transformers at run time.
 
-Reads `vocab.json` + `merges.txt` (+ `tokenizer_config.json` for the special tokens) from a
-pipeline's `tokenizer/` folder. Behaviour follows transformers' CLIPTokenizer (the
+Reads `vocab.json` + `merges.txt`, or the `tokenizer.json` that transformers 5 writes instead,
+plus `tokenizer_config.json`/`special_tokens_map.json` for the special tokens, from a
+pipeline's `tokenizer/` folder (SDXL: also `tokenizer_2/`, whose files name "!" as the pad
+token where tokenizer 1 pads with `<|endoftext|>`). Behaviour follows transformers' CLIPTokenizer (the
 `tokenizers`-backed one diffusers uses): NFC, runs of whitespace -> one space, per-character
 lowercase, CLIP's pre-tokenisation regex, GPT-2 byte-to-unicode mapping, BPE with `</w>` on
 the last symbol of each word, then `<|startoftext|> ... <|endoftext|>` padded to 77.
@@ -114,17 +116,22 @@ class CLIPTokenizer:
         self._bpe_cache: dict[str, tuple[int, ...]] = {}
 
     @classmethod
-    def from_folder(cls, path: str | os.PathLike, **kwargs) -> "CLIPTokenizer":
-        """From a pipeline folder (uses `tokenizer/`) or a folder holding vocab.json + merges.txt."""
+    def from_folder(cls, path: str | os.PathLike, subfolder: str = "tokenizer", **kwargs) -> "CLIPTokenizer":
+        """From a pipeline folder (uses `subfolder`: `tokenizer`, or SDXL's `tokenizer_2`) or a
+        tokenizer folder: vocab.json + merges.txt, else tokenizer.json. Special tokens (the pad
+        token among them) come from the folder's own tokenizer_config.json/special_tokens_map.json."""
         path = pathlib.Path(path)
-        folder = path / "tokenizer" if (path / "tokenizer" / "vocab.json").is_file() else path
-        vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
-        for f in (vocab_file, merges_file):
-            if not f.is_file():
-                raise MissingFileError(f"tokenizer file missing: {f}")
-        with open(vocab_file, encoding="utf-8") as f:
-            vocab = json.load(f)
-        merges = read_merges(merges_file)
+        folder = path / subfolder if _has_vocabulary(path / subfolder) else path
+        if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
+            vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+            for f in (vocab_file, merges_file):
+                if not f.is_file():
+                    raise MissingFileError(f"tokenizer file missing: {f} (nor a tokenizer.json)")
+            with open(vocab_file, encoding="utf-8") as f:
+                vocab = json.load(f)
+            merges = read_merges(merges_file)
+        else:
+            vocab, merges = read_tokenizer_json(folder / "tokenizer.json")
         config: dict = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
             if (folder / name).is_file():
@@ -191,6 +198,25 @@ class CLIPTokenizer:
             row = [self.bos_id, *body, self.eos_id]
             rows.append(row + [self.pad_id] * (self.max_length - len(row)))
         return np.asarray(rows, dtype=np.int32).reshape(len(rows), self.max_length)
+
+
+def _has_vocabulary(folder: pathlib.Path) -> bool:
+    return (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()
+
+
+def read_tokenizer_json(path: str | os.PathLike) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The BPE vocabulary and merges of a `tokenizers` file (what transformers 5 saves in place of
+    vocab.json + merges.txt). Merges are pairs, or "left right" strings in older files."""
+    with open(path, encoding="utf-8") as f:
+        model = json.load(f).get("model", {})
+    if model.get("type") != "BPE" or model.get("end_of_word_suffix") != END_OF_WORD:
+        raise ValueError(f"{path}: not a CLIP BPE tokenizer (model type {model.get('type')!r}, "
+                         f"end_of_word_suffix {model.get('end_of_word_suffix')!r})")
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    bad = [m for m in merges if len(m) != 2]
+    if bad:
+        raise ValueError(f"{path}: a merge must be two symbols, got {bad[0]!r}")
+    return dict(model["vocab"]), merges
 
 
 def read_merges(path: str | os.PathLike) -> list[tuple[str, str]]:

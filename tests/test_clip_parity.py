@@ -10,7 +10,7 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
-from dynamicid_jax.models import clip
+from dynamicid_jax.models import clip, clip_weights
 from dynamicid_jax.models.torch_import import WeightImportError
 from parity import rel_l2
 
@@ -39,7 +39,7 @@ def text_case(request, tmp_path_factory):
     ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(eos_token_id=eos, **TEXT)).eval()
     pipeline = tmp_path_factory.mktemp(f"text{eos}")
     ref.save_pretrained(pipeline / "text_encoder")  # transformers 5 writes keys without `text_model.`
-    module, params = clip.load_text_encoder(pipeline)
+    module, params = clip_weights.load_text_encoder(pipeline)
     return ref, module, params, token_ids()
 
 
@@ -49,7 +49,7 @@ def vision_case(tmp_path_factory):
     ref = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**VISION)).eval()
     folder = tmp_path_factory.mktemp("image_encoder")
     ref.save_pretrained(folder)  # keys `vision_model.*` plus `visual_projection.weight`
-    module, params = clip.load_vision_encoder(folder)
+    module, params = clip_weights.load_vision_encoder(folder)
     pixels = np.random.default_rng(1).standard_normal((2, 32, 32, 3)).astype(np.float32)
     return ref, module, params, pixels, folder
 
@@ -74,10 +74,10 @@ def test_text_tower_single_file_and_bfloat16(text_case, tmp_path):
     ldm = {f"cond_stage_model.transformer.text_model.{k}": v.numpy() for k, v in ref.state_dict().items()}
     ldm["cond_stage_model.transformer.text_model.embeddings.position_ids"] = np.arange(77)[None].astype(np.int64)
     save_file(ldm, str(tmp_path / "model.safetensors"))
-    single, single_params = clip.load_text_encoder(tmp_path / "model.safetensors", config=module.config)
+    single, single_params = clip_weights.load_text_encoder(tmp_path / "model.safetensors", config=module.config)
     jax.tree.map(np.testing.assert_array_equal, single_params, params)
 
-    bf16, _ = clip.load_text_encoder(tmp_path / "model.safetensors", dtype=jnp.bfloat16, config=module.config)
+    bf16, _ = clip_weights.load_text_encoder(tmp_path / "model.safetensors", dtype=jnp.bfloat16, config=module.config)
     last32, _ = jax.jit(module.apply)({"params": params}, jnp.asarray(ids, jnp.int32))
     last16, _ = jax.jit(bf16.apply)({"params": single_params}, jnp.asarray(ids, jnp.int32))
     assert jax.tree.leaves(single_params)[0].dtype == np.float32  # params stay float32
@@ -103,33 +103,33 @@ def test_vision_loader_layouts_and_shape_check(vision_case, tmp_path):
     ref, module, params, _, folder = vision_case
     # transformers 5's CLIPVisionModel writes keys without `vision_model.`: same params.
     ref.vision_model.save_pretrained(tmp_path / "image_encoder")
-    _, plain = clip.load_vision_encoder(tmp_path)  # a folder holding image_encoder/
+    _, plain = clip_weights.load_vision_encoder(tmp_path)  # a folder holding image_encoder/
     jax.tree.map(np.testing.assert_array_equal, plain, params)
     with pytest.raises(ValueError, match=r"pixels must be \(batch, 32, 32, 3\)"):
         module.apply({"params": params}, jnp.zeros((1, 3, 32, 32)))
     with pytest.raises(FileNotFoundError, match="not found"):
-        clip.load_vision_encoder(tmp_path / "nowhere")
+        clip_weights.load_vision_encoder(tmp_path / "nowhere")
 
 
 def test_import_errors_name_the_key(text_case):
     ref, module, _, _ = text_case
     good = {f"text_model.{k}": v.numpy() for k, v in ref.state_dict().items()}
     good["text_model.embeddings.position_ids"] = np.arange(77)[None]  # a known buffer: ignored
-    clip.import_text_params(module.config, good)
+    clip_weights.import_text_params(module.config, good)
 
     missing = dict(good)
     del missing["text_model.encoder.layers.1.mlp.fc2.bias"]
     with pytest.raises(WeightImportError, match=r"1 missing: text_model\.encoder\.layers\.1\.mlp\.fc2\.bias"):
-        clip.import_text_params(module.config, missing)
+        clip_weights.import_text_params(module.config, missing)
     unexpected = {**good, "text_model.encoder.layers.2.self_attn.q_proj.weight": np.zeros((32, 32), np.float32)}
     with pytest.raises(WeightImportError, match=r"unexpected: text_model\.encoder\.layers\.2\.self_attn\.q_proj"):
-        clip.import_text_params(module.config, unexpected)
+        clip_weights.import_text_params(module.config, unexpected)
     misshaped = {**good, "text_model.final_layer_norm.weight": np.ones(33, np.float32)}
     with pytest.raises(WeightImportError, match=r"mis-shaped: text_model\.final_layer_norm\.weight"):
-        clip.import_text_params(module.config, misshaped)
+        clip_weights.import_text_params(module.config, misshaped)
     mixed = {**good, "embeddings.token_embedding.weight": good["text_model.embeddings.token_embedding.weight"]}
     with pytest.raises(WeightImportError, match="mixes keys"):
-        clip.import_text_params(module.config, mixed)
+        clip_weights.import_text_params(module.config, mixed)
     with pytest.raises(ValueError, match="exceeds max_positions 77"):
         module.init(jax.random.PRNGKey(0), jnp.zeros((1, 78), jnp.int32))
 

@@ -89,14 +89,14 @@ def test_unet_round_trip_same_params_and_outputs(folders):
 
 
 def test_clip_towers_round_trip(folders):
-    from dynamicid_jax.models import clip
+    from dynamicid_jax.models import clip_weights
     pipeline, vision, _, out = folders
-    text, text_params = clip.load_text_encoder(pipeline)
-    text_c, text_params_c = clip.load_text_encoder(out)
+    text, text_params = clip_weights.load_text_encoder(pipeline)
+    text_c, text_params_c = clip_weights.load_text_encoder(out)
     assert text_c.config == text.config
     assert_same_tree(text_params_c, text_params)
-    vis, vis_params = clip.load_vision_encoder(vision)
-    vis_c, vis_params_c = clip.load_vision_encoder(out)
+    vis, vis_params = clip_weights.load_vision_encoder(vision)
+    vis_c, vis_params_c = clip_weights.load_vision_encoder(out)
     assert vis_c.config == vis.config
     assert_same_tree(vis_params_c, vis_params)
 

@@ -176,7 +176,7 @@ def test_kohya_file_in_ldm_naming_matches_diffusers(models, tmp_path):
     (`lora_state_dict(..., unet_config=...)`, which SD1.5's load_lora_weights does not call)."""
     from flax import traverse_util
 
-    from test_single_file import unet_to_ldm
+    from ldm_layout import unet_to_ldm
 
     modules = re.compile(UNET_MODULES.pattern + r"|(downsamplers\.0\.conv|upsamplers\.0\.conv|conv_shortcut"
                          r"|time_embedding\.linear_1)$")

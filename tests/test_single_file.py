@@ -20,6 +20,7 @@ from dynamicid_jax.models import torch_import  # noqa: E402
 from dynamicid_jax.models.single_file import extract_component  # noqa: E402
 from dynamicid_jax.models.unet import UNetConfig, load_unet  # noqa: E402
 from dynamicid_jax.models.vae import AutoencoderKL, VAEConfig, load_vae  # noqa: E402
+from ldm_layout import unet_to_ldm, vae_to_ldm  # noqa: E402
 from parity import TINY_SD15_UNET as TINY_UNET, TINY_VAE, rel_l2  # noqa: E402
 
 TINY_CLIP = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
@@ -36,73 +37,6 @@ def randomise_(model, seed: int) -> None:
                         + 0.2 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) / np.sqrt(p[0].numel()))
-
-
-# --------------------------------------------------------------- test-side diffusers -> LDM rename
-
-_RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-
-
-def unet_to_ldm(sd: dict, layers_per_block: int, up_has_attention: list[bool]) -> dict:
-    """diffusers UNet keys -> `model.diffusion_model.*` (CompVis names)."""
-    direct = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-    n = layers_per_block
-    out = {}
-    for key, value in sd.items():
-        p = key.split(".")
-        if ".".join(p[:-1]) in direct:
-            new = f"{direct['.'.join(p[:-1])]}.{p[-1]}"
-        elif p[0] == "down_blocks" and p[2] == "resnets":
-            new = f"input_blocks.{(n + 1) * int(p[1]) + int(p[3]) + 1}.0.{_RESNET_TO_LDM[p[4]]}.{'.'.join(p[5:])}"
-        elif p[0] == "down_blocks" and p[2] == "attentions":
-            new = f"input_blocks.{(n + 1) * int(p[1]) + int(p[3]) + 1}.1.{'.'.join(p[4:])}"
-        elif p[0] == "down_blocks" and p[2] == "downsamplers":
-            new = f"input_blocks.{(n + 1) * (int(p[1]) + 1)}.0.op.{p[-1]}"
-        elif p[0] == "mid_block" and p[1] == "resnets":
-            new = f"middle_block.{2 * int(p[2])}.{_RESNET_TO_LDM[p[3]]}.{'.'.join(p[4:])}"
-        elif p[0] == "mid_block" and p[1] == "attentions":
-            new = f"middle_block.1.{'.'.join(p[3:])}"
-        elif p[0] == "up_blocks" and p[2] == "resnets":
-            new = f"output_blocks.{(n + 1) * int(p[1]) + int(p[3])}.0.{_RESNET_TO_LDM[p[4]]}.{'.'.join(p[5:])}"
-        elif p[0] == "up_blocks" and p[2] == "attentions":
-            new = f"output_blocks.{(n + 1) * int(p[1]) + int(p[3])}.1.{'.'.join(p[4:])}"
-        elif p[0] == "up_blocks" and p[2] == "upsamplers":
-            sub = 2 if up_has_attention[int(p[1])] else 1
-            new = f"output_blocks.{(n + 1) * int(p[1]) + n}.{sub}.conv.{p[-1]}"
-        else:
-            raise AssertionError(f"test rename misses {key}")
-        out["model.diffusion_model." + new] = value
-    return out
-
-
-def vae_to_ldm(sd: dict, num_levels: int) -> dict:
-    """diffusers AutoencoderKL keys -> `first_stage_model.*`, mid attention as 1x1 convs."""
-    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
-    out = {}
-    for key, value in sd.items():
-        p = key.split(".")
-        if p[1] == "conv_norm_out":
-            new = f"{p[0]}.norm_out.{p[-1]}"
-        elif p[1] in ("down_blocks", "up_blocks") and p[3] in ("resnets", "downsamplers", "upsamplers"):
-            level = int(p[2]) if p[1] == "down_blocks" else num_levels - 1 - int(p[2])
-            stage = "down" if p[1] == "down_blocks" else "up"
-            if p[3] == "resnets":
-                part = "nin_shortcut" if p[5] == "conv_shortcut" else p[5]
-                new = f"{p[0]}.{stage}.{level}.block.{p[4]}.{part}.{p[-1]}"
-            else:
-                new = f"{p[0]}.{stage}.{level}.{stage}sample.conv.{p[-1]}"
-        elif p[1] == "mid_block" and p[2] == "resnets":
-            new = f"{p[0]}.mid.block_{int(p[3]) + 1}.{'.'.join(p[4:])}"
-        elif p[1] == "mid_block" and p[2] == "attentions":
-            new = f"{p[0]}.mid.attn_1.{attn[p[4]]}.{p[-1]}"
-            if value.ndim == 2:
-                value = value[:, :, None, None]
-        else:
-            new = key  # encoder/decoder conv_in/conv_out, quant_conv, post_quant_conv
-        out["first_stage_model." + new] = value
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -184,10 +118,11 @@ def test_missing_component_is_named(reference, tmp_path):
 
 def test_unknown_key_is_an_error_not_dropped(reference, tmp_path):
     extra = dict(reference["ldm"])
-    extra["model.diffusion_model.label_emb.0.0.weight"] = torch.zeros(4, 4)
+    # (not label_emb: that is SDXL's add_embedding, and its presence makes the file SDXL's)
+    extra["model.diffusion_model.extra_emb.0.0.weight"] = torch.zeros(4, 4)
     extra["first_stage_model.encoder.mid.attn_1.rel_pos"] = torch.zeros(3)
     save_file(extra, str(tmp_path / "extra.safetensors"))
-    with pytest.raises(torch_import.WeightImportError, match="label_emb.0.0.weight"):
+    with pytest.raises(torch_import.WeightImportError, match="extra_emb.0.0.weight"):
         extract_component(tmp_path / "extra.safetensors", "unet")
     with pytest.raises(torch_import.WeightImportError, match="rel_pos"):
         extract_component(tmp_path / "extra.safetensors", "vae")
@@ -221,9 +156,9 @@ def test_unet_from_single_file_matches_diffusers(reference):
 
 
 def test_text_encoder_from_single_file_matches_transformers(reference):
-    from dynamicid_jax.models import clip
+    from dynamicid_jax.models import clip, clip_weights
     config = clip.CLIPTextConfig.from_transformers(reference["text"].config.to_dict())
-    module, params = clip.load_text_encoder(reference["path"], config=config)
+    module, params = clip_weights.load_text_encoder(reference["path"], config=config)
     ids = np.array([[97, 5, 17, 42, 98, 1, 1, 1], [97, 63, 98, 1, 1, 1, 1, 1]], np.int32)
     outputs = module.apply({"params": params}, ids)
     hidden = outputs[0] if isinstance(outputs, (tuple, list)) else getattr(outputs, "last_hidden_state", outputs)

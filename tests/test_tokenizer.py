@@ -147,3 +147,18 @@ def test_fix_text_option_cleans_like_openai(tiny_folder):
     fixed = CLIPTokenizer.from_folder(tiny_folder, fix_text=True)
     assert fixed.encode("a &amp; b") == plain.encode("a & b") != plain.encode("a &amp; b")
     assert fixed.encode("cafÃ©") == plain.encode("café")  # mojibake repaired by ftfy
+
+
+def test_sdxl_tokenizer_folders_saved_by_transformers(tmp_path, learned_folder):
+    """SDXL's two tokenizers as transformers 5 saves them (tokenizer.json, no vocab.json):
+    tokenizer_2's own files name "!" as its pad token, tokenizer 1 pads with <|endoftext|>."""
+    pipeline = tmp_path / "sdxl"
+    transformers.CLIPTokenizer.from_pretrained(str(learned_folder)).save_pretrained(pipeline / "tokenizer")
+    transformers.CLIPTokenizer.from_pretrained(str(learned_folder), pad_token="!").save_pretrained(
+        pipeline / "tokenizer_2")
+    assert not (pipeline / "tokenizer_2" / "vocab.json").exists() and (pipeline / "tokenizer_2" / "tokenizer.json").is_file()
+    ours_1 = CLIPTokenizer.from_folder(pipeline)
+    ours_2 = CLIPTokenizer.from_folder(pipeline, subfolder="tokenizer_2")
+    assert ours_1.pad_id == ours_1.eos_id and ours_2.pad_id == ours_2.vocab["!"] != ours_2.eos_id
+    for ours, sub in ((ours_1, "tokenizer"), (ours_2, "tokenizer_2")):
+        np.testing.assert_array_equal(ours(ODD_PROMPTS), reference_ids(pipeline / sub, ODD_PROMPTS))

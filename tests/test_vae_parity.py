@@ -106,7 +106,7 @@ def test_sharded_safetensors_folder_loads_the_same(reference, loaded, tmp_path):
 
 
 def test_a_file_is_refused_where_only_folders_exist(reference):
-    from dynamicid_jax.models.clip import load_vision_encoder
+    from dynamicid_jax.models.clip_weights import load_vision_encoder
 
     _, root = reference
     with pytest.raises(ValueError, match="vision_encoder weights come as a folder"):

@@ -70,7 +70,7 @@ def tiny_random_base_models(model_config, seed: int = 0) -> BaseModels:
 
 def load_base_models(base_model: str | pathlib.Path, vision_encoder: str | pathlib.Path) -> BaseModels:
     """SD1.5 VAE + text encoder + tokenizer from `base_model`, CLIP-H from `vision_encoder`."""
-    from dynamicid_jax.models.clip import load_text_encoder, load_vision_encoder
+    from dynamicid_jax.models.clip_weights import load_text_encoder, load_vision_encoder
     from dynamicid_jax.models.vae import load_vae
     from dynamicid_jax.tokenizer import CLIPTokenizer
 

@@ -31,9 +31,8 @@ from dynamicid_jax.models.clip import (
     CLIPVisionConfig,
     CLIPVisionModel,
     clip_preprocess,
-    import_text_params,
-    import_vision_params,
 )
+from dynamicid_jax.models.clip_weights import import_text_params, import_vision_params
 from dynamicid_jax.models.layers import LoRADense
 from dynamicid_jax.models.torch_import import (
     StateDict,

@@ -1,7 +1,8 @@
-"""Flax (linen) models of the SD1.5 stack and their loaders.
+"""Flax (linen) models of the SD1.5 and SDXL stacks and their loaders.
 
 Loaders (each takes a path and a dtype, returns `(module, params)`):
-`load_unet`, `load_vae`, `load_text_encoder`, `load_vision_encoder`.
+`load_unet`, `load_vae`, `load_text_encoder` (also SDXL's `component="text_encoder_2"`),
+`load_vision_encoder`.
 """
 
 from .unet import load_unet, UNet2DConditionModel, UNetConfig  # noqa: F401
@@ -12,6 +13,5 @@ from .clip import (  # noqa: F401
     CLIPVisionConfig,
     CLIPVisionModel,
     clip_preprocess,
-    load_text_encoder,
-    load_vision_encoder,
 )
+from .clip_weights import load_text_encoder, load_vision_encoder  # noqa: F401

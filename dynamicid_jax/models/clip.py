@@ -8,34 +8,28 @@ applies `pre_layrnorm`, and pools the class token through `post_layernorm`.
 Uses in DynamicID:
   * SD1.5 text encoder (ViT-L/14 text tower): `last_hidden_state` (B, 77, 768) is the UNet
     context; `pooled` (B, 768) is IMR's face-prompt feature.
+  * SDXL's two text encoders: ViT-L/14 again and OpenCLIP ViT-bigG/14 in transformers'
+    `CLIPTextModelWithProjection` layout (`CLIPTextConfig.projection_dim` set: a bias-free
+    `text_projection` maps the pooled EOS state); the UNet context is the penultimate raw
+    hidden states of both (`output_hidden_states=True`), the pooled vector encoder 2's.
   * ViT-H/14 vision tower: `hidden_states[-2]` (B, 257, 1280), the penultimate layer, feeds
     the face encoder's perceiver resampler.
 
 Parameter names mirror transformers (`embeddings/token_embedding`, `encoder/layers_i/self_attn`,
-`layer_norm1`, `mlp/fc1`, `final_layer_norm`, `pre_layrnorm`, ...) so that import is a rename.
+`layer_norm1`, `mlp/fc1`, `final_layer_norm`, `pre_layrnorm`, ...) so that import is a rename
+(`models/clip_weights.py`: the weight import and the loaders).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .layers import ACTIVATIONS, MLP, Attention
-from .torch_import import (
-    StateDict,
-    WeightImportError,
-    conv_kernel,
-    identity,
-    import_params,
-    linear_kernel,
-)
-from .weight_sources import read_component
+from .layers import ACTIVATIONS, MLP, Attention, LoRADense
 
 Dtype = Any
 
@@ -65,14 +59,28 @@ class CLIPTextConfig:
     # SD1.5's config says 2 (a legacy value): transformers then pools at argmax(input_ids),
     # which is the EOS because <|endoftext|> has the largest id. Otherwise: first EOS position.
     eos_token_id: int = 2
+    # transformers' CLIPTextModelWithProjection (SDXL's bigG text_encoder_2): the pooled output
+    # goes through a bias-free `text_projection` to this width. None: plain CLIPTextModel.
+    projection_dim: Optional[int] = None
 
     @classmethod
     def sd15(cls) -> "CLIPTextConfig":
         return cls()
 
     @classmethod
+    def sdxl_bigg(cls) -> "CLIPTextConfig":
+        """OpenCLIP ViT-bigG/14's text tower as SDXL's text_encoder_2 (CLIPTextModelWithProjection)."""
+        return cls(hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=20, activation="gelu",
+                   projection_dim=1280)
+
+    @classmethod
     def from_transformers(cls, config: Mapping[str, Any]) -> "CLIPTextConfig":
-        """From a transformers `config.json` dict (a CLIPTextConfig, or a CLIPConfig's text_config)."""
+        """From a transformers `config.json` dict (a CLIPTextConfig, or a CLIPConfig's text_config).
+
+        `projection_dim` is read only for a `CLIPTextModelWithProjection` (its `architectures`):
+        transformers writes a projection_dim into every CLIPTextConfig, with or without a head.
+        """
+        with_projection = "CLIPTextModelWithProjection" in (config.get("architectures") or ())
         config = config["text_config"] if "text_config" in config else config
         return cls(
             vocab_size=int(config["vocab_size"]),
@@ -84,6 +92,7 @@ class CLIPTextConfig:
             activation=_activation_name(config.get("hidden_act", "quick_gelu")),
             layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)),
             eos_token_id=int(config.get("eos_token_id", 2)),
+            projection_dim=int(config["projection_dim"]) if with_projection else None,
         )
 
 
@@ -227,11 +236,15 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-    """CLIP text tower (causal).
+    """CLIP text tower (causal), with transformers' projection head when `config.projection_dim`.
 
     input_ids (B, L) int, L <= max_positions ->
       last_hidden_state (B, L, D): final-LayerNormed states (the UNet context);
-      pooled (B, D): last_hidden_state at the EOS token (see `eos_positions`).
+      pooled (B, D): last_hidden_state at the EOS token (see `eos_positions`); with
+        `projection_dim` P, that through `text_projection`: (B, P), transformers' `text_embeds`;
+      with `output_hidden_states=True` (static) also hidden_states: the num_layers + 1 raw
+        (B, L, D) states, embeddings first, as transformers' `hidden_states` (SDXL's context is
+        `hidden_states[-(clip_skip + 2)]`, without the final LayerNorm).
     clip_skip (static): take the states `clip_skip` layers before the last, final-LayerNormed
       (diffusers' `clip_skip`; 1 = the penultimate layer, A1111's "Clip skip 2"). The pooled
       output always comes from the last layer.
@@ -244,8 +257,8 @@ class CLIPTextModel(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, clip_skip: int = 0,
-                 extra_embeddings: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, input_ids: jax.Array, clip_skip: int = 0, extra_embeddings: Optional[jax.Array] = None,
+                 output_hidden_states: bool = False) -> tuple[jax.Array, ...]:
         cfg = self.config
         if not 0 <= clip_skip < cfg.num_layers:
             raise ValueError(f"clip_skip must be in [0, {cfg.num_layers - 1}], got {clip_skip}")
@@ -261,7 +274,10 @@ class CLIPTextModel(nn.Module):
         last = final_norm(states[-1])
         pool_ids = input_ids if extra_embeddings is None else jnp.where(input_ids >= cfg.vocab_size, 0, input_ids)
         pooled = last[jnp.arange(last.shape[0]), eos_positions(pool_ids, cfg.eos_token_id)]
-        return (final_norm(states[-1 - clip_skip]) if clip_skip else last), pooled
+        if cfg.projection_dim is not None:
+            pooled = LoRADense(cfg.projection_dim, use_bias=False, dtype=self.dtype, name="text_projection")(pooled)
+        context = final_norm(states[-1 - clip_skip]) if clip_skip else last
+        return (context, pooled, states) if output_hidden_states else (context, pooled)
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -377,102 +393,3 @@ def clip_preprocess_host(image, size: int = 224):
     top, left = int((new_h - size) / 2.0), int((new_w - size) / 2.0)
     x = np.asarray(pil, np.float32)[top : top + size, left : left + size]
     return ((x / 255.0 - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)).astype(np.float32)
-
-
-# --------------------------------------------------------------------------- weight import
-
-# Buffers that transformers saves (older versions) but that are not parameters.
-_BUFFERS = (r"\.position_ids$",)
-_RENAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
-
-
-def _torch_key_fn(prefix: str):
-    """Map our flax path to transformers' key: layers_3 -> layers.3, to_q -> q_proj, kernel -> weight."""
-
-    def key_fn(path: tuple[str, ...]):
-        *parents, leaf = path
-        names = [re.sub(r"^layers_(\d+)$", r"layers.\1", _RENAMES.get(p, p)) for p in parents]
-        if leaf == "kernel":
-            transform = conv_kernel if parents[-1] == "patch_embedding" else linear_kernel
-            names.append("weight")
-        elif leaf in ("scale", "embedding"):
-            transform = identity
-            names.append("weight")
-        else:  # bias, class_embedding
-            transform = identity
-            names.append(leaf)
-        return prefix + ".".join(names), transform
-
-    return key_fn
-
-
-def _tower_prefix(state_dict: StateDict, prefix: str, model_name: str) -> str:
-    """`text_model.`/`vision_model.` when the checkpoint uses it (older transformers, SD1.5, IP-Adapter);
-    "" when it does not (transformers 5 saves CLIPTextModel/CLIPVisionModel without it)."""
-    with_prefix = any(k.startswith(prefix) for k in state_dict)
-    without = any(k.startswith(("embeddings.", "encoder.")) for k in state_dict)
-    if with_prefix and without:
-        raise WeightImportError(f"{model_name}: checkpoint mixes keys with and without the {prefix!r} prefix")
-    return prefix if with_prefix else ""
-
-
-def import_text_params(config: CLIPTextConfig, state_dict: StateDict):
-    """transformers CLIPTextModel state dict -> our params (nested dict of float32 numpy arrays)."""
-    module = CLIPTextModel(config)
-    abstract = jax.eval_shape(
-        module.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, config.max_positions), jnp.int32)
-    )["params"]
-    name = "CLIP text encoder"
-    prefix = _tower_prefix(state_dict, "text_model.", name)
-    return import_params(abstract, state_dict, _torch_key_fn(prefix), model_name=name, ignore_unexpected=_BUFFERS)
-
-
-def import_vision_params(config: CLIPVisionConfig, state_dict: StateDict):
-    """transformers CLIPVisionModel(WithProjection) state dict -> our params.
-
-    The projection head (`visual_projection.weight`) is deliberately not imported: DynamicID
-    reads hidden states, never image_embeds.
-    """
-    module = CLIPVisionModel(config)
-    pixels = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.num_channels), jnp.float32)
-    abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), pixels)["params"]
-    name = "CLIP vision encoder"
-    prefix = _tower_prefix(state_dict, "vision_model.", name)
-    return import_params(
-        abstract, state_dict, _torch_key_fn(prefix), model_name=name,
-        ignore_unexpected=_BUFFERS + (r"^visual_projection\.weight$",),
-    )
-
-
-def load_text_encoder(
-    path: str | os.PathLike, dtype: Dtype = jnp.float32, config: Optional[CLIPTextConfig] = None
-) -> tuple[CLIPTextModel, dict]:
-    """Load a CLIP text encoder. Returns (module, params); call `module.apply({"params": params}, ids)`.
-
-    path: a diffusers pipeline folder (uses `text_encoder/`), a transformers CLIPTextModel
-      folder (config.json + model.safetensors|pytorch_model.bin), a single-file SD1.5
-      checkpoint (.safetensors/.ckpt with `cond_stage_model.transformer.*`), or a folder
-      written by `python -m dynamicid_jax.convert`.
-    config: only for single-file checkpoints, which carry no config; defaults to SD1.5's.
-    dtype: compute dtype of the module; params stay float32 numpy arrays (ready for device_put).
-    """
-    config, params = read_component(
-        path, name="text_encoder", subfolder="text_encoder", weight_stems=["model", "pytorch_model"],
-        config_cls=CLIPTextConfig, config_from_json=CLIPTextConfig.from_transformers, import_fn=import_text_params,
-        single_file=True, config=config)
-    return CLIPTextModel(config, dtype=dtype), params
-
-
-def load_vision_encoder(path: str | os.PathLike, dtype: Dtype = jnp.float32) -> tuple[CLIPVisionModel, dict]:
-    """Load a CLIP vision tower. Returns (module, params); `module.apply({"params": params}, pixels)`.
-
-    path: a transformers CLIPVisionModel(WithProjection) folder such as IP-Adapter's
-      `models/image_encoder` (config.json + model.safetensors|pytorch_model.bin), a folder
-      holding `image_encoder/`, or a folder written by `python -m dynamicid_jax.convert`.
-    dtype: compute dtype of the module; params stay float32 numpy arrays.
-    """
-    config, params = read_component(
-        path, name="vision_encoder", subfolder="image_encoder", weight_stems=["model", "pytorch_model"],
-        config_cls=CLIPVisionConfig, config_from_json=CLIPVisionConfig.from_transformers,
-        import_fn=import_vision_params)
-    return CLIPVisionModel(config, dtype=dtype), params

@@ -46,7 +46,7 @@ import numpy as np
 from flax import traverse_util
 
 from . import torch_import
-from .clip import _torch_key_fn as _clip_key_fn
+from .clip_weights import clip_key_fn as _clip_key_fn
 from .unet import unet_key_fn
 
 COMPONENTS = ("unet", "text_encoder")

@@ -1,16 +1,22 @@
-"""Original single-file SD1.5 checkpoints (community fine-tunes) -> diffusers-named state dicts.
+"""Original single-file checkpoints (SD1.5 and SDXL, community fine-tunes) -> diffusers-named
+state dicts.
 
-A single `.safetensors`/`.ckpt` file holds three models under the CompVis/LDM names:
+A single `.safetensors`/`.ckpt` file holds the models under the CompVis/LDM names (SD1.5) or
+Stability's SGM names (SDXL), told apart by their keys (`detect_family`), never the file name:
 
-    model.diffusion_model.*          UNet (input_blocks / middle_block / output_blocks)
-    first_stage_model.*              VAE (encoder.down.i.block.j, mid.attn_1, decoder.up.i ...)
-    cond_stage_model.transformer.*   CLIP text encoder (already transformers names)
+    model.diffusion_model.*                 UNet (input_blocks / middle_block / output_blocks;
+                                            SDXL adds label_emb.0.0/.0.2 = add_embedding)
+    first_stage_model.*                     VAE (encoder.down.i.block.j, mid.attn_1, decoder.up.i ...)
+    cond_stage_model.transformer.*          SD1.5's CLIP text encoder (already transformers names)
+    conditioner.embedders.0.transformer.*   SDXL's CLIP-L (already transformers names)
+    conditioner.embedders.1.model.*         SDXL's OpenCLIP bigG in OpenCLIP names (`convert_open_clip`)
 
 `extract_component` renames one of them to the diffusers/transformers key names that
 `load_unet`, `load_vae` and `load_text_encoder` import, so every loader has one import path.
 The block structure (levels, resnets per level) is read off the keys, not assumed. Keys of a
 component that fit no rule are an error, never dropped. Torch-free for `.safetensors`.
-Non-EMA weights are used (`model.diffusion_model.*`), as diffusers does by default.
+Non-EMA weights are used (`model.diffusion_model.*`), as diffusers does by default. The
+architecture an SDXL file does not state is inferred from its shapes (`single_file_configs.py`).
 """
 
 from __future__ import annotations
@@ -27,15 +33,31 @@ from dynamicid_jax.models import torch_import
 
 StateDict = dict[str, np.ndarray]
 
+SD15, SDXL = "sd15", "sdxl"
 COMPONENT_PREFIXES = {
-    "unet": "model.diffusion_model.",
-    "vae": "first_stage_model.",
-    "text_encoder": "cond_stage_model.transformer.",
+    SD15: {
+        "unet": "model.diffusion_model.",
+        "vae": "first_stage_model.",
+        "text_encoder": "cond_stage_model.transformer.",
+    },
+    SDXL: {
+        "unet": "model.diffusion_model.",
+        "vae": "first_stage_model.",
+        "text_encoder": "conditioner.embedders.0.transformer.",
+        "text_encoder_2": "conditioner.embedders.1.model.",
+    },
 }
+# SDXL: the OpenCLIP bigG tower (diffusers tests `...resblocks.9.mlp.c_proj.bias`, which
+# presumes 10 layers; any resblock is the same layout and also finds tiny test files) or, in a
+# UNet-only file, the micro-conditioning embedding. SD2.x: OpenCLIP-H under cond_stage_model.
+_SDXL_MARKERS = ("conditioner.embedders.1.model.transformer.resblocks.", "model.diffusion_model.label_emb.")
+_SD2_MARKER = "cond_stage_model.model.transformer.resblocks."
 
 _UNET_DIRECT = {
     "time_embed.0": "time_embedding.linear_1",
     "time_embed.2": "time_embedding.linear_2",
+    "label_emb.0.0": "add_embedding.linear_1",  # SDXL's text_time embedding
+    "label_emb.0.2": "add_embedding.linear_2",
     "input_blocks.0.0": "conv_in",
     "out.0": "conv_norm_out",
     "out.2": "conv_out",
@@ -61,6 +83,38 @@ _VAE_DIRECT = {
 _VAE_RESNET_PARTS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
                      "nin_shortcut": "conv_shortcut"}
 _VAE_ATTENTION_PARTS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_OPEN_CLIP_DIRECT = {
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+}
+_OPEN_CLIP_LAYER_PARTS = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1",
+                          "mlp.c_proj": "mlp.fc2", "attn.out_proj": "self_attn.out_proj"}
+
+
+def _header_keys(path: pathlib.Path) -> list[str]:
+    """Tensor names of a checkpoint: the safetensors header alone, or a pickle's keys."""
+    if path.suffix == ".safetensors":
+        return list(torch_import.read_safetensors_header(path)[0])
+    return list(torch_import.read_state_dict(path))
+
+
+def detect_family(path: str | os.PathLike) -> str:
+    """SD15 or SDXL, from the keys of a single-file checkpoint (never its name).
+
+    SD2.x files (OpenCLIP-H under `cond_stage_model.model.`) are an error naming the file.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"single-file checkpoint not found: {path}")
+    keys = _header_keys(path)
+    if any(k.startswith(_SDXL_MARKERS) for k in keys):
+        return SDXL
+    if any(k.startswith(_SD2_MARKER) for k in keys):
+        raise torch_import.WeightImportError(
+            f"{path}: a Stable Diffusion 2.x single file (OpenCLIP-H text encoder); only SD1.5 and SDXL are supported")
+    return SD15
 
 
 def _read_component(path: pathlib.Path, prefix: str) -> StateDict:
@@ -185,6 +239,35 @@ def convert_vae(ldm: Mapping[str, np.ndarray]) -> StateDict:
     return out
 
 
+def convert_open_clip(ldm: Mapping[str, np.ndarray]) -> StateDict:
+    """SDXL's `conditioner.embedders.1.model.*` (OpenCLIP bigG, prefix stripped) -> transformers
+    CLIPTextModelWithProjection keys.
+
+    The fused attention input `attn.in_proj_weight/bias` (3D, D) splits in thirds into q/k/v;
+    `text_projection` (D, P), applied as x @ P in OpenCLIP, is transposed into the Linear
+    weight (P, D); `logit_scale` (the contrastive temperature) is no text-encoder weight.
+    """
+    out: StateDict = {}
+    prefix = COMPONENT_PREFIXES[SDXL]["text_encoder_2"]
+    for key, value in ldm.items():
+        if key in _OPEN_CLIP_DIRECT:
+            out[_OPEN_CLIP_DIRECT[key]] = value
+        elif key == "text_projection":
+            out["text_projection.weight"] = np.ascontiguousarray(value.T)
+        elif key == "logit_scale":
+            continue
+        elif m := re.match(r"transformer\.resblocks\.(\d+)\.(.*)$", key):
+            stem = f"text_model.encoder.layers.{m[1]}"
+            if fused := re.fullmatch(r"attn\.in_proj_(weight|bias)", m[2]):
+                for name, third in zip(("q_proj", "k_proj", "v_proj"), np.split(value, 3, axis=0)):
+                    out[f"{stem}.self_attn.{name}.{fused[1]}"] = third
+            else:
+                out[f"{stem}.{_rename_part(m[2], _OPEN_CLIP_LAYER_PARTS, prefix + key)}"] = value
+        else:
+            raise torch_import.WeightImportError(f"single-file text_encoder_2: key fits no OpenCLIP rule: {prefix}{key}")
+    return out
+
+
 def convert_text_encoder(ldm: Mapping[str, np.ndarray]) -> StateDict:
     """`cond_stage_model.transformer.*` keys (prefix stripped) -> transformers CLIPTextModel keys.
 
@@ -193,32 +276,36 @@ def convert_text_encoder(ldm: Mapping[str, np.ndarray]) -> StateDict:
     return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in ldm.items()}
 
 
-_CONVERTERS = {"unet": convert_unet, "vae": convert_vae, "text_encoder": convert_text_encoder}
+_CONVERTERS = {"unet": convert_unet, "vae": convert_vae, "text_encoder": convert_text_encoder,
+               "text_encoder_2": convert_open_clip}
 
 
 def _check_all_consumed(ldm: Mapping[str, np.ndarray], consumed: set[str], component: str) -> None:
     left = sorted(set(ldm) - consumed)
     if left:
-        shown = ", ".join(COMPONENT_PREFIXES[component] + k for k in left[:20])
+        shown = ", ".join(COMPONENT_PREFIXES[SD15][component] + k for k in left[:20])
         raise torch_import.WeightImportError(
-            f"single-file {component}: {len(left)} keys fit no known SD1.5 layout rule: {shown}"
+            f"single-file {component}: {len(left)} keys fit no known layout rule: {shown}"
         )
 
 
-def extract_component(path: str | os.PathLike, component: str) -> StateDict:
-    """Read one component of a single-file SD1.5 checkpoint under diffusers/transformers names.
+def extract_component(path: str | os.PathLike, component: str, family: str | None = None) -> StateDict:
+    """Read one component of a single-file SD1.5 or SDXL checkpoint under diffusers/transformers names.
 
     path: `.safetensors` (read without torch) or `.ckpt`/`.pt`/`.bin` (torch pickle).
-    component: "unet", "vae" or "text_encoder".
+    component: "unet", "vae", "text_encoder", or (SDXL) "text_encoder_2".
+    family: SD15 or SDXL; None = `detect_family(path)`.
     Returns {diffusers key: numpy array}; raises WeightImportError when the file has no
     weights for the component (e.g. a UNet-only file asked for its VAE).
     """
-    if component not in COMPONENT_PREFIXES:
-        raise ValueError(f"component must be one of {sorted(COMPONENT_PREFIXES)}, got {component!r}")
+    known = sorted(COMPONENT_PREFIXES[SDXL])
+    if component not in known:
+        raise ValueError(f"component must be one of {known}, got {component!r}")
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"single-file checkpoint not found: {path}")
-    prefix = COMPONENT_PREFIXES[component]
+    family = family or detect_family(path)
+    if component not in COMPONENT_PREFIXES[family]:
+        raise torch_import.WeightImportError(f"{path}: an {family} single file has no {component}")
+    prefix = COMPONENT_PREFIXES[family][component]
     ldm = _read_component(path, prefix)
     if not ldm:
         raise torch_import.WeightImportError(

@@ -86,6 +86,14 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """The JSON header of a .safetensors file, {name: {dtype, shape, data_offsets}} (and
+    `__metadata__`), and where the tensor data starts; reads no tensor."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(header_len)), 8 + header_len
+
+
 def read_safetensors(path: str | os.PathLike, prefix: str = "") -> StateDict:
     """Tensors of a .safetensors file whose key starts with `prefix` (stripped), read from a
     memory map, so a 2-7 GB single file yields one component without reading the rest.
@@ -94,10 +102,7 @@ def read_safetensors(path: str | os.PathLike, prefix: str = "") -> StateDict:
     Parses the format directly (8-byte header length, JSON header, raw little-endian data)
     because safetensors' numpy reader rejects bfloat16, which some fine-tunes are saved in.
     """
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-    data_start = 8 + header_len
+    header, data_start = read_safetensors_header(path)
     # np.memmap refuses an empty region (a file of zero-size tensors only).
     data = (np.memmap(path, dtype=np.uint8, mode="r", offset=data_start)
             if os.path.getsize(path) > data_start else np.zeros(0, np.uint8))

@@ -1,6 +1,8 @@
-"""The Stable Diffusion 1.5 UNet (diffusers' `UNet2DConditionModel`) in Flax linen, NHWC.
+"""The Stable Diffusion UNet (diffusers' `UNet2DConditionModel`: SD1.5, and SDXL with its
+`text_time` micro-conditioning) in Flax linen, NHWC.
 
-The config (`UNetConfig`, re-exported here) lives in `unet_config.py`. Structure and
+The config (`UNetConfig`, re-exported here) lives in `unet_config.py`, the blocks in
+`unet_blocks.py`; this module holds the embeddings, the network and its weight import. Structure and
 parameter names mirror diffusers module names with list indices joined by an
 underscore (`down_blocks.0.resnets.1.conv1.weight` -> `down_blocks_0/resnets_1/conv1/kernel`;
 `to_out.0` -> `to_out`), so weight import is a rename plus a layout transform
@@ -28,17 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import torch_import, weight_sources
-from .layers import Attention, Dtype, LoRADense, ResnetBlock2D, conv2d, exact_gelu, group_norm
-from .unet_config import CROSS_ATTN_DOWN, CROSS_ATTN_UP, CrossAttentionFactory, UNetConfig
+from . import single_file_configs, torch_import, weight_sources
+from .layers import Dtype, LoRADense, conv2d, group_norm
+from .unet_blocks import DownBlock, MidBlock2DCrossAttn, UpBlock
+from .unet_config import CROSS_ATTN_DOWN, CROSS_ATTN_UP, TEXT_TIME, UNetConfig
 
-# diffusers' Transformer2DModel GroupNorm and BasicTransformerBlock LayerNorm epsilons
-# (fixed in diffusers, not taken from the UNet config's norm_eps).
-TRANSFORMER_GROUPNORM_EPS = 1e-6
-TRANSFORMER_LAYERNORM_EPS = 1e-5
-
-
-# ----------------------------------------------------------------------------- pure helpers
+# ----------------------------------------------------------------------------- embeddings
 
 
 def timestep_embedding(
@@ -53,29 +50,6 @@ def timestep_embedding(
     if dim % 2:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
     return emb
-
-
-def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-    """Source indices of torch's legacy `F.interpolate(mode="nearest", size=out_size)` on one axis."""
-    if out_size == in_size:
-        return np.arange(out_size)
-    if out_size == 2 * in_size:
-        return np.arange(out_size) // 2
-    scale = np.float32(in_size) / np.float32(out_size)  # torch computes the scale in float32
-    idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
-    return np.minimum(idx, in_size - 1)
-
-
-def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """(B, h, w, C) -> (B, H, W, C) nearest, matching torch's index rule (exact 2x = repeat)."""
-    h, w = x.shape[1:3]
-    if size == (2 * h, 2 * w):
-        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    x = jnp.take(x, nearest_indices(h, size[0]), axis=1)
-    return jnp.take(x, nearest_indices(w, size[1]), axis=2)
-
-
-# ----------------------------------------------------------------------------- modules
 
 
 class TimestepEmbedding(nn.Module):
@@ -93,231 +67,43 @@ class TimestepEmbedding(nn.Module):
         )
 
 
-class GEGLU(nn.Module):
-    """proj to 2*features, then value * gelu(gate) (exact erf GELU, as torch's F.gelu)."""
+def text_time_input(config: UNetConfig, added_cond: Any) -> jax.Array:
+    """SDXL's micro-conditioning input to `add_embedding`, as diffusers' `text_time`.
 
-    features: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = LoRADense(2 * self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
-        value, gate = jnp.split(h, 2, axis=-1)
-        return value * exact_gelu(gate)
-
-
-class FeedForward(nn.Module):
-    """diffusers FeedForward with GEGLU: net_0 (GEGLU to 4C) -> net_2 (Dense back to C)."""
-
-    mult: int = 4
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = GEGLU(self.mult * x.shape[-1], name="net_0", **kw)(x)
-        return LoRADense(x.shape[-1], name="net_2", **kw)(h)
-
-
-class BasicTransformerBlock(nn.Module):
-    """Self-attention, cross-attention (or the configured replacement), GEGLU feed-forward; pre-LayerNorm residuals.
-
-    x (B, N, C) with N = h*w row-major, context (B, L, Cc) -> (B, N, C).
+    added_cond {"text_embeds": (B, P) pooled text, "time_ids": (B, N)} -> (B, P + N * T) float32:
+    every time id through the sinusoidal embedding of width T = addition_time_embed_dim
+    (the UNet's flip_sin_to_cos and freq_shift), flattened per row after the pooled text.
+    SDXL base's six ids are original (h, w), crop top-left (y, x), target (h, w).
     """
-
-    num_heads: int
-    head_dim: int
-    lora_rank: int = 0
-    cross_attention: Optional[CrossAttentionFactory] = None
-    attention_block: Optional[int] = None
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        context: jax.Array,
-        conditioning: Any,
-        spatial_shape: tuple[int, int],
-    ) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = dict(num_heads=self.num_heads, head_dim=self.head_dim, lora_rank=self.lora_rank, **kw)
-        norm = lambda name: nn.LayerNorm(  # noqa: E731
-            epsilon=TRANSFORMER_LAYERNORM_EPS, use_fast_variance=False, name=name, **kw
+    if not isinstance(added_cond, dict) or set(added_cond) != {"text_embeds", "time_ids"}:
+        keys = sorted(added_cond) if isinstance(added_cond, dict) else type(added_cond).__name__
+        raise ValueError(f"added_cond must be a dict with exactly text_embeds and time_ids, got {keys}")
+    text, time_ids = jnp.asarray(added_cond["text_embeds"]), jnp.asarray(added_cond["time_ids"])
+    if text.ndim != 2 or time_ids.ndim != 2 or text.shape[0] != time_ids.shape[0]:
+        raise ValueError(f"added_cond: text_embeds (B, P) and time_ids (B, N), got {text.shape} and {time_ids.shape}")
+    width = config.addition_time_embed_dim
+    if text.shape[1] + time_ids.shape[1] * width != config.projection_class_embeddings_input_dim:
+        raise ValueError(
+            f"added_cond: {text.shape[1]} pooled + {time_ids.shape[1]} time ids x {width} != "
+            f"projection_class_embeddings_input_dim {config.projection_class_embeddings_input_dim}"
         )
-        x = x + Attention(name="attn1", key_block=self.attention_block, **attn)(norm("norm1")(x))
-        h = norm("norm2")(x)
-        if self.cross_attention is not None:
-            h = self.cross_attention(name="attn2", **attn)(h, context, conditioning, spatial_shape=spatial_shape)
-        else:
-            h = Attention(name="attn2", key_block=self.attention_block, **attn)(h, context)
-        x = x + h
-        return x + FeedForward(name="ff", **kw)(norm("norm3")(x))
+    times = timestep_embedding(time_ids.reshape(-1), width, config.flip_sin_to_cos, config.freq_shift)
+    return jnp.concatenate([text.astype(jnp.float32), times.reshape(text.shape[0], -1)], axis=-1)
 
 
-class Transformer2DModel(nn.Module):
-    """GroupNorm -> proj_in -> one BasicTransformerBlock -> proj_out, plus the input residual.
-
-    proj_in/proj_out are Dense layers: diffusers' 1x1 convs (use_linear_projection=False) and
-    Linears compute the same map, and `unet_key_fn` reads either layout.
-    x (B, H, W, C), context (B, L, Cc) -> (B, H, W, C).
-    """
-
-    num_heads: int
-    groups: int
-    lora_rank: int = 0
-    cross_attention: Optional[CrossAttentionFactory] = None
-    attention_block: Optional[int] = None
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array, conditioning: Any) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        b, h, w, c = x.shape
-        y = group_norm(self.groups, TRANSFORMER_GROUPNORM_EPS, name="norm", **kw)(x)
-        y = LoRADense(c, name="proj_in", **kw)(y.reshape(b, h * w, c))
-        y = BasicTransformerBlock(
-            num_heads=self.num_heads, head_dim=c // self.num_heads, lora_rank=self.lora_rank,
-            cross_attention=self.cross_attention,
-            attention_block=self.attention_block, name="transformer_blocks_0", **kw,
-        )(y, context, conditioning, (h, w))
-        y = LoRADense(c, name="proj_out", **kw)(y)
-        return x + y.reshape(b, h, w, c)
-
-
-class Downsample2D(nn.Module):
-    """3x3 stride-2 conv with padding 1: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C)."""
-
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return conv2d(x.shape[-1], 3, self.dtype, self.param_dtype, name="conv", stride=2)(x)
-
-
-class Upsample2D(nn.Module):
-    """Nearest resize to `size` (the skip connection's), then a 3x3 conv."""
-
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, size: tuple[int, int]) -> jax.Array:
-        return conv2d(x.shape[-1], 3, self.dtype, self.param_dtype, name="conv")(resize_nearest(x, size))
-
-
-class DownBlock(nn.Module):
-    """CrossAttnDownBlock2D (with_attention) or DownBlock2D.
-
-    Returns the block output and the skip states it contributes (one per resnet, plus the
-    downsampled output when `add_downsample`).
-    """
-
-    out_channels: int
-    num_layers: int
-    num_heads: int
-    groups: int
-    eps: float
-    with_attention: bool
-    add_downsample: bool
-    lora_rank: int = 0
-    cross_attention: Optional[CrossAttentionFactory] = None
-    attention_block: Optional[int] = None
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, temb, context, conditioning) -> tuple[jax.Array, list[jax.Array]]:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        skips = []
-        for i in range(self.num_layers):
-            x = ResnetBlock2D(self.out_channels, self.groups, self.eps, name=f"resnets_{i}", **kw)(x, temb)
-            if self.with_attention:
-                x = Transformer2DModel(
-                    self.num_heads, self.groups, self.lora_rank, self.cross_attention, self.attention_block,
-                    name=f"attentions_{i}", **kw,
-                )(x, context, conditioning)
-            skips.append(x)
-        if self.add_downsample:
-            x = Downsample2D(name="downsamplers_0", **kw)(x)
-            skips.append(x)
-        return x, skips
-
-
-class UpBlock(nn.Module):
-    """CrossAttnUpBlock2D (with_attention) or UpBlock2D.
-
-    skips: this block's skip states, consumed last-first, each concatenated after x on the
-    channel axis (diffusers' cat order). upsample_size: (H, W) to resize to, or None.
-    """
-
-    out_channels: int
-    num_layers: int
-    num_heads: int
-    groups: int
-    eps: float
-    with_attention: bool
-    lora_rank: int = 0
-    cross_attention: Optional[CrossAttentionFactory] = None
-    attention_block: Optional[int] = None
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, skips: Sequence[jax.Array], temb, context, conditioning, upsample_size=None) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        if len(skips) != self.num_layers:
-            raise ValueError(f"UpBlock expects {self.num_layers} skip states, got {len(skips)}")
-        for i in range(self.num_layers):
-            x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
-            x = ResnetBlock2D(self.out_channels, self.groups, self.eps, name=f"resnets_{i}", **kw)(x, temb)
-            if self.with_attention:
-                x = Transformer2DModel(
-                    self.num_heads, self.groups, self.lora_rank, self.cross_attention, self.attention_block,
-                    name=f"attentions_{i}", **kw,
-                )(x, context, conditioning)
-        if upsample_size is not None:
-            x = Upsample2D(name="upsamplers_0", **kw)(x, upsample_size)
-        return x
-
-
-class MidBlock2DCrossAttn(nn.Module):
-    """resnets_0 -> attentions_0 -> resnets_1, channels unchanged."""
-
-    num_heads: int
-    groups: int
-    eps: float
-    lora_rank: int = 0
-    cross_attention: Optional[CrossAttentionFactory] = None
-    attention_block: Optional[int] = None
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, temb, context, conditioning) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        c = x.shape[-1]
-        x = ResnetBlock2D(c, self.groups, self.eps, name="resnets_0", **kw)(x, temb)
-        x = Transformer2DModel(
-            self.num_heads, self.groups, self.lora_rank, self.cross_attention, self.attention_block,
-            name="attentions_0", **kw,
-        )(x, context, conditioning)
-        return ResnetBlock2D(c, self.groups, self.eps, name="resnets_1", **kw)(x, temb)
+# ----------------------------------------------------------------------------- network
 
 
 class UNet2DConditionModel(nn.Module):
-    """SD1.5-style conditional UNet, channels-last.
+    """Conditional UNet (SD1.5, SDXL), channels-last.
 
     __call__(sample (B,H,W,Cin), timesteps (B,) or (), context (B,L,Ccross),
-             conditioning=None) -> (B,H,W,Cout) float32.
+             conditioning=None, added_cond=None) -> (B,H,W,Cout) float32.
     Any H, W >= 1 work; sizes that are not multiples of 2**(levels-1) follow diffusers.
     `conditioning` goes to the `config.saa` modules (DynamicID: an
     IdentityConditioning); giving it to a UNet with plain attention is an error.
+    `added_cond`: {"text_embeds": (B, P), "time_ids": (B, N)} exactly when
+    `config.addition_embed_type == "text_time"` (SDXL; see `text_time_input`), else None.
     """
 
     config: UNetConfig
@@ -331,6 +117,7 @@ class UNet2DConditionModel(nn.Module):
         timesteps: jax.Array,
         context: jax.Array,
         conditioning: Any = None,
+        added_cond: Optional[dict] = None,
     ) -> jax.Array:
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -340,6 +127,12 @@ class UNet2DConditionModel(nn.Module):
         )
         if conditioning is not None and cfg.saa is None:
             raise ValueError("conditioning was given but UNetConfig.saa is None (plain attention ignores it)")
+        if (added_cond is None) != (cfg.addition_embed_type is None):
+            raise ValueError(
+                f"added_cond is {'missing' if added_cond is None else 'given'} but UNetConfig.addition_embed_type is "
+                f"{cfg.addition_embed_type!r}: {TEXT_TIME!r} needs added_cond={{'text_embeds', 'time_ids'}}, "
+                "None takes none"
+            )
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
             raise ValueError(f"sample must be (B, H, W, {cfg.in_channels}) NHWC, got {sample.shape}")
         if context.ndim != 3 or context.shape[-1] != cfg.cross_attention_dim:
@@ -349,6 +142,11 @@ class UNet2DConditionModel(nn.Module):
 
         t = timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         temb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(t)
+        if added_cond is not None:
+            added = text_time_input(cfg, added_cond)
+            if added.shape[0] != batch:
+                raise ValueError(f"added_cond has batch {added.shape[0]}, sample has {batch}")
+            temb = temb + TimestepEmbedding(cfg.time_embed_dim, name="add_embedding", **kw)(added)
 
         x = conv2d(cfg.block_out_channels[0], 3, name="conv_in", **kw)(sample)
         skips = [x]
@@ -360,12 +158,15 @@ class UNet2DConditionModel(nn.Module):
                 num_heads=cfg.num_attention_heads[i],
                 with_attention=block_type == CROSS_ATTN_DOWN,
                 add_downsample=i < levels - 1,
+                transformer_layers=cfg.down_transformer_layers(i),
                 name=f"down_blocks_{i}",
                 **blocks,
             )(x, temb, context, conditioning)
             skips.extend(states)
 
-        x = MidBlock2DCrossAttn(cfg.num_attention_heads[-1], name="mid_block", **blocks)(x, temb, context, conditioning)
+        x = MidBlock2DCrossAttn(
+            cfg.num_attention_heads[-1], transformer_layers=cfg.mid_transformer_layers, name="mid_block", **blocks
+        )(x, temb, context, conditioning)
 
         up_channels = cfg.block_out_channels[::-1]
         up_heads = cfg.num_attention_heads[::-1]
@@ -379,6 +180,7 @@ class UNet2DConditionModel(nn.Module):
                 num_layers=n,
                 num_heads=up_heads[i],
                 with_attention=block_type == CROSS_ATTN_UP,
+                transformer_layers=cfg.up_transformer_layers(i),
                 name=f"up_blocks_{i}",
                 **blocks,
             )(x, block_skips, temb, context, conditioning, upsample_size)
@@ -441,8 +243,14 @@ def unet_abstract_params(module: UNet2DConditionModel, conditioning: Any = None)
     sample = jax.ShapeDtypeStruct((1, size, size, cfg.in_channels), jnp.float32)
     timesteps = jax.ShapeDtypeStruct((1,), jnp.float32)
     context = jax.ShapeDtypeStruct((1, 1, cfg.cross_attention_dim), jnp.float32)
+    added_cond = None
+    if cfg.addition_embed_type == TEXT_TIME:  # any split of the projection input traces the same params
+        pooled = cfg.projection_class_embeddings_input_dim - cfg.addition_time_embed_dim
+        added_cond = {"text_embeds": jax.ShapeDtypeStruct((1, pooled), jnp.float32),
+                      "time_ids": jax.ShapeDtypeStruct((1, 1), jnp.float32)}
     variables = jax.eval_shape(
-        lambda s, t, c, i: module.init(jax.random.key(0), s, t, c, i), sample, timesteps, context, conditioning
+        lambda s, t, c, i, a: module.init(jax.random.key(0), s, t, c, i, a),
+        sample, timesteps, context, conditioning, added_cond,
     )
     return variables["params"]
 
@@ -453,10 +261,11 @@ def load_unet(
     """Load a UNet from diffusers-format or single-file SD1.5 weights.
 
     path: a diffusers pipeline folder (its `unet/` is used), a `unet` component folder
-      (`config.json` + `diffusion_pytorch_model.safetensors|.bin`), or a single-file SD1.5
-      checkpoint (`.safetensors`/`.ckpt`), or a folder written by `python -m dynamicid_jax.convert`.
+      (`config.json` + `diffusion_pytorch_model.safetensors|.bin`), or a single-file SD1.5 or
+      SDXL checkpoint (`.safetensors`/`.ckpt`), or a folder written by `python -m dynamicid_jax.convert`.
     dtype: compute dtype of the returned module; parameters are float32 either way.
-    config: only for single-file checkpoints, which carry no config; defaults to SD1.5's.
+    config: only for single-file checkpoints, which carry no config; defaults to SD1.5's for
+      an SD1.5 file, to the shapes' reading (`single_file_configs`) for an SDXL one.
     Returns (module, params): params is the nested dict of float32 numpy arrays for
     `module.apply({"params": params}, sample, timesteps, context)`.
     Raises WeightImportError listing every missing, unexpected and mis-shaped key.
@@ -464,7 +273,7 @@ def load_unet(
     config, params = weight_sources.read_component(
         path, name="unet", subfolder="unet", weight_stems=["diffusion_pytorch_model", "diffusion_pytorch_model.fp16"],
         config_cls=UNetConfig, config_from_json=UNetConfig.from_diffusers, import_fn=import_unet_params,
-        single_file=True, config=config)
+        single_file=True, config=config, single_file_config=single_file_configs.infer_unet_config)
     return UNet2DConditionModel(config, dtype=dtype), params
 
 

@@ -2,6 +2,9 @@
 `unet/config.json` (`UNetConfig.from_diffusers`, which rejects every feature `models/unet.py`
 does not implement, naming the field), plus the interface of a replacement cross-attention
 (`CrossAttentionFactory`). No linen module here; `models/unet.py` builds the network.
+
+Covers SD1.5 (the defaults, `UNetConfig.sd15`) and SDXL (`UNetConfig.sdxl`: several
+transformer blocks per attention, and the `text_time` micro-conditioning embedding).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ CROSS_ATTN_DOWN = "CrossAttnDownBlock2D"
 PLAIN_DOWN = "DownBlock2D"
 CROSS_ATTN_UP = "CrossAttnUpBlock2D"
 PLAIN_UP = "UpBlock2D"
+TEXT_TIME = "text_time"  # SDXL's addition_embed_type
 
 
 class CrossAttentionFactory(Protocol):
@@ -37,6 +41,18 @@ class UNetConfig:
     num_attention_heads: heads per down level (up levels use them reversed, the mid block
       the last one), as diffusers does. diffusers' SD1.5 config spells this
       `attention_head_dim: 8`, which in fact means 8 heads (see `from_diffusers`).
+    transformer_layers_per_block: BasicTransformerBlocks per attention, as diffusers accepts it:
+      an int (every attention), one int per level, or one tuple per level with one count per
+      resnet of the level's down block. The mid block uses the last level's (first) count.
+    reverse_transformer_layers_per_block: the up levels' counts, one tuple per up level with
+      one count per resnet (layers_per_block + 1); None = the down levels' ints reversed (then
+      `transformer_layers_per_block` must not be per resnet, as in diffusers).
+    addition_embed_type: None (SD1.5) or "text_time" (SDXL's micro-conditioning): the UNet
+      then takes `added_cond={"text_embeds": (B, P), "time_ids": (B, N)}`; each time id goes
+      through the sinusoidal embedding of width `addition_time_embed_dim`, flattened after
+      the pooled text embedding, through `add_embedding` (linear, SiLU, linear) and added to
+      the timestep embedding; P + N * addition_time_embed_dim must equal
+      `projection_class_embeddings_input_dim` (SDXL base: 1280 + 6 * 256 = 2816).
     lora_rank: LoRA rank on to_q/to_k/to_v/to_out of every attn1 and attn2 (0 = none).
     saa: None = plain attention in every attn2; else a `CrossAttentionFactory` whose modules
       replace them and take the UNet's `conditioning`. Named for its one user (DynamicID's
@@ -63,6 +79,11 @@ class UNetConfig:
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     use_linear_projection: bool = False
+    transformer_layers_per_block: int | tuple[int | tuple[int, ...], ...] = 1
+    reverse_transformer_layers_per_block: Optional[tuple[tuple[int, ...], ...]] = None
+    addition_embed_type: Optional[str] = None
+    addition_time_embed_dim: Optional[int] = None
+    projection_class_embeddings_input_dim: Optional[int] = None
     lora_rank: int = 0
     saa: Optional[CrossAttentionFactory] = None
     attention_block: Optional[int] = 512
@@ -76,6 +97,12 @@ class UNetConfig:
         object.__setattr__(self, "num_attention_heads", heads)
         if isinstance(self.sample_size, (list, tuple)):
             object.__setattr__(self, "sample_size", tuple(self.sample_size))
+        layers = self.transformer_layers_per_block
+        layers = (layers,) * len(self.block_out_channels) if isinstance(layers, int) else _nested_tuple(layers)
+        object.__setattr__(self, "transformer_layers_per_block", layers)
+        if self.reverse_transformer_layers_per_block is not None:
+            reverse = _nested_tuple(self.reverse_transformer_layers_per_block)
+            object.__setattr__(self, "reverse_transformer_layers_per_block", reverse)
         self._validate()
 
     def _validate(self):
@@ -109,6 +136,66 @@ class UNetConfig:
             raise ValueError(f"UNetConfig.lora_rank must be >= 0, got {self.lora_rank}")
         if self.attention_block is not None and self.attention_block < 1:
             raise ValueError(f"UNetConfig.attention_block must be None or >= 1, got {self.attention_block}")
+        self._validate_transformer_layers()
+        self._validate_addition_embedding()
+
+    def _validate_transformer_layers(self):
+        levels, down = len(self.block_out_channels), self.transformer_layers_per_block
+        if len(down) != levels:
+            raise ValueError(f"UNetConfig.transformer_layers_per_block has {len(down)} entries, {levels} levels")
+        reverse = self.reverse_transformer_layers_per_block
+        if reverse is None and any(isinstance(d, tuple) for d in down):
+            raise ValueError("UNetConfig.transformer_layers_per_block is per resnet: "
+                             "give reverse_transformer_layers_per_block too (as diffusers requires)")
+        if reverse is not None and len(reverse) != levels:
+            raise ValueError(
+                f"UNetConfig.reverse_transformer_layers_per_block has {len(reverse)} entries, {levels} levels")
+        for level in range(levels):  # the accessors check per-resnet lengths and counts
+            self.down_transformer_layers(level), self.up_transformer_layers(level)
+
+    def _validate_addition_embedding(self):
+        kind, time_dim, proj_dim = (self.addition_embed_type, self.addition_time_embed_dim,
+                                    self.projection_class_embeddings_input_dim)
+        if kind is None:
+            if time_dim is not None or proj_dim is not None:
+                raise ValueError("UNetConfig: addition_time_embed_dim/projection_class_embeddings_input_dim "
+                                 "are set but addition_embed_type is None")
+            return
+        if kind != TEXT_TIME:
+            raise ValueError(f"UNetConfig.addition_embed_type: unsupported {kind!r} (only {TEXT_TIME!r})")
+        if not (isinstance(time_dim, int) and time_dim > 0 and isinstance(proj_dim, int) and proj_dim > time_dim):
+            raise ValueError(
+                f"UNetConfig: addition_embed_type={TEXT_TIME!r} needs addition_time_embed_dim > 0 and "
+                f"projection_class_embeddings_input_dim > it, got {time_dim!r} and {proj_dim!r}"
+            )
+
+    def down_transformer_layers(self, level: int) -> tuple[int, ...]:
+        """BasicTransformerBlocks of each of down level `level`'s layers_per_block attentions."""
+        return self._per_resnet(self.transformer_layers_per_block[level], self.layers_per_block,
+                                f"transformer_layers_per_block[{level}]")
+
+    def up_transformer_layers(self, level: int) -> tuple[int, ...]:
+        """Counts for up level `level` (0 = the coarsest), one per its layers_per_block + 1 attentions."""
+        if self.reverse_transformer_layers_per_block is None:
+            value = self.transformer_layers_per_block[::-1][level]
+            where = f"transformer_layers_per_block[{len(self.block_out_channels) - 1 - level}]"
+        else:
+            value = self.reverse_transformer_layers_per_block[level]
+            where = f"reverse_transformer_layers_per_block[{level}]"
+        return self._per_resnet(value, self.layers_per_block + 1, where)
+
+    @property
+    def mid_transformer_layers(self) -> int:
+        """The mid block's count: the last level's (its first entry when per resnet), as diffusers."""
+        last = self.transformer_layers_per_block[-1]
+        return last if isinstance(last, int) else last[0]
+
+    @staticmethod
+    def _per_resnet(value, resnets: int, where: str) -> tuple[int, ...]:
+        counts = (value,) * resnets if isinstance(value, int) else value
+        if len(counts) != resnets or any(not isinstance(n, int) or n < 1 for n in counts):
+            raise ValueError(f"UNetConfig.{where}={value!r}: need {resnets} counts >= 1 (one per resnet)")
+        return counts
 
     @property
     def time_embed_dim(self) -> int:
@@ -118,6 +205,24 @@ class UNetConfig:
     def sd15(cls, **overrides) -> "UNetConfig":
         """Stable Diffusion 1.5 (and its fine-tunes)."""
         return cls(**overrides)
+
+    @classmethod
+    def sdxl(cls, **overrides) -> "UNetConfig":
+        """Stable Diffusion XL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0 `unet/config.json`)."""
+        kwargs = dict(
+            block_out_channels=(320, 640, 1280),
+            down_block_types=(PLAIN_DOWN, CROSS_ATTN_DOWN, CROSS_ATTN_DOWN),
+            up_block_types=(CROSS_ATTN_UP, CROSS_ATTN_UP, PLAIN_UP),
+            num_attention_heads=(5, 10, 20),  # diffusers' `attention_head_dim`: head counts (head size 64)
+            transformer_layers_per_block=(1, 2, 10),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            sample_size=128,
+            addition_embed_type=TEXT_TIME,
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,  # 1280 pooled text + 6 time ids x 256
+        )
+        return cls(**{**kwargs, **overrides})
 
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any], **overrides) -> "UNetConfig":
@@ -165,6 +270,11 @@ class UNetConfig:
             flip_sin_to_cos=bool(get("flip_sin_to_cos")),
             freq_shift=get("freq_shift"),
             use_linear_projection=bool(get("use_linear_projection")),
+            transformer_layers_per_block=get("transformer_layers_per_block"),
+            reverse_transformer_layers_per_block=get("reverse_transformer_layers_per_block"),
+            addition_embed_type=get("addition_embed_type"),
+            addition_time_embed_dim=get("addition_time_embed_dim"),
+            projection_class_embeddings_input_dim=get("projection_class_embeddings_input_dim"),
         )
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -187,6 +297,11 @@ _DIFFUSERS_USED: dict[str, Any] = {
     "flip_sin_to_cos": True,
     "freq_shift": 0,
     "use_linear_projection": False,
+    "transformer_layers_per_block": 1,
+    "reverse_transformer_layers_per_block": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "projection_class_embeddings_input_dim": None,
 }
 # Fields that change the computation: only these values are implemented.
 _DIFFUSERS_FIXED: dict[str, Any] = {
@@ -197,14 +312,10 @@ _DIFFUSERS_FIXED: dict[str, Any] = {
     "downsample_padding": 1,
     "mid_block_scale_factor": 1,
     "act_fn": "silu",
-    "transformer_layers_per_block": 1,
-    "reverse_transformer_layers_per_block": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "num_class_embeds": None,
     "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
@@ -216,14 +327,13 @@ _DIFFUSERS_FIXED: dict[str, Any] = {
     "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
     "class_embeddings_concat": False,
     "cross_attention_norm": None,
 }
 # Fields with no effect on inference here: dropout (inference only); upcast_attention (our
-# logits and softmax are always float32); addition_embed_type_num_heads (only read when
-# addition_embed_type is set, which is rejected above).
+# logits and softmax are always float32); addition_embed_type_num_heads (only read for
+# addition_embed_type "text", which UNetConfig rejects).
 _DIFFUSERS_IGNORED = {"dropout", "upcast_attention", "addition_embed_type_num_heads"}
 
 
@@ -241,3 +351,8 @@ def _uniform(value, name: str) -> int:
     if len(values) != 1:
         raise ValueError(f"unsupported UNet config: per-block {name}={list(value)!r} (must be one value)")
     return values.pop()
+
+
+def _nested_tuple(value):
+    """Lists (from JSON) -> tuples, recursively, so the config stays hashable."""
+    return tuple(_nested_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

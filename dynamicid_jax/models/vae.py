@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamicid_jax.models import torch_import, weight_sources
+from dynamicid_jax.models import single_file_configs, torch_import, weight_sources
 from dynamicid_jax.models.layers import Attention, ResnetBlock2D, conv2d, group_norm
 
 Dtype = Any
@@ -339,13 +339,15 @@ def load_vae(path: str | os.PathLike, dtype: Dtype = jnp.float32, config: Option
     """Load the VAE -> (module, params); call `module.apply({"params": params}, x, method=...)`.
 
     path: a diffusers pipeline folder (uses `vae/`), a VAE component folder (config.json +
-      diffusion_pytorch_model.safetensors|.bin), a single-file SD1.5 checkpoint
+      diffusion_pytorch_model.safetensors|.bin), a single-file SD1.5 or SDXL checkpoint
       (.safetensors/.ckpt with `first_stage_model.*`), or a folder written by
       `python -m dynamicid_jax.convert`.
-    config: only for single-file checkpoints, which carry no config; defaults to SD1.5's.
+    config: only for single-file checkpoints, which carry no config; defaults to SD1.5's for
+      an SD1.5 file; for an SDXL one, the shapes' reading with SDXL's scaling factor 0.13025.
     dtype: compute dtype of the returned module; params stay float32 numpy arrays.
     """
     config, params = weight_sources.read_component(
         path, name="vae", subfolder="vae", weight_stems=["diffusion_pytorch_model"], config_cls=VAEConfig,
-        config_from_json=VAEConfig.from_diffusers, import_fn=import_vae_params, single_file=True, config=config)
+        config_from_json=VAEConfig.from_diffusers, import_fn=import_vae_params, single_file=True, config=config,
+        single_file_config=lambda sd, where: VAEConfig(**single_file_configs.infer_vae_fields(sd, where)))
     return AutoencoderKL(config, dtype=dtype), params

@@ -2,7 +2,7 @@
 `load_text_encoder` and `load_vision_encoder` share.
 
 A path is, in the order tried: a converted folder (`models/converted.py`, orbax, no torch),
-a single-file SD1.5 checkpoint (`models/single_file.py`), a diffusers pipeline folder or a
+a single-file SD1.5 or SDXL checkpoint (`models/single_file.py`), a diffusers pipeline folder or a
 component folder (`config.json` + weights, read by `models/torch_import.py`).
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 from dynamicid_jax.errors import MissingFileError
 from dynamicid_jax.models import converted
-from dynamicid_jax.models.single_file import extract_component
+from dynamicid_jax.models.single_file import SD15, detect_family, extract_component
 from dynamicid_jax.models.torch_import import StateDict, find_weight_file, read_state_dict
 
 
@@ -30,13 +30,15 @@ def read_component(
     import_fn: Callable[[Any, StateDict], Any],
     single_file: bool = False,
     config: Any = None,
+    single_file_config: Callable[[StateDict, str], Any] | None = None,
 ) -> tuple[Any, Any]:
     """The one dispatch every model loader shares -> (config, params).
 
     path, in the order tried: a folder written by `python -m dynamicid_jax.convert` (orbax, no
-    torch); with `single_file`, a single checkpoint file (SD1.5 `.safetensors`/`.ckpt`, the
-    component split out by `single_file.extract_component`; it carries no config, so `config=`
-    or else `config_cls.sd15()`); a pipeline folder holding `subfolder/config.json`; a component
+    torch); with `single_file`, a single checkpoint file (SD1.5 or SDXL `.safetensors`/`.ckpt`,
+    the component split out by `single_file.extract_component`; it carries no config, so
+    `config=`, or else `config_cls.sd15()` for SD1.5 and `single_file_config(state_dict, path)`,
+    the architecture read off the shapes, for SDXL); a pipeline folder holding `subfolder/config.json`; a component
     folder holding `config.json` (read by `config_from_json`). name: the component (`unet`,
     `vae`, `text_encoder`, `vision_encoder`), as convert and single_file spell it.
     import_fn(config, state_dict) -> params raises WeightImportError on any key mismatch.
@@ -49,8 +51,15 @@ def read_component(
     if path.is_file():
         if not single_file:
             raise ValueError(f"loading {name}: {path} is a file; {name} weights come as a folder with config.json")
-        config = config or config_cls.sd15()
-        return config, import_fn(config, extract_component(path, name))
+        family = detect_family(path)
+        state_dict = extract_component(path, name, family)
+        if config is None and family == SD15:
+            config = config_cls.sd15()
+        elif config is None:
+            if single_file_config is None:
+                raise ValueError(f"loading {name}: no architecture inference for {family} single files")
+            config = single_file_config(state_dict, str(path))
+        return config, import_fn(config, state_dict)
     folder = _config_folder(path, name=name, subfolder=subfolder)
     config = config_from_json(json.loads((folder / "config.json").read_text()))
     return config, import_fn(config, read_state_dict(find_weight_file(folder, weight_stems)))
