@@ -36,7 +36,6 @@ INFO logs.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import time
