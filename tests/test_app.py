@@ -280,6 +280,32 @@ def test_api_sidecar_refs_naming_server_files_are_refused(app, client, test_asse
     assert str(test_assets) not in values[-1]
 
 
+def test_api_loras_by_name_merged_once_per_choice_and_paths_refused(app, client, test_assets):
+    """A LoRA choice is merged once and kept (at most MAX_LORA_SETS choices); it reaches the
+    picture; a client naming a server file instead of an offered name is refused."""
+    from gradio_client.exceptions import AppError
+
+    from dynamicid_jax.app.service import MAX_LORA_SETS
+
+    service, _, logs, _, compiled = app
+    merges = lambda: sum("style.safetensors" in line and "merged" in line for line in logs)  # noqa: E731
+    first = _png(_generate(client, test_assets, loras=["style.safetensors"], lora_scale=0.5)[0]).read_bytes()
+    merged = merges()
+    again = _png(_generate(client, test_assets, loras=["style.safetensors"], lora_scale=0.5)[0]).read_bytes()
+    assert merges() == merged and again == first  # the kept merge: not merged again, same bytes
+    plain = _png(_generate(client, test_assets)[0]).read_bytes()
+    assert plain != first
+    for scale in (0.6, 0.7):  # two more choices: the oldest is dropped
+        _generate(client, test_assets, loras=["style.safetensors"], lora_scale=scale)
+    assert len(service._lora_sets) == MAX_LORA_SETS and merges() == merged + 2
+    assert _png(_generate(client, test_assets)[0]).read_bytes() == plain  # the base weights are back
+    for name, value in (("loras", [str(service.loras.path("style.safetensors"))]),
+                        ("negative_embeddings", ["/etc/badhands.pt"])):
+        with pytest.raises(AppError, match="not offered|not in the list of choices"):
+            _generate(client, test_assets, **{name: value})
+    assert compiles() == compiled, f"{compiles() - compiled} program(s) compiled after start-up"
+
+
 def test_cancel_stops_between_steps_and_one_program_served_everything(app, client, test_assets):
     service, _, logs, programs, compiled = app
     job = client.submit(**dict(_job_kwargs(test_assets, 5), steps=200))

@@ -210,6 +210,12 @@ def test_cli_from_json_requests_file_and_app_api_give_the_same_png(shared_demo, 
     assert sample.main(["--demo", "--out", str(tmp_path / "cli"), "--no_progress", *refs, *flags]) == 0
     png = (tmp_path / "cli" / "dynamicid-3-0.png").read_bytes()
     sidecar = tmp_path / "cli" / "dynamicid-3-0.json"
+    # The engine of --requests: a rerun keeps the finished picture, other settings are refused.
+    stamp = (tmp_path / "cli" / "dynamicid-3-0.png").stat().st_mtime_ns
+    assert sample.main(["--demo", "--out", str(tmp_path / "cli"), "--no_progress", *refs, *flags]) == 0
+    assert (tmp_path / "cli" / "dynamicid-3-0.png").stat().st_mtime_ns == stamp
+    assert sample.main(["--demo", "--out", str(tmp_path / "cli"), "--no_progress", *refs, *flags,
+                        "--guidance", "2"]) == 2
     assert sample.main(["--demo", "--out", str(tmp_path / "json"), "--from_json", str(sidecar), "--no_progress"]) == 0
     assert (tmp_path / "json" / "dynamicid-3-0.png").read_bytes() == png
     line = {"identities": [{"refs": ["obama.jpg"], "box": [0, 0, 1, 0.5]}, {"refs": ["hao.jpg"], "box": [0, 0.5, 1, 1]}],

@@ -229,7 +229,8 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
                     mix = gr.Textbox(label="mixing m (blank: off)", value="" if d["mix"] is None else str(d["mix"]),
                                      elem_id="mix")
                 with gr.Row():
-                    scheduler = gr.Dropdown(list(SCHEDULERS), value=d["scheduler"], label="sampler", elem_id="scheduler")
+                    scheduler = gr.Dropdown(list(SCHEDULERS), value=d["scheduler"], label="sampler",
+                                            elem_id="scheduler")
                     clip_skip = gr.Number(label="clip skip (1 = penultimate layer)", value=d["clip_skip"], precision=0,
                                           minimum=0, elem_id="clip_skip")
                     gating = gr.Checkbox(label="gating", value=d["gating"], elem_id="gating")

@@ -7,8 +7,8 @@
 Each line is parsed by `request_parsing.parse_request` (the rules of every other form of a
 request): fields left out take the sampler's defaults (the config's `sampling` section, then
 SampleRequest's); relative photo and embedding paths are relative to the file. A line that
-cannot be used (not JSON, an unknown key, a wrong type, a bad box or size, an unreadable photo) becomes a
-`Reject` naming its line; the others are returned. Blank lines are skipped.
+cannot be used (not JSON, an unknown key, a wrong type, a bad box or size, an unreadable
+photo) becomes a `Reject` naming its line; the others are returned. Blank lines are skipped.
 """
 
 from __future__ import annotations
