@@ -4,7 +4,7 @@
 
 The four forms and what they hand to `parse_request`:
   request-file lines   the JSON object of the line (typed values; paths relative to the file)
-  sidecars             the sidecar's `request` object (`SampleRequest.from_json`, `read_sidecar`)
+  sidecars             the sidecar's `request` object (`read_sidecar`: --from_json; the app)
   CLI flags            `flags_request`: the flags of `add_request_args` as text
   the app's form       `app/forms.py`: the form's values (text boxes, numbers, check boxes)
 
