@@ -45,26 +45,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _page_settings(args: argparse.Namespace) -> dict:
+    """--scheduler/--clip_skip as the page's defaults, checked with the config's others before
+    any model loads (a typo must not cost a model load)."""
+    from dynamicid_jax.loading import sampling_config
+    from dynamicid_jax.request import IdentityRequest, SampleRequest, validate_request
+    from dynamicid_jax.request_parsing import setting_defaults
+
+    settings = {k: v for k, v in (("scheduler", args.scheduler), ("clip_skip", args.clip_skip)) if v is not None}
+    config = sampling_config(args.demo, args.dynamicid)
+    page = dict(setting_defaults(config.sampling), **settings)
+    validate_request(SampleRequest(identities=[IdentityRequest(refs=["(page)"])], **page),
+                     2 ** (len(config.model.vae.block_out_channels) - 1))
+    return settings
+
+
 def _start(args: argparse.Namespace):
     """Load the models and compile the warm-up sizes -> (service, notice); bad input: UserError."""
     from dynamicid_jax.app.service import create_service
-    from dynamicid_jax.request import InputError, validate_request
+    from dynamicid_jax.cli import lora_files
+    from dynamicid_jax.request import InputError
 
     try:
         people = [int(v) for v in args.warmup_people.split(",") if v.strip()]
     except ValueError:
         raise InputError(f"--warmup_people {args.warmup_people!r}: comma-separated people counts, e.g. 1,2")
-    from dynamicid_jax.cli import lora_files
-
-    settings = {k: v for k, v in (("scheduler", args.scheduler), ("clip_skip", args.clip_skip)) if v is not None}
     service, notice = create_service(
         demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder, dynamicid=args.dynamicid,
         faces=args.faces, expression_model=args.expression_model, dtype=args.dtype, out_dir=args.out,
         log=lambda m: print(m, flush=True), loras=lora_files(args.lora),
         lora_skip_unknown=args.lora_skip_unknown, lora_dirs=args.lora_dir, embedding_dirs=args.embedding_dir,
-        negative_embeddings=args.negative_embedding, settings=settings,
+        negative_embeddings=args.negative_embedding, settings=_page_settings(args),
     )
-    validate_request(service.default_request(1), service.pipeline.modules.vae_scale_factor)  # --scheduler, ...
     service.warm_up(people)
     return service, notice
 
