@@ -149,5 +149,17 @@ def add_model_args(parser: argparse.ArgumentParser, *, clip_skip: bool = True,
              "stem is a token in either prompt, appended to the negative prompt when that does not name it")
 
 
-__all__ = ["ArgumentParser", "ConfigError", "UserError", "add_model_args", "check_output_folder", "quiet_logs",
+def lora_files(values) -> list[tuple[str, float]]:
+    """--lora FILE[:SCALE] values as (path, scale); InputError naming a missing file."""
+    from dynamicid_jax.models.lora_files import parse_lora_arg
+    from dynamicid_jax.request import InputError
+
+    loras = [parse_lora_arg(t) for t in values]
+    for path, _ in loras:
+        if not pathlib.Path(path).is_file():
+            raise InputError(f"--lora: file not found: {path}")
+    return loras
+
+
+__all__ = ["ArgumentParser", "ConfigError", "UserError", "add_model_args", "check_output_folder", "lora_files", "quiet_logs",
            "report_user_error", "run_main"]
