@@ -59,7 +59,7 @@ def _page_settings(args: argparse.Namespace) -> dict:
 def _start(args: argparse.Namespace):
     """Load the models and compile the warm-up sizes -> (service, notice); bad input: UserError."""
     from dynamicid_jax.app.service import create_service
-    from dynamicid_jax.cli import lora_files
+    from dynamicid_jax import cli
     from dynamicid_jax.request import InputError
 
     try:
@@ -67,10 +67,8 @@ def _start(args: argparse.Namespace):
     except ValueError:
         raise InputError(f"--warmup_people {args.warmup_people!r}: comma-separated people counts, e.g. 1,2")
     service, notice = create_service(
-        demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder, dynamicid=args.dynamicid,
-        faces=args.faces, expression_model=args.expression_model, dtype=args.dtype, out_dir=args.out,
-        log=lambda m: print(m, flush=True), loras=lora_files(args.lora),
-        lora_skip_unknown=args.lora_skip_unknown, lora_dirs=args.lora_dir, embedding_dirs=args.embedding_dir,
+        **cli.pipeline_args(args), out_dir=args.out, log=lambda m: print(m, flush=True),
+        lora_dirs=args.lora_dir, embedding_dirs=args.embedding_dir,
         negative_embeddings=args.negative_embedding, settings=_page_settings(args),
     )
     service.warm_up(people)

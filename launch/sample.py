@@ -81,7 +81,7 @@ def build_request(args: argparse.Namespace, sampling_defaults):
 def run_requests(args) -> int:
     """--requests: every line of the file, batched over every device and process."""
     from dynamicid_jax import distributed
-    from dynamicid_jax.cli import lora_files
+    from dynamicid_jax.cli import lora_files, pipeline_args
     from dynamicid_jax.generation import run_requests_file
     from dynamicid_jax.loading import load_pipeline, sampling_config
 
@@ -93,18 +93,13 @@ def run_requests(args) -> int:
         raise _input_error(f"--fsdp must be >= 1, got {args.fsdp}")
     if not pathlib.Path(args.requests).is_file():
         raise _input_error(f"requests file not found: {args.requests}")
-    loras = lora_files(args.lora)
+    lora_files(args.lora)  # a missing file fails before any model loads
     distributed.initialize_from_args(args)
     import jax
 
     main_process = jax.process_index() == 0
     config = sampling_config(args.demo, args.dynamicid)
-    _, pipeline = load_pipeline(
-        demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder,
-        dynamicid=args.dynamicid, faces=args.faces, expression_model=args.expression_model, dtype=args.dtype,
-        log=lambda m: print(m, flush=True) if main_process else None, loras=loras,
-        lora_skip_unknown=args.lora_skip_unknown,
-    )
+    _, pipeline = load_pipeline(**pipeline_args(args), log=lambda m: print(m, flush=True) if main_process else None)
     summary = run_requests_file(pipeline, args.requests, args.out, defaults=config.sampling.to_dict(),
                                 batch_size=args.batch_size, fsdp=args.fsdp, progress=not args.no_progress)
     if main_process:
@@ -124,7 +119,7 @@ def main(argv=None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dynamicid_jax.cli import check_output_folder, lora_files
+    from dynamicid_jax.cli import check_output_folder, lora_files, pipeline_args
 
     if args.requests:
         check_output_folder(args.out, "--out")
@@ -140,12 +135,8 @@ def _run(args: argparse.Namespace) -> int:
     validate_request(request, 2 ** (len(config.model.vae.block_out_channels) - 1))
     check_images_readable(request)
     check_embeddings_readable(request, config.model.text.get("hidden_size"))
-    loras = lora_files(args.lora)
-    _, pipeline = load_pipeline(
-        demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder,
-        dynamicid=args.dynamicid, faces=args.faces, expression_model=args.expression_model, dtype=args.dtype,
-        log=lambda m: print(m, flush=True), loras=loras, lora_skip_unknown=args.lora_skip_unknown,
-    )
+    lora_files(args.lora)  # a missing file fails before any model loads
+    _, pipeline = load_pipeline(**pipeline_args(args), log=lambda m: print(m, flush=True))
     from tqdm import tqdm
 
     bar = {}

@@ -94,3 +94,18 @@ def test_old_training_configs_without_family_are_sd15():
     modules = modeling.build_modules(model)
     assert modules.family is base_models.get("sd15")
     assert modules.scheduler == schedulers.SchedulerConfig(**base_models.sd15.SCHEDULER)
+
+
+@pytest.mark.parametrize("vae_dtype", ["float32", "bfloat16"])
+def test_the_vae_keeps_float32_under_a_bfloat16_model_unless_asked(vae_dtype):
+    """--dtype bfloat16 halves the UNet and encoders; the VAE follows --vae_dtype (float32 by
+    default). Loading only: nothing is compiled but the tiny random init (cached on disk)."""
+    import jax
+    import jax.numpy as jnp
+
+    _, pipeline = loading.load_pipeline(demo=True, dtype="bfloat16", vae_dtype=vae_dtype)
+    want = jnp.dtype(vae_dtype)
+    assert pipeline.modules.vae.dtype == want
+    assert {a.dtype for a in jax.tree.leaves(pipeline.params["vae"])} == {want}
+    assert {a.dtype for a in jax.tree.leaves(pipeline.params["unet"])} == {jnp.dtype(jnp.bfloat16)}
+    assert pipeline.modules.unet.dtype == jnp.bfloat16

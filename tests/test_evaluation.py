@@ -284,7 +284,7 @@ def test_resume_generates_only_missing_images_and_keeps_rows(metric_models, tmp_
 
     def run(generate, seeds, sampling=SAMPLING, metrics=metric_models):
         return evaluate(protocol, out_dir=out, mode="single", ablation=Ablation(), sampling=sampling, seeds=seeds,
-                        generate=generate, provenance={"weights": "fake"}, metrics=metrics, arch="fake", progress=False)
+                        generate=generate, provenance={"weights": "fake"}, metrics=metrics, arch="SD1.5", progress=False)
 
     first = CountingGenerator()
     result = run(first, (0,))
