@@ -68,8 +68,8 @@ def test_training_scales_latents_by_the_files_factor(fine_tune, monkeypatch):
     loss_fn, _ = step._loss_fn(stages.get("anchor"), modules, config, None)
     loss_fn({}, {}, {}, {}, {}, {})
     assert seen["scaling"] == SCALING
-    expected = schedulers.noise_table(schedulers.SchedulerConfig(beta_end=BETA_END))
-    sd15 = schedulers.noise_table(schedulers.SchedulerConfig())
+    expected = schedulers.noise_table(schedulers.SchedulerConfig(**{**base_models.sd15.SCHEDULER, "beta_end": BETA_END}))
+    sd15 = schedulers.noise_table(schedulers.SchedulerConfig(**base_models.sd15.SCHEDULER))
     np.testing.assert_array_equal(np.asarray(seen["table"].alphas_cumprod), np.asarray(expected.alphas_cumprod))
     assert not np.allclose(np.asarray(expected.alphas_cumprod), np.asarray(sd15.alphas_cumprod))  # a real difference
 
