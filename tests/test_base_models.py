@@ -109,3 +109,19 @@ def test_the_vae_keeps_float32_under_a_bfloat16_model_unless_asked(vae_dtype):
     assert {a.dtype for a in jax.tree.leaves(pipeline.params["vae"])} == {want}
     assert {a.dtype for a in jax.tree.leaves(pipeline.params["unet"])} == {jnp.dtype(jnp.bfloat16)}
     assert pipeline.modules.unet.dtype == jnp.bfloat16
+
+
+def test_training_reads_the_base_models_files(fine_tune):
+    """A run from a fine-tune trains with its files' VAE scale and schedule (and records them);
+    a random-init run keeps its config."""
+    from dynamicid_jax.training import trainer
+    from dynamicid_jax.training.defaults import common_config
+
+    config = common_config(None)
+    config.init.base_model = str(fine_tune)
+    resolved = trainer.with_base_model_files(config)
+    assert resolved.model.vae.scaling_factor == SCALING and resolved.model.scheduler.beta_end == BETA_END
+    assert config.model.vae.scaling_factor != SCALING  # the caller's config is left as given
+    tiny = common_config("tiny")
+    tiny.init.base_model = str(fine_tune)  # ignored: init.random
+    assert trainer.with_base_model_files(tiny).model.to_dict() == tiny.model.to_dict()
