@@ -60,11 +60,13 @@ def initialize_distributed() -> None:
 def _run(argv) -> None:
     from dynamicid_jax.cli import check_output_folder
     from dynamicid_jax.errors import ConfigError
+    from dynamicid_jax.training import config_checks
 
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.config is None:
         raise ConfigError("--config is required (e.g. --config=configs/anchor.py)")
+    config_checks.check_config(FLAGS.config)  # values: before any compile or workdir
     check_output_folder(FLAGS.workdir, "--workdir")
     initialize_distributed()
     from dynamicid_jax.training import trainer
@@ -84,9 +86,17 @@ def main(argv) -> int:
 
 
 def parse_flags(argv):
-    """absl's flag parsing with the project's error style: one line, status 2 (absl: usage, 1)."""
+    """absl's flag parsing with the project's error style: one line, status 2 (absl: usage, 1).
+    The config file and the override names are checked first (`config_checks`): ml_collections
+    reports those as tracebacks."""
     from dynamicid_jax import cli
+    from dynamicid_jax.errors import ConfigError
+    from dynamicid_jax.training import config_checks
 
+    try:
+        config_checks.check_config_argv(argv)
+    except ConfigError as e:
+        sys.exit(cli.report_user_error(e))
     try:
         return FLAGS(argv)
     except flags.Error as e:

@@ -245,3 +245,53 @@ def test_peft_folder_with_adapter_config_equals_peft_merge_and_unload(models, tm
         want = peft_unet.merge_and_unload()(torch.from_numpy(x["sample"].transpose(0, 3, 1, 2)), torch.from_numpy(x["t"]),
                                             torch.from_numpy(x["context"])).sample.numpy().transpose(0, 2, 3, 1)
     assert rel_l2(models["unet_apply"](merged["unet"], x["sample"], x["t"], x["context"]), want) <= OUTPUT_RTOL
+
+
+def _old_diffusers_key(key: str, prefixed: bool) -> str:
+    """A PEFT-layout key of `_random_lora` in diffusers' older layout: attention projections as
+    attention-processor LoRAs (`attn1.processor.to_q_lora.down.weight`), other text-encoder
+    modules as patched linears (`fc1.lora_linear_layer.down.weight`); None for modules the
+    older UNet layout had no key for (proj_in/out, feed-forward, convs)."""
+    comp, rest = key.split(".", 1)
+    module, role = rest.rsplit(".lora_", 1)
+    role = "down" if role == "A.weight" else "up"
+    if comp == "unet":
+        match = re.fullmatch(r"(.+attn[12])\.to_(q|k|v|out)(?:\.0)?", module)
+        if not match:
+            return None
+        return ("unet." if prefixed else "") + f"{match[1]}.processor.to_{match[2]}_lora.{role}.weight"
+    return f"text_encoder.{module}.lora_linear_layer.{role}.weight"
+
+
+@pytest.mark.parametrize("prefixed", [True, False], ids=["unet.-prefixed", "save_attn_procs"])
+def test_older_diffusers_layout_matches_diffusers(models, tmp_path, prefixed):
+    """diffusers' older LoRA layout (attention processors `...attn1.processor.to_q_lora.down.weight`,
+    text encoder `...q_proj.lora_linear_layer.down.weight`), with and without the `unet.`
+    prefix (save_attn_procs wrote UNet-only files without it), merges as diffusers' own
+    loader does, within OUTPUT_RTOL. Cost: two diffusers loads, ~5 s."""
+    lora = {}
+    for key, value in _random_lora(models, "peft", seed=13).items():
+        old = _old_diffusers_key(key, prefixed)
+        if old is not None and (prefixed or not old.startswith("text_encoder.")):  # save_attn_procs: UNet only
+            lora[old] = value
+    path = tmp_path / "old.safetensors"
+    save_file(lora, str(path))
+    merged, report = merge_lora_file(models["params"], path, 0.6)
+    assert report.merged["unet"] == sum(".to_q_lora.down." in k for k in lora) * 4 > 0 and not report.dropped
+    assert report.merged["text_encoder"] == sum(k.startswith("text_encoder.") for k in lora) // 2
+    x = models["inputs"]
+    eps = models["unet_apply"](merged["unet"], x["sample"], x["t"], x["context"])
+    base_eps = models["unet_apply"](models["params"]["unet"], x["sample"], x["t"], x["context"])
+    if prefixed:
+        want_eps, want_states = _diffusers_outputs(models, path, 0.6)
+        assert report.merged["text_encoder"] > 0
+        assert rel_l2(models["text_apply"](merged["text_encoder"], x["ids"]), want_states) <= OUTPUT_RTOL
+    else:  # the pipeline's loader skips keys without a component prefix; the UNet's own loader reads them
+        unet = diffusers.UNet2DConditionModel.from_pretrained(models["folder"] / "unet").eval()
+        unet.load_lora_adapter(str(path), prefix=None)
+        unet.fuse_lora(lora_scale=0.6)
+        with torch.no_grad():
+            want_eps = unet(torch.from_numpy(x["sample"].transpose(0, 3, 1, 2)), torch.from_numpy(x["t"]),
+                            torch.from_numpy(x["context"])).sample.numpy().transpose(0, 2, 3, 1)
+    assert rel_l2(base_eps, want_eps) > 100 * OUTPUT_RTOL  # the LoRA changes the output visibly
+    assert rel_l2(eps, want_eps) <= OUTPUT_RTOL

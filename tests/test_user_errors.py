@@ -327,7 +327,7 @@ TRAIN_CASES = [
     (["--stage=reconfig"], "--stage=reconfig but the config is for stage 'anchor'"),
     (["--config.mesh.data=3"], "mesh"),
     (["--config.nonfinite=maybe"], "config.nonfinite"),
-    (["--config.data.resolution=60"], "data.resolution 60"),
+    (["--config.data.resolution=60"], "--config.data.resolution=60: not a positive multiple of the VAE factor 8"),
     (["--config.model.face_projection.id_dim=64"], "id_embedding"),  # shards made for 128-d vectors
     (["--config.dtype=float8"], "config.dtype"),
 ]

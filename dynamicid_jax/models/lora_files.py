@@ -1,6 +1,6 @@
 """Community LoRA files (style LoRAs, LCM-LoRA) merged into SD1.5 UNet and text-encoder weights.
 
-Two layouts, as people download them:
+Three layouts, as people download them:
   kohya / sd-scripts  `lora_unet_<module>` / `lora_te_<module>` (diffusers module names with
                       "." -> "_") + `.lora_down.weight`, `.lora_up.weight`, `.alpha`;
                       conv LoRA (LoCon) on resnet convs: down (r, in, kh, kw), up (out, r, 1, 1).
@@ -22,6 +22,10 @@ Two layouts, as people download them:
                       else alpha = rank. PEFT's rule: alpha_pattern's first key matching the
                       module name's end (`(.*[.])?(key)$`), else lora_alpha; scale alpha / r,
                       or alpha / sqrt(r) with use_rslora.
+  diffusers, older    its training scripts before PEFT: `[unet.]<attn>.processor.to_q_lora.down.weight`
+                      (to_q/k/v/out -> to_q/k/v/to_out.0; text encoder: q/k/v/out_proj) and
+                      `<component>.<module>.lora_linear_layer.down.weight`; alpha = rank
+                      (`modern_key` rewrites them to the form above).
 Each pair is folded into the base weight once, before sampling (no per-step cost):
   W (out, in[, kh, kw]) += scale * alpha / r * up @ down
 in PyTorch layout, then put into our layout by the same transform the weight import uses
@@ -45,6 +49,8 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 from flax import traverse_util
 
+from dynamicid_jax.input_files import read_json
+
 from . import torch_import
 from .clip_weights import clip_key_fn as _clip_key_fn
 from .unet import unet_key_fn
@@ -55,6 +61,14 @@ _PEFT = re.compile(r"^(unet|text_encoder)\.(.+?)\.(lora_A\.weight|lora_B\.weight
                    r"|alpha)$")
 # A PEFT `save_pretrained` folder's adapter_model.safetensors: one model's modules, no component.
 _PEFT_FOLDER = re.compile(r"^base_model\.model\.(.+?)\.(lora_A\.weight|lora_B\.weight)$")
+# diffusers' older layouts (its training scripts before PEFT, many downloaded SD1.5 LoRAs):
+# attention processors `[unet.]<attn>.processor.to_q_lora.down.weight` (UNet; also without
+# `unet.`, as `save_attn_procs` wrote them) or `text_encoder.<self_attn>[.processor].to_q_lora...`,
+# and patched linears `<component>.<module>.lora_linear_layer.down.weight`.
+_OLD_PROCESSOR = re.compile(r"^(?:(unet|text_encoder)\.)?(.+?)(?:\.processor)?\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
+_OLD_LINEAR = re.compile(r"^(unet|text_encoder)\.(.+?)\.lora_linear_layer\.(down|up)\.weight$")
+_OLD_PROJECTION = {"unet": {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"},
+                   "text_encoder": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"}}
 _ROLE = {"lora_down.weight": "down", "lora_A.weight": "down", "lora.down.weight": "down",
          "lora_up.weight": "up", "lora_B.weight": "up", "lora.up.weight": "up", "alpha": "alpha"}
 
@@ -129,6 +143,19 @@ def ldm_module_name(name: str, layers_per_block: int) -> Optional[str]:
     return None
 
 
+def modern_key(key: str) -> str:
+    """An older diffusers LoRA key (see `_OLD_PROCESSOR`, `_OLD_LINEAR`) in the PEFT form
+    `<component>.<module>.lora_A|B.weight` (`unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.
+    to_out_lora.up.weight` -> `unet.down_blocks...attn1.to_out.0.lora_B.weight`); other keys unchanged."""
+    peft_role = {"down": "lora_A.weight", "up": "lora_B.weight"}
+    if match := _OLD_LINEAR.match(key):
+        return f"{match[1]}.{match[2]}.{peft_role[match[3]]}"
+    if match := _OLD_PROCESSOR.match(key):
+        comp = match[1] or "unet"
+        return f"{comp}.{match[2]}.{_OLD_PROJECTION[comp][match[3]]}.{peft_role[match[4]]}"
+    return key
+
+
 def _layers_per_block(unet_names) -> int:
     """Resnets per down level of the UNet whose module names these are."""
     return len({n.split(".")[3] for n in unet_names if n.startswith("down_blocks.0.resnets.")})
@@ -144,7 +171,8 @@ def parse_lora(state_dict: Mapping[str, np.ndarray], targets: dict[str, dict]):
     layers_per_block = _layers_per_block(targets["unet"])
     pairs: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     unknown = []
-    for key, value in state_dict.items():
+    for original, value in state_dict.items():
+        key = modern_key(original)
         match = _KOHYA.match(key)
         if match:
             comp = "unet" if match.group(1) == "unet" else "text_encoder"
@@ -164,7 +192,7 @@ def parse_lora(state_dict: Mapping[str, np.ndarray], targets: dict[str, dict]):
             if module is not None and module not in targets[comp]:
                 module = None
         if module is None:
-            unknown.append(key)
+            unknown.append(original)
             continue
         pairs.setdefault((comp, module), {})[role] = np.asarray(value, np.float32)
     for (comp, module), parts in list(pairs.items()):
@@ -179,22 +207,23 @@ def read_adapter_configs(path: str | os.PathLike) -> dict[str, dict]:
     path = pathlib.Path(path)
     configs: dict[str, dict] = {}
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="np") as f:
-            raw = (f.metadata() or {}).get("lora_adapter_metadata")
+        raw = torch_import.safetensors_header(path)[1].get("lora_adapter_metadata")
         if raw:
             try:
                 flat = json.loads(raw)
             except json.JSONDecodeError as e:
                 raise LoraFileError(f"{path}: unreadable lora_adapter_metadata: {e}") from None
+            if not isinstance(flat, dict):
+                raise LoraFileError(f"{path}: lora_adapter_metadata is not a JSON object")
             for key, value in flat.items():
                 comp, _, field = key.partition(".")
                 if comp in COMPONENTS and field:
                     configs.setdefault(comp, {})[field] = value
     beside = path.with_name("adapter_config.json")
     if path.stem == "adapter_model" and beside.is_file():  # a PEFT save_pretrained folder
-        config = json.loads(beside.read_text())
+        config = read_json(beside, "PEFT adapter config")
+        if not isinstance(config, dict):
+            raise LoraFileError(f"{beside}: not a PEFT adapter config (a JSON object)")
         for comp in COMPONENTS:
             configs.setdefault(comp, config)
     return configs
@@ -273,11 +302,19 @@ def merge_lora_file(
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
-    """A command line's `FILE[:SCALE]` -> (file, scale); scale 1 when absent."""
+    """A command line's `FILE[:SCALE]` -> (file, scale); scale 1 when absent.
+
+    A text that names an existing file is that file (its name may hold a ':'); otherwise what
+    follows the last ':' is the scale, and a scale that is not a finite number is a
+    LoraFileError saying so (not "file not found" for `FILE:abc`)."""
     path, sep, scale = text.rpartition(":")
-    if sep:
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass  # a ':' inside the file name
-    return text, 1.0
+    if not sep or os.path.isfile(text):
+        return text, 1.0
+    try:
+        value = float(scale)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise LoraFileError(f"--lora {text}: scale {scale!r} is not a finite number (FILE[:SCALE], e.g. "
+                            f"{path}:0.8)")
+    return path, value

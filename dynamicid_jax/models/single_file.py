@@ -96,7 +96,7 @@ _OPEN_CLIP_LAYER_PARTS = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_f
 def _header_keys(path: pathlib.Path) -> list[str]:
     """Tensor names of a checkpoint: the safetensors header alone, or a pickle's keys."""
     if path.suffix == ".safetensors":
-        return list(torch_import.read_safetensors_header(path)[0])
+        return list(torch_import.safetensors_header(path)[0])  # checked against the file; no __metadata__
     return list(torch_import.read_state_dict(path))
 
 

@@ -5,8 +5,9 @@ init runs), ask a per-model `key_fn` which PyTorch key (and which transform) fil
 check the shape, and at the end report every missing, unexpected and mis-shaped key at once.
 There is no fallback to random init: an incomplete checkpoint is an error that names keys.
 
-`.safetensors` files are parsed here directly (no torch; bfloat16 too). `.bin`/`.ckpt`/`.pt`
-pickles need torch, which only the optional `convert` extra installs.
+`.safetensors` files are parsed here directly (no torch; bfloat16 too), their header checked
+against the file before anything is allocated. `.bin`/`.ckpt`/`.pt` pickles are read by the
+restricted `torch_pickle` reader (no torch, no code the pickle names is ever run).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from flax import traverse_util
 
 from dynamicid_jax.errors import MissingFileError, UserError
+from dynamicid_jax.input_files import FileFormatError, check_file, read_json
 
 StateDict = dict[str, np.ndarray]
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -67,14 +69,14 @@ def row_slice(start: int, stop: int, then: Transform = linear_kernel) -> Transfo
 
 
 def _to_numpy_tree(obj, prefix: str = "") -> StateDict:
-    """Tensors of a (possibly nested) mapping; nested keys are joined with "." (e.g. the
-    DynamicID SAA.bin {"proj_module": {...}, "SAA_module": {...}} -> "proj_module.proj.0.weight")."""
-    import torch  # only reached for pickled checkpoints
-
+    """Tensors (numpy arrays from `torch_pickle`) of a possibly nested mapping; nested keys are
+    joined with "." (e.g. the DynamicID SAA.bin {"proj_module": {...}, "SAA_module": {...}} ->
+    "proj_module.proj.0.weight"). Floating point arrives as float32; other values are skipped."""
     out: StateDict = {}
     for k, v in obj.items():
-        if isinstance(v, torch.Tensor):
-            out[prefix + k] = v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).cpu().numpy()
+        if isinstance(v, np.ndarray):
+            floating = np.issubdtype(v.dtype, np.floating) or v.dtype == ml_dtypes.bfloat16
+            out[prefix + str(k)] = v.astype(np.float32) if floating else v
         elif isinstance(v, Mapping):
             out.update(_to_numpy_tree(v, f"{prefix}{k}."))
     return out
@@ -86,12 +88,56 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
-    """The JSON header of a .safetensors file, {name: {dtype, shape, data_offsets}} (and
-    `__metadata__`), and where the tensor data starts; reads no tensor."""
+SAFETENSORS_HEADER_LIMIT = 100 * 2**20  # the format's own limit (safetensors refuses larger headers too)
+
+
+def safetensors_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
+    """(tensors {key: {"dtype", "shape", "data_offsets"}}, metadata {str: str}, data start) of
+    a .safetensors file, every claim checked against the file before anything is allocated:
+    the 8-byte header length against the file size, the header as a JSON object, each
+    tensor's dtype known, its shape non-negative ints whose bytes equal its offsets' span,
+    and the span inside the data. FileFormatError naming the file otherwise."""
+    size = check_file(path, "safetensors file")
     with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(header_len)), 8 + header_len
+        header_len = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        if not 0 < header_len <= min(size - 8, SAFETENSORS_HEADER_LIMIT):
+            raise FileFormatError(f"{path}: not a .safetensors file (its 8-byte header length {header_len} does not "
+                                  f"fit the {size}-byte file)")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FileFormatError(f"{path}: not a .safetensors file (header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise FileFormatError(f"{path}: not a .safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FileFormatError(f"{path}: corrupt .safetensors header (__metadata__ must map names to strings)")
+    data_size = size - 8 - header_len
+    for key, info in header.items():
+        problem = _tensor_entry_problem(info, data_size)
+        if problem:
+            raise FileFormatError(f"{path}: corrupt .safetensors header: tensor {key!r}: {problem}")
+    return header, metadata, 8 + header_len
+
+
+def _tensor_entry_problem(info, data_size: int) -> Optional[str]:
+    """Why one header entry cannot be read from `data_size` data bytes, or None."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        return "needs dtype, shape and data_offsets"
+    if info["dtype"] not in _SAFETENSORS_DTYPES:
+        return f"unsupported dtype {info['dtype']!r}"
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                              for n in shape):
+        return f"shape {shape!r} is not a list of sizes"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_size):
+        return f"data_offsets {offsets!r} are not inside the {data_size} data bytes"
+    expected = int(np.prod(shape, dtype=object)) * np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).itemsize
+    if offsets[1] - offsets[0] != expected:
+        return f"shape {shape} of {info['dtype']} needs {expected} bytes, its offsets span {offsets[1] - offsets[0]}"
+    return None
 
 
 def read_safetensors(path: str | os.PathLike, prefix: str = "") -> StateDict:
@@ -100,18 +146,17 @@ def read_safetensors(path: str | os.PathLike, prefix: str = "") -> StateDict:
     Floating point (float16, bfloat16, float64) arrives as float32, integers as stored.
 
     Parses the format directly (8-byte header length, JSON header, raw little-endian data)
-    because safetensors' numpy reader rejects bfloat16, which some fine-tunes are saved in.
+    because safetensors' numpy reader rejects bfloat16, which some fine-tunes are saved in;
+    the header is checked whole first (`safetensors_header`).
     """
-    header, data_start = read_safetensors_header(path)
+    header, _, data_start = safetensors_header(path)
     # np.memmap refuses an empty region (a file of zero-size tensors only).
     data = (np.memmap(path, dtype=np.uint8, mode="r", offset=data_start)
             if os.path.getsize(path) > data_start else np.zeros(0, np.uint8))
     out: StateDict = {}
     for key, info in header.items():
-        if key == "__metadata__" or not key.startswith(prefix):
+        if not key.startswith(prefix):
             continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise WeightImportError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
         start, stop = info["data_offsets"]
         value = np.frombuffer(data[start:stop], dtype=_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
         floating = np.issubdtype(value.dtype, np.floating) or value.dtype == ml_dtypes.bfloat16
@@ -123,16 +168,21 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     """Read a checkpoint file into {key: float32/int numpy array}.
 
     .safetensors: read without torch (`read_safetensors`). .bin/.ckpt/.pt/.pth: torch pickle
-    (weights_only), with a top-level "state_dict" unwrapped. `*.index.json` (sharded
+    (the restricted `torch_pickle` reader), with a top-level "state_dict" unwrapped. `*.index.json` (sharded
     checkpoints): every shard it names. Floating-point tensors arrive as float32.
     """
     path = pathlib.Path(path)
     if not path.is_file():
         raise MissingFileError(f"weight file not found: {path}")
     if path.name.endswith(".index.json"):  # sharded: {"weight_map": {key: shard file name}}
-        weight_map = json.loads(path.read_text())["weight_map"]
+        index = read_json(path, "weight index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise FileFormatError(f"{path}: not a weight index (no 'weight_map' of key -> shard file)")
         state_dict: StateDict = {}
         for shard in sorted(set(weight_map.values())):
+            if pathlib.PurePath(shard).name != shard:  # a shard is a file beside the index, never elsewhere
+                raise FileFormatError(f"{path}: shard {shard!r} is not a file name beside the index")
             state_dict.update(read_state_dict(path.parent / shard))
         missing = sorted(set(weight_map) - set(state_dict))
         if missing:
@@ -141,16 +191,14 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     if path.suffix == ".safetensors":
         return read_safetensors(path)
     if path.suffix in (".bin", ".ckpt", ".pt", ".pth"):
-        try:
-            import torch
-        except ImportError as e:  # pragma: no cover - depends on the install
-            raise ImportError(
-                f"{path} is a PyTorch pickle; reading it needs torch: pip install 'dynamicid-jax[convert]' "
-                "(or convert it once with `python launch/convert.py`)"
-            ) from e
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        # The restricted reader: plain tensors in containers, no global the pickle names is run.
+        from dynamicid_jax.models import torch_pickle
+
+        obj = torch_pickle.load(path)
         if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
             obj = obj["state_dict"]
+        if not isinstance(obj, Mapping):
+            raise FileFormatError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
         return _to_numpy_tree(obj)
     raise WeightImportError(f"unsupported weight file type {path.suffix!r}: {path}")
 

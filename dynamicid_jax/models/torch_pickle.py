@@ -100,11 +100,28 @@ class _Unpickler(pickle.Unpickler):
         _, kind, key, _location, numel = pid
         if key not in self.storages:
             dtype = kind.dtype.newbyteorder(">") if self.big_endian and kind.dtype.itemsize > 1 else kind.dtype
-            data = self.archive.read(f"{self.prefix}data/{key}")
-            if len(data) < int(numel) * dtype.itemsize:
-                raise pickle.UnpicklingError(f"storage {key} holds {len(data)} bytes, {numel} {kind.name} elements expected")
+            name, wanted = f"{self.prefix}data/{key}", int(numel) * dtype.itemsize
+            if self.archive.getinfo(name).file_size < wanted:  # checked before anything is read
+                raise pickle.UnpicklingError(f"storage {key} holds {self.archive.getinfo(name).file_size} bytes, "
+                                             f"{numel} {kind.name} elements expected")
+            with self.archive.open(name) as f:
+                data = f.read(wanted)
             self.storages[key] = np.frombuffer(data, dtype, count=int(numel)).astype(kind.dtype.newbyteorder("="))
         return self.storages[key]
+
+
+# Deflate expands at most ~1032:1; torch.save stores entries uncompressed (1:1). An entry that
+# claims more than that over the whole archive is a zip bomb or a corrupt directory.
+_MAX_EXPANSION = 1032
+
+
+def _check_sizes(archive: zipfile.ZipFile, archive_size: int, path) -> None:
+    """Every entry's claimed size is possible for an archive of `archive_size` bytes."""
+    for info in archive.infolist():
+        ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _MAX_EXPANSION
+        if info.file_size > archive_size * ratio:
+            raise TorchPickleError(f"{path}: archive entry {info.filename} claims {info.file_size} bytes in a "
+                                   f"{archive_size}-byte file (corrupt or a zip bomb)")
 
 
 def load(path: str | os.PathLike) -> Any:
@@ -118,6 +135,7 @@ def load(path: str | os.PathLike) -> Any:
                                "re-save it with a recent torch or use a .safetensors file")
     try:
         with zipfile.ZipFile(path) as archive:
+            _check_sizes(archive, os.path.getsize(path), path)
             pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
             if len(pickles) != 1:
                 raise TorchPickleError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}")
@@ -129,5 +147,5 @@ def load(path: str | os.PathLike) -> Any:
     except TorchPickleError:
         raise
     except (pickle.UnpicklingError, zipfile.BadZipFile, KeyError, EOFError, TypeError, ValueError, IndexError,
-            AttributeError) as e:  # a malformed file, never a bug of ours: name it
+            AttributeError, RecursionError, OverflowError, MemoryError) as e:  # a malformed file, never a bug of ours: name it
         raise TorchPickleError(f"{path}: {e}") from None
