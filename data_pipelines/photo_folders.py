@@ -94,6 +94,7 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
+    cli.check_output_folder(args.out, "--out", inputs={"--photos": args.photos})
     counts = build(args.photos, args.out)
     n_id = sum(len(v) for v in IDENTITIES.values())
     print(f"wrote {args.out / 'anchor'} ({len(CAPTIONS)} captioned photos) and {args.out / 'identities'} "

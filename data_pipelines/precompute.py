@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
         return report
     from dynamicid_jax.data import precompute
 
-    cli.check_output_folder(args.output, "--output")
+    cli.check_output_folder(args.output, "--output", inputs={"--input": None if args.finalize else args.input})
     if not args.finalize and not args.input.is_dir():
         raise cli.ConfigError(f"--input {args.input}: {'is a file' if args.input.exists() else 'does not exist'}"
                               " (expected a folder of images)")
@@ -112,15 +112,10 @@ def main(argv=None) -> dict:
         print(f"WARNING: no --base_model/--vision_encoder: {extractors.TINY_RANDOM_WARNING}", flush=True)
     model = tiny_config or default_config().model
     resolution = native_resolution(model) if args.resolution is None else args.resolution
-    ex = extractors.build_extractors(
-        faces=args.faces,
-        base_model=args.base_model,
-        vision_encoder=args.vision_encoder,
-        expression_model=args.expression_model,
-        tiny_model_config=tiny_config,
-        need_expression=args.stage == "reconfig",
-    )
-    job = precompute.PrecomputeJob(
+    factor = 2 ** (len(model.vae.block_out_channels) - 1)
+    if resolution % factor:  # before any model loads
+        raise cli.ConfigError(f"--resolution {resolution}: not a multiple of the VAE factor {factor}")
+    job = precompute.PrecomputeJob(  # checks the other numbers, before any model loads
         stage=args.stage,
         input_dir=args.input,
         output_dir=args.output,
@@ -132,6 +127,14 @@ def main(argv=None) -> dict:
         process_count=args.process_count,
         max_shards=args.max_shards,
         progress=not args.no_progress,
+    )
+    ex = extractors.build_extractors(
+        faces=args.faces,
+        base_model=args.base_model,
+        vision_encoder=args.vision_encoder,
+        expression_model=args.expression_model,
+        tiny_model_config=tiny_config,
+        need_expression=args.stage == "reconfig",
     )
     summary = precompute.run_precompute(job, ex)
     if ex.models.get("tiny_random"):

@@ -18,7 +18,7 @@ import os
 import pathlib
 import sys
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Optional
 
 from dynamicid_jax.errors import ConfigError, UserError, one_line
 
@@ -97,10 +97,22 @@ def quiet_logs(verbose: bool = False) -> None:
         warnings.simplefilter("once")
 
 
-def check_output_folder(path: str | os.PathLike, flag: str) -> pathlib.Path:
-    """Refuse, before any work, an output folder that cannot be made: `path` names an
-    existing file, or lies under a file, or its nearest existing parent is not writable."""
+def check_output_folder(path: str | os.PathLike, flag: str,
+                        inputs: Optional[Mapping[str, Optional[str | os.PathLike]]] = None) -> pathlib.Path:
+    """Refuse, before any work, an output folder that cannot be made or must not be used:
+    `path` names an existing file, or lies under a file, or its nearest existing parent is not
+    writable, or it is (inside) one of `inputs` ({flag: input folder}; None values ignored),
+    where what it writes would be read back as input by the next run.
+
+    Every entry point checks its output this way, first thing, so the one line is the same."""
     path = pathlib.Path(path)
+    for input_flag, folder in (inputs or {}).items():
+        if folder is None:
+            continue
+        inside, folder = path.resolve(), pathlib.Path(folder).resolve()
+        if inside == folder or folder in inside.parents:
+            raise ConfigError(f"{flag} {path}: inside {input_flag} {folder}, so its files would be read as inputs; "
+                              f"choose a folder outside it")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{flag} {path}: exists and is not a folder (name a folder, new or existing)")
     parent = path

@@ -92,3 +92,21 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
         raise ImageError(f"cannot read image {path}: not an image file PIL can decode") from None
     except Exception as e:  # PIL raises many types for damaged data; all mean "not a usable image"
         raise ImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+def check_image(path: str | os.PathLike) -> None:
+    """ImageError naming `path` unless it is an image file PIL recognises (its header only:
+    cheap enough to check every file a test set or request names before any model loads)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ImageError(f"image not found: {path}" if not path.exists() else
+                         f"cannot read image {path}: it is a folder, not a file")
+    try:
+        with Image.open(path):
+            pass
+    except UnidentifiedImageError:
+        raise ImageError(f"cannot read image {path}: not an image file PIL can decode") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"cannot read image {path}: too large ({e})") from None

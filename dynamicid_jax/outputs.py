@@ -24,6 +24,7 @@ from PIL import Image
 from dynamicid_jax import images
 from dynamicid_jax.atomic_write import atomic_write_bytes, atomic_write_text  # noqa: F401  (public here too)
 from dynamicid_jax.errors import UserError
+from dynamicid_jax.input_files import FileFormatError, read_json
 
 if TYPE_CHECKING:  # request.py is light, but outputs need only the type's name
     from dynamicid_jax.request import SampleRequest
@@ -76,8 +77,8 @@ def reusable(image_path: pathlib.Path, request: "SampleRequest", provenance: dic
         return False
     side = sidecar_path(image_path)
     try:
-        stored = json.loads(side.read_text())
-    except json.JSONDecodeError:
+        stored = read_json(side, "sidecar")
+    except FileFormatError:
         return False  # a torn sidecar cannot happen with atomic writes, but one edited by hand can
     changes = _differences(stored.get("request", {}), _jsonable(request.to_json()))
     changes += [f"weights.{c}" for c in _differences(stored.get("weights", {}), _jsonable(provenance))]

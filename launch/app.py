@@ -62,6 +62,8 @@ def _start(args: argparse.Namespace):
     from dynamicid_jax import cli
     from dynamicid_jax.request import InputError
 
+    cli.check_output_folder(args.out, "--out")  # before any model loads
+
     try:
         people = [int(v) for v in args.warmup_people.split(",") if v.strip()]
     except ValueError:

@@ -78,7 +78,8 @@ def main(argv=None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from dynamicid_jax.cli import check_output_folder
-    from dynamicid_jax.evaluation import Ablation, MetricModels, evaluate, load_protocol, resolve_sampling
+    from dynamicid_jax.evaluation import (Ablation, MetricModels, evaluate, expand_cases, load_protocol,
+                                          resolve_sampling)
     from dynamicid_jax.loading import DEMO_NOTICE, load_pipeline, run_base, sampling_config, training_run_config
     from dynamicid_jax.cli import pipeline_args
     from dynamicid_jax.request import InputError
@@ -103,6 +104,13 @@ def _run(args: argparse.Namespace) -> int:
         width = config.model.text.get("hidden_size")
         check_names([read_embedding(p, width) for p in args.negative_embedding])  # fails before any model loads
         sampling["negative_embeddings"] = list(args.negative_embedding)
+    from dynamicid_jax.request import validate_request
+
+    try:  # every case shares these settings: one request shows a bad value before any model loads
+        first = expand_cases(protocol, args.mode, Ablation(), seeds)[0]
+        validate_request(first.sample_request(sampling), 2 ** (len(config.model.vae.block_out_channels) - 1))
+    except InputError as e:
+        raise InputError(f"--testset {args.testset}: sampling: {e}") from None
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch_size must be >= 1, got {args.batch_size}")
     generate, provenance = None, None

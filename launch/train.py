@@ -67,7 +67,7 @@ def _run(argv) -> None:
     if FLAGS.config is None:
         raise ConfigError("--config is required (e.g. --config=configs/anchor.py)")
     config_checks.check_config(FLAGS.config)  # values: before any compile or workdir
-    check_output_folder(FLAGS.workdir, "--workdir")
+    check_output_folder(FLAGS.workdir, "--workdir", inputs={"--data": FLAGS.data})
     initialize_distributed()
     from dynamicid_jax.training import trainer
 

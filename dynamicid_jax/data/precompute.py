@@ -102,8 +102,16 @@ class PrecomputeJob:
             raise ConfigError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.resolution is None:
             raise ConfigError("resolution is required (the base model's native size, e.g. base_models.native_resolution)")
-        if self.batch_size < 1 or self.resolution < 1:
-            raise ConfigError(f"batch_size and resolution must be positive: {self.batch_size}, {self.resolution}")
+        # Named as the CLI's flags (data_pipelines/precompute.py), which are these fields.
+        for name in ("batch_size", "resolution", "process_count", "records_per_shard"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} {getattr(self, name)}: must be a positive integer")
+        for name in ("num_shards", "max_shards"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name} {getattr(self, name)}: must be a positive integer (or left out)")
+        if not 0 <= self.process_index < self.process_count:
+            raise ConfigError(f"--process_index {self.process_index}: must be in [0, --process_count "
+                              f"{self.process_count})")
 
 
 # --------------------------------------------------------------------------- specs

@@ -270,6 +270,10 @@ def read_record_at(fd: int, offset: int, path: str = "<file>") -> bytes:
     if _masked_crc(length_bytes) != length_crc:
         raise RecordFormatError(f"{path}: length CRC mismatch at offset {offset}")
     (length,) = struct.unpack("<Q", length_bytes)
+    remaining = os.fstat(fd).st_size - offset - 12
+    if length + 4 > remaining:  # checked before allocating: a hostile length would ask for exabytes
+        raise RecordFormatError(f"{path}: record at offset {offset} claims {length} bytes, the file holds "
+                                f"{max(remaining - 4, 0)} more")
     body = os.pread(fd, length + 4, offset + 12)
     if len(body) != length + 4:
         raise RecordFormatError(f"{path}: truncated record at offset {offset}")

@@ -24,6 +24,7 @@ import os
 import pathlib
 from typing import Any, BinaryIO, Mapping, Sequence
 
+from dynamicid_jax import input_files
 from dynamicid_jax.data import records
 from dynamicid_jax.errors import ConfigError, UserError
 
@@ -75,9 +76,13 @@ def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: pathlib.Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
+def read_json(path: pathlib.Path) -> dict:
+    """A dataset's JSON file (manifest, shard index, run config), size-bounded; ManifestError
+    naming it unless it holds a JSON object."""
+    value = input_files.read_json(path, "dataset JSON file")
+    if not isinstance(value, dict):
+        raise ManifestError(f"{path}: holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 class AtomicShardWriter:

@@ -14,7 +14,6 @@ must be used except `logit_scale` (a softmax temperature, irrelevant to a cosine
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from typing import Any, Sequence
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamicid_jax.errors import MissingFileError
+from dynamicid_jax.input_files import read_json
 from dynamicid_jax.models.clip import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -169,7 +169,7 @@ def load_clip_scorer(path: str | os.PathLike, dtype: Dtype = jnp.float32) -> CLI
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise MissingFileError(f"--clip_model {folder}: no config.json (expected a transformers CLIPModel folder)")
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file, "CLIPModel config")
     if "text_config" not in config or "vision_config" not in config or "projection_dim" not in config:
         raise ValueError(f"{config_file}: not a CLIPModel config (needs text_config, vision_config, projection_dim)")
     module = CLIPJointModel(

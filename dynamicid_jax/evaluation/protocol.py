@@ -34,6 +34,8 @@ import re
 from typing import Any, Mapping, Optional
 
 from dynamicid_jax.errors import MissingFileError, UserError
+from dynamicid_jax.images import ImageError, check_image
+from dynamicid_jax.input_files import read_text
 from dynamicid_jax.evaluation.face_metrics import POSE_CATEGORIES
 from dynamicid_jax.faces.expression import EMOTIONS
 from dynamicid_jax.request import IdentityRequest, SampleRequest
@@ -180,6 +182,10 @@ class EvalCase:
 
 
 SAMPLING_KEYS = ("steps", "guidance", "height", "width", "alpha", "beta", "id_scale", "negative_prompt", "scheduler")
+_SAMPLING_TYPES = {"steps": int, "height": int, "width": int, "guidance": (int, float), "beta": (int, float),
+                   "id_scale": (int, float), "alpha": (int, float), "negative_prompt": str, "scheduler": str}
+_SAMPLING_TYPE_NAMES = {k: "an integer" if v is int else "text" if v is str else "a number"
+                        for k, v in _SAMPLING_TYPES.items()}
 
 
 def expand_cases(
@@ -219,7 +225,7 @@ def expand_cases(
 def _read_file(path: pathlib.Path) -> dict:
     if not path.is_file():
         raise MissingFileError(f"test set not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "test set")  # size-bounded, UTF-8
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -240,6 +246,17 @@ def _check_name(path, field: str, name) -> str:
     return name
 
 
+def _shaped(path, field: str, value, kind: type, items: Optional[type] = None):
+    """`value` when it is a `kind` whose items (a mapping's values) are `items`; ProtocolError
+    naming the field otherwise."""
+    names = {dict: ("a mapping", "mappings"), list: ("a list", "lists"), str: ("text", "texts")}
+    members = value.values() if isinstance(value, dict) else value
+    if not isinstance(value, kind) or (items is not None and not all(isinstance(v, items) for v in members)):
+        inner = f" of {names[items][1]}" if items is not None else ""
+        raise ProtocolError(f"{path}: '{field}' must be {names[kind][0]}{inner}, got {value!r:.60}")
+    return value
+
+
 def load_protocol(path: str | os.PathLike) -> Protocol:
     """Read and validate a test-set file (see the module docstring). Reference photos must exist."""
     path = pathlib.Path(path)
@@ -251,6 +268,14 @@ def load_protocol(path: str | os.PathLike) -> Protocol:
     for field in ("identities", "prompts", "edits", "seeds"):
         if not data.get(field):
             raise ProtocolError(f"{path}: '{field}' is missing or empty")
+    # The shapes before any walk over them (a list where a mapping belongs is one line, not a traceback).
+    _shaped(path, "identities", data["identities"], dict)
+    _shaped(path, "prompts", data["prompts"], list, dict)
+    _shaped(path, "edits", data["edits"], list, dict)
+    _shaped(path, "seeds", data["seeds"], list)
+    _shaped(path, "groups", data.get("groups", []), list, list)
+    _shaped(path, "sampling", data.get("sampling", {}), dict)
+    _shaped(path, "name", data.get("name", path.stem), str)
 
     identities = {}
     for name, spec in data["identities"].items():
@@ -258,12 +283,18 @@ def load_protocol(path: str | os.PathLike) -> Protocol:
         refs = spec.get("refs") if isinstance(spec, dict) else None
         if not refs or not isinstance(refs, list):
             raise ProtocolError(f"{path}: identity {name!r} needs a non-empty 'refs' list")
+        _shaped(path, f"identities.{name}.refs", refs, list, str)
+        _shaped(path, f"identities.{name}.noun", spec.get("noun", "person"), str)
         resolved = []
         for ref in refs:
             ref_path = pathlib.Path(os.path.expandvars(str(ref)))
             ref_path = (ref_path if ref_path.is_absolute() else path.parent / ref_path).resolve()
             if not ref_path.is_file():
                 raise ProtocolError(f"{path}: identity {name!r}: reference photo not found: {ref_path}")
+            try:
+                check_image(ref_path)
+            except ImageError as e:
+                raise ProtocolError(f"{path}: identity {name!r}: {e}") from None
             resolved.append(str(ref_path))
         identities[name] = Identity(name, tuple(resolved), str(spec.get("noun", "person")))
 
@@ -292,11 +323,13 @@ def load_protocol(path: str | os.PathLike) -> Protocol:
         raise ProtocolError(f"{path}: 'edits' lists the same expression/orientation twice")
 
     seeds = data["seeds"]
-    if not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ProtocolError(f"{path}: 'seeds' must be distinct integers, got {seeds}")
+    if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63 for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise ProtocolError(f"{path}: 'seeds' must be distinct integers in [0, 2**63), got {seeds}")
 
     groups = []
-    for group in data.get("groups", []):
+    for i, group in enumerate(data.get("groups", [])):
+        _shaped(path, f"groups[{i}]", group, list, str)
         missing = [n for n in group if n not in identities]
         if missing or len(group) < 2 or len(set(group)) != len(group):
             raise ProtocolError(f"{path}: group {group}: needs 2+ distinct known identities (unknown: {missing})")
@@ -306,6 +339,9 @@ def load_protocol(path: str | os.PathLike) -> Protocol:
     bad = sorted(set(sampling) - set(SAMPLING_KEYS))
     if bad:
         raise ProtocolError(f"{path}: sampling field(s) {bad} unknown; known: {list(SAMPLING_KEYS)}")
+    for key, value in sampling.items():  # types here; ranges by validate_request, before any model loads
+        if not isinstance(value, _SAMPLING_TYPES[key]) or isinstance(value, bool):
+            raise ProtocolError(f"{path}: sampling.{key} {value!r:.80} must be {_SAMPLING_TYPE_NAMES[key]}")
     return Protocol(
         name=str(data.get("name", path.stem)), identities=identities, prompts=tuple(prompts), edits=tuple(edits),
         seeds=tuple(seeds), groups=tuple(groups), sampling=sampling,

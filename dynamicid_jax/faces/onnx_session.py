@@ -8,8 +8,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 import onnxruntime as ort
+from google.protobuf.message import DecodeError
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from dynamicid_jax.errors import MissingFileError
+from dynamicid_jax.input_files import FileFormatError, check_file
+
+ONNX_LIMIT = 2 * 2**30  # protobuf's own limit on one message; larger models keep weights outside
 
 
 def available_providers() -> list[str]:
@@ -77,12 +82,23 @@ def create_session(path: str | pathlib.Path) -> ort.InferenceSession:
     path = pathlib.Path(path)
     if not path.is_file():
         raise MissingFileError(f"ONNX model file not found: {path}")
-    model = onnx.load(str(path))
+    check_file(path, "ONNX model file", ONNX_LIMIT)
+    try:
+        # No external data: the face models are single files, and a hostile file's data paths
+        # must not make us open other files.
+        model = onnx.load(str(path), load_external_data=False)
+    except DecodeError as e:  # the file is not an ONNX model
+        raise FileFormatError(f"{path}: not an ONNX model file ({type(e).__name__}: {e})") from None
+    if not model.graph.node:
+        raise FileFormatError(f"{path}: not an ONNX model file (no graph nodes)")
     drop_unconsumed_inputs(model)
     fold_weight_dequantize(model)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # the zoo files trigger pages of harmless initializer warnings
-    return ort.InferenceSession(model.SerializeToString(), options, providers=available_providers())
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=available_providers())
+    except (_ort_state.Fail, _ort_state.InvalidGraph, _ort_state.InvalidProtobuf, _ort_state.NoSuchFile) as e:
+        raise FileFormatError(f"{path}: onnxruntime cannot load this model: {str(e).splitlines()[0]}") from None
 
 
 def run_single_input(session: ort.InferenceSession, blob: np.ndarray) -> list[np.ndarray]:

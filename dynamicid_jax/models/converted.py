@@ -20,6 +20,7 @@ import typing
 from typing import Any
 
 from dynamicid_jax.errors import ConfigError, MissingFileError
+from dynamicid_jax.input_files import read_json
 
 MARKER = "dynamicid_converted.json"
 FORMAT_VERSION = 1
@@ -34,7 +35,9 @@ def _read_marker(directory: pathlib.Path) -> dict:
     marker = directory / MARKER
     if not marker.is_file():
         return {"format": FORMAT_VERSION, "components": {}}
-    data = json.loads(marker.read_text())
+    data = read_json(marker, "converted-model marker")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{marker}: not a converted-model marker (a JSON object)")
     if data.get("format") != FORMAT_VERSION:
         raise ConfigError(f"{marker}: format {data.get('format')!r}, this code reads format {FORMAT_VERSION}")
     return data

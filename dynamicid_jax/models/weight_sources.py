@@ -8,12 +8,12 @@ component folder (`config.json` + weights, read by `models/torch_import.py`).
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from typing import Any, Callable, Sequence
 
 from dynamicid_jax.errors import MissingFileError
+from dynamicid_jax.input_files import FileFormatError, read_json
 from dynamicid_jax.models import converted
 from dynamicid_jax.models.single_file import SD15, detect_family, extract_component
 from dynamicid_jax.models.torch_import import StateDict, find_weight_file, read_state_dict
@@ -61,7 +61,7 @@ def read_component(
             config = single_file_config(state_dict, str(path))
         return config, import_fn(config, state_dict)
     folder = _config_folder(path, name=name, subfolder=subfolder)
-    config = config_from_json(json.loads((folder / "config.json").read_text()))
+    config = config_from_json(_config_json(folder, name))
     return config, import_fn(config, read_state_dict(find_weight_file(folder, weight_stems)))
 
 
@@ -74,7 +74,15 @@ def read_config(path: str | os.PathLike, *, name: str, subfolder: str, config_cl
         return converted.read_converted_config(path, name, config_cls)
     if path.is_file():
         return None
-    return config_from_json(json.loads((_config_folder(path, name=name, subfolder=subfolder) / "config.json").read_text()))
+    return config_from_json(_config_json(_config_folder(path, name=name, subfolder=subfolder), name))
+
+
+def _config_json(folder: pathlib.Path, name: str) -> dict:
+    """folder/config.json, size-bounded; FileFormatError naming it unless a JSON object."""
+    config_json = read_json(folder / "config.json", f"{name} config")
+    if not isinstance(config_json, dict):
+        raise FileFormatError(f"{folder / 'config.json'}: not a {name} config (a JSON object)")
+    return config_json
 
 
 def _config_folder(path: pathlib.Path, *, name: str, subfolder: str) -> pathlib.Path:

@@ -19,7 +19,6 @@ Typical sampling loop:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 from typing import Any, Mapping, Optional, Union
@@ -101,8 +100,9 @@ class SchedulerConfig:
         path = pathlib.Path(path)
         for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json", path):
             if candidate.is_file():
-                with open(candidate) as f:
-                    return cls.from_diffusers(json.load(f))
+                from dynamicid_jax.input_files import read_json
+
+                return cls.from_diffusers(read_json(candidate, "scheduler config"))
         raise MissingFileError(f"{path}: no scheduler/scheduler_config.json")
 
 
