@@ -55,7 +55,31 @@ def files(tmp_path, test_assets):
     (tmp_path / "fake.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     testset = (ROOT / "configs" / "eval" / "tiny.json").read_text().replace("../../test_assets/", f"{test_assets}/")
     (tmp_path / "testset.json").write_text(testset)  # the tiny test set over this machine's photos
+    # Test sets wrong in one place each (the rest is the tiny one).
+    for name, change in TESTSET_CHANGES.items():
+        data = json.loads(testset)
+        change(data)
+        (tmp_path / f"ts_{name}.json").write_text(json.dumps(data))
+    (tmp_path / "binary.json").write_bytes(b"\x00\xff\xfe\x00" * 8)
+    # Not safetensors, though named so: its first 8 bytes read as a header length of ~7e18.
+    (tmp_path / "fake.safetensors").write_text("this text file only pretends to be a safetensors file\n")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "broken.py").write_text("def get_config(:\n")
+    (tmp_path / "configs" / "none.py").write_text("x = 1\n")
     return tmp_path
+
+
+TESTSET_CHANGES = {
+    "identities_list": lambda d: d.update(identities=["obama"]),
+    "prompts_text": lambda d: d.update(prompts=["a photo"]),
+    "groups_numbers": lambda d: d.update(groups=[[1, 2]]),
+    "seeds_bool": lambda d: d.update(seeds=[True]),
+    "seeds_negative": lambda d: d.update(seeds=[-1]),
+    "steps_text": lambda d: d.update(sampling={"steps": "abc"}),
+    "guidance_nan": lambda d: d.update(sampling={"guidance": math.nan}),  # json writes NaN
+    "height_odd": lambda d: d.update(sampling={"height": 60}),
+    "ref_not_image": lambda d: d["identities"]["obama"].update(refs=["notes.txt"]),
+}
 
 
 def _subst(argv, files, test_assets):
@@ -133,6 +157,8 @@ SAMPLE_CASES = [
     (["--ref", "{tmp}/empty_dir"], "empty_dir: it is a folder"),
     (["--ref", "{tmp}/nope.png"], "image not found: {tmp}/nope.png"),
     (["--target_landmarks", "{tmp}/notes.txt"], "notes.txt"),
+    (["--lora", "{tmp}/fake.safetensors:abc"], "--lora {tmp}/fake.safetensors:abc: scale 'abc' is not a finite number"),
+    (["--lora", "{tmp}/fake.safetensors:nan"], "scale 'nan' is not a finite number"),
     (["--bogus_flag"], "unrecognized arguments: --bogus_flag"),
 ]
 
@@ -155,6 +181,17 @@ EVALUATE_CASES = [
     (["--testset", "{tmp}/testset.json", "--seeds", "1,x"], "--seeds '1,x'"),
     (["--testset", "{tmp}/testset.json", "--out", "{tmp}/taken"], "--out {tmp}/taken: exists and is not a folder"),
     (["--testset", "{tmp}/testset.json", "--mode", "triple"], "argument --mode"),
+    (["--testset", "{tmp}/binary.json"], "binary.json: not a UTF-8 test set"),
+    (["--testset", "{tmp}/ts_identities_list.json"], "ts_identities_list.json: 'identities' must be a mapping"),
+    (["--testset", "{tmp}/ts_prompts_text.json"], "'prompts' must be a list of mappings, got ['a photo']"),
+    (["--testset", "{tmp}/ts_groups_numbers.json"], "'groups[0]' must be a list of texts"),
+    (["--testset", "{tmp}/ts_seeds_bool.json"], "'seeds' must be distinct integers in [0, 2**63), got [True]"),
+    (["--testset", "{tmp}/ts_seeds_negative.json"], "'seeds' must be distinct integers in [0, 2**63), got [-1]"),
+    (["--testset", "{tmp}/ts_steps_text.json"], "sampling.steps 'abc' must be an integer"),
+    (["--testset", "{tmp}/ts_guidance_nan.json"], "ts_guidance_nan.json: sampling: --guidance must be a finite number"),
+    (["--testset", "{tmp}/ts_height_odd.json"], "ts_height_odd.json: sampling: --height must be a positive multiple"),
+    (["--testset", "{tmp}/ts_ref_not_image.json"], "identity 'obama': cannot read image {tmp}/notes.txt: not an image"),
+    (["--testset", "{tmp}/testset.json", "--lora", "x.safetensors:1,5"], "--lora x.safetensors:1,5: scale '1,5'"),
 ]
 
 
@@ -177,6 +214,7 @@ CONVERT_CASES = [
     (["--vision_encoder", "{tmp}/empty_dir"], "empty_dir"),
     (["--dynamicid", "{tmp}/empty_dir"], "SAA.bin"),
     (["--base_model", "{tmp}/empty_dir", "--components", "unet,teapot"], "teapot"),
+    (["--base_model", "{tmp}/fake.safetensors"], "fake.safetensors: not a .safetensors file (its 8-byte header length"),
 ]
 
 
@@ -205,6 +243,7 @@ APP_CASES = [
     (["--demo", "--lora_dir", "{tmp}/nope"], "--lora_dir {tmp}/nope: not a folder"),
     (["--demo", "--embedding_dir", "{tmp}/notes.txt"], "--embedding_dir {tmp}/notes.txt: not a folder"),
     (["--demo", "--lora", "{tmp}/missing.safetensors"], "--lora: file not found"),
+    (["--demo", "--out", "{tmp}/taken"], "--out {tmp}/taken: exists and is not a folder"),
 ]
 
 
@@ -223,15 +262,18 @@ PHOTO_FOLDERS_CASES = [
     (["--photos", "{tmp}/empty_dir"], "--photos {tmp}/empty_dir: missing"),
     (["--photos", "{tmp}/nope"], "--photos {tmp}/nope: missing (folder)"),
     (["--photos", "{tmp}/empty_dir", "--bogus_flag"], "unrecognized arguments: --bogus_flag"),
+    (["--photos", "{assets}", "--out", "{tmp}/taken"], "--out {tmp}/taken: exists and is not a folder"),
+    (["--photos", "{assets}", "--out", "{tmp}/taken/sub"], "is a file, so the folder cannot be made"),
+    (["--photos", "{tmp}"], "--out {tmp}/inputs: inside --photos {tmp}"),
 ]
 
 
 @pytest.mark.parametrize("extra, needle", PHOTO_FOLDERS_CASES, ids=[" ".join(c[0]) for c in PHOTO_FOLDERS_CASES])
-def test_photo_folders_cli_bad_inputs(files, capsys, extra, needle):
+def test_photo_folders_cli_bad_inputs(files, test_assets, capsys, extra, needle):
     from data_pipelines import photo_folders
 
     out = files / "inputs"
-    argv = ["--out", str(out), *_subst(extra, files, None)]
+    argv = ["--out", str(out), *_subst(extra, files, test_assets)]
     _assert_main_refuses(photo_folders.main, argv, capsys, needle, files, out)
 
 
@@ -246,6 +288,17 @@ PRECOMPUTE_CASES = [
     (["--verify", "{tmp}/empty_dir"], "manifest.json not found"),
     (["--verify", "{tmp}/nope"], "--verify {tmp}/nope: not a folder"),
     (["--finalize", "--output={tmp}/empty_dir"], "run_config.json"),
+    (["--stage=anchor", "--input={tmp}", "--output={tmp}/shards"], "--output {tmp}/shards: inside --input {tmp}"),
+    (["--stage=anchor", "--input={tmp}/empty_dir", "--output={tmp}/shards", "--num_shards=0"],
+     "--num_shards 0: must be a positive integer"),
+    (["--stage=anchor", "--input={tmp}/empty_dir", "--output={tmp}/shards", "--batch_size=0"],
+     "--batch_size 0: must be a positive integer"),
+    (["--stage=anchor", "--input={tmp}/empty_dir", "--output={tmp}/shards", "--resolution=60"],
+     "--resolution 60: not a multiple of the VAE factor 8"),
+    (["--stage=anchor", "--input={tmp}/empty_dir", "--output={tmp}/shards", "--process_index=2", "--process_count=2"],
+     "--process_index 2: must be in [0, --process_count 2)"),
+    (["--stage=anchor", "--input={tmp}/empty_dir", "--output={tmp}/shards", "--max_shards=0"],
+     "--max_shards 0: must be a positive integer"),
 ]
 
 
@@ -330,6 +383,15 @@ TRAIN_CASES = [
     (["--config.data.resolution=60"], "--config.data.resolution=60: not a positive multiple of the VAE factor 8"),
     (["--config.model.face_projection.id_dim=64"], "id_embedding"),  # shards made for 128-d vectors
     (["--config.dtype=float8"], "config.dtype"),
+    (["--config.total_steps=-1"], "--config.total_steps=-1: must be a positive integer"),
+    (["--config.optimizer.lr=nan"], "--config.optimizer.lr=nan: must be a finite number >= 0"),
+    (["--config.optimizer.weight_decay=-0.1"], "--config.optimizer.weight_decay=-0.1: must be a finite number >= 0"),
+    (["--config.optimizer.b2=1.0"], "--config.optimizer.b2=1.0: must be in [0, 1)"),
+    (["--config.loss.face_drop=1.5"], "--config.loss.face_drop=1.5: must be a probability in [0, 1]"),
+    (["--config.loss.both_drop=0.95"], "face_drop + text_drop + both_drop = 1.05"),
+    (["--config.data.global_batch_size=0"], "--config.data.global_batch_size=0: must be a positive integer"),
+    (["--config.checkpoint.every_steps=0"], "--config.checkpoint.every_steps=0: must be a positive integer"),
+    (["--workdir={data}/run"], "--workdir {data}/run: inside --data {data}"),
 ]
 
 
@@ -339,7 +401,7 @@ def test_train_cli_bad_inputs(train_cli, tiny_shards, files, test_assets, capsys
     workdir = files / "run"
     argv = ["train.py", "--stage=anchor", "--config=configs/anchor.py:tiny", f"--data={tiny_shards}",
             f"--workdir={workdir}"]
-    extra = _subst(extra, files, test_assets)
+    extra = [a.replace("{data}", str(tiny_shards)) for a in _subst(extra, files, test_assets)]
     names = {a.split("=")[0] for a in extra}
     argv = [a for a in argv if a.split("=")[0] not in names] + extra
     monkeypatch.chdir(ROOT)
@@ -350,7 +412,37 @@ def test_train_cli_bad_inputs(train_cli, tiny_shards, files, test_assets, capsys
         code = train_cli.main(["train.py"])
     finally:
         flags.unparse_flags()
-    _assert_user_error(code, capsys.readouterr().err, needle.replace("{tmp}", str(files)))
+    _assert_user_error(code, capsys.readouterr().err, needle.replace("{tmp}", str(files)).replace("{data}", str(tiny_shards)))
+    assert not workdir.exists() and not (tiny_shards / "run").exists()
+
+
+# The config file and override names, checked on the command line before absl parses it
+# (config_checks.check_config_argv): no flag state changes, so any names may repeat.
+TRAIN_ARGV_CASES = [
+    (["--config=configs/nope.py"], "--config=configs/nope.py: configs/nope.py: file not found"),
+    (["--config=configs"], "--config=configs: configs: is a folder"),
+    (["--config=configs/anchor.py:huge"], "--config=configs/anchor.py:huge: config argument must be empty or 'tiny', "
+                                          "got 'huge'"),
+    (["--config={tmp}/configs/broken.py"], "broken.py line 1"),
+    (["--config={tmp}/configs/none.py"], "none.py defines no get_config()"),
+    (["--config.optimizer.lrr=1e-3"], "--config.optimizer.lrr: no such config field; did you mean --config.optimizer.lr?"),
+    (["--config.modle.unet.sample_size=4"], "--config.modle: no such config field; did you mean --config.model?"),
+    (["--config.total_steps.every=3"], "--config.total_steps is a value (20), it has no field 'every'"),
+    (["--noconfig.progress_barr"], "--config.progress_barr: no such config field; did you mean --config.progress_bar?"),
+]
+
+
+@pytest.mark.parametrize("extra, needle", TRAIN_ARGV_CASES, ids=[" ".join(c[0]) for c in TRAIN_ARGV_CASES])
+def test_train_cli_bad_config_arguments(train_cli, files, capsys, monkeypatch, extra, needle):
+    workdir = files / "run"
+    extra = _subst(extra, files, None)
+    names = {a.split("=")[0] for a in extra}
+    argv = [a for a in ["train.py", "--stage=anchor", "--config=configs/anchor.py:tiny", f"--data={files}/empty_dir",
+                        f"--workdir={workdir}"] if a.split("=")[0] not in names] + extra
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.parse_flags(argv)
+    _assert_user_error(exit_info.value.code, capsys.readouterr().err, needle.replace("{tmp}", str(files)))
     assert not workdir.exists()
 
 
@@ -359,13 +451,16 @@ def test_train_cli_bad_inputs(train_cli, tiny_shards, files, test_assets, capsys
 PROCESS_CASES = [
     (["launch/train.py", "--stage=anchor", "--config=configs/anchor.py:tiny", "--data=/nonexistent",
       "--workdir={tmp}/run", "--config.total_steps=abc"], "--config.total_steps"),
+    (["launch/train.py", "--stage=anchor", "--config=configs/anchor.py:tiny", "--data=/nonexistent",
+      "--workdir={tmp}/run", "--config.optimizer.lrr=1e-3"], "did you mean --config.optimizer.lr?"),
     (["launch/evaluate.py", "--testset={tmp}/notes.txt", "--out={tmp}/eval", "--demo"], "notes.txt"),
+    (["data_pipelines/photo_folders.py", "--photos={assets}", "--out={tmp}/taken"], "exists and is not a folder"),
     (["launch/convert.py", "--out={tmp}/taken", "--dynamicid={tmp}/empty_dir"], "taken"),
     (["data_pipelines/precompute.py", "--verify", "{tmp}/empty_dir"], "manifest.json not found"),
 ]
 
 
-@pytest.mark.parametrize("argv, needle", PROCESS_CASES, ids=[c[0][0] for c in PROCESS_CASES])
+@pytest.mark.parametrize("argv, needle", PROCESS_CASES, ids=[f"{c[0][0]} {c[0][-1]}" for c in PROCESS_CASES])
 def test_cli_processes_exit_2_without_traceback(files, test_assets, argv, needle):
     result = subprocess.run([sys.executable, *_subst(argv, files, test_assets)], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
