@@ -226,8 +226,12 @@ def read_sidecar(path: str, flag: str = "--from_json") -> SampleRequest:
     if not file.is_file():
         raise InputError(f"{flag} {file}: {'is a folder' if file.is_dir() else 'file not found'}")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        from dynamicid_jax.input_files import FileFormatError, read_text  # size-bounded, one shared reader
+
+        data = json.loads(read_text(file, "request file"))
+    except FileFormatError as e:  # too large, or not UTF-8
+        raise InputError(f"{flag} {e}") from None
+    except json.JSONDecodeError as e:
         raise InputError(f"{flag} {file}: not a JSON file ({e})") from None
     try:
         request = parse_request(data.get("request", data) if isinstance(data, dict) else data)

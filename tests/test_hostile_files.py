@@ -208,3 +208,22 @@ def test_json_files_are_size_limited_and_parsed_in_one_line(tmp_path):
     big.write_text(json.dumps({"prompt": "x" * 2000}))
     _refused(lambda p: input_files.read_json(p, "request file", limit=1000), big,
              "more than the 1000 bytes a request file may hold")
+
+
+def test_buffalo_mean_shape_pickle_runs_no_code(tmp_path):
+    """meanshape_68.pkl in a --faces folder is a pickle too: only a numpy array is read."""
+    import pickle
+
+    from dynamicid_jax.faces.buffalo import read_mean_shape
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    (tmp_path / "meanshape_68.pkl").write_bytes(pickle.dumps(Payload()))
+    _refused(read_mean_shape, tmp_path / "meanshape_68.pkl", "refuses the global posix.mkdir")
+    assert not marker.exists()
+    (tmp_path / "good.pkl").write_bytes(pickle.dumps(np.arange(204, dtype=np.float32).reshape(68, 3)))
+    np.testing.assert_array_equal(read_mean_shape(tmp_path / "good.pkl"), np.arange(204.0).reshape(68, 3))

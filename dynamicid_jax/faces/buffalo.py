@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from dynamicid_jax.errors import MissingFileError
+from dynamicid_jax.input_files import FileFormatError, check_file
 from dynamicid_jax.faces import alignment, detection, onnx_session, pose
 from dynamicid_jax.faces.analyzer import FaceAnalyzer
 
@@ -136,6 +137,30 @@ def find_mean_shape(folder: pathlib.Path) -> pathlib.Path:
     )
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain numpy arrays only: any other global a pickle names is refused before
+    it is imported (a pickle may otherwise call anything)."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refuses the global {module}.{name} (only a numpy array is read)")
+        return super().find_class(module, name)
+
+
+def read_mean_shape(path: pathlib.Path) -> np.ndarray:
+    """insightface's meanshape_68.pkl -> (68, 3) float64, read by `_ArrayUnpickler` from a file
+    of at most 1 MiB (the real one is 974 bytes); FileFormatError naming it otherwise."""
+    check_file(path, "mean-shape pickle", limit=2**20)
+    try:
+        with open(path, "rb") as handle:
+            return np.asarray(_ArrayUnpickler(handle).load(), np.float64).reshape(68, 3)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise FileFormatError(f"{path}: not insightface's 68 x 3 mean face ({e})") from None
+
+
 def load_buffalo_analyzer(folder: str | pathlib.Path) -> FaceAnalyzer:
     """The buffalo_l set from a local folder; errors name the folder and the missing file."""
     folder = pathlib.Path(folder)
@@ -144,8 +169,7 @@ def load_buffalo_analyzer(folder: str | pathlib.Path) -> FaceAnalyzer:
     for name in (DETECTOR_FILE, RECOGNISER_FILE, LANDMARK_2D_FILE, LANDMARK_3D_FILE):
         if not (folder / name).is_file():
             raise MissingFileError(f"buffalo_l model file {name} missing in {folder}")
-    with open(find_mean_shape(folder), "rb") as handle:
-        mean_shape = np.asarray(pickle.load(handle), np.float64).reshape(68, 3)
+    mean_shape = read_mean_shape(find_mean_shape(folder))
     landmarks_3d = BoxLandmarker(folder / LANDMARK_3D_FILE, dims=3, count=68)
     return FaceAnalyzer(
         name="buffalo_l",

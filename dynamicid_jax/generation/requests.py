@@ -33,6 +33,9 @@ class Reject:
         return {"line": self.line, "error": self.error, "text": self.text}
 
 
+REQUESTS_LIMIT = 256 * 2**20  # about a million request lines; a larger file is not a requests file
+
+
 def read_requests(
     path: str | pathlib.Path, defaults: Optional[Mapping[str, Any]] = None, vae_factor: int = 8
 ) -> tuple[list[tuple[int, SampleRequest]], list[Reject]]:
@@ -41,8 +44,10 @@ def read_requests(
     Raises InputError only when the file itself cannot be read.
     """
     path = pathlib.Path(path)
+    from dynamicid_jax.input_files import read_text  # size-bounded (hardening: one shared reader)
+
     try:
-        lines = path.read_text().splitlines()
+        lines = read_text(path, "requests file", limit=REQUESTS_LIMIT).splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read requests file {path}: {e}") from e
     defaults = dict(defaults or {})
