@@ -49,7 +49,8 @@ SAFETENSORS_CASES = {
     # name: (write(path), text the one line must contain)
     "text file": (lambda p: p.write_text("a text file only named .safetensors\n"), "8-byte header length"),
     "empty": (lambda p: p.write_bytes(b""), "8-byte header length -1"),
-    "header length 2**63": (lambda p: _safetensors(p, GOOD, bytes(16), length=2**63), "header length 9223372036854775808"),
+    "header length 2**63": (lambda p: _safetensors(p, GOOD, bytes(16), length=2**63),
+                            "header length 9223372036854775808"),
     "header not JSON": (lambda p: _safetensors(p, b"{not json", bytes(16)), "header is not JSON"),
     "header a list": (lambda p: _safetensors(p, [1, 2], bytes(16)), "header is not a JSON object"),
     "unknown dtype": (lambda p: _safetensors(p, {"w": {**GOOD["w"], "dtype": "F128"}}, bytes(16)),
@@ -181,7 +182,8 @@ def test_tfrecord_length_past_the_file_is_refused_before_reading(tmp_path):
     length = struct.pack("<Q", 2**60)
     raw[0:12] = length + records._masked_crc(length)
     path.write_bytes(bytes(raw))
-    _refused(lambda p: list(records.iter_records(p)), path, "claims 1152921504606846976 bytes, the file holds 7 more")  # b"payload"
+    _refused(lambda p: list(records.iter_records(p)), path,
+             "claims 1152921504606846976 bytes, the file holds 7 more")  # b"payload"
 
 
 @pytest.mark.parametrize("content, needle", [(b"not a model\n", "not an ONNX model file"),

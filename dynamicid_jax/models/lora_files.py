@@ -65,7 +65,8 @@ _PEFT_FOLDER = re.compile(r"^base_model\.model\.(.+?)\.(lora_A\.weight|lora_B\.w
 # attention processors `[unet.]<attn>.processor.to_q_lora.down.weight` (UNet; also without
 # `unet.`, as `save_attn_procs` wrote them) or `text_encoder.<self_attn>[.processor].to_q_lora...`,
 # and patched linears `<component>.<module>.lora_linear_layer.down.weight`.
-_OLD_PROCESSOR = re.compile(r"^(?:(unet|text_encoder)\.)?(.+?)(?:\.processor)?\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
+_OLD_PROCESSOR = re.compile(r"^(?:(unet|text_encoder)\.)?(.+?)(?:\.processor)?"
+                            r"\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
 _OLD_LINEAR = re.compile(r"^(unet|text_encoder)\.(.+?)\.lora_linear_layer\.(down|up)\.weight$")
 _OLD_PROJECTION = {"unet": {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"},
                    "text_encoder": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"}}

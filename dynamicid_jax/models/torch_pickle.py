@@ -147,5 +147,6 @@ def load(path: str | os.PathLike) -> Any:
     except TorchPickleError:
         raise
     except (pickle.UnpicklingError, zipfile.BadZipFile, KeyError, EOFError, TypeError, ValueError, IndexError,
-            AttributeError, RecursionError, OverflowError, MemoryError) as e:  # a malformed file, never a bug of ours: name it
+            AttributeError, RecursionError, OverflowError) as e:
+        # a malformed file, never a bug of ours: name it
         raise TorchPickleError(f"{path}: {e}") from None
