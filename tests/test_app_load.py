@@ -4,8 +4,8 @@ gradio_client clients x 5 requests, a client killed mid-run, an upload over the 
 Its own demo app (test_app.py's fixture; the persistent compile cache makes its start-up
 cheap after the first run); every request has the warmed-up shape (64x64, two people with
 boxes) and 2 steps, so nothing compiles after start-up. Cost on 2 shared CPU cores, measured:
-42 s (start-up 20 s with a warm compile cache, 40 requests + 4 references 11 s, the killed
-client 3.5 s, the upload 1.3 s).
+42 s at load average ~2 (start-up 20 s with a warm compile cache, 40 requests + 4 references
+11 s, the killed client 3.5 s, the upload 1.3 s), 75 s at load average 5.
 """
 
 from __future__ import annotations
