@@ -130,10 +130,11 @@ def _check_finite(name: str, value, *, above: Optional[float] = None) -> None:
         raise InputError(f"--{name} must be > {above:g}, got {value!r}")
 
 
-def validate_request(request: SampleRequest, vae_factor: int) -> None:
+def validate_request(request: SampleRequest, vae_factor: int, identity_branch: bool = True) -> None:
     """Raise InputError naming the first unusable setting (before any model runs).
 
-    Rules: at least one identity, each with a reference; boxes for all identities or none,
+    Rules: at least one identity, each with a reference (identity_branch False, a base model
+    without DynamicID weights: no identity at all); boxes for all identities or none,
     inside [0, 1] with min < max; guidance, id_scale and mix finite (mix in [0, 1]); beta
     finite and > -1 (the layout divides by beta + 1); alpha an int step count >= 0 or a
     float fraction of the steps in (0, 1]; steps in [1, 1000]; height and width positive
@@ -141,7 +142,10 @@ def validate_request(request: SampleRequest, vae_factor: int) -> None:
     width at most MAX_BATCH_PIXELS (larger latents would not fit a device's memory).
     """
     n = len(request.identities)
-    if n == 0:
+    if n and not identity_branch:
+        raise InputError("--ref needs DynamicID weights (--dynamicid): a base model alone makes plain "
+                         "text-to-image pictures (drop --ref)")
+    if n == 0 and identity_branch:
         raise InputError("at least one identity (--ref) is required")
     for i, ident in enumerate(request.identities):
         if not ident.refs:
@@ -152,7 +156,7 @@ def validate_request(request: SampleRequest, vae_factor: int) -> None:
     given = [ident.box is not None for ident in request.identities]
     if any(given) and not all(given):
         raise InputError(f"boxes and identities differ in count: {sum(given)} boxes for {n} identities")
-    if all(given):
+    if given and all(given):
         try:
             validate_boxes(np.asarray([ident.box for ident in request.identities], np.float32))
         except (TypeError, ValueError) as e:
