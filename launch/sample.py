@@ -148,9 +148,7 @@ def build_request(args: argparse.Namespace, sampling_defaults):
 
     if args.from_json:
         return read_sidecar(args.from_json)
-    n = len(args.ref)
-    if n == 0:
-        raise _input_error("no --ref given: one reference photo per identity is required")
+    n = len(args.ref)  # none: plain text-to-image, which validate_request allows without DynamicID weights only
     if args.box and len(args.box) != n:
         raise _input_error(f"boxes and identities differ in count: {len(args.box)} --box for {n} --ref")
     boxes = [_parse_box(b) for b in args.box] or [None] * n
@@ -215,7 +213,7 @@ def run_requests(args) -> int:
     import jax
 
     main_process = jax.process_index() == 0
-    config = sampling_config(args.demo, args.dynamicid)
+    config = sampling_config(args.demo, args.dynamicid, args.base_model)
     _, pipeline = load_pipeline(
         demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder,
         dynamicid=args.dynamicid, faces=args.faces, expression_model=args.expression_model, dtype=args.dtype,
@@ -246,15 +244,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.requests:
         check_output_folder(args.out, "--out")
         return run_requests(args)
-    from dynamicid_jax.loading import load_pipeline, sampling_config
+    from dynamicid_jax.loading import identity_branch, load_pipeline, sampling_config
     from dynamicid_jax.outputs import save_outputs
     from dynamicid_jax.request import check_embeddings_readable, check_images_readable, validate_request
 
     # Everything checkable without models first: a typo must not cost a model load.
     check_output_folder(args.out, "--out")
-    config = sampling_config(args.demo, args.dynamicid)
+    config = sampling_config(args.demo, args.dynamicid, args.base_model)
     request = build_request(args, config.sampling)
-    validate_request(request, 2 ** (len(config.model.vae.block_out_channels) - 1))
+    validate_request(request, 2 ** (len(config.model.vae.block_out_channels) - 1),
+                     identity_branch(args.demo, args.dynamicid))
     check_images_readable(request)
     check_embeddings_readable(request, config.model.text.get("hidden_size"))
     loras = _loras(args)

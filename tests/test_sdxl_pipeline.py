@@ -158,3 +158,28 @@ def test_family_detected_and_sized_from_the_files(setup):
         ours = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model[section].to_dict().items()}
         assert {k: ours[k] for k in tiny[section]} == tiny[section].to_dict(), section
     assert setup["ours"].provenance["identity_branch"] == "absent"
+
+
+def test_sample_cli_plain_text_to_image_on_the_tiny_sdxl_folder(setup, tmp_path, test_assets, capsys):
+    """`launch/sample.py --base_model tiny_sdxl/ --prompt ... --scheduler dpmpp_2m_karras` with
+    no flag naming the family: SDXL from the files, 64 px (the files' native size), the log and
+    the sidecar say the identity branch is absent; --ref without DynamicID weights is one line,
+    exit 2. Cost: ~10 s (one 64 px loop compile; 2 steps)."""
+    import json
+
+    from launch import sample as sample_cli
+
+    folder, out = str(setup["folder"]), tmp_path / "out"
+    assert sample_cli.main(["--base_model", folder, "--prompt", "a cat", "--scheduler", "dpmpp_2m_karras",
+                            "--steps", "2", "--out", str(out), "--no_progress"]) == 0
+    assert "identity branch: absent" in capsys.readouterr().out
+    (png,) = out.glob("*.png")
+    sidecar = json.loads(png.with_suffix(".json").read_text())
+    assert sidecar["weights"]["identity_branch"] == "absent" and sidecar["weights"]["family"] == "sdxl"
+    assert (sidecar["request"]["height"], sidecar["request"]["width"]) == (64, 64)
+    assert sidecar["request"]["identities"] == []
+
+    assert sample_cli.main(["--base_model", folder, "--ref", f"{test_assets}/obama.jpg",
+                            "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ref needs DynamicID weights" in err[0], err

@@ -115,7 +115,8 @@ def parse_request(data, base: pathlib.Path, defaults: Mapping[str, Any]) -> Samp
 
 
 def read_requests(
-    path: str | pathlib.Path, defaults: Optional[Mapping[str, Any]] = None, vae_factor: int = 8
+    path: str | pathlib.Path, defaults: Optional[Mapping[str, Any]] = None, vae_factor: int = 8,
+    identity_branch: bool = True,
 ) -> tuple[list[tuple[int, SampleRequest]], list[Reject]]:
     """([(line number, request)], [Reject]) of a requests file; every photo is read once.
 
@@ -138,7 +139,7 @@ def read_requests(
             except json.JSONDecodeError as e:
                 raise InputError(f"not JSON: {e}") from None
             request = parse_request(data, path.parent, defaults)
-            validate_request(request, vae_factor)
+            validate_request(request, vae_factor, identity_branch)
             _check_photos(request, photo_errors)
             _check_embeddings(request, photo_errors)
         except (InputError, TypeError) as e:
