@@ -192,7 +192,7 @@ def load_pipeline(
 
 def merge_style_loras(params: dict, loras: Sequence[tuple[str, float]], skip_unknown: bool = False,
                       log: Callable[[str], None] = lambda m: None) -> tuple[dict, list[dict]]:
-    """Fold each (file, scale) into params' "unet"/"text_encoder"; -> (params, one record per file)."""
+    """Fold each (file, scale) into params' "unet"/"text_encoder"(/"text_encoder_2"); -> (params, one record per file)."""
     import dataclasses
 
     from dynamicid_jax.models.lora_files import merge_lora_file
@@ -200,7 +200,8 @@ def merge_style_loras(params: dict, loras: Sequence[tuple[str, float]], skip_unk
     records = []
     for path, scale in loras:
         params, report = merge_lora_file(params, path, scale, skip_unknown=skip_unknown)
-        log(f"LoRA {path} x{scale}: merged {report.merged['unet']} UNet and {report.merged['text_encoder']} "
+        text = sum(n for comp, n in report.merged.items() if comp != "unet")  # SDXL: both text encoders
+        log(f"LoRA {path} x{scale}: merged {report.merged['unet']} UNet and {text} "
             f"text-encoder modules" + (f", dropped {len(report.dropped)} unknown keys" if report.dropped else ""))
         records.append(dataclasses.asdict(report))
     return params, records
