@@ -161,23 +161,39 @@ def test_family_detected_and_sized_from_the_files(setup):
 
 
 def test_sample_cli_plain_text_to_image_on_the_tiny_sdxl_folder(setup, tmp_path, test_assets, capsys):
-    """`launch/sample.py --base_model tiny_sdxl/ --prompt ... --scheduler dpmpp_2m_karras` with
-    no flag naming the family: SDXL from the files, 64 px (the files' native size), the log and
-    the sidecar say the identity branch is absent; --ref without DynamicID weights is one line,
-    exit 2. Cost: ~10 s (one 64 px loop compile; 2 steps)."""
+    """`launch/sample.py --base_model tiny_sdxl/ --prompt ... --scheduler dpmpp_2m_karras --lora
+    style.safetensors:0.8` with no flag naming the family: SDXL from the files, 64 px (the
+    files' native size), the LoRA merged into the UNet and bigG, the log and the sidecar say the
+    identity branch is absent; --ref without DynamicID weights is one line, exit 2.
+    Cost: ~10 s (one 64 px loop compile; 2 steps)."""
     import json
 
     from launch import sample as sample_cli
 
+    from safetensors.numpy import save_file
+
     folder, out = str(setup["folder"]), tmp_path / "out"
+    # A kohya SDXL style LoRA: one UNet module in SGM naming (input_blocks_4 = level 1's first
+    # attention) and one of the bigG encoder (parity of the merge: test_sdxl_lora.py).
+    rng = np.random.default_rng(0)
+    style = tmp_path / "style.safetensors"
+    save_file({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": rng.standard_normal((2, 4), np.float32),
+               "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": rng.standard_normal((4, 2), np.float32),
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight":
+                   rng.standard_normal((2, 32), np.float32),
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight":
+                   rng.standard_normal((32, 2), np.float32)}, str(style))
     assert sample_cli.main(["--base_model", folder, "--prompt", "a cat", "--scheduler", "dpmpp_2m_karras",
-                            "--steps", "2", "--out", str(out), "--no_progress"]) == 0
-    assert "identity branch: absent" in capsys.readouterr().out
+                            "--steps", "2", "--lora", f"{style}:0.8", "--out", str(out), "--no_progress"]) == 0
+    log = capsys.readouterr().out
+    assert "identity branch: absent" in log and "merged 1 UNet and 1 text-encoder modules" in log
     (png,) = out.glob("*.png")
     sidecar = json.loads(png.with_suffix(".json").read_text())
     assert sidecar["weights"]["identity_branch"] == "absent" and sidecar["weights"]["family"] == "sdxl"
     assert (sidecar["request"]["height"], sidecar["request"]["width"]) == (64, 64)
     assert sidecar["request"]["identities"] == []
+    (record,) = sidecar["weights"]["loras"]
+    assert record["scale"] == 0.8 and record["merged"] == {"unet": 1, "text_encoder": 0, "text_encoder_2": 1}
 
     assert sample_cli.main(["--base_model", folder, "--ref", f"{test_assets}/obama.jpg",
                             "--out", str(tmp_path / "refused")]) == 2
