@@ -139,6 +139,9 @@ def load_pipeline(
     with_identity = identity_branch(demo, dynamicid)
     modules = modeling.build_modules(config.model, dtype=compute_dtype, vae_dtype=decode_dtype,
                                      identity_branch=with_identity)
+    if run is None and dynamicid and not demo and not modules.family.release_weights:
+        raise InputError(f"--dynamicid {dynamicid}: the authors' DynamicID weights are for SD1.5, the base model "
+                         f"{base_model} is {modules.family.name} (drop --dynamicid for plain text-to-image)")
     analyzer = load_face_analyzer(faces) if with_identity else None
     expressions = _expressions(expression_model) if with_identity else None
     if not with_identity:

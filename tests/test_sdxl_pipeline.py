@@ -199,3 +199,15 @@ def test_sample_cli_plain_text_to_image_on_the_tiny_sdxl_folder(setup, tmp_path,
                             "--out", str(tmp_path / "refused")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--ref needs DynamicID weights" in err[0], err
+
+
+def test_sd15_dynamicid_weights_on_an_sdxl_base_are_refused(setup, tmp_path):
+    """The authors' release (SAA.bin ...) is SD1.5's: on an SDXL base one line names both,
+    before any weight or face model is read. No compile."""
+    from dynamicid_jax.request import InputError
+
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "SAA.bin").write_bytes(b"")  # never read
+    with pytest.raises(InputError, match="DynamicID weights are for SD1.5.* is sdxl"):
+        loading.load_pipeline(base_model=str(setup["folder"]), vision_encoder=str(tmp_path), dynamicid=str(release))

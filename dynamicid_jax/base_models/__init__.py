@@ -13,6 +13,7 @@ the entry points never branch on which one it is:
     text_conditioning(modules, params, ids, clip_skip, extra) -> (TextConditioning, pooled)
     negative_conditioning(conditioning, negative_prompt)  what the sampler conditions on
     request_extras(height, width)          per-picture extras of the conditioning
+    release_weights                        whether the authors' DynamicID release fits it
     denoiser(modules, unet_params, x_t, t, conditioning, identity[, capture]) -> prediction
 
 A config's `model.family` names its family (`get`).

@@ -96,6 +96,8 @@ class SD15:
     """The family object (hashable: it is part of the jitted programs' static modules)."""
 
     name: ClassVar[str] = "sd15"
+    # The authors' DynamicID release (SAA.bin, IMR.bin, key_point_encoder.bin) is for SD1.5.
+    release_weights: ClassVar[bool] = True
 
     def configured(self, model: ml_collections.ConfigDict) -> "SD15":
         """The family object a model section configures: SD1.5 has no such setting."""

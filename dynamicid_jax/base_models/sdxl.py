@@ -90,6 +90,7 @@ class SDXL:
     an empty negative prompt conditions on zeros, context and pooled vector alike)."""
 
     name: ClassVar[str] = "sdxl"
+    release_weights: ClassVar[bool] = False  # no DynamicID release for SDXL (yet)
     force_zeros_for_empty_prompt: bool = FORCE_ZEROS_FOR_EMPTY_PROMPT
 
     def configured(self, model: ml_collections.ConfigDict) -> "SDXL":
