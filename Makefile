@@ -20,14 +20,12 @@ export TEST_ASSETS ?= $(CURDIR)/test_assets
 
 # insightface 2.1 (the reference of tests/test_buffalo_parity.py) is pure Python and goes in
 # without its declared deps: their opencv-python would replace our opencv-python-headless<5.
-# What it imports (scikit-image, requests) is in the test extra. gradio likewise (it pins
-# pillow<13; its other requirements are the app extra).
+# What it imports (scikit-image, requests) is in the test extra. gradio is in the app extra.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[convert,faces,data,test,app]"
 	$(PY) -m pip install -q --no-deps insightface==2.1
-	$(PY) -m pip install -q --no-deps gradio==6.31.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -124,8 +124,9 @@ def bench_step_math(repeats: int, steps: int = 50):
     """The sampler update alone (no UNet) at SD1.5's 512 px latent (2, 64, 64, 4), inside the
     sampling loop's `lax.switch`, per step: what a sampler adds to a UNet step."""
     from dynamicid_jax import schedulers as S
+    from dynamicid_jax.base_models import sd15
 
-    config = S.SchedulerConfig()
+    config = S.SchedulerConfig(**sd15.SCHEDULER)
     table = S.noise_table(config)
     x0 = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 4))
     eps = 0.5 * x0

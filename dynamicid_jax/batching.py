@@ -49,17 +49,19 @@ def uses_boxes(request) -> bool:
     return len(request.identities) > 1 or (bool(request.identities) and request.identities[0].box is not None)
 
 
-def shape_key(request) -> tuple:
-    """Requests with equal keys share one compiled denoising program and one loop.
+def program_key(request) -> tuple:
+    """Requests with equal keys run one compiled denoising program (batch size aside): image
+    size and identity count fix the shapes; gating, box use and mixing are static switches of
+    SAA. Steps, sampler and every number of the request are traced."""
+    return request.height, request.width, len(request.identities), bool(request.gating), uses_boxes(request), \
+        request.mix is not None
 
-    Image size and identity count fix the shapes; steps and the sampler fix the loop's
-    schedule and trip count (shared by the batch); gating, box use and mixing are static
-    switches of SAA.
-    """
-    return (
-        request.height, request.width, len(request.identities), request.steps, request.scheduler,
-        bool(request.gating), uses_boxes(request), request.mix is not None,
-    )
+
+def shape_key(request) -> tuple:
+    """Requests with equal keys share one compiled denoising program and one loop: the
+    `program_key`, and the steps and the sampler that fix the loop's schedule and trip count
+    (shared by the batch)."""
+    return program_key(request) + (request.steps, request.scheduler)
 
 
 def request_boxes(request) -> np.ndarray:

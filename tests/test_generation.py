@@ -167,8 +167,9 @@ def test_ancestral_step_noise_is_per_image():
 
     from dynamicid_jax import batching, sharding
     from dynamicid_jax import schedulers as S
+    from dynamicid_jax.base_models import sd15
 
-    config = S.SchedulerConfig()
+    config = S.SchedulerConfig(**sd15.SCHEDULER)
     schedule, table = S.make_schedule("euler_a", config, 3), S.noise_table(config)
     keys = batching.step_keys([(0, 0), (1, 0), (1, 1), (10, 0)] * 2)
     x = np.ones((8, 4, 4, 2), np.float32)

@@ -7,6 +7,7 @@ padded schedule, so the step counts of one sampler share a program (and this fil
 once per sampler).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -24,7 +25,7 @@ from diffusers import (
 
 from dynamicid_jax import schedulers as S
 from parity import rel_l2
-from test_schedulers import SD15_SCHEDULER_JSON
+from test_schedulers import SD15_SCHEDULER, SD15_SCHEDULER_JSON
 
 SHAPE = (1, 4, 8, 8)
 REFERENCE = {
@@ -136,10 +137,10 @@ def test_spacing_defaults_follow_each_class_and_a_stated_one_wins():
 
 
 def test_bad_names_and_step_counts_raise():
-    config = S.SchedulerConfig()
+    config = SD15_SCHEDULER
     with pytest.raises(ValueError, match="unknown scheduler"):
         S.make_schedule("heun", config, 10)
     with pytest.raises(ValueError, match="1 to 50"):
         S.make_schedule("lcm", config, 51)
     with pytest.raises(ValueError, match="epsilon"):
-        S.make_schedule("euler", S.SchedulerConfig(prediction_type="v_prediction"), 10)
+        S.make_schedule("euler", dataclasses.replace(SD15_SCHEDULER, prediction_type="v_prediction"), 10)

@@ -1,5 +1,6 @@
 """Parity of our DDPM noising / DDIM sampling with diffusers' schedulers (SD1.5 config)."""
 
+import dataclasses
 import json
 
 import jax
@@ -10,6 +11,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from dynamicid_jax import schedulers as S
+from dynamicid_jax.base_models import sd15
 from parity import rel_l2
 
 # SD1.5's scheduler/scheduler_config.json as shipped (a PNDM config; no timestep_spacing key).
@@ -26,6 +28,8 @@ SD15_SCHEDULER_JSON = {
     "trained_betas": None,
     "clip_sample": False,
 }
+# The sd15 family's scheduler config (the values of the file above).
+SD15_SCHEDULER = S.SchedulerConfig(**sd15.SCHEDULER)
 SHAPE = (2, 4, 8, 8)
 
 
@@ -35,7 +39,7 @@ def config():
 
 
 def test_from_diffusers_reads_sd15_and_defaults_match(config, tmp_path):
-    assert config == S.SchedulerConfig()  # our defaults are SD1.5's
+    assert config == SD15_SCHEDULER  # the sd15 family's table is SD1.5's file
     (tmp_path / "scheduler").mkdir()
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER_JSON))
     assert S.SchedulerConfig.from_folder(tmp_path) == config
@@ -77,7 +81,7 @@ def test_add_noise_and_velocity_match_ddpm(config):
     assert rel_l2(S.ddpm_add_noise(config, x0, noise, 500), ref.add_noise(
         torch.from_numpy(x0), torch.from_numpy(noise), torch.tensor([500])).numpy()) <= 1e-5
     np.testing.assert_array_equal(S.training_target(table, x0, noise, t), noise)  # epsilon prediction
-    v_table = S.noise_table(S.SchedulerConfig(prediction_type="v_prediction"))
+    v_table = S.noise_table(dataclasses.replace(SD15_SCHEDULER, prediction_type="v_prediction"))
     want_v = ref.get_velocity(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)).numpy()
     assert rel_l2(S.training_target(v_table, x0, noise, t), want_v) <= 1e-5
 
@@ -153,10 +157,10 @@ def test_ddim_eta_and_per_sample_timesteps(config):
 
 def test_other_spacings_match_diffusers():
     for spacing in ("trailing", "linspace"):
-        cfg = S.SchedulerConfig(timestep_spacing=spacing)
+        cfg = dataclasses.replace(SD15_SCHEDULER, timestep_spacing=spacing)
         ref = DDIMScheduler.from_config({**SD15_SCHEDULER_JSON, "timestep_spacing": spacing})
         for n in (1, 7, 50):
             ref.set_timesteps(n)
             np.testing.assert_array_equal(np.asarray(S.ddim_timesteps(cfg, n)), ref.timesteps.numpy())
     with pytest.raises(ValueError, match="num_steps"):
-        S.ddim_timesteps(S.SchedulerConfig(), 0)
+        S.ddim_timesteps(SD15_SCHEDULER, 0)

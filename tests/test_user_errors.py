@@ -200,6 +200,11 @@ APP_CASES = [
     (["--base_model", "{tmp}/no_such_model", "--vision_encoder", "{tmp}/empty_dir",
       "--dynamicid", "{tmp}/empty_dir"], "--dynamicid {tmp}/empty_dir: neither a release folder"),
     (["--bogus_flag"], "unrecognized arguments: --bogus_flag"),
+    (["--demo", "--scheduler", "heun"], "--scheduler 'heun' is unknown"),
+    (["--demo", "--clip_skip", "-1"], "--clip_skip must be >= 0"),
+    (["--demo", "--lora_dir", "{tmp}/nope"], "--lora_dir {tmp}/nope: not a folder"),
+    (["--demo", "--embedding_dir", "{tmp}/notes.txt"], "--embedding_dir {tmp}/notes.txt: not a folder"),
+    (["--demo", "--lora", "{tmp}/missing.safetensors"], "--lora: file not found"),
 ]
 
 

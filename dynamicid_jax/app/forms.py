@@ -1,26 +1,34 @@
 """The app's form values -> a checked `SampleRequest`, and sidecars -> form values.
 
-Nothing here opens a path a client typed: references and landmark photos are upload paths
-(checked to lie in the app's upload folder, of an image type, at most MAX_UPLOAD_BYTES), and
-a sidecar's `refs` are only shown by name. Errors are `InputError`s naming the input.
+The form is one more written form of a request: its values go through
+`request_parsing.parse_request` (text=True: the alpha, box and number parsers of the CLI's
+flags), with the page's settings as defaults. Nothing here opens a path a client typed:
+references and landmark photos are upload paths (checked to lie in the app's upload folder, of
+an image type, at most MAX_UPLOAD_BYTES), negative embeddings and style LoRAs are names of the
+operator's files (`catalog.py`), and a sidecar's `refs` are only shown by name. Errors are
+`InputError`s naming the input.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 from typing import Optional, Sequence
 
+from dynamicid_jax.app.catalog import public_name
 from dynamicid_jax.faces.expression import EMOTIONS
 from dynamicid_jax.faces.pose import pose_bins
-from dynamicid_jax.request import IMAGE_SUFFIXES, IdentityRequest, InputError, SampleRequest, validate_request
+from dynamicid_jax.request import IMAGE_SUFFIXES, InputError, SampleRequest, validate_request
+from dynamicid_jax.request_parsing import parse_box, parse_request
 
 MAX_PEOPLE = 4
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_SIDE = 2048  # pixels: a shared server should not be asked for arbitrary memory
 MAX_IMAGES = 8
 SIDECAR_SUFFIXES = (".json",)
+PAGE_LORAS = "page_loras"  # the sidecar's weights: the style LoRAs a client chose, [{"name", "scale", ...}]
 KEEP = "keep"
 EXPRESSION_CHOICES = (KEEP,) + EMOTIONS
 ORIENTATION_CHOICES = (KEEP, "front", "side", "facing up", "facing down")
@@ -65,20 +73,6 @@ def check_upload(path, upload_root: pathlib.Path, kinds: Sequence[str] = IMAGE_S
     return resolved
 
 
-def parse_box(text: str, person: int) -> Optional[list[float]]:
-    """'y_min,x_min,y_max,x_max' (normalised) -> 4 floats; blank -> None."""
-    text = (text or "").strip()
-    if not text:
-        return None
-    try:
-        values = [float(v) for v in text.replace(" ", "").split(",")]
-    except ValueError:
-        values = []
-    if len(values) != 4:
-        raise InputError(f"person {person} box {text!r}: expected 4 numbers y_min,x_min,y_max,x_max in [0, 1]")
-    return values
-
-
 def format_box(box: Optional[Sequence[float]]) -> str:
     return "" if box is None else ",".join(f"{v:g}" for v in box)
 
@@ -101,10 +95,19 @@ def compose_face_prompt(expression: str, orientation: str, source_emotion: str, 
     return f"in a {emotion} expression, {facing}in {view} view"
 
 
-def build_request(people: Sequence[PersonForm], settings: dict, upload_root: pathlib.Path, describe) -> SampleRequest:
+def form_label(name: str) -> str:
+    """How the page's errors name a setting: as its field is labelled."""
+    return name
+
+
+def build_request(people: Sequence[PersonForm], settings: dict, upload_root: pathlib.Path, describe,
+                  defaults: Optional[dict] = None, negative_embeddings: Optional[Sequence[str]] = None
+                  ) -> SampleRequest:
     """Form values -> SampleRequest. People without reference uploads are left out (their
     other fields must then be blank). describe(path) -> (emotion, pose) of the reference's
-    largest face, used to compose a face prompt from the expression/orientation choices."""
+    largest face, used to compose a face prompt from the expression/orientation choices.
+    settings: form values by field name (None = not given: `defaults`, the page's settings).
+    negative_embeddings: the operator's files the client chose (paths from the catalog)."""
     identities = []
     for k, person in enumerate(people, start=1):
         if not person.refs:
@@ -117,18 +120,36 @@ def build_request(people: Sequence[PersonForm], settings: dict, upload_root: pat
         if face_prompt is None and (person.expression != KEEP or person.orientation != KEEP):
             emotion, pose = describe(refs[0])
             face_prompt = compose_face_prompt(person.expression, person.orientation, emotion, pose)
-        identities.append(IdentityRequest(refs=refs, box=parse_box(person.box, k), face_prompt=face_prompt,
-                                          target_landmarks=target))
+        identities.append(dict(refs=refs, box=parse_box(person.box, f"person {k} box"), face_prompt=face_prompt,
+                               target_landmarks=target))
     if not identities:
         raise InputError("no reference photo: upload at least one photo for person 1")
     if len(identities) > MAX_PEOPLE:
         raise InputError(f"at most {MAX_PEOPLE} people")
-    return SampleRequest(identities=identities, **request_settings(settings))
+    data = dict(request_settings(settings), identities=identities)
+    if negative_embeddings is not None:
+        data["negative_embeddings"] = list(negative_embeddings)
+    return parse_request(data, defaults=defaults, text=True, label=form_label)
+
+
+def lora_choice(names, scale, loras) -> tuple[tuple[str, float], ...]:
+    """The page's style LoRA picks -> ((name, scale), ...) in the order picked, each name one
+    the catalog `loras` offers; scale (one for all, blank: 1) a finite number."""
+    names = list(names or [])
+    for name in names:
+        loras.path(name)
+    try:
+        scale = 1.0 if scale in (None, "") else float(scale)
+    except (TypeError, ValueError):
+        raise InputError(f"LoRA scale {scale!r}: expected a number") from None
+    if not math.isfinite(scale):
+        raise InputError(f"LoRA scale {scale!r}: expected a finite number")
+    return tuple((name, scale) for name in names)
 
 
 def validate_settings(request: SampleRequest, pipeline) -> None:
     """The sampler's checks plus the app's limits on size and image count."""
-    validate_request(request, pipeline.modules.vae_scale_factor)
+    validate_request(request, pipeline.modules.vae_scale_factor, label=form_label)
     for name in ("height", "width"):
         if getattr(request, name) > MAX_SIDE:
             raise InputError(f"{name} {getattr(request, name)} is above this app's limit of {MAX_SIDE}")
@@ -137,67 +158,45 @@ def validate_settings(request: SampleRequest, pipeline) -> None:
 
 
 def request_settings(settings: dict) -> dict:
-    """The non-identity fields of a SampleRequest from form values (types fixed, names checked)."""
+    """The form's settings with their names checked: the fields of a SampleRequest but the
+    identities and the embedding files (a client names neither server paths nor files)."""
     unknown = sorted(set(settings) - set(SETTING_FIELDS))
     if unknown:
         raise InputError(f"unknown setting {unknown[0]!r}")
-    out = dict(settings)
-    try:
-        for name in ("seed", "steps", "height", "width", "num_images"):
-            if name in out:
-                out[name] = int(out[name])
-        for name in ("guidance", "beta", "id_scale"):
-            if name in out:
-                out[name] = float(out[name])
-        if "alpha" in out:
-            out["alpha"] = parse_alpha(out["alpha"])
-        if out.get("mix") in ("", None):
-            out["mix"] = None
-        elif "mix" in out:
-            out["mix"] = float(out["mix"])
-        if "gating" in out:
-            out["gating"] = bool(out["gating"])
-    except (TypeError, ValueError) as e:
-        raise InputError(f"setting: {e}") from e
-    return out
+    return dict(settings)
 
 
-def parse_alpha(value) -> float | int:
-    """As the CLI: an int is a step count, a value with a '.' a fraction of the steps."""
-    if isinstance(value, bool):
-        raise InputError(f"alpha {value!r}: a step count (12) or a fraction (0.24)")
-    if isinstance(value, (int, float)):
-        return value
-    text = str(value).strip()
-    try:
-        return float(text) if "." in text else int(text)
-    except ValueError:
-        raise InputError(f"alpha {text!r}: a step count (12) or a fraction (0.24)")
-
-
-def read_sidecar(path, upload_root: pathlib.Path) -> dict:
-    """An uploaded sidecar -> its request dict (as `SampleRequest.to_json`)."""
+def read_sidecar(path, upload_root: pathlib.Path) -> tuple[dict, list]:
+    """An uploaded sidecar -> (its request dict, as `SampleRequest.to_json`; the style LoRAs
+    the page chose for it, [(name, scale)])."""
     resolved = check_upload(path, upload_root, SIDECAR_SUFFIXES)
     try:
         data = json.loads(resolved.read_text())
         # Parsed into a request and back: unknown fields refused, missing ones take the
         # defaults; nothing it names is opened.
-        return SampleRequest.from_json(data.get("request", data)).to_json()
+        request = parse_request(data.get("request", data)).to_json()
+        loras = [(r["name"], r["scale"]) for r in data.get("weights", {}).get(PAGE_LORAS, [])]
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise InputError(f"sidecar {resolved.name} is not a DynamicID sidecar: {e}") from e
+    return request, loras
 
 
-def sidecar_request(sidecar: dict, refs: Sequence[Sequence[str]], upload_root: pathlib.Path) -> SampleRequest:
+def sidecar_request(sidecar: dict, refs: Sequence[Sequence[str]], upload_root: pathlib.Path,
+                    embeddings=None) -> SampleRequest:
     """The sidecar's request with each person's references replaced by this request's
     uploads. A person without uploads is refused: a sidecar's refs name files of whoever
-    wrote it and are never opened here."""
-    request = SampleRequest.from_json(sidecar)
+    wrote it and are never opened here. Its negative embeddings must be names `embeddings`
+    (the app's catalog) offers."""
+    request = parse_request(sidecar)
     if request.identities and any(i.target_landmarks for i in request.identities):
         raise InputError("sidecar names target-landmark photos: they are never opened on the server; "
                          "use the form with an uploaded landmark photo")
     if request.negative_embeddings:
-        raise InputError("sidecar names textual-inversion files: they are never opened on the server "
-                         "(use launch/sample.py --from_json)")
+        offered = embeddings.names if embeddings is not None else []
+        if not all(name in offered for name in request.negative_embeddings):
+            raise InputError("sidecar names textual-inversion files: they are never opened on the server "
+                             "(choose the app's embeddings by name, or use launch/sample.py --from_json)")
+        request.negative_embeddings = embeddings.paths(request.negative_embeddings)
     people = [list(r or []) for r in refs]
     if len(people) < len(request.identities):
         people += [[] for _ in range(len(request.identities) - len(people))]
@@ -216,12 +215,15 @@ def sidecar_request(sidecar: dict, refs: Sequence[Sequence[str]], upload_root: p
 def public_copy(request: SampleRequest, details: dict) -> tuple[SampleRequest, dict]:
     """The request and details with server paths replaced by file names, for sidecars the
     client downloads (paths of this server are none of its business)."""
-    request = SampleRequest.from_json(json.loads(json.dumps(request.to_json())))
+    request = parse_request(json.loads(json.dumps(request.to_json())))
     for ident in request.identities:
-        ident.refs = [pathlib.PurePath(r).name for r in ident.refs]
+        ident.refs = [public_name(r) for r in ident.refs]
         if ident.target_landmarks:
-            ident.target_landmarks = pathlib.PurePath(ident.target_landmarks).name
+            ident.target_landmarks = public_name(ident.target_landmarks)
+    request.negative_embeddings = [public_name(p) for p in request.negative_embeddings]
     details = json.loads(json.dumps(details))
     for used in details.get("identities_used", []):
-        used["refs"] = [pathlib.PurePath(r).name for r in used.get("refs", [])]
+        used["refs"] = [public_name(r) for r in used.get("refs", [])]
+    for record in details.get("negative_embeddings", []):
+        record["file"] = public_name(record["file"])
     return request, details

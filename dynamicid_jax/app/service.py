@@ -1,32 +1,46 @@
 """What the app's page calls: one `DynamicIDPipeline`, one generation at a time.
 
-AppService.run(request) generates with the pipeline (the sampler of `launch/sample.py`, so
-the same request gives the same PNG bytes), writes PNG + sidecar under the app's output
-folder (a fresh subfolder per run; no client picks a path), and reports steps to a
-progress callback; `cancel()` stops the running generation between two denoising steps.
-A request of a shape not yet compiled (size, images, people, boxes, gating, mixing, maps)
-is logged before and after its compile.
+AppService.run(request) goes through the engine of `launch/sample.py` (`generation.run_request`:
+the same sampler, so the same request gives the same PNG bytes; atomic PNG + sidecar writes)
+into a fresh subfolder of the app's output folder per run (no client picks a path), and
+reports steps to a progress callback; `cancel()` stops the running generation between two
+denoising steps. A request of a program not yet compiled (`batching.program_key`, the image
+count, activation maps) is logged before and after its compile.
+
+Style LoRAs a client picks (by name, `catalog.py`) are merged into the base weights once per
+choice and kept (at most MAX_LORA_SETS choices, least recently used dropped); each choice has
+its own text-state cache, since a LoRA may change the text encoder.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import itertools
 import pathlib
 import secrets
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from dynamicid_jax import batching
 from dynamicid_jax.app import forms, previews
+from dynamicid_jax.app.catalog import Catalog, embedding_catalog, lora_catalog, public_name
+from dynamicid_jax.errors import UserError
 from dynamicid_jax.faces import NoFaceError
-from dynamicid_jax.outputs import save_outputs
+from dynamicid_jax.generation import RequestSampler, run_request
+from dynamicid_jax.outputs import output_path
 from dynamicid_jax.pipeline import DynamicIDPipeline
 from dynamicid_jax.request import IdentityRequest, InputError, SampleRequest, read_image
+from dynamicid_jax.request_parsing import setting_defaults
 
 MAX_SEED = 2**31 - 1
+# Merged LoRA choices kept besides the base weights: each is a copy of the UNet and the text
+# encoder (SD1.5: ~4 GB in float32), so few; a choice dropped is merged again when picked.
+MAX_LORA_SETS = 2
 
 
 class Cancelled(Exception):
@@ -47,27 +61,36 @@ def activation_steps(steps: int) -> list[int]:
     return sorted({0, steps // 3, (2 * steps) // 3, steps - 1})
 
 
-def shape_key(request: SampleRequest, maps: bool) -> tuple:
-    """What selects a compiled denoising program (everything else is traced)."""
-    n = len(request.identities)
-    return (request.height, request.width, request.num_images, n, n > 1 or request.identities[0].box is not None,
-            request.gating, request.mix is not None, maps)
+def program_of(request: SampleRequest, maps: bool) -> tuple:
+    """What selects the app's compiled program: `batching.program_key`, the image count (the
+    app computes a request alone, unpadded) and whether activation maps are captured."""
+    return batching.program_key(request), request.num_images, maps
 
 
-def describe_shape(key: tuple) -> str:
-    h, w, images, n, boxes, gating, mix, maps = key
-    extras = [x for x, on in (("boxes", boxes), ("no gating", not gating), ("mixing", mix),
-                               ("activation maps", maps)) if on]
-    return f"{w}x{h}, {images} image(s), {n} people" + (f", {', '.join(extras)}" if extras else "")
+def describe_program(request: SampleRequest, maps: bool) -> str:
+    extras = [x for x, on in (("boxes", batching.uses_boxes(request)), ("no gating", not request.gating),
+                               ("mixing", request.mix is not None), ("activation maps", maps)) if on]
+    return (f"{request.width}x{request.height}, {request.num_images} image(s), {len(request.identities)} people"
+            + (f", {', '.join(extras)}" if extras else ""))
 
 
 class AppService:
-    """pipeline: a loaded DynamicIDPipeline; out_dir: where runs are written; upload_root:
-    the folder uploads land in (the only place input files are read from)."""
+    """pipeline: a loaded DynamicIDPipeline; defaults: the config's sampling section; out_dir:
+    where runs are written; upload_root: the folder uploads land in (the only place input files
+    are read from). loras, embeddings: the operator's files offered by name (`catalog.py`);
+    settings: page defaults overriding `defaults` (e.g. the operator's --scheduler)."""
 
-    def __init__(self, pipeline: DynamicIDPipeline, defaults, out_dir, upload_root, log: Callable[[str], None] = print):
+    def __init__(self, pipeline: DynamicIDPipeline, defaults, out_dir, upload_root, log: Callable[[str], None] = print,
+                 *, loras: Optional[Catalog] = None, embeddings: Optional[Catalog] = None,
+                 settings: Optional[dict] = None, lora_skip_unknown: bool = False):
         self.pipeline = pipeline
         self.defaults = defaults
+        self.settings = dict(setting_defaults(defaults), **(settings or {}))  # every setting's page default
+        self.loras = loras if loras is not None else lora_catalog()
+        self.embeddings = embeddings if embeddings is not None else embedding_catalog()
+        self.lora_skip_unknown = lora_skip_unknown
+        self._base = (pipeline.params, pipeline.conditioning)
+        self._lora_sets: collections.OrderedDict = collections.OrderedDict()  # choice -> (params, cache, records)
         self.out_dir = pathlib.Path(out_dir).resolve()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.upload_root = pathlib.Path(upload_root).resolve()
@@ -82,12 +105,10 @@ class AppService:
     # -- start-up -------------------------------------------------------------------------
 
     def default_request(self, n_people: int) -> SampleRequest:
-        d = self.defaults
-        return SampleRequest(
-            identities=[IdentityRequest(refs=["(warm-up)"]) for _ in range(n_people)], prompt="",
-            negative_prompt=d.negative_prompt, steps=d.steps, guidance=d.guidance, height=d.height, width=d.width,
-            alpha=d.alpha, beta=d.beta, id_scale=d.id_scale,
-        )
+        """The page's default settings for `n_people` (no photo, no embedding: nothing is read)."""
+        settings = {k: v for k, v in self.settings.items() if k not in ("prompt", "negative_embeddings")}
+        return SampleRequest(identities=[IdentityRequest(refs=["(warm-up)"]) for _ in range(n_people)], prompt="",
+                             **settings)
 
     def warm_up(self, people=(1, 2)) -> None:
         """Compile the default size for these people counts and the identity programs (any
@@ -99,13 +120,12 @@ class AppService:
                  f"{time.time() - start:.1f}s (start-up)")
         for n in people:
             request = self.default_request(n)
-            key = shape_key(request, False)
-            self.log(f"compiling the sampling program for {describe_shape(key)} (start-up) ...")
+            self.log(f"compiling the sampling program for {describe_program(request, False)} (start-up) ...")
             start = time.time()
             with self._device:
                 self.pipeline.warm_up(request, report_steps=True)  # requests report progress per step
-            self._compiled.add(key)
-            self.log(f"compiled {describe_shape(key)} in {time.time() - start:.1f}s")
+            self._compiled.add(program_of(request, False))
+            self.log(f"compiled {describe_program(request, False)} in {time.time() - start:.1f}s")
 
     # -- faces ----------------------------------------------------------------------------
 
@@ -141,18 +161,23 @@ class AppService:
         """Stop the running generation after its current step (no effect when idle)."""
         self._cancel.set()
 
-    def run(self, request: SampleRequest, *, random_seed: bool = False, with_maps: bool = False) -> RunResult:
-        """Generate and write one request; InputError/NoFaceError name the bad input (by file
+    def run(self, request: SampleRequest, *, random_seed: bool = False, with_maps: bool = False,
+            loras: Sequence[tuple[str, float]] = ()) -> RunResult:
+        """Generate and write one request with the style LoRAs `loras` ((name, scale) of the
+        catalog's files, merged in order); InputError/NoFaceError name the bad input (by file
         name, never a server path), Cancelled when cancel() came first."""
         if random_seed:
             request = dataclasses.replace(request, seed=secrets.randbelow(MAX_SEED))
         paths = [p for i in request.identities for p in i.refs + ([i.target_landmarks] if i.target_landmarks else [])]
+        paths += request.negative_embeddings
         with self._device:
             self._cancel.clear()  # inside the lock: a cancel meant for the previous run stays with it
             try:
-                return self._run_locked(request, with_maps)
+                return self._run_locked(request, with_maps, tuple((n, float(s)) for n, s in loras))
             except (InputError, NoFaceError) as e:
                 raise type(e)(_without_paths(str(e), paths)) from None
+            except UserError as e:  # an operator's LoRA or embedding file that cannot be used
+                raise InputError(_without_paths(str(e), paths + self.loras.paths([n for n, _ in loras]))) from None
             except Exception:
                 if self._cancel.is_set():
                     raise Cancelled(f"cancelled after step {self.progress[0]} of {self.progress[1]}") from None
@@ -168,26 +193,60 @@ class AppService:
 
         return step
 
-    def _run_locked(self, request: SampleRequest, with_maps: bool) -> RunResult:
+    def _lora_set(self, choice: tuple) -> tuple:
+        """(params, text-state cache, public records) of a LoRA choice, merged once and kept."""
+        if choice in self._lora_sets:
+            self._lora_sets.move_to_end(choice)
+            return self._lora_sets[choice]
+        import jax
+
+        from dynamicid_jax.loading import merge_style_loras
+
+        base = self._base[0]
+        files = [(self.loras.path(name), scale) for name, scale in choice]
+        merged, records = merge_style_loras(dict(base), files, self.lora_skip_unknown, self.log)
+        # The merge is float32 on the host; the weights keep the pipeline's dtype (--dtype).
+        merged = jax.device_put(jax.tree.map(lambda m, b: np.asarray(m).astype(b.dtype), merged, base))
+        public = [dict({k: v for k, v in r.items() if k != "path"}, name=public_name(r["path"])) for r in records]
+        if len(self._lora_sets) >= MAX_LORA_SETS:
+            self._lora_sets.popitem(last=False)
+        self._lora_sets[choice] = (merged, batching.ConditioningCache(self.pipeline), public)
+        return self._lora_sets[choice]
+
+    @contextlib.contextmanager
+    def _weights(self, choice: tuple):
+        """The pipeline with the LoRA choice merged (and its own text states) for one run;
+        yields the provenance its sidecars record (the choice by name, `forms.PAGE_LORAS`)."""
+        if not choice:
+            yield self.pipeline.provenance
+            return
+        params, cache, records = self._lora_set(choice)
+        self.pipeline.params, self.pipeline.conditioning = params, cache
+        try:
+            yield dict(self.pipeline.provenance, **{forms.PAGE_LORAS: records})
+        finally:
+            self.pipeline.params, self.pipeline.conditioning = self._base
+
+    def _run_locked(self, request: SampleRequest, with_maps: bool, loras: tuple) -> RunResult:
         forms.validate_settings(request, self.pipeline)
-        key = shape_key(request, with_maps)
+        key = program_of(request, with_maps)
         new_shape = key not in self._compiled
         if new_shape:
-            self.log(f"new shape {describe_shape(key)}: compiling once ...")
+            self.log(f"new shape {describe_program(request, with_maps)}: compiling once ...")
         maps: Optional[dict] = {} if with_maps else None
+        sampler = RequestSampler(self.pipeline, request, self._on_progress, maps,
+                                 activation_steps(request.steps) if with_maps else ())
+        folder = self.out_dir / f"run-{next(self._runs):05d}-{request.seed}"
         start = time.time()
-        images, details = self.pipeline.generate(
-            request, progress=self._on_progress, activation_maps=maps,
-            activation_steps=activation_steps(request.steps) if with_maps else (),
-        )
+        with self._weights(loras) as provenance:
+            run_request(self.pipeline, request, folder, sampler=sampler, provenance=provenance,
+                        public=forms.public_copy)
         seconds = time.time() - start
         if new_shape:
             self._compiled.add(key)
-            self.log(f"compiled and ran {describe_shape(key)} in {seconds:.1f}s")
-        folder = self.out_dir / f"run-{next(self._runs):05d}-{request.seed}"
-        public, public_details = forms.public_copy(request, details)
-        pngs = save_outputs(folder, images, public, public_details, self.pipeline.provenance)
-        overlays = activation_overlays(images, maps or {}, request.steps)
+            self.log(f"compiled and ran {describe_program(request, with_maps)} in {seconds:.1f}s")
+        pngs = [output_path(folder, request, k) for k in range(request.num_images)]
+        overlays = activation_overlays(sampler.images, maps or {}, request.steps)
         return RunResult(pngs, [p.with_suffix(".json") for p in pngs], overlays, request, seconds)
 
 
@@ -210,13 +269,21 @@ def _without_paths(message: str, paths) -> str:
     return message
 
 
-def create_service(*, demo: bool, out_dir, log: Callable[[str], None] = print, **weights) -> tuple[AppService, str]:
-    """Load the pipeline once (`loading.load_pipeline`; weights: its keyword arguments) and
-    wrap it. Returns (service, the notice the page shows: the demo warning or "")."""
+def create_service(*, demo: bool, out_dir, log: Callable[[str], None] = print, lora_dirs: Sequence[str] = (),
+                   embedding_dirs: Sequence[str] = (), negative_embeddings: Sequence[str] = (),
+                   settings: Optional[dict] = None, **weights) -> tuple[AppService, str]:
+    """Load the pipeline once (`loading.load_pipeline`; weights: its keyword arguments, the
+    start-up LoRAs included) and wrap it. lora_dirs/embedding_dirs: the operator's folders the
+    page offers files of; negative_embeddings: files offered too and chosen by default.
+    Returns (service, the notice the page shows: the demo warning or "")."""
     from gradio.utils import get_upload_folder
 
     from dynamicid_jax.loading import DEMO_NOTICE, load_pipeline
 
+    loras, embeddings = lora_catalog(lora_dirs), embedding_catalog(embedding_dirs, negative_embeddings)
     config, pipeline = load_pipeline(demo=demo, log=log, **weights)
-    service = AppService(pipeline, config.sampling, out_dir, get_upload_folder(), log=log)
+    settings = dict(settings or {}, negative_embeddings=[public_name(p) for p in negative_embeddings])
+    service = AppService(pipeline, config.sampling, out_dir, get_upload_folder(), log=log, loras=loras,
+                         embeddings=embeddings, settings=settings,
+                         lora_skip_unknown=weights.get("lora_skip_unknown", False))
     return service, DEMO_NOTICE if demo else ""

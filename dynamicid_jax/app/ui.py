@@ -20,11 +20,12 @@ from dynamicid_jax.app.service import AppService, Cancelled
 from dynamicid_jax.dynamicid.saa import default_boxes
 from dynamicid_jax.faces import NoFaceError
 from dynamicid_jax.request import InputError
+from dynamicid_jax.request_parsing import parse_box
+from dynamicid_jax.schedulers import SCHEDULERS
 
 USER_ERRORS = (InputError, NoFaceError, Cancelled)
 IMAGE_TYPES = list(forms.IMAGE_SUFFIXES)
 PEOPLE = range(1, forms.MAX_PEOPLE + 1)
-DEFAULT_PROMPT = "a photo of people"
 
 
 def _paths(files) -> list[str]:
@@ -36,13 +37,13 @@ def _paths(files) -> list[str]:
 
 def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
     """The page for `service`; notice: a line shown on top (e.g. the demo-mode warning)."""
-    d = service.defaults
+    d = service.settings  # every setting's page default (the config's, then SampleRequest's)
     # Threads that wait for a run; the device lock inside the service keeps one at a time.
     runner = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="dynamicid-run")
     previews_dir = service.upload_root / "previews"  # gradio's temporary tree: it may serve these
 
-    def run_and_report(request, random_seed, with_maps, progress):
-        future = runner.submit(service.run, request, random_seed=random_seed, with_maps=with_maps)
+    def run_and_report(request, random_seed, with_maps, loras, progress):
+        future = runner.submit(service.run, request, random_seed=random_seed, with_maps=with_maps, loras=loras)
         # The handler's thread owns gradio's progress context: it reports while the run goes on,
         # and wait() returns the moment the run ends (no polling latency on the result).
         while not concurrent.futures.wait([future], timeout=0.1).done:
@@ -62,17 +63,6 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
         """The run's files (as the page holds them) -> the gallery: its PNGs, captioned."""
         return [(p, pathlib.PurePath(p).name) for p in _paths(files) if p.lower().endswith(".png")]
 
-    def settings_of(prompt, negative_prompt, seed, steps, guidance, width, height, num_images, alpha, beta,
-                    id_scale, mix, gating) -> dict:
-        """Form values -> SampleRequest settings; None (not sent) takes the page's default."""
-        page = dict(prompt=DEFAULT_PROMPT, negative_prompt=d.negative_prompt, seed=0, steps=d.steps,
-                    guidance=d.guidance, width=d.width, height=d.height, num_images=1, alpha=d.alpha, beta=d.beta,
-                    id_scale=d.id_scale, mix=None, gating=True)
-        given = dict(prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance,
-                     width=width, height=height, num_images=num_images, alpha=alpha, beta=beta, id_scale=id_scale,
-                     mix=mix, gating=gating)
-        return {k: page[k] if v is None else v for k, v in given.items()}
-
     # Every parameter defaults to None (= the page's default) so API clients name only what they set.
     def generate(refs_1=None, box_1=None, expression_1=None, orientation_1=None, face_text_1=None, landmarks_1=None,
                  refs_2=None, box_2=None, expression_2=None, orientation_2=None, face_text_2=None, landmarks_2=None,
@@ -80,7 +70,8 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
                  refs_4=None, box_4=None, expression_4=None, orientation_4=None, face_text_4=None, landmarks_4=None,
                  prompt=None, negative_prompt=None, seed=None, random_seed=None, steps=None, guidance=None,
                  width=None, height=None, num_images=None, alpha=None, beta=None, id_scale=None, mix=None,
-                 gating=None, activation_maps=None, progress=gr.Progress()):
+                 gating=None, activation_maps=None, scheduler=None, clip_skip=None, loras=None, lora_scale=None,
+                 negative_embeddings=None, progress=gr.Progress()):
         people = [
             forms.PersonForm(_paths(r), b or "", e or forms.KEEP, o or forms.KEEP, t or "", (_paths(lm) or [None])[0])
             for r, b, e, o, t, lm in (
@@ -90,25 +81,33 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
                 (refs_4, box_4, expression_4, orientation_4, face_text_4, landmarks_4),
             )
         ]
-        settings = settings_of(prompt, negative_prompt, seed, steps, guidance, width, height, num_images, alpha,
-                               beta, id_scale, mix, gating)
+        # None (not sent) takes the page's default, in parse_request
+        settings = dict(prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance,
+                        width=width, height=height, num_images=num_images, alpha=alpha, beta=beta,
+                        id_scale=id_scale, mix=mix, gating=gating, scheduler=scheduler, clip_skip=clip_skip)
+        page = {k: v for k, v in d.items() if k != "negative_embeddings"}  # names, resolved below
         try:
-            request = forms.build_request(people, settings, service.upload_root, service.describe)
+            embeddings = service.embeddings.paths(d["negative_embeddings"] if negative_embeddings is None
+                                                  else negative_embeddings)
+            request = forms.build_request(people, settings, service.upload_root, service.describe, page, embeddings)
+            choice = forms.lora_choice(loras, lora_scale, service.loras)
         except USER_ERRORS as e:
             raise gr.Error(str(e), print_exception=False)
-        return run_and_report(request, bool(random_seed), bool(activation_maps), progress)
+        return run_and_report(request, bool(random_seed), bool(activation_maps), choice, progress)
 
     def reproduce(sidecar=None, refs_1=None, refs_2=None, refs_3=None, refs_4=None, activation_maps=None,
                   progress=gr.Progress()):
         try:
             if not sidecar:
                 raise InputError("no sidecar: upload a .json sidecar written by this app or launch/sample.py")
-            data = forms.read_sidecar(_paths(sidecar)[0], service.upload_root)
+            data, loras = forms.read_sidecar(_paths(sidecar)[0], service.upload_root)
             request = forms.sidecar_request(data, [_paths(r) for r in (refs_1, refs_2, refs_3, refs_4)],
-                                            service.upload_root)
+                                            service.upload_root, service.embeddings)
+            for name, _ in loras:
+                service.loras.path(name)  # offered here, or the picture would differ
         except USER_ERRORS as e:
             raise gr.Error(str(e), print_exception=False)
-        return run_and_report(request, False, bool(activation_maps), progress)
+        return run_and_report(request, False, bool(activation_maps), loras, progress)
 
     def analyse(person: int):
         def fn(refs):
@@ -129,7 +128,7 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
         typed = {}
         for k, text in zip(PEOPLE, (box_1, box_2, box_3, box_4)):
             try:
-                typed[k] = forms.parse_box(text or "", k)
+                typed[k] = parse_box(text or "", f"person {k} box")
             except InputError:
                 typed[k] = None
         if len(active) == 1 and not typed[active[0]]:
@@ -140,8 +139,8 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
         else:
             boxes = {k: typed[k] for k in PEOPLE if typed[k] is not None}
             note = "typed boxes"
-        canvas = previews.layout_preview([boxes.get(k) for k in PEOPLE], int(height or d.height),
-                                         int(width or d.width), [f"person {k}" for k in PEOPLE])
+        canvas = previews.layout_preview([boxes.get(k) for k in PEOPLE], int(height or d["height"]),
+                                         int(width or d["width"]), [f"person {k}" for k in PEOPLE])
         return previews.png_file(canvas, previews_dir), note
 
     def draw(who, first, width, height, evt: gr.SelectData):
@@ -154,13 +153,13 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
             return skip + [first, "click inside the canvas"]
         if not first or first[0] != k:
             return skip + [(k, point), f"person {k}: first corner set; click the opposite corner"]
-        box = previews.box_from_corners(first[1], point, int(height or d.height), int(width or d.width))
+        box = previews.box_from_corners(first[1], point, int(height or d["height"]), int(width or d["width"]))
         skip[k - 1] = forms.format_box(box)
         return skip + [None, f"person {k}: box drawn"]
 
     def restore(sidecar):
         try:
-            data = forms.read_sidecar(_paths(sidecar)[0], service.upload_root)
+            data, loras = forms.read_sidecar(_paths(sidecar)[0], service.upload_root)
         except USER_ERRORS as e:
             raise gr.Error(str(e), print_exception=False)
         idents = data["identities"]
@@ -170,7 +169,10 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
             values += [forms.format_box(ident.get("box")), forms.KEEP, forms.KEEP, ident.get("face_prompt") or ""]
         values += [data["prompt"], data["negative_prompt"], data["seed"], False, data["steps"], data["guidance"],
                    data["width"], data["height"], data["num_images"], str(data["alpha"]), data["beta"],
-                   data["id_scale"], "" if data.get("mix") is None else str(data["mix"]), data["gating"]]
+                   data["id_scale"], "" if data.get("mix") is None else str(data["mix"]), data["gating"],
+                   data["scheduler"], data["clip_skip"], [n for n, _ in loras if n in service.loras.names],
+                   loras[0][1] if loras else 1.0,
+                   [n for n in data.get("negative_embeddings", []) if n in service.embeddings.names]]
         names = "; ".join(f"person {k}: {', '.join(pathlib.PurePath(r).name for r in i['refs'])}"
                           for k, i in enumerate(idents, start=1))
         message = f"settings restored; references are never read from a sidecar, upload them again ({names})"
@@ -207,26 +209,39 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
                             p["landmarks"] = gr.File(label="target landmarks photo (optional)",
                                                      file_types=IMAGE_TYPES, type="filepath",
                                                      elem_id=f"landmarks_{k}")
-                prompt = gr.Textbox(label="prompt", value=DEFAULT_PROMPT, elem_id="prompt")
-                negative = gr.Textbox(label="negative prompt", value=d.negative_prompt, elem_id="negative_prompt")
+                prompt = gr.Textbox(label="prompt", value=d["prompt"], elem_id="prompt")
+                negative = gr.Textbox(label="negative prompt", value=d["negative_prompt"], elem_id="negative_prompt")
                 with gr.Row():
-                    seed = gr.Number(label="seed", value=0, precision=0, elem_id="seed")
+                    seed = gr.Number(label="seed", value=d["seed"], precision=0, elem_id="seed")
                     random_seed = gr.Checkbox(label="random seed", value=False, elem_id="random_seed")
-                    steps = gr.Slider(1, 200, value=d.steps, step=1, label="steps", elem_id="steps")
-                    guidance = gr.Number(label="guidance", value=d.guidance, elem_id="guidance")
+                    steps = gr.Slider(1, 200, value=d["steps"], step=1, label="steps", elem_id="steps")
+                    guidance = gr.Number(label="guidance", value=d["guidance"], elem_id="guidance")
                 with gr.Row():
-                    width = gr.Slider(64, forms.MAX_SIDE, value=d.width, step=8, label="width", elem_id="width")
-                    height = gr.Slider(64, forms.MAX_SIDE, value=d.height, step=8, label="height", elem_id="height")
-                    num_images = gr.Slider(1, forms.MAX_IMAGES, value=1, step=1, label="images", elem_id="num_images")
+                    width = gr.Slider(64, forms.MAX_SIDE, value=d["width"], step=8, label="width", elem_id="width")
+                    height = gr.Slider(64, forms.MAX_SIDE, value=d["height"], step=8, label="height", elem_id="height")
+                    num_images = gr.Slider(1, forms.MAX_IMAGES, value=d["num_images"], step=1, label="images",
+                                           elem_id="num_images")
                 with gr.Row():
-                    alpha = gr.Textbox(label="alpha (layout steps, or a fraction like 0.24)", value=str(d.alpha),
+                    alpha = gr.Textbox(label="alpha (layout steps, or a fraction like 0.24)", value=str(d["alpha"]),
                                        elem_id="alpha")
-                    beta = gr.Number(label="beta", value=d.beta, elem_id="beta")
-                    id_scale = gr.Number(label="identity scale", value=d.id_scale, elem_id="id_scale")
-                    mix = gr.Textbox(label="mixing m (blank: off)", value="", elem_id="mix")
+                    beta = gr.Number(label="beta", value=d["beta"], elem_id="beta")
+                    id_scale = gr.Number(label="identity scale", value=d["id_scale"], elem_id="id_scale")
+                    mix = gr.Textbox(label="mixing m (blank: off)", value="" if d["mix"] is None else str(d["mix"]),
+                                     elem_id="mix")
                 with gr.Row():
-                    gating = gr.Checkbox(label="gating", value=True, elem_id="gating")
+                    scheduler = gr.Dropdown(list(SCHEDULERS), value=d["scheduler"], label="sampler",
+                                            elem_id="scheduler")
+                    clip_skip = gr.Number(label="clip skip (1 = penultimate layer)", value=d["clip_skip"], precision=0,
+                                          minimum=0, elem_id="clip_skip")
+                    gating = gr.Checkbox(label="gating", value=d["gating"], elem_id="gating")
                     maps = gr.Checkbox(label="activation maps (compiles once more)", value=False, elem_id="maps")
+                with gr.Row():
+                    loras = gr.Dropdown(service.loras.names, value=[], multiselect=True, elem_id="loras",
+                                        label="style LoRAs (the operator's files, merged in the order picked)")
+                    lora_scale = gr.Number(label="LoRA scale", value=1.0, elem_id="lora_scale")
+                    embeddings = gr.Dropdown(service.embeddings.names, value=d["negative_embeddings"],
+                                             multiselect=True, elem_id="negative_embeddings",
+                                             label="negative embeddings (textual inversion)")
             with gr.Column(scale=2):
                 layout_view = gr.Image(label="layout", interactive=False, elem_id="layout", type="numpy")
                 layout_note = gr.Markdown(elem_id="layout_note")
@@ -250,8 +265,9 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
                                                              "face_text", "landmarks")]
         settings = [prompt, negative, seed, random_seed, steps, guidance, width, height, num_images, alpha, beta,
                     id_scale, mix, gating]
+        choices = [scheduler, clip_skip, loras, lora_scale, embeddings]  # after `maps`, as generate() takes them
         outputs = [downloads, maps_view, status]
-        runs = [go.click(generate, per_person + settings + [maps], outputs, api_name="generate",
+        runs = [go.click(generate, per_person + settings + [maps] + choices, outputs, api_name="generate",
                          concurrency_id="device", concurrency_limit=1),
                 again.click(reproduce, [sidecar] + [person[k]["refs"] for k in PEOPLE] + [maps], outputs,
                             api_name="reproduce", concurrency_id="device", concurrency_limit=1)]
@@ -259,7 +275,7 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
             run.success(gallery_of, downloads, gallery, api_visibility="private", queue=False)
         stop.click(service.cancel, None, None, queue=False, api_name="cancel")
         restored = [person[k][f] for k in PEOPLE for f in ("box", "expression", "orientation", "face_text")]
-        restored += [c for c in settings] + [status]
+        restored += [c for c in settings] + choices + [status]
         sidecar.upload(restore, sidecar, restored, api_name="restore")
         for k in PEOPLE:
             person[k]["refs"].change(analyse(k), person[k]["refs"], [person[k]["faces"], person[k]["source"]],

@@ -86,7 +86,9 @@ class PrecomputeJob:
     input_dir: pathlib.Path
     output_dir: pathlib.Path
     num_shards: Optional[int] = None  # None: about `records_per_shard` inputs per shard
-    resolution: int = 512  # VAE input side (square center crop)
+    # VAE input side (square center crop): the base model's native size (`base_models.native_resolution`)
+    # is what the training configs expect; always given, the job knows no base model.
+    resolution: Optional[int] = None
     batch_size: int = 8  # fixed model batch (last one padded)
     cache_text_states: bool = False  # anchor: also store CLIP text hidden states
     process_index: int = 0
@@ -98,6 +100,8 @@ class PrecomputeJob:
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ConfigError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.resolution is None:
+            raise ConfigError("resolution is required (the base model's native size, e.g. base_models.native_resolution)")
         if self.batch_size < 1 or self.resolution < 1:
             raise ConfigError(f"batch_size and resolution must be positive: {self.batch_size}, {self.resolution}")
 

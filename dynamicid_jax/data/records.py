@@ -86,14 +86,15 @@ class FeatureSpec:
 def anchor_specs(
     *,
     latent_hw: tuple[int, int],
-    latent_channels: int = 4,
-    text_length: int = 77,
-    id_dim: int = 512,
-    clip_tokens: int = 257,
-    clip_width: int = 1280,
+    latent_channels: int,
+    text_length: int,
+    id_dim: int,
+    clip_tokens: int,
+    clip_width: int,
     text_states_width: int | None = None,
 ) -> list[FeatureSpec]:
-    """Feature specs of the anchor stage; `text_states_width` set adds cached text states."""
+    """Feature specs of the anchor stage (every size from the models that make and read the
+    shards); `text_states_width` set adds cached text states."""
     h, w = latent_hw
     specs = [
         FeatureSpec("key", (), STRING, "source file relative to the input folder"),
@@ -119,14 +120,14 @@ def anchor_specs(
 def reconfig_specs(
     *,
     latent_hw: tuple[int, int],
-    latent_channels: int = 4,
-    id_dim: int = 512,
-    clip_tokens: int = 257,
-    clip_width: int = 1280,
-    landmark_size: int = 96,
-    prompt_dim: int = 768,
+    latent_channels: int,
+    id_dim: int,
+    clip_tokens: int,
+    clip_width: int,
+    landmark_size: int,
+    prompt_dim: int,
 ) -> list[FeatureSpec]:
-    """Feature specs of the reconfiguration stage."""
+    """Feature specs of the reconfiguration stage (every size from the models)."""
     h, w = latent_hw
     return [
         FeatureSpec("key", (), STRING, "source file relative to the input folder"),

@@ -143,7 +143,7 @@ def evaluate(
     generate: Optional[Generator] = None,
     provenance: Optional[dict] = None,
     metrics: Optional[MetricModels] = None,
-    arch: str = "SD1.5",
+    arch: str,
     progress: bool = True,
 ) -> EvalResult:
     """Evaluate one mode and ablation of `protocol` into `out_dir` (resumable).

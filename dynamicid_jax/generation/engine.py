@@ -2,6 +2,7 @@
 
     sampler = BatchSampler(pipeline, batch_size=16)        # a mesh over this process's devices
     stats = run_jobs(jobs, sampler, provenance=pipeline.provenance)
+    stats = run_request(pipeline, request, out_dir)         # one request: launch/sample.py, the app
 
 A Job is one picture (a request and the index of the picture in it) and its PNG path. The
 plan is deterministic and computed alike by every process from the whole job list:
@@ -12,6 +13,9 @@ Finished images (a complete PNG + sidecar whose request and weights equal the jo
 `outputs.reusable`) are skipped; a batch with anything missing is computed whole, so its
 composition, and therefore every pixel, is the same as in an uninterrupted run. Images are
 written as each batch finishes (atomically), so a killed run loses at most its batch in flight.
+One request (`run_request`: `launch/sample.py` without --requests, the app) is the same plan
+with one job per picture and one batch: `RequestSampler` runs `pipeline.generate`, the request
+alone on the default device with per-step progress.
 
 Generation is embarrassingly parallel: a process computes on its own devices only (a
 `data` mesh over `jax.local_devices()`, parameters replicated, or split over `fsdp` by
@@ -108,6 +112,50 @@ class BatchSampler:
         return self.pipeline.generate_items(items, mesh=self.mesh, pad_to=self.batch_size)
 
 
+class RequestSampler:
+    """The pictures of one request in one `pipeline.generate` call (the default device; per-step
+    progress, cancel and activation maps as `generate` takes them): `launch/sample.py` and the
+    app. batch_size is the request's picture count, so its plan is one batch.
+    images: the last call's pictures (uint8 (N, H, W, 3)), e.g. for the app's overlays."""
+
+    def __init__(self, pipeline, request, progress: Optional[Callable[[int], Any]] = None,
+                 activation_maps: Optional[dict] = None, activation_steps: Sequence[int] = ()):
+        self.pipeline = pipeline
+        self.request = request
+        self.batch_size = request.num_images
+        self.progress = progress
+        self.activation_maps = activation_maps
+        self.activation_steps = activation_steps
+        self.images = None
+
+    def prepare(self, request) -> None:
+        self.pipeline.conditioning.prepare(request)
+
+    def __call__(self, items: Sequence[ImageItem]):
+        if [(i.request, i.index) for i in items] != [(self.request, k) for k in range(self.request.num_images)]:
+            raise ValueError("a RequestSampler computes every picture of its own request, in order")
+        self.images, details = self.pipeline.generate(self.request, progress=self.progress,
+                                                      activation_maps=self.activation_maps,
+                                                      activation_steps=self.activation_steps)
+        return self.images, [details] * len(items)
+
+
+def jobs_of(request, out_dir: str | pathlib.Path, stem: str = "dynamicid", line: Optional[int] = None) -> list[Job]:
+    """One Job per picture of one request: OUT/stem-SEED-K.png (`outputs.output_path`)."""
+    return [Job(ImageItem(request, k), outputs.output_path(out_dir, request, k, stem), line)
+            for k in range(request.num_images)]
+
+
+def run_request(pipeline, request, out_dir: str | pathlib.Path, *, sampler: Optional[RequestSampler] = None,
+                stem: str = "dynamicid", provenance: Optional[dict] = None, public=None) -> RunStats:
+    """Every picture of one request into `out_dir` (finished ones reused) in this process;
+    sampler: a RequestSampler of `request` (default: silent). provenance: default the
+    pipeline's. public: as run_jobs'."""
+    sampler = RequestSampler(pipeline, request) if sampler is None else sampler
+    return run_jobs(jobs_of(request, out_dir, stem), sampler, process_index=0, process_count=1, progress=False,
+                    provenance=pipeline.provenance if provenance is None else provenance, public=public)
+
+
 def _check_images(images, n: int) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[0] != n or images.dtype != np.uint8:
@@ -125,6 +173,7 @@ def run_jobs(
     progress: bool = True,
     on_reject: Optional[Callable[[Job, Exception], None]] = None,
     user_errors: tuple = (),
+    public: Optional[Callable[[Any, dict], tuple[Any, dict]]] = None,
 ) -> RunStats:
     """Generate this process's share of `jobs` that is not finished yet (see the module docstring).
 
@@ -132,6 +181,8 @@ def run_jobs(
       `batch_size` (default 1) and `prepare(request)`. process_index/count default to jax's.
     on_reject: called once per request whose preparation raises one of `user_errors` (no
       face, ...); its images are dropped and the rest continue. None: such errors propagate.
+    public: (request, details) -> what the sidecar records instead (the app: file names for
+      its server paths); finished images are compared with that record.
     Raises outputs.StaleImageError (before computing anything) when an image exists with
     other settings.
     """
@@ -143,8 +194,9 @@ def run_jobs(
     batch_size = getattr(sampler, "batch_size", 1)
     prepare = getattr(sampler, "prepare", None)
     batches = plan_batches(jobs, batch_size, index, count)
+    record = public or (lambda request, details: (request, details))
     finished = {job.path for batch in batches for job in batch
-                if outputs.reusable(job.path, job.item.request, provenance)}
+                if outputs.reusable(job.path, record(job.item.request, {})[0], provenance)}
     stats = RunStats(reused=len(finished))
     total = sum(len(b) for b in batches)
     desc = "images" if count == 1 else f"images p{index}"
@@ -163,7 +215,7 @@ def run_jobs(
             for job, image, detail in zip(batch, images, details):
                 if job.path in finished:
                     continue
-                outputs.save_image(job.path, image, job.item.request, detail, provenance, job.item.index)
+                outputs.save_image(job.path, image, *record(job.item.request, detail), provenance, job.item.index)
                 stats.generated += 1
                 stats.written.append(job.path)
                 bar.update(1)

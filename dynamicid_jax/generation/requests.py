@@ -4,10 +4,11 @@
     {"identities": [{"refs": ["alice.jpg"], "face_prompt": "a very surprised expression"}],
      "prompt": "a portrait", "seed": 3, "num_images": 4}
 
-Fields left out take the sampler's defaults (the config's `sampling` section, then
-SampleRequest's); relative photo paths are relative to the file. A line that cannot be used
-(not JSON, an unknown key, a wrong type, a bad box or size, an unreadable photo) becomes a
-`Reject` naming its line; the others are returned. Blank lines are skipped.
+Each line is parsed by `request_parsing.parse_request` (the rules of every other form of a
+request): fields left out take the sampler's defaults (the config's `sampling` section, then
+SampleRequest's); relative photo and embedding paths are relative to the file. A line that
+cannot be used (not JSON, an unknown key, a wrong type, a bad box or size, an unreadable
+photo) becomes a `Reject` naming its line; the others are returned. Blank lines are skipped.
 """
 
 from __future__ import annotations
@@ -18,14 +19,8 @@ import pathlib
 from typing import Any, Mapping, Optional
 
 from dynamicid_jax.errors import UserError
-from dynamicid_jax.request import DEFAULT_KEYS, IdentityRequest, InputError, SampleRequest, read_image, validate_request
-
-REQUEST_FIELDS = {f.name: f for f in dataclasses.fields(SampleRequest)}
-IDENTITY_FIELDS = {f.name for f in dataclasses.fields(IdentityRequest)}
-# The config's sampling keys (sampling.DEFAULT_KEYS: request fields, the scheduler included).
-DEFAULTABLE = DEFAULT_KEYS
-_INT = ("seed", "steps", "height", "width", "num_images", "clip_skip")
-_NUMBER = ("guidance", "beta", "id_scale")
+from dynamicid_jax.request import InputError, SampleRequest, read_image, validate_request
+from dynamicid_jax.request_parsing import key_label, parse_request
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,82 +31,6 @@ class Reject:
 
     def to_json(self) -> dict:
         return {"line": self.line, "error": self.error, "text": self.text}
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _check_types(data: Mapping[str, Any]) -> None:
-    for name in _INT:
-        if name in data and not _is_int(data[name]):
-            raise InputError(f"{name!r} must be an integer, got {data[name]!r}")
-    for name in _NUMBER:
-        if name in data and not _is_number(data[name]):
-            raise InputError(f"{name!r} must be a number, got {data[name]!r}")
-    if "alpha" in data and not _is_number(data["alpha"]):
-        raise InputError(f"'alpha' must be a step count or a fraction, got {data['alpha']!r}")
-    if data.get("mix") is not None and not _is_number(data["mix"]):
-        raise InputError(f"'mix' must be a number or null, got {data['mix']!r}")
-    if "gating" in data and not isinstance(data["gating"], bool):
-        raise InputError(f"'gating' must be true or false, got {data['gating']!r}")
-    for name in ("prompt", "negative_prompt", "scheduler"):
-        if name in data and not isinstance(data[name], str):
-            raise InputError(f"{name!r} must be a string, got {data[name]!r}")
-    files = data.get("negative_embeddings", [])
-    if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
-        raise InputError(f"'negative_embeddings' must be a list of embedding file paths, got {files!r}")
-
-
-def _resolve(path: str, base: pathlib.Path) -> str:
-    """A path of the file, relative to its folder unless absolute."""
-    return str(path if pathlib.Path(path).is_absolute() else base / path)
-
-
-def _identity(d, base: pathlib.Path, i: int) -> IdentityRequest:
-    if not isinstance(d, dict):
-        raise InputError(f"identity {i} must be an object, got {d!r}")
-    unknown = sorted(set(d) - IDENTITY_FIELDS)
-    if unknown:
-        raise InputError(f"identity {i}: unknown key(s) {unknown} (known: {sorted(IDENTITY_FIELDS)})")
-    refs = d.get("refs")
-    if not isinstance(refs, list) or not refs or not all(isinstance(r, str) and r for r in refs):
-        raise InputError(f"identity {i}: 'refs' must be a non-empty list of photo paths, got {refs!r}")
-    box = d.get("box")
-    if box is not None and (not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box)):
-        raise InputError(f"identity {i}: 'box' must be 4 numbers [y_min, x_min, y_max, x_max], got {box!r}")
-    for name in ("face_prompt", "source_prompt", "target_landmarks"):
-        if d.get(name) is not None and not isinstance(d[name], str):
-            raise InputError(f"identity {i}: {name!r} must be a string or null, got {d[name]!r}")
-    resolve = lambda p: _resolve(p, base)  # noqa: E731
-    return IdentityRequest(
-        refs=[resolve(r) for r in refs], box=None if box is None else [float(v) for v in box],
-        face_prompt=d.get("face_prompt"), target_landmarks=None if d.get("target_landmarks") is None
-        else resolve(d["target_landmarks"]), source_prompt=d.get("source_prompt"),
-    )
-
-
-def parse_request(data, base: pathlib.Path, defaults: Mapping[str, Any]) -> SampleRequest:
-    """One line's object -> SampleRequest (InputError naming the problem)."""
-    if not isinstance(data, dict):
-        raise InputError(f"a request must be a JSON object, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(REQUEST_FIELDS))
-    if unknown:
-        raise InputError(f"unknown key(s) {unknown} (known: {sorted(REQUEST_FIELDS)})")
-    if "identities" not in data or not isinstance(data["identities"], list):
-        raise InputError("'identities' must be a list of {\"refs\": [...], ...} objects")
-    _check_types(data)
-    fields = {k: v for k, v in defaults.items() if k in DEFAULTABLE}
-    fields.update({k: v for k, v in data.items() if k != "identities"})
-    fields["identities"] = [_identity(d, base, i) for i, d in enumerate(data["identities"])]
-    if "negative_embeddings" in data:
-        fields["negative_embeddings"] = [_resolve(f, base) for f in data["negative_embeddings"]]
-    fields.setdefault("prompt", "a photo of a person")
-    return SampleRequest(**fields)
 
 
 def read_requests(
@@ -138,8 +57,8 @@ def read_requests(
                 data = json.loads(text)
             except json.JSONDecodeError as e:
                 raise InputError(f"not JSON: {e}") from None
-            request = parse_request(data, path.parent, defaults)
-            validate_request(request, vae_factor, identity_branch)
+            request = parse_request(data, defaults=defaults, base=path.parent)
+            validate_request(request, vae_factor, label=key_label, identity_branch=identity_branch)
             _check_photos(request, photo_errors)
             _check_embeddings(request, photo_errors)
         except (InputError, TypeError) as e:

@@ -16,10 +16,8 @@ import sys
 from typing import Any, Callable, Mapping, Optional
 
 from dynamicid_jax import outputs
-from dynamicid_jax.batching import ImageItem
-from dynamicid_jax.generation.engine import BatchSampler, Job, gather_totals, run_jobs
+from dynamicid_jax.generation.engine import BatchSampler, Job, gather_totals, jobs_of, run_jobs
 from dynamicid_jax.generation.requests import Reject, read_requests
-from dynamicid_jax.outputs import output_path
 from dynamicid_jax.request import InputError
 
 REJECTS, SUMMARY = "rejects.jsonl", "summary.json"
@@ -27,8 +25,7 @@ REJECTS, SUMMARY = "rejects.jsonl", "summary.json"
 
 def request_jobs(requests, out_dir: str | pathlib.Path) -> list[Job]:
     """One Job per picture of each (line, request)."""
-    return [Job(ImageItem(request, k), output_path(out_dir, request, k, stem=f"line{line:05d}"), line)
-            for line, request in requests for k in range(request.num_images)]
+    return [job for line, request in requests for job in jobs_of(request, out_dir, f"line{line:05d}", line)]
 
 
 def per_process_batch(batch_size: Optional[int], process_count: int) -> Optional[int]:

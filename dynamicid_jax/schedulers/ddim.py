@@ -51,18 +51,20 @@ _DIFFUSERS_DDIM_DEFAULTS = {
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    """Noise schedule and DDIM settings. Defaults are SD1.5's scheduler config."""
+    """Noise schedule and DDIM settings, as a base model's scheduler config states them (no
+    defaults: the values come from the files, `from_diffusers`, or from the base-model family,
+    e.g. `base_models.sd15.SCHEDULER`)."""
 
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"  # "linear" or "scaled_linear" (linear in sqrt(beta))
-    steps_offset: int = 1
-    set_alpha_to_one: bool = False  # alpha_cumprod "before" step 0: 1, or alphas_cumprod[0]
-    timestep_spacing: str = "leading"  # "leading", "trailing" or "linspace" (diffusers' names)
-    clip_sample: bool = False
-    clip_sample_range: float = 1.0
-    prediction_type: str = "epsilon"  # "epsilon", "v_prediction" or "sample"
+    num_train_timesteps: int
+    beta_start: float
+    beta_end: float
+    beta_schedule: str  # "linear" or "scaled_linear" (linear in sqrt(beta))
+    steps_offset: int
+    set_alpha_to_one: bool  # alpha_cumprod "before" step 0: 1, or alphas_cumprod[0]
+    timestep_spacing: str  # "leading", "trailing" or "linspace" (diffusers' names)
+    clip_sample: bool
+    clip_sample_range: float
+    prediction_type: str  # "epsilon", "v_prediction" or "sample"
     # timestep_spacing as the config file states it; None (SD1.5's file names none): each
     # sampler takes its diffusers class's default (samplers.timestep_spacing).
     stated_spacing: Optional[str] = None

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dynamicid_jax import modeling, sharding
+from dynamicid_jax import base_models, modeling, sharding
 from dynamicid_jax.data import pipeline, records
 from dynamicid_jax.errors import ConfigError, UserError
 from dynamicid_jax.training import checkpoints, data, init, partition, stages
@@ -114,6 +114,7 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
     batch_sharding = sharding.batch_sharding(mesh)
 
     # ------------------------------------------------------------------ input (checked against the model)
+    config = with_base_model_files(config)
     modules = modeling.build_modules(config.model, dtype=compute_dtype(config.dtype))
     manifest = data.check_dataset(data_dir, stage, modules, config)
     workdir.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to fit: no stray workdirs
@@ -240,6 +241,18 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
     if is_main:
         _write_summary(workdir, last, corrupt)
     return last
+
+
+def with_base_model_files(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` whose model sections the base model's files define (a fine-tune's VAE scale, its
+    scheduler) are read from `init.base_model`, so the run trains with what the files say and
+    its config.json records it. A random-init run, or one without a base model, is unchanged."""
+    if config.init.random or not config.init.base_model:
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy: the caller's stays as given
+    family = base_models.get(config.model.get("family", "sd15"))
+    config.model = family.model_from_files(config.model, config.init.base_model)
+    return config
 
 
 def compile_step(stage, modules, config, tx, mesh, manifest):
