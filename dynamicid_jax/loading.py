@@ -122,7 +122,7 @@ def load_pipeline(
     loras: Sequence[tuple[str, float]] = (),
     lora_skip_unknown: bool = False,
 ):
-    """-> (config, DynamicIDPipeline). See the module docstring for the three sources.
+    """-> (config, DynamicIDPipeline). See the module docstring for the four sources.
 
     loras: style LoRA files (kohya or diffusers/PEFT) with their scales, merged in order into
     the base UNet and text encoder (`models.lora_files`); the provenance lists each file and,
