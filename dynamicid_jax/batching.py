@@ -5,10 +5,13 @@ guidance pair stays inside that row ([negative, positive] on a second axis), so 
 the image axis over devices never separates a pair:
 
     noise      (N, h, w, C)         row i = image `index` of the seed's draw (N_req, h, w, C)
-    conditioning                    a `base_models.TextConditioning` of [negative prompt, prompt]:
+    conditioning                    a `base_models.TextConditioning` of [negative prompt, prompt]
+                                    (the negative as `family.negative_conditioning` says):
                                     context (N, 2, L, D) and the family's extras (N, 2, ...)
     id_tokens  (N, 2, n, T, D)      [unconditional tokens, identity tokens] of the n people
-    boxes      (N, n, 4)            normalised boxes (the default strips when none are given)
+    boxes      (N, n, 4)            normalised boxes (the default strips when none are given);
+                                    both absent for requests without identities (plain
+                                    text-to-image on a base model without the identity branch)
     guidance, beta, id_scale, mix (N,) float32; alpha_count (N,) int32
     step_key   (N, 2) uint32        the image's key of the ancestral samplers' per-step noise
 
@@ -41,8 +44,9 @@ class ImageItem:
 
 
 def uses_boxes(request) -> bool:
-    """Layout control and routing are on for several people, or one person with a box."""
-    return len(request.identities) > 1 or request.identities[0].box is not None
+    """Layout control and routing are on for several people, or one person with a box (never
+    without identities: plain text-to-image)."""
+    return len(request.identities) > 1 or (bool(request.identities) and request.identities[0].box is not None)
 
 
 def program_key(request) -> tuple:
@@ -171,31 +175,34 @@ def assemble(items: list[ImageItem], cache: ConditioningCache, latent_hwc: tuple
     if len(keys) != 1:
         raise ValueError(f"a batch needs one shape_key, got {sorted(keys)}")
     rows = list(items) + [items[-1]] * max(0, (pad_to or 0) - len(items))
-    uncond = cache.unconditional()
+    with_identities = bool(items[0].request.identities)  # equal over the batch (shape_key)
+    uncond = cache.unconditional() if with_identities else None
     family = cache.pipeline.modules.family
     conditioning, tokens, boxes = [], [], []
     for item in rows:
         r = item.request
-        pair = text_conditioning.stack([cache.text(r.negative_prompt, r.clip_skip, r.negative_embeddings),
-                                        cache.text(r.prompt, r.clip_skip, r.negative_embeddings)])
+        negative = family.negative_conditioning(cache.text(r.negative_prompt, r.clip_skip, r.negative_embeddings),
+                                                r.negative_prompt)
+        pair = text_conditioning.stack([negative, cache.text(r.prompt, r.clip_skip, r.negative_embeddings)])
         size_extras = {k: np.stack([v, v]) for k, v in family.request_extras(r.height, r.width).items()}
         conditioning.append(pair.replace(extras={**pair.extras, **size_extras}))
-        ids = np.stack([cache.identity(ident)[0] for ident in r.identities])  # (n, T, D)
-        tokens.append(np.stack([np.broadcast_to(uncond, ids.shape), ids]))
-        boxes.append(request_boxes(r))
+        if with_identities:
+            ids = np.stack([cache.identity(ident)[0] for ident in r.identities])  # (n, T, D)
+            tokens.append(np.stack([np.broadcast_to(uncond, ids.shape), ids]))
+            boxes.append(request_boxes(r))
     per_row = lambda f, dtype: np.asarray([f(item.request) for item in rows], dtype)  # noqa: E731
     arrays = {
         "noise": noise_rows(rows, latent_hwc),
         "step_key": step_keys([(item.request.seed, item.index) for item in rows]),
         "conditioning": text_conditioning.stack(conditioning),
-        "id_tokens": np.stack(tokens),
-        "boxes": np.stack(boxes),
         "guidance": per_row(lambda r: r.guidance, np.float32),
         "alpha_count": per_row(lambda r: alpha_steps(r.alpha, r.steps), np.int32),
         "beta": per_row(lambda r: r.beta, np.float32),
         "id_scale": per_row(lambda r: r.id_scale, np.float32),
         "mix": per_row(lambda r: 0.0 if r.mix is None else r.mix, np.float32),
     }
+    if with_identities:  # absent in plain text-to-image (a base model without the identity branch)
+        arrays.update(id_tokens=np.stack(tokens), boxes=np.stack(boxes))
     details = {}
     for item in items:
         if id(item.request) not in details:

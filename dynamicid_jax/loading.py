@@ -1,8 +1,11 @@
 """Assemble a ready DynamicIDPipeline from files (real weights, a training run) or the demo.
 
-Three sources of weights, one result:
+Four sources of weights, one result:
   demo         the family's tiny model with THE tiny random weights (`modeling.tiny_random_params`).
   release      SD1.5 + CLIP ViT-H/14 + the authors' SAA.bin/IMR.bin/key_point_encoder.bin.
+  base only    a base model (any family, detected from its files) without DynamicID weights:
+               the UNet without the identity branch, plain text-to-image (said in the log
+               and the sidecar's provenance: "identity_branch": "absent").
   training run a `launch/train.py` workdir: its config.json fixes the architecture; trained
                components from its newest checkpoint, the rest from the base model it
                started from (the tiny random one for tiny runs, else --base_model /
@@ -29,6 +32,8 @@ DEMO_NOTICE = (
     "DEMO MODE: tiny model with RANDOM weights (configs/tiny.py). Pictures will be noise-like; "
     "pass --base_model/--vision_encoder/--dynamicid for real pictures."
 )
+ABSENT_NOTICE = ("identity branch: absent (no --dynamicid weights): plain text-to-image from the base model; "
+                 "--ref needs DynamicID weights")
 TINY_NOTICE = "NOTE: this training run started from the TINY RANDOM base model: pictures will be noise-like."
 # Components a training run may lack (stage 1 has no IMR): never filled with random weights.
 EDIT_COMPONENTS = ("imr", "keypoint_encoder")
@@ -73,11 +78,19 @@ def _sampling_config(demo: bool, run, base_model: Optional[str] = None):
         config = base_models.default_config(tiny=run_base(run)[0], family=run.model.get("family", "sd15"))
         config.model = run.model
         return config
-    config = base_models.default_config(tiny=demo)
     if base_model and not demo:
-        family = base_models.get(config.model.family)
-        config.model = family.model_from_files(config.model, base_model)
-    return config
+        config = base_models.default_config(family=base_models.detect(base_model))
+        config.model = base_models.get(config.model.family).model_from_files(config.model, base_model)
+        # diffusers' default size: the UNet's sample_size x the VAE factor, as the files say
+        config.sampling.height = config.sampling.width = base_models.native_resolution(config.model)
+        return config
+    return base_models.default_config(tiny=demo)
+
+
+def identity_branch(demo: bool, dynamicid: Optional[str]) -> bool:
+    """Whether this source of weights has DynamicID's identity branch (SAA + LoRA, face
+    projection): the demo and any --dynamicid do; a base model alone does not."""
+    return bool(demo or dynamicid)
 
 
 def _expressions(path: Optional[str]):
@@ -109,14 +122,13 @@ def load_pipeline(
     loras: Sequence[tuple[str, float]] = (),
     lora_skip_unknown: bool = False,
 ):
-    """-> (config, DynamicIDPipeline). See the module docstring for the three sources.
+    """-> (config, DynamicIDPipeline). See the module docstring for the four sources.
 
     loras: style LoRA files (kohya or diffusers/PEFT) with their scales, merged in order into
     the base UNet and text encoder (`models.lora_files`); the provenance lists each file and,
     with lora_skip_unknown, the keys dropped from it.
     """
     from dynamicid_jax.faces import load_face_analyzer
-    from dynamicid_jax.tokenizer import CLIPTokenizer
 
     compute_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     # The VAE stays float32 under a bfloat16 model unless asked: its decoder's activations
@@ -124,10 +136,23 @@ def load_pipeline(
     decode_dtype = jnp.bfloat16 if vae_dtype == "bfloat16" else jnp.float32
     run = training_run_config(dynamicid)
     config = _sampling_config(demo, run, base_model)
-    modules = modeling.build_modules(config.model, dtype=compute_dtype, vae_dtype=decode_dtype)
-    analyzer = load_face_analyzer(faces)
-    expressions = _expressions(expression_model)
-    if demo:
+    with_identity = identity_branch(demo, dynamicid)
+    modules = modeling.build_modules(config.model, dtype=compute_dtype, vae_dtype=decode_dtype,
+                                     identity_branch=with_identity)
+    if run is None and dynamicid and not demo and not modules.family.release_weights:
+        raise InputError(f"--dynamicid {dynamicid}: the authors' DynamicID weights are for SD1.5, the base model "
+                         f"{base_model} is {modules.family.name} (drop --dynamicid for plain text-to-image)")
+    analyzer = load_face_analyzer(faces) if with_identity else None
+    expressions = _expressions(expression_model) if with_identity else None
+    if not with_identity:
+        if not base_model:
+            raise InputError("missing --base_model (or use --demo for a tiny random model)")
+        log(f"loading weights: base {base_model} ({modules.family.name})")
+        log(ABSENT_NOTICE)
+        params = modeling.load_base_model(modules, base_model)
+        tokenizer = modules.family.load_tokenizer(base_model)
+        provenance = {"base_model": str(base_model), "family": modules.family.name, "identity_branch": "absent"}
+    elif demo:
         if base_model or vision_encoder or dynamicid:
             raise InputError("--demo uses random weights: drop --base_model/--vision_encoder/--dynamicid")
         log(DEMO_NOTICE)
@@ -153,9 +178,10 @@ def load_pipeline(
         else:
             params = modeling.load_pretrained(modules, base_model=base_model, vision_encoder=vision_encoder)
             params.update(_trained(dynamicid, modules))
-        tokenizer = CLIPTokenizer.from_folder(_tokenizer_folder(base_model))
+        tokenizer = modules.family.load_tokenizer(base_model)
         provenance = {"base_model": str(base_model), "vision_encoder": str(vision_encoder), "dynamicid": str(dynamicid)}
-    provenance["faces"] = analyzer.name
+    if analyzer is not None:
+        provenance["faces"] = analyzer.name
     if loras:
         params, provenance["loras"] = merge_style_loras(params, loras, lora_skip_unknown, log)
     # Inference only: half the memory and weight traffic, same compute.
@@ -169,7 +195,7 @@ def load_pipeline(
 
 def merge_style_loras(params: dict, loras: Sequence[tuple[str, float]], skip_unknown: bool = False,
                       log: Callable[[str], None] = lambda m: None) -> tuple[dict, list[dict]]:
-    """Fold each (file, scale) into params' "unet"/"text_encoder"; -> (params, one record per file)."""
+    """Fold each (file, scale) into params' "unet"/"text_encoder"(/"text_encoder_2"); -> (params, one record per file)."""
     import dataclasses
 
     from dynamicid_jax.models.lora_files import merge_lora_file
@@ -177,7 +203,8 @@ def merge_style_loras(params: dict, loras: Sequence[tuple[str, float]], skip_unk
     records = []
     for path, scale in loras:
         params, report = merge_lora_file(params, path, scale, skip_unknown=skip_unknown)
-        log(f"LoRA {path} x{scale}: merged {report.merged['unet']} UNet and {report.merged['text_encoder']} "
+        text = sum(n for comp, n in report.merged.items() if comp != "unet")  # SDXL: both text encoders
+        log(f"LoRA {path} x{scale}: merged {report.merged['unet']} UNet and {text} "
             f"text-encoder modules" + (f", dropped {len(report.dropped)} unknown keys" if report.dropped else ""))
         records.append(dataclasses.asdict(report))
     return params, records
@@ -192,14 +219,3 @@ def _trained(dynamicid: str, modules) -> dict:
     from dynamicid_jax.training.checkpoints import load_trained_params
 
     return load_trained_params(dynamicid, modules)
-
-
-def _tokenizer_folder(base_model: str) -> pathlib.Path:
-    path = pathlib.Path(base_model)
-    for candidate in (path / "tokenizer", path):
-        if (candidate / "vocab.json").is_file() and (candidate / "merges.txt").is_file():
-            return candidate
-    raise MissingFileError(
-        f"no CLIP tokenizer (vocab.json + merges.txt) in {path}/tokenizer: a single-file checkpoint carries "
-        "none; convert it with launch/convert.py or pass a pipeline folder"
-    )

@@ -37,6 +37,9 @@ from dynamicid_jax.schedulers import SchedulerConfig
 
 Params = dict[str, Any]
 COMPONENTS = ("unet", "vae", "text_encoder", "vision_encoder", "face_projection", "imr", "keypoint_encoder")
+# Components only some base models have (SDXL's second text encoder); appended after
+# COMPONENTS so every other component keeps its fold_in index (and its tiny random weights).
+OPTIONAL_COMPONENTS = ("text_encoder_2",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,17 @@ class DynamicIDModules:
     face_projection: FaceProjection
     imr: IMR
     keypoint_encoder: KeyPointEncoder
+    text_encoder_2: Optional[CLIPTextModel] = None  # SDXL's OpenCLIP bigG (None: one text encoder)
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The components these modules have: COMPONENTS, plus text_encoder_2 when built."""
+        return COMPONENTS + tuple(n for n in OPTIONAL_COMPONENTS if getattr(self, n) is not None)
+
+    @property
+    def identity_branch(self) -> bool:
+        """The UNet has DynamicID's SAA + LoRA (False: a plain base model, text-to-image only)."""
+        return self.unet.config.saa is not None
 
     @property
     def id_dim(self) -> int:
@@ -68,18 +82,22 @@ def _tuple_fields(d: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
-def build_modules(model: ml_collections.ConfigDict, dtype=jnp.float32, vae_dtype=None) -> DynamicIDModules:
+def build_modules(model: ml_collections.ConfigDict, dtype=jnp.float32, vae_dtype=None,
+                  identity_branch: bool = True) -> DynamicIDModules:
     """Modules from a config's `model` section (`base_models`' model_config). dtype = compute
-    dtype; vae_dtype: the VAE's (None: dtype).
+    dtype; vae_dtype: the VAE's (None: dtype). identity_branch False: the base UNet alone
+    (no SAA, no LoRA), for plain text-to-image without DynamicID weights. A `text_2` section
+    (SDXL) adds `text_encoder_2`; the family object is the one `model` configures
+    (`family.configured(model)`: e.g. SDXL's force_zeros_for_empty_prompt).
 
     A training run's config.json written before `family` and `scheduler` were model fields
     was an SD1.5 run on SD1.5's schedule: those two take the sd15 family's values."""
-    family = base_models.get(model.get("family", "sd15"))
+    family = base_models.get(model.get("family", "sd15")).configured(model)
     scheduler = model.get("scheduler") or family.model_config().scheduler
-    unet_config = UNetConfig(
-        **_tuple_fields(model.unet.to_dict()), lora_rank=model.lora_rank, saa=SAAConfig(threshold=model.saa_threshold)
-    )
+    branch = dict(lora_rank=model.lora_rank, saa=SAAConfig(threshold=model.saa_threshold)) if identity_branch else {}
+    unet_config = UNetConfig(**_tuple_fields(model.unet.to_dict()), **branch)
     text_config = CLIPTextConfig(**_tuple_fields(model.text.to_dict()))
+    text_2 = model.get("text_2")
     vision_config = CLIPVisionConfig(**_tuple_fields(model.vision.to_dict()))
     width = unet_config.cross_attention_dim
     return DynamicIDModules(
@@ -98,6 +116,8 @@ def build_modules(model: ml_collections.ConfigDict, dtype=jnp.float32, vae_dtype
         keypoint_encoder=KeyPointEncoder(
             embedding_dim=width, dtype=dtype, **_tuple_fields(model.keypoint_encoder.to_dict())
         ),
+        text_encoder_2=None if text_2 is None else CLIPTextModel(CLIPTextConfig(**_tuple_fields(text_2.to_dict())),
+                                                                  dtype=dtype),
     )
 
 
@@ -109,7 +129,16 @@ def _dummy_inputs(modules: DynamicIDModules) -> dict[str, tuple]:
     tokens = modules.face_projection.num_tokens
     vis = modules.vision_encoder.config
     kpe = modules.keypoint_encoder
-    return {
+    unet_inputs = (
+        jnp.zeros((1,) + (2 ** (len(unet_cfg.block_out_channels) - 1),) * 2 + (unet_cfg.in_channels,)),
+        jnp.zeros((1,), jnp.int32),
+        jnp.zeros((1, modules.text_encoder.config.max_positions, width)),
+        identity_conditioning(jnp.zeros((1, 1, tokens, width))) if modules.identity_branch else None,
+    )
+    if unet_cfg.addition_embed_type is not None:  # SDXL's text_time: the pooled vector and six time ids
+        pooled = unet_cfg.projection_class_embeddings_input_dim - 6 * unet_cfg.addition_time_embed_dim
+        unet_inputs += ({"text_embeds": jnp.zeros((1, pooled)), "time_ids": jnp.zeros((1, 6))},)
+    inputs = {
         "vae": (jnp.zeros((1, f, f, 3)),),
         "text_encoder": (jnp.zeros((1, modules.text_encoder.config.max_positions), jnp.int32),),
         "vision_encoder": (jnp.zeros((1, vis.image_size, vis.image_size, vis.num_channels)),),
@@ -117,13 +146,11 @@ def _dummy_inputs(modules: DynamicIDModules) -> dict[str, tuple]:
         "imr": (jnp.zeros((1, tokens, width)),)
         + (jnp.zeros((1, width)), jnp.zeros((1, modules.imr.text_dim))) * 2,
         "keypoint_encoder": (jnp.zeros((1, kpe.image_size, kpe.image_size, kpe.in_channels)),),
-        "unet": (
-            jnp.zeros((1,) + (2 ** (len(unet_cfg.block_out_channels) - 1),) * 2 + (unet_cfg.in_channels,)),
-            jnp.zeros((1,), jnp.int32),
-            jnp.zeros((1, modules.text_encoder.config.max_positions, width)),
-            identity_conditioning(jnp.zeros((1, 1, tokens, width))),
-        ),
+        "unet": unet_inputs,
     }
+    if modules.text_encoder_2 is not None:
+        inputs["text_encoder_2"] = (jnp.zeros((1, modules.text_encoder_2.config.max_positions), jnp.int32),)
+    return inputs
 
 
 # Explicit PRNG implementation for tiny random weights: they must not depend on
@@ -143,16 +170,19 @@ def _component_tree(name: str, variables):
     return variables if name == "keypoint_encoder" else variables["params"]
 
 
-def init_random_params(modules: DynamicIDModules, rng: jax.Array, components=COMPONENTS) -> Params:
-    """Random parameters of `components` (component i from fold_in(rng, its COMPONENTS index)).
+def init_random_params(modules: DynamicIDModules, rng: jax.Array, components=None) -> Params:
+    """Random parameters of `components` (None: all of `modules.components`; component i from
+    fold_in(rng, its index in COMPONENTS + OPTIONAL_COMPONENTS)).
 
     The SAA UNet's LoRA `lora_up` is zero at init (an exact no-op); the identity projections
     are random like everything else, so the identity path is live even in a random model.
     """
-    return {name: init_component(modules, name, jax.random.fold_in(rng, COMPONENTS.index(name))) for name in components}
+    order = COMPONENTS + OPTIONAL_COMPONENTS
+    return {name: init_component(modules, name, jax.random.fold_in(rng, order.index(name)))
+            for name in (modules.components if components is None else components)}
 
 
-def tiny_random_params(modules: DynamicIDModules, seed: int = 0, components=COMPONENTS) -> Params:
+def tiny_random_params(modules: DynamicIDModules, seed: int = 0, components=None) -> Params:
     """THE tiny random weights (tests, demo, precompute without a base model): one seed and
     one PRNG implementation everywhere, so every consumer computes with the same model."""
     return init_random_params(modules, jax.random.key(seed, impl=TINY_PRNG_IMPL), components)
@@ -162,7 +192,7 @@ def abstract_params(modules: DynamicIDModules) -> Params:
     """Shapes of `init_random_params` without running any init (the trace the tiny init uses)."""
     rng, inputs = jax.random.key(0, impl=TINY_PRNG_IMPL), _dummy_inputs(modules)
     return {name: _component_tree(name, random_init.abstract(getattr(modules, name), rng, *inputs[name]))
-            for name in COMPONENTS}
+            for name in modules.components}
 
 
 def load_pretrained(
@@ -185,12 +215,10 @@ def load_pretrained(
     import pathlib
 
     from dynamicid_jax.dynamicid import published_weights as pw
-    from dynamicid_jax.models import load_text_encoder, load_unet, load_vae, load_vision_encoder
+    from dynamicid_jax.models import load_vision_encoder
 
-    params: Params = {}
-    _, unet_base = load_unet(base_model)
-    _, params["vae"] = load_vae(base_model)
-    _, params["text_encoder"] = load_text_encoder(base_model)
+    params = load_base_model(modules, base_model)
+    unet_base = params.pop("unet")
     _, params["vision_encoder"] = load_vision_encoder(vision_encoder)
     shapes = abstract_params(modules)
     if dynamicid is None:
@@ -207,6 +235,19 @@ def load_pretrained(
         params["keypoint_encoder"] = pw.load_keypoint_encoder_variables(
             _require_file(folder, "key_point_encoder"), modules.keypoint_encoder
         )
+    return params
+
+
+def load_base_model(modules: DynamicIDModules, base_model: str | os.PathLike) -> Params:
+    """The base model's own weights, strictly: {"unet" (without any DynamicID parameter),
+    "vae", "text_encoder"} and "text_encoder_2" when the modules have one (SDXL)."""
+    from dynamicid_jax.models import load_text_encoder, load_unet, load_vae
+
+    params: Params = {}
+    _, params["unet"] = load_unet(base_model)
+    _, params["vae"] = load_vae(base_model)
+    for name in ("text_encoder",) + tuple(n for n in OPTIONAL_COMPONENTS if getattr(modules, n) is not None):
+        _, params[name] = load_text_encoder(base_model, component=name)
     return params
 
 

@@ -37,8 +37,9 @@ from dynamicid_jax.request import IdentityRequest, InputError, SampleRequest, re
 class DynamicIDPipeline:
     """Holds modules, parameters and the face models; `generate` runs one request.
 
-    tokenizer: `dynamicid_jax.tokenizer.CLIPTokenizer`. faces: a FaceAnalyzer whose
-    embedding size matches `modules.id_dim`. expressions: an ExpressionClassifier, needed
+    tokenizer: the family's (`family.load_tokenizer`: SD1.5 one CLIPTokenizer, SDXL a pair).
+    faces: a FaceAnalyzer whose embedding size matches `modules.id_dim`; None for modules
+    without the identity branch (plain text-to-image). expressions: an ExpressionClassifier, needed
     only to describe a reference face automatically for IMR (else give source_prompt).
     provenance: what the weights are (paths, or "tiny random"), copied to every sidecar.
     """
@@ -52,7 +53,9 @@ class DynamicIDPipeline:
         expressions=None,
         provenance: Optional[dict] = None,
     ):
-        if faces.embedding_dim != modules.id_dim:
+        if faces is None and modules.identity_branch:
+            raise InputError("DynamicID's identity branch needs face models (--faces)")
+        if faces is not None and faces.embedding_dim != modules.id_dim:
             raise InputError(
                 f"face model set {faces.name!r} gives {faces.embedding_dim}-d identity vectors but the "
                 f"face projection expects {modules.id_dim}-d (use the face models the weights were trained with)"
@@ -98,15 +101,13 @@ class DynamicIDPipeline:
         """(the base model's conditioning of each text, batch B; pooled (B, D) CLIP text
         features, IMR's face-prompt input); clip_skip as CLIPTextModel's; embeddings:
         textual-inversion files whose names the texts may mention."""
-        config = self.modules.text_encoder.config
-        if clip_skip >= config.num_layers:
-            raise InputError(f"--clip_skip {clip_skip}: the text encoder has {config.num_layers} layers "
-                             f"(at most {config.num_layers - 1})")
+        layers = min(getattr(self.modules, name).config.num_layers for name in self.modules.components
+                     if name.startswith("text_encoder"))
+        if clip_skip >= layers:
+            raise InputError(f"--clip_skip {clip_skip}: the text encoder has {layers} layers (at most {layers - 1})")
         loaded = [self.embedding(p) for p in embeddings]
         textual_inversion.check_names(loaded)
-        rows = [textual_inversion.tokenize(self.tokenizer, t, loaded, config.vocab_size, config.hidden_size)
-                for t in texts]
-        ids, tables = (np.stack(a) for a in zip(*rows))  # numpy: jnp.asarray would compile per shape
+        ids, tables = self.modules.family.tokenize(self.tokenizer, texts, loaded, self.modules)
         return self._encode_text(self.params, ids, tables, clip_skip)
 
     def unconditional_tokens(self) -> np.ndarray:
@@ -289,7 +290,7 @@ class DynamicIDPipeline:
         maps (dynamicid/activation_maps.py) at the 0-based `activation_steps`; compiles a
         separate program, so leave None for plain sampling.
         """
-        validate_request(request, self.modules.vae_scale_factor)
+        validate_request(request, self.modules.vae_scale_factor, identity_branch=self.modules.identity_branch)
         items = [ImageItem(request, k) for k in range(request.num_images)]
         self.conditioning.prepare(request)  # faces and tokens first: a photo without a face fails here
         self._progress = progress(request.steps) if progress is not None else None
@@ -304,7 +305,7 @@ class DynamicIDPipeline:
         """Compile the denoising program for `request`'s shapes (size, batch, identity count,
         boxes) without reading its photos: zero identity tokens, one step. report_steps: the
         program with per-step progress (what `generate(request, progress=...)` runs)."""
-        validate_request(request, self.modules.vae_scale_factor)
+        validate_request(request, self.modules.vae_scale_factor, identity_branch=self.modules.identity_branch)
         request = dataclasses.replace(request, steps=1, alpha=0)
         items = [ImageItem(request, k) for k in range(request.num_images)]
         self._progress = (lambda: None) if report_steps else None

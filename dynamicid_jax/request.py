@@ -144,12 +144,13 @@ def _check_identity(label, i: int, ident: IdentityRequest) -> None:
         _optional_text(f"identity {i}: {label(name)}", getattr(ident, name))
 
 
-def validate_request(request: SampleRequest, vae_factor: int, label=flag_label) -> None:
+def validate_request(request: SampleRequest, vae_factor: int, label=flag_label, identity_branch: bool = True) -> None:
     """Raise InputError naming the first unusable setting (before any model runs); the one
     type check and range rule of every field. label(field) names a field in the error
     (default its flag, `--steps`; a requests file says `'steps'`).
 
-    Rules: at least one identity, each with a reference; boxes for all identities or none,
+    Rules: at least one identity, each with a reference (identity_branch False, a base model
+    without DynamicID weights: no identity at all); boxes for all identities or none,
     inside [0, 1] with min < max; guidance, id_scale and mix finite (mix in [0, 1]); beta
     finite and > -1 (the layout divides by beta + 1); alpha an int step count >= 0 or a
     float fraction of the steps in (0, 1]; steps in [1, 1000]; height and width positive
@@ -159,7 +160,10 @@ def validate_request(request: SampleRequest, vae_factor: int, label=flag_label) 
     if not isinstance(request.identities, list) or not all(isinstance(i, IdentityRequest) for i in request.identities):
         raise InputError(f"{label('identities')} must be a list of identities, got {request.identities!r}")
     n = len(request.identities)
-    if n == 0:
+    if n and not identity_branch:
+        raise InputError("--ref needs DynamicID weights (--dynamicid): a base model alone makes plain "
+                         "text-to-image pictures (drop --ref)")
+    if n == 0 and identity_branch:
         raise InputError("at least one identity (--ref) is required")
     for i, ident in enumerate(request.identities):
         _check_identity(label, i, ident)
@@ -169,7 +173,7 @@ def validate_request(request: SampleRequest, vae_factor: int, label=flag_label) 
     given = [ident.box is not None for ident in request.identities]
     if any(given) and not all(given):
         raise InputError(f"boxes and identities differ in count: {sum(given)} boxes for {n} identities")
-    if all(given):
+    if given and all(given):
         try:
             validate_boxes(np.asarray([ident.box for ident in request.identities], np.float32))
         except (TypeError, ValueError) as e:

@@ -205,9 +205,7 @@ def _per_identity(values: list, n: int, flag: str) -> list:
 def flags_request(args: argparse.Namespace, defaults: Optional[Mapping[str, Any]] = None) -> SampleRequest:
     """The flags of `add_request_args` (+ --scheduler/--clip_skip/--negative_embedding) ->
     SampleRequest; per-identity flags are given once per --ref, in --ref order."""
-    n = len(args.ref)
-    if n == 0:
-        raise InputError("no --ref given: one reference photo per identity is required")
+    n = len(args.ref)  # none: plain text-to-image, which validate_request allows without DynamicID weights only
     if args.box and len(args.box) != n:
         raise InputError(f"boxes and identities differ in count: {len(args.box)} --box for {n} --ref")
     per = {name: _per_identity(getattr(args, name), n, f"--{name}")

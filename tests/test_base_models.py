@@ -96,6 +96,72 @@ def test_old_training_configs_without_family_are_sd15():
     assert modules.scheduler == schedulers.SchedulerConfig(**base_models.sd15.SCHEDULER)
 
 
+def test_family_detected_from_the_files(fine_tune, tmp_path):
+    """detect(): an SD1.5 diffusers folder; a folder with text_encoder_2/ or a text_time UNet
+    (SDXL); single files by their keys (SGM's bigG key), never by name; nothing there is one
+    clear error. Reads configs and safetensors headers only."""
+    import json
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from dynamicid_jax.errors import MissingFileError
+
+    assert base_models.detect(fine_tune) == "sd15"
+    with_second_encoder = tmp_path / "sdxl_folder"
+    shutil.copytree(fine_tune, with_second_encoder)
+    (with_second_encoder / "text_encoder_2").mkdir()
+    assert base_models.detect(with_second_encoder) == "sdxl"
+    text_time = tmp_path / "text_time"
+    shutil.copytree(fine_tune, text_time)
+    unet_config = json.loads((text_time / "unet" / "config.json").read_text())
+    unet_config.update(addition_embed_type="text_time", addition_time_embed_dim=8,
+                       projection_class_embeddings_input_dim=80)
+    (text_time / "unet" / "config.json").write_text(json.dumps(unet_config))
+    assert base_models.detect(text_time) == "sdxl"
+    sgm = tmp_path / "v1-5-pruned.safetensors"  # an SD1.5 name: the keys decide
+    save_file({"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": np.ones(4, np.float32)},
+              str(sgm))
+    assert base_models.detect(sgm) == "sdxl"
+    ldm = tmp_path / "sd_xl_base.safetensors"
+    save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": np.ones(4, np.float32)}, str(ldm))
+    assert base_models.detect(ldm) == "sd15"
+    with pytest.raises(MissingFileError, match="nowhere: no such file or folder"):
+        base_models.detect(tmp_path / "nowhere")
+
+
+def test_sdxl_sizes_dynamicid_by_the_seam():
+    """SDXL's full-size modules (no parameters built): identity tokens as wide as the UNet's
+    context (2048), IMR's text side CLIP-L's 768, two text encoders, SDXL's VAE scale and
+    native size; without DynamicID weights the UNet has no SAA and no LoRA."""
+    config = base_models.default_config(family="sdxl")
+    assert config.sampling.height == config.sampling.width == 1024
+    modules = modeling.build_modules(config.model)
+    assert modules.face_projection.width == modules.imr.id_dim == modules.unet.config.cross_attention_dim == 2048
+    assert modules.imr.text_dim == modules.text_encoder.config.hidden_size == 768
+    assert modules.text_encoder_2.config.projection_dim == 1280 and modules.components[-1] == "text_encoder_2"
+    assert modules.vae.config.scaling_factor == 0.13025 and modules.identity_branch
+    plain = modeling.build_modules(config.model, identity_branch=False)
+    assert plain.unet.config.saa is None and plain.unet.config.lora_rank == 0 and not plain.identity_branch
+    sd15 = modeling.build_modules(base_models.default_config(tiny=True).model)
+    assert sd15.text_encoder_2 is None and sd15.components == modeling.COMPONENTS
+
+
+def test_sdxl_negative_zeroing_follows_model_index():
+    """diffusers' force_zeros_for_empty_prompt: zeros for an empty negative prompt only, and
+    only when the folder's model_index.json says so (the family object a model configures)."""
+    from dynamicid_jax.base_models import TextConditioning
+
+    encoded = TextConditioning(context=np.ones((77, 4), np.float32), extras={"text_embeds": np.ones(3, np.float32)})
+    model = base_models.default_config(tiny=True, family="sdxl").model
+    family = modeling.build_modules(model).family
+    zeroed = family.negative_conditioning(encoded, "")
+    assert not zeroed.context.any() and not zeroed.extras["text_embeds"].any()
+    assert family.negative_conditioning(encoded, "blurry") is encoded
+    model.force_zeros_for_empty_prompt = False
+    assert modeling.build_modules(model).family.negative_conditioning(encoded, "") is encoded
+    assert base_models.get("sd15").negative_conditioning(encoded, "") is encoded
+    np.testing.assert_array_equal(family.request_extras(832, 1216)["time_ids"], [832, 1216, 0, 0, 832, 1216])
 @pytest.mark.parametrize("vae_dtype", ["float32", "bfloat16"])
 def test_the_vae_keeps_float32_under_a_bfloat16_model_unless_asked(vae_dtype):
     """--dtype bfloat16 halves the UNet and encoders; the VAE follows --vae_dtype (float32 by

@@ -1,4 +1,4 @@
-"""Base-model families behind one seam (SD1.5 now; SDXL and FLUX plug in beside it).
+"""Base-model families behind one seam (SD1.5 and SDXL; FLUX plugs in beside them).
 
 A family is a hashable object (it is part of the jitted programs' static modules) that says
 everything depending on the base model, so that batching, the sampler loop, the trainer and
@@ -6,8 +6,14 @@ the entry points never branch on which one it is:
 
     model_config() / tiny_model_config()   the architecture (configs/ import these defaults)
     model_from_files(model, base_model)    the sections read from the base model's own files
+    configured(model)                      the family object a model section configures
+    matches(base_model)                    whether the files are this family's (`detect`)
+    load_tokenizer(base_model)             the family's tokenizer(s)
+    tokenize(tokenizer, texts, embeddings, modules) -> (ids, textual-inversion tables)
     text_conditioning(modules, params, ids, clip_skip, extra) -> (TextConditioning, pooled)
+    negative_conditioning(conditioning, negative_prompt)  what the sampler conditions on
     request_extras(height, width)          per-picture extras of the conditioning
+    release_weights                        whether the authors' DynamicID release fits it
     denoiser(modules, unet_params, x_t, t, conditioning, identity[, capture]) -> prediction
 
 A config's `model.family` names its family (`get`).
@@ -19,8 +25,9 @@ import ml_collections
 
 from dynamicid_jax.base_models.conditioning import TextConditioning  # noqa: F401  (the seam's pytree)
 from dynamicid_jax.base_models.sd15 import SD15
+from dynamicid_jax.base_models.sdxl import SDXL
 
-FAMILIES = {SD15.name: SD15()}
+FAMILIES = {SD15.name: SD15(), SDXL.name: SDXL()}
 
 
 def get(name: str):
@@ -28,6 +35,15 @@ def get(name: str):
     if name not in FAMILIES:
         raise ValueError(f"unknown base-model family {name!r}; known: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[name]
+
+
+def detect(base_model) -> str:
+    """The family name of a base model's files (diffusers folder, converted folder or single
+    file), from what the files hold, never their name; MissingFileError when absent."""
+    found = [name for name, family in FAMILIES.items() if family.matches(base_model)]
+    if len(found) != 1:
+        raise ValueError(f"{base_model}: matched {found or 'no'} base-model families; expected exactly one")
+    return found[0]
 
 
 def native_resolution(model: ml_collections.ConfigDict) -> int:

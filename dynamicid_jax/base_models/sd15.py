@@ -6,7 +6,9 @@
   tiny_model_config()       the same structure a few thousand times smaller (tests, --demo)
   model_from_files(m, path) the unet / vae / text / scheduler sections read from a base
                             model's own files (a single file carries no config: SD1.5's)
+  load_tokenizer / tokenize CLIP's one tokenizer; texts -> ids and textual-inversion tables
   text_conditioning(...)    token ids -> TextConditioning (the text states; no extras)
+  negative_conditioning     the negative prompt's conditioning, as encoded (even "")
   denoiser(...)             the UNet call (`conditioning.unet_denoiser`)
 
 configs/ import these defaults; nothing else in the library writes an SD1.5 number.
@@ -19,6 +21,7 @@ import os
 from typing import Any, ClassVar, Mapping
 
 import ml_collections
+import numpy as np
 
 from dynamicid_jax.base_models.conditioning import TextConditioning, unet_denoiser
 
@@ -84,7 +87,7 @@ def tiny_model_config() -> ml_collections.ConfigDict:
     return m
 
 
-def _fields(config: Any, drop: tuple[str, ...] = ()) -> dict:
+def config_fields(config: Any, drop: tuple[str, ...] = ()) -> dict:
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in drop}
 
 
@@ -93,6 +96,18 @@ class SD15:
     """The family object (hashable: it is part of the jitted programs' static modules)."""
 
     name: ClassVar[str] = "sd15"
+    # The authors' DynamicID release (SAA.bin, IMR.bin, key_point_encoder.bin) is for SD1.5.
+    release_weights: ClassVar[bool] = True
+
+    def configured(self, model: ml_collections.ConfigDict) -> "SD15":
+        """The family object a model section configures: SD1.5 has no such setting."""
+        return self
+
+    def matches(self, base_model: str | os.PathLike) -> bool:
+        """Whether the base model's files are SD1.5's: a single file by its keys; a folder
+        (diffusers or converted) whose UNet has no SDXL micro-conditioning and which has no
+        second text encoder."""
+        return files_family(base_model) == self.name
 
     def model_config(self) -> ml_collections.ConfigDict:
         return model_config()
@@ -120,11 +135,30 @@ class SD15:
         for section, config in read.items():
             if config is not None:
                 drop = ("lora_rank", "saa", "attention_block") if section == "unet" else ()
-                setattr(model, section, _fields(config, drop))
-        scheduler_file = _scheduler_file(base_model)
+                setattr(model, section, config_fields(config, drop))
+        scheduler_file = find_scheduler_file(base_model)
         if scheduler_file is not None:
-            model.scheduler = _fields(SchedulerConfig.from_folder(scheduler_file))
+            model.scheduler = config_fields(SchedulerConfig.from_folder(scheduler_file))
         return model
+
+    def load_tokenizer(self, base_model: str | os.PathLike):
+        """CLIP's tokenizer of a pipeline folder (`tokenizer/`) or a tokenizer folder."""
+        from dynamicid_jax.tokenizer import CLIPTokenizer
+
+        return CLIPTokenizer.from_folder(_tokenizer_folder(base_model))
+
+    def tokenize(self, tokenizer, texts, embeddings, modules):
+        """Texts -> (ids (B, L) int32, textual-inversion tables (B, L - 2, D)) for `text_conditioning`."""
+        from dynamicid_jax.models import textual_inversion
+
+        config = modules.text_encoder.config
+        rows = [textual_inversion.tokenize(tokenizer, t, embeddings, config.vocab_size, config.hidden_size)
+                for t in texts]
+        return tuple(np.stack(a) for a in zip(*rows))  # numpy: jnp.asarray would compile per shape
+
+    def negative_conditioning(self, conditioning: TextConditioning, negative_prompt: str) -> TextConditioning:
+        """The negative prompt's conditioning as the sampler uses it: SD1.5 encodes even ""."""
+        return conditioning
 
     def text_conditioning(self, modules, params: Mapping[str, Any], input_ids, clip_skip: int = 0,
                           extra_embeddings=None):
@@ -143,7 +177,47 @@ class SD15:
         return unet_denoiser(modules, unet_params, x_t, t, conditioning, identity, capture)
 
 
-def _scheduler_file(base_model) -> Any:
+def files_family(base_model: str | os.PathLike) -> str:
+    """"sd15" or "sdxl" from a base model's files, never its name: a single file by its keys
+    (`single_file.detect_family`), a diffusers or converted folder by a second text encoder or
+    the UNet's text_time micro-conditioning. MissingFileError when nothing is there."""
+    import pathlib
+
+    from dynamicid_jax.errors import MissingFileError
+    from dynamicid_jax.models import single_file, unet
+    from dynamicid_jax.models.weight_sources import read_config
+
+    path = pathlib.Path(base_model)
+    if path.is_file():
+        return single_file.detect_family(path)
+    if not path.is_dir():
+        raise MissingFileError(f"--base_model {path}: no such file or folder")
+    if (path / "text_encoder_2").is_dir():
+        return single_file.SDXL
+    try:
+        config = read_config(path, name="unet", subfolder="unet", config_cls=unet.UNetConfig,
+                             config_from_json=unet.UNetConfig.from_diffusers)
+    except FileNotFoundError:
+        raise MissingFileError(f"--base_model {path}: no unet/config.json (not a diffusers or converted folder)") from None
+    return single_file.SDXL if config.addition_embed_type == unet.TEXT_TIME else single_file.SD15
+
+
+def _tokenizer_folder(base_model) -> Any:
+    import pathlib
+
+    from dynamicid_jax.errors import MissingFileError
+
+    path = pathlib.Path(base_model)
+    for candidate in (path / "tokenizer", path):
+        if (candidate / "vocab.json").is_file() and (candidate / "merges.txt").is_file():
+            return candidate
+    raise MissingFileError(
+        f"no CLIP tokenizer (vocab.json + merges.txt) in {path}/tokenizer: a single-file checkpoint carries "
+        "none; convert it with launch/convert.py or pass a pipeline folder"
+    )
+
+
+def find_scheduler_file(base_model) -> Any:
     import pathlib
 
     path = pathlib.Path(base_model)

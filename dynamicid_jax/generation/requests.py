@@ -37,7 +37,8 @@ REQUESTS_LIMIT = 256 * 2**20  # about a million request lines; a larger file is 
 
 
 def read_requests(
-    path: str | pathlib.Path, defaults: Optional[Mapping[str, Any]] = None, vae_factor: int = 8
+    path: str | pathlib.Path, defaults: Optional[Mapping[str, Any]] = None, vae_factor: int = 8,
+    identity_branch: bool = True,
 ) -> tuple[list[tuple[int, SampleRequest]], list[Reject]]:
     """([(line number, request)], [Reject]) of a requests file; every photo is read once.
 
@@ -62,7 +63,7 @@ def read_requests(
             except json.JSONDecodeError as e:
                 raise InputError(f"not JSON: {e}") from None
             request = parse_request(data, defaults=defaults, base=path.parent)
-            validate_request(request, vae_factor, label=key_label)
+            validate_request(request, vae_factor, label=key_label, identity_branch=identity_branch)
             _check_photos(request, photo_errors)
             _check_embeddings(request, photo_errors)
         except (InputError, TypeError) as e:

@@ -1,4 +1,8 @@
-"""Community LoRA files (style LoRAs, LCM-LoRA) merged into SD1.5 UNet and text-encoder weights.
+"""Community LoRA files (style LoRAs, LCM-LoRA) merged into SD1.5 or SDXL UNet and text-encoder weights.
+
+SDXL files use `lora_te1_` (CLIP-L) and `lora_te2_` (bigG) for kohya, `text_encoder_2.` for
+PEFT, and kohya SDXL UNet LoRAs SGM block names (`input_blocks_4_1_...`, `label_emb_0_0`),
+mapped like SD1.5's LDM names with SDXL's layers_per_block.
 
 Three layouts, as people download them:
   kohya / sd-scripts  `lora_unet_<module>` / `lora_te_<module>` (diffusers module names with
@@ -55,10 +59,11 @@ from . import torch_import
 from .clip_weights import clip_key_fn as _clip_key_fn
 from .unet import unet_key_fn
 
-COMPONENTS = ("unet", "text_encoder")
-_KOHYA = re.compile(r"^lora_(unet|te)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
-_PEFT = re.compile(r"^(unet|text_encoder)\.(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight"
-                   r"|alpha)$")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # text_encoder_2: SDXL's bigG
+_KOHYA = re.compile(r"^lora_(unet|te|te1|te2)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_KOHYA_COMPONENT = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
+_PEFT = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight"
+                   r"|lora\.up\.weight|alpha)$")
 # A PEFT `save_pretrained` folder's adapter_model.safetensors: one model's modules, no component.
 _PEFT_FOLDER = re.compile(r"^base_model\.model\.(.+?)\.(lora_A\.weight|lora_B\.weight)$")
 # diffusers' older layouts (its training scripts before PEFT, many downloaded SD1.5 LoRAs):
@@ -100,17 +105,22 @@ def _targets(params: Mapping, key_fn: Callable) -> dict[str, tuple[tuple[str, ..
     return out
 
 
-def component_targets(unet_params: Optional[Mapping], text_params: Optional[Mapping]) -> dict[str, dict]:
-    """Module names a LoRA may address, per component ({} for a component not given)."""
+def component_targets(unet_params: Optional[Mapping], text_params: Optional[Mapping],
+                      text_2_params: Optional[Mapping] = None) -> dict[str, dict]:
+    """Module names a LoRA may address, per component ({} for a component not given;
+    text_2_params: SDXL's second text encoder)."""
+    # CLIP names with transformers' `text_model.` level, as kohya and PEFT files use.
+    text = lambda params: _targets(params, _clip_key_fn("text_model.")) if params is not None else {}  # noqa: E731
     return {
         "unet": _targets(unet_params, unet_key_fn) if unet_params is not None else {},
-        # SD1.5's CLIP names with transformers' `text_model.` level, as kohya and PEFT files use.
-        "text_encoder": _targets(text_params, _clip_key_fn("text_model.")) if text_params is not None else {},
+        "text_encoder": text(text_params),
+        "text_encoder_2": text(text_2_params),
     }
 
 
 _LDM_DIRECT = {"time_embed_0": "time_embedding_linear_1", "time_embed_2": "time_embedding_linear_2",
-               "input_blocks_0_0": "conv_in", "out_0": "conv_norm_out", "out_2": "conv_out"}
+               "input_blocks_0_0": "conv_in", "out_0": "conv_norm_out", "out_2": "conv_out",
+               "label_emb_0_0": "add_embedding_linear_1", "label_emb_0_2": "add_embedding_linear_2"}  # SDXL's
 _LDM_RESNET = {"in_layers_0": "norm1", "in_layers_2": "conv1", "emb_layers_1": "time_emb_proj",
                "out_layers_0": "norm2", "out_layers_3": "conv2", "skip_connection": "conv_shortcut"}
 
@@ -167,8 +177,7 @@ def parse_lora(state_dict: Mapping[str, np.ndarray], targets: dict[str, dict]):
 
     Returns ({(component, module): {"down", "up"[, "alpha"]}}, [unmatched keys]).
     """
-    kohya = {comp: {"lora_" + ("unet" if comp == "unet" else "te") + "_" + name.replace(".", "_"): name
-                    for name in names} for comp, names in targets.items()}
+    kohya = {comp: {name.replace(".", "_"): name for name in names} for comp, names in targets.items()}
     layers_per_block = _layers_per_block(targets["unet"])
     pairs: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     unknown = []
@@ -176,10 +185,10 @@ def parse_lora(state_dict: Mapping[str, np.ndarray], targets: dict[str, dict]):
         key = modern_key(original)
         match = _KOHYA.match(key)
         if match:
-            comp = "unet" if match.group(1) == "unet" else "text_encoder"
-            module = kohya[comp].get(f"lora_{match.group(1)}_{match.group(2)}")
+            comp = _KOHYA_COMPONENT[match.group(1)]
+            module = kohya[comp].get(match.group(2))
             if module is None and comp == "unet" and (ldm := ldm_module_name(match.group(2), layers_per_block)):
-                module = kohya[comp].get(f"lora_unet_{ldm}")
+                module = kohya[comp].get(ldm)
             role = _ROLE[match.group(3)]
         else:
             if match := _PEFT_FOLDER.match(key):
@@ -188,7 +197,7 @@ def parse_lora(state_dict: Mapping[str, np.ndarray], targets: dict[str, dict]):
             else:
                 match = _PEFT.match(key)
                 comp, module, role = (match.group(1), match.group(2), _ROLE[match.group(3)]) if match else (None,) * 3
-            if comp == "text_encoder" and not module.startswith("text_model."):
+            if comp in ("text_encoder", "text_encoder_2") and not module.startswith("text_model."):
                 module = "text_model." + module  # transformers 5 saves CLIPTextModel without that level
             if module is not None and module not in targets[comp]:
                 module = None
@@ -263,11 +272,17 @@ def merge_lora_state_dict(
     Returns (new params, report); the input trees are not modified. Raises LoraFileError
     naming every unmatched key (unless skip_unknown) or a shape that does not fit.
     """
-    targets = component_targets(params.get("unet"), params.get("text_encoder"))
+    targets = component_targets(params.get("unet"), params.get("text_encoder"), params.get("text_encoder_2"))
+    if "text_encoder_2" in params and any(k.startswith("lora_te_") for k in state_dict):
+        # CLIP-L's names are SDXL's text_encoder's too: without this, such a file would merge
+        raise LoraFileError(f"{name}: an SD1.5 LoRA (lora_te_ keys) on an SDXL base model")
     pairs, unknown = parse_lora(state_dict, targets)
     if unknown and not skip_unknown:
         shown = ", ".join(unknown[:20]) + (f" ... ({len(unknown)} in all)" if len(unknown) > 20 else "")
-        raise LoraFileError(f"{name}: {len(unknown)} key(s) match no UNet/text-encoder module: {shown} "
+        sdxl_file = any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in state_dict)
+        family = ("an SDXL LoRA (lora_te1_/lora_te2_ or text_encoder_2 keys) on a base model with one text "
+                  "encoder (SD1.5): " if sdxl_file and "text_encoder_2" not in params else "")
+        raise LoraFileError(f"{name}: {family}{len(unknown)} key(s) match no UNet/text-encoder module: {shown} "
                             "(--lora_skip_unknown drops them)")
     flat = {comp: dict(traverse_util.flatten_dict(params[comp])) for comp in COMPONENTS if comp in params}
     merged = {comp: 0 for comp in flat}

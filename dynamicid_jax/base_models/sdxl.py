@@ -1,0 +1,216 @@
+"""Stable Diffusion XL, the second base-model family: every SDXL constant of the library.
+
+  model_config()            SDXL base 1.0: the UNet (cross_attention_dim 2048, text_time
+                            micro-conditioning), the VAE (scale 0.13025), CLIP ViT-L/14
+                            (`text`) and OpenCLIP bigG (`text_2`), EulerDiscrete's schedule;
+                            DynamicID's modules sized by the seam (identity tokens 2048 wide,
+                            IMR's text side CLIP-L's 768)
+  tiny_model_config()       diffusers' own tiny SDXL (its pipeline tests' get_dummy_components)
+  model_from_files(m, path) the unet / vae / text / text_2 / scheduler sections and
+                            force_zeros_for_empty_prompt from the files (a single file: shapes)
+  load_tokenizer/tokenize   both tokenizers, each padding with its own pad token
+  text_conditioning(...)    both encoders' penultimate states concatenated (B, 77, 768 + 1280),
+                            extras {"text_embeds": encoder 2's projected EOS (B, 1280)}
+  request_extras(h, w)      time_ids = original size (h, w), crop (0, 0), target size (h, w)
+  negative_conditioning     zeros for an empty negative prompt (force_zeros_for_empty_prompt)
+  denoiser(...)             the UNet call (`conditioning.unet_denoiser`)
+
+The formulas are diffusers' StableDiffusionXLPipeline's (`encode_prompt`, `_get_add_time_ids`);
+tests/test_sdxl_pipeline.py holds the whole loop to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any, ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dynamicid_jax.base_models import sd15
+from dynamicid_jax.base_models.conditioning import TextConditioning, unet_denoiser
+
+# diffusers' SDXL scheduler/scheduler_config.json (EulerDiscreteScheduler's file).
+SCHEDULER = dict(sd15.SCHEDULER, stated_spacing="leading")
+VAE_SCALING_FACTOR = 0.13025  # SDXL's vae/config.json (not SD1.5's 0.18215)
+FORCE_ZEROS_FOR_EMPTY_PROMPT = True  # model_index.json's default in diffusers' SDXL pipeline
+
+
+def model_config() -> ml_collections.ConfigDict:
+    """Architecture of every module at full size (fields mirror the config dataclasses)."""
+    from dynamicid_jax.models.clip import CLIPTextConfig
+    from dynamicid_jax.models.unet_config import UNetConfig
+
+    m = sd15.model_config()  # CLIP-L, the vision tower and DynamicID's modules are SD1.5's
+    m.family = "sdxl"
+    unet = UNetConfig.sdxl()
+    m.unet = sd15.config_fields(unet, ("lora_rank", "saa", "attention_block"))
+    m.vae = dict(m.vae.to_dict(), scaling_factor=VAE_SCALING_FACTOR)
+    m.text_2 = sd15.config_fields(CLIPTextConfig.sdxl_bigg())
+    m.scheduler = dict(SCHEDULER)
+    m.force_zeros_for_empty_prompt = FORCE_ZEROS_FOR_EMPTY_PROMPT
+    # FaceProjection, IMR and the keypoint encoder take their token width from the UNet's
+    # cross_attention_dim (2048, `modeling.build_modules`); IMR's text side is CLIP-L's 768.
+    return m
+
+
+def tiny_model_config() -> ml_collections.ConfigDict:
+    """Diffusers' tiny SDXL (tests/sdxl_tiny.py writes its files): a 2-level UNet of widths
+    (2, 4), one 5-layer 32-wide text config for both encoders (encoder 2 with a 32-wide
+    projection), the VAE at diffusers' default scale; tiny DynamicID modules 64 wide."""
+    m = sd15.tiny_model_config()
+    m.family = "sdxl"
+    m.unet = dict(
+        block_out_channels=(2, 4), layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), num_attention_heads=(2, 4), cross_attention_dim=64,
+        norm_num_groups=1, sample_size=32, use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+    )
+    # diffusers' AutoencoderKL defaults (its tiny SDXL VAE states no scaling_factor: 0.18215)
+    m.vae = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, scaling_factor=0.18215)
+    text = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_layers=5, num_heads=4,
+                max_positions=sd15.TEXT_LENGTH, activation="gelu", eos_token_id=2)
+    m.text = dict(text)
+    m.text_2 = dict(text, projection_dim=32)
+    m.scheduler = dict(SCHEDULER)
+    m.force_zeros_for_empty_prompt = FORCE_ZEROS_FOR_EMPTY_PROMPT
+    return m
+
+
+@dataclasses.dataclass(frozen=True)
+class SDXL:
+    """The family object (hashable: part of the jitted programs' static modules).
+
+    force_zeros_for_empty_prompt: the pipeline folder's model_index.json flag (diffusers:
+    an empty negative prompt conditions on zeros, context and pooled vector alike)."""
+
+    name: ClassVar[str] = "sdxl"
+    release_weights: ClassVar[bool] = False  # no DynamicID release for SDXL (yet)
+    force_zeros_for_empty_prompt: bool = FORCE_ZEROS_FOR_EMPTY_PROMPT
+
+    def configured(self, model: ml_collections.ConfigDict) -> "SDXL":
+        return dataclasses.replace(self, force_zeros_for_empty_prompt=bool(
+            model.get("force_zeros_for_empty_prompt", FORCE_ZEROS_FOR_EMPTY_PROMPT)))
+
+    def matches(self, base_model: str | os.PathLike) -> bool:
+        """SDXL files: an SGM single file (by key), a folder with text_encoder_2/ or a text_time UNet."""
+        return sd15.files_family(base_model) == self.name
+
+    def model_config(self) -> ml_collections.ConfigDict:
+        return model_config()
+
+    def tiny_model_config(self) -> ml_collections.ConfigDict:
+        return tiny_model_config()
+
+    def model_from_files(self, model: ml_collections.ConfigDict, base_model: str | os.PathLike) -> ml_collections.ConfigDict:
+        """`model` with unet / vae / text / text_2 / scheduler read from the base model's files:
+        a diffusers or converted folder's configs (and model_index.json's
+        force_zeros_for_empty_prompt), a single file's tensor shapes (`single_file_configs`)."""
+        from dynamicid_jax.schedulers import SchedulerConfig
+
+        model = ml_collections.ConfigDict(model.to_dict())
+        path = pathlib.Path(base_model)
+        sections = _single_file_sections(path) if path.is_file() else _folder_sections(path)
+        for section, config in sections.items():
+            if config is not None:
+                drop = ("lora_rank", "saa", "attention_block") if section == "unet" else ()
+                setattr(model, section, sd15.config_fields(config, drop) if dataclasses.is_dataclass(config) else config)
+        scheduler_file = sd15.find_scheduler_file(path)
+        if scheduler_file is not None:
+            model.scheduler = sd15.config_fields(SchedulerConfig.from_folder(scheduler_file))
+        index = path / "model_index.json"
+        if index.is_file():
+            model.force_zeros_for_empty_prompt = bool(json.loads(index.read_text()).get(
+                "force_zeros_for_empty_prompt", FORCE_ZEROS_FOR_EMPTY_PROMPT))
+        return model
+
+    def load_tokenizer(self, base_model: str | os.PathLike):
+        """(tokenizer, tokenizer_2) of a pipeline folder; each reads its pad token from its files."""
+        from dynamicid_jax.errors import MissingFileError
+        from dynamicid_jax.tokenizer import CLIPTokenizer
+
+        path = pathlib.Path(base_model)
+        for sub in ("tokenizer", "tokenizer_2"):
+            if not (path / sub).is_dir():
+                raise MissingFileError(f"--base_model {path}: no {sub}/ folder (an SDXL single file carries no "
+                                       "tokenizers: pass a diffusers SDXL pipeline folder)")
+        return tuple(CLIPTokenizer.from_folder(path, subfolder=sub) for sub in ("tokenizer", "tokenizer_2"))
+
+    def tokenize(self, tokenizer, texts, embeddings, modules):
+        """Texts -> (ids (B, 2, L) int32: tokenizer 1's and tokenizer 2's, None)."""
+        if embeddings:
+            from dynamicid_jax.request import InputError
+
+            raise InputError(f"--negative_embedding {embeddings[0].name}: textual inversion is not supported on "
+                             "SDXL yet (its files hold clip_l + clip_g pairs)")
+        first, second = tokenizer
+        return np.stack([first(list(texts)), second(list(texts))], axis=1).astype(np.int32), None
+
+    def text_conditioning(self, modules, params: Mapping[str, Any], input_ids, clip_skip: int = 0,
+                          extra_embeddings=None):
+        """ids (B, 2, L) -> (TextConditioning(context (B, L, D1 + D2), {"text_embeds": (B, P)}),
+        pooled (B, D1)): each encoder's hidden state `clip_skip + 2` from the end (the
+        penultimate by default; the raw state, no final LayerNorm), concatenated; the pooled
+        vector encoder 2's projected EOS state; the second value CLIP-L's pooled EOS state
+        (IMR's face-prompt feature, as on SD1.5)."""
+        _, pooled_1, states_1 = modules.text_encoder.apply(
+            {"params": params["text_encoder"]}, input_ids[:, 0], output_hidden_states=True)
+        _, pooled_2, states_2 = modules.text_encoder_2.apply(
+            {"params": params["text_encoder_2"]}, input_ids[:, 1], output_hidden_states=True)
+        layer = -(clip_skip + 2)
+        context = jnp.concatenate([states_1[layer], states_2[layer]], axis=-1)
+        return TextConditioning(context=context, extras={"text_embeds": pooled_2}), pooled_1
+
+    def negative_conditioning(self, conditioning: TextConditioning, negative_prompt: str) -> TextConditioning:
+        """diffusers' rule: with force_zeros_for_empty_prompt, no negative prompt conditions on
+        zeros (context and pooled vector), not on the encoding of ""."""
+        if self.force_zeros_for_empty_prompt and negative_prompt == "":
+            return jax.tree.map(np.zeros_like, conditioning)
+        return conditioning
+
+    def request_extras(self, height: int, width: int) -> dict:
+        """{"time_ids": (6,) float32}: original_size (h, w), crops_coords_top_left (0, 0),
+        target_size (h, w), in diffusers' order (`_get_add_time_ids`)."""
+        return {"time_ids": np.asarray([height, width, 0, 0, height, width], np.float32)}
+
+    def denoiser(self, modules, unet_params, x_t, t, conditioning: TextConditioning, identity, capture: bool = False):
+        return unet_denoiser(modules, unet_params, x_t, t, conditioning, identity, capture)
+
+
+def _folder_sections(path: pathlib.Path) -> dict:
+    """Configs of a diffusers or converted SDXL folder; MissingFileError naming a missing part."""
+    from dynamicid_jax.errors import MissingFileError
+    from dynamicid_jax.models import clip, unet, vae
+    from dynamicid_jax.models.weight_sources import read_config
+
+    parts = {"unet": ("unet", unet.UNetConfig, unet.UNetConfig.from_diffusers),
+             "vae": ("vae", vae.VAEConfig, vae.VAEConfig.from_diffusers),
+             "text": ("text_encoder", clip.CLIPTextConfig, clip.CLIPTextConfig.from_transformers),
+             "text_2": ("text_encoder_2", clip.CLIPTextConfig, clip.CLIPTextConfig.from_transformers)}
+    sections = {}
+    for section, (name, cls, from_json) in parts.items():
+        try:
+            sections[section] = read_config(path, name=name, subfolder=name, config_cls=cls, config_from_json=from_json)
+        except FileNotFoundError:
+            raise MissingFileError(f"--base_model {path}: no {name}/config.json (an SDXL pipeline folder has "
+                                   "unet, vae, text_encoder and text_encoder_2)") from None
+    return sections
+
+
+def _single_file_sections(path: pathlib.Path) -> dict:
+    """Configs of an SGM single file, read off its tensors' shapes (it carries no config)."""
+    from dynamicid_jax.models import single_file, single_file_configs as shapes
+
+    where = str(path)
+    component = lambda name: single_file.extract_component(path, name, single_file.SDXL)  # noqa: E731
+    return {
+        "unet": shapes.infer_unet_config(component("unet"), where),
+        "vae": shapes.infer_vae_fields(component("vae"), where),
+        "text": shapes.infer_text_config(component("text_encoder"), "text_encoder", where),
+        "text_2": shapes.infer_text_config(component("text_encoder_2"), "text_encoder_2", where),
+    }

@@ -1,0 +1,213 @@
+"""The whole SDXL sampling path against diffusers' `StableDiffusionXLPipeline`, end to end, on
+diffusers' own tiny SDXL (`sdxl_tiny.py`, saved by diffusers, loaded through OUR path:
+`loading.load_pipeline(base_model=folder)` detects the family from the files and, with no
+DynamicID weights, builds the UNet without the identity branch).
+
+Ours: the pipeline's tokenizers and text program (`family.text_conditioning`), the batch rows
+(`batching.assemble`: the negative-zeroing rule and the time ids of `family.request_extras`)
+and the one jitted loop + VAE decode (`denoising.denoise`), from the noise `generate` draws.
+Theirs: the pipeline called with the same prompts and those latents (`latents=`), output_type
+"np". Per deterministic sampler (ddim, euler, dpmpp_2m, dpmpp_2m_karras) x three cases: no
+negative prompt (diffusers: zeros for context and pooled vector, force_zeros_for_empty_prompt),
+a negative prompt, clip_skip=1 (no negative prompt: diffusers encodes a negative prompt at the
+penultimate layer whatever clip_skip says, we apply clip_skip to both prompts as on SD1.5).
+
+Tolerance: relative L2 <= 1e-4 on the decoded image, float32 both sides. The same float32
+graph on both sides, differing only in summation order and kernels (a few ulp per op); the
+components measured ~5e-7 each (test_sdxl_parity.py) and 3 sampler steps add a few such
+errors; the sigma tables differ by float32 vs float64 alpha-bars (<= 1.3e-5 relative at the
+smallest sigma, test_samplers.py), which the steps damp. Measured: 3.3e-7 .. 1.3e-6 over the
+12 cases (DDIM the largest). Breakages must move the image by more than BROKEN = 1e-3, an
+order above the bound's worst and below each (measured: time ids in the wrong order 7.0e-3,
+encoder 1's pooled vector 1.4e-2, "" encoded instead of zeros 3.6e-2).
+
+Cost: 37 s warm, 60 s with a cold compilation cache, on 2 shared cores (torch/diffusers
+imports, writing the folder, one compile of the loop shared by all 12 cases: one shape, the
+sampler a traced index; the breakage test's 32 x 64 shape a second; two text programs).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from dynamicid_jax import batching, denoising, loading  # noqa: E402
+from dynamicid_jax import schedulers as S  # noqa: E402
+from dynamicid_jax.batching import ImageItem  # noqa: E402
+from dynamicid_jax.pipeline import DynamicIDPipeline  # noqa: E402
+from dynamicid_jax.request import SampleRequest  # noqa: E402
+from parity import rel_l2  # noqa: E402
+from sdxl_tiny import write_tiny_sdxl  # noqa: E402
+from test_samplers import REFERENCE  # noqa: E402
+
+STEPS, GUIDANCE, SIZE, SEED = 3, 5.0, 32, 3
+IMAGE_RTOL = 1e-4
+BROKEN = 1e-3  # a breakage moves the image by at least this (relative L2); measured >= 7e-3
+SAMPLERS = ("ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras")
+PROMPT = "a photo of a cat, high quality"
+CASES = {  # name: (negative prompt, clip_skip); "" = none given (diffusers: negative_prompt=None)
+    "no_negative": ("", 0),
+    "negative": ("blurry, low quality", 0),
+    "clip_skip_1": ("", 1),
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = write_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
+    config, ours = loading.load_pipeline(base_model=str(folder))
+    theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(folder).to(torch.float32)
+    theirs.set_progress_bar_config(disable=True)
+    # the folder's scheduler_config.json (EulerDiscrete's): each sampler's class is built from it
+    return dict(folder=folder, config=config, ours=ours, theirs=theirs, scheduler=dict(theirs.scheduler.config))
+
+
+def _request(negative: str, clip_skip: int, scheduler: str) -> SampleRequest:
+    return SampleRequest(identities=[], prompt=PROMPT, negative_prompt=negative, seed=SEED, steps=STEPS,
+                         guidance=GUIDANCE, height=SIZE, width=SIZE, scheduler=scheduler, clip_skip=clip_skip)
+
+
+def _rows(ours: DynamicIDPipeline, request: SampleRequest) -> dict:
+    f = ours.modules.vae_scale_factor
+    latent_hwc = (request.height // f, request.width // f, ours.modules.unet.config.in_channels)
+    arrays, _ = batching.assemble([ImageItem(request, 0)], ours.conditioning, latent_hwc)
+    return arrays
+
+
+def _our_images(ours: DynamicIDPipeline, request: SampleRequest, rows: dict) -> np.ndarray:
+    """What `generate` runs, in float32 (before the uint8 rounding): (1, H, W, 3) in [0, 1]."""
+    schedule = S.make_schedule(request.scheduler, ours.scheduler, request.steps)
+    images = denoising.denoise(
+        {"unet": ours.params["unet"], "vae": ours.params["vae"]}, rows, jnp.int32(S.sampler_index(request.scheduler)),
+        schedule, None, jnp.int32(0), modules=ours.modules, gating=request.gating, use_boxes=False, with_mix=False)
+    return np.asarray(images) * 0.5 + 0.5
+
+
+def _diffusers_images(setup, request: SampleRequest, noise) -> np.ndarray:
+    pipe = setup["theirs"]
+    cls, extra = REFERENCE[request.scheduler]
+    pipe.scheduler = cls.from_config({**setup["scheduler"], **extra})
+    with torch.no_grad():
+        out = pipe(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
+                   latents=torch.from_numpy(np.asarray(noise).transpose(0, 3, 1, 2).copy()),
+                   num_inference_steps=request.steps, guidance_scale=request.guidance, height=request.height,
+                   width=request.width, clip_skip=request.clip_skip or None, output_type="np")
+    return out.images  # (1, H, W, 3) in [0, 1]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("scheduler", SAMPLERS)
+def test_whole_loop_matches_stable_diffusion_xl_pipeline(setup, scheduler, case):
+    ours = setup["ours"]
+    assert ours.modules.family.name == "sdxl" and not ours.modules.identity_branch
+    request = _request(*CASES[case], scheduler)
+    rows = _rows(ours, request)
+    noise, _ = DynamicIDPipeline.initial_noise(request.seed, rows["noise"].shape)
+    np.testing.assert_array_equal(rows["noise"], np.asarray(noise))  # the latents generate starts from
+    err = rel_l2(_our_images(ours, request, rows), _diffusers_images(setup, request, noise))
+    assert err <= IMAGE_RTOL, err
+
+
+def test_breakages_fail(setup):
+    """What the parity must catch: time ids in the wrong order (target size first: a
+    non-square size, so the swap changes them), encoder 1's pooled vector for encoder 2's,
+    and "" encoded instead of zeros for a missing negative prompt."""
+    ours = setup["ours"]
+    request = dataclasses.replace(_request("", 0, "euler"), height=SIZE, width=2 * SIZE)
+    rows = _rows(ours, request)
+    theirs = _diffusers_images(setup, request, rows["noise"])
+    assert rel_l2(_our_images(ours, request, rows), theirs) <= IMAGE_RTOL
+
+    cond = rows["conditioning"]
+    time_ids = cond.extras["time_ids"]
+    swapped = np.concatenate([time_ids[..., 2:4], time_ids[..., :2], time_ids[..., 4:][..., ::-1]], axis=-1)
+    broken = {"time ids (crop, original, target reversed)": cond.replace(extras={**cond.extras, "time_ids": swapped})}
+    (pos_cond, pos_pooled_1), (neg_cond, neg_pooled_1) = (
+        ours.text_features([t]) for t in (request.prompt, ""))
+    pooled_1 = np.stack([np.zeros_like(np.asarray(neg_pooled_1[0])), np.asarray(pos_pooled_1[0])])[None]
+    broken["pooled vector from encoder 1"] = cond.replace(extras={**cond.extras, "text_embeds": pooled_1})
+    encoded_empty = jax.tree.map(lambda a: np.asarray(a[0]), neg_cond)
+    broken['"" encoded, not zeros'] = cond.replace(
+        context=np.stack([encoded_empty.context, cond.context[0, 1]])[None],
+        extras={**cond.extras, "text_embeds": np.stack([np.asarray(encoded_empty.extras["text_embeds"]),
+                                                        cond.extras["text_embeds"][0, 1]])[None]})
+    for name, conditioning in broken.items():
+        err = rel_l2(_our_images(ours, request, dict(rows, conditioning=conditioning)), theirs)
+        assert err > BROKEN, (name, err)
+
+
+def test_family_detected_and_sized_from_the_files(setup):
+    """The tiny folder is SDXL by its files (text_encoder_2/), its default size the UNet's
+    sample_size x the VAE factor (diffusers' default: 32 x 2 = 64 px), its scheduler
+    EulerDiscrete's file, force_zeros_for_empty_prompt from model_index.json; the SDXL
+    family's tiny config is this architecture."""
+    from dynamicid_jax import base_models
+
+    config = setup["config"]
+    assert base_models.detect(setup["folder"]) == "sdxl"
+    assert config.sampling.height == config.sampling.width == 64
+    assert config.model.force_zeros_for_empty_prompt is True
+    assert config.model.scheduler.stated_spacing == "leading"
+    tiny = base_models.get("sdxl").tiny_model_config()
+    for section in ("unet", "vae", "text", "text_2"):
+        ours = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model[section].to_dict().items()}
+        assert {k: ours[k] for k in tiny[section]} == tiny[section].to_dict(), section
+    assert setup["ours"].provenance["identity_branch"] == "absent"
+
+
+def test_sample_cli_plain_text_to_image_on_the_tiny_sdxl_folder(setup, tmp_path, test_assets, capsys):
+    """`launch/sample.py --base_model tiny_sdxl/ --prompt ... --scheduler dpmpp_2m_karras --lora
+    style.safetensors:0.8` with no flag naming the family: SDXL from the files, 64 px (the
+    files' native size), the LoRA merged into the UNet and bigG, the log and the sidecar say the
+    identity branch is absent; --ref without DynamicID weights is one line, exit 2.
+    Cost: ~10 s (one 64 px loop compile; 2 steps)."""
+    import json
+
+    from launch import sample as sample_cli
+
+    from safetensors.numpy import save_file
+
+    folder, out = str(setup["folder"]), tmp_path / "out"
+    # A kohya SDXL style LoRA: one UNet module in SGM naming (input_blocks_4 = level 1's first
+    # attention) and one of the bigG encoder (parity of the merge: test_sdxl_lora.py).
+    rng = np.random.default_rng(0)
+    style = tmp_path / "style.safetensors"
+    save_file({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": rng.standard_normal((2, 4), np.float32),
+               "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": rng.standard_normal((4, 2), np.float32),
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight":
+                   rng.standard_normal((2, 32), np.float32),
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight":
+                   rng.standard_normal((32, 2), np.float32)}, str(style))
+    assert sample_cli.main(["--base_model", folder, "--prompt", "a cat", "--scheduler", "dpmpp_2m_karras",
+                            "--steps", "2", "--lora", f"{style}:0.8", "--out", str(out), "--no_progress"]) == 0
+    log = capsys.readouterr().out
+    assert "identity branch: absent" in log and "merged 1 UNet and 1 text-encoder modules" in log
+    (png,) = out.glob("*.png")
+    sidecar = json.loads(png.with_suffix(".json").read_text())
+    assert sidecar["weights"]["identity_branch"] == "absent" and sidecar["weights"]["family"] == "sdxl"
+    assert (sidecar["request"]["height"], sidecar["request"]["width"]) == (64, 64)
+    assert sidecar["request"]["identities"] == []
+    (record,) = sidecar["weights"]["loras"]
+    assert record["scale"] == 0.8 and record["merged"] == {"unet": 1, "text_encoder": 0, "text_encoder_2": 1}
+
+    assert sample_cli.main(["--base_model", folder, "--ref", f"{test_assets}/obama.jpg",
+                            "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ref needs DynamicID weights" in err[0], err
+
+
+def test_sd15_dynamicid_weights_on_an_sdxl_base_are_refused(setup, tmp_path):
+    """The authors' release (SAA.bin ...) is SD1.5's: on an SDXL base one line names both,
+    before any weight or face model is read. No compile."""
+    from dynamicid_jax.request import InputError
+
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "SAA.bin").write_bytes(b"")  # never read
+    with pytest.raises(InputError, match="DynamicID weights are for SD1.5.* is sdxl"):
+        loading.load_pipeline(base_model=str(setup["folder"]), vision_encoder=str(tmp_path), dynamicid=str(release))
