@@ -368,6 +368,7 @@ def test_browser_masks_show_on_the_layout_and_reach_the_sidecar(app, test_assets
     import io
     import urllib.request
 
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
@@ -404,8 +405,24 @@ def test_browser_masks_show_on_the_layout_and_reach_the_sidecar(app, test_assets
         css("#gallery img")
         links = wait.until(lambda d: [a.get_attribute("href") for a in d.find_elements(By.CSS_SELECTOR, "#downloads a")
                                       if a.get_attribute("href")] or None)
+        # A region drawn with the brush on the layout, for person 3 (no photo: shown, not run).
+        wait.until(ec.element_to_be_clickable((By.XPATH, "//*[@id='draw_person']//label[contains(., 'person 3')]"))
+                   ).click()
+        wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#sketch_panel button.label-wrap"))).click()
+        wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#sketch_start"))).click()
+        board = css("#sketch canvas")
+        time.sleep(1)  # the background lands on the board
+        ActionChains(driver).move_to_element_with_offset(board, -30, -30).click_and_hold().move_by_offset(40, 0) \
+            .move_by_offset(0, 40).move_by_offset(-40, 0).release().perform()
+        css("#sketch_use").click()
+        wait.until(lambda d: "person 3 mask" in note(d))
+        drawn_src = css("#layout img").get_attribute("src")
+        driver.save_screenshot(str(tmp_path / "sketch.png"))
     finally:
         driver.quit()
+    drawn = np.asarray(Image.open(io.BytesIO(urllib.request.urlopen(drawn_src).read())).convert("RGB"), int)
+    person_3 = np.round(0.55 * 245 + 0.45 * np.asarray(COLOURS[2]))
+    assert (np.abs(drawn - person_3).max(axis=-1) <= 1).sum() > 100  # painted pixels in person 3's colour
     # The 256 px canvas of the 64 px picture: 4 canvas px per picture px. Inside each region
     # the background (245 grey) is blended 45% towards the person's colour; outside, untouched.
     scale = canvas.shape[0] // 64
@@ -521,3 +538,15 @@ def test_sidecar_requests_take_settings_but_only_uploaded_references(tmp_path):
         forms.sidecar_request(dict(sidecar, negative_embeddings=["/etc/badhands.pt"]), [[str(root / "x.jpg")]], root)
     with pytest.raises(InputError, match="unknown setting 'negative_embeddings'"):
         forms.request_settings({"negative_embeddings": ["/etc/badhands.pt"]})
+
+
+def test_a_brush_drawing_becomes_a_mask_of_its_painted_pixels():
+    layer = np.zeros((4, 6, 4), np.uint8)
+    layer[1:3, 2:5] = (34, 34, 34, 255)  # the page's dark brush: painted = opaque, whatever the colour
+    layer[0, 0, 3] = 1  # a faint stroke edge still counts
+    mask = forms.drawn_mask({"background": np.full((4, 6, 4), 245, np.uint8), "layers": [layer], "composite": None})
+    expected = np.zeros((4, 6), np.uint8)
+    expected[1:3, 2:5] = expected[0, 0] = 255
+    assert mask.shape == (4, 6, 3) and (mask[..., 0] == expected).all() and (mask == mask[..., :1]).all()
+    with pytest.raises(InputError, match="nothing drawn"):
+        forms.drawn_mask({"background": None, "layers": [np.zeros((4, 6, 4), np.uint8)], "composite": None})

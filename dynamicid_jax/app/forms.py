@@ -17,6 +17,8 @@ import math
 import pathlib
 from typing import Optional, Sequence
 
+import numpy as np
+
 from dynamicid_jax.app.catalog import public_name
 from dynamicid_jax.faces.expression import EMOTIONS
 from dynamicid_jax.faces.pose import pose_bins
@@ -132,6 +134,19 @@ def build_request(people: Sequence[PersonForm], settings: dict, upload_root: pat
     if negative_embeddings is not None:
         data["negative_embeddings"] = list(negative_embeddings)
     return parse_request(data, defaults=defaults, text=True, label=form_label)
+
+
+def drawn_mask(editor_value) -> np.ndarray:
+    """The page's brush drawing (gradio ImageEditor value: {"background", "layers", "composite"},
+    numpy RGBA) -> the mask it draws, (H, W, 3) uint8: white wherever any layer is painted
+    (opacity > 0, whatever the brush colour), black elsewhere; the canvas' size, so the
+    layout canvas under the brush gives the picture's aspect ratio."""
+    layers = [np.asarray(layer) for layer in (editor_value or {}).get("layers") or [] if layer is not None]
+    painted = [layer[..., 3] > 0 for layer in layers if layer.ndim == 3 and layer.shape[-1] == 4]
+    if not painted or not np.logical_or.reduce(painted).any():
+        raise InputError("nothing drawn: paint the region with the brush on the canvas first")
+    region = np.logical_or.reduce(painted)
+    return np.repeat((region * 255).astype(np.uint8)[..., None], 3, axis=-1)
 
 
 def lora_choice(names, scale, loras) -> tuple[tuple[str, float], ...]:

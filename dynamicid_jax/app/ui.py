@@ -170,6 +170,20 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
         skip[k - 1] = forms.format_box(box)
         return skip + [None, f"person {k}: box drawn"]
 
+    def sketch_on_layout(layout_png):
+        """The layout canvas (its picture's aspect ratio) as the brush's background, no strokes."""
+        return {"background": layout_png, "layers": [], "composite": None}
+
+    def use_drawing(who, value):
+        """The brush drawing becomes the chosen person's mask upload (a PNG in the upload folder,
+        so it is checked and read as any upload); its change redraws the layout."""
+        k = int(str(who).split()[-1])
+        try:
+            path = previews.png_file(forms.drawn_mask(value), service.upload_root / "drawn")
+        except USER_ERRORS as e:
+            raise gr.Error(str(e), print_exception=False)
+        return [path if j == k else gr.skip() for j in PEOPLE] + [f"person {k}: drawn region set as the mask"]
+
     def restore(sidecar):
         try:
             data, loras = forms.read_sidecar(_paths(sidecar)[0], service.upload_root)
@@ -264,6 +278,13 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
                 draw_for = gr.Radio([f"person {k}" for k in PEOPLE], value="person 1", elem_id="draw_person",
                                     label="draw a box: choose a person, click two opposite corners on the layout")
                 corner = gr.State(None)  # (person, (x, y)) of a first click, per browser session
+                with gr.Accordion("draw a region of any shape for the chosen person", open=False, elem_id="sketch_panel"):
+                    sketch = gr.ImageEditor(type="numpy", image_mode="RGBA", sources=(), transforms=(), layers=False,
+                                            brush=gr.Brush(colors=["#222222"], color_mode="fixed"), elem_id="sketch",
+                                            label="paint the region (press 'start' to draw on the layout)")
+                    with gr.Row():
+                        sketch_start = gr.Button("start on the layout", elem_id="sketch_start")
+                        sketch_use = gr.Button("use as the person's mask", elem_id="sketch_use")
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Cancel", elem_id="cancel")
@@ -303,6 +324,9 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
             component.change(layout, layout_inputs, [layout_view, layout_note], api_visibility="private", queue=False)
         layout_view.select(draw, [draw_for, corner, width, height], [person[k]["box"] for k in PEOPLE]
                            + [corner, layout_note], api_visibility="private", queue=False)
+        sketch_start.click(sketch_on_layout, layout_view, sketch, api_visibility="private", queue=False)
+        sketch_use.click(use_drawing, [draw_for, sketch], masks_in + [layout_note], api_visibility="private",
+                         queue=False)
         demo.load(layout, layout_inputs, [layout_view, layout_note], api_visibility="private", queue=False)
     return demo
 
