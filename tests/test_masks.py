@@ -257,3 +257,14 @@ def test_circle_and_l_shape_hold_their_persons(pipeline, test_assets, tmp_path):
 def test_overlapping_masks_are_finite(pipeline, test_assets, tmp_path):
     shares = _shares(pipeline, test_assets, _circle(32, 24, 20), _circle(32, 40, 20), tmp_path)
     assert np.isfinite(shares).all() and (shares > 0).all()
+
+
+def test_the_app_never_opens_a_mask_a_sidecar_names(tmp_path):
+    """/reproduce: a sidecar's mask path is a file of whoever wrote it (< 1 s)."""
+    from dynamicid_jax.app import forms
+
+    sidecar = SampleRequest(identities=[IdentityRequest(refs=["a.jpg"], mask="/etc/secret.png")]).to_json()
+    upload = tmp_path / "a.jpg"
+    Image.new("RGB", (8, 8)).save(upload)
+    with pytest.raises(InputError, match="sidecar names mask files"):
+        forms.sidecar_request(sidecar, [[str(upload)]], tmp_path)
