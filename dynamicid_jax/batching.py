@@ -12,6 +12,8 @@ the image axis over devices never separates a pair:
     boxes      (N, n, 4)            normalised boxes (the default strips when none are given);
                                     both absent for requests without identities (plain
                                     text-to-image on a base model without the identity branch)
+    masks      (N, n, h, w)         only when a request has a mask (`uses_masks`): each person's
+    mask_used  (N, n) bool          mask on the latent grid (masks.py; 0 for a box) and which are masks
     guidance, beta, id_scale, mix (N,) float32; alpha_count (N,) int32
     step_key   (N, 2) uint32        the image's key of the ancestral samplers' per-step noise
 
@@ -30,6 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from dynamicid_jax import masks
 from dynamicid_jax.base_models import conditioning as text_conditioning
 from dynamicid_jax.base_models.conditioning import TextConditioning
 from dynamicid_jax.dynamicid.saa import alpha_steps, default_boxes
@@ -44,9 +47,15 @@ class ImageItem:
 
 
 def uses_boxes(request) -> bool:
-    """Layout control and routing are on for several people, or one person with a box (never
-    without identities: plain text-to-image)."""
-    return len(request.identities) > 1 or (bool(request.identities) and request.identities[0].box is not None)
+    """Layout control and routing are on for several people, or one person with a box or mask
+    (never without identities: plain text-to-image)."""
+    return len(request.identities) > 1 or (bool(request.identities) and (
+        request.identities[0].box is not None or uses_masks(request)))
+
+
+def uses_masks(request) -> bool:
+    """Some person's region is a mask: the rows carry masks (another program than boxes only)."""
+    return any(ident.mask is not None for ident in request.identities)
 
 
 def program_key(request) -> tuple:
@@ -54,7 +63,7 @@ def program_key(request) -> tuple:
     size and identity count fix the shapes; gating, box use and mixing are static switches of
     SAA. Steps, sampler and every number of the request are traced."""
     return request.height, request.width, len(request.identities), bool(request.gating), uses_boxes(request), \
-        request.mix is not None
+        request.mix is not None, uses_masks(request)
 
 
 def shape_key(request) -> tuple:
@@ -65,16 +74,17 @@ def shape_key(request) -> tuple:
 
 
 def request_boxes(request) -> np.ndarray:
-    """(n, 4) float32: the given boxes, or n vertical strips."""
-    if request.identities[0].box is not None:
-        return np.asarray([ident.box for ident in request.identities], np.float32)
+    """(n, 4) float32: the given boxes (zeros for a person whose region is a mask), or n vertical strips."""
+    if any(ident.box is not None or ident.mask is not None for ident in request.identities):
+        return np.asarray([ident.box if ident.mask is None else [0.0] * 4 for ident in request.identities], np.float32)
     return default_boxes(len(request.identities)).astype(np.float32)
 
 
 def identity_key(ident) -> str:
-    """What an identity's tokens depend on (not its box)."""
+    """What an identity's tokens depend on (not its region)."""
     data = dataclasses.asdict(ident)
     data.pop("box", None)
+    data.pop("mask", None)
     return json.dumps(data, sort_keys=True)
 
 
@@ -139,9 +149,22 @@ def request_details(request, cache: ConditioningCache) -> dict:
         "identities_used": [cache.identity(ident)[1] for ident in request.identities],
         "alpha_steps": alpha_steps(request.alpha, request.steps),
     }
+    if uses_masks(request):
+        details["boxes_used"] = [None if ident.mask else box for ident, box in zip(request.identities,
+                                                                                 details["boxes_used"])]
+        details["masks"] = [masks.record(ident.mask) for ident in request.identities if ident.mask is not None]
     if request.negative_embeddings:
         details["negative_embeddings"] = [cache.pipeline.embedding(p).record() for p in request.negative_embeddings]
     return details
+
+
+def mask_rows(requests, latent_hw: tuple[int, int]) -> dict[str, np.ndarray]:
+    """{"masks": (N, n, h, w) float32, "mask_used": (N, n) bool}: each person's mask averaged
+    on the latent grid (`masks.latent_coverage`; zeros where the region is a box)."""
+    coverage = [[masks.latent_coverage(ident.mask, (r.height, r.width), latent_hw) if ident.mask is not None
+                 else np.zeros(latent_hw, np.float32) for ident in r.identities] for r in requests]
+    used = [[ident.mask is not None for ident in r.identities] for r in requests]
+    return {"masks": np.asarray(coverage, np.float32), "mask_used": np.asarray(used, bool)}
 
 
 def noise_rows(items: list[ImageItem], latent_hwc: tuple[int, int, int]) -> np.ndarray:
@@ -203,6 +226,8 @@ def assemble(items: list[ImageItem], cache: ConditioningCache, latent_hwc: tuple
     }
     if with_identities:  # absent in plain text-to-image (a base model without the identity branch)
         arrays.update(id_tokens=np.stack(tokens), boxes=np.stack(boxes))
+    if uses_masks(items[0].request):
+        arrays.update(mask_rows([item.request for item in rows], latent_hwc[:2]))
     details = {}
     for item in items:
         if id(item.request) not in details:

@@ -72,9 +72,10 @@ def denoise(
       noise (N, h, w, C) standard normal; conditioning: a `base_models.TextConditioning` of
       (N, 2, ...) [negative, positive]; id_tokens (N, 2, n, T, D) likewise; boxes (N, n, 4);
       step_key (N, 2): each image's key of the ancestral samplers' per-step noise; guidance,
-      alpha_count, beta, id_scale, mix (N,). Without the identity branch
-      (`modules.identity_branch` False: plain text-to-image) id_tokens and boxes are absent and
-      the UNet is called with identity None.
+      alpha_count, beta, id_scale, mix (N,); masks (N, n, h, w) and mask_used (N, n) when a
+      person's region is a mask (batching.mask_rows; their presence is another program).
+      Without the identity branch (`modules.identity_branch` False: plain text-to-image)
+      id_tokens and boxes are absent and the UNet is called with identity None.
     sampler: () int32 index into schedulers.SCHEDULERS; schedule: its `schedulers.Schedule`
     padded to the training length (num_steps traced). capture_maps: at the steps in map_steps
     (K,), -1 padded, send the positive rows' per-identity activation maps (N, n, h, w) to
@@ -93,6 +94,8 @@ def denoise(
     if modules.identity_branch:
         id_tokens, boxes = pairs(rows["id_tokens"]), jnp.repeat(rows["boxes"], 2, axis=0)
     guidance = rows["guidance"][:, None, None, None]
+    masks = jnp.repeat(rows["masks"], 2, axis=0) if "masks" in rows else None  # (2N, n, h, w): regions.py
+    mask_used = jnp.repeat(rows["mask_used"], 2, axis=0) if "masks" in rows else None
 
     def body(i, carry):
         x, state = carry
@@ -102,7 +105,8 @@ def denoise(
             identity = IdentityConditioning(
                 tokens=id_tokens, boxes=boxes, layout_active=per_row(i < rows["alpha_count"]),
                 beta=per_row(rows["beta"]), id_scale=per_row(rows["id_scale"]),
-                mix=per_row(rows["mix"])[..., None, None] if with_mix else None, use_boxes=use_boxes, gating=gating,
+                mix=per_row(rows["mix"])[..., None, None] if with_mix else None, masks=masks,
+                mask_used=mask_used, use_boxes=use_boxes, gating=gating,
             )
         x_in = schedulers.scale_model_input_by_index(sampler, schedule, i, x)
         x2 = jnp.repeat(x_in, 2, axis=0)  # [neg_0, pos_0, neg_1, pos_1, ...]

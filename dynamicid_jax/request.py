@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from dynamicid_jax import images, schedulers
+from dynamicid_jax import images, masks, schedulers
 from dynamicid_jax.dynamicid.saa import validate_boxes
 from dynamicid_jax.errors import UserError
 from dynamicid_jax.models import textual_inversion
@@ -33,6 +33,7 @@ class IdentityRequest:
 
     refs: reference photo paths of this person (several are averaged in token space).
     box: normalised [y_min, x_min, y_max, x_max] where this person should appear.
+    mask: or a mask file of that region (white = region; masks.py), instead of a box.
     face_prompt: target face prompt for IMR, e.g. "a very surprised expression, front view".
     target_landmarks: a photo whose largest face gives the target landmarks (head pose).
     source_prompt: the reference face's own description; automatic when None.
@@ -40,6 +41,7 @@ class IdentityRequest:
 
     refs: list[str]
     box: Optional[list[float]] = None
+    mask: Optional[str] = None
     face_prompt: Optional[str] = None
     target_landmarks: Optional[str] = None
     source_prompt: Optional[str] = None
@@ -97,6 +99,9 @@ class SampleRequest:
         data = dataclasses.asdict(self)
         if not data["negative_embeddings"]:  # so sidecars from before this field still match (outputs.reusable)
             del data["negative_embeddings"]
+        for ident in data["identities"]:  # likewise for the mask
+            if ident.get("mask") is None:
+                ident.pop("mask", None)
         return data
 
 
@@ -140,8 +145,10 @@ def _check_identity(label, i: int, ident: IdentityRequest) -> None:
     box = ident.box
     if box is not None and (not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box)):
         raise InputError(f"identity {i}: {label('box')} must be 4 numbers [y_min, x_min, y_max, x_max], got {box!r}")
-    for name in ("face_prompt", "source_prompt", "target_landmarks"):
+    for name in ("face_prompt", "source_prompt", "target_landmarks", "mask"):
         _optional_text(f"identity {i}: {label(name)}", getattr(ident, name))
+    if ident.mask is not None and ident.box is not None:
+        raise InputError(f"identity {i}: give {label('box')} or {label('mask')}, not both")
 
 
 def validate_request(request: SampleRequest, vae_factor: int, label=flag_label, identity_branch: bool = True) -> None:
@@ -150,8 +157,9 @@ def validate_request(request: SampleRequest, vae_factor: int, label=flag_label, 
     (default its flag, `--steps`; a requests file says `'steps'`).
 
     Rules: at least one identity, each with a reference (identity_branch False, a base model
-    without DynamicID weights: no identity at all); boxes for all identities or none,
-    inside [0, 1] with min < max; guidance, id_scale and mix finite (mix in [0, 1]); beta
+    without DynamicID weights: no identity at all); a region (a box or a mask) for all
+    identities or none, boxes inside [0, 1] with min < max, masks usable (`check_masks`);
+    guidance, id_scale and mix finite (mix in [0, 1]); beta
     finite and > -1 (the layout divides by beta + 1); alpha an int step count >= 0 or a
     float fraction of the steps in (0, 1]; steps in [1, 1000]; height and width positive
     multiples of `vae_factor`, each at most MAX_IMAGE_SIDE px, and num_images x height x
@@ -170,12 +178,13 @@ def validate_request(request: SampleRequest, vae_factor: int, label=flag_label, 
     for name in ("prompt", "negative_prompt"):
         if not isinstance(getattr(request, name), str):
             raise InputError(f"{label(name)} must be text, got {getattr(request, name)!r}")
-    given = [ident.box is not None for ident in request.identities]
+    given = [ident.box is not None or ident.mask is not None for ident in request.identities]
     if any(given) and not all(given):
-        raise InputError(f"boxes and identities differ in count: {sum(given)} boxes for {n} identities")
-    if given and all(given):
+        raise InputError(f"boxes and identities differ in count: {sum(given)} boxes or masks for {n} identities")
+    boxes = [ident.box for ident in request.identities if ident.box is not None]
+    if boxes:
         try:
-            validate_boxes(np.asarray([ident.box for ident in request.identities], np.float32))
+            validate_boxes(np.asarray(boxes, np.float32))
         except (TypeError, ValueError) as e:
             raise InputError(f"{label('box')}: {e}") from e
     _finite(label("guidance"), request.guidance)
@@ -218,6 +227,7 @@ def validate_request(request: SampleRequest, vae_factor: int, label=flag_label, 
             f"{request.width} = {pixels} pixels exceeds the {MAX_BATCH_PIXELS} per call (the latents would not fit): "
             "make fewer images per call"
         )
+    check_masks(request, vae_factor)
     alpha = request.alpha
     if _is_int(alpha):
         if alpha < 0:
@@ -228,6 +238,18 @@ def validate_request(request: SampleRequest, vae_factor: int, label=flag_label, 
     else:
         raise InputError(f"{label('alpha')} must be a step count (e.g. 12) or a fraction in (0, 1] (e.g. 0.24), "
                          f"got {alpha!r}")
+
+
+def check_masks(request: SampleRequest, vae_factor: int) -> None:
+    """Read every mask file of the request once (masks.latent_coverage: readable, the picture's
+    aspect ratio, not empty, covering a latent cell); InputError naming the file otherwise."""
+    picture = (request.height, request.width)
+    for i, ident in enumerate(request.identities):
+        if ident.mask is not None:
+            try:
+                masks.latent_coverage(ident.mask, picture, (request.height // vae_factor, request.width // vae_factor))
+            except masks.MaskError as e:
+                raise InputError(f"identity {i}: {e}") from None
 
 
 def check_images_readable(request: SampleRequest) -> None:

@@ -23,6 +23,7 @@ import json
 import pathlib
 from typing import Any, Callable, Mapping, Optional
 
+from dynamicid_jax import masks
 from dynamicid_jax.request import DEFAULT_KEYS, DEFAULT_PROMPT, IdentityRequest, InputError, SampleRequest, flag_label
 
 REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(SampleRequest))
@@ -133,6 +134,9 @@ def parse_identity(data, i: int, *, base: Optional[pathlib.Path] = None, text: b
     if isinstance(fields.get("refs"), list):
         fields["refs"] = [_resolve(r, base) for r in fields["refs"]]
     fields["target_landmarks"] = _resolve(fields.get("target_landmarks"), base)
+    if text and isinstance(fields.get("mask"), str) and not fields["mask"].strip():
+        fields["mask"] = None  # a blank per-identity flag or form field: no mask
+    fields["mask"] = _resolve(fields.get("mask"), base)
     try:
         return IdentityRequest(**fields)
     except TypeError as e:  # "refs" missing
@@ -186,6 +190,9 @@ def add_request_args(parser: argparse.ArgumentParser) -> None:
     add("--prompt", default=None, help=f"default: {DEFAULT_PROMPT!r}")
     add("--negative_prompt", default=None)
     add("--box", action="append", default=[], help="y_min,x_min,y_max,x_max in [0,1], once per identity")
+    add("--mask", action="append", default=[],
+        help="mask image of the identity's region (white = region; the picture's aspect ratio), once per "
+             "identity in --ref order, instead of its --box ('' = that identity's --box)")
     add("--face_prompt", action="append", default=[], help="target face prompt per identity ('' = none)")
     add("--source_prompt", action="append", default=[], help="reference-face description per identity")
     add("--target_landmarks", action="append", default=[], help="photo giving target landmarks, per identity")
@@ -206,10 +213,11 @@ def flags_request(args: argparse.Namespace, defaults: Optional[Mapping[str, Any]
     """The flags of `add_request_args` (+ --scheduler/--clip_skip/--negative_embedding) ->
     SampleRequest; per-identity flags are given once per --ref, in --ref order."""
     n = len(args.ref)  # none: plain text-to-image, which validate_request allows without DynamicID weights only
-    if args.box and len(args.box) != n:
-        raise InputError(f"boxes and identities differ in count: {len(args.box)} --box for {n} --ref")
+    if (args.box or args.mask) and max(len(args.box), len(args.mask)) != n:
+        raise InputError(f"boxes and identities differ in count: {len(args.box)} --box and {len(args.mask)} --mask "
+                         f"for {n} --ref")
     per = {name: _per_identity(getattr(args, name), n, f"--{name}")
-           for name in ("box", "face_prompt", "source_prompt", "target_landmarks")}
+           for name in ("box", "mask", "face_prompt", "source_prompt", "target_landmarks")}
     identities = [dict({name: per[name][i] for name in per}, refs=[r for r in ref.split(",") if r])
                   for i, ref in enumerate(args.ref)]
     data = {name: getattr(args, name) for name in FLAG_FIELDS}
@@ -235,7 +243,12 @@ def read_sidecar(path: str, flag: str = "--from_json") -> SampleRequest:
         request = parse_request(data.get("request", data) if isinstance(data, dict) else data)
     except InputError as e:
         raise InputError(f"{flag} {file}: {e}") from None
-    recorded = data.get("resolved", {}).get("negative_embeddings", []) if isinstance(data, dict) else []
+    resolved = data.get("resolved", {}) if isinstance(data, dict) else {}
+    try:
+        masks.check_unchanged(resolved.get("masks"), f"{flag} {file}")
+    except masks.MaskError as e:
+        raise InputError(str(e)) from None
+    recorded = resolved.get("negative_embeddings", [])
     for record in recorded:
         embedding = pathlib.Path(record["file"])
         if embedding.is_file() and hashlib.sha256(embedding.read_bytes()).hexdigest() != record["sha256"]:

@@ -10,10 +10,11 @@ folder with SAA.bin/IMR.bin/key_point_encoder.bin, insightface buffalo_l):
       --prompt "two people at a cafe, cinematic photo" --height 768 --width 768 --out out/
 
 Several photos of one person: `--ref a1.jpg,a2.jpg` (their tokens are averaged).
-Per-identity options (--box, --face_prompt, --source_prompt, --target_landmarks) are given
-once per identity in --ref order; an empty --face_prompt leaves that identity unedited.
-Boxes are normalised y_min,x_min,y_max,x_max. Without boxes several identities get vertical
-strips. Each PNG gets a JSON sidecar; `--from_json SIDECAR` reproduces it. Like --requests
+Per-identity options (--box, --mask, --face_prompt, --source_prompt, --target_landmarks) are
+given once per identity in --ref order; an empty --face_prompt leaves that identity unedited.
+Boxes are normalised y_min,x_min,y_max,x_max; `--mask PERSON.png` gives a region of any
+shape instead (white = region, the picture's aspect ratio). Without boxes or masks several
+identities get vertical strips. Each PNG gets a JSON sidecar; `--from_json SIDECAR` reproduces it. Like --requests
 below (the same engine), a rerun keeps a picture already in --out with the same request and
 weights, and refuses to overwrite one made with other settings.
 

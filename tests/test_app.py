@@ -85,21 +85,13 @@ def test_browser_two_people_boxes_and_an_edit(app, test_assets, tmp_path):
     and its sidecar."""
     import urllib.request
 
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    chromium = shutil.which("chromium") or "/usr/bin/chromium"
-    driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    options = webdriver.ChromeOptions()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2200"):
-        options.add_argument(flag)
-    options.binary_location = chromium
-    driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    driver = _chromium()
     try:
         wait = WebDriverWait(driver, 120)
         driver.get(app[1])
@@ -168,6 +160,18 @@ def test_browser_two_people_boxes_and_an_edit(app, test_assets, tmp_path):
     chosen, = sidecar["weights"]["page_loras"]  # by name: the server's folder is not the client's business
     assert chosen["name"] == "style.safetensors" and chosen["scale"] == 1.0 and chosen["merged"]["unet"] > 40
     assert [i["refs"] for i in identities] == [["obama.jpg"], ["0-f15-hao-ph.jpg"]]  # names, not server paths
+
+
+def _chromium():
+    """A headless Chromium driven by selenium (the distribution's chromium and chromedriver)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2200"):
+        options.add_argument(flag)
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    return webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"))
 
 
 def _click_canvas(driver, wait, action_chains, fx: float, fy: float) -> None:
@@ -356,6 +360,82 @@ def test_activation_maps_show_each_person_in_their_box(app, client, test_assets)
     assert m[1, :, :4].mean() <= 0.3 * m[1, :, 4:].mean()
 
 
+def test_browser_masks_show_on_the_layout_and_reach_the_sidecar(app, test_assets, tmp_path):
+    """Chromium uploads a round mask for person 1 and an L-shaped one for person 2: the layout
+    canvas paints each region in its person's colour, and the picture's sidecar names both
+    masks with their sha256. Costs the masks program's compile (~30-45 s) and a browser."""
+    import hashlib
+    import io
+    import urllib.request
+
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from dynamicid_jax.app.previews import COLOURS
+
+    y, x = np.mgrid[:64, :64] + 0.5
+    round_mask = ((y - 24) ** 2 + (x - 20) ** 2 <= 16 ** 2)
+    l_mask = np.zeros((64, 64), bool)
+    l_mask[:, 44:] = l_mask[48:, 16:] = True
+    files = {1: tmp_path / "round.png", 2: tmp_path / "ell.png"}
+    Image.fromarray(round_mask.astype(np.uint8) * 255).save(files[1])
+    Image.fromarray(l_mask.astype(np.uint8) * 255).resize((128, 128), Image.NEAREST).save(files[2])  # any size
+    driver = _chromium()
+    try:
+        wait = WebDriverWait(driver, 180)
+        driver.get(app[1])
+        css = lambda sel: wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, sel)))  # noqa: E731
+        for k, name in ((1, "obama.jpg"), (2, "0-f15-hao-ph.jpg")):
+            tab = (By.XPATH, f"//button[@role='tab'][contains(., 'Person {k}')]")
+            wait.until(ec.element_to_be_clickable(tab)).click()
+            css(f"#refs_{k} input[type=file]").send_keys(str(test_assets / name))
+            css(f"#faces_{k} img")
+            css(f"#mask_{k} input[type=file]").send_keys(str(files[k]))
+        note = lambda d: d.find_element(By.CSS_SELECTOR, "#layout_note").text  # noqa: E731
+        wait.until(lambda d: "person 1 mask, person 2 mask" in note(d))
+        src = css("#layout img").get_attribute("src")
+        canvas = np.asarray(Image.open(io.BytesIO(urllib.request.urlopen(src).read())).convert("RGB"), int)
+        steps = css("#steps input[type=number]")
+        steps.send_keys(Keys.CONTROL, "a")
+        steps.send_keys("3", Keys.TAB)
+        css("#generate").click()
+        css("#gallery img")
+        links = wait.until(lambda d: [a.get_attribute("href") for a in d.find_elements(By.CSS_SELECTOR, "#downloads a")
+                                      if a.get_attribute("href")] or None)
+        # A region drawn with the brush on the layout, for person 3 (no photo: shown, not run).
+        wait.until(ec.element_to_be_clickable((By.XPATH, "//*[@id='draw_person']//label[contains(., 'person 3')]"))
+                   ).click()
+        wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#sketch_panel button.label-wrap"))).click()
+        wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#sketch_start"))).click()
+        board = css("#sketch canvas")
+        time.sleep(1)  # the background lands on the board
+        ActionChains(driver).move_to_element_with_offset(board, -30, -30).click_and_hold().move_by_offset(40, 0) \
+            .move_by_offset(0, 40).move_by_offset(-40, 0).release().perform()
+        css("#sketch_use").click()
+        wait.until(lambda d: "person 3 mask" in note(d))
+        drawn_src = css("#layout img").get_attribute("src")
+        driver.save_screenshot(str(tmp_path / "sketch.png"))
+    finally:
+        driver.quit()
+    drawn = np.asarray(Image.open(io.BytesIO(urllib.request.urlopen(drawn_src).read())).convert("RGB"), int)
+    person_3 = np.round(0.55 * 245 + 0.45 * np.asarray(COLOURS[2]))
+    assert (np.abs(drawn - person_3).max(axis=-1) <= 1).sum() > 100  # painted pixels in person 3's colour
+    # The 256 px canvas of the 64 px picture: 4 canvas px per picture px. Inside each region
+    # the background (245 grey) is blended 45% towards the person's colour; outside, untouched.
+    scale = canvas.shape[0] // 64
+    for k, mask, (py, px) in ((1, round_mask, (24, 20)), (2, l_mask, (30, 56))):
+        expected = np.round(0.55 * 245 + 0.45 * np.asarray(COLOURS[k - 1]))
+        np.testing.assert_allclose(canvas[py * scale + 2, px * scale + 2], expected, atol=1)
+    assert (canvas[60 * scale, 4 * scale] == 245).all()  # bottom-left corner: no one's region
+    sidecar = json.loads(urllib.request.urlopen(next(u for u in links if ".json" in u)).read())
+    assert [i["mask"] for i in sidecar["request"]["identities"]] == ["round.png", "ell.png"]
+    assert [m["sha256"] for m in sidecar["resolved"]["masks"]] == [
+        hashlib.sha256(files[k].read_bytes()).hexdigest() for k in (1, 2)]
+
+
 # ----------------------------------------------------------------------------- no server
 
 
@@ -458,3 +538,15 @@ def test_sidecar_requests_take_settings_but_only_uploaded_references(tmp_path):
         forms.sidecar_request(dict(sidecar, negative_embeddings=["/etc/badhands.pt"]), [[str(root / "x.jpg")]], root)
     with pytest.raises(InputError, match="unknown setting 'negative_embeddings'"):
         forms.request_settings({"negative_embeddings": ["/etc/badhands.pt"]})
+
+
+def test_a_brush_drawing_becomes_a_mask_of_its_painted_pixels():
+    layer = np.zeros((4, 6, 4), np.uint8)
+    layer[1:3, 2:5] = (34, 34, 34, 255)  # the page's dark brush: painted = opaque, whatever the colour
+    layer[0, 0, 3] = 1  # a faint stroke edge still counts
+    mask = forms.drawn_mask({"background": np.full((4, 6, 4), 245, np.uint8), "layers": [layer], "composite": None})
+    expected = np.zeros((4, 6), np.uint8)
+    expected[1:3, 2:5] = expected[0, 0] = 255
+    assert mask.shape == (4, 6, 3) and (mask[..., 0] == expected).all() and (mask == mask[..., :1]).all()
+    with pytest.raises(InputError, match="nothing drawn"):
+        forms.drawn_mask({"background": None, "layers": [np.zeros((4, 6, 4), np.uint8)], "composite": None})

@@ -3,7 +3,7 @@
 The form is one more written form of a request: its values go through
 `request_parsing.parse_request` (text=True: the alpha, box and number parsers of the CLI's
 flags), with the page's settings as defaults. Nothing here opens a path a client typed:
-references and landmark photos are upload paths (checked to lie in the app's upload folder, of
+references, landmark photos and region masks are upload paths (checked to lie in the app's upload folder, of
 an image type, at most MAX_UPLOAD_BYTES), negative embeddings and style LoRAs are names of the
 operator's files (`catalog.py`), and a sidecar's `refs` are only shown by name. Errors are
 `InputError`s naming the input.
@@ -16,6 +16,8 @@ import json
 import math
 import pathlib
 from typing import Optional, Sequence
+
+import numpy as np
 
 from dynamicid_jax.app.catalog import public_name
 from dynamicid_jax.faces.expression import EMOTIONS
@@ -48,6 +50,7 @@ class PersonForm:
     orientation: str = KEEP
     face_text: str = ""
     target_landmarks: Optional[str] = None
+    mask: Optional[str] = None  # an uploaded mask of the person's region, instead of the box
 
     @property
     def edits(self) -> bool:
@@ -111,17 +114,18 @@ def build_request(people: Sequence[PersonForm], settings: dict, upload_root: pat
     identities = []
     for k, person in enumerate(people, start=1):
         if not person.refs:
-            if person.box.strip() or person.edits:
-                raise InputError(f"person {k} has a box or an edit but no reference photo")
+            if person.box.strip() or person.mask or person.edits:
+                raise InputError(f"person {k} has a box, a mask or an edit but no reference photo")
             continue
         refs = [str(check_upload(p, upload_root)) for p in person.refs]
         target = str(check_upload(person.target_landmarks, upload_root)) if person.target_landmarks else None
+        mask = str(check_upload(person.mask, upload_root)) if person.mask else None
         face_prompt = person.face_text.strip() or None
         if face_prompt is None and (person.expression != KEEP or person.orientation != KEEP):
             emotion, pose = describe(refs[0])
             face_prompt = compose_face_prompt(person.expression, person.orientation, emotion, pose)
         identities.append(dict(refs=refs, box=parse_box(person.box, f"person {k} box"), face_prompt=face_prompt,
-                               target_landmarks=target))
+                               target_landmarks=target, mask=mask))
     if not identities:
         raise InputError("no reference photo: upload at least one photo for person 1")
     if len(identities) > MAX_PEOPLE:
@@ -130,6 +134,19 @@ def build_request(people: Sequence[PersonForm], settings: dict, upload_root: pat
     if negative_embeddings is not None:
         data["negative_embeddings"] = list(negative_embeddings)
     return parse_request(data, defaults=defaults, text=True, label=form_label)
+
+
+def drawn_mask(editor_value) -> np.ndarray:
+    """The page's brush drawing (gradio ImageEditor value: {"background", "layers", "composite"},
+    numpy RGBA) -> the mask it draws, (H, W, 3) uint8: white wherever any layer is painted
+    (opacity > 0, whatever the brush colour), black elsewhere; the canvas' size, so the
+    layout canvas under the brush gives the picture's aspect ratio."""
+    layers = [np.asarray(layer) for layer in (editor_value or {}).get("layers") or [] if layer is not None]
+    painted = [layer[..., 3] > 0 for layer in layers if layer.ndim == 3 and layer.shape[-1] == 4]
+    if not painted or not np.logical_or.reduce(painted).any():
+        raise InputError("nothing drawn: paint the region with the brush on the canvas first")
+    region = np.logical_or.reduce(painted)
+    return np.repeat((region * 255).astype(np.uint8)[..., None], 3, axis=-1)
 
 
 def lora_choice(names, scale, loras) -> tuple[tuple[str, float], ...]:
@@ -191,6 +208,9 @@ def sidecar_request(sidecar: dict, refs: Sequence[Sequence[str]], upload_root: p
     if request.identities and any(i.target_landmarks for i in request.identities):
         raise InputError("sidecar names target-landmark photos: they are never opened on the server; "
                          "use the form with an uploaded landmark photo")
+    if request.identities and any(i.mask for i in request.identities):
+        raise InputError("sidecar names mask files: they are never opened on the server; "
+                         "use the form with the masks uploaded")
     if request.negative_embeddings:
         offered = embeddings.names if embeddings is not None else []
         if not all(name in offered for name in request.negative_embeddings):
@@ -220,10 +240,12 @@ def public_copy(request: SampleRequest, details: dict) -> tuple[SampleRequest, d
         ident.refs = [public_name(r) for r in ident.refs]
         if ident.target_landmarks:
             ident.target_landmarks = public_name(ident.target_landmarks)
+        if ident.mask:
+            ident.mask = public_name(ident.mask)
     request.negative_embeddings = [public_name(p) for p in request.negative_embeddings]
     details = json.loads(json.dumps(details))
     for used in details.get("identities_used", []):
         used["refs"] = [public_name(r) for r in used.get("refs", [])]
-    for record in details.get("negative_embeddings", []):
+    for record in details.get("negative_embeddings", []) + details.get("masks", []):
         record["file"] = public_name(record["file"])
     return request, details

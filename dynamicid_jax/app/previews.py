@@ -53,14 +53,30 @@ def box_from_corners(first: Sequence[float], second: Sequence[float], height: in
 
 
 def layout_preview(boxes: Sequence[Optional[Sequence[float]]], height: int, width: int,
-                   labels: Sequence[str]) -> np.ndarray:
+                   labels: Sequence[str], masks: Sequence[Optional[np.ndarray]] = ()) -> np.ndarray:
     """A canvas of the output's aspect ratio with each box (normalised [y0, x0, y1, x1]) as a
-    coloured rectangle labelled with its person; None entries are skipped."""
+    coloured rectangle labelled with its person, or each mask ((h, w) in [0, 1], `masks.read_mask`;
+    stretched to the canvas) painted in the person's colour where at least half white; None
+    entries are skipped."""
     ch, cw = canvas_size(height, width)
     canvas = Image.new("RGB", (cw, ch), (245, 245, 245))
+    masks = list(masks) + [None] * (len(labels) - len(masks))
+    for k, mask in enumerate(masks):
+        if mask is None:
+            continue
+        shown = np.asarray(Image.fromarray(np.asarray(mask, np.float32), "F").resize((cw, ch), Image.BOX)) >= 0.5
+        paint = np.asarray(canvas, np.float32)
+        colour = np.asarray(COLOURS[k % len(COLOURS)], np.float32)
+        paint[shown] = 0.55 * paint[shown] + 0.45 * colour
+        canvas = Image.fromarray(paint.round().astype(np.uint8))
     draw = ImageDraw.Draw(canvas, "RGBA")
+    for k, (mask, label) in enumerate(zip(masks, labels)):
+        if mask is not None and mask.max() > 0:
+            row, col = divmod(int(np.argmax(np.asarray(mask) >= 0.5 * mask.max())), mask.shape[1])  # first white px
+            at = (col * cw / mask.shape[1] + 4, row * ch / mask.shape[0] + 4)
+            draw.text(at, label, fill=COLOURS[k % len(COLOURS)] + (255,))
     for k, (box, label) in enumerate(zip(boxes, labels)):
-        if box is None:
+        if box is None or masks[k] is not None:
             continue
         y0, x0, y1, x1 = box
         colour = COLOURS[k % len(COLOURS)]

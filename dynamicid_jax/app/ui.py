@@ -1,4 +1,4 @@
-"""The gradio page: people (uploads, face previews, IMR edits, boxes), settings, outputs.
+"""The gradio page: people (uploads, face previews, IMR edits, boxes or masks), settings, outputs.
 
 Named API endpoints (gradio_client, see README): `/generate` (the form), `/reproduce`
 (a sidecar + fresh reference uploads), `/restore` (a sidecar -> the form's settings),
@@ -15,6 +15,7 @@ import pathlib
 
 import gradio as gr
 
+from dynamicid_jax import masks
 from dynamicid_jax.app import forms, previews
 from dynamicid_jax.app.service import AppService, Cancelled
 from dynamicid_jax.dynamicid.saa import default_boxes
@@ -71,14 +72,16 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
                  prompt=None, negative_prompt=None, seed=None, random_seed=None, steps=None, guidance=None,
                  width=None, height=None, num_images=None, alpha=None, beta=None, id_scale=None, mix=None,
                  gating=None, activation_maps=None, scheduler=None, clip_skip=None, loras=None, lora_scale=None,
-                 negative_embeddings=None, progress=gr.Progress()):
+                 negative_embeddings=None, mask_1=None, mask_2=None, mask_3=None, mask_4=None,
+                 progress=gr.Progress()):
         people = [
-            forms.PersonForm(_paths(r), b or "", e or forms.KEEP, o or forms.KEEP, t or "", (_paths(lm) or [None])[0])
-            for r, b, e, o, t, lm in (
-                (refs_1, box_1, expression_1, orientation_1, face_text_1, landmarks_1),
-                (refs_2, box_2, expression_2, orientation_2, face_text_2, landmarks_2),
-                (refs_3, box_3, expression_3, orientation_3, face_text_3, landmarks_3),
-                (refs_4, box_4, expression_4, orientation_4, face_text_4, landmarks_4),
+            forms.PersonForm(_paths(r), b or "", e or forms.KEEP, o or forms.KEEP, t or "", (_paths(lm) or [None])[0],
+                             (_paths(m) or [None])[0])
+            for r, b, e, o, t, lm, m in (
+                (refs_1, box_1, expression_1, orientation_1, face_text_1, landmarks_1, mask_1),
+                (refs_2, box_2, expression_2, orientation_2, face_text_2, landmarks_2, mask_2),
+                (refs_3, box_3, expression_3, orientation_3, face_text_3, landmarks_3, mask_3),
+                (refs_4, box_4, expression_4, orientation_4, face_text_4, landmarks_4, mask_4),
             )
         ]
         # None (not sent) takes the page's default, in parse_request
@@ -123,25 +126,35 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
 
         return fn
 
-    def layout(width, height, refs_1, refs_2, refs_3, refs_4, box_1, box_2, box_3, box_4):
+    def layout(width, height, refs_1, refs_2, refs_3, refs_4, box_1, box_2, box_3, box_4,
+               mask_1=None, mask_2=None, mask_3=None, mask_4=None):
         active = [k for k, r in zip(PEOPLE, (refs_1, refs_2, refs_3, refs_4)) if r]
-        typed = {}
+        typed, drawn, problems = {}, {}, []
         for k, text in zip(PEOPLE, (box_1, box_2, box_3, box_4)):
             try:
                 typed[k] = parse_box(text or "", f"person {k} box")
             except InputError:
                 typed[k] = None
-        if len(active) == 1 and not typed[active[0]]:
+        for k, upload in zip(PEOPLE, (mask_1, mask_2, mask_3, mask_4)):
+            path = (_paths(upload) or [None])[0]
+            try:
+                drawn[k] = masks.read_mask(forms.check_upload(path, service.upload_root)) if path else None
+            except (InputError, masks.MaskError) as e:
+                drawn[k] = None
+                problems.append(f"person {k}: {e}")
+        if len(active) == 1 and not typed[active[0]] and drawn[active[0]] is None:
             boxes, note = {}, "one person without a box: no layout control"
-        elif active and not any(typed[k] for k in active):
+        elif active and not any(typed[k] or drawn[k] is not None for k in active):
             boxes = dict(zip(active, default_boxes(len(active)).tolist()))
             note = "default vertical strips"
         else:
             boxes = {k: typed[k] for k in PEOPLE if typed[k] is not None}
-            note = "typed boxes"
+            note = "regions: " + ", ".join(f"person {k} {'mask' if drawn[k] is not None else 'box'}"
+                                           for k in PEOPLE if typed[k] is not None or drawn[k] is not None)
         canvas = previews.layout_preview([boxes.get(k) for k in PEOPLE], int(height or d["height"]),
-                                         int(width or d["width"]), [f"person {k}" for k in PEOPLE])
-        return previews.png_file(canvas, previews_dir), note
+                                         int(width or d["width"]), [f"person {k}" for k in PEOPLE],
+                                         [drawn[k] for k in PEOPLE])
+        return previews.png_file(canvas, previews_dir), "; ".join([note] + problems)
 
     def draw(who, first, width, height, evt: gr.SelectData):
         """A click on the layout canvas: the first stores a corner, the second (same person)
@@ -156,6 +169,20 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
         box = previews.box_from_corners(first[1], point, int(height or d["height"]), int(width or d["width"]))
         skip[k - 1] = forms.format_box(box)
         return skip + [None, f"person {k}: box drawn"]
+
+    def sketch_on_layout(layout_png):
+        """The layout canvas (its picture's aspect ratio) as the brush's background, no strokes."""
+        return {"background": layout_png, "layers": [], "composite": None}
+
+    def use_drawing(who, value):
+        """The brush drawing becomes the chosen person's mask upload (a PNG in the upload folder,
+        so it is checked and read as any upload); its change redraws the layout."""
+        k = int(str(who).split()[-1])
+        try:
+            path = previews.png_file(forms.drawn_mask(value), service.upload_root / "drawn")
+        except USER_ERRORS as e:
+            raise gr.Error(str(e), print_exception=False)
+        return [path if j == k else gr.skip() for j in PEOPLE] + [f"person {k}: drawn region set as the mask"]
 
     def restore(sidecar):
         try:
@@ -199,6 +226,9 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
                                                      lines=1, elem_id=f"source_{k}")
                             p["box"] = gr.Textbox(label="box y_min,x_min,y_max,x_max in [0,1] (blank: strips)",
                                                   elem_id=f"box_{k}")
+                            p["mask"] = gr.File(label="or a mask of the region, any shape (white = region, "
+                                                "the picture's aspect ratio); leave the box blank",
+                                                file_types=IMAGE_TYPES, type="filepath", elem_id=f"mask_{k}")
                             with gr.Row():
                                 p["expression"] = gr.Dropdown(list(forms.EXPRESSION_CHOICES), value=forms.KEEP,
                                                               label="expression", elem_id=f"expression_{k}")
@@ -248,6 +278,13 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
                 draw_for = gr.Radio([f"person {k}" for k in PEOPLE], value="person 1", elem_id="draw_person",
                                     label="draw a box: choose a person, click two opposite corners on the layout")
                 corner = gr.State(None)  # (person, (x, y)) of a first click, per browser session
+                with gr.Accordion("draw a region of any shape for the chosen person", open=False, elem_id="sketch_panel"):
+                    sketch = gr.ImageEditor(type="numpy", image_mode="RGBA", sources=(), transforms=(), layers=False,
+                                            brush=gr.Brush(colors=["#222222"], color_mode="fixed"), elem_id="sketch",
+                                            label="paint the region (press 'start' to draw on the layout)")
+                    with gr.Row():
+                        sketch_start = gr.Button("start on the layout", elem_id="sketch_start")
+                        sketch_use = gr.Button("use as the person's mask", elem_id="sketch_use")
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Cancel", elem_id="cancel")
@@ -267,7 +304,8 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
                     id_scale, mix, gating]
         choices = [scheduler, clip_skip, loras, lora_scale, embeddings]  # after `maps`, as generate() takes them
         outputs = [downloads, maps_view, status]
-        runs = [go.click(generate, per_person + settings + [maps] + choices, outputs, api_name="generate",
+        masks_in = [person[k]["mask"] for k in PEOPLE]  # last: the API's positions of the others stay
+        runs = [go.click(generate, per_person + settings + [maps] + choices + masks_in, outputs, api_name="generate",
                          concurrency_id="device", concurrency_limit=1),
                 again.click(reproduce, [sidecar] + [person[k]["refs"] for k in PEOPLE] + [maps], outputs,
                             api_name="reproduce", concurrency_id="device", concurrency_limit=1)]
@@ -281,10 +319,14 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
             person[k]["refs"].change(analyse(k), person[k]["refs"], [person[k]["faces"], person[k]["source"]],
                                      api_name=f"analyse_{k}", concurrency_limit=4)
         layout_inputs = [width, height] + [person[k]["refs"] for k in PEOPLE] + [person[k]["box"] for k in PEOPLE]
+        layout_inputs += masks_in
         for component in layout_inputs:
             component.change(layout, layout_inputs, [layout_view, layout_note], api_visibility="private", queue=False)
         layout_view.select(draw, [draw_for, corner, width, height], [person[k]["box"] for k in PEOPLE]
                            + [corner, layout_note], api_visibility="private", queue=False)
+        sketch_start.click(sketch_on_layout, layout_view, sketch, api_visibility="private", queue=False)
+        sketch_use.click(use_drawing, [draw_for, sketch], masks_in + [layout_note], api_visibility="private",
+                         queue=False)
         demo.load(layout, layout_inputs, [layout_view, layout_note], api_visibility="private", queue=False)
     return demo
 

@@ -26,6 +26,9 @@ Rules this implementation fixes where the release is undefined (see the architec
   it; the other identities' tokens are masked. Outside every box a query attends to all
   identity tokens in one softmax (and gets `w / (beta + 1)` while layout is active).
 - Empty boxes (no cell of a coarse grid inside) simply cover nothing.
+- A person's region may be a mask instead of a box (`IdentityConditioning.masks`): its cells
+  at each grid follow regions.mask_cells (area average >= 1/2); everything below treats a
+  mask's cells as a box's (`region_cells`).
 - Identity mixing multiplies the raw logits (identity 0 by m, the others by 1 - m) before
   the routing mask, so m = 0 or 1 never meets a masked -inf. For "one box, several
   identities" give every identity the same box: by the union rule all of them may be
@@ -47,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from dynamicid_jax.dynamicid.regions import mask_cells
 from dynamicid_jax.models.layers import (
     Dtype,
     LoRADense,
@@ -64,6 +68,7 @@ __all__ = [
     "default_boxes",
     "identity_conditioning",
     "layout_active",
+    "region_cells",
     "validate_boxes",
 ]
 
@@ -95,6 +100,9 @@ class IdentityConditioning:
     beta:          () float, layout intensity (paper eq. 3); or (B, 1) per row.
     id_scale:      () float, identity scale on the identity branch; or (B, 1) per row.
     mix:           () float identity-mixing weight m, or (B, 1, 1, 1) per row, or None for no mixing.
+    masks:         (B, n_ids, h, w) float32 in [0, 1]: each person's mask averaged on the latent
+                   grid (regions.py), or None when every region is a box.
+    mask_used:     (B, n_ids) bool: this person's region is their mask (else their box); with masks.
     use_boxes:     static; False = no layout control and no routing (one softmax over all ids).
     gating:        static; False = plain decoupled cross-attention (activation weight 1).
     """
@@ -105,6 +113,8 @@ class IdentityConditioning:
     beta: jax.Array
     id_scale: jax.Array
     mix: Optional[jax.Array] = None
+    masks: Optional[jax.Array] = None
+    mask_used: Optional[jax.Array] = None
     use_boxes: bool = struct.field(pytree_node=False, default=True)
     gating: bool = struct.field(pytree_node=False, default=True)
 
@@ -223,6 +233,17 @@ def box_masks(boxes: jax.Array, spatial_shape: Sequence[int]) -> jax.Array:
     return inside.reshape(inside.shape[:-2] + (h * w,))
 
 
+def region_cells(identity: IdentityConditioning, spatial_shape: Sequence[int]) -> jax.Array:
+    """Which grid cells each person's region covers: (B, n, h*w) bool, row-major. A box by
+    `box_masks`, a mask by `regions.mask_cells` (the one rule of each); traced, so new boxes or
+    masks reuse the compiled graph."""
+    boxes = box_masks(identity.boxes, spatial_shape)
+    if identity.masks is None:
+        return boxes
+    masks = mask_cells(identity.masks, spatial_shape)
+    return jnp.where(identity.mask_used[..., None], masks, boxes)
+
+
 def min_max_normalise(w: jax.Array) -> jax.Array:
     """(B, N) -> (B, N) in [0, 1] per row; a constant row gives 0 (not 0/0)."""
     lo = w.min(axis=-1, keepdims=True)
@@ -306,6 +327,10 @@ class SemanticActivatedAttention(nn.Module):
         n_ids, tokens_per_id = tokens.shape[1], tokens.shape[2]
         if identity.boxes.shape != (b, n_ids, 4):
             raise ValueError(f"identity boxes must be (B={b}, n_ids={n_ids}, 4), got {identity.boxes.shape}")
+        if identity.masks is not None and (identity.masks.ndim != 4 or identity.masks.shape[:2] != (b, n_ids)
+                                           or identity.mask_used is None or identity.mask_used.shape != (b, n_ids)):
+            raise ValueError(f"identity masks must be (B={b}, n_ids={n_ids}, h, w) with mask_used (B, n_ids), got "
+                             f"{identity.masks.shape}")
         inner = self.num_heads * self.head_dim
 
         q = split_heads(self.dense(inner, False, self.lora_rank, "to_q")(x), self.num_heads)
@@ -319,7 +344,7 @@ class SemanticActivatedAttention(nn.Module):
         logits = attention_logits(q, k_id)  # (B, H, N, n*T) float32
 
         if identity.use_boxes:
-            inside = box_masks(identity.boxes, (h, w))  # (B, n, N)
+            inside = region_cells(identity, (h, w))  # (B, n, N)
             covered = inside.any(axis=1)
         if identity.gating:
             weight = min_max_normalise(logits.sum(axis=(1, 3)))

@@ -1,0 +1,113 @@
+"""Mask files of people's regions: read, checked against the picture, averaged on the latent grid.
+
+    coverage = latent_coverage("left_person.png", (512, 512), (64, 64))   # (64, 64) float32
+
+A mask is any image PIL reads, of any size with the picture's aspect ratio: white is the
+region. Its value at a pixel is its grey level (0..1) times its opacity, so a greyscale PNG,
+a black-and-white one and a painted layer on a transparent background (the app's brush) all
+work; colour is taken as its luminance. The mask is not resampled to the picture's pixels:
+its area average over each latent cell (`regions.area_average`) is what SAA gets, the same
+number a resize to the picture followed by the average would give, without the resize's filter.
+
+Refused, with one line naming the file (MaskError, a UserError: the CLI exits 2): a file PIL
+cannot read, another aspect ratio than the picture (naming both), an empty mask (no pixel
+above black), a mask that covers no cell of the latent grid by the mask rule (`regions.mask_cells`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import threading
+from typing import Sequence
+
+import numpy as np
+
+from dynamicid_jax.dynamicid.regions import area_average, mask_cells
+from dynamicid_jax.errors import UserError
+
+
+class MaskError(UserError, ValueError):
+    """A mask file that cannot be used; the message names it."""
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """A mask file -> (h, w) float32 in [0, 1]: grey level times opacity, upright (EXIF)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise MaskError(f"mask {path}: {'is a folder' if path.is_dir() else 'file not found'}")
+    try:
+        with Image.open(path) as im:
+            im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I", "I;16", "F"):  # high bit depth grey: scale its range to [0, 1]
+                values = np.asarray(im, np.float64)
+                top = 65535.0 if values.max() > 255 else 255.0
+                return np.clip(values / top, 0.0, 1.0).astype(np.float32)
+            has_alpha = "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info)
+            la = np.asarray(im.convert("LA") if has_alpha else im.convert("L"), np.float32) / 255.0
+            return la[..., 0] * la[..., 1] if has_alpha else la
+    except Image.DecompressionBombError as e:
+        raise MaskError(f"mask {path}: too large ({e})") from None
+    except UnidentifiedImageError:
+        raise MaskError(f"mask {path}: not an image file PIL can decode") from None
+    except Exception as e:  # PIL raises many types for damaged data; all mean "not a usable mask"
+        raise MaskError(f"mask {path}: cannot read it ({type(e).__name__}: {e})") from None
+
+
+def check_aspect(path, mask_hw: Sequence[int], picture_hw: Sequence[int]) -> None:
+    """The mask must have the picture's aspect ratio, to within one of the mask's pixels."""
+    (mh, mw), (ph, pw) = mask_hw, picture_hw
+    if abs(mw * ph / pw - mh) >= 1.0 and abs(mh * pw / ph - mw) >= 1.0:
+        raise MaskError(f"mask {path} is {mw}x{mh} px, another aspect ratio than the {pw}x{ph} picture")
+
+
+_CACHE: dict[tuple, np.ndarray] = {}
+_LOCK = threading.Lock()
+
+
+def latent_coverage(path, picture_hw: Sequence[int], latent_hw: Sequence[int]) -> np.ndarray:
+    """The mask of `path` for a picture of `picture_hw` px: its area average on the latent
+    grid `latent_hw`, (h, w) float32 in [0, 1]; MaskError naming the file when it is unusable.
+    Remembered per file content, so the checks and the batch rows decode it once."""
+    path = pathlib.Path(path)
+    try:  # by content: a file rewritten within one modification-time tick is still read again
+        key = (hashlib.sha256(path.read_bytes()).hexdigest(), tuple(picture_hw), tuple(latent_hw))
+    except OSError:
+        key = None  # read_mask names the problem
+    with _LOCK:
+        if key is not None and key in _CACHE:
+            return _CACHE[key]
+    mask = read_mask(path)
+    check_aspect(path, mask.shape, picture_hw)
+    if not mask.any():
+        raise MaskError(f"mask {path} is empty: no pixel above black (white marks the region)")
+    coverage = area_average(mask, latent_hw)
+    if not mask_cells(coverage, latent_hw).any():
+        h, w = latent_hw
+        raise MaskError(f"mask {path} covers no cell of the {w}x{h} latent grid (no cell is half white): "
+                        "draw a larger region")
+    with _LOCK:
+        if key is not None:
+            if len(_CACHE) > 256:
+                _CACHE.pop(next(iter(_CACHE)))
+            _CACHE[key] = coverage
+    return coverage
+
+
+def record(path) -> dict:
+    """What a sidecar keeps of a mask file: {"file", "sha256"} (--from_json checks the bytes)."""
+    return {"file": str(path), "sha256": hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()}
+
+
+def check_unchanged(records, where: str) -> None:
+    """MaskError when a mask file recorded in a sidecar has other bytes now (`where` names
+    the sidecar, e.g. "--from_json out/0.json")."""
+    for rec in records or []:
+        file = pathlib.Path(rec["file"])
+        if file.is_file() and hashlib.sha256(file.read_bytes()).hexdigest() != rec["sha256"]:
+            raise MaskError(f"{where}: mask {file} changed since (sha256 differs from the sidecar's)")
