@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import os
 import pathlib
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
 from dynamicid_jax.errors import UserError
+
+T = TypeVar("T")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _BACKGROUND = (255, 255, 255)  # transparent pixels become white (what viewers show)
@@ -73,25 +76,30 @@ def to_rgb(im) -> np.ndarray:
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """Decode an image file to upright RGB uint8 (H, W, 3); ImageError naming the file."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     path = pathlib.Path(path)
     if not path.exists():
         raise ImageError(f"image not found: {path}")
     if not path.is_file():
         raise ImageError(f"cannot read image {path}: it is a folder, not a file")
+    return decode_upright(path, to_rgb, lambda reason: ImageError(f"cannot read image {path}: {reason}"))
+
+
+def decode_upright(path: pathlib.Path, convert: Callable[[Any], T], fail: Callable[[str], Exception]) -> T:
+    """convert(the image of `path`, first frame, EXIF orientation applied); every decoding
+    failure becomes fail(reason) (the one place PIL's many error types are mapped)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
     try:
         with Image.open(path) as im:
             im.seek(0)
             im.load()
-            upright = ImageOps.exif_transpose(im)
-            return to_rgb(upright)
+            return convert(ImageOps.exif_transpose(im))
     except Image.DecompressionBombError as e:
-        raise ImageError(f"cannot read image {path}: too large ({e})") from None
+        raise fail(f"too large ({e})") from None
     except UnidentifiedImageError:
-        raise ImageError(f"cannot read image {path}: not an image file PIL can decode") from None
+        raise fail("not an image file PIL can decode") from None
     except Exception as e:  # PIL raises many types for damaged data; all mean "not a usable image"
-        raise ImageError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+        raise fail(f"{type(e).__name__}: {e}") from None
 
 
 def check_image(path: str | os.PathLike) -> None:

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dynamicid_jax import images
 from dynamicid_jax.dynamicid.regions import area_average, mask_cells
 from dynamicid_jax.errors import UserError
 
@@ -34,29 +35,21 @@ class MaskError(UserError, ValueError):
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
     """A mask file -> (h, w) float32 in [0, 1]: grey level times opacity, upright (EXIF)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     path = pathlib.Path(path)
     if not path.is_file():
         raise MaskError(f"mask {path}: {'is a folder' if path.is_dir() else 'file not found'}")
-    try:
-        with Image.open(path) as im:
-            im.seek(0)
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I", "I;16", "F"):  # high bit depth grey: scale its range to [0, 1]
-                values = np.asarray(im, np.float64)
-                top = 65535.0 if values.max() > 255 else 255.0
-                return np.clip(values / top, 0.0, 1.0).astype(np.float32)
-            has_alpha = "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info)
-            la = np.asarray(im.convert("LA") if has_alpha else im.convert("L"), np.float32) / 255.0
-            return la[..., 0] * la[..., 1] if has_alpha else la
-    except Image.DecompressionBombError as e:
-        raise MaskError(f"mask {path}: too large ({e})") from None
-    except UnidentifiedImageError:
-        raise MaskError(f"mask {path}: not an image file PIL can decode") from None
-    except Exception as e:  # PIL raises many types for damaged data; all mean "not a usable mask"
-        raise MaskError(f"mask {path}: cannot read it ({type(e).__name__}: {e})") from None
+    return images.decode_upright(path, _coverage_values, lambda reason: MaskError(f"mask {path}: {reason}"))
+
+
+def _coverage_values(im) -> np.ndarray:
+    """A decoded PIL image -> (h, w) float32 in [0, 1]: grey level times opacity."""
+    if im.mode in ("I", "I;16", "F"):  # high bit depth grey: scale its range to [0, 1]
+        values = np.asarray(im, np.float64)
+        top = 65535.0 if values.max() > 255 else 255.0
+        return np.clip(values / top, 0.0, 1.0).astype(np.float32)
+    has_alpha = "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info)
+    la = np.asarray(im.convert("LA") if has_alpha else im.convert("L"), np.float32) / 255.0
+    return la[..., 0] * la[..., 1] if has_alpha else la
 
 
 def check_aspect(path, mask_hw: Sequence[int], picture_hw: Sequence[int]) -> None:
