@@ -75,7 +75,7 @@ def sampling_config(demo: bool, dynamicid: Optional[str], base_model: Optional[s
 
 def _sampling_config(demo: bool, run, base_model: Optional[str] = None):
     if run is not None:
-        config = base_models.default_config(tiny=run_base(run)[0], family=run.model.get("family", "sd15"))
+        config = base_models.default_config(tiny=run_base(run)[0], family=base_models.of(run.model).name)
         config.model = run.model
         return config
     if base_model and not demo:

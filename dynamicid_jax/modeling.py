@@ -92,7 +92,7 @@ def build_modules(model: ml_collections.ConfigDict, dtype=jnp.float32, vae_dtype
 
     A training run's config.json written before `family` and `scheduler` were model fields
     was an SD1.5 run on SD1.5's schedule: those two take the sd15 family's values."""
-    family = base_models.get(model.get("family", "sd15")).configured(model)
+    family = base_models.of(model).configured(model)
     scheduler = model.get("scheduler") or family.model_config().scheduler
     branch = dict(lora_rank=model.lora_rank, saa=SAAConfig(threshold=model.saa_threshold)) if identity_branch else {}
     unet_config = UNetConfig(**_tuple_fields(model.unet.to_dict()), **branch)

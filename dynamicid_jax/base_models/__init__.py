@@ -46,6 +46,13 @@ def detect(base_model) -> str:
     return found[0]
 
 
+def of(model: ml_collections.ConfigDict):
+    """The family of a config's `model` section. A training run's config.json written before
+    `family` was a model field was an SD1.5 run: such a section is sd15's (the one place that
+    rule is stated)."""
+    return get(model.get("family", SD15.name))
+
+
 def native_resolution(model: ml_collections.ConfigDict) -> int:
     """Pixel side a config's model section is built for: the UNet's `sample_size` latents times
     the VAE factor (the tiny configs: 8 x 8 = 64). The default of both the

@@ -250,7 +250,7 @@ def with_base_model_files(config: ml_collections.ConfigDict) -> ml_collections.C
     if config.init.random or not config.init.base_model:
         return config
     config = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy: the caller's stays as given
-    family = base_models.get(config.model.get("family", "sd15"))
+    family = base_models.of(config.model)
     config.model = family.model_from_files(config.model, config.init.base_model)
     return config
 
