@@ -86,14 +86,14 @@ class KeyPointEncoder(nn.Module):
             raise ValueError(f"channels {self.channels} and num_residual {self.num_residual} differ in length")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = landmarks
-        for stage, (features, repeats) in enumerate(zip(self.channels, self.num_residual)):
-            if stage == 0:
+        for level, (features, repeats) in enumerate(zip(self.channels, self.num_residual)):
+            if level == 0:
                 first = ConvNormReLU(features, self.stem_kernel, 1, self.stem_kernel // 2, name="blocks_0_0", **kw)
             else:
-                first = ConvNormReLU(features, 3, 2, 1, name=f"blocks_{stage}_0", **kw)
+                first = ConvNormReLU(features, 3, 2, 1, name=f"blocks_{level}_0", **kw)
             x = first(x, train)
             for j in range(1, repeats + 1):
-                x = ConvNormReLU(features, 3, 1, 1, residual=True, name=f"blocks_{stage}_{j}", **kw)(x, train)
+                x = ConvNormReLU(features, 3, 1, 1, residual=True, name=f"blocks_{level}_{j}", **kw)(x, train)
         head = len(self.channels)
         x = ConvNormReLU(self.channels[-1], 3, 1, 0, name=f"blocks_{head}_0", **kw)(x, train)
         x = ConvNormReLU(self.embedding_dim, 1, 1, 0, name=f"blocks_{head}_1", **kw)(x, train)
