@@ -67,11 +67,13 @@ class ConvNormReLU(nn.Module):
 class KeyPointEncoder(nn.Module):
     """Landmark image (B, H, W, 1) -> (B, embedding_dim); see the module docstring."""
 
-    image_size: int = 96  # square input side; the layers must reduce it to 1x1
+    # Sizes come from the model config (`modeling.build_modules`; the release's:
+    # `base_models.sd15.model_config`).
+    image_size: int  # square input side; the layers must reduce it to 1x1
+    channels: Sequence[int]
+    num_residual: Sequence[int]
+    embedding_dim: int  # the identity tokens' width (IMR's landmark_dim)
     in_channels: int = 1
-    channels: Sequence[int] = (16, 32, 64, 128, 256, 512)
-    num_residual: Sequence[int] = (0, 2, 3, 2, 2, 1)
-    embedding_dim: int = 768
     stem_kernel: int = 7
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
