@@ -53,14 +53,21 @@ def of(model: ml_collections.ConfigDict):
     return get(model.get("family", SD15.name))
 
 
+def native_size(sample_size: int | tuple[int, int], vae_factor: int) -> tuple[int, int]:
+    """Pixel (height, width) a UNet of `sample_size` latents (a side, or diffusers' (h, w))
+    is built for: the latents times the VAE factor (SD1.5 64 x 8, the tiny configs 8 x 8)."""
+    height, width = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+    return height * vae_factor, width * vae_factor
+
+
 def native_resolution(model: ml_collections.ConfigDict) -> int:
-    """Pixel side a config's model section is built for: the UNet's `sample_size` latents times
-    the VAE factor (the tiny configs: 8 x 8 = 64). The default of both the
-    precompute job and the training configs, so shards and trainer agree without a flag."""
+    """Pixel side a config's model section is built for (`native_size`). The default of the
+    precompute job, the training configs and the sampling size, so shards, trainer and
+    pictures agree without a flag."""
     size = model.unet.sample_size
     if not isinstance(size, int):
         raise ValueError(f"model.unet.sample_size {size!r}: a native resolution needs one square size")
-    return size * 2 ** (len(model.vae.block_out_channels) - 1)
+    return native_size(size, 2 ** (len(model.vae.block_out_channels) - 1))[0]
 
 
 def default_config(tiny: bool = False, family: str = "sd15"):
