@@ -102,10 +102,10 @@ def _expressions(path: Optional[str]):
     return load_expression_classifier(target)
 
 
-def _tiny_tokenizer():
+def _tiny_tokenizer(modules):
     from dynamicid_jax.tokenizer import tiny_tokenizer
 
-    return tiny_tokenizer()
+    return tiny_tokenizer(modules.text_encoder.config.max_positions)
 
 
 def load_pipeline(
@@ -157,13 +157,13 @@ def load_pipeline(
             raise InputError("--demo uses random weights: drop --base_model/--vision_encoder/--dynamicid")
         log(DEMO_NOTICE)
         params = modeling.tiny_random_params(modules, seed=0)
-        tokenizer = _tiny_tokenizer()
+        tokenizer = _tiny_tokenizer(modules)
         provenance = {"weights": f"tiny random (configs/tiny.py, seed 0, {modeling.TINY_PRNG_IMPL} PRNG)"}
     elif run is not None and run_base(run)[0]:
         log(TINY_NOTICE)
         params = _without_edit_components(modeling.tiny_random_params(modules, seed=0))
         params.update(_trained(dynamicid, modules))
-        tokenizer = _tiny_tokenizer()
+        tokenizer = _tiny_tokenizer(modules)
         provenance = {"weights": f"training run {dynamicid} on the tiny random base model"}
     else:
         base_model = base_model or (run_base(run)[1] if run is not None else None)

@@ -142,10 +142,11 @@ class SD15:
         return model
 
     def load_tokenizer(self, base_model: str | os.PathLike):
-        """CLIP's tokenizer of a pipeline folder (`tokenizer/`) or a tokenizer folder."""
+        """CLIP's tokenizer of a pipeline folder (`tokenizer/`) or a tokenizer folder; one whose
+        files state no model_max_length takes CLIP's context, TEXT_LENGTH."""
         from dynamicid_jax.tokenizer import CLIPTokenizer
 
-        return CLIPTokenizer.from_folder(_tokenizer_folder(base_model))
+        return CLIPTokenizer.from_folder(_tokenizer_folder(base_model), fallback_max_length=TEXT_LENGTH)
 
     def tokenize(self, tokenizer, texts, embeddings, modules):
         """Texts -> (ids (B, L) int32, textual-inversion tables (B, L - 2, D)) for `text_conditioning`."""

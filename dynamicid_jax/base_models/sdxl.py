@@ -139,7 +139,8 @@ class SDXL:
             if not (path / sub).is_dir():
                 raise MissingFileError(f"--base_model {path}: no {sub}/ folder (an SDXL single file carries no "
                                        "tokenizers: pass a diffusers SDXL pipeline folder)")
-        return tuple(CLIPTokenizer.from_folder(path, subfolder=sub) for sub in ("tokenizer", "tokenizer_2"))
+        return tuple(CLIPTokenizer.from_folder(path, subfolder=sub, fallback_max_length=sd15.TEXT_LENGTH)
+                     for sub in ("tokenizer", "tokenizer_2"))
 
     def tokenize(self, tokenizer, texts, embeddings, modules):
         """Texts -> (ids (B, 2, L) int32: tokenizer 1's and tokenizer 2's, None)."""

@@ -49,7 +49,7 @@ def tiny_random_base_models(model_config, seed: int = 0) -> BaseModels:
     modules = modeling.build_modules(model_config)
     vae, text, vision = modules.vae, modules.text_encoder, modules.vision_encoder
     vae_config, text_config, vision_config = vae.config, text.config, vision.config
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_tokenizer(text_config.max_positions)
     if len(tokenizer.vocab) > text_config.vocab_size:
         raise ValueError(f"tiny vocabulary ({len(tokenizer.vocab)}) exceeds text vocab_size {text_config.vocab_size}")
     # The same weights the demo and a sampler of a tiny training run use.
@@ -77,7 +77,7 @@ def load_base_models(base_model: str | pathlib.Path, vision_encoder: str | pathl
     base_model, vision_encoder = pathlib.Path(base_model).resolve(), pathlib.Path(vision_encoder).resolve()
     vae, vae_params = load_vae(base_model)
     text, text_params = load_text_encoder(base_model)
-    tokenizer = CLIPTokenizer.from_folder(base_model)
+    tokenizer = CLIPTokenizer.from_folder(base_model, fallback_max_length=text.config.max_positions)
     vision, vision_params = load_vision_encoder(vision_encoder)
     description = {
         "base_model": str(base_model),
