@@ -16,6 +16,7 @@ They come from `load_pretrained(...)` (real weights, strict) or `tiny_random_par
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Optional
 
@@ -244,10 +245,12 @@ def load_base_model(modules: DynamicIDModules, base_model: str | os.PathLike) ->
     from dynamicid_jax.models import load_text_encoder, load_unet, load_vae
 
     params: Params = {}
-    _, params["unet"] = load_unet(base_model)
-    _, params["vae"] = load_vae(base_model)
+    config = functools.partial(base_models.single_file_config, base_model)  # a single file carries none
+    _, params["unet"] = load_unet(base_model, config=config("unet"))
+    _, params["vae"] = load_vae(base_model, config=config("vae"))
     for name in ("text_encoder",) + tuple(n for n in OPTIONAL_COMPONENTS if getattr(modules, n) is not None):
-        _, params[name] = load_text_encoder(base_model, component=name)
+        _, params[name] = load_text_encoder(base_model, component=name,
+                                            config=config(name) if name == "text_encoder" else None)
     return params
 
 

@@ -8,6 +8,7 @@ the entry points never branch on which one it is:
     model_from_files(model, base_model)    the sections read from the base model's own files
     configured(model)                      the family object a model section configures
     matches(base_model)                    whether the files are this family's (`detect`)
+    single_file_config(component)          the config a single file's component loads with (None: its shapes)
     load_tokenizer(base_model)             the family's tokenizer(s)
     tokenize(tokenizer, texts, embeddings, modules) -> (ids, textual-inversion tables)
     text_conditioning(modules, params, ids, clip_skip, extra) -> (TextConditioning, pooled)
@@ -44,6 +45,17 @@ def detect(base_model) -> str:
     if len(found) != 1:
         raise ValueError(f"{base_model}: matched {found or 'no'} base-model families; expected exactly one")
     return found[0]
+
+
+def single_file_config(base_model, component: str):
+    """The config `component` ("unet", "vae", "text_encoder") of a base model loads with: for a
+    single file, which carries none, its family's (`detect`); None for a folder (its own
+    config.json) and where the loader reads the shapes (SDXL). Pass it as the loaders' `config=`."""
+    import pathlib
+
+    if not pathlib.Path(base_model).is_file():
+        return None
+    return get(detect(base_model)).single_file_config(component)
 
 
 def of(model: ml_collections.ConfigDict):
