@@ -137,7 +137,8 @@ def add_model_args(parser: argparse.ArgumentParser, *, clip_skip: bool = True,
     None; the command resolves it).
     """
     add = parser.add_argument
-    add("--demo", action="store_true", help="tiny random model, no weights needed")
+    add("--demo", nargs="?", const=True, default=False, metavar="FAMILY",
+        help="tiny random model, no weights needed; --demo sdxl: the SDXL family's (default sd15)")
     add("--base_model", default=None, help="SD1.5 pipeline folder, single-file checkpoint or converted folder")
     add("--vision_encoder", default=None, help="CLIP ViT-H/14 image encoder folder (transformers)")
     add("--dynamicid", default=None,
