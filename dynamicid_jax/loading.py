@@ -195,6 +195,8 @@ def load_pipeline(
             params.update(_trained(dynamicid, modules, params["unet"]))
         tokenizer = modules.family.load_tokenizer(base_model)
         provenance = {"base_model": str(base_model), "vision_encoder": str(vision_encoder), "dynamicid": str(dynamicid)}
+    if with_identity:  # as the base-only branch says "absent": a sidecar names what made its picture
+        provenance.update(family=modules.family.name, identity_branch="present")
     if analyzer is not None:
         provenance["faces"] = analyzer.name
     if loras:
