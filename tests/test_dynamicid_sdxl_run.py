@@ -110,10 +110,26 @@ def test_export_with_saa_on_a_subset_of_blocks(run, tmp_path):
     path = weights_file.write(tmp_path / "subset.safetensors", dict(params, unet=unet), subset, config)
     state = read_safetensors(path)
     assert sum(k.endswith("to_k_ip.weight") for k in state) == 2  # the mid block's two transformer blocks
-    _assert_equal_trees(weights_file.load(path, subset, params["unet"])["unet"], unet)
+    shapes = modeling.abstract_params(subset)
+    _assert_equal_trees(weights_file.load(path, subset, params["unet"], shapes)["unet"], unet)
+    # stage 1's init of such a UNet: identity projections (copies of to_k/to_v) only where selected
+    fresh = traverse_util.flatten_dict(pw.init_dynamicid_unet_params(
+        pw.base_unet_params(unet), jax.random.key(0), model.lora_rank, abstract_params=shapes["unet"]))
+    ip = [p for p in fresh if p[-2] == "to_k_ip"]
+    assert len(ip) == 2 and all(p[0] == "mid_block" for p in ip)
+    np.testing.assert_array_equal(fresh[ip[0]], fresh[ip[0][:-2] + ("to_k", "kernel")])
     model.saa_blocks = ("up_blocks.7",)
     with pytest.raises(ConfigError, match=r"up_blocks\.7"):
         modeling.build_modules(model)
+
+
+def test_demo_names_a_family(tmp_path, capsys):
+    """--demo takes a family (sdxl: the tiny random DynamicID-SDXL); another name is one line,
+    exit 2, before any model loads. ~0 s."""
+    from launch import sample
+
+    assert sample.main(["--demo", "sd3", "--ref", str(ASSETS / "biden.jpg"), "--out", str(tmp_path)]) == 2
+    assert "--demo sd3: unknown base-model family 'sd3'" in capsys.readouterr().err
 
 
 def test_sample_main_with_the_exported_sdxl_model(exported, tmp_path, monkeypatch):
