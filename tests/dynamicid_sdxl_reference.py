@@ -12,7 +12,9 @@ gating) sit in one `Identity` object every processor reads.
     processors = install(unet, state, rank)      # on every attention, attn_processors order
     out = unet(x, t, torch.cat([text, ids.flatten(1, 2)], 1), added_cond_kwargs=...).sample
 
-Rules, each written the release's way (python int() box cuts, explicit loops):
+Rules, each written the release's way (python int() box cuts, explicit loops); a region may
+be a mask instead of a box (cells whose area average is at least one half, the rule of
+dynamicid_jax/dynamicid/regions.py restated):
 - activation weight: pre-softmax identity logits summed over heads and identity tokens,
   min-max per image (0 where the map is constant), strictly below `threshold` set to 0;
   while `layout_active`: + beta inside any box, / (beta + 1) outside every box;
@@ -47,6 +49,9 @@ class Identity:
     id_scale: float = 1.0
     gating: bool = True
     threshold: float = 0.3
+    # per image, per identity: None (the box is the region) or a mask's area average on the
+    # latent grid, (H, W) in [0, 1], whose cells at a layer follow `mask_cells`
+    masks: Optional[Sequence[Sequence[Optional[torch.Tensor]]]] = None
 
     def per_image(self, value, b):
         return list(value) if isinstance(value, (list, tuple)) else [value] * b
@@ -70,6 +75,24 @@ def box_cells(box, grid) -> torch.Tensor:
     for r in range(h):
         for c in range(w):
             cells[r, c] = int(y0 * h) <= r < int(y1 * h) and int(x0 * w) <= c < int(x1 * w)
+    return cells.reshape(-1)
+
+
+def mask_cells(coverage: torch.Tensor, grid) -> torch.Tensor:
+    """(h*w,) bool: cells of the layer grid whose mean of `coverage` (H, W) over their area is
+    at least one half (cell r spans [r/h, (r+1)/h) of the picture, a source cell [i/H, (i+1)/H))."""
+    h, w = grid
+    big_h, big_w = coverage.shape
+
+    def overlap(r, n, i, big):  # length of [r/n, (r+1)/n) & [i/big, (i+1)/big), in units of the cell r
+        return max(0.0, min((r + 1) / n, (i + 1) / big) - max(r / n, i / big)) * n
+
+    cells = torch.zeros(h, w, dtype=torch.bool)
+    for r in range(h):
+        for c in range(w):
+            mean = sum(overlap(r, h, i, big_h) * overlap(c, w, j, big_w) * float(coverage[i, j])
+                       for i in range(big_h) for j in range(big_w))
+            cells[r, c] = mean >= 0.5 - 1e-6
     return cells.reshape(-1)
 
 
@@ -121,9 +144,11 @@ class SAAProcessorForward(ref.SAAProcessor):
         n_ids = ids.shape[1] // s.tokens_per_id
         grid = layer_grid(n, s.latent_hw)
         active, beta = s.per_image(s.layout_active, b), s.per_image(s.beta, b)
-        weights, masks = [], []
+        weights, routes = [], []
         for i in range(b):
-            inside = torch.stack([box_cells(s.boxes[i][j], grid) for j in range(n_ids)])  # (n_ids, n)
+            masks = s.masks[i] if s.masks is not None else [None] * n_ids
+            inside = torch.stack([box_cells(s.boxes[i][j], grid) if masks[j] is None else mask_cells(masks[j], grid)
+                                  for j in range(n_ids)])  # (n_ids, n)
             covered = inside.any(0)
             w = logits[i].sum(dim=(0, 2))
             span = w.max() - w.min()
@@ -133,8 +158,8 @@ class SAAProcessorForward(ref.SAAProcessor):
                 w = torch.where(covered, w + beta[i], w / (beta[i] + 1.0))
             weights.append(w if s.gating else torch.ones_like(w))
             allowed = torch.where(covered[None], inside, torch.ones_like(inside))  # (n_ids, n)
-            masks.append(allowed.repeat_interleave(s.tokens_per_id, 0).T)  # (n, n_ids*T)
-        allowed = torch.stack(masks)[:, None]  # (b, 1, n, n_ids*T)
+            routes.append(allowed.repeat_interleave(s.tokens_per_id, 0).T)  # (n, n_ids*T)
+        allowed = torch.stack(routes)[:, None]  # (b, 1, n, n_ids*T)
         probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
         z_id = heads_merge(probs @ v_id)
         mixed = z + s.id_scale * torch.stack(weights)[..., None] * z_id

@@ -5,7 +5,7 @@ every attention in diffusers' `attn_processors` order, against our SAA UNet buil
 context), its DynamicID leaves imported from the processors' state dict in the release
 layout (`merge_dynamicid_unet_params`): so the parity also proves the processor numbering.
 
-Cases (float32 both sides, relative L2 <= 1e-4): one identity; two identities with boxes
+Cases (float32 both sides, relative L2 <= 1e-4): one identity, its region a mask; two identities with boxes
 while the layout boost is on and, in the same batch, after alpha; gating off; the face
 projection (identity tokens of the UNet's width, 64 here, 2048 on SDXL) and IMR (motion
 inputs CLIP-L's width, 32 here, 768 on SDXL; identity side the tokens' width). The same
@@ -69,20 +69,26 @@ def inputs(b, n_ids, seed=0):
                 time_ids=np.tile(np.asarray([[28, 44, 0, 0, 28, 44]], np.float32), (b, 1)))
 
 
-def ours(setup, inp, boxes, active, gating=True, params=None):
-    b = inp["x"].shape[0]
+def ours(setup, inp, boxes, active, gating=True, params=None, mask=None):
+    """mask: identity 0's region as a latent-grid coverage (H, W) instead of its box."""
+    b, n_ids = inp["ids"].shape[:2]
     ident = saa.identity_conditioning(inp["ids"], np.asarray(boxes, np.float32),
                                       layout_active=np.asarray(active, bool).reshape(b, 1), beta=BETA, gating=gating)
+    if mask is not None:
+        masks = np.zeros((b, n_ids) + LATENT, np.float32)
+        masks[:, 0] = mask
+        ident = ident.replace(masks=masks, mask_used=np.arange(n_ids)[None].repeat(b, 0) == 0)
     added = {"text_embeds": inp["pooled"], "time_ids": inp["time_ids"]}
     out = setup["apply"](params or setup["params"], inp["x"], np.full((b,), TIMESTEP, np.float32), inp["text"],
                          ident, added)
     return np.asarray(out)
 
 
-def theirs(setup, inp, boxes, active, gating=True):
-    b = inp["x"].shape[0]
+def theirs(setup, inp, boxes, active, gating=True, mask=None):
+    b, n_ids = inp["ids"].shape[:2]
     s = setup["state"]
     s.boxes, s.layout_active, s.beta, s.gating = [boxes] * b, list(active), BETA, gating
+    s.masks = None if mask is None else [[torch.from_numpy(mask)] + [None] * (n_ids - 1)] * b
     context = np.concatenate([inp["text"], inp["ids"].reshape(b, -1, 64)], axis=1)
     with torch.no_grad():
         out = setup["unet"](torch.from_numpy(inp["x"].transpose(0, 3, 1, 2)), torch.tensor(TIMESTEP),
@@ -103,11 +109,20 @@ def test_processors_cover_every_attention_in_diffusers_order(setup):
         == saa_blocks.attn2_names(setup["modules"].unet.config)
 
 
-def test_unet_parity_single_identity(setup):
+def disc() -> np.ndarray:
+    """A disc off-centre on the latent grid, with soft edges: its region has no box's shape, and
+    cells of the 7 x 11 attention grid are cut by it at several coverages."""
+    y, x = np.mgrid[: LATENT[0], : LATENT[1]] + 0.5
+    return np.clip(4.5 - np.hypot(y - 6.0, x - 13.0), 0.0, 1.0).astype(np.float32)
+
+
+def test_unet_parity_single_identity_with_a_mask_region(setup):
+    """One person whose region is a mask (the layout boost inside it, / (beta + 1) outside)."""
     inp = inputs(1, 1, seed=1)
-    box = [[0.0, 0.0, 1.0, 1.0]]
-    err = rel_l2(ours(setup, inp, [box], [True]), theirs(setup, inp, box, [True]))
-    print(f"single identity: {err:.2g}")
+    box = [[0.0, 0.0, 1.0, 1.0]]  # ignored: the mask is this person's region
+    mask = disc()
+    err = rel_l2(ours(setup, inp, [box], [True], mask=mask), theirs(setup, inp, box, [True], mask=mask))
+    print(f"single identity, mask region: {err:.2g}")
     assert err <= RTOL, err
 
 
