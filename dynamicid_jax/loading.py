@@ -31,7 +31,7 @@ from dynamicid_jax.pipeline import DynamicIDPipeline
 from dynamicid_jax.request import InputError
 
 DEMO_NOTICE = (
-    "DEMO MODE: tiny model with RANDOM weights (configs/tiny.py). Pictures will be noise-like; "
+    "DEMO MODE: tiny model with RANDOM weights (configs/tiny.py; --demo sdxl: SDXL's). Pictures will be noise-like; "
     "pass --base_model/--vision_encoder/--dynamicid for real pictures."
 )
 ABSENT_NOTICE = ("identity branch: absent (no --dynamicid weights): plain text-to-image from the base model; "
@@ -171,9 +171,8 @@ def load_pipeline(
         log(DEMO_NOTICE)
         params = modeling.tiny_random_params(modules, seed=0)
         tokenizer = modules.family.tiny_tokenizer()
-        # SD1.5's words unchanged: earlier demo pictures keep matching their sidecars
-        tiny = "configs/tiny.py" if modules.family.name == "sd15" else f"the {modules.family.name} tiny config"
-        provenance = {"weights": f"tiny random ({tiny}, seed 0, {modeling.TINY_PRNG_IMPL} PRNG)"}
+        provenance = {"weights": f"tiny random (base_models.{modules.family.name}.tiny_model_config, seed 0, "
+                                 f"{modeling.TINY_PRNG_IMPL} PRNG)"}
     elif run is not None and run_base(run)[0]:
         log(TINY_NOTICE)
         params = _without_edit_components(modeling.tiny_random_params(modules, seed=0))
@@ -195,7 +194,9 @@ def load_pipeline(
             params.update(_trained(dynamicid, modules, params["unet"]))
         tokenizer = modules.family.load_tokenizer(base_model)
         provenance = {"base_model": str(base_model), "vision_encoder": str(vision_encoder), "dynamicid": str(dynamicid)}
-    if with_identity:  # as the base-only branch says "absent": a sidecar names what made its picture
+    # As the base-only branch says "absent", every sidecar names the family and the branch
+    # (pictures made before these keys are refused on a rerun into the same --out, naming them).
+    if with_identity:
         provenance.update(family=modules.family.name, identity_branch="present")
     if analyzer is not None:
         provenance["faces"] = analyzer.name

@@ -25,10 +25,10 @@ import ml_collections
 import numpy as np
 
 from dynamicid_jax import base_models, random_init
+from dynamicid_jax.dynamicid import saa_blocks
 from dynamicid_jax.dynamicid.face_projection import FaceProjection
 from dynamicid_jax.dynamicid.imr import IMR
 from dynamicid_jax.dynamicid.keypoint_encoder import KeyPointEncoder
-from dynamicid_jax.dynamicid import saa_blocks
 from dynamicid_jax.dynamicid.saa import SAAConfig, identity_conditioning
 from dynamicid_jax.errors import MissingFileError
 from dynamicid_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
