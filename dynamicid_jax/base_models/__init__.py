@@ -10,6 +10,7 @@ the entry points never branch on which one it is:
     matches(base_model)                    whether the files are this family's (`detect`)
     single_file_config(component)          the config a single file's component loads with (None: its shapes)
     load_tokenizer(base_model)             the family's tokenizer(s)
+    tiny_tokenizer()                       the tokenizer(s) of its tiny random model (demo, tiny runs)
     tokenize(tokenizer, texts, embeddings, modules) -> (ids, textual-inversion tables)
     text_conditioning(modules, params, ids, clip_skip, extra) -> (TextConditioning, pooled)
     negative_conditioning(conditioning, negative_prompt)  what the sampler conditions on
