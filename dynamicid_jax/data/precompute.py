@@ -48,6 +48,7 @@ class ExtractorDims:
     vae_downsample: int  # VAE spatial factor f (8)
     clip_image_size: int  # side P of the CLIP-preprocessed image (224)
     landmark_size: int = 96
+    text_ids_shape: tuple[int, ...] = ()  # one caption's token ids; () = (text_length,) (SDXL: (2, L))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,9 @@ class Extractors:
     encode_clip_pixels(pixels (B, P, P, 3)) -> (B, N, W) float32 penultimate hidden states.
     encode_vae(pixels (B, R, R, 3) in [-1, 1]) -> (mean, logvar), each (B, R/f, R/f, C) float32.
     models: JSON description of the models (goes into the manifest).
+    record_specs: the base-model family's own per-record fields (`family.record_specs()`;
+        SDXL: original_size, crop_top_left), and
+    record_values(original (H, W), crop (top, left)) -> their values for one image.
     """
 
     largest_face: Callable[[np.ndarray, str], Any]
@@ -78,6 +82,8 @@ class Extractors:
     encode_vae: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
     dims: ExtractorDims
     models: dict
+    record_specs: tuple = ()
+    record_values: Optional[Callable[[tuple[int, int], tuple[int, int]], dict]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +123,7 @@ class PrecomputeJob:
 # --------------------------------------------------------------------------- specs
 
 
-def stage_specs(job: PrecomputeJob, dims: ExtractorDims) -> list[records.FeatureSpec]:
+def stage_specs(job: PrecomputeJob, dims: ExtractorDims, family_specs=()) -> list[records.FeatureSpec]:
     f = dims.vae_downsample
     if job.resolution % f:
         raise ConfigError(f"resolution {job.resolution} is not a multiple of the VAE factor {f}")
@@ -126,14 +132,17 @@ def stage_specs(job: PrecomputeJob, dims: ExtractorDims) -> list[records.Feature
                   clip_tokens=dims.clip_tokens, clip_width=dims.clip_width)
     if job.stage == "anchor":
         return records.anchor_specs(text_length=dims.text_length,
-                                    text_states_width=dims.text_width if job.cache_text_states else None, **common)
-    return records.reconfig_specs(landmark_size=dims.landmark_size, prompt_dim=dims.prompt_dim, **common)
+                                    text_states_width=dims.text_width if job.cache_text_states else None,
+                                    input_ids_shape=dims.text_ids_shape or None, extra=family_specs, **common)
+    return records.reconfig_specs(landmark_size=dims.landmark_size, prompt_dim=dims.prompt_dim, extra=family_specs,
+                                  **common)
 
 
 def null_specs(job: PrecomputeJob, dims: ExtractorDims) -> list[records.FeatureSpec]:
     """The once-per-dataset classifier-free null inputs of the anchor stage."""
     specs = [
-        records.FeatureSpec("input_ids", (dims.text_length,), "int32", "tokens of the empty caption"),
+        records.FeatureSpec("input_ids", dims.text_ids_shape or (dims.text_length,), "int32",
+                            "tokens of the empty caption"),
         records.FeatureSpec(
             "clip_image_features", (dims.clip_tokens, dims.clip_width), "float16",
             "CLIP vision tower on all-zero (already normalised) pixels, as IP-Adapter's drop",
@@ -178,6 +187,7 @@ class _Accepted:
     vae_pixels: np.ndarray
     clip_pixels: np.ndarray
     landmark_image: Optional[np.ndarray] = None
+    family_fields: Optional[dict] = None  # the family's per-record values (`Extractors.record_values`)
 
 
 def _analyze(job: PrecomputeJob, ex: Extractors, item) -> tuple[Optional[_Accepted], Optional[str]]:
@@ -199,13 +209,15 @@ def _analyze(job: PrecomputeJob, ex: Extractors, item) -> tuple[Optional[_Accept
         prompt = item.face_prompt if item.face_prompt is not None else ex.auto_face_prompt(face, image)
         info = {"key": item.key, "identity": item.identity, "source": item.source, "face_prompt": prompt}
         landmarks = np.asarray(ex.landmark_image(face, image.shape[:2]), np.float32)
+    pixels, original_size, crop_top_left = inputs.vae_crop(image, job.resolution)
     return (
         _Accepted(
             info=info,
             embedding=np.asarray(face.embedding, np.float32),
-            vae_pixels=inputs.vae_pixels(image, job.resolution),
+            vae_pixels=pixels,
             clip_pixels=np.asarray(ex.clip_pixels(image), np.float32),
             landmark_image=landmarks,
+            family_fields=ex.record_values(original_size, crop_top_left) if ex.record_values else None,
         ),
         None,
     )
@@ -231,6 +243,7 @@ def _features(job: PrecomputeJob, ex: Extractors, batch: list[_Accepted]) -> lis
             vae_mean=mean[i].astype(np.float32),
             vae_logvar=logvar[i].astype(np.float32),
         )
+        feats.update(a.family_fields or {})
         if job.stage == "anchor":
             feats["input_ids"] = ids[i]
             if states is not None:
@@ -322,7 +335,7 @@ def run_precompute(job: PrecomputeJob, extractors: Extractors) -> dict:
     units = _units(job)  # input errors come before anything is written
     num_shards = job.num_shards or max(1, -(-len(units) // job.records_per_shard))
     slices = shards.shard_slices(len(units), num_shards)
-    specs = stage_specs(job, extractors.dims)
+    specs = stage_specs(job, extractors.dims, extractors.record_specs)
     job.output_dir.mkdir(parents=True, exist_ok=True)
     run_config = {
         "stage": job.stage,
