@@ -136,7 +136,7 @@ class SD15:
         }
         for section, config in read.items():
             if config is not None:
-                drop = ("lora_rank", "saa", "attention_block") if section == "unet" else ()
+                drop = ("lora_rank", "saa", "attention_block", "remat") if section == "unet" else ()
                 setattr(model, section, config_fields(config, drop))
         scheduler_file = find_scheduler_file(base_model)
         if scheduler_file is not None:

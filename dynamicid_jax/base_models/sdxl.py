@@ -49,7 +49,7 @@ def model_config() -> ml_collections.ConfigDict:
     m = sd15.model_config()  # CLIP-L, the vision tower and DynamicID's modules are SD1.5's
     m.family = "sdxl"
     unet = UNetConfig.sdxl()
-    m.unet = sd15.config_fields(unet, ("lora_rank", "saa", "attention_block"))
+    m.unet = sd15.config_fields(unet, ("lora_rank", "saa", "attention_block", "remat"))
     m.vae = dict(m.vae.to_dict(), scaling_factor=VAE_SCALING_FACTOR)
     m.text_2 = sd15.config_fields(CLIPTextConfig.sdxl_bigg())
     m.scheduler = dict(SCHEDULER)
@@ -120,7 +120,7 @@ class SDXL:
         sections = _single_file_sections(path) if path.is_file() else _folder_sections(path)
         for section, config in sections.items():
             if config is not None:
-                drop = ("lora_rank", "saa", "attention_block") if section == "unet" else ()
+                drop = ("lora_rank", "saa", "attention_block", "remat") if section == "unet" else ()
                 setattr(model, section, sd15.config_fields(config, drop) if dataclasses.is_dataclass(config) else config)
         scheduler_file = sd15.find_scheduler_file(path)
         if scheduler_file is not None:
