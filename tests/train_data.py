@@ -20,10 +20,6 @@ def _values(spec: records.FeatureSpec, rng: np.random.Generator, vocab: int, tex
     if spec.name == "id_embedding":
         v = rng.standard_normal(spec.shape)
         return (v / np.linalg.norm(v)).astype(np.float32)
-    if spec.name == "original_size":  # SDXL's micro-conditioning: a plausible photo size and crop
-        return rng.integers(64, 1536, spec.shape).astype(np.int32)
-    if spec.name == "crop_top_left":
-        return rng.integers(0, 64, spec.shape).astype(np.int32)
     if spec.name == "landmark_image":
         img = -np.ones(spec.shape, np.float32)
         img[tuple(rng.integers(0, spec.shape[0], (2, 106)))] = 1.0
