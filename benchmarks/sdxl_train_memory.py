@@ -3,6 +3,7 @@
     python benchmarks/sdxl_train_memory.py                         # 1024 px, batch 1/device, remat on and off
     python benchmarks/sdxl_train_memory.py --remat on --batch 2    # one case
     python benchmarks/sdxl_train_memory.py --resolution 512        # the smaller proxy
+    python benchmarks/sdxl_train_memory.py --accounting            # parameters and state only, seconds
 
 Nothing is allocated: the parameters are `jax.eval_shape` shapes (`modeling.abstract_params`),
 the batch is ShapeDtypeStructs of the shard format, and the step is the trainer's own
@@ -36,17 +37,27 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 GIB = 2**30
 
 
-def run_case(remat: bool, batch_per_device: int, resolution: int, devices: int) -> dict:
+def sdxl_config(layers):
+    """configs/anchor.py:sdxl; `layers` (an int) replaces transformer_layers_per_block (1, 2, 10)
+    for a proxy with fewer transformer blocks (the same widths, resolutions and resnets)."""
+    from configs import anchor
+
+    config = anchor.get_config("sdxl")
+    if layers is not None:
+        config.model.unet.transformer_layers_per_block = (layers,) * len(config.model.unet.block_out_channels)
+    return config
+
+
+def run_case(remat: bool, batch_per_device: int, resolution: int, devices: int, layers=None) -> dict:
     """Lower and compile one case in this process (its jax must see `devices` devices)."""
     import jax
 
-    from configs import anchor
     from dynamicid_jax import modeling, sharding
     from dynamicid_jax.data import records
     from dynamicid_jax.training import data, stages, trainer
     from dynamicid_jax.training.step import make_optimizer
 
-    config = anchor.get_config("sdxl")
+    config = sdxl_config(layers)
     config.remat = remat
     config.data.resolution = resolution
     config.data.global_batch_size = batch_per_device * devices
@@ -66,6 +77,7 @@ def run_case(remat: bool, batch_per_device: int, resolution: int, devices: int) 
     m = compiled.memory_analysis()
     out = {
         "remat": remat, "batch_per_device": batch_per_device, "resolution": resolution, "devices": devices,
+        "transformer_layers": layers or "sdxl",
         "dtype": config.dtype, "lower_seconds": round(lower_seconds, 1), "compile_seconds": round(compile_seconds, 1),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "arguments_gib": m.argument_size_in_bytes / GIB, "outputs_gib": m.output_size_in_bytes / GIB,
@@ -75,6 +87,41 @@ def run_case(remat: bool, batch_per_device: int, resolution: int, devices: int) 
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
 
+def accounting(devices: int, layers=None) -> dict:
+    """The step's batch-independent bytes per device, from the abstract shapes and the
+    trainer's shardings alone (no lowering, seconds): the stored state (trainable parameters
+    and AdamW's two moments, split over fsdp), the frozen parameters as stored, and what the
+    step gathers whole on every device (`step._gathered`: all parameters, float32) plus the
+    trainable gradients before their reduce-scatter. What a compile adds on top is activations."""
+    import jax
+    import numpy as np
+
+    from dynamicid_jax import modeling, sharding
+    from dynamicid_jax.training import partition, stages
+    from dynamicid_jax.training.step import init_state, make_optimizer
+
+    config = sdxl_config(layers)
+    mesh = sharding.make_mesh(1, -1, jax.devices()[:devices])
+    modules = modeling.build_modules(config.model)
+    trainable, frozen, model_state = partition.split_params(modeling.abstract_params(modules), stages.get("anchor"))
+    tx = make_optimizer(config.optimizer, config.total_steps)
+    state = jax.eval_shape(lambda t, m: init_state(t, m, tx, 0), trainable, model_state)
+
+    def per_device(tree) -> float:
+        shardings = sharding.param_shardings(tree, mesh, sharding.DEFAULT_RULES, config.sharding.min_size)
+        return sum(np.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+                   for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))) / GIB
+
+    def whole(tree) -> float:
+        return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree)) / GIB
+
+    return {"devices": devices, "transformer_layers": layers or "sdxl", "trainable_parameters": int(sum(a.size for a in jax.tree.leaves(trainable))),
+            "frozen_parameters": int(sum(a.size for a in jax.tree.leaves(frozen))),
+            "state_gib": round(per_device(state), 3), "frozen_gib": round(per_device(frozen), 3),
+            "gathered_parameters_gib": round(whole(trainable) + whole(frozen), 3),
+            "gradients_gib": round(whole(trainable), 3)}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--remat", choices=("on", "off", "both"), default="both")
@@ -82,24 +129,42 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument("--devices", type=int, default=8, help="fsdp mesh size (fake CPU devices)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per case before it is stopped")
+    p.add_argument("--accounting", action="store_true", help="only the batch-independent bytes (no compile)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="proxy: this many transformer blocks per attention instead of SDXL's (1, 2, 10)")
+    p.add_argument("--fast_codegen", action="store_true",
+                   help="XLA's backend (LLVM) optimisation level 0: a faster CPU compile; the memory analysis "
+                        "comes from the HLO buffer assignment before code generation, so it is unchanged")
     p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)  # the child process
     return p.parse_args(argv)
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if args.case:
-        result = run_case(args.remat == "on", args.batch[0], args.resolution, args.devices)
+    if args.case and args.accounting:
+        result = accounting(args.devices, args.layers)
         print(json.dumps(result), flush=True)
         return [result]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}")
+    if args.case:
+        result = run_case(args.remat == "on", args.batch[0], args.resolution, args.devices, args.layers)
+        print(json.dumps(result), flush=True)
+        return [result]
+    flags = f"--xla_force_host_platform_device_count={args.devices}"
+    flags += " --xla_backend_optimization_level=0" if args.fast_codegen else ""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+    layers = [f"--layers={args.layers}"] if args.layers is not None else []
     env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)  # the memory XLA's full optimiser gives
     results = []
+    if args.accounting:
+        cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--case", "--accounting",
+               f"--devices={args.devices}", *layers]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        print(proc.stdout.strip() or proc.stderr.strip().splitlines()[-1], flush=True)
+        return results
     for remat in (("on", "off") if args.remat == "both" else (args.remat,)):
         for batch in args.batch:
             cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--case", f"--remat={remat}",
-                   f"--batch={batch}", f"--resolution={args.resolution}", f"--devices={args.devices}"]
+                   f"--batch={batch}", f"--resolution={args.resolution}", f"--devices={args.devices}", *layers]
             start = time.perf_counter()
             try:
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
