@@ -134,7 +134,8 @@ def parse_args(argv=None):
                    help="proxy: this many transformer blocks per attention instead of SDXL's (1, 2, 10)")
     p.add_argument("--fast_codegen", action="store_true",
                    help="XLA's backend (LLVM) optimisation level 0: a faster CPU compile; the memory analysis "
-                        "comes from the HLO buffer assignment before code generation, so it is unchanged")
+                        "comes from the HLO buffer assignment before code generation, so it should not change "
+                        "(not checked against a full compile here)")
     p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)  # the child process
     return p.parse_args(argv)
 
