@@ -1,4 +1,4 @@
-"""Stage 1 (anchoring) of DynamicID: face projection + all LoRA + to_k_ip/to_v_ip on SD1.5.
+"""Stage 1 (anchoring) of DynamicID: face projection + all LoRA + to_k_ip/to_v_ip on SD1.5 or SDXL.
 
 Trains on precomputed anchor shards (`data_pipelines/precompute.py --stage=anchor`) with the
 epsilon-MSE diffusion loss and the exclusive 5% / 5% / 5% face / text / both drops.
@@ -9,6 +9,17 @@ epsilon-MSE diffusion loss and the exclusive 5% / 5% / 5% face / text / both dro
 Tiny random model (tests, laptops; shards precomputed with the tiny model):
 
   python launch/train.py --stage=anchor --config=configs/anchor.py:tiny --data=SHARDS --workdir=runs/tiny_anchor
+
+SDXL (`:sdxl`: 1024 px, bfloat16 compute, remat per transformer block; shards precomputed
+with an SDXL --base_model; memory per device: benchmarks/sdxl_train_memory.md). One host
+with 8 accelerators, fsdp over all of them:
+
+  python launch/train.py --stage=anchor --config=configs/anchor.py:sdxl --data=SDXL_SHARDS \
+      --workdir=runs/anchor_sdxl --config.init.base_model=PATH_TO_SDXL --config.data.global_batch_size=8
+
+A pod: the same command on every host after `jax.distributed.initialize` (launch/train.py
+does it), e.g. --config.mesh.data=4 --config.mesh.fsdp=8 on 32 chips. `:tiny_sdxl` is the
+tiny SDXL of tests and the tiny run.
 
 Any field below can be overridden, e.g. `--config.optimizer.lr=1e-5 --config.mesh.fsdp=8`.
 """

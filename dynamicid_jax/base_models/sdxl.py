@@ -72,7 +72,7 @@ def model_config() -> ml_collections.ConfigDict:
     """Architecture of every module at full size (fields mirror the config dataclasses)."""
     m = sd15.model_config()  # CLIP-L, the vision tower and DynamicID's modules are SD1.5's
     m.family = "sdxl"
-    m.unet = sd15.config_fields(unet_config(), ("lora_rank", "saa", "attention_block"))
+    m.unet = sd15.config_fields(unet_config(), ("lora_rank", "saa", "attention_block", "remat"))
     m.vae = dict(m.vae.to_dict(), scaling_factor=VAE_SCALING_FACTOR)
     m.text_2 = sd15.config_fields(text_2_config())
     m.scheduler = dict(SCHEDULER)
@@ -114,6 +114,8 @@ class SDXL:
 
     name: ClassVar[str] = "sdxl"
     release_weights: ClassVar[bool] = False  # no DynamicID release for SDXL (yet)
+    # Cached text states would need both encoders' states and the pooled vector: not offered.
+    caches_text_states: ClassVar[bool] = False
     force_zeros_for_empty_prompt: bool = FORCE_ZEROS_FOR_EMPTY_PROMPT
 
     def configured(self, model: ml_collections.ConfigDict) -> "SDXL":
@@ -145,7 +147,7 @@ class SDXL:
         sections = _single_file_sections(path) if path.is_file() else _folder_sections(path)
         for section, config in sections.items():
             if config is not None:
-                drop = ("lora_rank", "saa", "attention_block") if section == "unet" else ()
+                drop = ("lora_rank", "saa", "attention_block", "remat") if section == "unet" else ()
                 setattr(model, section, sd15.config_fields(config, drop) if dataclasses.is_dataclass(config) else config)
         scheduler_file = sd15.find_scheduler_file(path)
         if scheduler_file is not None:
@@ -215,6 +217,35 @@ class SDXL:
 
     def denoiser(self, modules, unet_params, x_t, t, conditioning: TextConditioning, identity, capture: bool = False):
         return unet_denoiser(modules, unet_params, x_t, t, conditioning, identity, capture)
+
+    # ---- training data: the micro-conditioning each precomputed record carries
+
+    def text_ids_shape(self, text_length: int) -> tuple[int, ...]:
+        """Shape of one caption's token ids in the shards: (2, L), tokenizer 1's and tokenizer 2's."""
+        return (2, text_length)
+
+    def record_specs(self) -> list:
+        """original_size and crop_top_left per record: SDXL was trained with both as time ids."""
+        from dynamicid_jax.data.records import FeatureSpec
+
+        return [FeatureSpec("original_size", (2,), "int32", "(height, width) of the image before resizing"),
+                FeatureSpec("crop_top_left", (2,), "int32", "(top, left) of the crop in the resized image")]
+
+    def record_values(self, original_size: tuple[int, int], crop_top_left: tuple[int, int]) -> dict:
+        return {"original_size": np.asarray(original_size, np.int32),
+                "crop_top_left": np.asarray(crop_top_left, np.int32)}
+
+    def training_extras(self, fields, target_size: tuple[int, int]) -> dict:
+        """{"time_ids": (..., 6) float32}: original size, crop (top, left) and the trained size
+        (h, w) in diffusers' order (its SDXL training scripts' `compute_time_ids`); fields:
+        original_size and crop_top_left (..., 2) of a batch."""
+        original = fields["original_size"].astype(jnp.float32)
+        target = jnp.broadcast_to(jnp.asarray(target_size, jnp.float32), original.shape)
+        return {"time_ids": jnp.concatenate([original, fields["crop_top_left"].astype(jnp.float32), target], -1)}
+
+    def first_text_ids(self, ids):
+        """CLIP-L's ids (B, L) of `tokenize`'s (B, 2, L) rows (IMR's face-prompt feature is CLIP-L's)."""
+        return ids[:, 0]
 
 
 def _folder_sections(path: pathlib.Path) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import types
 from typing import Any, Optional
 
 import numpy as np
@@ -39,6 +40,7 @@ class BaseModels:
     vision_encoder: Any
     vision_params: Any
     description: dict
+    family: Any = None  # the base model's family (`base_models`): its tokenizers' ids and record fields
 
 
 def tiny_random_base_models(model_config, seed: int = 0) -> BaseModels:
@@ -49,9 +51,10 @@ def tiny_random_base_models(model_config, seed: int = 0) -> BaseModels:
     modules = modeling.build_modules(model_config)
     vae, text, vision = modules.vae, modules.text_encoder, modules.vision_encoder
     vae_config, text_config, vision_config = vae.config, text.config, vision.config
-    tokenizer = tiny_tokenizer(text_config.max_positions)
-    if len(tokenizer.vocab) > text_config.vocab_size:
-        raise ValueError(f"tiny vocabulary ({len(tokenizer.vocab)}) exceeds text vocab_size {text_config.vocab_size}")
+    tokenizer = modules.family.tiny_tokenizer()  # SD1.5: tiny_tokenizer(); SDXL: a pair of them
+    for one in tokenizer if isinstance(tokenizer, tuple) else (tokenizer,):
+        if len(one.vocab) > text_config.vocab_size:
+            raise ValueError(f"tiny vocabulary ({len(one.vocab)}) exceeds text vocab_size {text_config.vocab_size}")
     # The same weights the demo and a sampler of a tiny training run use.
     params = modeling.tiny_random_params(modules, seed, ("vae", "text_encoder", "vision_encoder"))
     vae_params, text_params, vision_params = params["vae"], params["text_encoder"], params["vision_encoder"]
@@ -64,21 +67,31 @@ def tiny_random_base_models(model_config, seed: int = 0) -> BaseModels:
         "tiny_prng_impl": modeling.TINY_PRNG_IMPL,
         "configs": {"vae": dataclasses.asdict(vae_config), "text": dataclasses.asdict(text_config),
                     "vision": dataclasses.asdict(vision_config)},
+        **_family_description(modules.family, vae_config),
     }
-    return BaseModels(vae, vae_params, text, text_params, tokenizer, vision, vision_params, description)
+    return BaseModels(vae, vae_params, text, text_params, tokenizer, vision, vision_params, description,
+                      modules.family)
+
+
+def _family_description(family, vae_config) -> dict:
+    """The manifest's record of the base-model family (training refuses another family's
+    shards) and of the latent scale of the base model's files, which training applies to the
+    stored (unscaled) VAE moments. Shards written before say nothing: SD1.5's."""
+    return {"family": family.name, "vae_scaling_factor": vae_config.scaling_factor}
 
 
 def load_base_models(base_model: str | pathlib.Path, vision_encoder: str | pathlib.Path) -> BaseModels:
-    """SD1.5 VAE + text encoder + tokenizer from `base_model`, CLIP-H from `vision_encoder`."""
-    from dynamicid_jax.base_models import single_file_config
+    """The base model's VAE, CLIP-L text encoder and tokenizer(s) from `base_model` (its family
+    detected from the files: SD1.5 or SDXL), CLIP-H from `vision_encoder`."""
+    from dynamicid_jax import base_models
     from dynamicid_jax.models.clip_weights import load_text_encoder, load_vision_encoder
     from dynamicid_jax.models.vae import load_vae
-    from dynamicid_jax.tokenizer import CLIPTokenizer
 
     base_model, vision_encoder = pathlib.Path(base_model).resolve(), pathlib.Path(vision_encoder).resolve()
-    vae, vae_params = load_vae(base_model, config=single_file_config(base_model, "vae"))
-    text, text_params = load_text_encoder(base_model, config=single_file_config(base_model, "text_encoder"))
-    tokenizer = CLIPTokenizer.from_folder(base_model, fallback_max_length=text.config.max_positions)
+    family = base_models.get(base_models.detect(base_model))
+    vae, vae_params = load_vae(base_model, config=base_models.single_file_config(base_model, "vae"))
+    text, text_params = load_text_encoder(base_model, config=base_models.single_file_config(base_model, "text_encoder"))
+    tokenizer = family.load_tokenizer(base_model)
     vision, vision_params = load_vision_encoder(vision_encoder)
     description = {
         "base_model": str(base_model),
@@ -86,8 +99,9 @@ def load_base_models(base_model: str | pathlib.Path, vision_encoder: str | pathl
         "tiny_random": False,
         "configs": {"vae": dataclasses.asdict(vae.config), "text": dataclasses.asdict(text.config),
                     "vision": dataclasses.asdict(vision.config)},
+        **_family_description(family, vae.config),
     }
-    return BaseModels(vae, vae_params, text, text_params, tokenizer, vision, vision_params, description)
+    return BaseModels(vae, vae_params, text, text_params, tokenizer, vision, vision_params, description, family)
 
 
 def build_extractors(
@@ -151,16 +165,28 @@ def make_extractors(analyzer, base: BaseModels, expression=None, faces_descripti
         return source_face_prompt(max(probs, key=probs.get), face.pose)
 
     vision_cfg, text_cfg = base.vision_encoder.config, base.text_encoder.config
+    family = base.family
+    if family is None:
+        from dynamicid_jax import base_models
+
+        family = base_models.get("sd15")
+    text_modules = types.SimpleNamespace(text_encoder=base.text_encoder)  # what `family.tokenize` reads
+
+    def tokenize(texts):  # (B, *family.text_ids_shape(L)) int32
+        return np.asarray(family.tokenize(base.tokenizer, list(texts), (), text_modules)[0], np.int32)
+
+    text_ids_shape = tokenize([""]).shape[1:]
     dims = ExtractorDims(
         id_dim=analyzer.embedding_dim,
         clip_tokens=vision_cfg.num_positions,
         clip_width=vision_cfg.hidden_size,
-        text_length=base.tokenizer.max_length,
+        text_length=text_ids_shape[-1],
         text_width=text_cfg.hidden_size,
         prompt_dim=text_cfg.hidden_size,
         latent_channels=base.vae.config.latent_channels,
         vae_downsample=base.vae.config.downsample_factor,
         clip_image_size=clip_size,
+        text_ids_shape=() if text_ids_shape == (text_ids_shape[-1],) else tuple(text_ids_shape),
     )
     return Extractors(
         # Faces below faces.MIN_FACE_SIZE are rejected with that reason (SmallFaceError).
@@ -168,12 +194,23 @@ def make_extractors(analyzer, base: BaseModels, expression=None, faces_descripti
         no_face_errors=(NoFaceError,),
         landmark_image=lambda face, hw: landmark_image(face, hw)[..., None],
         auto_face_prompt=auto_face_prompt,
-        tokenize=lambda texts: base.tokenizer(list(texts)),
-        encode_text=lambda ids: text_forward(base.text_params, jnp.asarray(ids, jnp.int32)),
+        tokenize=tokenize,
+        # CLIP-L's states and pooled feature (IMR's face-prompt feature) of its own ids
+        encode_text=lambda ids: text_forward(base.text_params, family.first_text_ids(jnp.asarray(ids, jnp.int32))),
         clip_pixels=lambda image: np.asarray(clip_preprocess(image[None], clip_size)[0]),
         encode_clip_pixels=lambda px: vision_forward(base.vision_params, jnp.asarray(px, jnp.float32)),
         encode_vae=lambda px: vae_encode(base.vae_params, jnp.asarray(px, jnp.float32)),
         dims=dims,
         models={**base.description, **(faces_description or {"face_model_set": analyzer.name}),
-                "dims": dataclasses.asdict(dims)},
+                "dims": _dims_json(dims)},
+        record_specs=tuple(family.record_specs()),
+        record_values=family.record_values if family.record_specs() else None,
     )
+
+
+def _dims_json(dims: ExtractorDims) -> dict:
+    """The dims as the manifest records them (SD1.5's record unchanged: no text_ids_shape)."""
+    out = dataclasses.asdict(dims)
+    if not out["text_ids_shape"]:
+        del out["text_ids_shape"]
+    return out

@@ -145,6 +145,12 @@ def vae_pixels(image: np.ndarray, resolution: int) -> np.ndarray:
     Shorter side resized to `resolution` (bilinear), then a center crop: the usual SD training
     preprocessing, so cached latents match what training on pixels would see.
     """
+    return vae_crop(image, resolution)[0]
+
+
+def vae_crop(image: np.ndarray, resolution: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """`vae_pixels` and where they came from: (pixels, original (H, W), crop (top, left) in the
+    resized image), the micro-conditioning SDXL's time ids describe."""
     from PIL import Image
 
     h, w = image.shape[:2]
@@ -153,4 +159,4 @@ def vae_pixels(image: np.ndarray, resolution: int) -> np.ndarray:
     resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR), dtype=np.float32)
     top, left = (nh - resolution) // 2, (nw - resolution) // 2
     crop = resized[top : top + resolution, left : left + resolution]
-    return crop / 127.5 - 1.0
+    return crop / 127.5 - 1.0, (h, w), (top, left)

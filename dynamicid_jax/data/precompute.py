@@ -47,6 +47,7 @@ class ExtractorDims:
     vae_downsample: int  # VAE spatial factor f (8)
     clip_image_size: int  # side P of the CLIP-preprocessed image (224)
     landmark_size: int = 96
+    text_ids_shape: tuple[int, ...] = ()  # one caption's token ids; () = (text_length,) (SDXL: (2, L))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,9 @@ class Extractors:
     encode_clip_pixels(pixels (B, P, P, 3)) -> (B, N, W) float32 penultimate hidden states.
     encode_vae(pixels (B, R, R, 3) in [-1, 1]) -> (mean, logvar), each (B, R/f, R/f, C) float32.
     models: JSON description of the models (goes into the manifest).
+    record_specs: the base-model family's own per-record fields (`family.record_specs()`;
+        SDXL: original_size, crop_top_left), and
+    record_values(original (H, W), crop (top, left)) -> their values for one image.
     """
 
     largest_face: Callable[[np.ndarray, str], Any]
@@ -77,6 +81,8 @@ class Extractors:
     encode_vae: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
     dims: ExtractorDims
     models: dict
+    record_specs: tuple = ()
+    record_values: Optional[Callable[[tuple[int, int], tuple[int, int]], dict]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,15 +122,16 @@ class PrecomputeJob:
 # --------------------------------------------------------------------------- specs
 
 
-def stage_specs(job: PrecomputeJob, dims: ExtractorDims) -> list[records.FeatureSpec]:
-    """The shards' features: the image features every stage shares, plus the stage's own."""
+def stage_specs(job: PrecomputeJob, dims: ExtractorDims, family_specs=()) -> list[records.FeatureSpec]:
+    """The shards' features: the image features every stage shares, the stage's own, then the
+    base-model family's own (`family_specs`; SDXL: original_size, crop_top_left)."""
     f = dims.vae_downsample
     if job.resolution % f:
         raise ConfigError(f"resolution {job.resolution} is not a multiple of the VAE factor {f}")
     latent_hw = (job.resolution // f, job.resolution // f)
     common = dict(latent_hw=latent_hw, latent_channels=dims.latent_channels, id_dim=dims.id_dim,
                   clip_tokens=dims.clip_tokens, clip_width=dims.clip_width)
-    return stages.get(job.stage).record_specs(dims, common, job.cache_text_states)
+    return stages.get(job.stage).record_specs(dims, common, job.cache_text_states) + list(family_specs)
 
 
 def null_specs(job: PrecomputeJob, dims: ExtractorDims) -> Optional[list[records.FeatureSpec]]:
@@ -165,6 +172,7 @@ class _Accepted:
     vae_pixels: np.ndarray
     clip_pixels: np.ndarray
     arrays: dict  # the stage's per-image arrays (reconfig: landmark_image)
+    family_fields: Optional[dict] = None  # the family's per-record values (`Extractors.record_values`)
 
 
 def _analyze(job: PrecomputeJob, ex: Extractors, item) -> tuple[Optional[_Accepted], Optional[str]]:
@@ -182,13 +190,15 @@ def _analyze(job: PrecomputeJob, ex: Extractors, item) -> tuple[Optional[_Accept
     except ex.no_face_errors as e:  # SmallFaceError says "face too small", others "no face"
         return None, f"{getattr(e, 'reject_reason', 'no face')}: {e}"
     info, arrays = stage.record_inputs(item, face, image, ex)
+    pixels, original_size, crop_top_left = inputs.vae_crop(image, job.resolution)
     return (
         _Accepted(
             info=info,
             embedding=np.asarray(face.embedding, np.float32),
-            vae_pixels=inputs.vae_pixels(image, job.resolution),
+            vae_pixels=pixels,
             clip_pixels=np.asarray(ex.clip_pixels(image), np.float32),
             arrays=arrays,
+            family_fields=ex.record_values(original_size, crop_top_left) if ex.record_values else None,
         ),
         None,
     )
@@ -212,6 +222,7 @@ def _features(job: PrecomputeJob, ex: Extractors, batch: list[_Accepted]) -> lis
             vae_logvar=logvar[i].astype(np.float32),
         )
         feats.update(a.arrays)
+        feats.update(a.family_fields or {})
         feats.update({name: rows[i] for name, rows in text.items()})
         out.append(feats)
     return out
@@ -295,7 +306,7 @@ def run_precompute(job: PrecomputeJob, extractors: Extractors) -> dict:
     units = _units(job)  # input errors come before anything is written
     num_shards = job.num_shards or max(1, -(-len(units) // job.records_per_shard))
     slices = shards.shard_slices(len(units), num_shards)
-    specs = stage_specs(job, extractors.dims)
+    specs = stage_specs(job, extractors.dims, extractors.record_specs)
     job.output_dir.mkdir(parents=True, exist_ok=True)
     run_config = {
         "stage": job.stage,

@@ -26,6 +26,10 @@ Stages (shapes with the dimensions the caller picks):
     id_embedding, clip_image_features, vae_mean, vae_logvar as above
     landmark_image       (96, 96, 1)   float32  106 landmarks drawn on -1, scaled to [-1, 1]
     face_prompt_embedding (E,)         float32  pooled CLIP text feature of face_prompt (768)
+  SDXL shards (the family's fields, `base_models.sdxl`): input_ids (2, L), one row per
+  tokenizer, and in both stages
+    original_size        (2,)          int32    (height, width) before resizing
+    crop_top_left        (2,)          int32    (top, left) of the crop in the resized image
 """
 
 from __future__ import annotations
@@ -92,14 +96,18 @@ def anchor_specs(
     clip_tokens: int,
     clip_width: int,
     text_states_width: int | None = None,
+    input_ids_shape: tuple[int, ...] | None = None,
+    extra: Sequence[FeatureSpec] = (),
 ) -> list[FeatureSpec]:
     """Feature specs of the anchor stage (every size from the models that make and read the
-    shards); `text_states_width` set adds cached text states."""
+    shards); `text_states_width` set adds cached text states. A base-model family's own
+    fields: `input_ids_shape` (default (text_length,); SDXL (2, L), one row per tokenizer)
+    and `extra` (SDXL: original_size, crop_top_left), appended after SD1.5's."""
     h, w = latent_hw
     specs = [
         FeatureSpec("key", (), STRING, "source file relative to the input folder"),
         FeatureSpec("caption", (), STRING),
-        FeatureSpec("input_ids", (text_length,), "int32", "CLIP tokens of the caption"),
+        FeatureSpec("input_ids", input_ids_shape or (text_length,), "int32", "CLIP tokens of the caption"),
         FeatureSpec("vae_mean", (h, w, latent_channels), "float32", "VAE posterior mean (unscaled)"),
         FeatureSpec("vae_logvar", (h, w, latent_channels), "float32", "VAE posterior log-variance"),
         FeatureSpec("id_embedding", (id_dim,), "float32", "L2-normalised embedding of the largest face"),
@@ -114,7 +122,7 @@ def anchor_specs(
         specs.append(
             FeatureSpec("text_states", (text_length, text_states_width), "float32", "CLIP text hidden states")
         )
-    return specs
+    return specs + list(extra)
 
 
 def reconfig_specs(
@@ -126,8 +134,10 @@ def reconfig_specs(
     clip_width: int,
     landmark_size: int,
     prompt_dim: int,
+    extra: Sequence[FeatureSpec] = (),
 ) -> list[FeatureSpec]:
-    """Feature specs of the reconfiguration stage (every size from the models)."""
+    """Feature specs of the reconfiguration stage (every size from the models); `extra`: the
+    base-model family's own fields, appended."""
     h, w = latent_hw
     return [
         FeatureSpec("key", (), STRING, "source file relative to the input folder"),
@@ -145,7 +155,7 @@ def reconfig_specs(
         FeatureSpec("landmark_image", (landmark_size, landmark_size, 1), "float32", "in [-1, 1]"),
         FeatureSpec("vae_mean", (h, w, latent_channels), "float32", "VAE posterior mean (unscaled)"),
         FeatureSpec("vae_logvar", (h, w, latent_channels), "float32", "VAE posterior log-variance"),
-    ]
+    ] + list(extra)
 
 
 def specs_to_json(specs: Sequence[FeatureSpec]) -> list[dict]:

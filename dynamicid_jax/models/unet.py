@@ -123,7 +123,7 @@ class UNet2DConditionModel(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         blocks = dict(
             groups=cfg.norm_num_groups, eps=cfg.norm_eps, lora_rank=cfg.lora_rank, cross_attention=cfg.saa,
-            attention_block=cfg.attention_block, **kw,
+            attention_block=cfg.attention_block, remat=cfg.remat, **kw,
         )
         if conditioning is not None and cfg.saa is None:
             raise ValueError("conditioning was given but UNetConfig.saa is None (plain attention ignores it)")

@@ -125,6 +125,9 @@ class Transformer2DModel(nn.Module):
     cross_attention: Optional[CrossAttentionFactory] = None
     attention_block: Optional[int] = None
     num_layers: int = 1
+    # Rematerialise each BasicTransformerBlock in the backward pass (training memory: the
+    # block's activations are recomputed instead of stored; the values are the same).
+    remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -134,8 +137,10 @@ class Transformer2DModel(nn.Module):
         b, h, w, c = x.shape
         y = group_norm(self.groups, TRANSFORMER_GROUPNORM_EPS, name="norm", **kw)(x)
         y = LoRADense(c, name="proj_in", **kw)(y.reshape(b, h * w, c))
+        # static_argnums counts self: argument 4 is spatial_shape, a tuple of ints
+        block = nn.remat(BasicTransformerBlock, static_argnums=(4,)) if self.remat else BasicTransformerBlock
         for i in range(self.num_layers):
-            y = BasicTransformerBlock(
+            y = block(
                 num_heads=self.num_heads, head_dim=c // self.num_heads, lora_rank=self.lora_rank,
                 cross_attention=self.cross_attention,
                 attention_block=self.attention_block, name=f"transformer_blocks_{i}", **kw,
@@ -184,6 +189,7 @@ class DownBlock(nn.Module):
     lora_rank: int = 0
     cross_attention: Optional[CrossAttentionFactory] = None
     attention_block: Optional[int] = None
+    remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -198,7 +204,7 @@ class DownBlock(nn.Module):
             if self.with_attention:
                 x = Transformer2DModel(
                     self.num_heads, self.groups, self.lora_rank, self.cross_attention, self.attention_block,
-                    num_layers=self.transformer_layers[i], name=f"attentions_{i}", **kw,
+                    num_layers=self.transformer_layers[i], remat=self.remat, name=f"attentions_{i}", **kw,
                 )(x, context, conditioning)
             skips.append(x)
         if self.add_downsample:
@@ -224,6 +230,7 @@ class UpBlock(nn.Module):
     lora_rank: int = 0
     cross_attention: Optional[CrossAttentionFactory] = None
     attention_block: Optional[int] = None
+    remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -240,7 +247,7 @@ class UpBlock(nn.Module):
             if self.with_attention:
                 x = Transformer2DModel(
                     self.num_heads, self.groups, self.lora_rank, self.cross_attention, self.attention_block,
-                    num_layers=self.transformer_layers[i], name=f"attentions_{i}", **kw,
+                    num_layers=self.transformer_layers[i], remat=self.remat, name=f"attentions_{i}", **kw,
                 )(x, context, conditioning)
         if upsample_size is not None:
             x = Upsample2D(name="upsamplers_0", **kw)(x, upsample_size)
@@ -257,6 +264,7 @@ class MidBlock2DCrossAttn(nn.Module):
     lora_rank: int = 0
     cross_attention: Optional[CrossAttentionFactory] = None
     attention_block: Optional[int] = None
+    remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -267,6 +275,6 @@ class MidBlock2DCrossAttn(nn.Module):
         x = ResnetBlock2D(c, self.groups, self.eps, name="resnets_0", **kw)(x, temb)
         x = Transformer2DModel(
             self.num_heads, self.groups, self.lora_rank, self.cross_attention, self.attention_block,
-            num_layers=self.transformer_layers, name="attentions_0", **kw,
+            num_layers=self.transformer_layers, remat=self.remat, name="attentions_0", **kw,
         )(x, context, conditioning)
         return ResnetBlock2D(c, self.groups, self.eps, name="resnets_1", **kw)(x, temb)

@@ -66,6 +66,8 @@ class UNetConfig:
       fastest block measured; GPU in bfloat16: cuDNN flash attention; both faster than
       materialised logits, figures in benchmarks/design_choices_report.md and
       benchmarks/gpu_report.md). None = always materialise all logits.
+    remat: execution choice: rematerialise every BasicTransformerBlock in the backward pass
+      (`nn.remat`), trading recomputation for activation memory in training.
     """
 
     block_out_channels: tuple[int, ...]
@@ -92,6 +94,7 @@ class UNetConfig:
     lora_rank: int = 0
     saa: Optional[CrossAttentionFactory] = None
     attention_block: Optional[int] = 512
+    remat: bool = False
 
     def __post_init__(self):
         # Normalise list-valued fields to tuples so the config stays hashable.

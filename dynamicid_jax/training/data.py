@@ -62,8 +62,23 @@ def _recorded_resolution(folder):
         return None
 
 
+def _recorded_family(folder) -> str | None:
+    """The base-model family the manifest names (shards written before it was recorded are
+    SD1.5's); None when the manifest is unreadable (load_manifest then says why)."""
+    try:
+        models = json.loads((pathlib.Path(folder) / shards.MANIFEST).read_text()).get("models", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    return models.get("family", "sd15") if isinstance(models, dict) else None
+
+
 def check_dataset(folder, stage, modules, config: ml_collections.ConfigDict) -> dict:
     """Load and verify the manifest -> manifest dict; raises DataMismatchError naming mismatches."""
+    family = _recorded_family(folder)
+    if family is not None and family != modules.family.name:  # before the features, which differ all over
+        raise DataMismatchError(f"{folder}: shards of the {family} base-model family; this run trains "
+                                f"{modules.family.name} (precompute with a {modules.family.name} base model, or "
+                                f"train a {family} config)")
     specs = expected_features(stage, modules, config)
     try:
         manifest = shards.load_manifest(pathlib.Path(folder), stage.name, specs)

@@ -9,28 +9,45 @@ import ml_collections
 from dynamicid_jax import base_models
 
 
+# The `:ARG` of a stage config -> (tiny model, base-model family).
+CONFIG_ARGS = {"": (False, "sd15"), "tiny": (True, "sd15"), "sdxl": (False, "sdxl"), "tiny_sdxl": (True, "sdxl")}
+
+
+def parse_arg(arg) -> tuple[bool, str]:
+    """A stage config's argument -> (small, family): "" (SD1.5), "tiny", "sdxl", "tiny_sdxl"."""
+    if (arg or "") not in CONFIG_ARGS:
+        raise ValueError(f"config argument must be empty or one of {', '.join(repr(a) for a in CONFIG_ARGS if a)}, "
+                         f"got {arg!r}")
+    return CONFIG_ARGS[arg or ""]
+
+
 def common_config(arg) -> ml_collections.ConfigDict:
-    """Fields shared by both stages; `arg == "tiny"` gives the tiny model and a short run."""
-    if arg not in (None, "", "tiny"):
-        raise ValueError(f"config argument must be empty or 'tiny', got {arg!r}")
-    small = arg == "tiny"
+    """Fields shared by both stages; `arg`: "" (SD1.5), "tiny" (the tiny model and a short
+    run), "sdxl" (SDXL base 1.0 at 1024 px, bfloat16 compute, remat) or "tiny_sdxl" (the
+    tiny SDXL: tests and the tiny run)."""
+    small, family = parse_arg(arg)
+    full_sdxl = family == "sdxl" and not small
     config = ml_collections.ConfigDict()
-    config.model = base_models.default_config(tiny=small).model
+    config.model = base_models.default_config(tiny=small, family=family).model
     config.seed = 0  # parameter init of new modules, data order and every per-step draw
     config.total_steps = 20 if small else 100_000
-    config.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (parameters stay float32)
+    # compute dtype: "float32" or "bfloat16" (parameters and optimizer state stay float32)
+    config.dtype = "bfloat16" if full_sdxl else "float32"
+    # Rematerialise each UNet transformer block in the backward pass: activation memory for
+    # recomputation (SDXL at 1024 px: benchmarks/sdxl_train_memory.md).
+    config.remat = full_sdxl
 
     config.init = ml_collections.ConfigDict()
     config.init.random = small  # random base model: tiny configs only (nothing pretrained to load)
-    config.init.base_model = ""  # SD1.5 pipeline folder / single file / converted folder
+    config.init.base_model = ""  # the family's pipeline folder / single file / converted folder
     config.init.stage1 = ""  # reconfig: a stage-1 workdir or a folder with the release's SAA.bin
     # reconfig: tokenizer folder ("" = <base_model>/tokenizer, or the tiny vocabulary on the tiny random base)
     config.init.tokenizer = ""
 
     config.data = ml_collections.ConfigDict()
     config.data.global_batch_size = 8 if small else 16  # examples per optimizer update, all hosts
-    # Pixel side the shards were made at: the model's native size (tiny 64, SD1.5 512), which is
-    # also the precompute job's default.
+    # Pixel side the shards were made at: the model's native size (tiny 64, SD1.5 512, SDXL
+    # 1024), which is also the precompute job's default.
     config.data.resolution = base_models.native_resolution(config.model)
     config.data.num_threads = 2  # grain read threads per host
     config.data.prefetch = 2  # batches read ahead per host

@@ -50,6 +50,11 @@ def _check(tree, modules, name: str, source: str):
     return tree
 
 
+def text_components(modules) -> tuple[str, ...]:
+    """The base model's text encoders: ("text_encoder",), plus "text_encoder_2" on SDXL."""
+    return tuple(c for c in modules.components if c.startswith("text_encoder"))
+
+
 def load_base(config, modules, names):
     """The named components' pretrained trees from `config.init.base_model` (checked)."""
     from dynamicid_jax.base_models import single_file_config
@@ -61,10 +66,11 @@ def load_base(config, modules, names):
     out = {}
     if "unet" in names:
         out["unet"] = load_unet(config.init.base_model, config=single_file_config(config.init.base_model, "unet"))[1]
-    if "text_encoder" in names:
-        text = load_text_encoder(config.init.base_model,
-                                 config=single_file_config(config.init.base_model, "text_encoder"))[1]
-        out["text_encoder"] = _check(text, modules, "text_encoder", config.init.base_model)
+    for name in ("text_encoder", "text_encoder_2"):
+        if name in names:
+            text = load_text_encoder(config.init.base_model, component=name,
+                                     config=single_file_config(config.init.base_model, name))[1]
+            out[name] = _check(text, modules, name, config.init.base_model)
     return out
 
 
@@ -89,11 +95,12 @@ def stage1_params(config, modules) -> dict:
     saa = pw.find_release_file(source, "SAA")
     if saa is None:
         trained = checkpoints.load_trained_params(source, modules)
-        missing = [c for c in ("unet", "face_projection", "text_encoder") if c not in trained]
+        wanted = ("unet", "face_projection") + text_components(modules)
+        missing = [c for c in wanted if c not in trained]
         if missing:
             raise ConfigError(f"{source}: not a stage-1 result, it lacks {missing}")
-        return {c: trained[c] for c in ("unet", "face_projection", "text_encoder")}
-    params = load_base(config, modules, ("unet", "text_encoder"))
+        return {c: trained[c] for c in wanted}
+    params = load_base(config, modules, ("unet",) + text_components(modules))
     shapes = modeling.abstract_params(modules)["unet"]
     params["unet"] = pw.merge_dynamicid_unet_params(params["unet"], saa, abstract_params=shapes)
     params["face_projection"] = pw.load_face_projection_params(saa, modules.face_projection)
@@ -101,26 +108,26 @@ def stage1_params(config, modules) -> dict:
 
 
 def prompt_ids(config, modules) -> np.ndarray:
-    """Token ids (1, L) of the stage-2 fixed prompt, checked against the text encoder's vocabulary.
+    """Token ids (1, L) (SDXL: (1, 2, L), both tokenizers') of the stage-2 fixed prompt, checked
+    against the text encoder's vocabulary.
 
-    Tokenizer: `init.tokenizer`, else `init.base_model`'s; a run on the tiny random base model
-    (directly or through its stage-1 run) has THE tiny vocabulary, the one its shards and its
-    sampler use.
+    Tokenizer(s): the family's from `init.tokenizer`, else from `init.base_model`; a run on the
+    tiny random base model (directly or through its stage-1 run) has THE tiny vocabulary, the
+    one its shards and its sampler use.
     """
     from dynamicid_jax.loading import run_base  # which base a run (or its stage-1 run) started from
-    from dynamicid_jax.tokenizer import CLIPTokenizer, tiny_tokenizer
 
     folder = config.init.tokenizer or config.init.base_model
-    text = modules.text_encoder.config
+    text, family = modules.text_encoder.config, modules.family
     if folder:
-        tokenizer = CLIPTokenizer.from_folder(folder, max_length=text.max_positions)
+        tokenizer = family.load_tokenizer(folder)
     elif run_base(config)[0]:
         folder = "tiny random base model's vocabulary"
-        tokenizer = tiny_tokenizer(max_length=text.max_positions)
+        tokenizer = family.tiny_tokenizer()
     else:
         raise ConfigError("stage reconfig needs a tokenizer for its prompt: set config.init.tokenizer "
                          "(or config.init.base_model, whose tokenizer/ is used)")
-    ids = tokenizer([config.loss.prompt])
+    ids = np.asarray(family.tokenize(tokenizer, [config.loss.prompt], (), modules)[0], np.int32)
     if ids.max() >= text.vocab_size:
         raise ConfigError(f"tokenizer {folder} gives id {ids.max()} >= the text encoder's vocab_size {text.vocab_size}")
     return ids

@@ -91,6 +91,16 @@ def text_conditioning(modules, params: Mapping[str, Any], input_ids: jax.Array) 
     return modules.family.text_conditioning(modules, params, input_ids)[0]
 
 
+def with_record_extras(modules, conditioning: TextConditioning, fields: Mapping[str, jax.Array],
+                       latents: jax.Array) -> TextConditioning:
+    """`conditioning` plus the family's extras of a batch's record fields (SDXL: the time ids
+    from original_size, crop_top_left and the trained size, the latents' (h, w) times the VAE
+    factor); SD1.5 adds none."""
+    f = modules.vae_scale_factor
+    extras = modules.family.training_extras(fields, (latents.shape[-3] * f, latents.shape[-2] * f))
+    return conditioning.replace(extras={**conditioning.extras, **extras}) if extras else conditioning
+
+
 def _predict(modules, params: Mapping[str, Any], z_t, t, conditioning: TextConditioning, tokens) -> jax.Array:
     """The base model's prediction (float32) with one identity's tokens (B, T, D) per image."""
     return modules.family.denoiser(modules, params["unet"], z_t, t, conditioning,
@@ -114,9 +124,10 @@ def anchor_loss(modules, params: Mapping[str, Any], batch: Batch, constants: Map
     if "text_states" in batch:
         text = TextConditioning(
             context=jnp.where(_per_example(drop_text, 3), null["text_states"][None], batch["text_states"]))
-    else:
-        ids = jnp.where(drop_text[:, None], null["input_ids"][None], batch["input_ids"])
+    else:  # ids (B, L), or (B, 2, L) on SDXL
+        ids = jnp.where(_per_example(drop_text, batch["input_ids"].ndim), null["input_ids"][None], batch["input_ids"])
         text = text_conditioning(modules, params, ids)
+    text = with_record_extras(modules, text, batch, z_t)
 
     tokens = modules.face_projection.apply({"params": params["face_projection"]}, id_embedding, clip)
     pred = _predict(modules, params, z_t, t, text, tokens)
@@ -168,6 +179,8 @@ def reconfig_loss(modules, params: Mapping[str, Any], model_state: Mapping[str, 
                               _flatten_targets(batch["target_vae_logvar"]), scaling,
                               jax.tree.map(_flatten_targets, dict(draws)))
     prompt = jax.tree.map(lambda a: jnp.broadcast_to(a, (z_t.shape[0],) + a.shape[1:]), constants["prompt"])
+    targets = {k[len("target_"):]: _flatten_targets(v) for k, v in batch.items() if k.startswith("target_")}
+    prompt = with_record_extras(modules, prompt, targets, z_t)  # each target image's own time ids (SDXL)
     unet = lambda tokens: _predict(modules, params, z_t, t, prompt, tokens)  # noqa: E731
     consistency = jnp.mean(jnp.square(unet(pred) - jax.lax.stop_gradient(unet(tgt_tokens))))
     loss = feature_loss + consistency_weight * consistency

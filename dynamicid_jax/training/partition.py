@@ -29,7 +29,9 @@ def split_params(params: Mapping[str, Any], stage) -> tuple[dict, dict, dict]:
     if missing:
         raise ValueError(f"stage {stage.name!r} needs parameters of {missing}; got only {sorted(params)}")
     parts: dict[str, dict] = {"trainable": {}, "frozen": {}, "model_state": {}}
-    flat = traverse_util.flatten_dict({c: params[c] for c in stage.components})
+    # A base model's further components the stage reads when present (SDXL's text_encoder_2).
+    components = stage.components + tuple(c for c in stage.optional_components if c in params)
+    flat = traverse_util.flatten_dict({c: params[c] for c in components})
     for path, value in flat.items():
         parts[stage.role(path)][path] = value
     if not parts["trainable"]:

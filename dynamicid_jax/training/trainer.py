@@ -115,7 +115,7 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
 
     # ------------------------------------------------------------------ input (checked against the model)
     config = with_base_model_files(config)
-    modules = modeling.build_modules(config.model, dtype=compute_dtype(config.dtype))
+    modules = modeling.build_modules(config.model, dtype=compute_dtype(config.dtype), remat=config.get("remat", False))
     manifest = data.check_dataset(data_dir, stage, modules, config)
     workdir.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to fit: no stray workdirs
     mngr = checkpoints.manager(workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,

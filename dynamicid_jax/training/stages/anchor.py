@@ -19,6 +19,7 @@ class Anchor:
     name: ClassVar[str] = "anchor"
     # What the step reads (the rest, e.g. vae and vision_encoder, stay on disk).
     components: ClassVar[tuple[str, ...]] = ("unet", "text_encoder", "face_projection")
+    optional_components: ClassVar[tuple[str, ...]] = ("text_encoder_2",)  # SDXL's second text encoder
 
     def role(self, path: tuple[str, ...]) -> str:
         """trainable: the face projection, every LoRA leaf and to_k_ip/to_v_ip of the UNet;
@@ -32,13 +33,16 @@ class Anchor:
     def initial_params(self, config, modules, rng: jax.Array) -> dict:
         """UNet and text encoder from the base model; LoRA fresh (an exact no-op), to_k_ip/to_v_ip
         copies of to_k/to_v; the face projection freshly initialised."""
-        params = init.load_base(config, modules, ("unet", "text_encoder"))
+        params = init.load_base(config, modules, ("unet",) + init.text_components(modules))
         params["unet"] = init.anchor_unet(params["unet"], modules, jax.random.fold_in(rng, 1))
         params["face_projection"] = init.fresh_component(modules, "face_projection", jax.random.fold_in(rng, 2))
         return params
 
     def feature_specs(self, modules, common: Mapping[str, Any]) -> list:
-        return records.anchor_specs(text_length=modules.text_encoder.config.max_positions, **common)
+        """SD1.5's anchor features with the family's token-id shape and record fields."""
+        length, family = modules.text_encoder.config.max_positions, modules.family
+        return records.anchor_specs(text_length=length, input_ids_shape=family.text_ids_shape(length),
+                                    extra=family.record_specs(), **common)
 
     def check_manifest(self, folder, manifest: Mapping[str, Any], modules) -> None:
         """Cached text states (when the shards hold them) must fit the UNet's context."""
@@ -105,12 +109,14 @@ class Anchor:
     def record_specs(self, dims, common: Mapping[str, Any], cache_text_states: bool) -> list:
         """The shards' features for the extractors' sizes `dims` (`precompute.ExtractorDims`)."""
         return records.anchor_specs(text_length=dims.text_length,
-                                    text_states_width=dims.text_width if cache_text_states else None, **common)
+                                    text_states_width=dims.text_width if cache_text_states else None,
+                                    input_ids_shape=dims.text_ids_shape or None, **common)
 
     def null_specs(self, dims, cache_text_states: bool) -> Optional[list]:
         """The once-per-dataset classifier-free null inputs (the empty caption, blank pixels)."""
         specs = [
-            records.FeatureSpec("input_ids", (dims.text_length,), "int32", "tokens of the empty caption"),
+            records.FeatureSpec("input_ids", dims.text_ids_shape or (dims.text_length,), "int32",
+                                "tokens of the empty caption"),
             records.FeatureSpec(
                 "clip_image_features", (dims.clip_tokens, dims.clip_width), "float16",
                 "CLIP vision tower on all-zero (already normalised) pixels, as IP-Adapter's drop",

@@ -21,6 +21,7 @@ from dynamicid_jax.training import init, losses
 class Reconfig:
     name: ClassVar[str] = "reconfig"
     components: ClassVar[tuple[str, ...]] = ("unet", "face_projection", "imr", "keypoint_encoder")
+    optional_components: ClassVar[tuple[str, ...]] = ()  # the text encoders only make the prompt constant
 
     def role(self, path: tuple[str, ...]) -> str:
         """trainable: IMR and the keypoint encoder's params; model_state: its BatchNorm
@@ -38,7 +39,8 @@ class Reconfig:
 
     def feature_specs(self, modules, common: Mapping[str, Any]) -> list:
         return records.reconfig_specs(landmark_size=modules.keypoint_encoder.image_size,
-                                      prompt_dim=modules.text_encoder.config.hidden_size, **common)
+                                      prompt_dim=modules.text_encoder.config.hidden_size,
+                                      extra=modules.family.record_specs(), **common)
 
     def check_manifest(self, folder, manifest: Mapping[str, Any], modules) -> None:
         """Nothing beyond the features (`data.check_dataset`)."""
@@ -66,7 +68,7 @@ class Reconfig:
 
     def abstract_constants(self, modules, manifest) -> dict:
         text = modules.text_encoder.config
-        ids = jax.ShapeDtypeStruct((1, text.max_positions), jnp.int32)
+        ids = jax.ShapeDtypeStruct((1, *modules.family.text_ids_shape(text.max_positions)), jnp.int32)
         params = modeling.abstract_params(modules)
         return {"prompt": jax.eval_shape(functools.partial(_prompt_conditioning, modules), params, ids)}
 
