@@ -49,7 +49,7 @@ def _page_settings(args: argparse.Namespace) -> dict:
     from dynamicid_jax.request_parsing import setting_defaults
 
     settings = {k: v for k, v in (("scheduler", args.scheduler), ("clip_skip", args.clip_skip)) if v is not None}
-    config = sampling_config(args.demo, args.dynamicid)
+    config = sampling_config(args.demo, args.dynamicid, args.base_model, args.vae)
     page = dict(setting_defaults(config.sampling), **settings)
     validate_request(SampleRequest(identities=[IdentityRequest(refs=["(page)"])], **page),
                      2 ** (len(config.model.vae.block_out_channels) - 1))

@@ -90,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
     seeds = _seeds(args.seeds)
     run = training_run_config(args.dynamicid)  # a training run on the tiny base samples like the demo
     tiny = args.demo or (run is not None and run_base(run)[0])
-    config = sampling_config(args.demo, args.dynamicid, args.base_model)
+    config = sampling_config(args.demo, args.dynamicid, args.base_model, args.vae)
     sampling = resolve_sampling(config.sampling, protocol)
     if args.scheduler is not None:
         from dynamicid_jax.schedulers import SCHEDULERS

@@ -107,6 +107,9 @@ def _subst(argv, files, test_assets):
         (dict(height=4096), "2048 px limit"),
         (dict(num_images=40, height=1024, width=1024), "exceeds the"),
         (dict(prompt=None), "--prompt must be text"),
+        (dict(original_size=[512]), "--original_size must be 2 integers"),
+        (dict(crops_coords_top_left=[-1, 0]), "--crops_coords_top_left must be 2 integers y,x in .0,"),
+        (dict(target_size=[512.0, 512]), "--target_size must be 2 integers"),
     ],
 )
 def test_validate_request_refuses_non_finite_and_out_of_range(change, needle):
@@ -126,6 +129,11 @@ def test_one_set_of_sampling_defaults():
     library = sampling_defaults()
     assert dict(base.get_config().sampling) == library
     assert SampleRequest([], "p").negative_prompt == library["negative_prompt"] != ""  # was "" in the library
+    # the default negative prompt is the family's: none on SDXL (its zeros rule), DynamicID's on SD1.5
+    from dynamicid_jax import base_models
+
+    assert base_models.default_config(family="sdxl").sampling.negative_prompt == ""
+    assert base_models.default_config(family="sd15").sampling.negative_prompt == library["negative_prompt"]
     demo = dict(tiny.get_config().sampling)
     assert {k for k in demo if demo[k] != library[k]} == {"steps", "height", "width", "alpha"}
 
@@ -145,6 +153,10 @@ SAMPLE_CASES = [
     (["--width", "8192"], "--width 8192"),
     (["--box", "0,0,1"], "--box '0,0,1'"),
     (["--box", "a,b,c,d"], "--box 'a,b,c,d'"),
+    (["--original_size", "512"], "--original_size '512': expected 2 comma-separated integers"),
+    # SD1.5 (the demo's family) has no time ids: the family refuses them, before any model loads
+    (["--crops_coords_top_left", "0,0"], "--crops_coords_top_left: an SD1.5 base model has no micro-conditioning"),
+    (["--vae", "{tmp}/empty_dir"], "--demo uses random weights: drop --vae"),
     (["--from_json", "{tmp}/notes.txt"], "notes.txt: not a JSON file"),
     (["--from_json", "{tmp}/wrong.json"], "wrong.json: not a sampling request"),
     (["--from_json", "{tmp}/list.json"], "list.json: not a sampling request"),

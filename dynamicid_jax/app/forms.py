@@ -166,7 +166,7 @@ def lora_choice(names, scale, loras) -> tuple[tuple[str, float], ...]:
 
 def validate_settings(request: SampleRequest, pipeline) -> None:
     """The sampler's checks plus the app's limits on size and image count."""
-    validate_request(request, pipeline.modules.vae_scale_factor, label=form_label)
+    validate_request(request, pipeline.modules.vae_scale_factor, label=form_label, family=pipeline.modules.family)
     for name in ("height", "width"):
         if getattr(request, name) > MAX_SIDE:
             raise InputError(f"{name} {getattr(request, name)} is above this app's limit of {MAX_SIDE}")

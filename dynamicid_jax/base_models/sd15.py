@@ -9,6 +9,7 @@
   load_tokenizer / tokenize CLIP's one tokenizer; texts -> ids and textual-inversion tables
   text_conditioning(...)    token ids -> TextConditioning (the text states; no extras)
   negative_conditioning     the negative prompt's conditioning, as encoded (even "")
+  request_extras(h, w, ...) none (time ids, SDXL's micro-conditioning, are refused)
   denoiser(...)             the UNet call (`conditioning.unet_denoiser`)
 
 configs/ import these defaults; nothing else in the library writes an SD1.5 number.
@@ -34,6 +35,8 @@ SCHEDULER = dict(
 # The UNet was trained on VAE samples times this (unit-variance latents); SD1.5's vae/config.json.
 VAE_SCALING_FACTOR = 0.18215
 TEXT_LENGTH = 77  # CLIP's context: <|startoftext|>, 75 tokens, <|endoftext|>
+# DynamicID's release settings: the negative prompt when the user gives none.
+DEFAULT_NEGATIVE_PROMPT = "lowres, bad anatomy, worst quality, low quality, blurry, deformed"
 # Sections `model_from_files` replaces with what the files say (the UNet's DynamicID fields,
 # lora_rank and the SAA threshold, stay the config's).
 FILE_SECTIONS = ("unet", "vae", "text", "scheduler")
@@ -98,6 +101,7 @@ class SD15:
     name: ClassVar[str] = "sd15"
     # The authors' DynamicID release (SAA.bin, IMR.bin, key_point_encoder.bin) is for SD1.5.
     release_weights: ClassVar[bool] = True
+    default_negative_prompt: ClassVar[str] = DEFAULT_NEGATIVE_PROMPT
 
     def configured(self, model: ml_collections.ConfigDict) -> "SD15":
         """The family object a model section configures: SD1.5 has no such setting."""
@@ -169,8 +173,14 @@ class SD15:
                                                     extra_embeddings)
         return TextConditioning(context=states), pooled
 
-    def request_extras(self, height: int, width: int) -> dict:
-        """Per-image extras a picture's size adds to its conditioning: none on SD1.5."""
+    def request_extras(self, height: int, width: int, original_size=None, crops_coords_top_left=None,
+                       target_size=None) -> dict:
+        """Per-image extras a picture's size adds to its conditioning: none on SD1.5, whose UNet
+        has no micro-conditioning; time ids given for it are an InputError."""
+        if (original_size, crops_coords_top_left, target_size) != (None, None, None):
+            from dynamicid_jax.request import InputError
+
+            raise InputError("an SD1.5 base model has no micro-conditioning time ids (an SDXL setting): drop them")
         return {}
 
     def denoiser(self, modules, unet_params, x_t, t, conditioning: TextConditioning, identity, capture: bool = False):

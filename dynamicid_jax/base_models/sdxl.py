@@ -11,7 +11,8 @@
   load_tokenizer/tokenize   both tokenizers, each padding with its own pad token
   text_conditioning(...)    both encoders' penultimate states concatenated (B, 77, 768 + 1280),
                             extras {"text_embeds": encoder 2's projected EOS (B, 1280)}
-  request_extras(h, w)      time_ids = original size (h, w), crop (0, 0), target size (h, w)
+  request_extras(h, w, ...) time_ids = original size, crop, target size: the request's, by
+                            default (h, w), (0, 0), (h, w)
   negative_conditioning     zeros for an empty negative prompt (force_zeros_for_empty_prompt)
   denoiser(...)             the UNet call (`conditioning.unet_denoiser`)
 
@@ -91,6 +92,9 @@ class SDXL:
 
     name: ClassVar[str] = "sdxl"
     release_weights: ClassVar[bool] = False  # no DynamicID release for SDXL (yet)
+    # diffusers' SDXL pipeline: no negative prompt, which force_zeros_for_empty_prompt turns
+    # into zeros (`negative_conditioning`); SD1.5's DynamicID default would defeat that rule.
+    default_negative_prompt: ClassVar[str] = ""
     force_zeros_for_empty_prompt: bool = FORCE_ZEROS_FOR_EMPTY_PROMPT
 
     def configured(self, model: ml_collections.ConfigDict) -> "SDXL":
@@ -173,10 +177,13 @@ class SDXL:
             return jax.tree.map(np.zeros_like, conditioning)
         return conditioning
 
-    def request_extras(self, height: int, width: int) -> dict:
-        """{"time_ids": (6,) float32}: original_size (h, w), crops_coords_top_left (0, 0),
-        target_size (h, w), in diffusers' order (`_get_add_time_ids`)."""
-        return {"time_ids": np.asarray([height, width, 0, 0, height, width], np.float32)}
+    def request_extras(self, height: int, width: int, original_size=None, crops_coords_top_left=None,
+                       target_size=None) -> dict:
+        """{"time_ids": (6,) float32}: original_size (default (h, w)), crops_coords_top_left
+        (default (0, 0)), target_size (default (h, w)), each (y, x), in diffusers' order
+        (`_get_add_time_ids`; its negative time ids are the same unless asked otherwise)."""
+        ids = [*(original_size or (height, width)), *(crops_coords_top_left or (0, 0)), *(target_size or (height, width))]
+        return {"time_ids": np.asarray(ids, np.float32)}
 
     def denoiser(self, modules, unet_params, x_t, t, conditioning: TextConditioning, identity, capture: bool = False):
         return unet_denoiser(modules, unet_params, x_t, t, conditioning, identity, capture)
