@@ -156,13 +156,15 @@ def load_pipeline(
     loras: Sequence[tuple[str, float]] = (),
     lora_skip_unknown: bool = False,
     vae: Optional[str] = None,
+    tokenizer_folder: Optional[str] = None,
 ):
     """-> (config, DynamicIDPipeline). See the module docstring for the four sources.
 
     loras: style LoRA files (kohya or diffusers/PEFT) with their scales, merged in order into
     the base UNet and text encoder (`models.lora_files`); the provenance lists each file and,
     with lora_skip_unknown, the keys dropped from it. vae: a separate VAE folder replacing the
-    base model's (architecture, scaling factor and weights; `vae_folder_section`).
+    base model's (architecture, scaling factor and weights; `vae_folder_section`). tokenizer_folder:
+    the folder of the family's tokenizer(s) when the base model has none (a single file).
     """
     from dynamicid_jax.faces import load_face_analyzer
 
@@ -186,11 +188,11 @@ def load_pipeline(
         log(f"loading weights: base {base_model} ({modules.family.name})")
         log(ABSENT_NOTICE)
         params = modeling.load_base_model(modules, base_model)
-        tokenizer = modules.family.load_tokenizer(base_model)
+        tokenizer = modules.family.load_tokenizer(base_model, tokenizer_folder)
         provenance = {"base_model": str(base_model), "family": modules.family.name, "identity_branch": "absent"}
     elif demo:
-        if base_model or vision_encoder or dynamicid:
-            raise InputError("--demo uses random weights: drop --base_model/--vision_encoder/--dynamicid")
+        if base_model or vision_encoder or dynamicid or tokenizer_folder:
+            raise InputError("--demo uses random weights: drop --base_model/--vision_encoder/--dynamicid/--tokenizer")
         log(DEMO_NOTICE)
         params = modeling.tiny_random_params(modules, seed=0)
         tokenizer = _tiny_tokenizer()
@@ -214,10 +216,12 @@ def load_pipeline(
         else:
             params = modeling.load_pretrained(modules, base_model=base_model, vision_encoder=vision_encoder)
             params.update(_trained(dynamicid, modules))
-        tokenizer = modules.family.load_tokenizer(base_model)
+        tokenizer = modules.family.load_tokenizer(base_model, tokenizer_folder)
         provenance = {"base_model": str(base_model), "vision_encoder": str(vision_encoder), "dynamicid": str(dynamicid)}
     if analyzer is not None:
         provenance["faces"] = analyzer.name
+    if tokenizer_folder:
+        provenance["tokenizer"] = str(tokenizer_folder)
     if vae:
         from dynamicid_jax.models import load_vae
 

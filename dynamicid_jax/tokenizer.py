@@ -121,7 +121,7 @@ class CLIPTokenizer:
         tokenizer folder: vocab.json + merges.txt, else tokenizer.json. Special tokens (the pad
         token among them) come from the folder's own tokenizer_config.json/special_tokens_map.json."""
         path = pathlib.Path(path)
-        folder = path / subfolder if _has_vocabulary(path / subfolder) else path
+        folder = path / subfolder if has_vocabulary(path / subfolder) else path
         if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
             vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
             for f in (vocab_file, merges_file):
@@ -200,7 +200,7 @@ class CLIPTokenizer:
         return np.asarray(rows, dtype=np.int32).reshape(len(rows), self.max_length)
 
 
-def _has_vocabulary(folder: pathlib.Path) -> bool:
+def has_vocabulary(folder: pathlib.Path) -> bool:
     return (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()
 
 

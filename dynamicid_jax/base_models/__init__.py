@@ -8,7 +8,8 @@ the entry points never branch on which one it is:
     model_from_files(model, base_model)    the sections read from the base model's own files
     configured(model)                      the family object a model section configures
     matches(base_model)                    whether the files are this family's (`detect`)
-    load_tokenizer(base_model)             the family's tokenizer(s)
+    load_tokenizer(base_model, folder)     the family's tokenizer(s) (folder: --tokenizer, for a single file)
+    components, tokenizer_folders          the base model's weight components and tokenizer folders
     tokenize(tokenizer, texts, embeddings, modules) -> (ids, textual-inversion tables)
     text_conditioning(modules, params, ids, clip_skip, extra) -> (TextConditioning, pooled)
     negative_conditioning(conditioning, negative_prompt)  what the sampler conditions on

@@ -102,6 +102,8 @@ class SD15:
     # The authors' DynamicID release (SAA.bin, IMR.bin, key_point_encoder.bin) is for SD1.5.
     release_weights: ClassVar[bool] = True
     default_negative_prompt: ClassVar[str] = DEFAULT_NEGATIVE_PROMPT
+    components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder")  # the base model's weights
+    tokenizer_folders: ClassVar[tuple[str, ...]] = ("tokenizer",)
 
     def configured(self, model: ml_collections.ConfigDict) -> "SD15":
         """The family object a model section configures: SD1.5 has no such setting."""
@@ -145,11 +147,13 @@ class SD15:
             model.scheduler = config_fields(SchedulerConfig.from_folder(scheduler_file))
         return model
 
-    def load_tokenizer(self, base_model: str | os.PathLike):
-        """CLIP's tokenizer of a pipeline folder (`tokenizer/`) or a tokenizer folder."""
+    def load_tokenizer(self, base_model: str | os.PathLike, tokenizer: str | os.PathLike | None = None):
+        """CLIP's tokenizer of a pipeline or converted folder (`tokenizer/`), or of `tokenizer`
+        (--tokenizer: a pipeline folder or a tokenizer folder; what a single file needs)."""
         from dynamicid_jax.tokenizer import CLIPTokenizer
 
-        return CLIPTokenizer.from_folder(_tokenizer_folder(base_model))
+        return CLIPTokenizer.from_folder(_tokenizer_folder(tokenizer or base_model, "--tokenizer" if tokenizer else
+                                                           "--base_model"))
 
     def tokenize(self, tokenizer, texts, embeddings, modules):
         """Texts -> (ids (B, L) int32, textual-inversion tables (B, L - 2, D)) for `text_conditioning`."""
@@ -197,11 +201,15 @@ def files_family(base_model: str | os.PathLike) -> str:
     from dynamicid_jax.models import single_file, unet
     from dynamicid_jax.models.weight_sources import read_config
 
+    from dynamicid_jax.models import converted
+
     path = pathlib.Path(base_model)
     if path.is_file():
         return single_file.detect_family(path)
     if not path.is_dir():
         raise MissingFileError(f"--base_model {path}: no such file or folder")
+    if converted.is_converted(path) and converted.recorded_family(path):
+        return converted.recorded_family(path)
     if (path / "text_encoder_2").is_dir():
         return single_file.SDXL
     try:
@@ -212,18 +220,19 @@ def files_family(base_model: str | os.PathLike) -> str:
     return single_file.SDXL if config.addition_embed_type == unet.TEXT_TIME else single_file.SD15
 
 
-def _tokenizer_folder(base_model) -> Any:
+def _tokenizer_folder(source, flag: str) -> Any:
     import pathlib
 
     from dynamicid_jax.errors import MissingFileError
+    from dynamicid_jax.tokenizer import has_vocabulary
 
-    path = pathlib.Path(base_model)
+    path = pathlib.Path(source)
     for candidate in (path / "tokenizer", path):
-        if (candidate / "vocab.json").is_file() and (candidate / "merges.txt").is_file():
+        if has_vocabulary(candidate):
             return candidate
     raise MissingFileError(
-        f"no CLIP tokenizer (vocab.json + merges.txt) in {path}/tokenizer: a single-file checkpoint carries "
-        "none; convert it with launch/convert.py or pass a pipeline folder"
+        f"{flag} {path}: no CLIP tokenizer (tokenizer/ with vocab.json + merges.txt or tokenizer.json): a "
+        "single-file checkpoint carries none; pass --tokenizer DIR (a pipeline folder or its tokenizer/)"
     )
 
 

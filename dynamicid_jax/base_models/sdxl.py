@@ -95,6 +95,8 @@ class SDXL:
     # diffusers' SDXL pipeline: no negative prompt, which force_zeros_for_empty_prompt turns
     # into zeros (`negative_conditioning`); SD1.5's DynamicID default would defeat that rule.
     default_negative_prompt: ClassVar[str] = ""
+    components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder", "text_encoder_2")
+    tokenizer_folders: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
     force_zeros_for_empty_prompt: bool = FORCE_ZEROS_FOR_EMPTY_PROMPT
 
     def configured(self, model: ml_collections.ConfigDict) -> "SDXL":
@@ -133,17 +135,20 @@ class SDXL:
                 "force_zeros_for_empty_prompt", FORCE_ZEROS_FOR_EMPTY_PROMPT))
         return model
 
-    def load_tokenizer(self, base_model: str | os.PathLike):
-        """(tokenizer, tokenizer_2) of a pipeline folder; each reads its pad token from its files."""
+    def load_tokenizer(self, base_model: str | os.PathLike, tokenizer: str | os.PathLike | None = None):
+        """(tokenizer, tokenizer_2) of a pipeline or converted folder, or of `tokenizer`
+        (--tokenizer: a folder holding tokenizer/ and tokenizer_2/, e.g. a diffusers SDXL
+        pipeline folder; what a single file needs); each reads its pad token from its files."""
         from dynamicid_jax.errors import MissingFileError
         from dynamicid_jax.tokenizer import CLIPTokenizer
 
-        path = pathlib.Path(base_model)
-        for sub in ("tokenizer", "tokenizer_2"):
+        path, flag = (pathlib.Path(tokenizer), "--tokenizer") if tokenizer else (pathlib.Path(base_model), "--base_model")
+        for sub in self.tokenizer_folders:
             if not (path / sub).is_dir():
-                raise MissingFileError(f"--base_model {path}: no {sub}/ folder (an SDXL single file carries no "
-                                       "tokenizers: pass a diffusers SDXL pipeline folder)")
-        return tuple(CLIPTokenizer.from_folder(path, subfolder=sub) for sub in ("tokenizer", "tokenizer_2"))
+                raise MissingFileError(f"{flag} {path}: no {sub}/ folder (an SDXL single file carries no tokenizers: "
+                                       "pass --tokenizer DIR, a folder with tokenizer/ and tokenizer_2/ such as a "
+                                       "diffusers SDXL pipeline folder)")
+        return tuple(CLIPTokenizer.from_folder(path, subfolder=sub) for sub in self.tokenizer_folders)
 
     def tokenize(self, tokenizer, texts, embeddings, modules):
         """Texts -> (ids (B, 2, L) int32: tokenizer 1's and tokenizer 2's, None)."""
