@@ -82,6 +82,9 @@ def convert(
     `tokenizer`'s tokenizer folders). Returns the names written."""
     from dynamicid_jax import base_models
 
+    unknown = [c for c in components or () if c not in BASE_MODEL_COMPONENTS]
+    if unknown:
+        raise ConfigError(f"base-model components are {BASE_MODEL_COMPONENTS}, got {unknown[0]!r}")
     family = base_models.get(base_models.detect(base_model)) if base_model is not None else None
     if components is None:
         components = family.components if family is not None else ()

@@ -27,6 +27,7 @@ sampler a traced index; the breakage test's 32 x 64 shape a second; two text pro
 """
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -265,6 +266,43 @@ def test_sample_cli_plain_text_to_image_on_the_tiny_sdxl_folder(setup, tmp_path,
                             "--out", str(tmp_path / "refused")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--ref needs DynamicID weights" in err[0], err
+
+
+def test_app_serves_plain_text_to_image_on_a_base_model(setup, tmp_path, monkeypatch):
+    """The app on a base model without DynamicID weights (the tiny SDXL): the warm-up compiles
+    no identity program (the pipeline has no vision encoder) and one plain program; the page
+    hides the people and says why; a request with a photo is one line naming the reason; a
+    request without people runs and writes a PNG whose sidecar says the identity branch is
+    absent, with the family's empty default negative prompt. In-process (no server, no browser).
+    Cost: 25 s measured after the CLI test at load ~9 (gradio's import and the page build, the
+    64 px per-step program, 2 steps)."""
+    from dynamicid_jax.app import forms
+    from dynamicid_jax.app.service import AppService
+    from dynamicid_jax.app.ui import build_demo
+    from dynamicid_jax.request import InputError
+
+    config, ours = setup["config"], setup["ours"]
+    monkeypatch.setattr(ours, "warm_up_identity", lambda: pytest.fail("no identity program on a base model"))
+    logs = []
+    service = AppService(ours, config.sampling, tmp_path / "out", tmp_path / "uploads", log=logs.append)
+    service.warm_up((1, 2))
+    compiled = [line for line in logs if line.startswith("compiled")]
+    assert len(compiled) == 1 and compiled[0].startswith("compiled 64x64, 1 image(s), 0 people in"), logs
+    page = build_demo(service, forms.PLAIN_NOTICE)
+    (people,) = [b for b in page.blocks.values() if getattr(b, "elem_id", None) == "people"]
+    assert people.visible is False
+
+    settings = dict(prompt="a cat", steps="2")
+    photo = tmp_path / "uploads" / "face.png"
+    photo.write_bytes(b"")  # never read: refused first
+    with pytest.raises(InputError, match="without DynamicID weights .*remove the reference photos"):
+        forms.build_request([forms.PersonForm(refs=[str(photo)])], settings, service.upload_root, None,
+                            service.settings, identity_branch=False)
+    request = forms.build_request([], settings, service.upload_root, None, service.settings, identity_branch=False)
+    result = service.run(request)
+    sidecar = json.loads(result.sidecars[0].read_text())
+    assert sidecar["weights"]["identity_branch"] == "absent" and sidecar["request"]["negative_prompt"] == ""
+    assert result.images[0].is_file()
 
 
 def test_sd15_dynamicid_weights_on_an_sdxl_base_are_refused(setup, tmp_path):

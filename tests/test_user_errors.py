@@ -217,6 +217,16 @@ def test_evaluate_cli_bad_inputs(files, test_assets, capsys, monkeypatch, extra,
     _assert_main_refuses(evaluate.main, argv, capsys, needle, files, out)
 
 
+def test_evaluate_refuses_a_base_model_without_dynamicid_weights(files, capsys):
+    """The test set's cases are people from photos, scored on how well they are kept: a base
+    model alone (no --dynamicid) is one line before anything loads. Cost: well under a second."""
+    from launch import evaluate
+
+    out = files / "eval_out"
+    argv = ["--testset", str(files / "testset.json"), "--base_model", str(files / "empty_dir"), "--out", str(out)]
+    _assert_main_refuses(evaluate.main, argv, capsys, "give --dynamicid (a base model alone makes plain", files, out)
+
+
 # --------------------------------------------------------------------------- launch/convert.py
 
 CONVERT_CASES = [
