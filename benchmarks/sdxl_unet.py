@@ -58,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--loop", default="1024:float32", help="SIZE:DTYPE of the sampling-loop compile ('' = skip)")
     p.add_argument("--repeats", type=int, default=3, help="timed forwards per row and framework (median)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    p.add_argument("--torch_device", default="cpu", help="cpu or cuda (JAX uses its default device)")
+    p.add_argument("--torch_compile", action="store_true", help="diffusers' UNet through torch.compile")
     p.add_argument("--child", nargs=3, metavar=("WHAT", "SIZE", "DTYPE"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -125,8 +127,10 @@ def child_jax(size: int, dtype: str, repeats: int) -> dict:
     return dict(medians([timed(run) for _ in range(repeats)]), compile=compile_s)
 
 
-def child_torch(size: int, dtype: str, repeats: int, threads: int) -> dict:
-    """diffusers' UNet2DConditionModel with SDXL's config, random weights of the same law."""
+def child_torch(size: int, dtype: str, repeats: int, threads: int, device: str = "cpu",
+                compile_: bool = False) -> dict:
+    """diffusers' UNet2DConditionModel with SDXL's config, random weights of the same law
+    (on `device`; compile_: through torch.compile, its compile in the warm-up)."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -147,10 +151,15 @@ def child_torch(size: int, dtype: str, repeats: int, threads: int) -> dict:
     context = torch.randn(BATCH, CONTEXT, CONTEXT_WIDTH, generator=generator).to(target)
     added = {"text_embeds": torch.randn(BATCH, POOLED, generator=generator).to(target),
              "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * BATCH, dtype=target)}
+    unet, sample, t, context = (a.to(device) for a in (unet, sample, t, context))
+    added = {k: v.to(device) for k, v in added.items()}
+    forward = torch.compile(unet) if compile_ else unet
 
     def run():
         with torch.inference_mode():
-            unet(sample, t, encoder_hidden_states=context, added_cond_kwargs=added)
+            forward(sample, t, encoder_hidden_states=context, added_cond_kwargs=added)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     run()  # warm-up
     return medians([timed(run) for _ in range(repeats)])
@@ -198,7 +207,8 @@ def run_child(what: str, size: int, dtype: str, args) -> dict:
     if free < need:
         return {"skipped": f"needs ~{need:.0f} GB, {free:.1f} GB available"}
     command = [sys.executable, __file__, "--child", what, str(size), dtype, "--repeats", str(args.repeats),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--torch_device", args.torch_device]
+    command += ["--torch_compile"] if args.torch_compile else []
     print(f"[{time.strftime('%H:%M:%S')}] {what} {size} px {dtype} (load {load_average()}, {free:.1f} GB free) ...",
           flush=True)
     done = subprocess.run(command, capture_output=True, text=True)
@@ -214,7 +224,8 @@ def main(argv=None) -> None:
     if args.child:
         what, size, dtype = args.child[0], int(args.child[1]), args.child[2]
         result = (child_jax(size, dtype, args.repeats) if what == "jax" else
-                  child_torch(size, dtype, args.repeats, args.threads) if what == "torch" else child_loop(size, dtype))
+                  child_torch(size, dtype, args.repeats, args.threads, args.torch_device, args.torch_compile)
+                  if what == "torch" else child_loop(size, dtype))
         print(json.dumps(result))
         return
     import jax
@@ -231,7 +242,9 @@ def main(argv=None) -> None:
     print()
     print(f"SDXL UNet forward, batch {BATCH}, random weights; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch threads {args.threads}, jax {jax.__version__}, torch {torch.__version__}; "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {args.repeats} timed forwards (median)")
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {args.repeats} timed forwards (median); JAX on "
+          f"{jax.devices()[0].platform}, diffusers on {args.torch_device}"
+          + (" through torch.compile" if args.torch_compile else ""))
     print(f"load average (1, 5, 15 min): {start_load} at the start, {load_average()} at the end")
     print()
     print("| size | dtype | ours wall (s) | diffusers wall (s) | ours / diffusers (wall) | ours CPU (s) "
