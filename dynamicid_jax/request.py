@@ -16,7 +16,6 @@ from typing import Optional
 import numpy as np
 
 from dynamicid_jax import images, masks, schedulers
-from dynamicid_jax.base_models.sd15 import SD15
 from dynamicid_jax.dynamicid.saa import validate_boxes
 from dynamicid_jax.errors import UserError
 from dynamicid_jax.models import textual_inversion
@@ -57,9 +56,9 @@ class IdentityRequest:
 # and a `launch/sample.py` user asking for the same thing get the same picture.
 DEFAULT_PROMPT = "a photo of a person"
 # The negative prompt's default is the base-model family's (`family.default_negative_prompt`,
-# into the config's sampling section by `base_models.default_config`); a SampleRequest built
-# without one gets SD1.5's, the release's.
-DEFAULT_NEGATIVE_PROMPT = SD15.default_negative_prompt
+# into the config's sampling section by `base_models.default_config`); this is DynamicID's
+# release setting, SD1.5's (sd15.py names it), which a SampleRequest built without one gets.
+DEFAULT_NEGATIVE_PROMPT = "lowres, bad anatomy, worst quality, low quality, blurry, deformed"
 DEFAULT_KEYS = ("steps", "guidance", "height", "width", "alpha", "beta", "id_scale", "negative_prompt", "scheduler")
 
 # SDXL's micro-conditioning, per request (`family.request_extras`): the size the training

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from dynamicid_jax.base_models.conditioning import TextConditioning, unet_denoiser
+from dynamicid_jax.request import DEFAULT_NEGATIVE_PROMPT
 
 # diffusers' SD1.5 scheduler_config.json (PNDM's file; these keys define the noise schedule).
 SCHEDULER = dict(
@@ -35,8 +36,6 @@ SCHEDULER = dict(
 # The UNet was trained on VAE samples times this (unit-variance latents); SD1.5's vae/config.json.
 VAE_SCALING_FACTOR = 0.18215
 TEXT_LENGTH = 77  # CLIP's context: <|startoftext|>, 75 tokens, <|endoftext|>
-# DynamicID's release settings: the negative prompt when the user gives none.
-DEFAULT_NEGATIVE_PROMPT = "lowres, bad anatomy, worst quality, low quality, blurry, deformed"
 # Sections `model_from_files` replaces with what the files say (the UNet's DynamicID fields,
 # lora_rank and the SAA threshold, stay the config's).
 FILE_SECTIONS = ("unet", "vae", "text", "scheduler")
@@ -101,7 +100,7 @@ class SD15:
     name: ClassVar[str] = "sd15"
     # The authors' DynamicID release (SAA.bin, IMR.bin, key_point_encoder.bin) is for SD1.5.
     release_weights: ClassVar[bool] = True
-    default_negative_prompt: ClassVar[str] = DEFAULT_NEGATIVE_PROMPT
+    default_negative_prompt: ClassVar[str] = DEFAULT_NEGATIVE_PROMPT  # DynamicID's release setting
     components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder")  # the base model's weights
     tokenizer_folders: ClassVar[tuple[str, ...]] = ("tokenizer",)
 
