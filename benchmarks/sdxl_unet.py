@@ -74,6 +74,11 @@ def load_average() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
+def note(text: str) -> None:
+    """A child's progress, on stderr (its stdout is the result), shown when the child fails."""
+    print(f"[{time.strftime('%H:%M:%S')}] {text} (load {load_average()})", file=sys.stderr, flush=True)
+
+
 def timed(fn):
     """(wall seconds, process CPU seconds) of fn()."""
     wall, cpu = time.perf_counter(), time.process_time()
@@ -118,10 +123,12 @@ def child_jax(size: int, dtype: str, repeats: int) -> dict:
               {"text_embeds": rng.standard_normal((BATCH, POOLED), np.float32),
                "time_ids": np.tile(np.asarray([size, size, 0, 0, size, size], np.float32), (BATCH, 1))})
     inputs = jax.device_put(inputs)
+    note("our parameters drawn")
     forward = jax.jit(lambda p, x, t, c, a: module.apply({"params": p}, x, t, c, None, added_cond=a))
     start = time.perf_counter()
     compiled = forward.lower(params, *inputs).compile()
     compile_s = time.perf_counter() - start
+    note(f"compiled in {compile_s:.0f} s")
     run = lambda: compiled(params, *inputs).block_until_ready()  # noqa: E731
     run()  # warm-up
     return dict(medians([timed(run) for _ in range(repeats)]), compile=compile_s)
@@ -145,6 +152,7 @@ def child_torch(size: int, dtype: str, repeats: int, threads: int, device: str =
             p.normal_(0.0, 0.02, generator=generator)
         for b in unet.buffers():
             b.zero_()
+    note("diffusers' parameters drawn")
     s = size // 8
     sample = torch.randn(BATCH, 4, s, s, generator=generator).to(target)
     t = torch.full((BATCH,), 981.0)
@@ -211,9 +219,9 @@ def run_child(what: str, size: int, dtype: str, args) -> dict:
     command += ["--torch_compile"] if args.torch_compile else []
     print(f"[{time.strftime('%H:%M:%S')}] {what} {size} px {dtype} (load {load_average()}, {free:.1f} GB free) ...",
           flush=True)
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=None, text=True)  # progress shows live
     if done.returncode != 0:
-        return {"skipped": f"failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}"}
+        return {"skipped": f"failed (exit {done.returncode}{', killed: out of memory?' if done.returncode == -9 else ''})"}
     result = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"    {result}", flush=True)
     return result
