@@ -80,10 +80,17 @@ def meta_shapes(build) -> dict:
 
 
 @pytest.fixture(scope="module")
-def torch_unet():
+def torch_unet_model():
+    """diffusers' SDXL UNet on the meta device (built once: its shapes and its processor order)."""
     from diffusers import UNet2DConditionModel as TorchUNet
 
-    return meta_shapes(lambda: TorchUNet(**SDXL_UNET_CONFIG))
+    with torch.device("meta"):
+        return TorchUNet(**SDXL_UNET_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def torch_unet(torch_unet_model):
+    return {k: tuple(v.shape) for k, v in torch_unet_model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +153,21 @@ def test_fsdp_rules_split_every_large_sdxl_tensor(model, unet_shapes, bigg_shape
     # What stays whole on every device (norms, biases, small kernels) is a sliver of the model.
     whole = n_params(flat) - n_params(large)
     assert whole / n_params(flat) < 0.005, whole
+
+
+def test_dynamicid_processor_numbering_is_diffusers_order(unet_shapes, torch_unet_model):
+    """The processors of a DynamicID-SDXL weights file (dynamicid/weights_file.py) are numbered
+    in diffusers' `attn_processors` order of the real SDXL UNet: 140 = 70 transformer blocks x
+    (attn1, attn2); saa_blocks' names are its 70 attn2. Cost: ~1 s (the fixtures' shapes and meta build
+    are the other tests')."""
+    import re
+
+    from dynamicid_jax.dynamicid import published_weights as pw
+    from dynamicid_jax.dynamicid import saa_blocks
+
+    theirs = [n[: -len(".processor")] for n in torch_unet_model.attn_processors]
+    ours = [re.sub(r"_(\d+)", r".\1", "/".join(p)).replace("/", ".") for p in pw.attention_processor_paths(unet_shapes)]
+    assert ours == theirs and len(ours) == 140
+    attn2 = [n for n in theirs if n.endswith("attn2")]
+    assert attn2 == saa_blocks.attn2_names(UNetConfig.sdxl()) and len(attn2) == 70
+    assert len(saa_blocks.selected_names(["up_blocks.0.attentions.1", "mid_block"], UNetConfig.sdxl())) == 20

@@ -9,6 +9,7 @@ the entry points never branch on which one it is:
     configured(model)                      the family object a model section configures
     matches(base_model)                    whether the files are this family's (`detect`)
     load_tokenizer(base_model, folder)     the family's tokenizer(s) (folder: --tokenizer, for a single file)
+    tiny_tokenizer()                       the tokenizer(s) of its tiny random model (demo, tiny runs)
     components, tokenizer_folders          the base model's weight components and tokenizer folders
     tokenize(tokenizer, texts, embeddings, modules) -> (ids, textual-inversion tables)
     text_conditioning(modules, params, ids, clip_skip, extra) -> (TextConditioning, pooled)

@@ -51,6 +51,9 @@ def model_config() -> ml_collections.ConfigDict:
     )
     m.lora_rank = 128  # LoRA on every attn1/attn2 projection
     m.saa_threshold = 0.3  # activation weights strictly below become 0
+    # attn2 layers with SAA's identity branch, as diffusers-name patterns (dynamicid/saa_blocks.py,
+    # e.g. ("up_blocks.0.attentions.1", "mid_block")); () = every one, as DynamicID (ablations only)
+    m.saa_blocks = ()
     m.vae = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
                  scaling_factor=VAE_SCALING_FACTOR)  # VAEConfig
     m.text = dict(  # CLIPTextConfig (OpenAI ViT-L/14 text tower)
@@ -153,6 +156,12 @@ class SD15:
 
         return CLIPTokenizer.from_folder(_tokenizer_folder(tokenizer or base_model, "--tokenizer" if tokenizer else
                                                            "--base_model"))
+
+    def tiny_tokenizer(self):
+        """THE tokenizer of the tiny random model (`tokenizer.tiny_tokenizer`)."""
+        from dynamicid_jax.tokenizer import tiny_tokenizer
+
+        return tiny_tokenizer()
 
     def tokenize(self, tokenizer, texts, embeddings, modules):
         """Texts -> (ids (B, L) int32, textual-inversion tables (B, L - 2, D)) for `text_conditioning`."""

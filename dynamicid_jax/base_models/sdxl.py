@@ -150,6 +150,13 @@ class SDXL:
                                        "diffusers SDXL pipeline folder)")
         return tuple(CLIPTokenizer.from_folder(path, subfolder=sub) for sub in self.tokenizer_folders)
 
+    def tiny_tokenizer(self):
+        """The tiny random model's pair: THE tiny vocabulary twice, tokenizer 2 padding with "!"
+        as SDXL's tokenizer_2 does (tests/sdxl_tiny.py's tokenizers)."""
+        from dynamicid_jax.tokenizer import tiny_tokenizer
+
+        return tiny_tokenizer(), tiny_tokenizer(pad_token="!")
+
     def tokenize(self, tokenizer, texts, embeddings, modules):
         """Texts -> (ids (B, 2, L) int32: tokenizer 1's and tokenizer 2's, None)."""
         if embeddings:
