@@ -34,3 +34,8 @@ XLA_PYTHON_CLIENT_PREALLOCATE=false part saa_f32 120 \
 # read only the "vs DDIM" columns) and the sampler update alone at SD1.5's 512 px latent.
 XLA_PYTHON_CLIENT_PREALLOCATE=false part schedulers 120 \
   python3 benchmarks/schedulers.py --steps 40 --repeats 5 --skip_lora
+# SDXL's UNet at real shapes (random weights), ours against diffusers eager then torch.compile,
+# one framework per child process; and the SDXL sampling loop's compile time.
+part sdxl_unet 300 python3 benchmarks/sdxl_unet.py --torch_device cuda --repeats 10 --loop 1024:bfloat16
+part sdxl_unet_compiled 200 python3 benchmarks/sdxl_unet.py --torch_device cuda --torch_compile --frameworks torch \
+  --rows 1024:bfloat16 --repeats 10 --loop ""

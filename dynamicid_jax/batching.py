@@ -36,6 +36,7 @@ from dynamicid_jax import masks
 from dynamicid_jax.base_models import conditioning as text_conditioning
 from dynamicid_jax.base_models.conditioning import TextConditioning
 from dynamicid_jax.dynamicid.saa import alpha_steps, default_boxes
+from dynamicid_jax.request import time_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +143,9 @@ class ConditioningCache:
 
 
 def request_details(request, cache: ConditioningCache) -> dict:
-    """The sidecar's `resolved` section: boxes, identities' prompts, alpha as a step count and,
-    when used, each textual-inversion file's name, sha256 and vector count."""
+    """The sidecar's `resolved` section: boxes, identities' prompts, alpha as a step count, the
+    family's per-picture extras (SDXL: the six time ids) and, when used, each
+    textual-inversion file's name, sha256 and vector count."""
     details = {
         "boxes_used": request_boxes(request).tolist() if uses_boxes(request) else None,
         "identities_used": [cache.identity(ident)[1] for ident in request.identities],
@@ -153,6 +155,9 @@ def request_details(request, cache: ConditioningCache) -> dict:
         details["boxes_used"] = [None if ident.mask else box for ident, box in zip(request.identities,
                                                                                  details["boxes_used"])]
         details["masks"] = [masks.record(ident.mask) for ident in request.identities if ident.mask is not None]
+    family = cache.pipeline.modules.family  # the family's per-picture extras as used (SDXL: time_ids)
+    details.update({k: v.tolist() for k, v in family.request_extras(request.height, request.width,
+                                                                    **time_ids(request)).items()})
     if request.negative_embeddings:
         details["negative_embeddings"] = [cache.pipeline.embedding(p).record() for p in request.negative_embeddings]
     return details
@@ -207,7 +212,7 @@ def assemble(items: list[ImageItem], cache: ConditioningCache, latent_hwc: tuple
         negative = family.negative_conditioning(cache.text(r.negative_prompt, r.clip_skip, r.negative_embeddings),
                                                 r.negative_prompt)
         pair = text_conditioning.stack([negative, cache.text(r.prompt, r.clip_skip, r.negative_embeddings)])
-        size_extras = {k: np.stack([v, v]) for k, v in family.request_extras(r.height, r.width).items()}
+        size_extras = {k: np.stack([v, v]) for k, v in family.request_extras(r.height, r.width, **time_ids(r)).items()}
         conditioning.append(pair.replace(extras={**pair.extras, **size_extras}))
         if with_identities:
             ids = np.stack([cache.identity(ident)[0] for ident in r.identities])  # (n, T, D)

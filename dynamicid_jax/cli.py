@@ -129,7 +129,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, clip_skip: bool = True,
                    scheduler_default: str = "ddim") -> None:
     """The flags that choose the model a generating command runs, with one help text each:
     --demo --base_model --vision_encoder --dynamicid --faces --expression_model --dtype
-    --vae_dtype --lora --lora_skip_unknown --scheduler [--clip_skip] --negative_embedding.
+    --tokenizer --vae --vae_dtype --lora --lora_skip_unknown --scheduler [--clip_skip] --negative_embedding.
 
     Their values go to `loading.load_pipeline` through `pipeline_args` (and `--scheduler`,
     `--clip_skip`, `--negative_embedding` to the request). clip_skip: add `--clip_skip` (default 0).
@@ -148,6 +148,12 @@ def add_model_args(parser: argparse.ArgumentParser, *, clip_skip: bool = True,
     add("--expression_model", default=None,
         help="fer emotion_model.hdf5 (automatic source prompts; default: the cache path)")
     add("--dtype", choices=("float32", "bfloat16"), default="float32")
+    add("--tokenizer", default=None,
+        help="folder with the base model's tokenizer folder(s) (tokenizer/, SDXL also tokenizer_2/), e.g. a "
+             "diffusers pipeline folder: what a single-file checkpoint lacks")
+    add("--vae", default=None,
+        help="separate VAE folder (diffusers AutoencoderKL: config.json + diffusion_pytorch_model.safetensors, "
+             "e.g. SDXL's fp16-fix VAE) replacing the base model's; its scaling_factor from its config")
     add("--vae_dtype", choices=("float32", "bfloat16"), default="float32",
         help="the VAE's dtype (float32 by default even under --dtype bfloat16: the decode is a small share)")
     add("--lora", action="append", default=[],
@@ -170,7 +176,8 @@ def pipeline_args(args: argparse.Namespace) -> dict:
     place they are passed on; a missing --lora file is an InputError)."""
     return dict(demo=args.demo, base_model=args.base_model, vision_encoder=args.vision_encoder,
                 dynamicid=args.dynamicid, faces=args.faces, expression_model=args.expression_model, dtype=args.dtype,
-                vae_dtype=args.vae_dtype, loras=lora_files(args.lora), lora_skip_unknown=args.lora_skip_unknown)
+                tokenizer_folder=args.tokenizer, vae=args.vae, vae_dtype=args.vae_dtype, loras=lora_files(args.lora),
+                lora_skip_unknown=args.lora_skip_unknown)
 
 
 def lora_files(values) -> list[tuple[str, float]]:

@@ -1,13 +1,19 @@
 """Import PyTorch weights once and write them as Flax params with orbax, so later runs are fast.
 
-    python -m dynamicid_jax.convert --base_model PATH --out DIR
+    python -m dynamicid_jax.convert --base_model PATH --out DIR [--tokenizer DIR]
         [--components unet,vae,text_encoder] [--vision_encoder PATH] [--dynamicid PATH]
 
---base_model: a diffusers SD1.5 pipeline folder or a single-file checkpoint.
+--base_model: a diffusers SD1.5 or SDXL pipeline folder or a single-file checkpoint; the
+family is read from the files (`base_models.detect`) and says the default components (SDXL:
+also text_encoder_2). The pipeline folder's tokenizer folders (SDXL: tokenizer/ and
+tokenizer_2/), scheduler/ and model_index.json are copied beside the weights; a single file
+carries none, so --tokenizer names a folder holding them (`family.tokenizer_source`).
 Output layout:
 
-    DIR/dynamicid_converted.json   {"format": 1, "components": {name: {"config": {...}}}}
+    DIR/dynamicid_converted.json   {"format": 1, "family": "sd15" | "sdxl",
+                                    "components": {name: {"config": {...}}}}
     DIR/<component>/               orbax checkpoint of that component's params (float32)
+    DIR/tokenizer[_2]/, DIR/scheduler/, DIR/model_index.json   copied from the pipeline folder
     DIR/dynamicid/{SAA,IMR,key_point_encoder}.safetensors   the authors' weights, torch-free
 
 The DynamicID files keep their flat PyTorch key layout (as .safetensors, readable without
@@ -22,7 +28,9 @@ whose weights do not match is an error; nothing is skipped silently.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import shutil
 import os
 import pathlib
 from typing import Callable, Optional, Sequence
@@ -33,7 +41,7 @@ from dynamicid_jax import base_models
 from dynamicid_jax.dynamicid import published_weights as pw
 from dynamicid_jax.errors import ConfigError, MissingFileError
 # The folder format (models/converted.py) lives below the loaders that read it.
-from dynamicid_jax.models.converted import save_component
+from dynamicid_jax.models.converted import record_family, save_component
 from dynamicid_jax.models.torch_import import read_state_dict
 
 # component -> (module, loader function name). Loaders take (path) and return (module, params)
@@ -42,9 +50,12 @@ LOADERS: dict[str, tuple[str, str]] = {
     "unet": ("dynamicid_jax.models.unet", "load_unet"),
     "vae": ("dynamicid_jax.models.vae", "load_vae"),
     "text_encoder": ("dynamicid_jax.models.clip_weights", "load_text_encoder"),
+    "text_encoder_2": ("dynamicid_jax.models.clip_weights", "load_text_encoder"),
     "vision_encoder": ("dynamicid_jax.models.clip_weights", "load_vision_encoder"),
 }
-BASE_MODEL_COMPONENTS = ("unet", "vae", "text_encoder")
+BASE_MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # a family converts its own
+# Small files of a pipeline folder that sampling reads beside the weights (copied as they are).
+PIPELINE_FILES = ("scheduler", "model_index.json")
 
 
 def _loader(component: str) -> Callable:
@@ -55,23 +66,35 @@ def _loader(component: str) -> Callable:
         if e.name != module_name:
             raise
         raise ImportError(f"cannot convert {component!r}: {module_name} is not available") from e
-    return getattr(module, fn_name)
+    load = getattr(module, fn_name)
+    return functools.partial(load, component=component) if component.startswith("text_encoder") else load
 
 
 def convert(
     base_model: Optional[str | os.PathLike],
     out: str | os.PathLike,
-    components: Sequence[str] = BASE_MODEL_COMPONENTS,
+    components: Optional[Sequence[str]] = None,
     vision_encoder: Optional[str | os.PathLike] = None,
     dynamicid: Optional[str | os.PathLike] = None,
+    tokenizer: Optional[str | os.PathLike] = None,
 ) -> list[str]:
-    """Import each requested component and write it under `out`. Returns the names written."""
+    """Import each requested component (None: all of the base model's family) and write it
+    under `out`, with the family in the marker and the pipeline folder's small files (or
+    `tokenizer`'s tokenizer folders). Returns the names written."""
+    from dynamicid_jax import base_models
+
+    unknown = [c for c in components or () if c not in BASE_MODEL_COMPONENTS]
+    if unknown:
+        raise ConfigError(f"base-model components are {BASE_MODEL_COMPONENTS}, got {unknown[0]!r}")
+    family = base_models.get(base_models.detect(base_model)) if base_model is not None else None
+    if components is None:
+        components = family.components if family is not None else ()
     sources: dict[str, os.PathLike | str] = {}
     for component in components:
-        if component not in BASE_MODEL_COMPONENTS:
-            raise ConfigError(f"base-model components are {BASE_MODEL_COMPONENTS}, got {component!r}")
         if base_model is None:
             raise ConfigError(f"converting {component!r} needs --base_model")
+        if component not in family.components:
+            raise ConfigError(f"{family.name} base-model components are {family.components}, got {component!r}")
         sources[component] = base_model
     if vision_encoder is not None:
         sources["vision_encoder"] = vision_encoder
@@ -93,11 +116,38 @@ def convert(
         save_component(out, component, config, params)
         written.append(component)
         print(f"wrote {component} -> {pathlib.Path(out) / component}")
+    if family is not None:
+        record_family(out, family.name)
+        for path in _copy_pipeline_files(family, base_model, tokenizer, pathlib.Path(out)):
+            print(f"copied {path}")
     if dynamicid is not None:
         for path in convert_dynamicid_weights(dynamicid, pathlib.Path(out) / "dynamicid"):
             print(f"wrote {path}")
         written.append("dynamicid")
     return written
+
+
+def _copy_pipeline_files(family, base_model, tokenizer, out: pathlib.Path) -> list[pathlib.Path]:
+    """The family's tokenizer folders (from `family.tokenizer_source`: the pipeline folder, or
+    --tokenizer for a single file; none found: the converted folder needs --tokenizer too),
+    scheduler/ and model_index.json of a pipeline folder, copied under `out`."""
+    copied = []
+    source = pathlib.Path(tokenizer or base_model)
+    names = list(PIPELINE_FILES) if pathlib.Path(base_model).is_dir() else []
+    for name in family.tokenizer_folders:
+        if (source / name).is_dir():
+            shutil.copytree(source / name, out / name)
+            copied.append(out / name)
+    for name in names:
+        here = pathlib.Path(base_model) / name
+        if here.is_dir():
+            shutil.copytree(here, out / name)
+        elif here.is_file():
+            shutil.copy(here, out / name)
+        else:
+            continue
+        copied.append(out / name)
+    return copied
 
 
 DYNAMICID_FILES = pw.RELEASE_STEMS
@@ -129,19 +179,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from dynamicid_jax import cli
 
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--base_model", help="diffusers SD1.5 pipeline folder or single-file checkpoint")
+    parser.add_argument("--base_model", help="diffusers SD1.5 or SDXL pipeline folder or single-file checkpoint")
     parser.add_argument("--out", required=True, help="output folder (new or empty)")
-    parser.add_argument("--components", default=",".join(BASE_MODEL_COMPONENTS),
-                        help="comma-separated base-model components to convert")
+    parser.add_argument("--components", default=None,
+                        help="comma-separated base-model components to convert (default: all of the family's: "
+                             "unet,vae,text_encoder[,text_encoder_2])")
+    parser.add_argument("--tokenizer", default=None,
+                        help="folder with the tokenizer folder(s) (tokenizer/[, tokenizer_2/]) a single file lacks")
     parser.add_argument("--vision_encoder", help="CLIP ViT-H/14 image encoder folder (transformers)")
     parser.add_argument("--dynamicid", help="folder with the authors' SAA.bin [IMR.bin, key_point_encoder.bin]")
     args = parser.parse_args(argv)
     cli.quiet_logs(args.verbose)
-    components = [c for c in args.components.split(",") if c] if args.base_model else []
+    components = None if args.components is None else [c for c in args.components.split(",") if c]
 
     def run():
         cli.check_output_folder(args.out, "--out")
-        convert(args.base_model, args.out, components, args.vision_encoder, args.dynamicid)
+        convert(args.base_model, args.out, components if args.base_model else [], args.vision_encoder,
+                args.dynamicid, args.tokenizer)
 
     return cli.run_main(run)
 

@@ -72,11 +72,45 @@ def run_base(run) -> tuple[bool, str]:
     return run_base(stage1) if stage1 is not None else (False, "")
 
 
-def sampling_config(demo: bool, dynamicid: Optional[str], base_model: Optional[str] = None):
+def sampling_config(demo: bool, dynamicid: Optional[str], base_model: Optional[str] = None,
+                    vae: Optional[str] = None):
     """Config with `model` and `sampling` sections for this source of weights: a training run's
     own model section; else the family's defaults (`base_models.default_config`), the sections
-    a base model's files define read from them (`model_from_files`)."""
-    return _sampling_config(demo, training_run_config(dynamicid), base_model)
+    a base model's files define read from them (`model_from_files`); with `vae` (--vae) the
+    VAE section that folder's config.json says (its own scaling factor)."""
+    return _with_vae(_sampling_config(demo, training_run_config(dynamicid), base_model), demo, vae)
+
+
+def _with_vae(config, demo: bool, vae: Optional[str]):
+    if vae:
+        if demo:
+            raise InputError("--demo uses random weights: drop --vae")
+        config.model.vae = vae_folder_section(vae)
+    return config
+
+
+def vae_folder_section(folder: str) -> dict:
+    """The `model.vae` section of a separate VAE folder (--vae: a diffusers AutoencoderKL
+    folder, config.json + diffusion_pytorch_model.safetensors, e.g. the SDXL fp16-fix VAE):
+    its architecture and scaling_factor. InputError naming the folder when it is no VAE."""
+    from dynamicid_jax.base_models.sd15 import config_fields
+    from dynamicid_jax.input_files import FileFormatError, read_json
+    from dynamicid_jax.models.vae import VAEConfig
+
+    config_file = pathlib.Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise MissingFileError(f"--vae {folder}: no config.json (expected a diffusers AutoencoderKL folder)")
+    try:
+        data = read_json(config_file, "VAE config")
+    except FileFormatError as e:
+        raise InputError(f"--vae {folder}: {e}") from None
+    kind = data.get("_class_name") if isinstance(data, dict) else None
+    if kind != "AutoencoderKL":
+        raise InputError(f"--vae {folder}: config.json describes {kind or 'no diffusers model'}, not an AutoencoderKL VAE")
+    try:
+        return config_fields(VAEConfig.from_diffusers(data))
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"--vae {folder}: {e}") from None
 
 
 def _sampling_config(demo: bool, run, base_model: Optional[str] = None):
@@ -134,12 +168,16 @@ def load_pipeline(
     log: Callable[[str], None] = lambda m: None,
     loras: Sequence[tuple[str, float]] = (),
     lora_skip_unknown: bool = False,
+    vae: Optional[str] = None,
+    tokenizer_folder: Optional[str] = None,
 ):
     """-> (config, DynamicIDPipeline). See the module docstring for the four sources.
 
     loras: style LoRA files (kohya or diffusers/PEFT) with their scales, merged in order into
     the base UNet and text encoder (`models.lora_files`); the provenance lists each file and,
-    with lora_skip_unknown, the keys dropped from it.
+    with lora_skip_unknown, the keys dropped from it. vae: a separate VAE folder replacing the
+    base model's (architecture, scaling factor and weights; `vae_folder_section`). tokenizer_folder:
+    the folder of the family's tokenizer(s) when the base model has none (a single file).
     """
     from dynamicid_jax.faces import load_face_analyzer
 
@@ -148,7 +186,7 @@ def load_pipeline(
     # span a range where bfloat16's 8-bit mantissa shows as banding (and fp16 VAEs overflow).
     decode_dtype = jnp.bfloat16 if vae_dtype == "bfloat16" else jnp.float32
     run = training_run_config(dynamicid)
-    config = _sampling_config(demo, run, base_model)
+    config = _with_vae(_sampling_config(demo, run, base_model), demo, vae)
     with_identity = identity_branch(demo, dynamicid)
     modules = modeling.build_modules(config.model, dtype=compute_dtype, vae_dtype=decode_dtype,
                                      identity_branch=with_identity)
@@ -163,11 +201,11 @@ def load_pipeline(
         log(f"loading weights: base {base_model} ({modules.family.name})")
         log(ABSENT_NOTICE)
         params = modeling.load_base_model(modules, base_model)
-        tokenizer = modules.family.load_tokenizer(base_model)
+        tokenizer = modules.family.load_tokenizer(base_model, tokenizer_folder)
         provenance = {"base_model": str(base_model), "family": modules.family.name, "identity_branch": "absent"}
     elif demo:
-        if base_model or vision_encoder or dynamicid:
-            raise InputError("--demo uses random weights: drop --base_model/--vision_encoder/--dynamicid")
+        if base_model or vision_encoder or dynamicid or tokenizer_folder:
+            raise InputError("--demo uses random weights: drop --base_model/--vision_encoder/--dynamicid/--tokenizer")
         log(DEMO_NOTICE)
         params = modeling.tiny_random_params(modules, seed=0)
         tokenizer = modules.family.tiny_tokenizer()
@@ -192,7 +230,7 @@ def load_pipeline(
         else:
             params = modeling.load_pretrained(modules, base_model=base_model, vision_encoder=vision_encoder)
             params.update(_trained(dynamicid, modules, params["unet"]))
-        tokenizer = modules.family.load_tokenizer(base_model)
+        tokenizer = modules.family.load_tokenizer(base_model, tokenizer_folder)
         provenance = {"base_model": str(base_model), "vision_encoder": str(vision_encoder), "dynamicid": str(dynamicid)}
     # As the base-only branch says "absent", every sidecar names the family and the branch
     # (pictures made before these keys are refused on a rerun into the same --out, naming them).
@@ -200,6 +238,14 @@ def load_pipeline(
         provenance.update(family=modules.family.name, identity_branch="present")
     if analyzer is not None:
         provenance["faces"] = analyzer.name
+    if tokenizer_folder:
+        provenance["tokenizer"] = str(tokenizer_folder)
+    if vae:
+        from dynamicid_jax.models import load_vae
+
+        log(f"VAE: {vae}")
+        _, params["vae"] = load_vae(vae)
+        provenance["vae"] = str(vae)
     if loras:
         params, provenance["loras"] = merge_style_loras(params, loras, lora_skip_unknown, log)
     # Inference only: half the memory and weight traffic, same compute.

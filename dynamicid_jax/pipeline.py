@@ -303,7 +303,7 @@ class DynamicIDPipeline:
         separate program, so leave None for plain sampling.
         """
         validate_request(self.complete(request), self.modules.vae_scale_factor,
-                         identity_branch=self.modules.identity_branch)
+                         identity_branch=self.modules.identity_branch, family=self.modules.family)
         items = [ImageItem(request, k) for k in range(request.num_images)]
         self.conditioning.prepare(request)  # faces and tokens first: a photo without a face fails here
         self._progress = progress(request.steps) if progress is not None else None
@@ -319,7 +319,7 @@ class DynamicIDPipeline:
         boxes) without reading its photos: zero identity tokens, one step. report_steps: the
         program with per-step progress (what `generate(request, progress=...)` runs)."""
         validate_request(self.complete(request), self.modules.vae_scale_factor,
-                         identity_branch=self.modules.identity_branch)
+                         identity_branch=self.modules.identity_branch, family=self.modules.family)
         request = dataclasses.replace(request, steps=1, alpha=0)
         items = [ImageItem(request, k) for k in range(request.num_images)]
         self._progress = (lambda: None) if report_steps else None

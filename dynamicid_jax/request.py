@@ -55,8 +55,18 @@ class IdentityRequest:
 # below, and the CLI's through configs/base.py (`sampling_defaults()`), so a library caller
 # and a `launch/sample.py` user asking for the same thing get the same picture.
 DEFAULT_PROMPT = "a photo of a person"
+# The negative prompt's default is the base-model family's (`family.default_negative_prompt`,
+# into the config's sampling section by `base_models.default_config`); this is DynamicID's
+# release setting, SD1.5's (sd15.py names it), which a SampleRequest built without one gets.
 DEFAULT_NEGATIVE_PROMPT = "lowres, bad anatomy, worst quality, low quality, blurry, deformed"
 DEFAULT_KEYS = ("steps", "guidance", "height", "width", "alpha", "beta", "id_scale", "negative_prompt", "scheduler")
+
+# SDXL's micro-conditioning, per request (`family.request_extras`): the size the training
+# pictures were before resizing, the crop's top-left corner and the target size, each (y, x)
+# pixels; None: diffusers' defaults (height, width), (0, 0), (height, width). A family without
+# time ids (SD1.5) refuses them.
+TIME_ID_FIELDS = ("original_size", "crops_coords_top_left", "target_size")
+MAX_TIME_ID = 16384  # px: beyond any photo a training set resized (the embedding takes any number)
 
 # Largest request accepted (checked before any model is loaded; see validate_request).
 MAX_IMAGE_SIDE = 2048  # px: SD1.5 latents 256 x 256, 65,536 tokens in the first level's self-attention
@@ -90,6 +100,9 @@ class SampleRequest:
     # prompt, stands for its vectors; a stem the negative prompt does not mention is appended
     # to it here (", stem"), so the stored request is what was encoded.
     negative_embeddings: list[str] = dataclasses.field(default_factory=list)
+    original_size: Optional[list[int]] = None  # [h, w] (TIME_ID_FIELDS)
+    crops_coords_top_left: Optional[list[int]] = None  # [y, x]
+    target_size: Optional[list[int]] = None  # [h, w]
 
     def __post_init__(self):
         if self.negative_embeddings and isinstance(self.negative_prompt, str) and isinstance(
@@ -101,10 +114,18 @@ class SampleRequest:
         data = dataclasses.asdict(self)
         if not data["negative_embeddings"]:  # so sidecars from before this field still match (outputs.reusable)
             del data["negative_embeddings"]
+        for name in TIME_ID_FIELDS:  # likewise for the time ids left at their defaults
+            if data[name] is None:
+                del data[name]
         for ident in data["identities"]:  # likewise for the mask
             if ident.get("mask") is None:
                 ident.pop("mask", None)
         return data
+
+
+def time_ids(request: SampleRequest) -> dict:
+    """{name: [a, b] or None} of the request's TIME_ID_FIELDS (`family.request_extras`' keywords)."""
+    return {name: getattr(request, name) for name in TIME_ID_FIELDS}
 
 
 def sampling_defaults() -> dict:
@@ -153,7 +174,27 @@ def _check_identity(label, i: int, ident: IdentityRequest) -> None:
         raise InputError(f"identity {i}: give {label('box')} or {label('mask')}, not both")
 
 
-def validate_request(request: SampleRequest, vae_factor: int, label=flag_label, identity_branch: bool = True) -> None:
+def _check_time_ids(request: SampleRequest, label, family) -> None:
+    """Each time id None or 2 integers (sizes >= 1, crop corner >= 0, at most MAX_TIME_ID);
+    the family refuses them when it has none (`family.request_extras`)."""
+    for name in TIME_ID_FIELDS:
+        value = getattr(request, name)
+        if value is None:
+            continue
+        low = 0 if name == "crops_coords_top_left" else 1
+        if (not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_is_int(v) for v in value)
+                or not all(low <= v <= MAX_TIME_ID for v in value)):
+            raise InputError(f"{label(name)} must be 2 integers y,x in [{low}, {MAX_TIME_ID}], got {value!r}")
+    given = [name for name in TIME_ID_FIELDS if getattr(request, name) is not None]
+    if family is not None and given:
+        try:
+            family.request_extras(request.height, request.width, **time_ids(request))
+        except InputError as e:
+            raise InputError(f"{', '.join(label(n) for n in given)}: {e}") from None
+
+
+def validate_request(request: SampleRequest, vae_factor: int, label=flag_label, identity_branch: bool = True,
+                     family=None) -> None:
     """Raise InputError naming the first unusable setting (before any model runs); the one
     type check and range rule of every field. label(field) names a field in the error
     (default its flag, `--steps`; a requests file says `'steps'`).
@@ -166,7 +207,10 @@ def validate_request(request: SampleRequest, vae_factor: int, label=flag_label, 
     float fraction of the steps in (0, 1]; steps in [1, 1000]; height and width positive
     multiples of `vae_factor`, each at most MAX_IMAGE_SIDE px, and num_images x height x
     width at most MAX_BATCH_PIXELS (larger latents would not fit a device's memory), or both
-    None (the base model's native size: checked again once the pipeline has filled it in).
+    None (the base model's native size: checked again once the pipeline has filled it in); time
+    ids 2 integers each, and given only to a family that has them (`family`: the base model's
+    `base_models` family; None skips that question, which the sampler's
+    `family.request_extras` then answers).
     """
     if not isinstance(request.identities, list) or not all(isinstance(i, IdentityRequest) for i in request.identities):
         raise InputError(f"{label('identities')} must be a list of identities, got {request.identities!r}")
@@ -235,6 +279,7 @@ def validate_request(request: SampleRequest, vae_factor: int, label=flag_label, 
             "make fewer images per call"
         )
     check_masks(request, vae_factor)
+    _check_time_ids(request, label, family)
     alpha = request.alpha
     if _is_int(alpha):
         if alpha < 0:

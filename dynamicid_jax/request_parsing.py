@@ -24,7 +24,8 @@ import pathlib
 from typing import Any, Callable, Mapping, Optional
 
 from dynamicid_jax import masks
-from dynamicid_jax.request import DEFAULT_KEYS, DEFAULT_PROMPT, IdentityRequest, InputError, SampleRequest, flag_label
+from dynamicid_jax.request import (DEFAULT_KEYS, DEFAULT_PROMPT, TIME_ID_FIELDS, IdentityRequest, InputError,
+                                   SampleRequest, flag_label)
 
 REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(SampleRequest))
 IDENTITY_FIELDS = tuple(f.name for f in dataclasses.fields(IdentityRequest))
@@ -32,10 +33,11 @@ INTEGER_FIELDS = ("seed", "steps", "height", "width", "num_images", "clip_skip")
 NUMBER_FIELDS = ("guidance", "beta", "id_scale")
 # The settings `launch/sample.py` takes as flags of the same name.
 FLAG_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "height", "width", "num_images", "alpha",
-               "beta", "id_scale", "mix", "scheduler", "clip_skip")
+               "beta", "id_scale", "mix", "scheduler", "clip_skip") + TIME_ID_FIELDS
 
 ALPHA_HELP = "a step count (e.g. 12) or a fraction in (0, 1] (e.g. 0.24)"
 BOX_HELP = "4 comma-separated numbers y_min,x_min,y_max,x_max in [0, 1]"
+PAIR_HELP = "2 comma-separated integers y,x (pixels)"
 
 
 def key_label(name: str) -> str:
@@ -78,6 +80,22 @@ def parse_box(value, label: str = "--box") -> Optional[list]:
     return values
 
 
+def parse_pair(value, label: str) -> Optional[list]:
+    """A time id as written: "1024,768" (blank: None) or a list (kept; checked by `validate_request`)."""
+    if value is None or isinstance(value, list):
+        return value
+    text = str(value).strip()
+    if not text:
+        return None
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 2:
+        raise InputError(f"{label} {text!r}: expected {PAIR_HELP}")
+    return values
+
+
 def _integer(value, label: str):
     """Text "12" -> 12; a whole float 12.0 (a form's number widget) -> 12; else unchanged."""
     if isinstance(value, float) and value.is_integer():
@@ -109,6 +127,8 @@ def _from_text(name: str, value, label: Callable[[str], str]):
         return parse_alpha(value, label(name))
     if name == "mix":
         return None if isinstance(value, str) and not value.strip() else _number(value, label(name))
+    if name in TIME_ID_FIELDS:
+        return parse_pair(value, label(name))
     return value
 
 
@@ -201,6 +221,12 @@ def add_request_args(parser: argparse.ArgumentParser) -> None:
     add("--alpha", default=None, help=f"layout steps: {ALPHA_HELP}")
     add("--mix", default=None, help="identity mixing weight m (one box, several identities)")
     add("--no_gating", action="store_true", help="ablation: plain decoupled cross-attention")
+    add("--original_size", default=None,
+        help=f"SDXL micro-conditioning, {PAIR_HELP}: the size the model is told the picture had (default: "
+             "--height,--width)")
+    add("--crops_coords_top_left", default=None, help=f"SDXL micro-conditioning, {PAIR_HELP}: the crop corner "
+                                                        "(default: 0,0)")
+    add("--target_size", default=None, help=f"SDXL micro-conditioning, {PAIR_HELP} (default: --height,--width)")
 
 
 def _per_identity(values: list, n: int, flag: str) -> list:

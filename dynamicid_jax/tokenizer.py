@@ -126,7 +126,7 @@ class CLIPTokenizer:
         The length: `max_length=` when given, else the folder's `model_max_length`, else
         `fallback_max_length` (the text encoder's context); FileFormatError when none says it."""
         path = pathlib.Path(path)
-        folder = path / subfolder if _has_vocabulary(path / subfolder) else path
+        folder = path / subfolder if has_vocabulary(path / subfolder) else path
         if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
             vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
             for f in (vocab_file, merges_file):
@@ -212,7 +212,7 @@ class CLIPTokenizer:
         return np.asarray(rows, dtype=np.int32).reshape(len(rows), self.max_length)
 
 
-def _has_vocabulary(folder: pathlib.Path) -> bool:
+def has_vocabulary(folder: pathlib.Path) -> bool:
     return (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()
 
 

@@ -15,6 +15,9 @@ edits) are compiled at start-up (logged), so a first click does not wait for XLA
 127.0.0.1 unless --host says otherwise; no public link unless --share. Outputs (PNG + JSON
 sidecar per image) go under --out. The HTTP API (gradio_client, endpoint /generate) is
 described in the README. Bad start-up input exits 2 with one line.
+
+A base model alone (no --dynamicid, e.g. an SDXL folder) serves plain text-to-image: the page
+hides the people and says so, and the warm-up compiles no identity program.
 """
 
 from __future__ import annotations
@@ -44,15 +47,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _page_settings(args: argparse.Namespace) -> dict:
     """--scheduler/--clip_skip as the page's defaults, checked with the config's others before
     any model loads (a typo must not cost a model load)."""
-    from dynamicid_jax.loading import sampling_config
+    from dynamicid_jax.loading import identity_branch, sampling_config
     from dynamicid_jax.request import IdentityRequest, SampleRequest, validate_request
     from dynamicid_jax.request_parsing import setting_defaults
 
     settings = {k: v for k, v in (("scheduler", args.scheduler), ("clip_skip", args.clip_skip)) if v is not None}
-    config = sampling_config(args.demo, args.dynamicid)
+    config = sampling_config(args.demo, args.dynamicid, args.base_model, args.vae)
     page = dict(setting_defaults(config.sampling), **settings)
-    validate_request(SampleRequest(identities=[IdentityRequest(refs=["(page)"])], **page),
-                     2 ** (len(config.model.vae.block_out_channels) - 1))
+    with_identity = identity_branch(args.demo, args.dynamicid)  # a base model alone: plain text-to-image
+    validate_request(SampleRequest(identities=[IdentityRequest(refs=["(page)"])] if with_identity else [], **page),
+                     2 ** (len(config.model.vae.block_out_channels) - 1), identity_branch=with_identity)
     return settings
 
 

@@ -80,17 +80,24 @@ def _run(args: argparse.Namespace) -> int:
     from dynamicid_jax.cli import check_output_folder
     from dynamicid_jax.evaluation import (Ablation, MetricModels, evaluate, expand_cases, load_protocol,
                                           resolve_sampling)
-    from dynamicid_jax.loading import DEMO_NOTICE, load_pipeline, run_base, sampling_config, training_run_config
+    from dynamicid_jax.loading import (DEMO_NOTICE, identity_branch, load_pipeline, run_base, sampling_config,
+                                       training_run_config)
     from dynamicid_jax.cli import pipeline_args
     from dynamicid_jax.request import InputError
 
     # Everything checkable without models first: a typo must not cost a model load.
     check_output_folder(args.out, "--out")
+    if not args.metrics_only and not identity_branch(args.demo, args.dynamicid):
+        # Every case of a test set is people from photos, scored on how well they are kept
+        # (FaceSim, Expr, Pose): a base model alone draws no one from the photos, so its
+        # scores would measure nothing the protocol asks (and CLIP-T alone is no table row).
+        raise InputError("launch/evaluate.py scores DynamicID's pictures of the test set's people: give --dynamicid "
+                         "(a base model alone makes plain text-to-image; use launch/sample.py --requests for that)")
     protocol = load_protocol(args.testset)
     seeds = _seeds(args.seeds)
     run = training_run_config(args.dynamicid)  # a training run on the tiny base samples like the demo
     tiny = args.demo or (run is not None and run_base(run)[0])
-    config = sampling_config(args.demo, args.dynamicid, args.base_model)
+    config = sampling_config(args.demo, args.dynamicid, args.base_model, args.vae)
     sampling = resolve_sampling(config.sampling, protocol)
     if args.scheduler is not None:
         from dynamicid_jax.schedulers import SCHEDULERS

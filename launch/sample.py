@@ -99,7 +99,7 @@ def run_requests(args) -> int:
     import jax
 
     main_process = jax.process_index() == 0
-    config = sampling_config(args.demo, args.dynamicid, args.base_model)
+    config = sampling_config(args.demo, args.dynamicid, args.base_model, args.vae)
     _, pipeline = load_pipeline(**pipeline_args(args), log=lambda m: print(m, flush=True) if main_process else None)
     summary = run_requests_file(pipeline, args.requests, args.out, defaults=config.sampling.to_dict(),
                                 batch_size=args.batch_size, fsdp=args.fsdp, progress=not args.no_progress)
@@ -125,16 +125,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.requests:
         check_output_folder(args.out, "--out")
         return run_requests(args)
+    from dynamicid_jax import base_models
     from dynamicid_jax.generation import RequestSampler, run_request
     from dynamicid_jax.loading import identity_branch, load_pipeline, sampling_config
     from dynamicid_jax.request import check_embeddings_readable, check_images_readable, validate_request
 
     # Everything checkable without models first: a typo must not cost a model load.
     check_output_folder(args.out, "--out")
-    config = sampling_config(args.demo, args.dynamicid, args.base_model)
+    config = sampling_config(args.demo, args.dynamicid, args.base_model, args.vae)
     request = build_request(args, config.sampling)
     validate_request(request, 2 ** (len(config.model.vae.block_out_channels) - 1),
-                     identity_branch=identity_branch(args.demo, args.dynamicid))
+                     identity_branch=identity_branch(args.demo, args.dynamicid), family=base_models.of(config.model))
     check_images_readable(request)
     check_embeddings_readable(request, config.model.text.get("hidden_size"))
     lora_files(args.lora)  # a missing file fails before any model loads

@@ -66,10 +66,17 @@ TEXT_ENCODER = dict(
     projection_dim=32,
 )
 TOKENIZER_2_PAD = "!"
+# The same model widened to SDXL's conventions (head size 64, 32 GroupNorm groups), so that a
+# single file's architecture can be read off its shapes without a config (launch/convert.py).
+CONVENTIONAL = dict(unet=dict(block_out_channels=(64, 64), attention_head_dim=(1, 1), norm_num_groups=32,
+                              cross_attention_dim=128, addition_time_embed_dim=256,
+                              projection_class_embeddings_input_dim=6 * 256 + 64),
+                    text=dict(hidden_size=64, num_attention_heads=1, projection_dim=64))
 
 
-def tiny_sdxl_components() -> dict:
-    """The torch components of diffusers' tiny SDXL (see the module docstring)."""
+def tiny_sdxl_components(unet: dict | None = None, text: dict | None = None) -> dict:
+    """The torch components of diffusers' tiny SDXL (see the module docstring); unet / text:
+    arguments changed from diffusers' (`CONVENTIONAL`)."""
     import torch
     import transformers
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
@@ -78,12 +85,12 @@ def tiny_sdxl_components() -> dict:
     from dynamicid_jax.tokenizer import write_tiny_vocab
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**UNET)
+    unet = UNet2DConditionModel(**dict(UNET, **(unet or {})))
     scheduler = EulerDiscreteScheduler(**SCHEDULER)
     torch.manual_seed(0)
     vae = AutoencoderKL(**VAE)
     torch.manual_seed(0)
-    config = transformers.CLIPTextConfig(**TEXT_ENCODER)
+    config = transformers.CLIPTextConfig(**dict(TEXT_ENCODER, **(text or {})))
     text_encoder = transformers.CLIPTextModel(config)
     text_encoder_2 = transformers.CLIPTextModelWithProjection(config)
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,12 +102,13 @@ def tiny_sdxl_components() -> dict:
                 image_encoder=None, feature_extractor=None)
 
 
-def write_tiny_sdxl(folder: str | pathlib.Path) -> pathlib.Path:
-    """Write diffusers' tiny SDXL pipeline folder (safetensors) with diffusers' own save_pretrained."""
+def write_tiny_sdxl(folder: str | pathlib.Path, **changes) -> pathlib.Path:
+    """Write diffusers' tiny SDXL pipeline folder (safetensors) with diffusers' own save_pretrained
+    (changes: `tiny_sdxl_components`' arguments)."""
     from diffusers import StableDiffusionXLPipeline
 
     folder = pathlib.Path(folder)
-    StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(folder, safe_serialization=True)
+    StableDiffusionXLPipeline(**tiny_sdxl_components(**changes)).save_pretrained(folder, safe_serialization=True)
     return folder
 
 

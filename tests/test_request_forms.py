@@ -36,7 +36,8 @@ CASES = {
              seed=(7, "7"), steps=(20, "20"), guidance=(3.5, "3.5"), height=(64, "64"), width=(128, "128"),
              num_images=(2, "2"), alpha=(0.1, "1e-1"), beta=(2.0, "2"), id_scale=(0.7, "0.7"),
              gating=(False, False), scheduler=("dpmpp_2m", "dpmpp_2m"), clip_skip=(1, "1"),
-             negative_embeddings=(["badhands.safetensors"], None)),
+             negative_embeddings=(["badhands.safetensors"], None),
+             original_size=([96, 128], "96,128"), crops_coords_top_left=([0, 8], "0, 8")),
     ),
     "layout steps and mixing": (
         [dict(refs=["obama.jpg"]), dict(refs=["biden.jpg"])],

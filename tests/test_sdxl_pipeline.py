@@ -27,6 +27,7 @@ sampler a traced index; the breakage test's 32 x 64 shape a second; two text pro
 """
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -141,6 +142,61 @@ def test_breakages_fail(setup):
         assert err > BROKEN, (name, err)
 
 
+def test_time_ids_per_request_match_stable_diffusion_xl_pipeline(setup):
+    """original_size / crops_coords_top_left / target_size of the request reach the UNet as
+    diffusers' `_get_add_time_ids` builds them: a non-default original size and crop change
+    the picture (by more than BROKEN) and equal StableDiffusionXLPipeline(original_size=...,
+    crops_coords_top_left=..., target_size=...) within IMAGE_RTOL; the sidecar's `resolved`
+    records the six ids used. Cost: ~3 s (the breakage test's 32 x 64 program, no new compile:
+    the time ids are traced inputs)."""
+    ours, pipe = setup["ours"], setup["theirs"]
+    default = dataclasses.replace(_request("", 0, "euler"), height=SIZE, width=2 * SIZE)
+    request = dataclasses.replace(default, original_size=[96, 40], crops_coords_top_left=[8, 4],
+                                  target_size=[SIZE, 2 * SIZE])
+    rows = _rows(ours, request)
+    mine = _our_images(ours, request, rows)
+    cls, extra = REFERENCE[request.scheduler]
+    pipe.scheduler = cls.from_config({**setup["scheduler"], **extra})
+    with torch.no_grad():
+        theirs = pipe(prompt=request.prompt, latents=torch.from_numpy(rows["noise"].transpose(0, 3, 1, 2).copy()),
+                      num_inference_steps=request.steps, guidance_scale=request.guidance, height=request.height,
+                      width=request.width, original_size=(96, 40), crops_coords_top_left=(8, 4),
+                      target_size=(SIZE, 2 * SIZE), output_type="np").images
+    assert rel_l2(mine, theirs) <= IMAGE_RTOL
+    assert rel_l2(mine, _our_images(ours, default, _rows(ours, default))) > BROKEN
+    _, (details,) = batching.assemble([ImageItem(request, 0)], ours.conditioning, rows["noise"].shape[1:])
+    assert details["time_ids"] == [96, 40, 8, 4, SIZE, 2 * SIZE]
+
+
+def test_separate_vae_folder_replaces_the_base_models_vae(setup, tmp_path):
+    """--vae DIR (a diffusers AutoencoderKL folder, as the SDXL fp16-fix VAE ships): its weights
+    and ITS scaling_factor (0.5 here, not the base's 0.18215) replace the base's, and the
+    pipeline's decode of given latents equals diffusers' `vae.decode(latents / scaling_factor)`
+    with that VAE within 1e-5 relative (float32, one decoder: a few ulp per op). A folder that is
+    no VAE (the base's unet/) is one line naming it, before any weight loads.
+    Cost: ~6 s (one tiny pipeline load, the 4 x 4 latent decoder's compile)."""
+    from diffusers import AutoencoderKL
+
+    from dynamicid_jax.request import InputError
+    from sdxl_tiny import VAE
+
+    torch.manual_seed(1)  # other weights than the base's VAE
+    theirs = AutoencoderKL(**VAE, scaling_factor=0.5).eval()
+    theirs.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    config, ours = loading.load_pipeline(base_model=str(setup["folder"]), vae=str(tmp_path / "vae"))
+    assert config.model.vae.scaling_factor == ours.modules.vae.config.scaling_factor == 0.5
+    assert ours.provenance["vae"] == str(tmp_path / "vae")
+    latents = np.random.default_rng(0).standard_normal((1, 4, 4, 4)).astype(np.float32)
+    scale = ours.modules.vae.config.scaling_factor
+    mine = ours.modules.vae.apply({"params": ours.params["vae"]}, jnp.asarray(latents) / scale, method="decode")
+    with torch.no_grad():
+        reference = theirs.decode(torch.from_numpy(latents.transpose(0, 3, 1, 2)) / 0.5).sample.numpy()
+    assert rel_l2(np.asarray(mine), reference.transpose(0, 2, 3, 1)) <= 1e-5
+
+    with pytest.raises(InputError, match=r"--vae .*unet: config.json describes UNet2DConditionModel, not an AutoencoderKL"):
+        loading.sampling_config(False, None, str(setup["folder"]), str(setup["folder"] / "unet"))
+
+
 def test_family_detected_and_sized_from_the_files(setup):
     """The tiny folder is SDXL by its files (text_encoder_2/), its default size the UNet's
     sample_size x the VAE factor (diffusers' default: 32 x 2 = 64 px), its scheduler
@@ -164,8 +220,9 @@ def test_sample_cli_plain_text_to_image_on_the_tiny_sdxl_folder(setup, tmp_path,
     """`launch/sample.py --base_model tiny_sdxl/ --prompt ... --scheduler dpmpp_2m_karras --lora
     style.safetensors:0.8` with no flag naming the family: SDXL from the files, 64 px (the
     files' native size), the LoRA merged into the UNet and bigG, the log and the sidecar say the
-    identity branch is absent; --ref without DynamicID weights is one line, exit 2.
-    Cost: ~10 s (one 64 px loop compile; 2 steps)."""
+    identity branch is absent; time ids given as flags are recorded and `--from_json` makes
+    the same bytes; --ref without DynamicID weights is one line, exit 2.
+    Cost: ~12 s (one 64 px loop compile; 2 steps, twice)."""
     import json
 
     from launch import sample as sample_cli
@@ -183,14 +240,24 @@ def test_sample_cli_plain_text_to_image_on_the_tiny_sdxl_folder(setup, tmp_path,
                    rng.standard_normal((2, 32), np.float32),
                "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight":
                    rng.standard_normal((32, 2), np.float32)}, str(style))
-    assert sample_cli.main(["--base_model", folder, "--prompt", "a cat", "--scheduler", "dpmpp_2m_karras",
-                            "--steps", "2", "--lora", f"{style}:0.8", "--out", str(out), "--no_progress"]) == 0
+    model = ["--base_model", folder, "--lora", f"{style}:0.8", "--no_progress"]
+    assert sample_cli.main(model + ["--prompt", "a cat", "--scheduler", "dpmpp_2m_karras", "--steps", "2",
+                                    "--original_size", "128,96", "--crops_coords_top_left", "16,0",
+                                    "--out", str(out)]) == 0
     log = capsys.readouterr().out
     assert "identity branch: absent" in log and "merged 1 UNet and 1 text-encoder modules" in log
     (png,) = out.glob("*.png")
     sidecar = json.loads(png.with_suffix(".json").read_text())
     assert sidecar["weights"]["identity_branch"] == "absent" and sidecar["weights"]["family"] == "sdxl"
     assert (sidecar["request"]["height"], sidecar["request"]["width"]) == (64, 64)
+    # the time ids asked for, recorded; target_size left at its default (64, 64)
+    assert sidecar["request"]["original_size"] == [128, 96] and "target_size" not in sidecar["request"]
+    assert sidecar["resolved"]["time_ids"] == [128, 96, 16, 0, 64, 64]
+    # SDXL's default negative prompt is none (zeros by force_zeros_for_empty_prompt), not DynamicID's
+    assert sidecar["request"]["negative_prompt"] == ""
+    # --from_json makes the same bytes (the same 64 px program: no compile)
+    assert sample_cli.main(model + ["--from_json", str(png.with_suffix(".json")), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / png.name).read_bytes() == png.read_bytes()
     assert sidecar["request"]["identities"] == []
     (record,) = sidecar["weights"]["loras"]
     assert record["scale"] == 0.8 and record["merged"] == {"unet": 1, "text_encoder": 0, "text_encoder_2": 1}
@@ -199,6 +266,43 @@ def test_sample_cli_plain_text_to_image_on_the_tiny_sdxl_folder(setup, tmp_path,
                             "--out", str(tmp_path / "refused")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--ref needs DynamicID weights" in err[0], err
+
+
+def test_app_serves_plain_text_to_image_on_a_base_model(setup, tmp_path, monkeypatch):
+    """The app on a base model without DynamicID weights (the tiny SDXL): the warm-up compiles
+    no identity program (the pipeline has no vision encoder) and one plain program; the page
+    hides the people and says why; a request with a photo is one line naming the reason; a
+    request without people runs and writes a PNG whose sidecar says the identity branch is
+    absent, with the family's empty default negative prompt. In-process (no server, no browser).
+    Cost: 25 s measured after the CLI test at load ~9 (gradio's import and the page build, the
+    64 px per-step program, 2 steps)."""
+    from dynamicid_jax.app import forms
+    from dynamicid_jax.app.service import AppService
+    from dynamicid_jax.app.ui import build_demo
+    from dynamicid_jax.request import InputError
+
+    config, ours = setup["config"], setup["ours"]
+    monkeypatch.setattr(ours, "warm_up_identity", lambda: pytest.fail("no identity program on a base model"))
+    logs = []
+    service = AppService(ours, config.sampling, tmp_path / "out", tmp_path / "uploads", log=logs.append)
+    service.warm_up((1, 2))
+    compiled = [line for line in logs if line.startswith("compiled")]
+    assert len(compiled) == 1 and compiled[0].startswith("compiled 64x64, 1 image(s), 0 people in"), logs
+    page = build_demo(service, forms.PLAIN_NOTICE)
+    (people,) = [b for b in page.blocks.values() if getattr(b, "elem_id", None) == "people"]
+    assert people.visible is False
+
+    settings = dict(prompt="a cat", steps="2")
+    photo = tmp_path / "uploads" / "face.png"
+    photo.write_bytes(b"")  # never read: refused first
+    with pytest.raises(InputError, match="without DynamicID weights .*remove the reference photos"):
+        forms.build_request([forms.PersonForm(refs=[str(photo)])], settings, service.upload_root, None,
+                            service.settings, identity_branch=False)
+    request = forms.build_request([], settings, service.upload_root, None, service.settings, identity_branch=False)
+    result = service.run(request)
+    sidecar = json.loads(result.sidecars[0].read_text())
+    assert sidecar["weights"]["identity_branch"] == "absent" and sidecar["request"]["negative_prompt"] == ""
+    assert result.images[0].is_file()
 
 
 def test_sd15_dynamicid_weights_on_an_sdxl_base_are_refused(setup, tmp_path):

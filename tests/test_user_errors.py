@@ -107,6 +107,9 @@ def _subst(argv, files, test_assets):
         (dict(height=4096), "2048 px limit"),
         (dict(num_images=40, height=1024, width=1024), "exceeds the"),
         (dict(prompt=None), "--prompt must be text"),
+        (dict(original_size=[512]), "--original_size must be 2 integers"),
+        (dict(crops_coords_top_left=[-1, 0]), "--crops_coords_top_left must be 2 integers y,x in .0,"),
+        (dict(target_size=[512.0, 512]), "--target_size must be 2 integers"),
     ],
 )
 def test_validate_request_refuses_non_finite_and_out_of_range(change, needle):
@@ -131,6 +134,11 @@ def test_one_set_of_sampling_defaults():
     assert (sized.pop("height"), sized.pop("width")) == (512, 512)
     assert sized == {k: v for k, v in library.items() if k not in ("height", "width")}
     assert SampleRequest([], "p").negative_prompt == library["negative_prompt"] != ""  # was "" in the library
+    # the default negative prompt is the family's: none on SDXL (its zeros rule), DynamicID's on SD1.5
+    from dynamicid_jax import base_models
+
+    assert base_models.default_config(family="sdxl").sampling.negative_prompt == ""
+    assert base_models.default_config(family="sd15").sampling.negative_prompt == library["negative_prompt"]
     demo = dict(tiny.get_config().sampling)
     assert {k for k in demo if demo[k] != library[k]} == {"steps", "height", "width", "alpha"}
 
@@ -150,6 +158,10 @@ SAMPLE_CASES = [
     (["--width", "8192"], "--width 8192"),
     (["--box", "0,0,1"], "--box '0,0,1'"),
     (["--box", "a,b,c,d"], "--box 'a,b,c,d'"),
+    (["--original_size", "512"], "--original_size '512': expected 2 comma-separated integers"),
+    # SD1.5 (the demo's family) has no time ids: the family refuses them, before any model loads
+    (["--crops_coords_top_left", "0,0"], "--crops_coords_top_left: an SD1.5 base model has no micro-conditioning"),
+    (["--vae", "{tmp}/empty_dir"], "--demo uses random weights: drop --vae"),
     (["--from_json", "{tmp}/notes.txt"], "notes.txt: not a JSON file"),
     (["--from_json", "{tmp}/wrong.json"], "wrong.json: not a sampling request"),
     (["--from_json", "{tmp}/list.json"], "list.json: not a sampling request"),
@@ -208,6 +220,16 @@ def test_evaluate_cli_bad_inputs(files, test_assets, capsys, monkeypatch, extra,
     out = files / "eval_out"
     argv = ["--demo", "--out", str(out), *_subst(extra, files, test_assets)]
     _assert_main_refuses(evaluate.main, argv, capsys, needle, files, out)
+
+
+def test_evaluate_refuses_a_base_model_without_dynamicid_weights(files, capsys):
+    """The test set's cases are people from photos, scored on how well they are kept: a base
+    model alone (no --dynamicid) is one line before anything loads. Cost: well under a second."""
+    from launch import evaluate
+
+    out = files / "eval_out"
+    argv = ["--testset", str(files / "testset.json"), "--base_model", str(files / "empty_dir"), "--out", str(out)]
+    _assert_main_refuses(evaluate.main, argv, capsys, "give --dynamicid (a base model alone makes plain", files, out)
 
 
 # --------------------------------------------------------------------------- launch/convert.py

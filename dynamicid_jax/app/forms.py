@@ -36,6 +36,9 @@ EXPRESSION_CHOICES = (KEEP,) + EMOTIONS
 ORIENTATION_CHOICES = (KEEP, "front", "side", "facing up", "facing down")
 # Settings a sidecar restores (every field of SampleRequest but the identities and the
 # textual-inversion files, which name server paths: the app never opens a path it is sent).
+# What the page says when the app serves a base model alone (no identity branch).
+PLAIN_NOTICE = ("this app serves a base model without DynamicID weights (plain text-to-image; start it with "
+                "--dynamicid for people from photos)")
 SETTING_FIELDS = tuple(f.name for f in dataclasses.fields(SampleRequest)
                        if f.name not in ("identities", "negative_embeddings"))
 
@@ -104,10 +107,11 @@ def form_label(name: str) -> str:
 
 
 def build_request(people: Sequence[PersonForm], settings: dict, upload_root: pathlib.Path, describe,
-                  defaults: Optional[dict] = None, negative_embeddings: Optional[Sequence[str]] = None
-                  ) -> SampleRequest:
+                  defaults: Optional[dict] = None, negative_embeddings: Optional[Sequence[str]] = None,
+                  identity_branch: bool = True) -> SampleRequest:
     """Form values -> SampleRequest. People without reference uploads are left out (their
-    other fields must then be blank). describe(path) -> (emotion, pose) of the reference's
+    other fields must then be blank). identity_branch False (a base model without DynamicID
+    weights, plain text-to-image): no person at all. describe(path) -> (emotion, pose) of the reference's
     largest face, used to compose a face prompt from the expression/orientation choices.
     settings: form values by field name (None = not given: `defaults`, the page's settings).
     negative_embeddings: the operator's files the client chose (paths from the catalog)."""
@@ -126,7 +130,9 @@ def build_request(people: Sequence[PersonForm], settings: dict, upload_root: pat
             face_prompt = compose_face_prompt(person.expression, person.orientation, emotion, pose)
         identities.append(dict(refs=refs, box=parse_box(person.box, f"person {k} box"), face_prompt=face_prompt,
                                target_landmarks=target, mask=mask))
-    if not identities:
+    if identities and not identity_branch:
+        raise InputError(f"{PLAIN_NOTICE}: remove the reference photos")
+    if not identities and identity_branch:
         raise InputError("no reference photo: upload at least one photo for person 1")
     if len(identities) > MAX_PEOPLE:
         raise InputError(f"at most {MAX_PEOPLE} people")
@@ -166,7 +172,8 @@ def lora_choice(names, scale, loras) -> tuple[tuple[str, float], ...]:
 
 def validate_settings(request: SampleRequest, pipeline) -> None:
     """The sampler's checks plus the app's limits on size and image count."""
-    validate_request(request, pipeline.modules.vae_scale_factor, label=form_label)
+    validate_request(request, pipeline.modules.vae_scale_factor, label=form_label,
+                     identity_branch=pipeline.modules.identity_branch, family=pipeline.modules.family)
     for name in ("height", "width"):
         if getattr(request, name) > MAX_SIDE:
             raise InputError(f"{name} {getattr(request, name)} is above this app's limit of {MAX_SIDE}")

@@ -112,12 +112,16 @@ class AppService:
 
     def warm_up(self, people=(1, 2)) -> None:
         """Compile the default size for these people counts and the identity programs (any
-        photo size, face edits) now, so a first click does not wait for XLA."""
-        start = time.time()
-        with self._device:
-            count = self.pipeline.warm_up_identity()
-        self.log(f"compiled {count} identity program(s) (reference photos of any size, face edits) in "
-                 f"{time.time() - start:.1f}s (start-up)")
+        photo size, face edits) now, so a first click does not wait for XLA. A base model
+        without the identity branch has neither: its one plain text-to-image program."""
+        if not self.pipeline.modules.identity_branch:
+            people = (0,)
+        else:
+            start = time.time()
+            with self._device:
+                count = self.pipeline.warm_up_identity()
+            self.log(f"compiled {count} identity program(s) (reference photos of any size, face edits) in "
+                     f"{time.time() - start:.1f}s (start-up)")
         for n in people:
             request = self.default_request(n)
             self.log(f"compiling the sampling program for {describe_program(request, False)} (start-up) ...")
@@ -229,6 +233,8 @@ class AppService:
 
     def _run_locked(self, request: SampleRequest, with_maps: bool, loras: tuple) -> RunResult:
         forms.validate_settings(request, self.pipeline)
+        if with_maps and not request.identities:
+            raise InputError("activation maps show where people are injected: a picture without people has none")
         key = program_of(request, with_maps)
         new_shape = key not in self._compiled
         if new_shape:
@@ -275,15 +281,20 @@ def create_service(*, demo: bool, out_dir, log: Callable[[str], None] = print, l
     """Load the pipeline once (`loading.load_pipeline`; weights: its keyword arguments, the
     start-up LoRAs included) and wrap it. lora_dirs/embedding_dirs: the operator's folders the
     page offers files of; negative_embeddings: files offered too and chosen by default.
-    Returns (service, the notice the page shows: the demo warning or "")."""
+    Returns (service, the notice the page shows: the demo warning, the plain text-to-image
+    notice of a base model without DynamicID weights, or "")."""
     from gradio.utils import get_upload_folder
 
     from dynamicid_jax.loading import DEMO_NOTICE, load_pipeline
 
     loras, embeddings = lora_catalog(lora_dirs), embedding_catalog(embedding_dirs, negative_embeddings)
     config, pipeline = load_pipeline(demo=demo, log=log, **weights)
+    if not pipeline.modules.identity_branch:
+        notice = forms.PLAIN_NOTICE
+    else:
+        notice = DEMO_NOTICE if demo else ""
     settings = dict(settings or {}, negative_embeddings=[public_name(p) for p in negative_embeddings])
     service = AppService(pipeline, config.sampling, out_dir, get_upload_folder(), log=log, loras=loras,
                          embeddings=embeddings, settings=settings,
                          lora_skip_unknown=weights.get("lora_skip_unknown", False))
-    return service, DEMO_NOTICE if demo else ""
+    return service, notice

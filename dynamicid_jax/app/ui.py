@@ -92,7 +92,8 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
         try:
             embeddings = service.embeddings.paths(d["negative_embeddings"] if negative_embeddings is None
                                                   else negative_embeddings)
-            request = forms.build_request(people, settings, service.upload_root, service.describe, page, embeddings)
+            request = forms.build_request(people, settings, service.upload_root, service.describe, page, embeddings,
+                                          identity_branch=service.pipeline.modules.identity_branch)
             choice = forms.lora_choice(loras, lora_scale, service.loras)
         except USER_ERRORS as e:
             raise gr.Error(str(e), print_exception=False)
@@ -210,9 +211,10 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
         if notice:
             gr.Markdown(f"**{notice}**", elem_id="notice")
         person = {}
+        identities = service.pipeline.modules.identity_branch  # plain text-to-image: no people to show
         with gr.Row():
             with gr.Column(scale=3):
-                with gr.Tabs():
+                with gr.Tabs(visible=identities, elem_id="people"):
                     for k in PEOPLE:
                         with gr.Tab(f"Person {k}", elem_id=f"tab_{k}"):
                             p = person[k] = {}
@@ -276,9 +278,11 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
                 layout_view = gr.Image(label="layout", interactive=False, elem_id="layout", type="numpy")
                 layout_note = gr.Markdown(elem_id="layout_note")
                 draw_for = gr.Radio([f"person {k}" for k in PEOPLE], value="person 1", elem_id="draw_person",
+                                    visible=identities,
                                     label="draw a box: choose a person, click two opposite corners on the layout")
                 corner = gr.State(None)  # (person, (x, y)) of a first click, per browser session
-                with gr.Accordion("draw a region of any shape for the chosen person", open=False, elem_id="sketch_panel"):
+                with gr.Accordion("draw a region of any shape for the chosen person", open=False, elem_id="sketch_panel",
+                                  visible=identities):
                     sketch = gr.ImageEditor(type="numpy", image_mode="RGBA", sources=(), transforms=(), layers=False,
                                             brush=gr.Brush(colors=["#222222"], color_mode="fixed"), elem_id="sketch",
                                             label="paint the region (press 'start' to draw on the layout)")

@@ -9,13 +9,16 @@ the entry points never branch on which one it is:
     configured(model)                      the family object a model section configures
     matches(base_model)                    whether the files are this family's (`detect`)
     single_file_config(component)          the config a single file's component loads with (None: its shapes)
-    load_tokenizer(base_model)             the family's tokenizer(s)
+    load_tokenizer(base_model, folder)     the family's tokenizer(s) (folder: --tokenizer, for a single file)
     tiny_tokenizer()                       the tokenizer(s) of its tiny random model (demo, tiny runs)
+    components, tokenizer_folders          the base model's weight components and tokenizer folders
     tokenize(tokenizer, texts, embeddings, modules) -> (ids, textual-inversion tables)
     text_conditioning(modules, params, ids, clip_skip, extra) -> (TextConditioning, pooled)
     negative_conditioning(conditioning, negative_prompt)  what the sampler conditions on
-    request_extras(height, width)          per-picture extras of the conditioning
+    request_extras(height, width, **time_ids)  per-picture extras of the conditioning (SDXL's
+                                           time ids; a family without them refuses them)
     release_weights                        whether the authors' DynamicID release fits it
+    default_negative_prompt                the negative prompt when none is given
     denoiser(modules, unet_params, x_t, t, conditioning, identity[, capture]) -> prediction
 
 A config's `model.family` names its family (`get`).
@@ -86,7 +89,7 @@ def native_resolution(model: ml_collections.ConfigDict) -> int:
 def default_config(tiny: bool = False, family: str = "sd15"):
     """The library's defaults for one family: `model` (full size, or the tiny random model of
     tests and --demo), `sampling` (SampleRequest's defaults at the model's native size; the
-    tiny model samples 8 steps) and `faces`. configs/base.py and configs/tiny.py are these."""
+    tiny model samples 8 steps; the family's default negative prompt) and `faces`. configs/base.py and configs/tiny.py are these."""
     from dynamicid_jax.request import sampling_defaults
 
     members = get(family)
@@ -94,6 +97,7 @@ def default_config(tiny: bool = False, family: str = "sd15"):
     config.model = members.tiny_model_config() if tiny else members.model_config()
     config.sampling = ml_collections.ConfigDict(sampling_defaults())
     config.sampling.height = config.sampling.width = native_resolution(config.model)
+    config.sampling.negative_prompt = members.default_negative_prompt
     if tiny:  # seconds on 2 CPU cores; a layout phase of 2 of the 8 steps
         config.sampling.steps = 8
         config.sampling.alpha = 2

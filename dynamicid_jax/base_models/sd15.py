@@ -12,6 +12,7 @@
   load_tokenizer / tokenize CLIP's one tokenizer; texts -> ids and textual-inversion tables
   text_conditioning(...)    token ids -> TextConditioning (the text states; no extras)
   negative_conditioning     the negative prompt's conditioning, as encoded (even "")
+  request_extras(h, w, ...) none (time ids, SDXL's micro-conditioning, are refused)
   denoiser(...)             the UNet call (`conditioning.unet_denoiser`)
 
 configs/ import these defaults; nothing else in the library writes an SD1.5 number.
@@ -27,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from dynamicid_jax.base_models.conditioning import TextConditioning, unet_denoiser
+from dynamicid_jax.request import DEFAULT_NEGATIVE_PROMPT
 
 # diffusers' SD1.5 scheduler_config.json (PNDM's file; these keys define the noise schedule).
 SCHEDULER = dict(
@@ -139,6 +141,9 @@ class SD15:
     release_weights: ClassVar[bool] = True
     # The precompute may cache the text states (--cache_text_states): CLIP's, the whole context.
     caches_text_states: ClassVar[bool] = True
+    default_negative_prompt: ClassVar[str] = DEFAULT_NEGATIVE_PROMPT  # DynamicID's release setting
+    components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder")  # the base model's weights
+    tokenizer_folders: ClassVar[tuple[str, ...]] = ("tokenizer",)
 
     def configured(self, model: ml_collections.ConfigDict) -> "SD15":
         """The family object a model section configures: SD1.5 has no such setting."""
@@ -186,12 +191,14 @@ class SD15:
             model.scheduler = config_fields(SchedulerConfig.from_folder(scheduler_file))
         return model
 
-    def load_tokenizer(self, base_model: str | os.PathLike):
-        """CLIP's tokenizer of a pipeline folder (`tokenizer/`) or a tokenizer folder; one whose
-        files state no model_max_length takes CLIP's context, TEXT_LENGTH."""
+    def load_tokenizer(self, base_model: str | os.PathLike, tokenizer: str | os.PathLike | None = None):
+        """CLIP's tokenizer of a pipeline or converted folder (`tokenizer/`), or of `tokenizer`
+        (--tokenizer: a pipeline folder or a tokenizer folder; what a single file needs)."""
         from dynamicid_jax.tokenizer import CLIPTokenizer
 
-        return CLIPTokenizer.from_folder(_tokenizer_folder(base_model), fallback_max_length=TEXT_LENGTH)
+        return CLIPTokenizer.from_folder(_tokenizer_folder(tokenizer or base_model, "--tokenizer" if tokenizer else
+                                                           "--base_model"),
+                                         fallback_max_length=TEXT_LENGTH)
 
     def tiny_tokenizer(self):
         """THE tokenizer of the tiny random model (`tokenizer.tiny_tokenizer`)."""
@@ -221,8 +228,14 @@ class SD15:
                                                     extra_embeddings)
         return TextConditioning(context=states), pooled
 
-    def request_extras(self, height: int, width: int) -> dict:
-        """Per-image extras a picture's size adds to its conditioning: none on SD1.5."""
+    def request_extras(self, height: int, width: int, original_size=None, crops_coords_top_left=None,
+                       target_size=None) -> dict:
+        """Per-image extras a picture's size adds to its conditioning: none on SD1.5, whose UNet
+        has no micro-conditioning; time ids given for it are an InputError."""
+        if (original_size, crops_coords_top_left, target_size) != (None, None, None):
+            from dynamicid_jax.request import InputError
+
+            raise InputError("an SD1.5 base model has no micro-conditioning time ids (an SDXL setting): drop them")
         return {}
 
     # ---- training data: what a precomputed record holds beyond the images' features
@@ -261,11 +274,15 @@ def files_family(base_model: str | os.PathLike) -> str:
     from dynamicid_jax.models import single_file, unet
     from dynamicid_jax.models.weight_sources import read_config
 
+    from dynamicid_jax.models import converted
+
     path = pathlib.Path(base_model)
     if path.is_file():
         return single_file.detect_family(path)
     if not path.is_dir():
         raise MissingFileError(f"--base_model {path}: no such file or folder")
+    if converted.is_converted(path) and converted.recorded_family(path):
+        return converted.recorded_family(path)
     if (path / "text_encoder_2").is_dir():
         return single_file.SDXL
     try:
@@ -276,18 +293,19 @@ def files_family(base_model: str | os.PathLike) -> str:
     return single_file.SDXL if config.addition_embed_type == unet.TEXT_TIME else single_file.SD15
 
 
-def _tokenizer_folder(base_model) -> Any:
+def _tokenizer_folder(source, flag: str) -> Any:
     import pathlib
 
     from dynamicid_jax.errors import MissingFileError
+    from dynamicid_jax.tokenizer import has_vocabulary
 
-    path = pathlib.Path(base_model)
+    path = pathlib.Path(source)
     for candidate in (path / "tokenizer", path):
-        if (candidate / "vocab.json").is_file() and (candidate / "merges.txt").is_file():
+        if has_vocabulary(candidate):
             return candidate
     raise MissingFileError(
-        f"no CLIP tokenizer (vocab.json + merges.txt) in {path}/tokenizer: a single-file checkpoint carries "
-        "none; convert it with launch/convert.py or pass a pipeline folder"
+        f"{flag} {path}: no CLIP tokenizer (tokenizer/ with vocab.json + merges.txt or tokenizer.json): a "
+        "single-file checkpoint carries none; pass --tokenizer DIR (a pipeline folder or its tokenizer/)"
     )
 
 

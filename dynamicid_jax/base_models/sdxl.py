@@ -11,7 +11,8 @@
   load_tokenizer/tokenize   both tokenizers, each padding with its own pad token
   text_conditioning(...)    both encoders' penultimate states concatenated (B, 77, 768 + 1280),
                             extras {"text_embeds": encoder 2's projected EOS (B, 1280)}
-  request_extras(h, w)      time_ids = original size (h, w), crop (0, 0), target size (h, w)
+  request_extras(h, w, ...) time_ids = original size, crop, target size: the request's, by
+                            default (h, w), (0, 0), (h, w)
   negative_conditioning     zeros for an empty negative prompt (force_zeros_for_empty_prompt)
   denoiser(...)             the UNet call (`conditioning.unet_denoiser`)
 
@@ -116,6 +117,11 @@ class SDXL:
     release_weights: ClassVar[bool] = False  # no DynamicID release for SDXL (yet)
     # Cached text states would need both encoders' states and the pooled vector: not offered.
     caches_text_states: ClassVar[bool] = False
+    # diffusers' SDXL pipeline: no negative prompt, which force_zeros_for_empty_prompt turns
+    # into zeros (`negative_conditioning`); SD1.5's DynamicID default would defeat that rule.
+    default_negative_prompt: ClassVar[str] = ""
+    components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder", "text_encoder_2")
+    tokenizer_folders: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
     force_zeros_for_empty_prompt: bool = FORCE_ZEROS_FOR_EMPTY_PROMPT
 
     def configured(self, model: ml_collections.ConfigDict) -> "SDXL":
@@ -158,18 +164,20 @@ class SDXL:
                 "force_zeros_for_empty_prompt", FORCE_ZEROS_FOR_EMPTY_PROMPT))
         return model
 
-    def load_tokenizer(self, base_model: str | os.PathLike):
-        """(tokenizer, tokenizer_2) of a pipeline folder; each reads its pad token from its files."""
+    def load_tokenizer(self, base_model: str | os.PathLike, tokenizer: str | os.PathLike | None = None):
+        """(tokenizer, tokenizer_2) of a pipeline or converted folder, or of `tokenizer`
+        (--tokenizer: a folder holding tokenizer/ and tokenizer_2/, e.g. a diffusers SDXL
+        pipeline folder; what a single file needs); each reads its pad token from its files."""
         from dynamicid_jax.errors import MissingFileError
         from dynamicid_jax.tokenizer import CLIPTokenizer
 
-        path = pathlib.Path(base_model)
-        for sub in ("tokenizer", "tokenizer_2"):
+        path, flag = (pathlib.Path(tokenizer), "--tokenizer") if tokenizer else (pathlib.Path(base_model), "--base_model")
+        for sub in self.tokenizer_folders:
             if not (path / sub).is_dir():
-                raise MissingFileError(f"--base_model {path}: no {sub}/ folder (an SDXL single file carries no "
-                                       "tokenizers: pass a diffusers SDXL pipeline folder)")
-        return tuple(CLIPTokenizer.from_folder(path, subfolder=sub, fallback_max_length=sd15.TEXT_LENGTH)
-                     for sub in ("tokenizer", "tokenizer_2"))
+                raise MissingFileError(f"{flag} {path}: no {sub}/ folder (an SDXL single file carries no tokenizers: "
+                                       "pass --tokenizer DIR, a folder with tokenizer/ and tokenizer_2/ such as a "
+                                       "diffusers SDXL pipeline folder)")
+        return tuple(CLIPTokenizer.from_folder(path, subfolder=sub, fallback_max_length=sd15.TEXT_LENGTH) for sub in self.tokenizer_folders)
 
     def tiny_tokenizer(self):
         """The tiny random model's pair: THE tiny vocabulary twice, tokenizer 2 padding with "!"
@@ -210,10 +218,13 @@ class SDXL:
             return jax.tree.map(np.zeros_like, conditioning)
         return conditioning
 
-    def request_extras(self, height: int, width: int) -> dict:
-        """{"time_ids": (6,) float32}: original_size (h, w), crops_coords_top_left (0, 0),
-        target_size (h, w), in diffusers' order (`_get_add_time_ids`)."""
-        return {"time_ids": np.asarray([height, width, 0, 0, height, width], np.float32)}
+    def request_extras(self, height: int, width: int, original_size=None, crops_coords_top_left=None,
+                       target_size=None) -> dict:
+        """{"time_ids": (6,) float32}: original_size (default (h, w)), crops_coords_top_left
+        (default (0, 0)), target_size (default (h, w)), each (y, x), in diffusers' order
+        (`_get_add_time_ids`; its negative time ids are the same unless asked otherwise)."""
+        ids = [*(original_size or (height, width)), *(crops_coords_top_left or (0, 0)), *(target_size or (height, width))]
+        return {"time_ids": np.asarray(ids, np.float32)}
 
     def denoiser(self, modules, unet_params, x_t, t, conditioning: TextConditioning, identity, capture: bool = False):
         return unet_denoiser(modules, unet_params, x_t, t, conditioning, identity, capture)

@@ -38,10 +38,11 @@ REQUESTS_LIMIT = 256 * 2**20  # about a million request lines; a larger file is 
 
 def read_requests(
     path: str | pathlib.Path, defaults: Optional[Mapping[str, Any]] = None, vae_factor: int = 8,
-    identity_branch: bool = True,
+    identity_branch: bool = True, family=None,
 ) -> tuple[list[tuple[int, SampleRequest]], list[Reject]]:
     """([(line number, request)], [Reject]) of a requests file; every photo is read once.
 
+    family: the base model's (`validate_request`: a line with time ids on SD1.5 is rejected).
     Raises InputError only when the file itself cannot be read.
     """
     path = pathlib.Path(path)
@@ -63,7 +64,7 @@ def read_requests(
             except json.JSONDecodeError as e:
                 raise InputError(f"not JSON: {e}") from None
             request = parse_request(data, defaults=defaults, base=path.parent)
-            validate_request(request, vae_factor, label=key_label, identity_branch=identity_branch)
+            validate_request(request, vae_factor, label=key_label, identity_branch=identity_branch, family=family)
             _check_photos(request, photo_errors)
             _check_embeddings(request, photo_errors)
         except (InputError, TypeError) as e:

@@ -99,6 +99,19 @@ def save_component(directory: str | os.PathLike, component: str, config: Any, pa
     (directory / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True))
 
 
+def record_family(directory: str | os.PathLike, family: str) -> None:
+    """Write the base-model family (`base_models`' name) into the marker."""
+    directory = pathlib.Path(directory).resolve()
+    marker = _read_marker(directory)
+    marker["family"] = family
+    (directory / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True))
+
+
+def recorded_family(directory: str | os.PathLike) -> str | None:
+    """The family the marker records (None: a folder converted before it was recorded)."""
+    return _read_marker(pathlib.Path(directory).resolve()).get("family")
+
+
 def read_converted_config(directory: str | os.PathLike, component: str, config_cls: type) -> Any:
     """The config of `component` in a converted folder (its JSON marker; no weights read)."""
     directory = pathlib.Path(directory).resolve()
