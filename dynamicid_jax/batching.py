@@ -159,12 +159,13 @@ def request_details(request, cache: ConditioningCache) -> dict:
 
 
 def mask_rows(requests, latent_hw: tuple[int, int]) -> dict[str, np.ndarray]:
-    """{"masks": (N, n, h, w) float32, "mask_used": (N, n) bool}: each person's mask averaged
-    on the latent grid (`masks.latent_coverage`; zeros where the region is a box)."""
-    coverage = [[masks.latent_coverage(ident.mask, (r.height, r.width), latent_hw) if ident.mask is not None
-                 else np.zeros(latent_hw, np.float32) for ident in r.identities] for r in requests]
+    """{"masks": (N, n, H, W) bool, "mask_used": (N, n) bool}: each person's region on the
+    picture's pixels (`masks.picture_region`, the rule of dynamicid/regions.py; False where
+    the region is a box)."""
+    regions = [[masks.picture_region(ident.mask, (r.height, r.width), latent_hw) if ident.mask is not None
+                else np.zeros((r.height, r.width), bool) for ident in r.identities] for r in requests]
     used = [[ident.mask is not None for ident in r.identities] for r in requests]
-    return {"masks": np.asarray(coverage, np.float32), "mask_used": np.asarray(used, bool)}
+    return {"masks": np.asarray(regions, bool), "mask_used": np.asarray(used, bool)}
 
 
 def noise_rows(items: list[ImageItem], latent_hwc: tuple[int, int, int]) -> np.ndarray:

@@ -241,13 +241,13 @@ def validate_request(request: SampleRequest, vae_factor: int, label=flag_label, 
 
 
 def check_masks(request: SampleRequest, vae_factor: int) -> None:
-    """Read every mask file of the request once (masks.latent_coverage: readable, the picture's
+    """Read every mask file of the request once (masks.picture_region: readable, the picture's
     aspect ratio, not empty, covering a latent cell); InputError naming the file otherwise."""
     picture = (request.height, request.width)
     for i, ident in enumerate(request.identities):
         if ident.mask is not None:
             try:
-                masks.latent_coverage(ident.mask, picture, (request.height // vae_factor, request.width // vae_factor))
+                masks.picture_region(ident.mask, picture, (request.height // vae_factor, request.width // vae_factor))
             except masks.MaskError as e:
                 raise InputError(f"identity {i}: {e}") from None
 
