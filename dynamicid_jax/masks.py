@@ -27,6 +27,7 @@ import numpy as np
 from dynamicid_jax import images
 from dynamicid_jax.dynamicid.regions import mask_cells
 from dynamicid_jax.errors import UserError
+from dynamicid_jax.input_files import file_sha256
 
 
 class MaskError(UserError, ValueError):
@@ -95,7 +96,7 @@ def picture_region(path, picture_hw: Sequence[int], latent_hw: Sequence[int]) ->
 
 def record(path) -> dict:
     """What a sidecar keeps of a mask file: {"file", "sha256"} (--from_json checks the bytes)."""
-    return {"file": str(path), "sha256": hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()}
+    return {"file": str(path), "sha256": file_sha256(path)}
 
 
 def check_unchanged(records, where: str) -> None:
@@ -103,5 +104,5 @@ def check_unchanged(records, where: str) -> None:
     the sidecar, e.g. "--from_json out/0.json")."""
     for rec in records or []:
         file = pathlib.Path(rec["file"])
-        if file.is_file() and hashlib.sha256(file.read_bytes()).hexdigest() != rec["sha256"]:
+        if file.is_file() and file_sha256(file) != rec["sha256"]:
             raise MaskError(f"{where}: mask {file} changed since (sha256 differs from the sidecar's)")

@@ -95,6 +95,15 @@ class SampleRequest:
             self.negative_prompt = textual_inversion.with_names(
                 self.negative_prompt, [pathlib.Path(p).stem for p in self.negative_embeddings])
 
+    def input_files(self) -> list[str]:
+        """Every file the picture is made from, in a fixed order: each identity's reference
+        photos, target-landmark photo and mask, then the textual-inversion files. (Their
+        bytes are recorded in the sidecar: `outputs.input_records`.)"""
+        files = []
+        for ident in self.identities:
+            files += list(ident.refs) + [p for p in (ident.target_landmarks, ident.mask) if p]
+        return files + list(self.negative_embeddings)
+
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
         if not data["negative_embeddings"]:  # so sidecars from before this field still match (outputs.reusable)

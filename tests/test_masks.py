@@ -203,6 +203,35 @@ def test_sidecar_refuses_a_changed_mask(test_assets, tmp_path):
         == str(tmp_path / "m.png")
 
 
+def test_a_rerun_reuses_a_picture_only_while_its_input_files_keep_their_bytes(test_assets, tmp_path):
+    """outputs.reusable: same request, same paths, other bytes (a mask, a reference photo) is
+    a stale picture, not a finished one (< 1 s: a stand-in sampler, the real writer and engine)."""
+    import shutil
+
+    from dynamicid_jax import outputs
+    from dynamicid_jax.generation import run_request
+
+    mask, ref = _png(tmp_path / "m.png", _box_mask([0, 0, 1, 0.5])), tmp_path / "ref.jpg"
+    shutil.copy(test_assets / "obama.jpg", ref)
+    request = SampleRequest(identities=[IdentityRequest(refs=[str(ref)], mask=mask)], height=SIDE, width=SIDE)
+
+    def sampler(items):  # what the pipeline's sampler records of the inputs (batching.request_details)
+        calls.append(len(items))
+        return np.zeros((len(items), SIDE, SIDE, 3), np.uint8), [{"input_files": outputs.input_records(request)}]
+
+    calls, run = [], lambda: run_request(None, request, tmp_path / "out", sampler=sampler, provenance={})
+    run()
+    assert run().reused == 1 and calls == [1]
+    _png(mask, _box_mask([0, 0.5, 1, 1]))  # the same path, another region
+    with pytest.raises(outputs.StaleImageError, match="other bytes of .*m.png"):
+        run()
+    _png(mask, _box_mask([0, 0, 1, 0.5]))
+    assert run().reused == 1
+    shutil.copy(test_assets / "biden.jpg", ref)  # reference photos likewise
+    with pytest.raises(outputs.StaleImageError, match="other bytes of .*ref.jpg"):
+        run()
+
+
 # ----------------------------------------------------------------------------- on the demo model
 
 
@@ -233,6 +262,8 @@ def test_a_box_and_the_mask_that_draws_it_give_the_same_bytes(pipeline, test_ass
     mixed, _ = pipeline.generate(_two(test_assets, dict(mask=a), dict(box=second)))
     assert boxes.tobytes() == both.tobytes() == mixed.tobytes()
     assert details["boxes_used"] == [None, None] and [m["file"] for m in details["masks"]] == [a, b]
+    assert [r["file"] for r in details["input_files"]] == [str(test_assets / "obama.jpg"), a,
+                                                           str(test_assets / "0-f15-hao-ph.jpg"), b]
     # a mask is a traced input: other masks, another shape of region, no new program
     circle = _png(tmp_path / "c.png", _circle(24, 20, 16))
     other, _ = pipeline.generate(_two(test_assets, dict(mask=circle), dict(mask=b)))

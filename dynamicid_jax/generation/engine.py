@@ -196,7 +196,7 @@ def run_jobs(
     batches = plan_batches(jobs, batch_size, index, count)
     record = public or (lambda request, details: (request, details))
     finished = {job.path for batch in batches for job in batch
-                if outputs.reusable(job.path, record(job.item.request, {})[0], provenance)}
+                if outputs.reusable(job.path, record(job.item.request, {})[0], provenance, job.item.request)}
     stats = RunStats(reused=len(finished))
     total = sum(len(b) for b in batches)
     desc = "images" if count == 1 else f"images p{index}"
