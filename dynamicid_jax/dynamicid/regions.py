@@ -20,16 +20,19 @@ grid, for every box on the pixel grid (tests/test_masks.py, and the bytes on the
 No rule that weighs a cell's covered area can do that: the cut keeps a cell a box enters
 by one pixel before its far edge and drops one the box fills but for its last pixel row,
 whatever the covered share; on a box the rule must be this sampling, and away from boxes
-any other choice would be a second, unmotivated rule. So the cells of a mask, like a
-box's, may reach up to one cell above and left of the drawn area, never below or right.
+any other choice would be a second, unmotivated rule. A cell is in when its bottom-right
+pixel is, so a region's cells may spill up to one cell above and left of the drawn area,
+as a box's do, and never below or right of its extent.
 
-Transport: a mask travels on the picture's pixels, (H, W) bool, the rule applied at the
-picture's grid (`mask_cells(mask, (H, W))`: each picture pixel takes the mask's pixel just
-before its far corner; the mask itself when it has the picture's size); each attention
-grid then applies the rule to that. The two steps equal the rule on the mask itself
-whenever the mask's side divides the picture's or is a multiple of it and the region is
-drawn on the picture's pixels (nested ceilings: ceil(ceil(x)/k) = ceil(x/k)); in particular
-for any box on the picture's pixel grid, at any mask size that is such a divisor or multiple.
+Transport: a mask travels on the picture's pixels, (H, W) bool, `mask_cells(mask, (H, W))`
+(each picture pixel takes the mask's pixel just before its far corner: the mask itself when
+it has the picture's size), and each attention grid applies the rule to that. Not on the
+latent grid: the UNet's grids halve rounding up (a 72 px picture: 9, 5, 3 cells), so a
+coarse cell's last pixel is in general no latent cell's last pixel, while every grid's is
+a picture pixel. The two steps are the rule on the mask itself when the mask's side divides
+the picture's (nested ceilings: ceil(ceil(x)/k) = ceil(x/k)), or is a multiple of it and the
+region is drawn on the picture's pixels; so a box on the picture's pixel grid and its drawn
+mask at the picture's size, a divisor or a multiple of it, agree on every grid.
 """
 
 from __future__ import annotations
