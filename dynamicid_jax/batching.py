@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dynamicid_jax import masks, outputs
+from dynamicid_jax import masks
 from dynamicid_jax.base_models import conditioning as text_conditioning
 from dynamicid_jax.base_models.conditioning import TextConditioning
 from dynamicid_jax.dynamicid.saa import alpha_steps, default_boxes
@@ -142,14 +142,13 @@ class ConditioningCache:
 
 
 def request_details(request, cache: ConditioningCache) -> dict:
-    """The sidecar's `resolved` section: boxes, identities' prompts, alpha as a step count,
-    every input file's sha256 and, when used, each textual-inversion file's name, sha256 and
-    vector count and each mask's sha256."""
+    """The sidecar's `resolved` section: boxes, identities' prompts, alpha as a step count and,
+    when used, each textual-inversion file's name, sha256 and vector count and each mask's
+    sha256 (the engine adds every input file's: `outputs.input_records`)."""
     details = {
         "boxes_used": request_boxes(request).tolist() if uses_boxes(request) else None,
         "identities_used": [cache.identity(ident)[1] for ident in request.identities],
         "alpha_steps": alpha_steps(request.alpha, request.steps),
-        "input_files": outputs.input_records(request),  # reuse needs these bytes (outputs.reusable)
     }
     if uses_masks(request):
         details["boxes_used"] = [None if ident.mask else box for ident, box in zip(request.identities,

@@ -74,7 +74,8 @@ def _differences(stored: dict, current: dict) -> list[str]:
 
 def input_records(request: "SampleRequest") -> list[dict]:
     """What a sidecar keeps of the files the picture is made from: [{"file", "sha256"}] in
-    `request.input_files()` order (`reusable` compares the sha256s by position)."""
+    `request.input_files()` order (`reusable` compares the sha256s by position). The engine
+    records them when it writes a picture (`resolved.input_files`)."""
     return [{"file": str(path), "sha256": file_sha256(path)} for path in request.input_files()]
 
 

@@ -215,6 +215,7 @@ def run_jobs(
             for job, image, detail in zip(batch, images, details):
                 if job.path in finished:
                     continue
+                detail = dict(detail, input_files=outputs.input_records(job.item.request))  # outputs.reusable's
                 outputs.save_image(job.path, image, *record(job.item.request, detail), provenance, job.item.index)
                 stats.generated += 1
                 stats.written.append(job.path)
