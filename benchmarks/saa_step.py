@@ -65,7 +65,10 @@ def main():
     from dynamicid_jax.dynamicid import published_weights as pw
     from dynamicid_jax.dynamicid.saa import SAAConfig, identity_conditioning
     from dynamicid_jax.models.torch_import import import_params
-    from dynamicid_jax.models.unet import UNet2DConditionModel, UNetConfig, unet_abstract_params, unet_key_fn
+    import dataclasses
+
+    from dynamicid_jax.base_models import sd15
+    from dynamicid_jax.models.unet import UNet2DConditionModel, unet_abstract_params, unet_key_fn
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     torch_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
@@ -78,10 +81,10 @@ def main():
     torch.manual_seed(0)
     torch_unet = TorchUNet(block_out_channels=channels, cross_attention_dim=768, sample_size=64).eval()
     state_dict = {k: v.detach().numpy() for k, v in torch_unet.state_dict().items()}
-    plain = UNet2DConditionModel(UNetConfig.sd15(**overrides), dtype=dtype)
+    plain = UNet2DConditionModel(dataclasses.replace(sd15.unet_config(), **overrides), dtype=dtype)
     plain_params = import_params(unet_abstract_params(plain), state_dict, unet_key_fn, model_name="unet")
     del state_dict
-    saa = UNet2DConditionModel(UNetConfig.sd15(lora_rank=128, saa=SAAConfig(), **overrides), dtype=dtype)
+    saa = UNet2DConditionModel(dataclasses.replace(sd15.unet_config(), lora_rank=128, saa=SAAConfig(), **overrides), dtype=dtype)
     saa_params = pw.init_dynamicid_unet_params(plain_params, jax.random.PRNGKey(0), 128)
     cast = lambda tree: jax.tree.map(lambda a: a.astype(dtype), tree)  # noqa: E731
     plain_params, saa_params = jax.device_put((cast(plain_params), cast(saa_params)))

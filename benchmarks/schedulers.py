@@ -164,12 +164,13 @@ def bench_lora_merge(rank: int):
     from flax import traverse_util
     from safetensors.numpy import save_file
 
-    from dynamicid_jax.models.clip import CLIPTextConfig, CLIPTextModel
+    from dynamicid_jax.base_models import sd15
+    from dynamicid_jax.models.clip import CLIPTextModel
     from dynamicid_jax.models.lora_files import component_targets, merge_lora_file
-    from dynamicid_jax.models.unet import UNet2DConditionModel, UNetConfig, unet_abstract_params
+    from dynamicid_jax.models.unet import UNet2DConditionModel, unet_abstract_params
 
-    unet_shapes = unet_abstract_params(UNet2DConditionModel(UNetConfig()))
-    text = CLIPTextModel(CLIPTextConfig.sd15())
+    unet_shapes = unet_abstract_params(UNet2DConditionModel(sd15.unet_config()))
+    text = CLIPTextModel(sd15.text_config())
     text_shapes = jax.eval_shape(lambda: text.init(jax.random.key(0), jnp.zeros((1, 77), jnp.int32)))["params"]
     # np.zeros is lazily committed by the OS: only the merged leaves are really touched.
     zeros = lambda tree: traverse_util.unflatten_dict(  # noqa: E731

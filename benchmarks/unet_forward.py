@@ -67,10 +67,11 @@ def main():
     from diffusers import UNet2DConditionModel as TorchUNet
 
     from dynamicid_jax.models.torch_import import import_params
-    from dynamicid_jax.models.unet import UNet2DConditionModel, UNetConfig, unet_abstract_params, unet_key_fn
+    from dynamicid_jax.base_models import sd15
+    from dynamicid_jax.models.unet import UNet2DConditionModel, unet_abstract_params, unet_key_fn
 
     torch.set_num_threads(args.threads)
-    config = UNetConfig.sd15()
+    config = sd15.unet_config()
     if args.attention_block is not None:
         config = dataclasses.replace(config, attention_block=args.attention_block or None)
     torch.manual_seed(0)

@@ -103,6 +103,7 @@ def main(argv=None) -> dict:
         return summary
 
     from dynamicid_jax.data import extractors
+    from dynamicid_jax.training import stages
 
     from dynamicid_jax.base_models import default_config, native_resolution
 
@@ -134,7 +135,7 @@ def main(argv=None) -> dict:
         vision_encoder=args.vision_encoder,
         expression_model=args.expression_model,
         tiny_model_config=tiny_config,
-        need_expression=args.stage == "reconfig",
+        need_expression=stages.get(args.stage).needs_expression_model,
     )
     summary = precompute.run_precompute(job, ex)
     if ex.models.get("tiny_random"):

@@ -137,11 +137,13 @@ def add_model_args(parser: argparse.ArgumentParser, *, clip_skip: bool = True,
     None; the command resolves it).
     """
     add = parser.add_argument
-    add("--demo", action="store_true", help="tiny random model, no weights needed")
+    add("--demo", nargs="?", const=True, default=False, metavar="FAMILY",
+        help="tiny random model, no weights needed; --demo sdxl: the SDXL family's (default sd15)")
     add("--base_model", default=None, help="SD1.5 pipeline folder, single-file checkpoint or converted folder")
     add("--vision_encoder", default=None, help="CLIP ViT-H/14 image encoder folder (transformers)")
     add("--dynamicid", default=None,
-        help="release folder (SAA.bin, IMR.bin, key_point_encoder.bin) or a training workdir")
+        help="release folder (SAA.bin, IMR.bin, key_point_encoder.bin), a training workdir (SD1.5 or SDXL) "
+             "or the weights file launch/export.py made of one")
     add("--faces", default="default", help="'default' (offline YuNet/SFace) or a buffalo_l folder")
     add("--expression_model", default=None,
         help="fer emotion_model.hdf5 (automatic source prompts; default: the cache path)")

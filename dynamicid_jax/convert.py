@@ -29,6 +29,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from dynamicid_jax import base_models
 from dynamicid_jax.dynamicid import published_weights as pw
 from dynamicid_jax.errors import ConfigError, MissingFileError
 # The folder format (models/converted.py) lives below the loaders that read it.
@@ -83,7 +84,9 @@ def convert(
         raise ConfigError(f"--out {out}: {', '.join(taken)} exist(s) already; choose an empty --out folder")
     written = []
     for component, source in sources.items():
-        module, params = _loader(component)(source)
+        # A single file carries no config: its family's (None for folders and SDXL's shapes).
+        config = base_models.single_file_config(source, component) if component in BASE_MODEL_COMPONENTS else None
+        module, params = _loader(component)(source, **({"config": config} if config is not None else {}))
         config = getattr(module, "config", None)
         if not dataclasses.is_dataclass(config):
             raise TypeError(f"{component}: loader's module has no dataclass `.config` to record")

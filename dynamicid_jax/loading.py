@@ -1,14 +1,16 @@
 """Assemble a ready DynamicIDPipeline from files (real weights, a training run) or the demo.
 
 Four sources of weights, one result:
-  demo         the family's tiny model with THE tiny random weights (`modeling.tiny_random_params`).
+  demo         a family's tiny model (`demo=True` or "sd15": SD1.5's; "sdxl": SDXL's) with THE
+               tiny random weights (`modeling.tiny_random_params`), identity branch included.
   release      SD1.5 + CLIP ViT-H/14 + the authors' SAA.bin/IMR.bin/key_point_encoder.bin.
   base only    a base model (any family, detected from its files) without DynamicID weights:
                the UNet without the identity branch, plain text-to-image (said in the log
                and the sidecar's provenance: "identity_branch": "absent").
-  training run a `launch/train.py` workdir: its config.json fixes the architecture; trained
-               components from its newest checkpoint, the rest from the base model it
-               started from (the tiny random one for tiny runs, else --base_model /
+  training run a `launch/train.py` workdir, or the one weights file `launch/export.py` made
+               of it (`dynamicid/weights_file.py`): its config fixes the architecture; trained
+               components from its newest checkpoint (or the file), the rest from the base
+               model it started from (the tiny random one for tiny runs, else --base_model /
                --vision_encoder).
 Nothing falls back: a missing component is an error naming it.
 """
@@ -29,7 +31,7 @@ from dynamicid_jax.pipeline import DynamicIDPipeline
 from dynamicid_jax.request import InputError
 
 DEMO_NOTICE = (
-    "DEMO MODE: tiny model with RANDOM weights (configs/tiny.py). Pictures will be noise-like; "
+    "DEMO MODE: tiny model with RANDOM weights (configs/tiny.py; --demo sdxl: SDXL's). Pictures will be noise-like; "
     "pass --base_model/--vision_encoder/--dynamicid for real pictures."
 )
 ABSENT_NOTICE = ("identity branch: absent (no --dynamicid weights): plain text-to-image from the base model; "
@@ -40,12 +42,16 @@ EDIT_COMPONENTS = ("imr", "keypoint_encoder")
 
 
 def training_run_config(dynamicid: Optional[str]):
-    """The config.json of a training workdir named by `dynamicid`, or None for anything else."""
+    """The config.json of a training workdir named by `dynamicid` (or the config a weights file
+    of one carries), or None for anything else."""
     if not dynamicid:
         return None
+    from dynamicid_jax.dynamicid import weights_file
     from dynamicid_jax.dynamicid.published_weights import find_release_file
 
     path = pathlib.Path(dynamicid)
+    if weights_file.is_weights_file(path):
+        return weights_file.read_config(path)
     if find_release_file(path, "SAA") is not None or not path.exists():
         return None
     from dynamicid_jax.training.checkpoints import find_workdir
@@ -84,7 +90,20 @@ def _sampling_config(demo: bool, run, base_model: Optional[str] = None):
         # diffusers' default size: the UNet's sample_size x the VAE factor, as the files say
         config.sampling.height = config.sampling.width = base_models.native_resolution(config.model)
         return config
-    return base_models.default_config(tiny=demo)
+    return base_models.default_config(tiny=bool(demo), family=demo_family(demo) or "sd15")
+
+
+def demo_family(demo) -> Optional[str]:
+    """The family of the tiny random demo model `demo` asks for: None (no demo), True (SD1.5's)
+    or a family name (`--demo sdxl`)."""
+    if not demo:
+        return None
+    if demo is True:
+        return "sd15"
+    try:
+        return base_models.get(demo).name
+    except ValueError as e:
+        raise InputError(f"--demo {demo}: {e}") from None
 
 
 def identity_branch(demo: bool, dynamicid: Optional[str]) -> bool:
@@ -102,15 +121,9 @@ def _expressions(path: Optional[str]):
     return load_expression_classifier(target)
 
 
-def _tiny_tokenizer():
-    from dynamicid_jax.tokenizer import tiny_tokenizer
-
-    return tiny_tokenizer()
-
-
 def load_pipeline(
     *,
-    demo: bool = False,
+    demo: bool | str = False,
     base_model: Optional[str] = None,
     vision_encoder: Optional[str] = None,
     dynamicid: Optional[str] = None,
@@ -157,13 +170,14 @@ def load_pipeline(
             raise InputError("--demo uses random weights: drop --base_model/--vision_encoder/--dynamicid")
         log(DEMO_NOTICE)
         params = modeling.tiny_random_params(modules, seed=0)
-        tokenizer = _tiny_tokenizer()
-        provenance = {"weights": f"tiny random (configs/tiny.py, seed 0, {modeling.TINY_PRNG_IMPL} PRNG)"}
+        tokenizer = modules.family.tiny_tokenizer()
+        provenance = {"weights": f"tiny random (base_models.{modules.family.name}.tiny_model_config, seed 0, "
+                                 f"{modeling.TINY_PRNG_IMPL} PRNG)"}
     elif run is not None and run_base(run)[0]:
         log(TINY_NOTICE)
         params = _without_edit_components(modeling.tiny_random_params(modules, seed=0))
-        params.update(_trained(dynamicid, modules))
-        tokenizer = _tiny_tokenizer()
+        params.update(_trained(dynamicid, modules, params["unet"]))
+        tokenizer = modules.family.tiny_tokenizer()
         provenance = {"weights": f"training run {dynamicid} on the tiny random base model"}
     else:
         base_model = base_model or (run_base(run)[1] if run is not None else None)
@@ -177,9 +191,13 @@ def load_pipeline(
                                               dynamicid=pathlib.Path(dynamicid))
         else:
             params = modeling.load_pretrained(modules, base_model=base_model, vision_encoder=vision_encoder)
-            params.update(_trained(dynamicid, modules))
+            params.update(_trained(dynamicid, modules, params["unet"]))
         tokenizer = modules.family.load_tokenizer(base_model)
         provenance = {"base_model": str(base_model), "vision_encoder": str(vision_encoder), "dynamicid": str(dynamicid)}
+    # As the base-only branch says "absent", every sidecar names the family and the branch
+    # (pictures made before these keys are refused on a rerun into the same --out, naming them).
+    if with_identity:
+        provenance.update(family=modules.family.name, identity_branch="present")
     if analyzer is not None:
         provenance["faces"] = analyzer.name
     if loras:
@@ -214,8 +232,12 @@ def _without_edit_components(params: dict) -> dict:
     return {k: v for k, v in params.items() if k not in EDIT_COMPONENTS}
 
 
-def _trained(dynamicid: str, modules) -> dict:
-    """Trained components of a workdir; the IMR pair only when the run trained it."""
+def _trained(dynamicid: str, modules, base_unet) -> dict:
+    """Trained components of a workdir or its weights file; the IMR pair only when the run
+    trained it. base_unet: the UNet tree whose base leaves a weights file's LoRA joins."""
+    from dynamicid_jax.dynamicid import weights_file
     from dynamicid_jax.training.checkpoints import load_trained_params
 
+    if weights_file.is_weights_file(dynamicid):
+        return weights_file.load(dynamicid, modules, base_unet)
     return load_trained_params(dynamicid, modules)

@@ -16,6 +16,7 @@ They come from `load_pretrained(...)` (real weights, strict) or `tiny_random_par
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Optional
 
@@ -25,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from dynamicid_jax import base_models, random_init
+from dynamicid_jax.dynamicid import saa_blocks
 from dynamicid_jax.dynamicid.face_projection import FaceProjection
 from dynamicid_jax.dynamicid.imr import IMR
 from dynamicid_jax.dynamicid.keypoint_encoder import KeyPointEncoder
@@ -94,12 +96,19 @@ def build_modules(model: ml_collections.ConfigDict, dtype=jnp.float32, vae_dtype
     was an SD1.5 run on SD1.5's schedule: those two take the sd15 family's values."""
     family = base_models.of(model).configured(model)
     scheduler = model.get("scheduler") or family.model_config().scheduler
-    branch = dict(lora_rank=model.lora_rank, saa=SAAConfig(threshold=model.saa_threshold)) if identity_branch else {}
+    blocks = tuple(model.get("saa_blocks") or ())  # a run's config.json from before the field: every attn2
+    saa = SAAConfig(threshold=model.saa_threshold, blocks=blocks)
+    branch = dict(lora_rank=model.lora_rank, saa=saa) if identity_branch else {}
     unet_config = UNetConfig(**_tuple_fields(model.unet.to_dict()), **branch)
+    if identity_branch:
+        saa_blocks.selected_names(blocks, unet_config)  # ConfigError naming a pattern that selects nothing
     text_config = CLIPTextConfig(**_tuple_fields(model.text.to_dict()))
     text_2 = model.get("text_2")
     vision_config = CLIPVisionConfig(**_tuple_fields(model.vision.to_dict()))
-    width = unet_config.cross_attention_dim
+    # Identity tokens are as wide as the UNet's context (768 SD1.5, 2048 SDXL); IMR's motion
+    # inputs, the landmark feature and the face-prompt feature, are CLIP-L's width on both
+    # (the release: 768 + 768), so the keypoint encoder is the same on every family.
+    width, motion = unet_config.cross_attention_dim, text_config.hidden_size
     return DynamicIDModules(
         family=family,
         scheduler=SchedulerConfig(**scheduler.to_dict()),
@@ -110,11 +119,9 @@ def build_modules(model: ml_collections.ConfigDict, dtype=jnp.float32, vae_dtype
         face_projection=FaceProjection(
             clip_dim=vision_config.hidden_size, width=width, dtype=dtype, **model.face_projection.to_dict()
         ),
-        imr=IMR(
-            id_dim=width, landmark_dim=width, text_dim=text_config.hidden_size, dtype=dtype, **model.imr.to_dict()
-        ),
+        imr=IMR(id_dim=width, landmark_dim=motion, text_dim=motion, dtype=dtype, **model.imr.to_dict()),
         keypoint_encoder=KeyPointEncoder(
-            embedding_dim=width, dtype=dtype, **_tuple_fields(model.keypoint_encoder.to_dict())
+            embedding_dim=motion, dtype=dtype, **_tuple_fields(model.keypoint_encoder.to_dict())
         ),
         text_encoder_2=None if text_2 is None else CLIPTextModel(CLIPTextConfig(**_tuple_fields(text_2.to_dict())),
                                                                   dtype=dtype),
@@ -144,7 +151,7 @@ def _dummy_inputs(modules: DynamicIDModules) -> dict[str, tuple]:
         "vision_encoder": (jnp.zeros((1, vis.image_size, vis.image_size, vis.num_channels)),),
         "face_projection": (jnp.zeros((1, modules.id_dim)), jnp.zeros((1, vis.num_positions, vis.hidden_size))),
         "imr": (jnp.zeros((1, tokens, width)),)
-        + (jnp.zeros((1, width)), jnp.zeros((1, modules.imr.text_dim))) * 2,
+        + (jnp.zeros((1, modules.imr.landmark_dim)), jnp.zeros((1, modules.imr.text_dim))) * 2,
         "keypoint_encoder": (jnp.zeros((1, kpe.image_size, kpe.image_size, kpe.in_channels)),),
         "unet": unet_inputs,
     }
@@ -244,10 +251,12 @@ def load_base_model(modules: DynamicIDModules, base_model: str | os.PathLike) ->
     from dynamicid_jax.models import load_text_encoder, load_unet, load_vae
 
     params: Params = {}
-    _, params["unet"] = load_unet(base_model)
-    _, params["vae"] = load_vae(base_model)
+    config = functools.partial(base_models.single_file_config, base_model)  # a single file carries none
+    _, params["unet"] = load_unet(base_model, config=config("unet"))
+    _, params["vae"] = load_vae(base_model, config=config("vae"))
     for name in ("text_encoder",) + tuple(n for n in OPTIONAL_COMPONENTS if getattr(modules, n) is not None):
-        _, params[name] = load_text_encoder(base_model, component=name)
+        _, params[name] = load_text_encoder(base_model, component=name,
+                                            config=config(name) if name == "text_encoder" else None)
     return params
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamicid_jax import batching, denoising, schedulers
+from dynamicid_jax import base_models, batching, denoising, schedulers
 from dynamicid_jax.base_models import TextConditioning
 from dynamicid_jax.batching import ImageItem
 from dynamicid_jax.modeling import DynamicIDModules, Params
@@ -81,6 +81,16 @@ class DynamicIDPipeline:
         self._project = jax.jit(lambda p, e, c: modules.face_projection.apply({"params": p}, e, c))
         self._landmark_features = jax.jit(lambda v, x: modules.keypoint_encoder.apply(v, x, train=False))
         self._reconfigure = jax.jit(lambda p, *a: modules.imr.apply({"params": p}, *a))
+
+    def complete(self, request: SampleRequest) -> SampleRequest:
+        """`request` with a size: a request built without one (height and width None) gets the
+        base model's native size (`base_models.native_size` of the loaded UNet and VAE: SD1.5
+        512, SDXL 1024), filled in place so that its sidecar records the size drawn. The one
+        place a request's size is resolved; every entry that draws a request calls it."""
+        if request.height is None and request.width is None:
+            request.height, request.width = base_models.native_size(self.modules.unet.config.sample_size,
+                                                                    self.modules.vae_scale_factor)
+        return request
 
     # -- identity -------------------------------------------------------------------------
 
@@ -242,6 +252,8 @@ class DynamicIDPipeline:
         activation_maps/activation_steps: as `generate` (rows beyond len(items) dropped).
         Returns (images uint8 (len(items), H, W, 3), one details dict per item for its sidecar).
         """
+        for item in items:
+            self.complete(item.request)
         return self._sample(list(items), self.conditioning, mesh, pad_to, activation_maps, activation_steps)
 
     def _sample(self, items, cache, mesh=None, pad_to=None, activation_maps=None, activation_steps=()):
@@ -290,7 +302,8 @@ class DynamicIDPipeline:
         maps (dynamicid/activation_maps.py) at the 0-based `activation_steps`; compiles a
         separate program, so leave None for plain sampling.
         """
-        validate_request(request, self.modules.vae_scale_factor, identity_branch=self.modules.identity_branch)
+        validate_request(self.complete(request), self.modules.vae_scale_factor,
+                         identity_branch=self.modules.identity_branch)
         items = [ImageItem(request, k) for k in range(request.num_images)]
         self.conditioning.prepare(request)  # faces and tokens first: a photo without a face fails here
         self._progress = progress(request.steps) if progress is not None else None
@@ -305,7 +318,8 @@ class DynamicIDPipeline:
         """Compile the denoising program for `request`'s shapes (size, batch, identity count,
         boxes) without reading its photos: zero identity tokens, one step. report_steps: the
         program with per-step progress (what `generate(request, progress=...)` runs)."""
-        validate_request(request, self.modules.vae_scale_factor, identity_branch=self.modules.identity_branch)
+        validate_request(self.complete(request), self.modules.vae_scale_factor,
+                         identity_branch=self.modules.identity_branch)
         request = dataclasses.replace(request, steps=1, alpha=0)
         items = [ImageItem(request, k) for k in range(request.num_images)]
         self._progress = (lambda: None) if report_steps else None

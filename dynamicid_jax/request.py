@@ -74,8 +74,10 @@ class SampleRequest:
     seed: int = 0
     steps: int = 50
     guidance: float = 5.0
-    height: int = 512
-    width: int = 512
+    # None: the base model's native size, filled in by the pipeline that draws the request
+    # (`DynamicIDPipeline.complete`), so the sidecar records the size drawn.
+    height: Optional[int] = None
+    width: Optional[int] = None
     num_images: int = 1
     alpha: float | int = 3
     beta: float = 4.0
@@ -172,7 +174,8 @@ def validate_request(request: SampleRequest, vae_factor: int, label=flag_label, 
     finite and > -1 (the layout divides by beta + 1); alpha an int step count >= 0 or a
     float fraction of the steps in (0, 1]; steps in [1, 1000]; height and width positive
     multiples of `vae_factor`, each at most MAX_IMAGE_SIDE px, and num_images x height x
-    width at most MAX_BATCH_PIXELS (larger latents would not fit a device's memory).
+    width at most MAX_BATCH_PIXELS (larger latents would not fit a device's memory), or both
+    None (the base model's native size: checked again once the pipeline has filled it in).
     """
     if not isinstance(request.identities, list) or not all(isinstance(i, IdentityRequest) for i in request.identities):
         raise InputError(f"{label('identities')} must be a list of identities, got {request.identities!r}")
@@ -205,10 +208,14 @@ def validate_request(request: SampleRequest, vae_factor: int, label=flag_label, 
             raise InputError(f"{label('mix')} must be in [0, 1], got {request.mix}")
     if not isinstance(request.gating, (bool, np.bool_)):
         raise InputError(f"{label('gating')} must be true or false, got {request.gating!r}")
-    for name in ("seed", "steps", "num_images", "height", "width", "clip_skip"):
+    sized = request.height is not None and request.width is not None  # else the pipeline fills both
+    for name in ("seed", "steps", "num_images", "clip_skip") + (("height", "width") if sized else ()):
         if not _is_int(getattr(request, name)):
             raise InputError(f"{label(name)} must be an integer, got {getattr(request, name)!r}")
-    for name in ("height", "width"):
+    if (request.height is None) != (request.width is None):
+        raise InputError(f"{label('height')} and {label('width')} come together (or neither: the base model's "
+                         f"native size), got {request.height!r} and {request.width!r}")
+    for name in ("height", "width") if sized else ():
         value = getattr(request, name)
         if value <= 0 or value % vae_factor:
             raise InputError(f"{label(name)} must be a positive multiple of {vae_factor}, got {value}")
@@ -229,7 +236,7 @@ def validate_request(request: SampleRequest, vae_factor: int, label=flag_label, 
         raise InputError(f"{label('negative_embeddings')} must be a list of embedding file paths, got {embeddings!r}")
     if request.num_images < 1:
         raise InputError(f"{label('num_images')} must be >= 1, got {request.num_images}")
-    pixels = request.num_images * request.height * request.width
+    pixels = request.num_images * request.height * request.width if sized else 0
     if pixels > MAX_BATCH_PIXELS:
         raise InputError(
             f"{label('num_images')} {request.num_images} x {label('height')} {request.height} x {label('width')} "
@@ -251,7 +258,10 @@ def validate_request(request: SampleRequest, vae_factor: int, label=flag_label, 
 
 def check_masks(request: SampleRequest, vae_factor: int) -> None:
     """Read every mask file of the request once (masks.picture_region: readable, the picture's
-    aspect ratio, not empty, covering a latent cell); InputError naming the file otherwise."""
+    aspect ratio, not empty, covering a latent cell); InputError naming the file otherwise.
+    A request without a size yet is checked when the pipeline has filled it in."""
+    if request.height is None:
+        return
     picture = (request.height, request.width)
     for i, ident in enumerate(request.identities):
         if ident.mask is not None:

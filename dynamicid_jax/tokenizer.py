@@ -6,9 +6,11 @@ pipeline's `tokenizer/` folder (SDXL: also `tokenizer_2/`, whose files name "!" 
 token where tokenizer 1 pads with `<|endoftext|>`). Behaviour follows transformers' CLIPTokenizer (the
 `tokenizers`-backed one diffusers uses): NFC, runs of whitespace -> one space, per-character
 lowercase, CLIP's pre-tokenisation regex, GPT-2 byte-to-unicode mapping, BPE with `</w>` on
-the last symbol of each word, then `<|startoftext|> ... <|endoftext|>` padded to 77.
+the last symbol of each word, then `<|startoftext|> ... <|endoftext|>` padded to the text
+encoder's context (`max_length`: the folder's `model_max_length`, else the caller's, which is
+the text encoder's `max_position_embeddings`; this module assumes none).
 
-`write_tiny_vocab(folder)` writes a small valid vocabulary for offline tests and the demo.
+`write_tiny_vocab(folder, max_length)` writes a small valid vocabulary for offline tests and the demo.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ class CLIPTokenizer:
         eos_token: str = "<|endoftext|>",
         pad_token: str = "<|endoftext|>",
         unk_token: str = "<|endoftext|>",
-        max_length: int = 77,
+        max_length: int,
         fix_text: bool = False,
     ):
         self.vocab = dict(vocab)
@@ -116,10 +118,13 @@ class CLIPTokenizer:
         self._bpe_cache: dict[str, tuple[int, ...]] = {}
 
     @classmethod
-    def from_folder(cls, path: str | os.PathLike, subfolder: str = "tokenizer", **kwargs) -> "CLIPTokenizer":
+    def from_folder(cls, path: str | os.PathLike, subfolder: str = "tokenizer", *,
+                    fallback_max_length: int | None = None, **kwargs) -> "CLIPTokenizer":
         """From a pipeline folder (uses `subfolder`: `tokenizer`, or SDXL's `tokenizer_2`) or a
         tokenizer folder: vocab.json + merges.txt, else tokenizer.json. Special tokens (the pad
-        token among them) come from the folder's own tokenizer_config.json/special_tokens_map.json."""
+        token among them) come from the folder's own tokenizer_config.json/special_tokens_map.json.
+        The length: `max_length=` when given, else the folder's `model_max_length`, else
+        `fallback_max_length` (the text encoder's context); FileFormatError when none says it."""
         path = pathlib.Path(path)
         folder = path / subfolder if _has_vocabulary(path / subfolder) else path
         if (folder / "vocab.json").is_file() or not (folder / "tokenizer.json").is_file():
@@ -146,7 +151,14 @@ class CLIPTokenizer:
         max_length = config.get("model_max_length")
         if isinstance(max_length, int) and max_length <= 4096:  # transformers writes 1e30 for "unset"
             options["max_length"] = max_length
+        elif fallback_max_length is not None:
+            options["max_length"] = fallback_max_length
         options.update(kwargs)
+        if "max_length" not in options:
+            from dynamicid_jax.input_files import FileFormatError
+
+            raise FileFormatError(f"{folder}: the tokenizer states no model_max_length (tokenizer_config.json); "
+                                  "its text encoder's max_position_embeddings says how many tokens a prompt takes")
         return cls(vocab, merges, **options)
 
     def _bpe(self, word: str) -> tuple[int, ...]:
@@ -238,8 +250,9 @@ def read_merges(path: str | os.PathLike) -> list[tuple[str, str]]:
 _TINY_WORDS = ("a", "photo", "of", "the", "person", "face", "is", "happy", "in", "and", "view", "front")
 
 
-def write_tiny_vocab(folder: str | os.PathLike) -> pathlib.Path:
-    """Write a small but valid CLIP vocabulary (vocab.json, merges.txt, tokenizer_config.json).
+def write_tiny_vocab(folder: str | os.PathLike, max_length: int) -> pathlib.Path:
+    """Write a small but valid CLIP vocabulary (vocab.json, merges.txt, tokenizer_config.json
+    stating `max_length`, the tiny text encoder's context, as its model_max_length).
 
     Layout as CLIP's: the 256 byte symbols, the same with `</w>`, merge results, then
     <|startoftext|> and <|endoftext|> last (so EOS has the largest id, which the legacy
@@ -268,7 +281,7 @@ def write_tiny_vocab(folder: str | os.PathLike) -> pathlib.Path:
         "eos_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>",
         "unk_token": "<|endoftext|>",
-        "model_max_length": 77,
+        "model_max_length": max_length,
     }
     atomic_write_text(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
     atomic_write_text(folder / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
@@ -276,8 +289,9 @@ def write_tiny_vocab(folder: str | os.PathLike) -> pathlib.Path:
     return folder
 
 
-def tiny_tokenizer(**kwargs) -> CLIPTokenizer:
-    """THE tokenizer of the tiny random base model: `write_tiny_vocab` in a temporary folder.
+def tiny_tokenizer(max_length: int, **kwargs) -> CLIPTokenizer:
+    """THE tokenizer of the tiny random base model: `write_tiny_vocab` in a temporary folder;
+    max_length: the tiny text encoder's context (its config's max_positions).
 
     Every consumer of that base model (the precompute job, the stage-2 prompt of a tiny
     training run, the demo and a sampler of a tiny run) tokenizes with it, so their ids agree.
@@ -285,4 +299,4 @@ def tiny_tokenizer(**kwargs) -> CLIPTokenizer:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        return CLIPTokenizer.from_folder(write_tiny_vocab(tmp), **kwargs)
+        return CLIPTokenizer.from_folder(write_tiny_vocab(tmp, max_length), **kwargs)

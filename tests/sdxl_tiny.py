@@ -74,6 +74,7 @@ def tiny_sdxl_components() -> dict:
     import transformers
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 
+    from dynamicid_jax.base_models.sd15 import TEXT_LENGTH
     from dynamicid_jax.tokenizer import write_tiny_vocab
 
     torch.manual_seed(0)
@@ -86,7 +87,7 @@ def tiny_sdxl_components() -> dict:
     text_encoder = transformers.CLIPTextModel(config)
     text_encoder_2 = transformers.CLIPTextModelWithProjection(config)
     with tempfile.TemporaryDirectory() as tmp:
-        vocab = write_tiny_vocab(pathlib.Path(tmp) / "vocab")
+        vocab = write_tiny_vocab(pathlib.Path(tmp) / "vocab", TEXT_LENGTH)
         tokenizer = transformers.CLIPTokenizer.from_pretrained(str(vocab))
         tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(str(vocab), pad_token=TOKENIZER_2_PAD)
     return dict(unet=unet.eval(), scheduler=scheduler, vae=vae.eval(), text_encoder=text_encoder.eval(),

@@ -145,6 +145,17 @@ def test_sdxl_sizes_dynamicid_by_the_seam():
     assert plain.unet.config.saa is None and plain.unet.config.lora_rank == 0 and not plain.identity_branch
     sd15 = modeling.build_modules(base_models.default_config(tiny=True).model)
     assert sd15.text_encoder_2 is None and sd15.components == modeling.COMPONENTS
+    # A request built without a size draws each family's native one (the pipeline's rule, on
+    # the modules alone: no weights, no compile).
+    from types import SimpleNamespace
+
+    from dynamicid_jax.pipeline import DynamicIDPipeline
+    from dynamicid_jax.request import SampleRequest
+
+    full_sd15 = modeling.build_modules(base_models.default_config().model)
+    for built, side in ((modules, 1024), (full_sd15, 512)):
+        request = DynamicIDPipeline.complete(SimpleNamespace(modules=built), SampleRequest(identities=[]))
+        assert (request.height, request.width) == (side, side)
 
 
 def test_sdxl_negative_zeroing_follows_model_index():

@@ -10,6 +10,7 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
+from dynamicid_jax.base_models import sd15
 from dynamicid_jax.models import clip, clip_weights
 from dynamicid_jax.models.torch_import import WeightImportError
 from parity import rel_l2
@@ -151,7 +152,7 @@ def test_full_size_parameter_counts():
         return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
 
     # Published sizes: SD1.5's text encoder 123,060,480; ViT-H/14 vision tower without its projection.
-    assert count(clip.CLIPTextModel(clip.CLIPTextConfig.sd15()), jax.ShapeDtypeStruct((1, 77), jnp.int32)) == 123_060_480
+    assert count(clip.CLIPTextModel(sd15.text_config()), jax.ShapeDtypeStruct((1, 77), jnp.int32)) == 123_060_480
     vit_h = clip.CLIPVisionModel(clip.CLIPVisionConfig.vit_h14())
     assert round(count(vit_h, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)) / 1e6, 1) == 630.8
     assert vit_h.config.num_positions == 257

@@ -14,6 +14,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from dynamicid_jax import convert  # noqa: E402
+from dynamicid_jax.base_models import sd15  # noqa: E402
 from dynamicid_jax.models import converted, torch_import  # noqa: E402
 from dynamicid_jax.models.unet import load_unet  # noqa: E402
 from parity import TINY_SD15_UNET as TINY_UNET, TINY_VAE  # noqa: E402
@@ -139,4 +140,4 @@ def test_errors_name_the_problem(folders, tmp_path):
     with pytest.raises(FileNotFoundError, match="SAA.bin"):
         convert.convert(None, tmp_path / "y", components=[], dynamicid=tmp_path)
     with pytest.raises(ValueError, match="only for single-file"):
-        load_vae(out, config=VAEConfig.sd15())
+        load_vae(out, config=sd15.vae_config())

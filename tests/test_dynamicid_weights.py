@@ -160,14 +160,18 @@ def _torch_numpy(module):
 
 def test_full_size_release_layouts_map_one_to_one():
     """The release-size state dicts import completely (every key used, every leaf filled)."""
+    from dynamicid_jax import modeling
+    from dynamicid_jax.base_models import sd15
+
+    release = modeling.build_modules(sd15.model_config())  # the release's sizes, as SD1.5 builds them (no init)
     torch.manual_seed(0)
-    kpe = pw.load_keypoint_encoder_variables(_torch_numpy(ref.KeyPointEncoder()), KeyPointEncoder())
+    kpe = pw.load_keypoint_encoder_variables(_torch_numpy(ref.KeyPointEncoder()), release.keypoint_encoder)
     assert kpe["params"]["blocks_6_1"]["conv"]["kernel"].shape == (1, 1, 512, 768)
     assert kpe["batch_stats"]["blocks_2_3"]["norm"]["var"].shape == (64,)
-    imr = pw.load_imr_params(_torch_numpy(ref.IMR()), IMR())
+    imr = pw.load_imr_params(_torch_numpy(ref.IMR()), release.imr)
     assert imr["entangle_0"]["self_attn"]["attn"]["to_v"]["kernel"].shape == (1024, 1024)
     proj = pw.load_face_projection_params(
-        {"proj_module." + k: v for k, v in _torch_numpy(ref.ProjPlusModel(768, 512, 1280, 4)).items()}, FaceProjection()
-    )
+        {"proj_module." + k: v for k, v in _torch_numpy(ref.ProjPlusModel(768, 512, 1280, 4)).items()},
+        release.face_projection)
     assert proj["perceiver_resampler"]["layers_3_attn"]["attn"]["to_k"]["kernel"].shape == (768, 768)
     assert proj["proj"]["fc2"]["kernel"].shape == (1024, 3072)

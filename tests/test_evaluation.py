@@ -26,6 +26,7 @@ from dynamicid_jax.generation import BatchSampler
 from dynamicid_jax.models.clip import clip_preprocess
 from dynamicid_jax.models.torch_import import WeightImportError
 from dynamicid_jax.request import read_image
+from dynamicid_jax.base_models.sd15 import TEXT_LENGTH
 from dynamicid_jax.tokenizer import write_tiny_vocab
 from parity import rel_l2
 from processes import finish_all
@@ -48,7 +49,7 @@ def clip_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clip")
     model = transformers.CLIPModel(config).eval()
     model.save_pretrained(folder)
-    write_tiny_vocab(folder)
+    write_tiny_vocab(folder, TEXT_LENGTH)
     return folder, model
 
 

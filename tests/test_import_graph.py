@@ -1,6 +1,7 @@
 """The package's layering, read from the source (AST only: nothing is imported or compiled).
 
-- `dynamicid_jax/models/` is generic SD code: it never imports `dynamicid_jax/dynamicid/`.
+- `dynamicid_jax/models/` is generic SD code: it never imports `dynamicid_jax/dynamicid/` nor
+  `dynamicid_jax/base_models/` (the families pass their configs down).
 - No import cycles among the package's modules, counting function-local imports (they run
   later, but a cycle through them still ties two modules into one) and the package
   `__init__` that importing `a.b.c` runs first. Imports under `if TYPE_CHECKING:` never run
@@ -121,6 +122,15 @@ def test_graph_sees_the_package():
 def test_models_never_import_dynamicid():
     graph = import_graph()
     bad = {m: sorted(t for t in targets if t.startswith(f"{PACKAGE}.dynamicid"))
+           for m, targets in graph.items() if m.startswith(f"{PACKAGE}.models")}
+    assert {m: t for m, t in bad.items() if t} == {}
+
+
+def test_models_never_import_base_models():
+    """The base-model families pass their configs down (`base_models.single_file_config`);
+    `models/` knows no family's numbers."""
+    graph = import_graph()
+    bad = {m: sorted(t for t in targets if t.startswith(f"{PACKAGE}.base_models"))
            for m, targets in graph.items() if m.startswith(f"{PACKAGE}.models")}
     assert {m: t for m, t in bad.items() if t} == {}
 

@@ -182,9 +182,10 @@ def test_anchor_manifest_and_rejects(anchor_output, anchor_input):
     assert feats["id_embedding"]["shape"] == [128]
     null = records.decode_example(records.specs_from_json(manifest["null_features"]["features"]),
                                   next(records.iter_records(anchor_output / shards.NULL_FEATURES)))
+    from dynamicid_jax.base_models.sd15 import TEXT_LENGTH
     from dynamicid_jax.tokenizer import CLIPTokenizer, write_tiny_vocab
 
-    tok = CLIPTokenizer.from_folder(write_tiny_vocab(anchor_output.parent / "vocab"))
+    tok = CLIPTokenizer.from_folder(write_tiny_vocab(anchor_output.parent / "vocab", TEXT_LENGTH))
     np.testing.assert_array_equal(null["input_ids"], tok([""])[0])
     assert null["clip_image_features"].shape == tuple(feats["clip_image_features"]["shape"])
 

@@ -83,6 +83,12 @@ def test_same_seed_same_bytes_and_step_count_does_not_recompile(pipeline, test_a
     assert d.tobytes() != a.tobytes()
     e, details = pipeline.generate(_request(test_assets, scheduler="dpmpp_2m_karras"))
     assert e.tobytes() != a.tobytes() and details["scheduler"]["use_karras_sigmas"]
+    # A library request without a size draws the base model's native one (the tiny model's 64 px,
+    # `pipeline.complete`) and records it, so its sidecar reproduces the picture.
+    unsized = _request(test_assets, height=None, width=None)
+    validate_request(unsized, pipeline.modules.vae_scale_factor)  # no size yet is a valid request
+    f, _ = pipeline.generate(unsized)
+    assert (unsized.height, unsized.width) == (64, 64) and f.tobytes() == a.tobytes()
     # Steps, guidance, alpha, beta, seed and sampler are traced: no new compiled denoising program.
     assert denoising.compiled_programs() == programs
     assert details["boxes_used"] == [[0.0, 0.0, 1.0, 0.5], [0.0, 0.5, 1.0, 1.0]]

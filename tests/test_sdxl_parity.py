@@ -18,6 +18,8 @@ Cost: about 40 s on 2 shared cores (torch/diffusers imports, writing the folder,
 compiles: the UNet, each encoder).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +27,7 @@ import pytest
 import torch
 import transformers
 
+from dynamicid_jax.base_models import sd15
 from dynamicid_jax.models import load_text_encoder, load_unet
 from dynamicid_jax.tokenizer import CLIPTokenizer
 from parity import rel_l2
@@ -105,7 +108,7 @@ def test_unet_added_cond_must_match_the_config(folder, unet_case):
     with pytest.raises(ValueError, match="projection_class_embeddings_input_dim 80"):
         module.apply({"params": params}, *args, added_cond={"text_embeds": x["text_embeds"],
                                                             "time_ids": x["time_ids"][:, :5]})
-    plain = module.clone(config=type(module.config).sd15(cross_attention_dim=64))
+    plain = module.clone(config=dataclasses.replace(sd15.unet_config(), cross_attention_dim=64))
     with pytest.raises(ValueError, match="added_cond is given"):
         plain.init(jax.random.key(0), *args, added_cond={"text_embeds": x["text_embeds"], "time_ids": x["time_ids"]})
 
@@ -178,7 +181,7 @@ def test_transformer_layer_counts_as_diffusers_reads_them():
     rule); the mid block takes the last level's first count. No model is built."""
     from dynamicid_jax.models.unet_config import UNetConfig
 
-    base = dict(block_out_channels=(64, 128), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    base = dict(block_out_channels=(64, 128), cross_attention_dim=32, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), num_attention_heads=(1, 2), norm_num_groups=8)
     per_level = UNetConfig(**base, transformer_layers_per_block=(1, 3))
     assert per_level.down_transformer_layers(1) == (3, 3) and per_level.up_transformer_layers(0) == (3, 3, 3)

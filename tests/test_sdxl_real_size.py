@@ -10,6 +10,7 @@
 Cost: about 25 s on 2 shared cores (tracing SDXL's 70 transformer blocks is most of it).
 """
 
+import dataclasses
 import json
 
 import jax
@@ -19,6 +20,7 @@ import torch
 from flax import traverse_util
 
 from dynamicid_jax import sharding
+from dynamicid_jax.base_models import sd15, sdxl
 from dynamicid_jax.models import converted
 from dynamicid_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from dynamicid_jax.models.clip_weights import clip_key_fn
@@ -47,14 +49,14 @@ def n_params(tree) -> int:
 @pytest.fixture(scope="module")
 def unet_shapes():
     config = UNetConfig.from_diffusers(SDXL_UNET_CONFIG)
-    assert config == UNetConfig.sdxl()
+    assert config == sdxl.unet_config()
     return unet_abstract_params(UNet2DConditionModel(config))
 
 
 @pytest.fixture(scope="module")
 def bigg_shapes():
     config = CLIPTextConfig.from_transformers({"architectures": ["CLIPTextModelWithProjection"], **SDXL_BIGG_CONFIG})
-    assert config == CLIPTextConfig.sdxl_bigg()
+    assert config == sdxl.text_2_config()
     ids = jax.ShapeDtypeStruct((1, config.max_positions), np.int32)
     return jax.eval_shape(CLIPTextModel(config).init, jax.random.PRNGKey(0), ids)["params"]
 
@@ -80,10 +82,17 @@ def meta_shapes(build) -> dict:
 
 
 @pytest.fixture(scope="module")
-def torch_unet():
+def torch_unet_model():
+    """diffusers' SDXL UNet on the meta device (built once: its shapes and its processor order)."""
     from diffusers import UNet2DConditionModel as TorchUNet
 
-    return meta_shapes(lambda: TorchUNet(**SDXL_UNET_CONFIG))
+    with torch.device("meta"):
+        return TorchUNet(**SDXL_UNET_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def torch_unet(torch_unet_model):
+    return {k: tuple(v.shape) for k, v in torch_unet_model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
@@ -115,20 +124,21 @@ def test_single_file_shapes_read_as_sdxl(torch_unet, torch_bigg):
 
     from dynamicid_jax.models.vae import VAEConfig
 
-    assert infer_unet_config(zeros(torch_unet), "sdxl.safetensors") == UNetConfig.sdxl()
-    assert infer_text_config(zeros(torch_bigg), "text_encoder_2", "sdxl.safetensors") == CLIPTextConfig.sdxl_bigg()
+    assert infer_unet_config(zeros(torch_unet), "sdxl.safetensors") == sdxl.unet_config()
+    assert infer_text_config(zeros(torch_bigg), "text_encoder_2", "sdxl.safetensors") == sdxl.text_2_config()
     clip_l = meta_shapes(lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(
         hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)))
     clip_l = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in clip_l.items()}  # as extracted
-    assert infer_text_config(zeros(clip_l), "text_encoder", "sdxl.safetensors") == CLIPTextConfig.sd15()
+    assert infer_text_config(zeros(clip_l), "text_encoder", "sdxl.safetensors") == sd15.text_config()
     vae = meta_shapes(lambda: AutoencoderKL(
         block_out_channels=(128, 256, 512, 512), layers_per_block=2,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4))
-    assert VAEConfig(**infer_vae_fields(zeros(vae), "sdxl.safetensors")) == VAEConfig(scaling_factor=0.13025)
+    assert VAEConfig(**infer_vae_fields(zeros(vae), "sdxl.safetensors")) == dataclasses.replace(
+        sd15.vae_config(), scaling_factor=0.13025)
 
 
 def test_sdxl_configs_survive_the_converted_json():
-    for cls, config in ((UNetConfig, UNetConfig.sdxl()), (CLIPTextConfig, CLIPTextConfig.sdxl_bigg())):
+    for cls, config in ((UNetConfig, sdxl.unet_config()), (CLIPTextConfig, sdxl.text_2_config())):
         data = json.loads(json.dumps(converted._jsonable(config)))
         assert converted.config_from_json(cls, data) == config
 
@@ -146,3 +156,21 @@ def test_fsdp_rules_split_every_large_sdxl_tensor(model, unet_shapes, bigg_shape
     # What stays whole on every device (norms, biases, small kernels) is a sliver of the model.
     whole = n_params(flat) - n_params(large)
     assert whole / n_params(flat) < 0.005, whole
+
+
+def test_dynamicid_processor_numbering_is_diffusers_order(unet_shapes, torch_unet_model):
+    """The processors of a DynamicID-SDXL weights file (dynamicid/weights_file.py) are numbered
+    in diffusers' `attn_processors` order of the real SDXL UNet: 140 = 70 transformer blocks x
+    (attn1, attn2); saa_blocks' names are its 70 attn2. Cost: ~1 s (the fixtures' shapes and meta build
+    are the other tests')."""
+    import re
+
+    from dynamicid_jax.dynamicid import published_weights as pw
+    from dynamicid_jax.dynamicid import saa_blocks
+
+    theirs = [n[: -len(".processor")] for n in torch_unet_model.attn_processors]
+    ours = [re.sub(r"_(\d+)", r".\1", "/".join(p)).replace("/", ".") for p in pw.attention_processor_paths(unet_shapes)]
+    assert ours == theirs and len(ours) == 140
+    attn2 = [n for n in theirs if n.endswith("attn2")]
+    assert attn2 == saa_blocks.attn2_names(sdxl.unet_config()) and len(attn2) == 70
+    assert len(saa_blocks.selected_names(["up_blocks.0.attentions.1", "mid_block"], sdxl.unet_config())) == 20

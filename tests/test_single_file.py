@@ -179,3 +179,17 @@ def test_half_precision_files_widen_exactly(reference, tmp_path):
         ours = extract_component(path, "vae")
         assert all(v.dtype == np.float32 for v in ours.values())
         assert_same_state_dict(ours, theirs)
+
+
+def test_the_family_supplies_a_single_files_config(reference, tmp_path):
+    """An SD1.5 single file carries no config: the loaders (models/, which knows no family)
+    refuse to guess; `base_models.single_file_config` gives SD1.5's, a folder's is its own.
+    Costs < 1 s (no compile)."""
+    from dynamicid_jax import base_models
+    from dynamicid_jax.base_models import sd15
+
+    assert base_models.single_file_config(reference["path"], "unet") == sd15.unet_config()
+    assert base_models.single_file_config(reference["path"], "vae") == sd15.vae_config()
+    assert base_models.single_file_config(tmp_path, "unet") is None
+    with pytest.raises(ValueError, match="carries no config: pass config="):
+        load_vae(reference["path"])

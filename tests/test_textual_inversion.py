@@ -16,6 +16,7 @@ diffusers = pytest.importorskip("diffusers")
 from safetensors.numpy import save_file  # noqa: E402
 
 from dynamicid_jax.models import load_text_encoder, textual_inversion, torch_pickle  # noqa: E402
+from dynamicid_jax.base_models.sd15 import TEXT_LENGTH  # noqa: E402
 from dynamicid_jax.tokenizer import CLIPTokenizer, write_tiny_vocab  # noqa: E402
 from parity import rel_l2  # noqa: E402
 from test_single_file import randomise_  # noqa: E402
@@ -97,7 +98,7 @@ def test_names_are_appended_once_and_matched_as_whole_words(tmp_path):
     assert textual_inversion.with_names("lowres, badhands, EasyNeg", ["badhands", "EasyNeg"]) == \
         "lowres, badhands, EasyNeg"
     assert textual_inversion.with_names("", ["badhands"]) == "badhands"
-    tokenizer = CLIPTokenizer.from_folder(write_tiny_vocab(tmp_path / "vocab"))
+    tokenizer = CLIPTokenizer.from_folder(write_tiny_vocab(tmp_path / "vocab", TEXT_LENGTH))
     emb = textual_inversion.TextualInversion("BadHands", np.ones((2, 4), np.float32), "BadHands.pt", "0" * 64)
     upper, _ = textual_inversion.tokenize(tokenizer, "a photo, BADHANDS", [emb], 1000, 4)
     lower, table = textual_inversion.tokenize(tokenizer, "a photo, badhands", [emb], 1000, 4)
@@ -116,7 +117,7 @@ class _Loader(diffusers.loaders.TextualInversionLoaderMixin):
 @pytest.fixture(scope="module")
 def tiny_text(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ti_text")
-    vocab = write_tiny_vocab(folder / "tokenizer")
+    vocab = write_tiny_vocab(folder / "tokenizer", TEXT_LENGTH)
     ours_tok = CLIPTokenizer.from_folder(vocab)
     config = transformers.CLIPTextConfig(
         vocab_size=len(ours_tok.vocab), hidden_size=WIDTH, intermediate_size=37, num_hidden_layers=2,

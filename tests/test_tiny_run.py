@@ -163,6 +163,7 @@ def test_stage2_prompt_tokenizer_follows_the_base(tmp_path):
     from configs import anchor as anchor_configs
     from configs import reconfig as reconfig_configs
     from dynamicid_jax import modeling
+    from dynamicid_jax.base_models.sd15 import TEXT_LENGTH
     from dynamicid_jax.tokenizer import tiny_tokenizer, write_tiny_vocab
     from dynamicid_jax.training import checkpoints, init
 
@@ -183,5 +184,5 @@ def test_stage2_prompt_tokenizer_follows_the_base(tmp_path):
     config.init.stage1 = stage1_run("no_base", random=False)
     with pytest.raises(ValueError, match="set config.init.tokenizer"):
         init.prompt_ids(config, modules)
-    config.init.tokenizer = str(write_tiny_vocab(tmp_path / "vocab"))
+    config.init.tokenizer = str(write_tiny_vocab(tmp_path / "vocab", TEXT_LENGTH))
     np.testing.assert_array_equal(init.prompt_ids(config, modules), expected)

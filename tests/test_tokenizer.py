@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import transformers
 
+from dynamicid_jax.base_models.sd15 import TEXT_LENGTH
 from dynamicid_jax.tokenizer import END_OF_WORD, CLIPTokenizer, bytes_to_unicode, write_tiny_vocab
 
 ODD_PROMPTS = [
@@ -89,7 +90,7 @@ def reference_ids(folder, prompts):
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    return write_tiny_vocab(tmp_path_factory.mktemp("tiny_tokenizer"))
+    return write_tiny_vocab(tmp_path_factory.mktemp("tiny_tokenizer"), TEXT_LENGTH)
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +163,18 @@ def test_sdxl_tokenizer_folders_saved_by_transformers(tmp_path, learned_folder):
     assert ours_1.pad_id == ours_1.eos_id and ours_2.pad_id == ours_2.vocab["!"] != ours_2.eos_id
     for ours, sub in ((ours_1, "tokenizer"), (ours_2, "tokenizer_2")):
         np.testing.assert_array_equal(ours(ODD_PROMPTS), reference_ids(pipeline / sub, ODD_PROMPTS))
+
+
+def test_the_length_comes_from_the_files_or_the_caller(tmp_path):
+    """No length is assumed: the folder's model_max_length, else the caller's fallback (the
+    text encoder's context); neither is an error naming the folder. Costs < 1 s (no compile)."""
+    from dynamicid_jax.input_files import FileFormatError
+
+    folder = write_tiny_vocab(tmp_path / "vocab", 12)
+    assert CLIPTokenizer.from_folder(folder, fallback_max_length=30)(["a photo"]).shape == (1, 12)  # the files win
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["model_max_length"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert CLIPTokenizer.from_folder(folder, fallback_max_length=30)(["a photo"]).shape == (1, 30)
+    with pytest.raises(FileFormatError, match="vocab: the tokenizer states no model_max_length"):
+        CLIPTokenizer.from_folder(folder)

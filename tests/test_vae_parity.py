@@ -9,6 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from dynamicid_jax.base_models import sd15  # noqa: E402
 from dynamicid_jax.models import torch_import  # noqa: E402
 from dynamicid_jax.models.vae import (  # noqa: E402
     LOGVAR_MAX,
@@ -160,7 +161,7 @@ def test_config_rejects_unsupported_variants():
         VAEConfig.from_diffusers({**TINY_VAE, "act_fn": "gelu"})
     with pytest.raises(ValueError, match="down_block_types"):
         VAEConfig.from_diffusers({**TINY_VAE, "down_block_types": ["Foo", "Bar"]})
-    assert VAEConfig.sd15().block_out_channels == (128, 256, 512, 512)
+    assert sd15.vae_config().block_out_channels == (128, 256, 512, 512)
 
 
 def test_bfloat16_compute_stays_close(reference, loaded):
@@ -186,6 +187,6 @@ def test_sd15_config_has_diffusers_parameter_count():
             norm_num_groups=32,
         )
     expected = sum(p.numel() for p in reference.parameters())
-    module = AutoencoderKL(VAEConfig.sd15())
+    module = AutoencoderKL(sd15.vae_config())
     shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == expected

@@ -8,7 +8,9 @@ the entry points never branch on which one it is:
     model_from_files(model, base_model)    the sections read from the base model's own files
     configured(model)                      the family object a model section configures
     matches(base_model)                    whether the files are this family's (`detect`)
+    single_file_config(component)          the config a single file's component loads with (None: its shapes)
     load_tokenizer(base_model)             the family's tokenizer(s)
+    tiny_tokenizer()                       the tokenizer(s) of its tiny random model (demo, tiny runs)
     tokenize(tokenizer, texts, embeddings, modules) -> (ids, textual-inversion tables)
     text_conditioning(modules, params, ids, clip_skip, extra) -> (TextConditioning, pooled)
     negative_conditioning(conditioning, negative_prompt)  what the sampler conditions on
@@ -46,6 +48,17 @@ def detect(base_model) -> str:
     return found[0]
 
 
+def single_file_config(base_model, component: str):
+    """The config `component` ("unet", "vae", "text_encoder") of a base model loads with: for a
+    single file, which carries none, its family's (`detect`); None for a folder (its own
+    config.json) and where the loader reads the shapes (SDXL). Pass it as the loaders' `config=`."""
+    import pathlib
+
+    if not pathlib.Path(base_model).is_file():
+        return None
+    return get(detect(base_model)).single_file_config(component)
+
+
 def of(model: ml_collections.ConfigDict):
     """The family of a config's `model` section. A training run's config.json written before
     `family` was a model field was an SD1.5 run: such a section is sd15's (the one place that
@@ -53,14 +66,21 @@ def of(model: ml_collections.ConfigDict):
     return get(model.get("family", SD15.name))
 
 
+def native_size(sample_size: int | tuple[int, int], vae_factor: int) -> tuple[int, int]:
+    """Pixel (height, width) a UNet of `sample_size` latents (a side, or diffusers' (h, w))
+    is built for: the latents times the VAE factor (SD1.5 64 x 8, the tiny configs 8 x 8)."""
+    height, width = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+    return height * vae_factor, width * vae_factor
+
+
 def native_resolution(model: ml_collections.ConfigDict) -> int:
-    """Pixel side a config's model section is built for: the UNet's `sample_size` latents times
-    the VAE factor (the tiny configs: 8 x 8 = 64). The default of both the
-    precompute job and the training configs, so shards and trainer agree without a flag."""
+    """Pixel side a config's model section is built for (`native_size`). The default of the
+    precompute job, the training configs and the sampling size, so shards, trainer and
+    pictures agree without a flag."""
     size = model.unet.sample_size
     if not isinstance(size, int):
         raise ValueError(f"model.unet.sample_size {size!r}: a native resolution needs one square size")
-    return size * 2 ** (len(model.vae.block_out_channels) - 1)
+    return native_size(size, 2 ** (len(model.vae.block_out_channels) - 1))[0]
 
 
 def default_config(tiny: bool = False, family: str = "sd15"):

@@ -6,6 +6,9 @@
   tiny_model_config()       the same structure a few thousand times smaller (tests, --demo)
   model_from_files(m, path) the unet / vae / text / scheduler sections read from a base
                             model's own files (a single file carries no config: SD1.5's)
+  unet_config / vae_config / text_config
+                            the full-size sections as the models' config dataclasses (what
+                            a single file loads with: `single_file_config`)
   load_tokenizer / tokenize CLIP's one tokenizer; texts -> ids and textual-inversion tables
   text_conditioning(...)    token ids -> TextConditioning (the text states; no extras)
   negative_conditioning     the negative prompt's conditioning, as encoded (even "")
@@ -32,6 +35,8 @@ SCHEDULER = dict(
     clip_sample_range=1.0, prediction_type="epsilon", stated_spacing=None,
 )
 # The UNet was trained on VAE samples times this (unit-variance latents); SD1.5's vae/config.json.
+# It is also diffusers' AutoencoderKL default (`scaling_factor=0.18215` in its __init__), which
+# a vae/config.json without the key means, in any family: `config_fields` applies it.
 VAE_SCALING_FACTOR = 0.18215
 TEXT_LENGTH = 77  # CLIP's context: <|startoftext|>, 75 tokens, <|endoftext|>
 # Sections `model_from_files` replaces with what the files say (the UNet's DynamicID fields,
@@ -43,12 +48,15 @@ def model_config() -> ml_collections.ConfigDict:
     """Architecture of every module at full size (fields mirror the config dataclasses)."""
     m = ml_collections.ConfigDict()
     m.family = "sd15"
-    m.unet = dict(  # UNetConfig fields
+    m.unet = dict(  # UNetConfig fields (the block types: UNetConfig's four-level defaults)
         block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, num_attention_heads=(8, 8, 8, 8),
         cross_attention_dim=768, norm_num_groups=32, sample_size=64,
     )
     m.lora_rank = 128  # LoRA on every attn1/attn2 projection
     m.saa_threshold = 0.3  # activation weights strictly below become 0
+    # attn2 layers with SAA's identity branch, as diffusers-name patterns (dynamicid/saa_blocks.py,
+    # e.g. ("up_blocks.0.attentions.1", "mid_block")); () = every one, as DynamicID (ablations only)
+    m.saa_blocks = ()
     m.vae = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
                  scaling_factor=VAE_SCALING_FACTOR)  # VAEConfig
     m.text = dict(  # CLIPTextConfig (OpenAI ViT-L/14 text tower)
@@ -88,7 +96,38 @@ def tiny_model_config() -> ml_collections.ConfigDict:
 
 
 def config_fields(config: Any, drop: tuple[str, ...] = ()) -> dict:
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in drop}
+    """A config dataclass read from files -> its model section's fields (every family's way in).
+    A VAE whose files state no scaling_factor gets diffusers' AutoencoderKL default."""
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in drop}
+    if "scaling_factor" in fields and fields["scaling_factor"] is None:
+        fields["scaling_factor"] = VAE_SCALING_FACTOR
+    return fields
+
+
+def _fields(section: ml_collections.ConfigDict) -> dict:
+    """A model section's fields with lists as tuples (the configs are hashable)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in section.to_dict().items()}
+
+
+def unet_config():
+    """SD1.5's UNet (no DynamicID parts) as a `UNetConfig`."""
+    from dynamicid_jax.models.unet_config import UNetConfig
+
+    return UNetConfig(**_fields(model_config().unet))
+
+
+def vae_config():
+    """SD1.5's VAE (83.7M params) as a `VAEConfig`."""
+    from dynamicid_jax.models.vae import VAEConfig
+
+    return VAEConfig(**_fields(model_config().vae))
+
+
+def text_config():
+    """SD1.5's text encoder (OpenAI CLIP ViT-L/14's text tower) as a `CLIPTextConfig`."""
+    from dynamicid_jax.models.clip import CLIPTextConfig
+
+    return CLIPTextConfig(**_fields(model_config().text))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +153,10 @@ class SD15:
 
     def tiny_model_config(self) -> ml_collections.ConfigDict:
         return tiny_model_config()
+
+    def single_file_config(self, component: str):
+        """The config a single file's `component` loads with (it carries none): SD1.5's."""
+        return {"unet": unet_config, "vae": vae_config, "text_encoder": text_config}[component]()
 
     def model_from_files(self, model: ml_collections.ConfigDict, base_model: str | os.PathLike) -> ml_collections.ConfigDict:
         """`model` with its FILE_SECTIONS read from the base model's files: a diffusers folder's
@@ -142,10 +185,17 @@ class SD15:
         return model
 
     def load_tokenizer(self, base_model: str | os.PathLike):
-        """CLIP's tokenizer of a pipeline folder (`tokenizer/`) or a tokenizer folder."""
+        """CLIP's tokenizer of a pipeline folder (`tokenizer/`) or a tokenizer folder; one whose
+        files state no model_max_length takes CLIP's context, TEXT_LENGTH."""
         from dynamicid_jax.tokenizer import CLIPTokenizer
 
-        return CLIPTokenizer.from_folder(_tokenizer_folder(base_model))
+        return CLIPTokenizer.from_folder(_tokenizer_folder(base_model), fallback_max_length=TEXT_LENGTH)
+
+    def tiny_tokenizer(self):
+        """THE tokenizer of the tiny random model (`tokenizer.tiny_tokenizer`)."""
+        from dynamicid_jax.tokenizer import tiny_tokenizer
+
+        return tiny_tokenizer(TEXT_LENGTH)
 
     def tokenize(self, tokenizer, texts, embeddings, modules):
         """Texts -> (ids (B, L) int32, textual-inversion tables (B, L - 2, D)) for `text_conditioning`."""

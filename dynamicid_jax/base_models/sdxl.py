@@ -41,17 +41,40 @@ VAE_SCALING_FACTOR = 0.13025  # SDXL's vae/config.json (not SD1.5's 0.18215)
 FORCE_ZEROS_FOR_EMPTY_PROMPT = True  # model_index.json's default in diffusers' SDXL pipeline
 
 
+def unet_config():
+    """Stable Diffusion XL base 1.0's UNet (stabilityai/stable-diffusion-xl-base-1.0 `unet/config.json`)."""
+    from dynamicid_jax.models.unet_config import CROSS_ATTN_DOWN, CROSS_ATTN_UP, PLAIN_DOWN, PLAIN_UP, TEXT_TIME, UNetConfig
+
+    return UNetConfig(
+        block_out_channels=(320, 640, 1280),
+        down_block_types=(PLAIN_DOWN, CROSS_ATTN_DOWN, CROSS_ATTN_DOWN),
+        up_block_types=(CROSS_ATTN_UP, CROSS_ATTN_UP, PLAIN_UP),
+        num_attention_heads=(5, 10, 20),  # diffusers' `attention_head_dim`: head counts (head size 64)
+        transformer_layers_per_block=(1, 2, 10),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        sample_size=128,
+        addition_embed_type=TEXT_TIME,
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,  # 1280 pooled text + 6 time ids x 256
+    )
+
+
+def text_2_config():
+    """OpenCLIP ViT-bigG/14's text tower as SDXL's text_encoder_2 (CLIPTextModelWithProjection)."""
+    from dynamicid_jax.models.clip import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=20,
+                          max_positions=sd15.TEXT_LENGTH, activation="gelu", projection_dim=1280)
+
+
 def model_config() -> ml_collections.ConfigDict:
     """Architecture of every module at full size (fields mirror the config dataclasses)."""
-    from dynamicid_jax.models.clip import CLIPTextConfig
-    from dynamicid_jax.models.unet_config import UNetConfig
-
     m = sd15.model_config()  # CLIP-L, the vision tower and DynamicID's modules are SD1.5's
     m.family = "sdxl"
-    unet = UNetConfig.sdxl()
-    m.unet = sd15.config_fields(unet, ("lora_rank", "saa", "attention_block"))
+    m.unet = sd15.config_fields(unet_config(), ("lora_rank", "saa", "attention_block"))
     m.vae = dict(m.vae.to_dict(), scaling_factor=VAE_SCALING_FACTOR)
-    m.text_2 = sd15.config_fields(CLIPTextConfig.sdxl_bigg())
+    m.text_2 = sd15.config_fields(text_2_config())
     m.scheduler = dict(SCHEDULER)
     m.force_zeros_for_empty_prompt = FORCE_ZEROS_FOR_EMPTY_PROMPT
     # FaceProjection, IMR and the keypoint encoder take their token width from the UNet's
@@ -107,6 +130,10 @@ class SDXL:
     def tiny_model_config(self) -> ml_collections.ConfigDict:
         return tiny_model_config()
 
+    def single_file_config(self, component: str):
+        """None: an SDXL single file's architecture is read off its tensors' shapes (the loaders')."""
+        return None
+
     def model_from_files(self, model: ml_collections.ConfigDict, base_model: str | os.PathLike) -> ml_collections.ConfigDict:
         """`model` with unet / vae / text / text_2 / scheduler read from the base model's files:
         a diffusers or converted folder's configs (and model_index.json's
@@ -139,7 +166,15 @@ class SDXL:
             if not (path / sub).is_dir():
                 raise MissingFileError(f"--base_model {path}: no {sub}/ folder (an SDXL single file carries no "
                                        "tokenizers: pass a diffusers SDXL pipeline folder)")
-        return tuple(CLIPTokenizer.from_folder(path, subfolder=sub) for sub in ("tokenizer", "tokenizer_2"))
+        return tuple(CLIPTokenizer.from_folder(path, subfolder=sub, fallback_max_length=sd15.TEXT_LENGTH)
+                     for sub in ("tokenizer", "tokenizer_2"))
+
+    def tiny_tokenizer(self):
+        """The tiny random model's pair: THE tiny vocabulary twice, tokenizer 2 padding with "!"
+        as SDXL's tokenizer_2 does (tests/sdxl_tiny.py's tokenizers)."""
+        from dynamicid_jax.tokenizer import tiny_tokenizer
+
+        return tiny_tokenizer(sd15.TEXT_LENGTH), tiny_tokenizer(sd15.TEXT_LENGTH, pad_token="!")
 
     def tokenize(self, tokenizer, texts, embeddings, modules):
         """Texts -> (ids (B, 2, L) int32: tokenizer 1's and tokenizer 2's, None)."""

@@ -49,7 +49,7 @@ def tiny_random_base_models(model_config, seed: int = 0) -> BaseModels:
     modules = modeling.build_modules(model_config)
     vae, text, vision = modules.vae, modules.text_encoder, modules.vision_encoder
     vae_config, text_config, vision_config = vae.config, text.config, vision.config
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_tokenizer(text_config.max_positions)
     if len(tokenizer.vocab) > text_config.vocab_size:
         raise ValueError(f"tiny vocabulary ({len(tokenizer.vocab)}) exceeds text vocab_size {text_config.vocab_size}")
     # The same weights the demo and a sampler of a tiny training run use.
@@ -70,14 +70,15 @@ def tiny_random_base_models(model_config, seed: int = 0) -> BaseModels:
 
 def load_base_models(base_model: str | pathlib.Path, vision_encoder: str | pathlib.Path) -> BaseModels:
     """SD1.5 VAE + text encoder + tokenizer from `base_model`, CLIP-H from `vision_encoder`."""
+    from dynamicid_jax.base_models import single_file_config
     from dynamicid_jax.models.clip_weights import load_text_encoder, load_vision_encoder
     from dynamicid_jax.models.vae import load_vae
     from dynamicid_jax.tokenizer import CLIPTokenizer
 
     base_model, vision_encoder = pathlib.Path(base_model).resolve(), pathlib.Path(vision_encoder).resolve()
-    vae, vae_params = load_vae(base_model)
-    text, text_params = load_text_encoder(base_model)
-    tokenizer = CLIPTokenizer.from_folder(base_model)
+    vae, vae_params = load_vae(base_model, config=single_file_config(base_model, "vae"))
+    text, text_params = load_text_encoder(base_model, config=single_file_config(base_model, "text_encoder"))
+    tokenizer = CLIPTokenizer.from_folder(base_model, fallback_max_length=text.config.max_positions)
     vision, vision_params = load_vision_encoder(vision_encoder)
     description = {
         "base_model": str(base_model),

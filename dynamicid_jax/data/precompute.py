@@ -30,8 +30,7 @@ import numpy as np
 
 from dynamicid_jax.data import inputs, records, shards
 from dynamicid_jax.errors import ConfigError, StorageError, UserError
-
-STAGES = ("anchor", "reconfig")
+from dynamicid_jax.training import stages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +81,7 @@ class Extractors:
 
 @dataclasses.dataclass(frozen=True)
 class PrecomputeJob:
-    stage: str  # "anchor" | "reconfig"
+    stage: str  # a training stage's name (`training.stages.STAGES`); it says what a record holds
     input_dir: pathlib.Path
     output_dir: pathlib.Path
     num_shards: Optional[int] = None  # None: about `records_per_shard` inputs per shard
@@ -98,8 +97,8 @@ class PrecomputeJob:
     progress: bool = True
 
     def __post_init__(self):
-        if self.stage not in STAGES:
-            raise ConfigError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.stage not in stages.STAGES:
+            raise ConfigError(f"stage must be one of {tuple(stages.STAGES)}, got {self.stage!r}")
         if self.resolution is None:
             raise ConfigError("resolution is required (the base model's native size, e.g. base_models.native_resolution)")
         # Named as the CLI's flags (data_pipelines/precompute.py), which are these fields.
@@ -118,31 +117,19 @@ class PrecomputeJob:
 
 
 def stage_specs(job: PrecomputeJob, dims: ExtractorDims) -> list[records.FeatureSpec]:
+    """The shards' features: the image features every stage shares, plus the stage's own."""
     f = dims.vae_downsample
     if job.resolution % f:
         raise ConfigError(f"resolution {job.resolution} is not a multiple of the VAE factor {f}")
     latent_hw = (job.resolution // f, job.resolution // f)
     common = dict(latent_hw=latent_hw, latent_channels=dims.latent_channels, id_dim=dims.id_dim,
                   clip_tokens=dims.clip_tokens, clip_width=dims.clip_width)
-    if job.stage == "anchor":
-        return records.anchor_specs(text_length=dims.text_length,
-                                    text_states_width=dims.text_width if job.cache_text_states else None, **common)
-    return records.reconfig_specs(landmark_size=dims.landmark_size, prompt_dim=dims.prompt_dim, **common)
+    return stages.get(job.stage).record_specs(dims, common, job.cache_text_states)
 
 
-def null_specs(job: PrecomputeJob, dims: ExtractorDims) -> list[records.FeatureSpec]:
-    """The once-per-dataset classifier-free null inputs of the anchor stage."""
-    specs = [
-        records.FeatureSpec("input_ids", (dims.text_length,), "int32", "tokens of the empty caption"),
-        records.FeatureSpec(
-            "clip_image_features", (dims.clip_tokens, dims.clip_width), "float16",
-            "CLIP vision tower on all-zero (already normalised) pixels, as IP-Adapter's drop",
-        ),
-    ]
-    if job.cache_text_states:
-        specs.append(records.FeatureSpec("text_states", (dims.text_length, dims.text_width), "float32",
-                                         "text states of the empty caption"))
-    return specs
+def null_specs(job: PrecomputeJob, dims: ExtractorDims) -> Optional[list[records.FeatureSpec]]:
+    """The stage's once-per-dataset classifier-free null inputs, or None when it has none."""
+    return stages.get(job.stage).null_specs(dims, job.cache_text_states)
 
 
 # --------------------------------------------------------------------------- batching
@@ -173,17 +160,19 @@ def _batched(fn: Callable, rows, size: int):
 class _Accepted:
     """One input that passed decoding and face detection, waiting for the batched models."""
 
-    info: dict  # string features (key, caption | identity, source, face_prompt)
+    info: dict  # string features (the stage's `record_inputs`: key, caption | identity, source, face_prompt)
     embedding: np.ndarray
     vae_pixels: np.ndarray
     clip_pixels: np.ndarray
-    landmark_image: Optional[np.ndarray] = None
+    arrays: dict  # the stage's per-image arrays (reconfig: landmark_image)
 
 
 def _analyze(job: PrecomputeJob, ex: Extractors, item) -> tuple[Optional[_Accepted], Optional[str]]:
     """Decode and analyse one input -> (accepted, None) or (None, reject reason)."""
-    if job.stage == "anchor" and item.caption is None:
-        return None, "missing caption"
+    stage = stages.get(job.stage)
+    problem = stage.input_problem(item)
+    if problem is not None:
+        return None, problem
     try:
         image = inputs.load_image(job.input_dir / item.key)
     except inputs.CorruptImageError as e:
@@ -192,20 +181,14 @@ def _analyze(job: PrecomputeJob, ex: Extractors, item) -> tuple[Optional[_Accept
         face = ex.largest_face(image, item.key)
     except ex.no_face_errors as e:  # SmallFaceError says "face too small", others "no face"
         return None, f"{getattr(e, 'reject_reason', 'no face')}: {e}"
-    if job.stage == "anchor":
-        info = {"key": item.key, "caption": item.caption}
-        landmarks = None
-    else:
-        prompt = item.face_prompt if item.face_prompt is not None else ex.auto_face_prompt(face, image)
-        info = {"key": item.key, "identity": item.identity, "source": item.source, "face_prompt": prompt}
-        landmarks = np.asarray(ex.landmark_image(face, image.shape[:2]), np.float32)
+    info, arrays = stage.record_inputs(item, face, image, ex)
     return (
         _Accepted(
             info=info,
             embedding=np.asarray(face.embedding, np.float32),
             vae_pixels=inputs.vae_pixels(image, job.resolution),
             clip_pixels=np.asarray(ex.clip_pixels(image), np.float32),
-            landmark_image=landmarks,
+            arrays=arrays,
         ),
         None,
     )
@@ -216,13 +199,10 @@ def _features(job: PrecomputeJob, ex: Extractors, batch: list[_Accepted]) -> lis
     size = job.batch_size
     clip = _batched(ex.encode_clip_pixels, np.stack([a.clip_pixels for a in batch]), size)
     mean, logvar = _batched(ex.encode_vae, np.stack([a.vae_pixels for a in batch]), size)
-    texts = [a.info["caption" if job.stage == "anchor" else "face_prompt"] for a in batch]
-    ids = _batched(ex.tokenize, texts, size).astype(np.int32)
+    stage = stages.get(job.stage)
+    ids = _batched(ex.tokenize, [a.info[stage.text_field] for a in batch], size).astype(np.int32)
+    text = stage.text_features(ids, lambda rows: _batched(ex.encode_text, rows, size), job.cache_text_states)
     out = []
-    if job.stage == "anchor":
-        states = _batched(ex.encode_text, ids, size)[0] if job.cache_text_states else None
-    else:
-        pooled = _batched(ex.encode_text, ids, size)[1]
     for i, a in enumerate(batch):
         feats = dict(a.info)
         feats.update(
@@ -231,13 +211,8 @@ def _features(job: PrecomputeJob, ex: Extractors, batch: list[_Accepted]) -> lis
             vae_mean=mean[i].astype(np.float32),
             vae_logvar=logvar[i].astype(np.float32),
         )
-        if job.stage == "anchor":
-            feats["input_ids"] = ids[i]
-            if states is not None:
-                feats["text_states"] = states[i].astype(np.float32)
-        else:
-            feats["landmark_image"] = a.landmark_image
-            feats["face_prompt_embedding"] = pooled[i].astype(np.float32)
+        feats.update(a.arrays)
+        feats.update({name: rows[i] for name, rows in text.items()})
         out.append(feats)
     return out
 
@@ -258,7 +233,7 @@ def _write_shard(job, ex, specs, name, items, progress) -> tuple[int, int]:
 
 def _write_shard_unguarded(job, ex, specs, name, items, progress) -> tuple[int, int]:
     rejects, pending = [], []
-    index_fields = ("key",) if job.stage == "anchor" else ("key", "identity", "source")
+    index_fields = stages.get(job.stage).index_fields
     with shards.AtomicShardWriter(job.output_dir, name) as writer:
 
         def flush():
@@ -292,7 +267,7 @@ def _write_null_features(job: PrecomputeJob, ex: Extractors, specs) -> None:
     p = ex.dims.clip_image_size
     clip = _batched(ex.encode_clip_pixels, np.zeros((1, p, p, 3), np.float32), size)
     values = {"input_ids": ids[0], "clip_image_features": clip[0].astype(np.float16)}
-    if job.cache_text_states:
+    if any(spec.name == "text_states" for spec in specs):  # the stage keeps them (cached text states)
         values["text_states"] = _batched(ex.encode_text, ids, size)[0][0].astype(np.float32)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -305,9 +280,7 @@ def _write_null_features(job: PrecomputeJob, ex: Extractors, specs) -> None:
 
 def _units(job: PrecomputeJob) -> list[list]:
     """The shardable units: one image (anchor) or one identity's images (reconfig)."""
-    if job.stage == "anchor":
-        return [[item] for item in inputs.find_anchor_inputs(job.input_dir)]
-    return [items for _, items in inputs.find_identity_inputs(job.input_dir)]
+    return stages.get(job.stage).input_units(job.input_dir)
 
 
 def _fingerprint(units: list[list]) -> str:
@@ -334,12 +307,13 @@ def run_precompute(job: PrecomputeJob, extractors: Extractors) -> dict:
         "settings": {"resolution": job.resolution, "batch_size": job.batch_size,
                      "cache_text_states": job.cache_text_states},
     }
-    if job.stage == "anchor":
-        run_config["null_features"] = records.specs_to_json(null_specs(job, extractors.dims))
+    null = null_specs(job, extractors.dims)
+    if null is not None:
+        run_config["null_features"] = records.specs_to_json(null)
     try:
         shards.check_or_write_run_config(job.output_dir, run_config)
-        if job.stage == "anchor" and job.process_index == 0:
-            _write_null_features(job, extractors, null_specs(job, extractors.dims))
+        if null is not None and job.process_index == 0:
+            _write_null_features(job, extractors, null)
     except OSError as e:
         if isinstance(e, UserError):
             raise

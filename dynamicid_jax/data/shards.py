@@ -186,7 +186,7 @@ def finalize_dataset(folder: pathlib.Path) -> dict:
     missing = missing_shards(folder, stage, num_shards)
     if missing:
         raise ManifestError(f"cannot finalize {folder}: {len(missing)} shard(s) unfinished: {missing[:5]}")
-    if stage == "anchor" and not (folder / NULL_FEATURES).exists():
+    if "null_features" in run_config and not (folder / NULL_FEATURES).exists():
         raise ManifestError(f"cannot finalize {folder}: {NULL_FEATURES} is missing (written by process 0)")
     shards, rejects = [], []
     for i in range(num_shards):
@@ -204,7 +204,7 @@ def finalize_dataset(folder: pathlib.Path) -> dict:
         "models": run_config["models"],
         "settings": run_config["settings"],
     }
-    if stage == "anchor":
+    if "null_features" in run_config:  # the stage has classifier-free null inputs (anchor)
         manifest["null_features"] = {"file": NULL_FEATURES, "features": run_config["null_features"]}
     tmp = folder / (REJECTS + _TMP_SUFFIX)
     with open(tmp, "w") as f:

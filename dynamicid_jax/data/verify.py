@@ -89,7 +89,7 @@ def verify_dataset(folder: str | os.PathLike) -> dict:
     if sum(s["num_records"] for s in manifest["shards"]) != manifest["num_records"]:
         problems.append(f"{folder / shards.MANIFEST}: num_records {manifest['num_records']} is not the sum of its "
                         f"shards' {sum(s['num_records'] for s in manifest['shards'])}")
-    if manifest["stage"] == "anchor":
+    if "null_features" in manifest:  # the stage's classifier-free null inputs (anchor)
         null = manifest["null_features"]
         try:
             payloads = list(records.iter_records(folder / null["file"]))

@@ -46,15 +46,18 @@ class PerceiverResampler(nn.Module):
 
 
 class FaceProjection(nn.Module):
-    """ArcFace vector + CLIP tokens -> identity tokens (B, num_tokens, width). See module doc."""
+    """ArcFace vector + CLIP tokens -> identity tokens (B, num_tokens, width). See module doc.
 
-    id_dim: int = 512  # ArcFace embedding
-    clip_dim: int = 1280  # CLIP ViT-H/14 hidden size
-    num_tokens: int = 4
-    width: int = 768  # the UNet's cross-attention dim
-    depth: int = 4
-    num_heads: int = 12
-    head_dim: int = 64
+    Sizes come from the model config (`modeling.build_modules`: the release's are SD1.5's,
+    `base_models.sd15.model_config`); none is assumed here."""
+
+    id_dim: int  # face embedding (ArcFace, or SFace)
+    clip_dim: int  # the vision tower's hidden size
+    num_tokens: int
+    width: int  # the UNet's cross-attention dim
+    depth: int
+    num_heads: int
+    head_dim: int
     ff_mult: int = 4
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32

@@ -86,16 +86,17 @@ class IMRBlock(nn.Module):
 
 
 class IMR(nn.Module):
-    """Identity-Motion Reconfigurator; see the module docstring for shapes."""
+    """Identity-Motion Reconfigurator; see the module docstring for shapes. Sizes come from
+    the model config (`modeling.build_modules`; the release's: `base_models.sd15.model_config`)."""
 
-    id_dim: int = 768  # identity-token width (in and out)
-    landmark_dim: int = 768  # KeyPointEncoder feature
-    text_dim: int = 768  # pooled CLIP text feature
-    width: int = 1024
-    num_heads: int = 16
-    head_dim: int = 64
-    num_motion_tokens: int = 4
-    depth: int = 1  # blocks in each of DisentangleNet and EntangleNet
+    id_dim: int  # identity-token width (in and out)
+    landmark_dim: int  # KeyPointEncoder feature
+    text_dim: int  # pooled CLIP text feature
+    width: int
+    num_heads: int
+    head_dim: int
+    num_motion_tokens: int
+    depth: int  # blocks in each of DisentangleNet and EntangleNet
     ff_mult: int = 4
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32

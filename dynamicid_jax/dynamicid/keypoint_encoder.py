@@ -67,11 +67,13 @@ class ConvNormReLU(nn.Module):
 class KeyPointEncoder(nn.Module):
     """Landmark image (B, H, W, 1) -> (B, embedding_dim); see the module docstring."""
 
-    image_size: int = 96  # square input side; the layers must reduce it to 1x1
+    # Sizes come from the model config (`modeling.build_modules`; the release's:
+    # `base_models.sd15.model_config`).
+    image_size: int  # square input side; the layers must reduce it to 1x1
+    channels: Sequence[int]
+    num_residual: Sequence[int]
+    embedding_dim: int  # the identity tokens' width (IMR's landmark_dim)
     in_channels: int = 1
-    channels: Sequence[int] = (16, 32, 64, 128, 256, 512)
-    num_residual: Sequence[int] = (0, 2, 3, 2, 2, 1)
-    embedding_dim: int = 768
     stem_kernel: int = 7
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -86,14 +88,14 @@ class KeyPointEncoder(nn.Module):
             raise ValueError(f"channels {self.channels} and num_residual {self.num_residual} differ in length")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = landmarks
-        for stage, (features, repeats) in enumerate(zip(self.channels, self.num_residual)):
-            if stage == 0:
+        for level, (features, repeats) in enumerate(zip(self.channels, self.num_residual)):
+            if level == 0:
                 first = ConvNormReLU(features, self.stem_kernel, 1, self.stem_kernel // 2, name="blocks_0_0", **kw)
             else:
-                first = ConvNormReLU(features, 3, 2, 1, name=f"blocks_{stage}_0", **kw)
+                first = ConvNormReLU(features, 3, 2, 1, name=f"blocks_{level}_0", **kw)
             x = first(x, train)
             for j in range(1, repeats + 1):
-                x = ConvNormReLU(features, 3, 1, 1, residual=True, name=f"blocks_{stage}_{j}", **kw)(x, train)
+                x = ConvNormReLU(features, 3, 1, 1, residual=True, name=f"blocks_{level}_{j}", **kw)(x, train)
         head = len(self.channels)
         x = ConvNormReLU(self.channels[-1], 3, 1, 0, name=f"blocks_{head}_0", **kw)(x, train)
         x = ConvNormReLU(self.embedding_dim, 1, 1, 0, name=f"blocks_{head}_1", **kw)(x, train)

@@ -37,6 +37,7 @@ from dynamicid_jax.dynamicid.keypoint_encoder import KeyPointEncoder
 from dynamicid_jax.models.torch_import import (
     WeightImportError,
     conv_kernel,
+    export_state_dict,
     identity,
     import_params,
     linear_kernel,
@@ -326,6 +327,24 @@ def _derived_saa_unet_shapes(base_unet_params, lora_rank: int):
     return traverse_util.unflatten_dict(flat)
 
 
+def is_processor_leaf(path: Path) -> bool:
+    """A DynamicID leaf of the SAA UNet (LoRA, to_k_ip/to_v_ip), not one of the base UNet."""
+    return path[-1] in ("lora_down", "lora_up") or (len(path) > 1 and path[-2] in ("to_k_ip", "to_v_ip"))
+
+
+def base_unet_params(unet_params):
+    """The base UNet's own leaves of an SAA UNet tree (what `merge_dynamicid_unet_params` takes)."""
+    flat = traverse_util.flatten_dict(unet_params)
+    return traverse_util.unflatten_dict({p: v for p, v in flat.items() if not is_processor_leaf(p)})
+
+
+def export_saa_module(unet_params) -> dict[str, np.ndarray]:
+    """The inverse of the SAA_module import: an SAA UNet tree -> {"N.to_q_lora.down.weight",
+    ..., "N.to_k_ip.weight", ...} (processor N in diffusers' `attn_processors` order)."""
+    key_fn = _processor_key_fn(attention_processor_paths(unet_params))
+    return export_state_dict(unet_params, key_fn, keep=lambda key: not key.startswith(_BASE_PREFIX))
+
+
 def merge_dynamicid_unet_params(base_unet_params, saa_params: Source, *, abstract_params=None):
     """SD UNet params + the SAA_module weights -> the SAA+LoRA UNet param tree.
 
@@ -375,7 +394,7 @@ def init_dynamicid_unet_params(base_unet_params, rng: jax.Array, lora_rank: int,
             down = np.asarray(jax.random.normal(key, down_shape, jnp.float32)) / down_shape[1]
             synthetic[f"{n}.{proj}_lora.down.weight"] = down.T  # torch layout (r, in)
             synthetic[f"{n}.{proj}_lora.up.weight"] = np.zeros(up_shape[::-1], np.float32)
-        if attn[-1] == "attn2":
+        if attn + ("to_k_ip", "kernel") in flat_shapes:  # an attn2 with SAA (saa_blocks may leave some out)
             for proj in ("to_k", "to_v"):
                 base = flat_base.get(attn + (proj, "kernel"))
                 if base is None:

@@ -15,7 +15,8 @@ attn2. The interface the UNet relies on (fixed; see the module class below):
 
 Parameters: to_q, to_k, to_v (LoRADense, no bias), to_out (LoRADense, bias), to_k_ip,
 to_v_ip (LoRADense, no bias, no LoRA) -- the same names as the plain cross-attention, so SD
-weights load into either.
+weights load into either. A layer `SAAConfig.blocks` leaves out (saa_blocks.py) has no
+to_k_ip/to_v_ip and computes the text branch only.
 
 Rules this implementation fixes where the release is undefined (see the architecture note):
 - Constant activation map (max == min over the queries of one image): the min-max
@@ -52,6 +53,7 @@ import numpy as np
 from flax import struct
 
 from dynamicid_jax.dynamicid.regions import mask_cells
+from dynamicid_jax.dynamicid.saa_blocks import carries_identity
 from dynamicid_jax.models.layers import (
     Dtype,
     LoRADense,
@@ -86,6 +88,9 @@ class SAAConfig:
     """
 
     threshold: float = 0.3  # activation weights strictly below this become 0 (release rule)
+    # saa_blocks patterns (`saa_blocks.py`): the attn2 layers that carry the identity branch;
+    # () = every one (DynamicID). The others are plain cross-attentions with their LoRA.
+    blocks: tuple[str, ...] = ()
 
     def __call__(self, **attention_kwargs) -> "SemanticActivatedAttention":
         return SemanticActivatedAttention(config=self, **attention_kwargs)
@@ -313,6 +318,13 @@ class SemanticActivatedAttention(nn.Module):
         identity: IdentityConditioning,
         spatial_shape: Sequence[int],
     ) -> jax.Array:
+        inner = self.num_heads * self.head_dim
+        q = split_heads(self.dense(inner, False, self.lora_rank, "to_q")(x), self.num_heads)
+        k = split_heads(self.dense(inner, False, self.lora_rank, "to_k")(context), self.num_heads)
+        v = split_heads(self.dense(inner, False, self.lora_rank, "to_v")(context), self.num_heads)
+        z_text = merge_heads(attend(q, k, v))
+        if not carries_identity(self.config.blocks, self.path):  # left out by saa_blocks: text only
+            return self.dense(x.shape[-1], True, self.lora_rank, "to_out")(z_text)
         if identity is None:
             raise ValueError(
                 "SemanticActivatedAttention needs identity conditioning (IdentityConditioning); "
@@ -332,12 +344,6 @@ class SemanticActivatedAttention(nn.Module):
                                            or identity.mask_used is None or identity.mask_used.shape != (b, n_ids)):
             raise ValueError(f"identity masks must be (B={b}, n_ids={n_ids}, h, w) with mask_used (B, n_ids), got "
                              f"{identity.masks.shape}")
-        inner = self.num_heads * self.head_dim
-
-        q = split_heads(self.dense(inner, False, self.lora_rank, "to_q")(x), self.num_heads)
-        k = split_heads(self.dense(inner, False, self.lora_rank, "to_k")(context), self.num_heads)
-        v = split_heads(self.dense(inner, False, self.lora_rank, "to_v")(context), self.num_heads)
-        z_text = merge_heads(attend(q, k, v))
 
         id_flat = tokens.reshape(b, n_ids * tokens_per_id, tokens.shape[-1])
         k_id = split_heads(self.dense(inner, False, 0, "to_k_ip")(id_flat), self.num_heads)

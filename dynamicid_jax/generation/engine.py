@@ -150,7 +150,9 @@ def run_request(pipeline, request, out_dir: str | pathlib.Path, *, sampler: Opti
                 stem: str = "dynamicid", provenance: Optional[dict] = None, public=None) -> RunStats:
     """Every picture of one request into `out_dir` (finished ones reused) in this process;
     sampler: a RequestSampler of `request` (default: silent). provenance: default the
-    pipeline's. public: as run_jobs'."""
+    pipeline's. public: as run_jobs'. A request without a size gets the base model's
+    (`pipeline.complete`) before its finished pictures are looked for."""
+    pipeline.complete(request)
     sampler = RequestSampler(pipeline, request) if sampler is None else sampler
     return run_jobs(jobs_of(request, out_dir, stem), sampler, process_index=0, process_count=1, progress=False,
                     provenance=pipeline.provenance if provenance is None else provenance, public=public)

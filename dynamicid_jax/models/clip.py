@@ -6,8 +6,8 @@ state at the EOS token; the vision tower embeds 14x14 (or p x p) patches plus a 
 applies `pre_layrnorm`, and pools the class token through `post_layernorm`.
 
 Uses in DynamicID:
-  * SD1.5 text encoder (ViT-L/14 text tower): `last_hidden_state` (B, 77, 768) is the UNet
-    context; `pooled` (B, 768) is IMR's face-prompt feature.
+  * SD1.5 text encoder (ViT-L/14 text tower): `last_hidden_state` (B, L, D) is the UNet
+    context; `pooled` (B, D) is IMR's face-prompt feature (sizes: `base_models.sd15`).
   * SDXL's two text encoders: ViT-L/14 again and OpenCLIP ViT-bigG/14 in transformers'
     `CLIPTextModelWithProjection` layout (`CLIPTextConfig.projection_dim` set: a bias-free
     `text_projection` maps the pooled EOS state); the UNet context is the penultimate raw
@@ -46,14 +46,15 @@ def _activation_name(hidden_act: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
-    """Shape of a CLIP text tower. Defaults are SD1.5's text encoder (OpenAI ViT-L/14)."""
+    """Shape of a CLIP text tower. The sizes have no default: a family (`base_models.sd15`'s
+    OpenAI ViT-L/14) or the files (`from_transformers`) state them."""
 
-    vocab_size: int = 49408
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_layers: int = 12
-    num_heads: int = 12
-    max_positions: int = 77
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    max_positions: int  # the context: token ids per prompt (max_position_embeddings)
     activation: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     # SD1.5's config says 2 (a legacy value): transformers then pools at argmax(input_ids),
@@ -62,16 +63,6 @@ class CLIPTextConfig:
     # transformers' CLIPTextModelWithProjection (SDXL's bigG text_encoder_2): the pooled output
     # goes through a bias-free `text_projection` to this width. None: plain CLIPTextModel.
     projection_dim: Optional[int] = None
-
-    @classmethod
-    def sd15(cls) -> "CLIPTextConfig":
-        return cls()
-
-    @classmethod
-    def sdxl_bigg(cls) -> "CLIPTextConfig":
-        """OpenCLIP ViT-bigG/14's text tower as SDXL's text_encoder_2 (CLIPTextModelWithProjection)."""
-        return cls(hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=20, activation="gelu",
-                   projection_dim=1280)
 
     @classmethod
     def from_transformers(cls, config: Mapping[str, Any]) -> "CLIPTextConfig":

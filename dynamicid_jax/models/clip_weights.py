@@ -107,8 +107,9 @@ def load_text_encoder(
       (`conditioner.embedders.0/1`), or a folder written by `python -m dynamicid_jax.convert`.
     component: "text_encoder", or "text_encoder_2" (SDXL's bigG, which must be a
       CLIPTextModelWithProjection: a config without projection_dim is an error).
-    config: only for single-file checkpoints, which carry no config; defaults to SD1.5's for
-      an SD1.5 file, to the shapes' reading (`single_file_configs`) for an SDXL one.
+    config: only for single-file checkpoints, which carry no config: required for an SD1.5
+      file (the family's, `base_models.single_file_config`); for an SDXL one it defaults to
+      the shapes' reading (`single_file_configs`).
     dtype: compute dtype of the module; params stay float32 numpy arrays (ready for device_put).
     """
     if component not in _TEXT_COMPONENTS:

@@ -63,7 +63,7 @@ def _vectors(data, path) -> np.ndarray:
     if "emb_params" in data:
         return data["emb_params"]
     if "clip_l" in data and "clip_g" in data:
-        raise EmbeddingFileError(f"{path}: an SDXL embedding (clip_l + clip_g); SD1.5 needs a single 768-d one")
+        raise EmbeddingFileError(f"{path}: an SDXL embedding (clip_l + clip_g); SD1.5 needs a single-encoder one")
     arrays = [v for v in data.values() if isinstance(v, np.ndarray)]
     if len(data) == 1 and arrays:
         return arrays[0]

@@ -12,6 +12,7 @@ restricted `torch_pickle` reader (no torch, no code the pickle names is ever run
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -63,9 +64,22 @@ def linear_from_conv1x1(w: np.ndarray) -> np.ndarray:
     return linear_kernel(w)
 
 
+@dataclasses.dataclass(frozen=True)
+class RowSlice:
+    """Rows [start, stop) of a fused torch weight (e.g. to_kv -> to_k, to_v), then `then`.
+    A value, not a closure, so an exporter can write the rows back (`export_state_dict`)."""
+
+    start: int
+    stop: int
+    then: Transform = linear_kernel
+
+    def __call__(self, w: np.ndarray) -> np.ndarray:
+        return self.then(w[self.start:self.stop])
+
+
 def row_slice(start: int, stop: int, then: Transform = linear_kernel) -> Transform:
     """Take rows [start, stop) of a fused torch weight (e.g. to_kv -> to_k, to_v), then convert."""
-    return lambda w: then(w[start:stop])
+    return RowSlice(start, stop, then)
 
 
 def _to_numpy_tree(obj, prefix: str = "") -> StateDict:
@@ -266,6 +280,44 @@ def import_params(
                 parts.append(f"{len(keys)} {title}: " + ", ".join(shown) + more)
         raise WeightImportError("\n  ".join(parts))
     return traverse_util.unflatten_dict(out)
+
+
+_INVERSES: dict[Callable, Transform] = {
+    identity: identity,
+    linear_kernel: lambda k: np.ascontiguousarray(k.T),
+    conv_kernel: lambda k: np.ascontiguousarray(np.transpose(k, (3, 2, 0, 1))),
+}
+
+
+def export_state_dict(params, key_fn: KeyFn, *, keep: Callable[[str], bool] = lambda key: True) -> StateDict:
+    """The inverse of `import_params`: a parameter tree -> the PyTorch state dict `key_fn`
+    reads it from (each leaf through its transform's inverse; `RowSlice` leaves written back
+    into their fused weight, whose slices must tile its rows from 0). Leaves whose key
+    `keep` refuses are left out. ValueError for a leaf with no key or a transform with no
+    inverse: an export must never write a file its own import would not read back."""
+    out: StateDict = {}
+    fused: dict[str, list[tuple[int, int, np.ndarray]]] = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        mapped = key_fn(path)
+        if mapped is None:
+            raise ValueError(f"no export key for {'/'.join(path)}")
+        key, transform = mapped
+        if not keep(key):
+            continue
+        value = np.asarray(value, np.float32)
+        if isinstance(transform, RowSlice):
+            fused.setdefault(key, []).append((transform.start, transform.stop, _INVERSES[transform.then](value)))
+        elif transform in _INVERSES:
+            out[key] = _INVERSES[transform](value)
+        else:
+            raise ValueError(f"{'/'.join(path)} -> {key}: its transform has no inverse")
+    for key, slices in fused.items():
+        slices.sort(key=lambda s: s[0])
+        rows = [s[0] for s in slices] + [slices[-1][1]]
+        if rows[0] != 0 or any(s[1] != nxt for s, nxt in zip(slices, rows[1:])):
+            raise ValueError(f"{key}: exported row slices {[s[:2] for s in slices]} do not tile the weight")
+        out[key] = np.concatenate([s[2] for s in slices], axis=0)
+    return out
 
 
 def abstract_shapes(init_fn: Callable, *args, **kwargs):

@@ -264,8 +264,9 @@ def load_unet(
       (`config.json` + `diffusion_pytorch_model.safetensors|.bin`), or a single-file SD1.5 or
       SDXL checkpoint (`.safetensors`/`.ckpt`), or a folder written by `python -m dynamicid_jax.convert`.
     dtype: compute dtype of the returned module; parameters are float32 either way.
-    config: only for single-file checkpoints, which carry no config; defaults to SD1.5's for
-      an SD1.5 file, to the shapes' reading (`single_file_configs`) for an SDXL one.
+    config: only for single-file checkpoints, which carry no config: required for an SD1.5
+      file (the family's, `base_models.single_file_config`); for an SDXL one it defaults to
+      the shapes' reading (`single_file_configs`).
     Returns (module, params): params is the nested dict of float32 numpy arrays for
     `module.apply({"params": params}, sample, timesteps, context)`.
     Raises WeightImportError listing every missing, unexpected and mis-shaped key.

@@ -3,8 +3,9 @@
 does not implement, naming the field), plus the interface of a replacement cross-attention
 (`CrossAttentionFactory`). No linen module here; `models/unet.py` builds the network.
 
-Covers SD1.5 (the defaults, `UNetConfig.sd15`) and SDXL (`UNetConfig.sdxl`: several
-transformer blocks per attention, and the `text_time` micro-conditioning embedding).
+Covers SD1.5's and SDXL's UNets (several transformer blocks per attention, and the
+`text_time` micro-conditioning embedding); their sizes are the families'
+(`base_models.sd15`, `base_models.sdxl`), none is assumed here.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ class CrossAttentionFactory(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-    """Static shape of a UNet2DConditionModel. Defaults are SD1.5's.
+    """Static shape of a UNet2DConditionModel. The widths, heads and context width have no
+    default (a family or the files state them); the other defaults are the four-level layout
+    diffusers' UNet2DConditionModel defaults to.
 
     num_attention_heads: heads per down level (up levels use them reversed, the mid block
       the last one), as diffusers does. diffusers' SD1.5 config spells this
@@ -65,17 +68,19 @@ class UNetConfig:
       benchmarks/gpu_report.md). None = always materialise all logits.
     """
 
+    block_out_channels: tuple[int, ...]
+    num_attention_heads: tuple[int, ...]
+    cross_attention_dim: int
     in_channels: int = 4
     out_channels: int = 4
-    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     layers_per_block: int = 2
     down_block_types: tuple[str, ...] = (CROSS_ATTN_DOWN, CROSS_ATTN_DOWN, CROSS_ATTN_DOWN, PLAIN_DOWN)
     up_block_types: tuple[str, ...] = (PLAIN_UP, CROSS_ATTN_UP, CROSS_ATTN_UP, CROSS_ATTN_UP)
-    num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)
-    cross_attention_dim: int = 768
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
-    sample_size: int | tuple[int, int] = 64
+    # Latent side the UNet was trained at (metadata: the native picture size is this times the
+    # VAE factor, `base_models.native_size`); None when the files state none.
+    sample_size: int | tuple[int, int] | None = None
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     use_linear_projection: bool = False
@@ -200,29 +205,6 @@ class UNetConfig:
     @property
     def time_embed_dim(self) -> int:
         return 4 * self.block_out_channels[0]
-
-    @classmethod
-    def sd15(cls, **overrides) -> "UNetConfig":
-        """Stable Diffusion 1.5 (and its fine-tunes)."""
-        return cls(**overrides)
-
-    @classmethod
-    def sdxl(cls, **overrides) -> "UNetConfig":
-        """Stable Diffusion XL base 1.0 (stabilityai/stable-diffusion-xl-base-1.0 `unet/config.json`)."""
-        kwargs = dict(
-            block_out_channels=(320, 640, 1280),
-            down_block_types=(PLAIN_DOWN, CROSS_ATTN_DOWN, CROSS_ATTN_DOWN),
-            up_block_types=(CROSS_ATTN_UP, CROSS_ATTN_UP, PLAIN_UP),
-            num_attention_heads=(5, 10, 20),  # diffusers' `attention_head_dim`: head counts (head size 64)
-            transformer_layers_per_block=(1, 2, 10),
-            cross_attention_dim=2048,
-            use_linear_projection=True,
-            sample_size=128,
-            addition_embed_type=TEXT_TIME,
-            addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,  # 1280 pooled text + 6 time ids x 256
-        )
-        return cls(**{**kwargs, **overrides})
 
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any], **overrides) -> "UNetConfig":

@@ -27,8 +27,6 @@ from dynamicid_jax.models.layers import Attention, ResnetBlock2D, conv2d, group_
 
 Dtype = Any
 
-# SD1.5's latent scale: the UNet is trained on sample * 0.18215 (unit variance latents).
-SD15_SCALING_FACTOR = 0.18215
 # diffusers' DiagonalGaussianDistribution clamps logvar to this range before exp.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 # Every VAE norm in diffusers' AutoencoderKL uses this epsilon (GroupNorm, resnets, attention).
@@ -37,23 +35,21 @@ NORM_EPS = 1e-6
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
-    """Static shape of an AutoencoderKL (the diffusers config fields that change the graph)."""
+    """Static shape of an AutoencoderKL (the diffusers config fields that change the graph)
+    and its latent scale. The widths have no default (a family or the files state them)."""
 
+    block_out_channels: tuple[int, ...]
     in_channels: int = 3
     out_channels: int = 3
-    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
     layers_per_block: int = 2
     latent_channels: int = 4
     norm_num_groups: int = 32
-    scaling_factor: float = SD15_SCALING_FACTOR
+    # The UNet sees latents times this. None: the files state none (a config.json without the
+    # key); the base-model family then supplies its format's default (`base_models.sd15`).
+    scaling_factor: Optional[float] = None
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
-
-    @classmethod
-    def sd15(cls) -> "VAEConfig":
-        """The Stable Diffusion 1.5 VAE (83.7M params)."""
-        return cls()
 
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> "VAEConfig":
@@ -342,8 +338,9 @@ def load_vae(path: str | os.PathLike, dtype: Dtype = jnp.float32, config: Option
       diffusion_pytorch_model.safetensors|.bin), a single-file SD1.5 or SDXL checkpoint
       (.safetensors/.ckpt with `first_stage_model.*`), or a folder written by
       `python -m dynamicid_jax.convert`.
-    config: only for single-file checkpoints, which carry no config; defaults to SD1.5's for
-      an SD1.5 file; for an SDXL one, the shapes' reading with SDXL's scaling factor 0.13025.
+    config: only for single-file checkpoints, which carry no config: required for an SD1.5
+      file (the family's, `base_models.single_file_config`); for an SDXL one it defaults to
+      the shapes' reading with SDXL's scaling factor.
     dtype: compute dtype of the returned module; params stay float32 numpy arrays.
     """
     config, params = weight_sources.read_component(

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 from dynamicid_jax.errors import MissingFileError
 from dynamicid_jax.input_files import FileFormatError, read_json
 from dynamicid_jax.models import converted
-from dynamicid_jax.models.single_file import SD15, detect_family, extract_component
+from dynamicid_jax.models.single_file import SDXL, detect_family, extract_component
 from dynamicid_jax.models.torch_import import StateDict, find_weight_file, read_state_dict
 
 
@@ -37,8 +37,9 @@ def read_component(
     path, in the order tried: a folder written by `python -m dynamicid_jax.convert` (orbax, no
     torch); with `single_file`, a single checkpoint file (SD1.5 or SDXL `.safetensors`/`.ckpt`,
     the component split out by `single_file.extract_component`; it carries no config, so
-    `config=`, or else `config_cls.sd15()` for SD1.5 and `single_file_config(state_dict, path)`,
-    the architecture read off the shapes, for SDXL); a pipeline folder holding `subfolder/config.json`; a component
+    `config=`, the base-model family's (`base_models.single_file_config`), or else for SDXL
+    `single_file_config(state_dict, path)`, the architecture read off the shapes); a pipeline
+    folder holding `subfolder/config.json`; a component
     folder holding `config.json` (read by `config_from_json`). name: the component (`unet`,
     `vae`, `text_encoder`, `vision_encoder`), as convert and single_file spell it.
     import_fn(config, state_dict) -> params raises WeightImportError on any key mismatch.
@@ -53,11 +54,10 @@ def read_component(
             raise ValueError(f"loading {name}: {path} is a file; {name} weights come as a folder with config.json")
         family = detect_family(path)
         state_dict = extract_component(path, name, family)
-        if config is None and family == SD15:
-            config = config_cls.sd15()
-        elif config is None:
-            if single_file_config is None:
-                raise ValueError(f"loading {name}: no architecture inference for {family} single files")
+        if config is None:
+            if single_file_config is None or family != SDXL:  # only SDXL's shapes follow known conventions
+                raise ValueError(f"loading {name}: {path} is a {family} single file, which carries no config: pass "
+                                 "config= (the family's, `base_models.single_file_config`)")
             config = single_file_config(state_dict, str(path))
         return config, import_fn(config, state_dict)
     folder = _config_folder(path, name=name, subfolder=subfolder)

@@ -52,6 +52,7 @@ def _check(tree, modules, name: str, source: str):
 
 def load_base(config, modules, names):
     """The named components' pretrained trees from `config.init.base_model` (checked)."""
+    from dynamicid_jax.base_models import single_file_config
     from dynamicid_jax.models import load_text_encoder, load_unet
 
     if not config.init.base_model:
@@ -59,10 +60,11 @@ def load_base(config, modules, names):
                          "(or init.random=True with a tiny config)")
     out = {}
     if "unet" in names:
-        out["unet"] = load_unet(config.init.base_model)[1]
+        out["unet"] = load_unet(config.init.base_model, config=single_file_config(config.init.base_model, "unet"))[1]
     if "text_encoder" in names:
-        out["text_encoder"] = _check(load_text_encoder(config.init.base_model)[1], modules, "text_encoder",
-                                     config.init.base_model)
+        text = load_text_encoder(config.init.base_model,
+                                 config=single_file_config(config.init.base_model, "text_encoder"))[1]
+        out["text_encoder"] = _check(text, modules, "text_encoder", config.init.base_model)
     return out
 
 

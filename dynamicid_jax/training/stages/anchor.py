@@ -5,12 +5,12 @@ single images with the diffusion loss and the exclusive face / text / both drops
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 import jax
 import numpy as np
 
-from dynamicid_jax.data import pipeline, records
+from dynamicid_jax.data import inputs, pipeline, records
 from dynamicid_jax.training import data, init, losses
 
 
@@ -81,3 +81,50 @@ class Anchor:
             return loss, (metrics, model_state)
 
         return loss_fn, lambda rng, batch: losses.anchor_draws(rng, batch, num_timesteps)
+
+
+    # ----------------------------------------------------------------- what precompute writes
+    # (data/precompute.py: one record per captioned image, plus the dataset's null inputs)
+
+    index_fields: ClassVar[tuple[str, ...]] = ("key",)  # string features listed in a shard's index
+    text_field: ClassVar[str] = "caption"  # the string feature the record's text features come from
+    needs_expression_model: ClassVar[bool] = False  # captions are given, never generated
+
+    def input_units(self, input_dir) -> list[list]:
+        """The shardable units: one image each (`inputs.find_anchor_inputs`)."""
+        return [[item] for item in inputs.find_anchor_inputs(input_dir)]
+
+    def input_problem(self, item) -> Optional[str]:
+        """A reject reason known before the image is decoded, or None."""
+        return "missing caption" if item.caption is None else None
+
+    def record_inputs(self, item, face, image, extractors) -> tuple[dict, dict]:
+        """-> (string features, per-image arrays) of one accepted input."""
+        return {"key": item.key, "caption": item.caption}, {}
+
+    def record_specs(self, dims, common: Mapping[str, Any], cache_text_states: bool) -> list:
+        """The shards' features for the extractors' sizes `dims` (`precompute.ExtractorDims`)."""
+        return records.anchor_specs(text_length=dims.text_length,
+                                    text_states_width=dims.text_width if cache_text_states else None, **common)
+
+    def null_specs(self, dims, cache_text_states: bool) -> Optional[list]:
+        """The once-per-dataset classifier-free null inputs (the empty caption, blank pixels)."""
+        specs = [
+            records.FeatureSpec("input_ids", (dims.text_length,), "int32", "tokens of the empty caption"),
+            records.FeatureSpec(
+                "clip_image_features", (dims.clip_tokens, dims.clip_width), "float16",
+                "CLIP vision tower on all-zero (already normalised) pixels, as IP-Adapter's drop",
+            ),
+        ]
+        if cache_text_states:
+            specs.append(records.FeatureSpec("text_states", (dims.text_length, dims.text_width), "float32",
+                                             "text states of the empty caption"))
+        return specs
+
+    def text_features(self, ids: np.ndarray, encode_text: Callable, cache_text_states: bool) -> dict:
+        """The record's text features of a batch's caption ids (B, L): the ids themselves, and
+        the text encoder's hidden states (B, L, T) when cached; `encode_text(ids) -> (states, pooled)`."""
+        out = {"input_ids": ids}
+        if cache_text_states:
+            out["text_states"] = encode_text(ids)[0].astype(np.float32)
+        return out

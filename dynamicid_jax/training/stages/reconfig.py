@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dynamicid_jax import modeling
-from dynamicid_jax.data import pipeline, records
+from dynamicid_jax.data import inputs, pipeline, records
 from dynamicid_jax.training import init, losses
 
 
@@ -80,6 +80,43 @@ class Reconfig:
                                         scaling=scaling, consistency_weight=config.loss.consistency_weight)
 
         return loss_fn, lambda rng, batch: losses.reconfig_draws(rng, batch, num_timesteps)
+
+
+    # ----------------------------------------------------------------- what precompute writes
+    # (data/precompute.py: one record per image of an identity folder)
+
+    index_fields: ClassVar[tuple[str, ...]] = ("key", "identity", "source")  # listed in a shard's index
+    text_field: ClassVar[str] = "face_prompt"  # the string feature the record's text features come from
+    needs_expression_model: ClassVar[bool] = True  # a missing face prompt is generated from the face
+
+    def input_units(self, input_dir) -> list[list]:
+        """The shardable units: one identity's images each, so an identity never spans two shards."""
+        return [items for _, items in inputs.find_identity_inputs(input_dir)]
+
+    def input_problem(self, item) -> Optional[str]:
+        """Nothing is known wrong before decoding (a missing face prompt is generated)."""
+        return None
+
+    def record_inputs(self, item, face, image, extractors) -> tuple[dict, dict]:
+        """-> (string features, per-image arrays): the face prompt (given, or generated from
+        the face) and the landmark image (S, S, 1)."""
+        prompt = item.face_prompt if item.face_prompt is not None else extractors.auto_face_prompt(face, image)
+        info = {"key": item.key, "identity": item.identity, "source": item.source, "face_prompt": prompt}
+        return info, {"landmark_image": np.asarray(extractors.landmark_image(face, image.shape[:2]), np.float32)}
+
+    def record_specs(self, dims, common: Mapping[str, Any], cache_text_states: bool) -> list:
+        """The shards' features for the extractors' sizes `dims` (no text states: stage 2 reads
+        only the pooled face-prompt feature)."""
+        return records.reconfig_specs(landmark_size=dims.landmark_size, prompt_dim=dims.prompt_dim, **common)
+
+    def null_specs(self, dims, cache_text_states: bool) -> Optional[list]:
+        """None: stage 2 has no classifier-free drops."""
+        return None
+
+    def text_features(self, ids: np.ndarray, encode_text: Callable, cache_text_states: bool) -> dict:
+        """The pooled text feature (B, E) of a batch's face-prompt ids (B, L);
+        `encode_text(ids) -> (states, pooled)`."""
+        return {"face_prompt_embedding": encode_text(ids)[1].astype(np.float32)}
 
 
 def _prompt_conditioning(modules, params, ids):
