@@ -209,7 +209,7 @@ def test_a_rerun_reuses_a_picture_only_while_its_input_files_keep_their_bytes(te
     import shutil
 
     from dynamicid_jax import outputs
-    from dynamicid_jax.generation import run_request
+    from dynamicid_jax.generation.engine import jobs_of, run_jobs
 
     mask, ref = _png(tmp_path / "m.png", _box_mask([0, 0, 1, 0.5])), tmp_path / "ref.jpg"
     shutil.copy(test_assets / "obama.jpg", ref)
@@ -219,7 +219,9 @@ def test_a_rerun_reuses_a_picture_only_while_its_input_files_keep_their_bytes(te
         calls.append(len(items))
         return np.zeros((len(items), SIDE, SIDE, 3), np.uint8), [{}]
 
-    calls, run = [], lambda: run_request(None, request, tmp_path / "out", sampler=sampler, provenance={})
+    calls = []
+    run = lambda: run_jobs(jobs_of(request, tmp_path / "out"), sampler, provenance={}, process_index=0,  # noqa: E731
+                           process_count=1, progress=False)
     run()
     assert run().reused == 1 and calls == [1]
     _png(mask, _box_mask([0, 0.5, 1, 1]))  # the same path, another region
