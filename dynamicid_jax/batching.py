@@ -145,7 +145,8 @@ class ConditioningCache:
 def request_details(request, cache: ConditioningCache) -> dict:
     """The sidecar's `resolved` section: boxes, identities' prompts, alpha as a step count, the
     family's per-picture extras (SDXL: the six time ids) and, when used, each
-    textual-inversion file's name, sha256 and vector count."""
+    textual-inversion file's name, sha256 and vector count and each mask's sha256 (the engine
+    adds every input file's: `outputs.input_records`)."""
     details = {
         "boxes_used": request_boxes(request).tolist() if uses_boxes(request) else None,
         "identities_used": [cache.identity(ident)[1] for ident in request.identities],
@@ -164,12 +165,13 @@ def request_details(request, cache: ConditioningCache) -> dict:
 
 
 def mask_rows(requests, latent_hw: tuple[int, int]) -> dict[str, np.ndarray]:
-    """{"masks": (N, n, h, w) float32, "mask_used": (N, n) bool}: each person's mask averaged
-    on the latent grid (`masks.latent_coverage`; zeros where the region is a box)."""
-    coverage = [[masks.latent_coverage(ident.mask, (r.height, r.width), latent_hw) if ident.mask is not None
-                 else np.zeros(latent_hw, np.float32) for ident in r.identities] for r in requests]
+    """{"masks": (N, n, H, W) bool, "mask_used": (N, n) bool}: each person's region on the
+    picture's pixels (`masks.picture_region`, the rule of dynamicid/regions.py; False where
+    the region is a box)."""
+    regions = [[masks.picture_region(ident.mask, (r.height, r.width), latent_hw) if ident.mask is not None
+                else np.zeros((r.height, r.width), bool) for ident in r.identities] for r in requests]
     used = [[ident.mask is not None for ident in r.identities] for r in requests]
-    return {"masks": np.asarray(coverage, np.float32), "mask_used": np.asarray(used, bool)}
+    return {"masks": np.asarray(regions, bool), "mask_used": np.asarray(used, bool)}
 
 
 def noise_rows(items: list[ImageItem], latent_hwc: tuple[int, int, int]) -> np.ndarray:

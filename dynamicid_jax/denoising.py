@@ -72,8 +72,9 @@ def denoise(
       noise (N, h, w, C) standard normal; conditioning: a `base_models.TextConditioning` of
       (N, 2, ...) [negative, positive]; id_tokens (N, 2, n, T, D) likewise; boxes (N, n, 4);
       step_key (N, 2): each image's key of the ancestral samplers' per-step noise; guidance,
-      alpha_count, beta, id_scale, mix (N,); masks (N, n, h, w) and mask_used (N, n) when a
-      person's region is a mask (batching.mask_rows; their presence is another program).
+      alpha_count, beta, id_scale, mix (N,); masks (N, n, H, W) bool, on the picture's pixels,
+      and mask_used (N, n) when a person's region is a mask (batching.mask_rows; their
+      presence is another program).
       Without the identity branch (`modules.identity_branch` False: plain text-to-image)
       id_tokens and boxes are absent and the UNet is called with identity None.
     sampler: () int32 index into schedulers.SCHEDULERS; schedule: its `schedulers.Schedule`
@@ -94,7 +95,7 @@ def denoise(
     if modules.identity_branch:
         id_tokens, boxes = pairs(rows["id_tokens"]), jnp.repeat(rows["boxes"], 2, axis=0)
     guidance = rows["guidance"][:, None, None, None]
-    masks = jnp.repeat(rows["masks"], 2, axis=0) if "masks" in rows else None  # (2N, n, h, w): regions.py
+    masks = jnp.repeat(rows["masks"], 2, axis=0) if "masks" in rows else None  # (2N, n, H, W): regions.py
     mask_used = jnp.repeat(rows["mask_used"], 2, axis=0) if "masks" in rows else None
 
     def body(i, carry):

@@ -13,6 +13,7 @@ callers pass another one where a file is legitimately larger (a tokenizer vocabu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -44,6 +45,12 @@ def check_file(path: str | os.PathLike, what: str = "file", limit: Optional[int]
         raise FileFormatError(f"{path}: {_size_text(size)}, more than the {_size_text(limit)} a {what} may hold "
                               "(is it the right file?)")
     return size
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes (read in chunks: any size), what sidecars record of input files."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_text(path: str | os.PathLike, what: str = "text file", limit: int = JSON_LIMIT) -> str:

@@ -1,13 +1,13 @@
-"""Mask files of people's regions: read, checked against the picture, averaged on the latent grid.
+"""Mask files of people's regions: read, checked against the picture, brought to the picture's pixels.
 
-    coverage = latent_coverage("left_person.png", (512, 512), (64, 64))   # (64, 64) float32
+    region = picture_region("left_person.png", (512, 512), (64, 64))   # (512, 512) bool
 
 A mask is any image PIL reads, of any size with the picture's aspect ratio: white is the
 region. Its value at a pixel is its grey level (0..1) times its opacity, so a greyscale PNG,
 a black-and-white one and a painted layer on a transparent background (the app's brush) all
-work; colour is taken as its luminance. The mask is not resampled to the picture's pixels:
-its area average over each latent cell (`regions.area_average`) is what SAA gets, the same
-number a resize to the picture followed by the average would give, without the resize's filter.
+work; colour is taken as its luminance. What SAA gets is the mask on the picture's pixels by
+the mask rule (`regions.mask_cells`: each pixel takes the mask's pixel just before its far
+corner, at least half white), no resize filter: each attention grid samples that by the same rule.
 
 Refused, with one line naming the file (MaskError, a UserError: the CLI exits 2): a file PIL
 cannot read, another aspect ratio than the picture (naming both), an empty mask (no pixel
@@ -25,8 +25,9 @@ from typing import Sequence
 import numpy as np
 
 from dynamicid_jax import images
-from dynamicid_jax.dynamicid.regions import area_average, mask_cells
+from dynamicid_jax.dynamicid.regions import mask_cells
 from dynamicid_jax.errors import UserError
+from dynamicid_jax.input_files import file_sha256
 
 
 class MaskError(UserError, ValueError):
@@ -63,10 +64,11 @@ _CACHE: dict[tuple, np.ndarray] = {}
 _LOCK = threading.Lock()
 
 
-def latent_coverage(path, picture_hw: Sequence[int], latent_hw: Sequence[int]) -> np.ndarray:
-    """The mask of `path` for a picture of `picture_hw` px: its area average on the latent
-    grid `latent_hw`, (h, w) float32 in [0, 1]; MaskError naming the file when it is unusable.
-    Remembered per file content, so the checks and the batch rows decode it once."""
+def picture_region(path, picture_hw: Sequence[int], latent_hw: Sequence[int]) -> np.ndarray:
+    """The region of mask `path` for a picture of `picture_hw` px: (H, W) bool, the mask rule
+    at the picture's pixels; MaskError naming the file when it is unusable (`latent_hw`: the
+    grid it must cover a cell of). Remembered per file content, so the checks and the batch
+    rows decode it once."""
     path = pathlib.Path(path)
     try:  # by content: a file rewritten within one modification-time tick is still read again
         key = (hashlib.sha256(path.read_bytes()).hexdigest(), tuple(picture_hw), tuple(latent_hw))
@@ -79,22 +81,22 @@ def latent_coverage(path, picture_hw: Sequence[int], latent_hw: Sequence[int]) -
     check_aspect(path, mask.shape, picture_hw)
     if not mask.any():
         raise MaskError(f"mask {path} is empty: no pixel above black (white marks the region)")
-    coverage = area_average(mask, latent_hw)
-    if not mask_cells(coverage, latent_hw).any():
+    region = mask_cells(mask, picture_hw).reshape(tuple(picture_hw))
+    if not mask_cells(region, latent_hw).any():
         h, w = latent_hw
-        raise MaskError(f"mask {path} covers no cell of the {w}x{h} latent grid (no cell is half white): "
+        raise MaskError(f"mask {path} covers no cell of the {w}x{h} latent grid (no cell's last pixel is white): "
                         "draw a larger region")
     with _LOCK:
         if key is not None:
-            if len(_CACHE) > 256:
+            if len(_CACHE) > 64:  # a 1024x1024 picture's region is 1 MiB
                 _CACHE.pop(next(iter(_CACHE)))
-            _CACHE[key] = coverage
-    return coverage
+            _CACHE[key] = region
+    return region
 
 
 def record(path) -> dict:
     """What a sidecar keeps of a mask file: {"file", "sha256"} (--from_json checks the bytes)."""
-    return {"file": str(path), "sha256": hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()}
+    return {"file": str(path), "sha256": file_sha256(path)}
 
 
 def check_unchanged(records, where: str) -> None:
@@ -102,5 +104,5 @@ def check_unchanged(records, where: str) -> None:
     the sidecar, e.g. "--from_json out/0.json")."""
     for rec in records or []:
         file = pathlib.Path(rec["file"])
-        if file.is_file() and hashlib.sha256(file.read_bytes()).hexdigest() != rec["sha256"]:
+        if file.is_file() and file_sha256(file) != rec["sha256"]:
             raise MaskError(f"{where}: mask {file} changed since (sha256 differs from the sidecar's)")

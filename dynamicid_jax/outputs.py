@@ -7,8 +7,11 @@ generation (`generation`) and evaluation all write through `save_image`. The sid
 written after the image, each by write-to-temp then rename, so an interrupted run leaves
 either a complete pair or something that is redone.
 
-An image is reused only when its sidecar's request and weights equal the current ones; a
-pair made with other settings is an error (StaleImageError), never silently mixed in.
+An image is reused only when its sidecar's request and weights equal the current ones and
+every input file (reference photos, landmark photos, masks, textual-inversion files) still
+has the bytes the sidecar records (`input_records`, under `resolved`); a pair made with other
+settings or from other bytes under the same path is an error (StaleImageError), never
+silently mixed in. A sidecar written before input files were recorded is trusted on its request.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from PIL import Image
 from dynamicid_jax import images
 from dynamicid_jax.atomic_write import atomic_write_bytes, atomic_write_text  # noqa: F401  (public here too)
 from dynamicid_jax.errors import UserError
-from dynamicid_jax.input_files import FileFormatError, read_json
+from dynamicid_jax.input_files import FileFormatError, file_sha256, read_json
 
 if TYPE_CHECKING:  # request.py is light, but outputs need only the type's name
     from dynamicid_jax.request import SampleRequest
@@ -69,10 +72,32 @@ def _differences(stored: dict, current: dict) -> list[str]:
     return [f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
 
 
-def reusable(image_path: pathlib.Path, request: "SampleRequest", provenance: dict) -> bool:
-    """True when a complete image/sidecar pair made with exactly this request and weights
-    exists; False when it has to be (re)generated (absent, or interrupted before the sidecar).
-    Raises StaleImageError when it exists but was made with other settings."""
+def input_records(request: "SampleRequest") -> list[dict]:
+    """What a sidecar keeps of the files the picture is made from: [{"file", "sha256"}] in
+    `request.input_files()` order (`reusable` compares the sha256s by position). The engine
+    records them when it writes a picture (`resolved.input_files`)."""
+    return [{"file": str(path), "sha256": file_sha256(path)} for path in request.input_files()]
+
+
+def _changed_inputs(stored: dict, files: list[str]) -> list[str]:
+    """The files among `files` whose bytes differ from the sidecar's records (all of them
+    when the number of records differs); none when the sidecar records no input files."""
+    records = stored.get("resolved", {}).get("input_files")
+    if records is None:
+        return []
+    if len(records) != len(files):
+        return list(files)
+    return [str(f) for f, r in zip(files, records)
+            if not pathlib.Path(f).is_file() or file_sha256(f) != r.get("sha256")]
+
+
+def reusable(image_path: pathlib.Path, request: "SampleRequest", provenance: dict,
+             inputs: Optional["SampleRequest"] = None) -> bool:
+    """True when a complete image/sidecar pair made with exactly this request and weights,
+    from input files with the same bytes, exists; False when it has to be (re)generated
+    (absent, or interrupted before the sidecar). inputs: the request whose files are read
+    (default `request`; the app compares a public copy whose paths are mere names).
+    Raises StaleImageError when it exists but was made with other settings or bytes."""
     if not is_complete(image_path):
         return False
     side = sidecar_path(image_path)
@@ -86,6 +111,12 @@ def reusable(image_path: pathlib.Path, request: "SampleRequest", provenance: dic
         raise StaleImageError(
             f"{image_path} was generated with other settings ({'; '.join(changes[:5])}): "
             "use a new --out folder, or delete the old images to regenerate them"
+        )
+    changed = _changed_inputs(stored, (inputs or request).input_files())
+    if changed:
+        raise StaleImageError(
+            f"{image_path} was generated from other bytes of {', '.join(changed[:3])} (its sha256 differs from "
+            "the sidecar's, or it is gone): use a new --out folder, or delete the old images to regenerate them"
         )
     return True
 

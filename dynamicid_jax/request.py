@@ -110,6 +110,15 @@ class SampleRequest:
             self.negative_prompt = textual_inversion.with_names(
                 self.negative_prompt, [pathlib.Path(p).stem for p in self.negative_embeddings])
 
+    def input_files(self) -> list[str]:
+        """Every file the picture is made from, in a fixed order: each identity's reference
+        photos, target-landmark photo and mask, then the textual-inversion files. (Their
+        bytes are recorded in the sidecar: `outputs.input_records`.)"""
+        files = []
+        for ident in self.identities:
+            files += list(ident.refs) + [p for p in (ident.target_landmarks, ident.mask) if p]
+        return files + list(self.negative_embeddings)
+
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
         if not data["negative_embeddings"]:  # so sidecars from before this field still match (outputs.reusable)
@@ -293,7 +302,7 @@ def validate_request(request: SampleRequest, vae_factor: int, label=flag_label, 
 
 
 def check_masks(request: SampleRequest, vae_factor: int) -> None:
-    """Read every mask file of the request once (masks.latent_coverage: readable, the picture's
+    """Read every mask file of the request once (masks.picture_region: readable, the picture's
     aspect ratio, not empty, covering a latent cell); InputError naming the file otherwise.
     A request without a size yet is checked when the pipeline has filled it in."""
     if request.height is None:
@@ -302,7 +311,7 @@ def check_masks(request: SampleRequest, vae_factor: int) -> None:
     for i, ident in enumerate(request.identities):
         if ident.mask is not None:
             try:
-                masks.latent_coverage(ident.mask, picture, (request.height // vae_factor, request.width // vae_factor))
+                masks.picture_region(ident.mask, picture, (request.height // vae_factor, request.width // vae_factor))
             except masks.MaskError as e:
                 raise InputError(f"identity {i}: {e}") from None
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import pathlib
 from typing import Any, Callable, Mapping, Optional
 
 from dynamicid_jax import masks
+from dynamicid_jax.input_files import file_sha256
 from dynamicid_jax.request import (DEFAULT_KEYS, DEFAULT_PROMPT, TIME_ID_FIELDS, IdentityRequest, InputError,
                                    SampleRequest, flag_label)
 
@@ -277,6 +277,6 @@ def read_sidecar(path: str, flag: str = "--from_json") -> SampleRequest:
     recorded = resolved.get("negative_embeddings", [])
     for record in recorded:
         embedding = pathlib.Path(record["file"])
-        if embedding.is_file() and hashlib.sha256(embedding.read_bytes()).hexdigest() != record["sha256"]:
+        if embedding.is_file() and file_sha256(embedding) != record["sha256"]:
             raise InputError(f"{flag} {file}: embedding {embedding} changed since (sha256 differs from the sidecar's)")
     return request

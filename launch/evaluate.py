@@ -113,11 +113,20 @@ def _run(args: argparse.Namespace) -> int:
         sampling["negative_embeddings"] = list(args.negative_embedding)
     from dynamicid_jax.request import validate_request
 
+    vae_factor = 2 ** (len(config.model.vae.block_out_channels) - 1)
+    cases = expand_cases(protocol, args.mode, Ablation(), seeds)
     try:  # every case shares these settings: one request shows a bad value before any model loads
-        first = expand_cases(protocol, args.mode, Ablation(), seeds)[0]
-        validate_request(first.sample_request(sampling), 2 ** (len(config.model.vae.block_out_channels) - 1))
+        first = cases[0].sample_request(sampling)
+        for ident in first.identities:
+            ident.mask = None  # the people's masks: per group, below, once the picture size is known good
+        validate_request(first, vae_factor)
     except InputError as e:
         raise InputError(f"--testset {args.testset}: sampling: {e}") from None
+    for case in {c.group: c for c in cases}.values():  # each group's people: their masks fit these pictures
+        try:
+            validate_request(case.sample_request(sampling), vae_factor)
+        except InputError as e:
+            raise InputError(f"--testset {args.testset}: {case.group}: {e}") from None
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch_size must be >= 1, got {args.batch_size}")
     generate, provenance = None, None

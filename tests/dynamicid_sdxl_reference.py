@@ -13,7 +13,7 @@ gating) sit in one `Identity` object every processor reads.
     out = unet(x, t, torch.cat([text, ids.flatten(1, 2)], 1), added_cond_kwargs=...).sample
 
 Rules, each written the release's way (python int() box cuts, explicit loops); a region may
-be a mask instead of a box (cells whose area average is at least one half, the rule of
+be a mask instead of a box (cells whose last pixel is at least one half white, the rule of
 dynamicid_jax/dynamicid/regions.py restated):
 - activation weight: pre-softmax identity logits summed over heads and identity tokens,
   min-max per image (0 where the map is constant), strictly below `threshold` set to 0;
@@ -49,8 +49,8 @@ class Identity:
     id_scale: float = 1.0
     gating: bool = True
     threshold: float = 0.3
-    # per image, per identity: None (the box is the region) or a mask's area average on the
-    # latent grid, (H, W) in [0, 1], whose cells at a layer follow `mask_cells`
+    # per image, per identity: None (the box is the region) or a mask, (H, W) in [0, 1] on any
+    # pixel grid (here the latent's), whose cells at a layer follow `mask_cells`
     masks: Optional[Sequence[Sequence[Optional[torch.Tensor]]]] = None
 
     def per_image(self, value, b):
@@ -78,21 +78,16 @@ def box_cells(box, grid) -> torch.Tensor:
     return cells.reshape(-1)
 
 
-def mask_cells(coverage: torch.Tensor, grid) -> torch.Tensor:
-    """(h*w,) bool: cells of the layer grid whose mean of `coverage` (H, W) over their area is
-    at least one half (cell r spans [r/h, (r+1)/h) of the picture, a source cell [i/H, (i+1)/H))."""
+def mask_cells(mask: torch.Tensor, grid) -> torch.Tensor:
+    """(h*w,) bool: cells of the layer grid whose last pixel of `mask` (H, W) is at least one
+    half: row ceil((r+1)*H/h) - 1, column likewise (cell r spans [r/h, (r+1)/h) of the picture,
+    pixel i [i/H, (i+1)/H)); the release's box cut generalised (dynamicid/regions.py)."""
     h, w = grid
-    big_h, big_w = coverage.shape
-
-    def overlap(r, n, i, big):  # length of [r/n, (r+1)/n) & [i/big, (i+1)/big), in units of the cell r
-        return max(0.0, min((r + 1) / n, (i + 1) / big) - max(r / n, i / big)) * n
-
+    big_h, big_w = mask.shape
     cells = torch.zeros(h, w, dtype=torch.bool)
     for r in range(h):
         for c in range(w):
-            mean = sum(overlap(r, h, i, big_h) * overlap(c, w, j, big_w) * float(coverage[i, j])
-                       for i in range(big_h) for j in range(big_w))
-            cells[r, c] = mean >= 0.5 - 1e-6
+            cells[r, c] = float(mask[math.ceil((r + 1) * big_h / h) - 1, math.ceil((c + 1) * big_w / w) - 1]) >= 0.5
     return cells.reshape(-1)
 
 

@@ -1,4 +1,5 @@
-"""The web app (launch/app.py): a real headless Chromium, the gradio_client API, the forms.
+"""The web app (launch/app.py): a real headless Chromium and the gradio_client API.
+(The app's pieces that need no server: test_app_forms.py.)
 
 One app in demo mode (tiny random model) serves the whole module on a free port; every
 request uses the warmed-up shape (64x64, two people with boxes, one image), so the app
@@ -6,6 +7,7 @@ compiles its sampling program once, and its identity programs (any photo size, f
 at start-up too: no request before the activation-map one compiles anything.
 """
 
+import contextlib
 import json
 import pathlib
 import shutil
@@ -17,9 +19,7 @@ import pytest
 
 from dynamicid_jax import denoising
 from dynamicid_jax.distributed import free_local_port
-from dynamicid_jax.app import forms
 from dynamicid_jax.compile_count import compiles
-from dynamicid_jax.request import InputError
 
 pytest.importorskip("gradio", reason="the app extra (make install) provides gradio")
 
@@ -89,26 +89,17 @@ def test_browser_two_people_boxes_and_an_edit(app, test_assets, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    driver = _chromium()
-    try:
-        wait = WebDriverWait(driver, 120)
-        driver.get(app[1])
-        css = lambda sel: wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, sel)))  # noqa: E731
-        for k, name in ((1, "obama.jpg"), (2, "0-f15-hao-ph.jpg")):
-            tab = (By.XPATH, f"//button[@role='tab'][contains(., 'Person {k}')]")
-            wait.until(ec.element_to_be_clickable(tab)).click()
-            css(f"#refs_{k} input[type=file]").send_keys(str(test_assets / name))
-            if k == 1:
-                box = css(f"#box_{k} textarea, #box_{k} input")
-                box.clear()
-                box.send_keys(BOXES[k - 1])
-            # the face crop appears once the upload is analysed
-            css(f"#faces_{k} img")
+    def type_box(k):
+        if k == 1:
+            box = css("#box_1 textarea, #box_1 input")
+            box.clear()
+            box.send_keys(BOXES[0])
+
+    with _page(app[1], 120) as (driver, wait, css):
+        _upload_people(wait, css, test_assets, then=type_box)
         # Person 2's box drawn with the mouse: two clicks on the canvas at these fractions.
-        wait.until(ec.element_to_be_clickable((By.XPATH, "//*[@id='draw_person']//label[contains(., 'person 2')]"))
-                   ).click()
+        _draw_for(wait, 2)
         note = lambda d: d.find_element(By.CSS_SELECTOR, "#layout_note").text  # noqa: E731
         for fx, fy in ((0.75, 0.9), (0.25, 0.2)):  # bottom-right, then top-left
             _click_canvas(driver, wait, ActionChains, fx, fy)
@@ -126,9 +117,6 @@ def test_browser_two_people_boxes_and_an_edit(app, test_assets, tmp_path):
         wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "li[role=option][aria-label='surprise']"))).click()
         chosen = lambda d: d.find_element(By.CSS_SELECTOR, "#expression_2 input").get_attribute("value")  # noqa: E731
         wait.until(lambda d: chosen(d) == "surprise")
-        steps = css("#steps input[type=number]")
-        steps.send_keys(Keys.CONTROL, "a")
-        steps.send_keys("3", Keys.TAB)
         css("#scheduler input").click()
         wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "li[role=option][aria-label='euler_a']"))).click()
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#scheduler input").get_attribute("value") == "euler_a")
@@ -136,17 +124,12 @@ def test_browser_two_people_boxes_and_an_edit(app, test_assets, tmp_path):
         wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "li[role=option][aria-label='style.safetensors']"))
                    ).click()
         css("#loras input").send_keys(Keys.ESCAPE)  # close the list (a multiselect stays open)
-        css("#generate").click()
-        css("#gallery img")
+        links = _generate_in_page(wait, css)
         # The first request after start-up (face analysis, an IMR edit, 3 steps where the
         # warm-up ran 1, another sampler, a LoRA merged: weights are arguments) waited for no
         # XLA compile.
         assert compiles() == app[4], f"the first request compiled {compiles() - app[4]} program(s)"
-        links = wait.until(lambda d: [a.get_attribute("href") for a in d.find_elements(By.CSS_SELECTOR, "#downloads a")
-                                      if a.get_attribute("href")] or None)
         driver.save_screenshot(str(tmp_path / "app.png"))
-    finally:
-        driver.quit()
     png = next(u for u in links if ".png" in u)
     side = next(u for u in links if ".json" in u)
     image = urllib.request.urlopen(png).read()
@@ -162,16 +145,64 @@ def test_browser_two_people_boxes_and_an_edit(app, test_assets, tmp_path):
     assert [i["refs"] for i in identities] == [["obama.jpg"], ["0-f15-hao-ph.jpg"]]  # names, not server paths
 
 
-def _chromium():
-    """A headless Chromium driven by selenium (the distribution's chromium and chromedriver)."""
+@contextlib.contextmanager
+def _page(url: str, timeout: float):
+    """The app's page in a headless Chromium driven by selenium (the distribution's chromium
+    and chromedriver): (driver, wait, css), where css(selector) waits for the element to be
+    present; the browser quits on leaving."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2200"):
         options.add_argument(flag)
     options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    return webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"))
+    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"))
+    try:
+        wait = WebDriverWait(driver, timeout)
+        driver.get(url)
+        yield driver, wait, lambda sel: wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, sel)))
+    finally:
+        driver.quit()
+
+
+def _upload_people(wait, css, test_assets, then) -> None:
+    """Persons 1 and 2 get obama.jpg and 0-f15-hao-ph.jpg, each on their tab; after each face
+    crop shows (the upload analysed), then(k) while the tab is open."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+
+    for k, name in ((1, "obama.jpg"), (2, "0-f15-hao-ph.jpg")):
+        wait.until(ec.element_to_be_clickable((By.XPATH, f"//button[@role='tab'][contains(., 'Person {k}')]"))).click()
+        css(f"#refs_{k} input[type=file]").send_keys(str(test_assets / name))
+        css(f"#faces_{k} img")
+        then(k)
+
+
+def _draw_for(wait, k: int) -> None:
+    """Choose person k as the one the layout canvas draws for."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+
+    wait.until(ec.element_to_be_clickable((By.XPATH, f"//*[@id='draw_person']//label[contains(., 'person {k}')]"))
+               ).click()
+
+
+def _generate_in_page(wait, css) -> list[str]:
+    """3 steps, generate, wait for the picture: its download links (the PNG and its sidecar)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    steps = css("#steps input[type=number]")
+    steps.send_keys(Keys.CONTROL, "a")
+    steps.send_keys("3", Keys.TAB)
+    css("#generate").click()
+    css("#gallery img")
+    return wait.until(lambda d: [a.get_attribute("href") for a in d.find_elements(By.CSS_SELECTOR, "#downloads a")
+                                 if a.get_attribute("href")] or None)
 
 
 def _click_canvas(driver, wait, action_chains, fx: float, fy: float) -> None:
@@ -370,9 +401,7 @@ def test_browser_masks_show_on_the_layout_and_reach_the_sidecar(app, test_assets
 
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
 
     from dynamicid_jax.app.previews import COLOURS
 
@@ -383,31 +412,16 @@ def test_browser_masks_show_on_the_layout_and_reach_the_sidecar(app, test_assets
     files = {1: tmp_path / "round.png", 2: tmp_path / "ell.png"}
     Image.fromarray(round_mask.astype(np.uint8) * 255).save(files[1])
     Image.fromarray(l_mask.astype(np.uint8) * 255).resize((128, 128), Image.NEAREST).save(files[2])  # any size
-    driver = _chromium()
-    try:
-        wait = WebDriverWait(driver, 180)
-        driver.get(app[1])
-        css = lambda sel: wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, sel)))  # noqa: E731
-        for k, name in ((1, "obama.jpg"), (2, "0-f15-hao-ph.jpg")):
-            tab = (By.XPATH, f"//button[@role='tab'][contains(., 'Person {k}')]")
-            wait.until(ec.element_to_be_clickable(tab)).click()
-            css(f"#refs_{k} input[type=file]").send_keys(str(test_assets / name))
-            css(f"#faces_{k} img")
-            css(f"#mask_{k} input[type=file]").send_keys(str(files[k]))
+    with _page(app[1], 180) as (driver, wait, css):
+        _upload_people(wait, css, test_assets,
+                       then=lambda k: css(f"#mask_{k} input[type=file]").send_keys(str(files[k])))
         note = lambda d: d.find_element(By.CSS_SELECTOR, "#layout_note").text  # noqa: E731
         wait.until(lambda d: "person 1 mask, person 2 mask" in note(d))
         src = css("#layout img").get_attribute("src")
         canvas = np.asarray(Image.open(io.BytesIO(urllib.request.urlopen(src).read())).convert("RGB"), int)
-        steps = css("#steps input[type=number]")
-        steps.send_keys(Keys.CONTROL, "a")
-        steps.send_keys("3", Keys.TAB)
-        css("#generate").click()
-        css("#gallery img")
-        links = wait.until(lambda d: [a.get_attribute("href") for a in d.find_elements(By.CSS_SELECTOR, "#downloads a")
-                                      if a.get_attribute("href")] or None)
+        links = _generate_in_page(wait, css)
         # A region drawn with the brush on the layout, for person 3 (no photo: shown, not run).
-        wait.until(ec.element_to_be_clickable((By.XPATH, "//*[@id='draw_person']//label[contains(., 'person 3')]"))
-                   ).click()
+        _draw_for(wait, 3)
         wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#sketch_panel button.label-wrap"))).click()
         wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#sketch_start"))).click()
         board = css("#sketch canvas")
@@ -418,8 +432,6 @@ def test_browser_masks_show_on_the_layout_and_reach_the_sidecar(app, test_assets
         wait.until(lambda d: "person 3 mask" in note(d))
         drawn_src = css("#layout img").get_attribute("src")
         driver.save_screenshot(str(tmp_path / "sketch.png"))
-    finally:
-        driver.quit()
     drawn = np.asarray(Image.open(io.BytesIO(urllib.request.urlopen(drawn_src).read())).convert("RGB"), int)
     person_3 = np.round(0.55 * 245 + 0.45 * np.asarray(COLOURS[2]))
     assert (np.abs(drawn - person_3).max(axis=-1) <= 1).sum() > 100  # painted pixels in person 3's colour
@@ -434,119 +446,3 @@ def test_browser_masks_show_on_the_layout_and_reach_the_sidecar(app, test_assets
     assert [i["mask"] for i in sidecar["request"]["identities"]] == ["round.png", "ell.png"]
     assert [m["sha256"] for m in sidecar["resolved"]["masks"]] == [
         hashlib.sha256(files[k].read_bytes()).hexdigest() for k in (1, 2)]
-
-
-# ----------------------------------------------------------------------------- no server
-
-
-def test_uploads_are_checked_for_place_type_and_size(tmp_path):
-    root = tmp_path / "uploads"
-    root.mkdir()
-    (root / "a.jpg").write_bytes(b"x")
-    assert forms.check_upload(root / "a.jpg", root) == (root / "a.jpg").resolve()
-    (tmp_path / "outside.jpg").write_bytes(b"x")
-    with pytest.raises(InputError, match="server paths are never opened"):
-        forms.check_upload(tmp_path / "outside.jpg", root)
-    with pytest.raises(InputError, match="server paths are never opened"):
-        forms.check_upload(root / ".." / "outside.jpg", root)
-    (root / "b.txt").write_bytes(b"x")
-    with pytest.raises(InputError, match="only"):
-        forms.check_upload(root / "b.txt", root)
-    with open(root / "big.png", "wb") as f:  # sparse: no 20 MB written
-        f.truncate(forms.MAX_UPLOAD_BYTES + 1)
-    with pytest.raises(InputError, match="larger than 20 MB"):
-        forms.check_upload(root / "big.png", root)
-
-
-def test_face_prompt_choices_compose_the_release_form():
-    side_up = np.array([20.0, 30.0, 0.0])  # pitch up, yaw to the side
-    assert forms.compose_face_prompt("surprise", "keep", "happy", side_up) == \
-        "in a surprise expression, facing up, in side view"
-    assert forms.compose_face_prompt("keep", "front", "happy", side_up) == "in a happy expression, in front view"
-    assert forms.compose_face_prompt("keep", "facing down", "sad", np.zeros(3)) == \
-        "in a sad expression, facing down, in front view"
-    with pytest.raises(InputError, match="expression"):
-        forms.compose_face_prompt("smug", "keep", "happy", side_up)
-
-
-def test_previews_are_files_written_once_by_content(tmp_path):
-    """The layout canvas and face crops reach gradio as files named by their PNG bytes and
-    never rewritten: gradio rewrites an array's cache file on every return, and a canvas
-    redrawn unchanged was then served half written (a cold suite run saw the browser wait on a
-    broken layout image)."""
-    from dynamicid_jax.app.previews import layout_preview, png_file
-
-    canvas = layout_preview([[0, 0, 1, 0.5], None], 64, 96, ["person 1", "person 2"])
-    first = pathlib.Path(png_file(canvas, tmp_path))
-    stamp = first.stat().st_mtime_ns
-    time.sleep(0.01)
-    assert pathlib.Path(png_file(canvas.copy(), tmp_path)) == first and first.stat().st_mtime_ns == stamp
-    np.testing.assert_array_equal(np.asarray(Image.open(first)), canvas)
-    other = layout_preview([[0, 0, 1, 0.5], [0, 0.5, 1, 1]], 64, 96, ["person 1", "person 2"])
-    assert pathlib.Path(png_file(other, tmp_path)) != first
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".png", ".png"]  # no temporary left over
-
-
-def test_activation_overlays_cover_every_image():
-    """Two images, two steps, two people: an overlay each, image 2's from image 2's map."""
-    from dynamicid_jax.app.service import activation_overlays
-
-    images = np.full((2, 16, 16, 3), 200, np.uint8)
-    maps = {s: np.zeros((2, 2, 2, 2), np.float32) for s in (0, 4)}
-    maps[4][1, 0, 0, 0] = 1.0  # image 2, person 1: only the top-left latent cell is active
-    overlays = activation_overlays(images, maps, 5)
-    assert [c for _, c in overlays] == [f"image {i}, person {k}, step {s}/5" for i in (1, 2) for s in (1, 5)
-                                        for k in (1, 2)]
-    lit = [(o.astype(int) - o.mean(-1, keepdims=True)).std() > 0 for o, _ in overlays]  # tinted somewhere
-    assert lit == [False] * 6 + [True, False]
-
-
-def test_activation_maps_split_the_gate_by_identity():
-    """Two layers (8x8 and 4x4 grids of an 8x8 latent): identity 0 owns the left half, 1 the
-    right; the maps must put w there and sum to w."""
-    import jax.numpy as jnp
-
-    from dynamicid_jax.dynamicid.activation_maps import identity_activation_maps
-
-    def layer(h, w, weight):
-        cols = np.tile(np.arange(w), h) < w // 2  # row-major queries, left half
-        probs = np.zeros((1, 2, h * w, 2 * 3), np.float32)
-        probs[0, :, cols, :3] = 1 / 3
-        probs[0, :, ~cols, 3:] = 1 / 3
-        return {"activation_weight": (jnp.full((1, h * w), weight),), "identity_probs": (jnp.asarray(probs),)}
-
-    tree = {"down": {"attn2": layer(8, 8, 1.0)}, "mid": {"attn2": layer(4, 4, 0.5)}}
-    maps = np.asarray(identity_activation_maps(tree, (8, 8), tokens_per_id=3))
-    assert maps.shape == (1, 2, 8, 8)
-    np.testing.assert_allclose(maps[0, 0, :, :4], 0.75)  # (1.0 + 0.5) / 2 layers
-    np.testing.assert_allclose(maps[0, 0, :, 4:], 0.0)
-    np.testing.assert_allclose(maps[0].sum(0), 0.75)
-
-
-def test_sidecar_requests_take_settings_but_only_uploaded_references(tmp_path):
-    root = tmp_path / "up"
-    root.mkdir()
-    (root / "x.jpg").write_bytes(b"x")
-    sidecar = {"identities": [{"refs": ["/etc/passwd.jpg"], "box": None, "face_prompt": "f"}], "prompt": "p",
-               "seed": 9}
-    request = forms.sidecar_request(sidecar, [[str(root / "x.jpg")]], root)
-    assert request.identities[0].refs == [str((root / "x.jpg").resolve())] and request.seed == 9
-    assert request.identities[0].face_prompt == "f"
-    with pytest.raises(InputError, match="passwd.jpg.*not opened"):
-        forms.sidecar_request(sidecar, [[]], root)
-    with pytest.raises(InputError, match="textual-inversion files: they are never opened"):
-        forms.sidecar_request(dict(sidecar, negative_embeddings=["/etc/badhands.pt"]), [[str(root / "x.jpg")]], root)
-    with pytest.raises(InputError, match="unknown setting 'negative_embeddings'"):
-        forms.request_settings({"negative_embeddings": ["/etc/badhands.pt"]})
-
-
-def test_a_brush_drawing_becomes_a_mask_of_its_painted_pixels():
-    layer = np.zeros((4, 6, 4), np.uint8)
-    layer[1:3, 2:5] = (34, 34, 34, 255)  # the page's dark brush: painted = opaque, whatever the colour
-    layer[0, 0, 3] = 1  # a faint stroke edge still counts
-    mask = forms.drawn_mask({"background": np.full((4, 6, 4), 245, np.uint8), "layers": [layer], "composite": None})
-    expected = np.zeros((4, 6), np.uint8)
-    expected[1:3, 2:5] = expected[0, 0] = 255
-    assert mask.shape == (4, 6, 3) and (mask[..., 0] == expected).all() and (mask == mask[..., :1]).all()
-    with pytest.raises(InputError, match="nothing drawn"):
-        forms.drawn_mask({"background": None, "layers": [np.zeros((4, 6, 4), np.uint8)], "composite": None})

@@ -197,13 +197,16 @@ def test_missing_face_counts_as_failure_not_skipped(metric_models, photos, refer
 # ----------------------------------------------------------------------------- protocol
 
 
-def _write_protocol(tmp_path, identities, photos_dir=None, groups=False, seeds=(0,), edits=None, name="t.json"):
+def _write_protocol(tmp_path, identities, photos_dir=None, groups=False, seeds=(0,), edits=None, name="t.json",
+                    masks=None):
     from pathlib import Path
 
     base = Path(photos_dir) if photos_dir else Path(__file__).resolve().parents[1] / "test_assets"
     data = {
         "name": "test",
-        "identities": {k: {"refs": [str(base / v)], "noun": "man"} for k, v in identities.items()},
+        "identities": {k: dict({"refs": [str(base / v)], "noun": "man"}, **({"mask": masks[k]} if k in (masks or {})
+                                                                             else {}))
+                       for k, v in identities.items()},
         "prompts": [{"name": "cafe", "kind": "context", "template": "a photo of {subjects} in a cafe"}],
         "edits": edits or [{"expression": "happy", "orientation": "front"}],
         "seeds": list(seeds),
@@ -250,6 +253,40 @@ def test_protocol_errors_name_the_problem(tmp_path):
     import yaml
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(json.loads((tmp_path / "t.json").read_text())))
     assert load_protocol(tmp_path / "t.yaml") == protocol
+
+
+def test_protocol_masks_are_relative_checked_up_front_and_reach_the_requests(tmp_path, capsys):
+    """A "mask" per identity, relative to the test-set file; a bad one is one line naming the
+    test set and the mask, before any model loads (< 2 s: no model, the demo config only)."""
+    sys.path.insert(0, ".")
+    from launch import evaluate as cli
+
+    half = np.zeros((64, 64), np.uint8)
+    half[:, :32] = 255
+    Image.fromarray(half).save(tmp_path / "left.png")
+    Image.fromarray(half[:, ::-1].copy()).save(tmp_path / "right.png")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "blank.png")
+    protocol = _write_protocol(tmp_path, {"obama": "obama.jpg", "biden": "biden.jpg"}, groups=True,
+                               masks={"obama": "left.png", "biden": "right.png"})
+    assert protocol.identities["obama"].mask == str(tmp_path / "left.png")  # the request parser's resolution
+    request = expand_cases(protocol, "multi", Ablation())[0].sample_request(SAMPLING)
+    assert [i.mask for i in request.identities] == [str(tmp_path / "left.png"), str(tmp_path / "right.png")]
+    assert expand_cases(protocol, "single", Ablation())[1].sample_request(SAMPLING).identities[0].mask \
+        == str(tmp_path / "right.png")
+    with pytest.raises(ProtocolError, match="only \\['obama'\\] have a 'mask'"):
+        _write_protocol(tmp_path, {"obama": "obama.jpg", "biden": "biden.jpg"}, groups=True, masks={"obama": "left.png"})
+    with pytest.raises(ProtocolError, match="identity 'obama': mask .*nothing.png: file not found"):
+        _write_protocol(tmp_path, {"obama": "obama.jpg"}, masks={"obama": "nothing.png"})
+    (tmp_path / "typo.json").write_text((tmp_path / "t.json").read_text().replace('"mask"', '"masks"'))
+    with pytest.raises(ProtocolError, match="identity 'obama': unknown field\\(s\\) \\['masks'\\]"):
+        load_protocol(tmp_path / "typo.json")
+    # The picture-dependent checks (empty, aspect ratio, a latent cell) run per group in the CLI.
+    _write_protocol(tmp_path, {"obama": "obama.jpg", "biden": "biden.jpg"}, masks={"biden": "blank.png"})
+    code = cli.main(["--testset", str(tmp_path / "t.json"), "--out", str(tmp_path / "out"), "--demo",
+                     "--metrics_only"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "t.json: biden: identity 0: mask" in err and "blank.png is empty" in err
 
 
 # ----------------------------------------------------------------------------- resume

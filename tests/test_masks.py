@@ -9,6 +9,7 @@ process and left the boxes program compiled), then sample in ~1 s each.
 import json
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from PIL import Image
 
 from dynamicid_jax import denoising, masks
 from dynamicid_jax.dynamicid import saa
-from dynamicid_jax.dynamicid.regions import area_average, area_weights, mask_cells
+from dynamicid_jax.dynamicid.regions import last_pixel, mask_cells
 from dynamicid_jax.request import IdentityRequest, InputError, SampleRequest, validate_request
 from dynamicid_jax.request_parsing import parse_request, read_sidecar
 
@@ -54,42 +55,55 @@ def _l_shape(h=SIDE, w=SIDE):
 # ----------------------------------------------------------------------------- the rule
 
 
-def test_area_weights_and_the_half_rule_by_hand():
-    # 3 source cells onto 2: cell 0 = [0, 1/2) holds all of source 0 (1/3) and half of source 1.
-    np.testing.assert_allclose(area_weights(3, 2), [[2 / 3, 1 / 3, 0], [0, 1 / 3, 2 / 3]], rtol=1e-6)
+def test_the_last_pixel_rule_by_hand():
+    # ceil((r+1)*H/h) - 1: 8 px cells end on pixels 7, 15, ...; 72 px into 5 cells (14.4 px) on 14, 28, 43, 57, 71
+    assert last_pixel(64, 8).tolist() == [7, 15, 23, 31, 39, 47, 55, 63]
+    assert last_pixel(72, 5).tolist() == [14, 28, 43, 57, 71]
+    assert last_pixel(16, 64)[:8].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]  # a smaller mask: its pixel under each cell
     m = np.zeros((4, 4))
-    m[:2, :1] = 1.0  # top-left 2x2 cell: half white -> in; top-right: none -> out
-    m[2:, 2:] = [[1, 0], [0, 0]]  # bottom-right: a quarter -> out
-    m[2:, :2] = [[1, 1], [1, 0]]  # bottom-left: three quarters -> in
-    np.testing.assert_allclose(area_average(m, (2, 2)), [[0.5, 0.0], [0.75, 0.25]])
-    assert mask_cells(m, (2, 2)).tolist() == [True, False, True, False]
-    # traced (jax in, jax out) gives the same cells as the host
-    assert np.asarray(mask_cells(jnp.asarray(m), (2, 2))).tolist() == [True, False, True, False]
+    m[:2, :2] = [[1, 1], [1, 0]]  # top-left cell three quarters white but its last pixel black -> out
+    m[:2, 2:] = [[0, 0], [0, 0.5]]  # top-right: only the last pixel, grey one half -> in
+    m[2:, :2] = [[0, 0], [0, 127 / 255]]  # bottom-left: last pixel just below one half -> out
+    m[3, 3] = 1.0  # bottom-right: one white pixel, the last -> in
+    assert mask_cells(m, (2, 2)).tolist() == [False, True, False, True]
+    # traced (jax in, jax out) gives the same cells as the host, bool in as float in
+    assert np.asarray(mask_cells(jnp.asarray(m), (2, 2))).tolist() == [False, True, False, True]
+    assert mask_cells(m >= 0.5, (2, 2)).tolist() == [False, True, False, True]
 
 
-@pytest.mark.parametrize("box", [[0.5, 0, 1, 0.5], [0, 0.5, 1, 1], [0, 0.25, 1, 1], [0, 0, 0.5, 0.5]])
-def test_box_cells_equal_its_mask_cells_where_the_rules_agree(box):
-    """Boxes whose edges lie on the cells of every grid, or that end at the grid's far edge."""
-    coverage = area_average(_box_mask(box), (8, 8))
-    for g in GRIDS:
-        box_cells = np.asarray(saa.box_masks(jnp.asarray([[box]], jnp.float32), (g, g)))[0, 0]
-        assert mask_cells(coverage, (g, g)).tolist() == box_cells.tolist(), g
-
-
-def test_box_cut_and_mask_rule_differ_on_a_half_covered_cell():
-    """The one documented difference (regions.py): the left half on the 1x1 grid. The box's
-    floor cut drops the cell (x_max*1 = 0.5 -> 0); the mask covers half of it -> in."""
-    box = [0.0, 0.0, 1.0, 0.5]
-    assert not np.asarray(saa.box_masks(jnp.asarray([[box]]), (1, 1))).any()
-    assert mask_cells(area_average(_box_mask(box), (8, 8)), (1, 1)).tolist() == [True]
+@pytest.mark.parametrize("side, grids", [(SIDE, GRIDS), (72, (9, 5, 3, 2, 1))])
+def test_a_box_and_its_drawn_mask_cover_the_same_cells(side, grids):
+    """Every box on the picture's pixel grid (every row span, paired with a column span),
+    drawn at the picture's size, half of it and twice it: after the mask's way to SAA (the
+    rule at the picture's pixels, then at each grid) its cells are the box's floor cut on
+    every grid, including cells a box edge falls inside of and 72 px grids of 14.4 px cells.
+    ~3 s each on 2 idle cores (numpy over a few thousand small masks, one box cut per grid)."""
+    spans = [(a, b) for a in range(side + 1) for b in range(a + 1, side + 1)]
+    cols = spans[len(spans) // 3:] + spans[:len(spans) // 3]  # every span also as columns, in another pairing
+    edges = np.asarray([[y0, x0, y1, x1] for (y0, y1), (x0, x1) in zip(spans, cols)])  # (K, 4) px
+    cut = jax.jit(lambda b: [saa.box_masks(b, (g, g))[0] for g in grids])  # one compile, not one per op and grid
+    box_cells = [np.asarray(c) for c in cut(jnp.asarray(edges[None] / side, jnp.float32))]
+    for scale in (1, 2, 0.5):
+        keep = np.arange(len(edges)) % (1 if scale == 1 else 5) == 0  # every fifth box for the resized masks
+        if scale < 1:  # a mask of half the size draws the boxes whose edges are even pixels
+            keep &= (edges % 2 == 0).all(-1)
+        px = np.arange(round(side * scale)) / scale  # each mask pixel's start, in picture pixels
+        y0, x0, y1, x1 = (edges[keep, i, None] for i in range(4))
+        drawn = (((px >= y0) & (px < y1))[:, :, None] & ((px >= x0) & (px < x1))[:, None, :])  # (K, s, s) bool
+        region = mask_cells(drawn, (side, side)).reshape(-1, side, side)  # masks.picture_region's step
+        for g, cells in zip(grids, box_cells):
+            mismatched = np.flatnonzero((mask_cells(region, (g, g)) != cells[keep]).any(-1))
+            assert not len(mismatched), (scale, g, edges[keep][mismatched[:3]].tolist())
+    # the old area-average rule's counterexample: the left half on the 1x1 grid is out by both
+    assert mask_cells(_box_mask([0, 0, 1, 0.5]), (1, 1)).tolist() == [False]
 
 
 def test_region_cells_takes_each_persons_box_or_mask():
     boxes = jnp.asarray([[[0, 0, 1, 0.5], [0, 0, 0, 0]]], jnp.float32)
-    coverage = np.zeros((1, 2, 8, 8), np.float32)
-    coverage[0, 1, :, 6:] = 1.0  # person 2: the right quarter, by mask
+    region = np.zeros((1, 2, SIDE, SIDE), bool)
+    region[0, 1, :, 48:] = True  # person 2: the right quarter, by mask, on the picture's pixels
     ident = saa.IdentityConditioning(tokens=jnp.zeros((1, 2, 1, 1)), boxes=boxes, layout_active=jnp.asarray(True),
-                                     beta=jnp.asarray(1.0), id_scale=jnp.asarray(1.0), masks=jnp.asarray(coverage),
+                                     beta=jnp.asarray(1.0), id_scale=jnp.asarray(1.0), masks=jnp.asarray(region),
                                      mask_used=jnp.asarray([[False, True]]))
     cells = np.asarray(saa.region_cells(ident, (4, 4))).reshape(2, 4, 4)
     assert cells[0, :, :2].all() and not cells[0, :, 2:].any()
@@ -106,12 +120,11 @@ def test_greyscale_alpha_and_any_size(tmp_path):
     rgba[..., :3] = 1.0  # white everywhere, but opaque only on the left half: the region is the left half
     rgba[:, :16, 3] = 1.0
     alpha = _png(tmp_path / "alpha.png", rgba, "RGBA")
-    expected = np.zeros((8, 8))
-    expected[:, :4] = 1.0
+    expected = _box_mask([0, 0, 1, 0.5]).astype(bool)
     for path in (grey, big, alpha):
-        np.testing.assert_array_equal(masks.latent_coverage(path, (SIDE, SIDE), (8, 8)), expected)
+        np.testing.assert_array_equal(masks.picture_region(path, (SIDE, SIDE), (8, 8)), expected)
     # a 2:1 picture takes a 2:1 mask (one pixel of rounding allowed), not a square one
-    assert masks.latent_coverage(_png(tmp_path / "wide.png", np.ones((10, 21))), (64, 128), (8, 16)).all()
+    assert masks.picture_region(_png(tmp_path / "wide.png", np.ones((10, 21))), (64, 128), (8, 16)).all()
 
 
 @pytest.mark.parametrize("kind, needle", [
@@ -122,7 +135,7 @@ def test_bad_masks_name_the_file(tmp_path, test_assets, kind, needle):
     path = tmp_path / f"{kind}.png"
     if kind == "empty":
         _png(path, np.zeros((SIDE, SIDE)))
-    elif kind == "speck":  # 3x3 white px: 9/64 of one latent cell at most
+    elif kind == "speck":  # 3x3 white px inside a latent cell, away from its last pixel (7, 15, ...)
         m = np.zeros((SIDE, SIDE))
         m[10:13, 10:13] = 1.0
         _png(path, m)
@@ -190,6 +203,37 @@ def test_sidecar_refuses_a_changed_mask(test_assets, tmp_path):
         == str(tmp_path / "m.png")
 
 
+def test_a_rerun_reuses_a_picture_only_while_its_input_files_keep_their_bytes(test_assets, tmp_path):
+    """outputs.reusable: same request, same paths, other bytes (a mask, a reference photo) is
+    a stale picture, not a finished one (< 1 s: a stand-in sampler, the real engine and writer)."""
+    import shutil
+
+    from dynamicid_jax import outputs
+    from dynamicid_jax.generation.engine import jobs_of, run_jobs
+
+    mask, ref = _png(tmp_path / "m.png", _box_mask([0, 0, 1, 0.5])), tmp_path / "ref.jpg"
+    shutil.copy(test_assets / "obama.jpg", ref)
+    request = SampleRequest(identities=[IdentityRequest(refs=[str(ref)], mask=mask)], height=SIDE, width=SIDE)
+
+    def sampler(items):  # the engine adds the input files' records to the details
+        calls.append(len(items))
+        return np.zeros((len(items), SIDE, SIDE, 3), np.uint8), [{}]
+
+    calls = []
+    run = lambda: run_jobs(jobs_of(request, tmp_path / "out"), sampler, provenance={}, process_index=0,  # noqa: E731
+                           process_count=1, progress=False)
+    run()
+    assert run().reused == 1 and calls == [1]
+    _png(mask, _box_mask([0, 0.5, 1, 1]))  # the same path, another region
+    with pytest.raises(outputs.StaleImageError, match="other bytes of .*m.png"):
+        run()
+    _png(mask, _box_mask([0, 0, 1, 0.5]))
+    assert run().reused == 1
+    shutil.copy(test_assets / "biden.jpg", ref)  # reference photos likewise
+    with pytest.raises(outputs.StaleImageError, match="other bytes of .*ref.jpg"):
+        run()
+
+
 # ----------------------------------------------------------------------------- on the demo model
 
 
@@ -209,15 +253,15 @@ def _two(test_assets, first: dict, second: dict, **overrides) -> SampleRequest:
 
 
 def test_a_box_and_the_mask_that_draws_it_give_the_same_bytes(pipeline, test_assets, tmp_path):
-    # Bottom-left quarter and right half: both rules give the same cells on every grid
-    # (test_box_cells_equal_its_mask_cells_where_the_rules_agree).
-    first, second = [0.5, 0.0, 1.0, 0.5], [0.0, 0.5, 1.0, 1.0]
+    # Boxes off the cells: the left half ends inside the 1x1 grid's cell (the floor cut drops
+    # it); the second box's edges (13, 37, 59, 61 px) fall inside cells on every grid (8, 4, 2, 1).
+    first, second = [0.0, 0.0, 1.0, 0.5], [13 / 64, 37 / 64, 59 / 64, 61 / 64]
     boxes, _ = pipeline.generate(_two(test_assets, dict(box=first), dict(box=second)))
-    a = _png(tmp_path / "a.png", _box_mask(first))
-    b = _png(tmp_path / "b.png", _box_mask(second, 16, 16))  # another size: resized to the picture
+    a = _png(tmp_path / "a.png", _box_mask(first, 16, 16))  # another size: brought to the picture's pixels
+    b = _png(tmp_path / "b.png", _box_mask(second))
     both, details = pipeline.generate(_two(test_assets, dict(mask=a), dict(mask=b)))
     programs = denoising.compiled_programs()
-    mixed, _ = pipeline.generate(_two(test_assets, dict(box=first), dict(mask=b)))
+    mixed, _ = pipeline.generate(_two(test_assets, dict(mask=a), dict(box=second)))
     assert boxes.tobytes() == both.tobytes() == mixed.tobytes()
     assert details["boxes_used"] == [None, None] and [m["file"] for m in details["masks"]] == [a, b]
     # a mask is a traced input: other masks, another shape of region, no new program
@@ -236,7 +280,7 @@ def _shares(pipeline, test_assets, first, second, tmp_path):
                       activation_steps=[0])
     m = maps[0][0]  # (2 people, 8, 8)
     assert np.isfinite(m).all()
-    cells = [mask_cells(area_average(region, (8, 8)), (8, 8)).reshape(8, 8) for region in (first, second)]
+    cells = [mask_cells(region, (8, 8)).reshape(8, 8) for region in (first, second)]
     return np.asarray([[m[p][c].sum() / m[p].sum() for c in cells] for p in range(2)])
 
 
@@ -245,8 +289,10 @@ def test_circle_and_l_shape_hold_their_persons(pipeline, test_assets, tmp_path):
     shares = _shares(pipeline, test_assets, circle, ell, tmp_path)
     print("shares inside [circle, L] of person 1 (circle) and person 2 (L):", shares.round(3).tolist())
     # Most of each person's injection lands in their own region; what leaks comes from the
-    # 2x2 and 1x1 grids, whose cells the two regions share. Measured 0.74 (circle) and 0.93 (L);
-    # swapped, person 1 keeps 0.001 inside the circle.
+    # coarser grids, whose cells reach up to one cell above and left of the drawn region
+    # (regions.py) and which the two regions share. Measured 0.82 (circle) and 0.75 (L;
+    # its right column takes the 4x4 grid's cell x 32-47 px, whose last pixel is in it);
+    # swapped, person 1 keeps 0.04 inside the circle and person 2 0.00 inside the L.
     assert shares[0, 0] >= 0.6 and shares[1, 1] >= 0.6, shares
     # The breakage: the masks swapped between the persons fails the same check.
     swapped = _shares(pipeline, test_assets, ell, circle, tmp_path)

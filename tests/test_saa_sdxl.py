@@ -70,7 +70,7 @@ def inputs(b, n_ids, seed=0):
 
 
 def ours(setup, inp, boxes, active, gating=True, params=None, mask=None):
-    """mask: identity 0's region as a latent-grid coverage (H, W) instead of its box."""
+    """mask: identity 0's region as a mask on the latent's pixel grid (H, W), instead of its box."""
     b, n_ids = inp["ids"].shape[:2]
     ident = saa.identity_conditioning(inp["ids"], np.asarray(boxes, np.float32),
                                       layout_active=np.asarray(active, bool).reshape(b, 1), beta=BETA, gating=gating)
@@ -111,7 +111,7 @@ def test_processors_cover_every_attention_in_diffusers_order(setup):
 
 def disc() -> np.ndarray:
     """A disc off-centre on the latent grid, with soft edges: its region has no box's shape, and
-    cells of the 7 x 11 attention grid are cut by it at several coverages."""
+    the 7 x 11 attention grid's cells sample it at several grey levels (their last pixels)."""
     y, x = np.mgrid[: LATENT[0], : LATENT[1]] + 0.5
     return np.clip(4.5 - np.hypot(y - 6.0, x - 13.0), 0.0, 1.0).astype(np.float32)
 

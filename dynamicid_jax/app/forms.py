@@ -253,6 +253,6 @@ def public_copy(request: SampleRequest, details: dict) -> tuple[SampleRequest, d
     details = json.loads(json.dumps(details))
     for used in details.get("identities_used", []):
         used["refs"] = [public_name(r) for r in used.get("refs", [])]
-    for record in details.get("negative_embeddings", []) + details.get("masks", []):
+    for record in details.get("negative_embeddings", []) + details.get("masks", []) + details.get("input_files", []):
         record["file"] = public_name(record["file"])
     return request, details

@@ -28,7 +28,8 @@ Rules this implementation fixes where the release is undefined (see the architec
   identity tokens in one softmax (and gets `w / (beta + 1)` while layout is active).
 - Empty boxes (no cell of a coarse grid inside) simply cover nothing.
 - A person's region may be a mask instead of a box (`IdentityConditioning.masks`): its cells
-  at each grid follow regions.mask_cells (area average >= 1/2); everything below treats a
+  at each grid follow regions.mask_cells (the mask's pixel just before each cell's far
+  corner, which gives a box's drawn mask the box's own cells); everything below treats a
   mask's cells as a box's (`region_cells`).
 - Identity mixing multiplies the raw logits (identity 0 by m, the others by 1 - m) before
   the routing mask, so m = 0 or 1 never meets a masked -inf. For "one box, several
@@ -105,8 +106,8 @@ class IdentityConditioning:
     beta:          () float, layout intensity (paper eq. 3); or (B, 1) per row.
     id_scale:      () float, identity scale on the identity branch; or (B, 1) per row.
     mix:           () float identity-mixing weight m, or (B, 1, 1, 1) per row, or None for no mixing.
-    masks:         (B, n_ids, h, w) float32 in [0, 1]: each person's mask averaged on the latent
-                   grid (regions.py), or None when every region is a box.
+    masks:         (B, n_ids, H, W) bool: each person's mask on the picture's pixels
+                   (regions.py), or None when every region is a box.
     mask_used:     (B, n_ids) bool: this person's region is their mask (else their box); with masks.
     use_boxes:     static; False = no layout control and no routing (one softmax over all ids).
     gating:        static; False = plain decoupled cross-attention (activation weight 1).

@@ -6,7 +6,7 @@ photos, prompt templates of three kinds (context, action, style), the requested 
 
     {
       "name": "tiny",
-      "identities": {"obama": {"refs": ["obama.jpg"], "noun": "man"}, ...},
+      "identities": {"obama": {"refs": ["obama.jpg"], "noun": "man"}, ...},   # + "mask": "left.png"
       "groups": [["obama", "biden"]],                  # multi-ID mode: who appears together
       "prompts": [{"name": "cafe", "kind": "context",
                    "template": "a photo of {subjects} sitting in a cafe"}, ...],
@@ -16,6 +16,10 @@ photos, prompt templates of three kinds (context, action, style), the requested 
     }
 
 Reference paths are relative to the test-set file's folder; `$VARS` are expanded first.
+An identity may name a "mask" (its region in every picture it is in, white = region;
+masks.py), relative to the file like a request line's: in a group, every person or none.
+The mask file must be readable here; `launch/evaluate.py` checks the rest (not empty, the
+pictures' aspect ratio, a latent cell covered) per group before any model loads.
 Each subject is written into the prompt with explicit descriptors ("a happy man in front
 view"); with IMR on, the identity also gets the face prompt "the expression is happy, the
 face is front view". The requested expression/orientation labels are what Expr/Pose score.
@@ -33,14 +37,17 @@ import pathlib
 import re
 from typing import Any, Mapping, Optional
 
+from dynamicid_jax import masks
 from dynamicid_jax.errors import MissingFileError, UserError
 from dynamicid_jax.images import ImageError, check_image
 from dynamicid_jax.input_files import read_text
 from dynamicid_jax.evaluation.face_metrics import POSE_CATEGORIES
 from dynamicid_jax.faces.expression import EMOTIONS
-from dynamicid_jax.request import IdentityRequest, SampleRequest
+from dynamicid_jax.request import IdentityRequest, InputError, SampleRequest
+from dynamicid_jax.request_parsing import parse_identity
 
 MODES = ("single", "multi")
+IDENTITY_KEYS = ("refs", "noun", "mask")
 PROMPT_KINDS = ("context", "action", "style")
 # The words DynamicID's training prompts use for the classifier's labels (KDEF-style prompts).
 EXPRESSION_WORDS = {
@@ -68,6 +75,7 @@ class Identity:
     name: str
     refs: tuple[str, ...]  # absolute paths
     noun: str = "person"
+    mask: Optional[str] = None  # the person's region in every picture (a mask file), else none given
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +176,8 @@ class EvalCase:
         """The sampler request. sampling: steps, guidance, height, width, alpha, beta, id_scale,
         negative_prompt (the config's defaults with the protocol's overrides)."""
         identities = [
-            IdentityRequest(refs=list(s.identity.refs), face_prompt=s.face_prompt() if self.ablation.imr else None)
+            IdentityRequest(refs=list(s.identity.refs), face_prompt=s.face_prompt() if self.ablation.imr else None,
+                            mask=s.identity.mask)
             for s in self.subjects
         ]
         return SampleRequest(
@@ -257,6 +266,21 @@ def _shaped(path, field: str, value, kind: type, items: Optional[type] = None):
     return value
 
 
+def _mask(path: pathlib.Path, name: str, mask, refs: list) -> Optional[str]:
+    """Identity `name`'s "mask", resolved by the request parser (relative to the test-set
+    file, as in a request line) and readable; None when not given."""
+    if mask is None:
+        return None
+    if not _shaped(path, f"identities.{name}.mask", mask, str).strip():
+        raise ProtocolError(f"{path}: identity {name!r}: 'mask' is blank; name a mask file or leave the key out")
+    try:
+        mask = parse_identity({"refs": refs, "mask": os.path.expandvars(mask)}, 0, base=path.parent.resolve()).mask
+        masks.read_mask(mask)
+    except (InputError, masks.MaskError) as e:
+        raise ProtocolError(f"{path}: identity {name!r}: {e}") from None
+    return mask
+
+
 def load_protocol(path: str | os.PathLike) -> Protocol:
     """Read and validate a test-set file (see the module docstring). Reference photos must exist."""
     path = pathlib.Path(path)
@@ -285,6 +309,9 @@ def load_protocol(path: str | os.PathLike) -> Protocol:
             raise ProtocolError(f"{path}: identity {name!r} needs a non-empty 'refs' list")
         _shaped(path, f"identities.{name}.refs", refs, list, str)
         _shaped(path, f"identities.{name}.noun", spec.get("noun", "person"), str)
+        unknown = sorted(set(spec) - set(IDENTITY_KEYS))
+        if unknown:  # a misspelt "mask" must not be ignored
+            raise ProtocolError(f"{path}: identity {name!r}: unknown field(s) {unknown}; known: {list(IDENTITY_KEYS)}")
         resolved = []
         for ref in refs:
             ref_path = pathlib.Path(os.path.expandvars(str(ref)))
@@ -296,7 +323,8 @@ def load_protocol(path: str | os.PathLike) -> Protocol:
             except ImageError as e:
                 raise ProtocolError(f"{path}: identity {name!r}: {e}") from None
             resolved.append(str(ref_path))
-        identities[name] = Identity(name, tuple(resolved), str(spec.get("noun", "person")))
+        identities[name] = Identity(name, tuple(resolved), str(spec.get("noun", "person")),
+                                    _mask(path, name, spec.get("mask"), resolved))
 
     prompts, seen = [], set()
     for i, spec in enumerate(data["prompts"]):
@@ -333,6 +361,10 @@ def load_protocol(path: str | os.PathLike) -> Protocol:
         missing = [n for n in group if n not in identities]
         if missing or len(group) < 2 or len(set(group)) != len(group):
             raise ProtocolError(f"{path}: group {group}: needs 2+ distinct known identities (unknown: {missing})")
+        with_mask = [n for n in group if identities[n].mask]
+        if with_mask and len(with_mask) != len(group):
+            raise ProtocolError(f"{path}: group {group}: only {with_mask} have a 'mask': give every person of "
+                                "a group a mask, or none")
         groups.append(tuple(group))
 
     sampling = dict(data.get("sampling", {}))

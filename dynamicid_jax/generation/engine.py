@@ -198,7 +198,7 @@ def run_jobs(
     batches = plan_batches(jobs, batch_size, index, count)
     record = public or (lambda request, details: (request, details))
     finished = {job.path for batch in batches for job in batch
-                if outputs.reusable(job.path, record(job.item.request, {})[0], provenance)}
+                if outputs.reusable(job.path, record(job.item.request, {})[0], provenance, job.item.request)}
     stats = RunStats(reused=len(finished))
     total = sum(len(b) for b in batches)
     desc = "images" if count == 1 else f"images p{index}"
@@ -217,6 +217,7 @@ def run_jobs(
             for job, image, detail in zip(batch, images, details):
                 if job.path in finished:
                     continue
+                detail = dict(detail, input_files=outputs.input_records(job.item.request))  # outputs.reusable's
                 outputs.save_image(job.path, image, *record(job.item.request, detail), provenance, job.item.index)
                 stats.generated += 1
                 stats.written.append(job.path)
