@@ -81,6 +81,13 @@ def sampling_config(demo: bool, dynamicid: Optional[str], base_model: Optional[s
     return _with_vae(_sampling_config(demo, training_run_config(dynamicid), base_model), demo, vae)
 
 
+def embedding_widths(model: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """The widths a textual-inversion file must hold (`family.embedding_widths`) from a
+    config's model section, before any weight loads (the modules alone: no parameters)."""
+    modules = modeling.build_modules(model, identity_branch=False)
+    return modules.family.embedding_widths(modules)
+
+
 def _with_vae(config, demo: bool, vae: Optional[str]):
     if vae:
         if demo:

@@ -100,10 +100,11 @@ class DynamicIDPipeline:
         return hidden[-2]  # penultimate layer, as IP-Adapter-FaceID-Plus
 
     def embedding(self, path: str) -> textual_inversion.TextualInversion:
-        """A textual-inversion file, read once and checked against the text encoder's width."""
+        """A textual-inversion file, read once and checked against the text encoders' widths
+        (the family's: one for SD1.5, clip_l + clip_g for SDXL)."""
         if path not in self._embeddings:
-            width = self.modules.text_encoder.config.hidden_size
-            self._embeddings[path] = textual_inversion.read_embedding(path, width)
+            widths = self.modules.family.embedding_widths(self.modules)
+            self._embeddings[path] = textual_inversion.read_embedding(path, widths)
         return self._embeddings[path]
 
     def text_features(self, texts: Sequence[str], clip_skip: int = 0,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -324,10 +324,10 @@ def check_images_readable(request: SampleRequest) -> None:
             read_image(path)
 
 
-def check_embeddings_readable(request: SampleRequest, width: Optional[int] = None) -> None:
-    """Read every textual-inversion file of the request once (`width`: the text encoder's, from
-    the config), so a bad or mis-sized file fails before any model loads."""
-    loaded = [textual_inversion.read_embedding(p, width) for p in request.negative_embeddings]
+def check_embeddings_readable(request: SampleRequest, widths: Optional[Sequence[int]] = None) -> None:
+    """Read every textual-inversion file of the request once (`widths`: the text encoders',
+    `family.embedding_widths`), so a bad or mis-sized file fails before any model loads."""
+    loaded = [textual_inversion.read_embedding(p, widths) for p in request.negative_embeddings]
     textual_inversion.check_names(loaded)
 
 

@@ -106,10 +106,11 @@ def _run(args: argparse.Namespace) -> int:
             raise InputError(f"--scheduler {args.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
         sampling["scheduler"] = args.scheduler
     if args.negative_embedding:
+        from dynamicid_jax.loading import embedding_widths
         from dynamicid_jax.models.textual_inversion import check_names, read_embedding
 
-        width = config.model.text.get("hidden_size")
-        check_names([read_embedding(p, width) for p in args.negative_embedding])  # fails before any model loads
+        widths = embedding_widths(config.model)
+        check_names([read_embedding(p, widths) for p in args.negative_embedding])  # fails before any model loads
         sampling["negative_embeddings"] = list(args.negative_embedding)
     from dynamicid_jax.request import validate_request
 

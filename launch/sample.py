@@ -127,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
         return run_requests(args)
     from dynamicid_jax import base_models
     from dynamicid_jax.generation import RequestSampler, run_request
-    from dynamicid_jax.loading import identity_branch, load_pipeline, sampling_config
+    from dynamicid_jax.loading import embedding_widths, identity_branch, load_pipeline, sampling_config
     from dynamicid_jax.request import check_embeddings_readable, check_images_readable, validate_request
 
     # Everything checkable without models first: a typo must not cost a model load.
@@ -137,7 +137,7 @@ def _run(args: argparse.Namespace) -> int:
     validate_request(request, 2 ** (len(config.model.vae.block_out_channels) - 1),
                      identity_branch=identity_branch(args.demo, args.dynamicid), family=base_models.of(config.model))
     check_images_readable(request)
-    check_embeddings_readable(request, config.model.text.get("hidden_size"))
+    check_embeddings_readable(request, embedding_widths(config.model))
     lora_files(args.lora)  # a missing file fails before any model loads
     _, pipeline = load_pipeline(**pipeline_args(args), log=lambda m: print(m, flush=True))
     from tqdm import tqdm

@@ -23,7 +23,8 @@ encoder 1's pooled vector 1.4e-2, "" encoded instead of zeros 3.6e-2).
 
 Cost: 37 s warm, 60 s with a cold compilation cache, on 2 shared cores (torch/diffusers
 imports, writing the folder, one compile of the loop shared by all 12 cases: one shape, the
-sampler a traced index; the breakage test's 32 x 64 shape a second; two text programs).
+sampler a traced index; the breakage test's 32 x 64 shape a second; two text programs, a third
+with textual-inversion tables: test_textual_inversion_pairs_match_load_textual_inversion, 7 s).
 """
 
 import dataclasses
@@ -315,3 +316,82 @@ def test_sd15_dynamicid_weights_on_an_sdxl_base_are_refused(setup, tmp_path):
     (release / "SAA.bin").write_bytes(b"")  # never read
     with pytest.raises(InputError, match="DynamicID weights are for SD1.5.* is sdxl"):
         loading.load_pipeline(base_model=str(setup["folder"]), vision_encoder=str(tmp_path), dynamicid=str(release))
+
+
+def test_textual_inversion_pairs_match_load_textual_inversion(setup, tmp_path):
+    """SDXL embedding files (clip_l + clip_g) through OUR path (`pipeline.embedding`: the
+    family's widths; `family.tokenize`: a table per encoder; `text_conditioning`) against
+    diffusers: `load_textual_inversion(state_dict["clip_l"], text_encoder, tokenizer)` and
+    clip_g into text_encoder_2 / tokenizer_2 (its documented SDXL recipe), then
+    `encode_prompt`. A 2-vector and a 3-vector embedding, one in each prompt.
+
+    prompt_embeds (B, 77, 64): relative L2 <= IMAGE_RTOL (1e-4), float32 both sides. The
+    embedding rows and every other token id are equal on both sides (checked), so each
+    encoder gets the same input and the states differ by float32 rounding of two
+    implementations of the same 5-layer encoders (the text encoders' parity, ~5e-7).
+    Pooled (text_embeds): diffusers' tiny (and real) encoders pool with transformers' legacy
+    argmax(input_ids), which lands on its added token ids (they exceed the EOS id); ours
+    pools at the EOS as CLIP was trained (A1111's and ComfyUI's choice), so the reference is
+    their own text_encoder_2's projected last state at the EOS (diffusers' own pooled vector
+    is 0.9 / 1.4 away). Measured: context 2.7e-7 / 2.6e-7, pooled 2.8e-7 / 2.7e-7. Breakages
+    must exceed BROKEN (1e-3): clip_g's vectors zeroed (measured 0.52 / 0.34), clip_l and
+    clip_g swapped (0.56 / 0.55; the tiny encoders are both 32-d, on real SDXL a swap is a
+    width error, test_textual_inversion.py).
+
+    Cost: 7 s warm beside the module's fixture (a fresh diffusers pipeline for its mutated tokenizers, one new text program:
+    both tiny encoders with tables, batch 1, shared by every call here)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(5)
+    ours, folder = setup["ours"], setup["folder"]
+    widths = ours.modules.family.embedding_widths(ours.modules)
+    pairs = {name: {"clip_l": rng.standard_normal((n, widths[0])).astype(np.float32),
+                    "clip_g": rng.standard_normal((n, widths[1])).astype(np.float32)}
+             for name, n in (("stylex", 2), ("badhands", 3))}
+    variants = {"good": lambda p: p, "zeroed_clip_g": lambda p: dict(p, clip_g=np.zeros_like(p["clip_g"])),
+                "swapped": lambda p: {"clip_l": p["clip_g"], "clip_g": p["clip_l"]}}
+    files = {}
+    for variant, change in variants.items():
+        (tmp_path / variant).mkdir()
+        files[variant] = [str(tmp_path / variant / f"{name}.safetensors") for name in pairs]
+        for name, path in zip(pairs, files[variant]):
+            save_file(change(pairs[name]), path)
+    prompt, negative = "a stylex photo of a cat, high quality", "lowres, badhands"
+
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder).to(torch.float32)  # not setup's: mutated
+    for name, pair in pairs.items():
+        pipe.load_textual_inversion(torch.from_numpy(pair["clip_l"]), token=name, text_encoder=pipe.text_encoder,
+                                    tokenizer=pipe.tokenizer)
+        pipe.load_textual_inversion(torch.from_numpy(pair["clip_g"]), token=name, text_encoder=pipe.text_encoder_2,
+                                    tokenizer=pipe.tokenizer_2)
+    with torch.no_grad():
+        want, want_negative, _, _ = pipe.encode_prompt(prompt, device=torch.device("cpu"), negative_prompt=negative)
+    want_ids, want_pooled = [], []
+    for text in (prompt, negative):
+        ids = [tok(pipe.maybe_convert_prompt(text, tok), padding="max_length", max_length=77, truncation=True,
+                   return_tensors="pt").input_ids for tok in (pipe.tokenizer, pipe.tokenizer_2)]
+        eos = int((ids[1][0] == pipe.tokenizer_2.eos_token_id).nonzero()[0])
+        with torch.no_grad():
+            out = pipe.text_encoder_2(ids[1], output_hidden_states=True)
+            want_pooled.append(pipe.text_encoder_2.text_projection(out.last_hidden_state[:, eos]).numpy())
+        want_ids.append(np.stack([i.numpy() for i in ids], axis=1))
+
+    def ours_of(variant, text):
+        conditioning, _ = ours.text_features([text], 0, files[variant])
+        return np.asarray(conditioning.context), np.asarray(conditioning.extras["text_embeds"])
+
+    vocab = ours.modules.text_encoder.config.vocab_size
+    for text, ids_want, context_want, pooled_want in zip((prompt, negative), want_ids, (want, want_negative),
+                                                         want_pooled):
+        ids, _ = ours.modules.family.tokenize(ours.tokenizer, [text], [ours.embedding(f) for f in files["good"]],
+                                              ours.modules)
+        added = ids >= vocab
+        base_vocab = len(setup["theirs"].tokenizer)  # the unmutated pipeline's: diffusers' added ids start there
+        assert np.array_equal(added, ids_want >= base_vocab) and added.sum() in (2 * 2, 2 * 3)  # n per tokenizer
+        assert np.array_equal(ids[~added], ids_want[~added])
+        context, pooled = ours_of("good", text)
+        assert rel_l2(context, context_want.numpy()) <= IMAGE_RTOL, rel_l2(context, context_want.numpy())
+        assert rel_l2(pooled, pooled_want) <= IMAGE_RTOL, rel_l2(pooled, pooled_want)
+        for variant in ("zeroed_clip_g", "swapped"):
+            err = rel_l2(ours_of(variant, text)[0], context_want.numpy())
+            assert err > BROKEN, (variant, err)

@@ -83,14 +83,39 @@ def test_every_layout_reads_and_a_wrong_width_is_named(tmp_path):
     files[tmp_path / "bf16.safetensors"] = torch.from_numpy(vectors).bfloat16().float().numpy()
     torch.save({"<cat-toy>": torch.from_numpy(one)}, tmp_path / "learned_embeds.bin")
     for path, want in files.items():
-        got = textual_inversion.read_embedding(path, WIDTH)
-        assert got.name == path.stem and np.array_equal(got.vectors, want) and len(got.sha256) == 64
+        got = textual_inversion.read_embedding(path, (WIDTH,))
+        (vectors,) = got.vectors
+        assert got.name == path.stem and np.array_equal(vectors, want) and len(got.sha256) == 64
     save_file({"emb_params": rng.standard_normal((2, 48)).astype(np.float32)}, str(tmp_path / "sd2.safetensors"))
     with pytest.raises(textual_inversion.EmbeddingFileError, match=r"sd2\.safetensors: 48-d .* text encoder is 32-d"):
-        textual_inversion.read_embedding(tmp_path / "sd2.safetensors", WIDTH)
+        textual_inversion.read_embedding(tmp_path / "sd2.safetensors", (WIDTH,))
     save_file({"a": one, "b": one}, str(tmp_path / "two.safetensors"))
     with pytest.raises(textual_inversion.EmbeddingFileError, match=r"two\.safetensors: no embedding"):
-        textual_inversion.read_embedding(tmp_path / "two.safetensors", WIDTH)
+        textual_inversion.read_embedding(tmp_path / "two.safetensors", (WIDTH,))
+
+
+def test_sdxl_pairs_read_and_the_wrong_form_or_width_is_named(tmp_path):
+    """SDXL files (clip_l + clip_g) against the widths the family asks for, here (32, 48) as
+    (768, 1280) on SDXL: read as the pair; swapped, a single-encoder file, a pair where one
+    encoder is wanted, unequal counts: one line naming the file. No model: well under 1 s."""
+    rng = np.random.default_rng(4)
+    clip_l, clip_g = rng.standard_normal((2, WIDTH)).astype(np.float32), rng.standard_normal((2, 48)).astype(np.float32)
+    save_file({"clip_l": clip_l, "clip_g": clip_g}, str(tmp_path / "pair.safetensors"))
+    got = textual_inversion.read_embedding(tmp_path / "pair.safetensors", (WIDTH, 48))
+    assert got.count == 2 and np.array_equal(got.vectors[0], clip_l) and np.array_equal(got.vectors[1], clip_g)
+    assert got.record()["vectors"] == 2
+    save_file({"clip_l": clip_g, "clip_g": clip_l}, str(tmp_path / "swapped.safetensors"))
+    save_file({"emb_params": clip_l}, str(tmp_path / "single.safetensors"))
+    save_file({"clip_l": clip_l, "clip_g": clip_g[:1]}, str(tmp_path / "uneven.safetensors"))
+    refused = {
+        ("swapped", (WIDTH, 48)): r"swapped\.safetensors: clip_l vectors are 48-d, but text_encoder is 32-d",
+        ("single", (WIDTH, 48)): r"single\.safetensors: a single-encoder embedding \(32-d vectors\), .* needs an SDXL",
+        ("pair", (WIDTH,)): r"pair\.safetensors: an SDXL embedding \(clip_l \+ clip_g\), but the base model has one",
+        ("uneven", None): r"uneven\.safetensors: clip_l has 2 vectors but clip_g 1",
+    }
+    for (name, widths), message in refused.items():
+        with pytest.raises(textual_inversion.EmbeddingFileError, match=message):
+            textual_inversion.read_embedding(tmp_path / f"{name}.safetensors", widths)
 
 
 def test_names_are_appended_once_and_matched_as_whole_words(tmp_path):
@@ -99,7 +124,7 @@ def test_names_are_appended_once_and_matched_as_whole_words(tmp_path):
         "lowres, badhands, EasyNeg"
     assert textual_inversion.with_names("", ["badhands"]) == "badhands"
     tokenizer = CLIPTokenizer.from_folder(write_tiny_vocab(tmp_path / "vocab", TEXT_LENGTH))
-    emb = textual_inversion.TextualInversion("BadHands", np.ones((2, 4), np.float32), "BadHands.pt", "0" * 64)
+    emb = textual_inversion.TextualInversion("BadHands", (np.ones((2, 4), np.float32),), "BadHands.pt", "0" * 64)
     upper, _ = textual_inversion.tokenize(tokenizer, "a photo, BADHANDS", [emb], 1000, 4)
     lower, table = textual_inversion.tokenize(tokenizer, "a photo, badhands", [emb], 1000, 4)
     inside, _ = textual_inversion.tokenize(tokenizer, "a photo, xbadhands", [emb], 1000, 4)
@@ -143,7 +168,7 @@ def test_text_states_equal_diffusers_load_textual_inversion(tiny_text, tmp_path)
     files = [_a1111_pt(tmp_path / "badhands.pt", rng.standard_normal((3, WIDTH)).astype(np.float32), name="other"),
              tmp_path / "stylex.safetensors"]
     save_file({"emb_params": rng.standard_normal((2, WIDTH)).astype(np.float32)}, str(files[1]))
-    embeddings = [textual_inversion.read_embedding(f, WIDTH) for f in files]
+    embeddings = [textual_inversion.read_embedding(f, (WIDTH,)) for f in files]
     texts = [textual_inversion.with_names("lowres, blurry", ["badhands"]),  # appended: "lowres, blurry, badhands"
              "a stylex photo of the person, badhands", "a photo of the person"]
 
@@ -169,7 +194,7 @@ def test_text_states_equal_diffusers_load_textual_inversion(tiny_text, tmp_path)
     assert np.array_equal(pooled, states[np.arange(3), eos])
 
     # A deliberate breakage, the vectors in the wrong order: measured 0.2, far outside the bound.
-    flipped = [textual_inversion.TextualInversion(e.name, e.vectors[::-1], e.path, e.sha256) for e in embeddings]
+    flipped = [textual_inversion.TextualInversion(e.name, (e.vectors[0][::-1],), e.path, e.sha256) for e in embeddings]
     _, broken, _ = _ours(tiny_text, texts, flipped)
     assert rel_l2(broken[:2], want[:2]) > 30 * STATES_RTOL
 

@@ -63,6 +63,13 @@ def files(tmp_path, test_assets):
     (tmp_path / "binary.json").write_bytes(b"\x00\xff\xfe\x00" * 8)
     # Not safetensors, though named so: its first 8 bytes read as a header length of ~7e18.
     (tmp_path / "fake.safetensors").write_text("this text file only pretends to be a safetensors file\n")
+    # Textual inversion of the other family: an SDXL pair (clip_l + clip_g) and a single-encoder
+    # file (SD1.5's), each 32-d as the tiny text encoders.
+    from safetensors.numpy import save_file
+
+    save_file({"clip_l": np.ones((1, 32), np.float32), "clip_g": np.ones((1, 32), np.float32)},
+              str(tmp_path / "sdxl_pair.safetensors"))
+    save_file({"emb_params": np.ones((1, 32), np.float32)}, str(tmp_path / "sd15_single.safetensors"))
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "broken.py").write_text("def get_config(:\n")
     (tmp_path / "configs" / "none.py").write_text("x = 1\n")
@@ -177,6 +184,11 @@ SAMPLE_CASES = [
     (["--lora", "{tmp}/fake.safetensors:abc"], "--lora {tmp}/fake.safetensors:abc: scale 'abc' is not a finite number"),
     (["--lora", "{tmp}/fake.safetensors:nan"], "scale 'nan' is not a finite number"),
     (["--bogus_flag"], "unrecognized arguments: --bogus_flag"),
+    # the family's embedding widths (`embedding_widths`), before any model loads
+    (["--negative_embedding", "{tmp}/sdxl_pair.safetensors"],
+     "{tmp}/sdxl_pair.safetensors: an SDXL embedding (clip_l + clip_g), but the base model has one text encoder"),
+    (["--demo", "sdxl", "--negative_embedding", "{tmp}/sd15_single.safetensors"],
+     "{tmp}/sd15_single.safetensors: a single-encoder embedding (32-d vectors), but the base model has 2 text encoders"),
 ]
 
 

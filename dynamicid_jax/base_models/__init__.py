@@ -12,6 +12,8 @@ the entry points never branch on which one it is:
     load_tokenizer(base_model, folder)     the family's tokenizer(s) (folder: --tokenizer, for a single file)
     tiny_tokenizer()                       the tokenizer(s) of its tiny random model (demo, tiny runs)
     components, tokenizer_folders          the base model's weight components and tokenizer folders
+    embedding_widths(modules)              the vector widths a textual-inversion file must hold,
+                                           one per text encoder (SD1.5 (768,), SDXL (768, 1280))
     tokenize(tokenizer, texts, embeddings, modules) -> (ids, textual-inversion tables)
     text_conditioning(modules, params, ids, clip_skip, extra) -> (TextConditioning, pooled)
     negative_conditioning(conditioning, negative_prompt)  what the sampler conditions on

@@ -206,6 +206,10 @@ class SD15:
 
         return tiny_tokenizer(TEXT_LENGTH)
 
+    def embedding_widths(self, modules) -> tuple[int, ...]:
+        """What a textual-inversion file must hold: one vector width, CLIP's (768)."""
+        return (modules.text_encoder.config.hidden_size,)
+
     def tokenize(self, tokenizer, texts, embeddings, modules):
         """Texts -> (ids (B, L) int32, textual-inversion tables (B, L - 2, D)) for `text_conditioning`."""
         from dynamicid_jax.models import textual_inversion

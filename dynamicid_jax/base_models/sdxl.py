@@ -8,7 +8,8 @@
   tiny_model_config()       diffusers' own tiny SDXL (its pipeline tests' get_dummy_components)
   model_from_files(m, path) the unet / vae / text / text_2 / scheduler sections and
                             force_zeros_for_empty_prompt from the files (a single file: shapes)
-  load_tokenizer/tokenize   both tokenizers, each padding with its own pad token
+  load_tokenizer/tokenize   both tokenizers, each padding with its own pad token; textual
+                            inversion from SDXL pairs (clip_l, clip_g), a table per encoder
   text_conditioning(...)    both encoders' penultimate states concatenated (B, 77, 768 + 1280),
                             extras {"text_embeds": encoder 2's projected EOS (B, 1280)}
   request_extras(h, w, ...) time_ids = original size, crop, target size: the request's, by
@@ -186,15 +187,30 @@ class SDXL:
 
         return tiny_tokenizer(sd15.TEXT_LENGTH), tiny_tokenizer(sd15.TEXT_LENGTH, pad_token="!")
 
-    def tokenize(self, tokenizer, texts, embeddings, modules):
-        """Texts -> (ids (B, 2, L) int32: tokenizer 1's and tokenizer 2's, None)."""
-        if embeddings:
-            from dynamicid_jax.request import InputError
+    def embedding_widths(self, modules) -> tuple[int, ...]:
+        """What a textual-inversion file must hold: an SDXL pair, clip_l as wide as
+        text_encoder (768), clip_g as text_encoder_2 (1280)."""
+        return (modules.text_encoder.config.hidden_size, modules.text_encoder_2.config.hidden_size)
 
-            raise InputError(f"--negative_embedding {embeddings[0].name}: textual inversion is not supported on "
-                             "SDXL yet (its files hold clip_l + clip_g pairs)")
-        first, second = tokenizer
-        return np.stack([first(list(texts)), second(list(texts))], axis=1).astype(np.int32), None
+    def tokenize(self, tokenizer, texts, embeddings, modules):
+        """Texts -> (ids (B, 2, L) int32: tokenizer 1's and tokenizer 2's, tables): tables None
+        without embeddings (the precompute has no text_encoder_2 to read widths from), else
+        (B, L - 2, D1) for text_encoder and (B, L - 2, D2) for text_encoder_2: each tokenizer
+        lays its ids out as on SD1.5 (`textual_inversion.tokenize`), the pair's clip_l vectors
+        in encoder 1's table, clip_g's in encoder 2's."""
+        if not embeddings:
+            first, second = tokenizer
+            return np.stack([first(list(texts)), second(list(texts))], axis=1).astype(np.int32), None
+        from dynamicid_jax.models import textual_inversion
+
+        ids, tables = [], []
+        for encoder, (each, name) in enumerate(zip(tokenizer, ("text_encoder", "text_encoder_2"))):
+            config = getattr(modules, name).config
+            rows = [textual_inversion.tokenize(each, t, embeddings, config.vocab_size, config.hidden_size, encoder)
+                    for t in texts]
+            ids.append(np.stack([r[0] for r in rows]))
+            tables.append(np.stack([r[1] for r in rows]))
+        return np.stack(ids, axis=1), tuple(tables)  # numpy: jnp.asarray would compile per shape
 
     def text_conditioning(self, modules, params: Mapping[str, Any], input_ids, clip_skip: int = 0,
                           extra_embeddings=None):
@@ -202,11 +218,13 @@ class SDXL:
         pooled (B, D1)): each encoder's hidden state `clip_skip + 2` from the end (the
         penultimate by default; the raw state, no final LayerNorm), concatenated; the pooled
         vector encoder 2's projected EOS state; the second value CLIP-L's pooled EOS state
-        (IMR's face-prompt feature, as on SD1.5)."""
+        (IMR's face-prompt feature, as on SD1.5). extra_embeddings: None, or `tokenize`'s
+        textual-inversion tables, one per encoder."""
+        extra_1, extra_2 = extra_embeddings if extra_embeddings is not None else (None, None)
         _, pooled_1, states_1 = modules.text_encoder.apply(
-            {"params": params["text_encoder"]}, input_ids[:, 0], output_hidden_states=True)
+            {"params": params["text_encoder"]}, input_ids[:, 0], extra_embeddings=extra_1, output_hidden_states=True)
         _, pooled_2, states_2 = modules.text_encoder_2.apply(
-            {"params": params["text_encoder_2"]}, input_ids[:, 1], output_hidden_states=True)
+            {"params": params["text_encoder_2"]}, input_ids[:, 1], extra_embeddings=extra_2, output_hidden_states=True)
         layer = -(clip_skip + 2)
         context = jnp.concatenate([states_1[layer], states_2[layer]], axis=-1)
         return TextConditioning(context=context, extras={"text_embeds": pooled_2}), pooled_1

@@ -38,11 +38,13 @@ REQUESTS_LIMIT = 256 * 2**20  # about a million request lines; a larger file is 
 
 def read_requests(
     path: str | pathlib.Path, defaults: Optional[Mapping[str, Any]] = None, vae_factor: int = 8,
-    identity_branch: bool = True, family=None,
+    identity_branch: bool = True, family=None, embedding_widths=None,
 ) -> tuple[list[tuple[int, SampleRequest]], list[Reject]]:
     """([(line number, request)], [Reject]) of a requests file; every photo is read once.
 
     family: the base model's (`validate_request`: a line with time ids on SD1.5 is rejected).
+    embedding_widths: its text encoders' (`family.embedding_widths`): a line naming an
+    embedding file of another form or width is rejected (None: any readable file).
     Raises InputError only when the file itself cannot be read.
     """
     path = pathlib.Path(path)
@@ -66,7 +68,7 @@ def read_requests(
             request = parse_request(data, defaults=defaults, base=path.parent)
             validate_request(request, vae_factor, label=key_label, identity_branch=identity_branch, family=family)
             _check_photos(request, photo_errors)
-            _check_embeddings(request, photo_errors)
+            _check_embeddings(request, photo_errors, embedding_widths)
         except (InputError, TypeError) as e:
             rejects.append(Reject(number, str(e), text))
             continue
@@ -87,12 +89,12 @@ def _check_once(key: str, errors: dict[str, Optional[str]], read, catch: type[Ex
         raise InputError(errors[key])
 
 
-def _check_embeddings(request: SampleRequest, errors: dict[str, Optional[str]]) -> None:
-    """Each textual-inversion file is read once per file."""
+def _check_embeddings(request: SampleRequest, errors: dict[str, Optional[str]], widths=None) -> None:
+    """Each textual-inversion file is read once per file (checked against `widths`)."""
     from dynamicid_jax.models.textual_inversion import read_embedding
 
     for path in request.negative_embeddings:
-        _check_once(path, errors, read_embedding, UserError)
+        _check_once(path, errors, lambda p: read_embedding(p, widths), UserError)
 
 
 def _check_photos(request: SampleRequest, errors: dict[str, Optional[str]]) -> None:

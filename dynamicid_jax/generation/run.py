@@ -59,7 +59,8 @@ def run_requests_file(
     index, count = jax.process_index(), jax.process_count()
     out_dir = pathlib.Path(out_dir)
     requests, rejects = read_requests(requests_path, defaults, pipeline.modules.vae_scale_factor,
-                                       pipeline.modules.identity_branch, pipeline.modules.family)
+                                       pipeline.modules.identity_branch, pipeline.modules.family,
+                                       pipeline.modules.family.embedding_widths(pipeline.modules))
     if index == 0:
         for r in rejects:
             log(f"{requests_path}: line {r.line}: {r.error} (skipped, see {out_dir / REJECTS})")
