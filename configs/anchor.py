@@ -21,6 +21,9 @@ A pod: the same command on every host after `jax.distributed.initialize` (launch
 does it), e.g. --config.mesh.data=4 --config.mesh.fsdp=8 on 32 chips. `:tiny_sdxl` is the
 tiny SDXL of tests and the tiny run.
 
+`configs/anchor.py:tiny_trainer`: the same short run on a smaller model still (2 UNet levels),
+the one the trainer's tests use (shards of the same shapes).
+
 Any field below can be overridden, e.g. `--config.optimizer.lr=1e-5 --config.mesh.fsdp=8`.
 """
 

@@ -1,4 +1,5 @@
-"""Stage-1 training on 8 fake CPU devices with the tiny config and synthetic shards.
+"""Stage-1 training on 8 fake CPU devices with the tiny trainer config
+(`train_data.CONFIG_ARG`: the tiny run on a 2-level UNet) and synthetic shards.
 
 Compiles, in order: the anchor step on an 8-device fsdp mesh (the in-process reference run,
 reused from the persistent cache by the kill-and-resume subprocess runs and the sharded-step
@@ -37,7 +38,7 @@ STEPS, EVERY = 6, 2
 
 
 def anchor_config():
-    config = anchor_configs.get_config("tiny")
+    config = anchor_configs.get_config(train_data.CONFIG_ARG)
     config.total_steps, config.checkpoint.every_steps, config.checkpoint.keep = STEPS, EVERY, 5
     config.progress_bar = False
     return config
@@ -185,7 +186,7 @@ def _run_cli(args, devices=8, **kwargs):
 
 def test_kill_and_resume_matches_uninterrupted(tmp_path, anchor_data, anchor_run, modules):
     workdir = tmp_path / "killed"
-    args = ["--stage=anchor", "--config=configs/anchor.py:tiny", f"--data={anchor_data}", f"--workdir={workdir}",
+    args = ["--stage=anchor", train_data.CONFIG_FLAG, f"--data={anchor_data}", f"--workdir={workdir}",
             *ANCHOR_FLAGS]
     proc = _run_cli(args)
     committed = workdir / "checkpoints" / str(EVERY)
@@ -216,7 +217,7 @@ def test_sigterm_saves_the_current_step_and_the_rerun_finishes(tmp_path, anchor_
     # milliseconds); few saves keep it quick.
     total, every = 20, 5
     workdir = tmp_path / "preempted"
-    args = ["--stage=anchor", "--config=configs/anchor.py:tiny", f"--data={anchor_data}", f"--workdir={workdir}",
+    args = ["--stage=anchor", train_data.CONFIG_FLAG, f"--data={anchor_data}", f"--workdir={workdir}",
             f"--config.total_steps={total}", f"--config.checkpoint.every_steps={every}", "--config.checkpoint.keep=2",
             "--config.progress_bar=False", "--config.log_every_steps=1000"]
     proc = _run_cli(args, devices=1)

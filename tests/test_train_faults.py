@@ -2,7 +2,7 @@
 `precompute.py --verify`, a checkpoint save and a shard write that fail (disk full), and the
 training log line.
 
-The training runs use tests/test_train.py's tiny anchor configuration and dataset shape on
+The training runs use tests/test_train.py's anchor configuration (train_data.CONFIG_ARG) and dataset shape on
 the 8 fake devices, so their step executable comes from the persistent compile cache that
 test_train.py fills (this file sorts after it: named test_train_faults.py for that); faults are injected in the real write paths
 (orbax's item writer, the shard writer's file writes) as `OSError(ENOSPC)`.
@@ -34,7 +34,7 @@ LOG_KEYS = ["step", "loss", "grad_norm", "learning_rate", "steps_per_second", "i
 
 def anchor_config(**data_overrides):
     """tests/test_train.py's anchor_config() (same compiled step)."""
-    config = anchor_configs.get_config("tiny")
+    config = anchor_configs.get_config(train_data.CONFIG_ARG)
     config.total_steps, config.checkpoint.every_steps, config.checkpoint.keep = STEPS, EVERY, 5
     config.progress_bar = False
     for key, value in data_overrides.items():

@@ -1,7 +1,8 @@
 """Training paths test_train.py does not run: gradient accumulation, the trainer's non-finite
 guard (stop / skip), a bfloat16 run end to end, and a two-process job (jax.distributed on CPU).
 
-Tiny config, synthetic shards (tests/train_data.py), 8 fake CPU devices in this process.
+The tiny trainer config (train_data.CONFIG_ARG: the tiny run on a 2-level UNet), synthetic shards
+(tests/train_data.py), 8 fake CPU devices in this process.
 Expected values never come from the code path under test: accumulation is compared with one
 big batch, the sharded and two-process runs with a one-device / one-process run, the skipped
 update with the checkpoint before it.
@@ -33,7 +34,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def anchor_config(**overrides):
     """test_train.py's anchor config (its step is in the compile cache), with `overrides`."""
-    config = anchor_configs.get_config("tiny")
+    config = anchor_configs.get_config(train_data.CONFIG_ARG)
     config.total_steps, config.checkpoint.every_steps, config.checkpoint.keep = 6, 2, 5
     config.progress_bar = False
     for key, value in overrides.items():
@@ -228,7 +229,7 @@ def test_bfloat16_run_trains_and_loads_in_the_sampler(tmp_path, anchor_data, tes
 
     workdir, steps = tmp_path / "bf16", 3
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "launch" / "train.py"), "--stage=anchor", "--config=configs/anchor.py:tiny",
+        [sys.executable, str(ROOT / "launch" / "train.py"), "--stage=anchor", train_data.CONFIG_FLAG,
          f"--data={anchor_data}", f"--workdir={workdir}", "--config.dtype=bfloat16", f"--config.total_steps={steps}",
          f"--config.checkpoint.every_steps={steps}", "--config.progress_bar=False"],
         cwd=ROOT, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=1"), stdout=subprocess.PIPE,
@@ -267,7 +268,7 @@ def test_two_processes_match_one(tmp_path, anchor_data, modules):
     per process keeps every parameter split and every reduction across the two processes; more
     local devices would only add compile time (process 1 compiles on every start)."""
     workdir, port = tmp_path / "two", free_local_port()
-    args = ["--stage=anchor", "--config=configs/anchor.py:tiny", f"--data={anchor_data}", f"--workdir={workdir}",
+    args = ["--stage=anchor", train_data.CONFIG_FLAG, f"--data={anchor_data}", f"--workdir={workdir}",
             f"--config.total_steps={MP_STEPS}", "--config.checkpoint.every_steps=2", "--config.progress_bar=False",
             f"--coordinator_address=localhost:{port}", "--num_processes=2"]
     env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")

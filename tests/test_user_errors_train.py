@@ -86,8 +86,8 @@ def test_train_cli_bad_inputs(train_cli, tiny_shards, files, test_assets, capsys
 TRAIN_ARGV_CASES = [
     (["--config=configs/nope.py"], "--config=configs/nope.py: configs/nope.py: file not found"),
     (["--config=configs"], "--config=configs: configs: is a folder"),
-    (["--config=configs/anchor.py:huge"], "--config=configs/anchor.py:huge: config argument must be empty or 'tiny', "
-                                          "got 'huge'"),
+    (["--config=configs/anchor.py:huge"], "--config=configs/anchor.py:huge: config argument must be empty or one of "
+                                          "'tiny', 'sdxl', 'tiny_sdxl', 'tiny_trainer', got 'huge'"),
     (["--config={tmp}/configs/broken.py"], "broken.py line 1"),
     (["--config={tmp}/configs/none.py"], "none.py defines no get_config()"),
     (["--config.optimizer.lrr=1e-3"],

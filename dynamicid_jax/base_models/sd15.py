@@ -4,6 +4,7 @@
                             CLIP ViT-L/14 text tower (77 tokens, 768 wide) and noise schedule,
                             plus DynamicID's modules as the release has them
   tiny_model_config()       the same structure a few thousand times smaller (tests, --demo)
+  tiny_trainer_model_config()  smaller still (2 UNet levels): the trainer-mechanics tests
   model_from_files(m, path) the unet / vae / text / scheduler sections read from a base
                             model's own files (a single file carries no config: SD1.5's)
   unet_config / vae_config / text_config
@@ -94,6 +95,25 @@ def tiny_model_config() -> ml_collections.ConfigDict:
     m.face_projection = dict(id_dim=128, num_tokens=4, depth=2, num_heads=2, head_dim=16)
     m.imr = dict(width=64, num_heads=2, head_dim=32, num_motion_tokens=4, depth=1)
     m.keypoint_encoder = dict(image_size=96, channels=(8, 8, 16, 16, 32, 32), num_residual=(0, 1, 1, 1, 1, 1))
+    return m
+
+
+def tiny_trainer_model_config() -> ml_collections.ConfigDict:
+    """`tiny_model_config` with a 2-level UNet (one cross-attention level, one plain) and
+    1-layer text encoder and face projection: for the tests of the trainer's mechanics
+    (sharding, resume, accumulation, bfloat16, signals, faults), where SD1.5's structure is not
+    what is tested (tests/test_tiny_run.py trains the full tiny structure end to end). About
+    half the tiny step's operations, so about half its trace and compile time, which dominate
+    those tests. The VAE (factor 8), the text length and the identity and CLIP-image widths are
+    the tiny model's, so shards have the same shapes (latents 8x8 at 64 px, divisible by the
+    UNet's 2 ** (2 - 1))."""
+    from dynamicid_jax.models.unet_config import CROSS_ATTN_DOWN, CROSS_ATTN_UP, PLAIN_DOWN, PLAIN_UP
+
+    m = tiny_model_config()
+    m.unet.update(block_out_channels=(32, 64), num_attention_heads=(2, 2), down_block_types=(CROSS_ATTN_DOWN, PLAIN_DOWN),
+                  up_block_types=(PLAIN_UP, CROSS_ATTN_UP))
+    m.text.num_layers = 1
+    m.face_projection.depth = 1
     return m
 
 

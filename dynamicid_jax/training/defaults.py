@@ -7,10 +7,14 @@ the reverse) and a config file needs nothing on sys.path but the installed packa
 import ml_collections
 
 from dynamicid_jax import base_models
+from dynamicid_jax.base_models import sd15
 
 
 # The `:ARG` of a stage config -> (tiny model, base-model family).
-CONFIG_ARGS = {"": (False, "sd15"), "tiny": (True, "sd15"), "sdxl": (False, "sdxl"), "tiny_sdxl": (True, "sdxl")}
+# "tiny_trainer": the tiny run on a smaller model still (`sd15.tiny_trainer_model_config`, 2 UNet
+# levels): the trainer's tests, in process and through the CLI, so both compile the same programs.
+CONFIG_ARGS = {"": (False, "sd15"), "tiny": (True, "sd15"), "sdxl": (False, "sdxl"), "tiny_sdxl": (True, "sdxl"),
+               "tiny_trainer": (True, "sd15")}
 
 
 def parse_arg(arg) -> tuple[bool, str]:
@@ -29,6 +33,8 @@ def common_config(arg) -> ml_collections.ConfigDict:
     full_sdxl = family == "sdxl" and not small
     config = ml_collections.ConfigDict()
     config.model = base_models.default_config(tiny=small, family=family).model
+    if arg == "tiny_trainer":
+        config.model = sd15.tiny_trainer_model_config()
     config.seed = 0  # parameter init of new modules, data order and every per-step draw
     config.total_steps = 20 if small else 100_000
     # compute dtype: "float32" or "bfloat16" (parameters and optimizer state stay float32)
