@@ -269,8 +269,8 @@ def test_trainer_logs_the_input_stall_and_saves_the_consumed_position(tmp_path, 
             return super().__next__()
 
     monkeypatch.setattr(pipeline, "GlobalBatchIterator", Late)
-    config = anchor_configs.get_config("tiny")
-    # tests/test_train.py's step (same shapes, schedule, XLA options): its compiled executable is reused.
+    config = anchor_configs.get_config(train_data.CONFIG_ARG)
+    # tests/test_train.py's step (same model, shapes, schedule, XLA options): its compiled executable is reused.
     config.total_steps, config.checkpoint.every_steps, config.checkpoint.keep = 6, 2, 5
     config.progress_bar, config.log_every_steps = False, 3
     specs = data.expected_features(stages.get("anchor"), modeling.build_modules(config.model), config)
