@@ -162,7 +162,10 @@ def test_overfit_and_nonfinite_guard(steppers, initial, anchor_data, modules, fi
     assert float(metrics["finite"]) == 0.0
     for a, b in zip(jax.tree.leaves(guarded.trainable), jax.tree.leaves(state.trainable)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the non-finite update was dropped
-    for _ in range(15):
+    # 30 steps of the compiled program (milliseconds each): the 2-level trainer model reaches
+    # 0.88 of the loss after 15, too close to the bound for a check that must hold on any CPU;
+    # after 30 it is 0.81 (measured), the old 4-level model's margin (0.85 after 15) and more.
+    for _ in range(30):
         state, metrics = compiled(state, fixed, batch)
     after = loss_at_step0(state)
     assert after < 0.9 * before, (before, after)
