@@ -34,11 +34,10 @@ def _train_cli(argv: list[str], monkeypatch) -> None:
     """launch/train.py's main() as `python launch/train.py ARGV` would run it, re-parsable:
     ml_collections reads --config.* overrides from sys.argv and defines a flag for each, so
     the previous call's override flags are removed first."""
+    from cli_flags import reset_config_flags
     from launch import train as cli
 
-    for name in [n for n in cli.FLAGS if n.startswith("config.")]:
-        delattr(cli.FLAGS, name)
-    cli.FLAGS.unparse_flags()
+    reset_config_flags(cli.FLAGS)
     argv = ["train.py", *argv]
     monkeypatch.setattr(sys, "argv", argv)
     cli.FLAGS(argv)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+from cli_flags import reset_config_flags
 
 from test_user_errors import ROOT, _assert_user_error, _subst, files  # noqa: F401  (files: the shared fixture)
 
@@ -70,7 +71,7 @@ def test_train_cli_bad_inputs(train_cli, tiny_shards, files, test_assets, capsys
     argv = [a for a in argv if a.split("=")[0] not in names] + extra
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", argv)  # config_flags reads its --config.x overrides from sys.argv
-    flags.unparse_flags()
+    reset_config_flags(flags)  # another module's in-process run (test_tiny_run) may have defined them
     try:
         flags(argv)
         code = train_cli.main(["train.py"])
