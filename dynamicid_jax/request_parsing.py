@@ -66,33 +66,28 @@ def parse_alpha(value, label: str = "--alpha") -> int | float:
 def parse_box(value, label: str = "--box") -> Optional[list]:
     """A box as written: "y_min,x_min,y_max,x_max" (blank: None) or a list (kept; its numbers
     are checked by `validate_request`)."""
-    if value is None or isinstance(value, list):
-        return value
-    text = str(value).strip()
-    if not text:
-        return None
-    try:
-        values = [float(v) for v in text.replace(" ", "").split(",")]
-    except ValueError:
-        values = []
-    if len(values) != 4:
-        raise InputError(f"{label} {text!r}: expected {BOX_HELP}")
-    return values
+    return _numbers(value, label, float, 4, BOX_HELP)
 
 
 def parse_pair(value, label: str) -> Optional[list]:
     """A time id as written: "1024,768" (blank: None) or a list (kept; checked by `validate_request`)."""
+    return _numbers(value, label, int, 2, PAIR_HELP)
+
+
+def _numbers(value, label: str, number: Callable, count: int, help_text: str) -> Optional[list]:
+    """Comma-separated text -> `count` numbers of type `number` (blank: None); a list is kept
+    as it is (its values are `validate_request`'s to check); else InputError naming `label`."""
     if value is None or isinstance(value, list):
         return value
     text = str(value).strip()
     if not text:
         return None
     try:
-        values = [int(v) for v in text.replace(" ", "").split(",")]
+        values = [number(v) for v in text.replace(" ", "").split(",")]
     except ValueError:
         values = []
-    if len(values) != 2:
-        raise InputError(f"{label} {text!r}: expected {PAIR_HELP}")
+    if len(values) != count:
+        raise InputError(f"{label} {text!r}: expected {help_text}")
     return values
 
 
