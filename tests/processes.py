@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import signal
 import subprocess
+import time
 
 
 def finish_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
@@ -18,3 +22,17 @@ def finish_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
     for i, p in enumerate(procs):
         assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{outputs[i][-3000:]}"
     return outputs
+
+
+def kill_once_saved(proc: subprocess.Popen, checkpoint: pathlib.Path, timeout: float) -> str:
+    """SIGKILL a training run (stdout piped, text) as soon as `checkpoint` (a committed step's
+    folder) exists; returns its output. The run must still have been running then (else the
+    test would not interrupt anything): the assertion shows the output's end."""
+    deadline = time.time() + timeout
+    while not checkpoint.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    still_running = proc.poll() is None
+    os.kill(proc.pid, signal.SIGKILL)
+    output = proc.communicate()[0]
+    assert still_running, f"the run ended before it could be killed:\n{output[-3000:]}"
+    return output

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+import processes
 import train_data
 from configs import anchor as anchor_configs
 from dynamicid_jax import modeling, sharding
@@ -192,14 +193,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, anchor_data, anchor_run
     args = ["--stage=anchor", train_data.CONFIG_FLAG, f"--data={anchor_data}", f"--workdir={workdir}",
             *ANCHOR_FLAGS]
     proc = _run_cli(args)
-    committed = workdir / "checkpoints" / str(EVERY)
-    deadline = time.time() + 300
-    while not committed.is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    still_running = proc.poll() is None
-    os.kill(proc.pid, signal.SIGKILL)
-    output = proc.communicate()[0]
-    assert still_running, f"the run ended before it could be killed:\n{output[-3000:]}"
+    processes.kill_once_saved(proc, workdir / "checkpoints" / str(EVERY), timeout=300)
     assert not (workdir / "checkpoints" / str(STEPS)).exists()
 
     resumed = _run_cli(args)

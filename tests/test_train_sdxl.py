@@ -14,10 +14,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -25,6 +23,7 @@ import pytest
 from flax import traverse_util
 
 import _data_helpers as helpers
+import processes
 from configs import anchor as anchor_configs
 from dynamicid_jax import base_models, cli, modeling, sharding
 from dynamicid_jax.data import inputs, records, shards
@@ -193,14 +192,7 @@ def test_sdxl_kill_and_resume_matches_uninterrupted(tmp_path, sdxl_shards, refer
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), "--stage=anchor",
                              "--config=configs/anchor.py:tiny_sdxl", f"--data={folder}", f"--workdir={workdir}",
                              *FLAGS], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    committed = workdir / "checkpoints" / str(EVERY)
-    deadline = time.time() + 600
-    while not committed.is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    still_running = proc.poll() is None
-    os.kill(proc.pid, signal.SIGKILL)
-    output = proc.communicate()[0]
-    assert still_running, f"the run ended before it could be killed:\n{output[-3000:]}"
+    processes.kill_once_saved(proc, workdir / "checkpoints" / str(EVERY), timeout=600)
     assert not (workdir / "checkpoints" / str(STEPS)).exists()
     compile_step = trainer.compile_step
     trainer.compile_step = lambda *args: reference_run[2][:3]  # the same config, mesh and shards
