@@ -21,6 +21,7 @@ the entry points never branch on which one it is:
                                            time ids; a family without them refuses them)
     release_weights                        whether the authors' DynamicID release fits it
     default_negative_prompt                the negative prompt when none is given
+    training_dtype, training_remat         full-size training's compute dtype and rematerialisation
     denoiser(modules, unet_params, x_t, t, conditioning, identity[, capture]) -> prediction
 
 A config's `model.family` names its family (`get`).

@@ -164,6 +164,10 @@ class SD15:
     default_negative_prompt: ClassVar[str] = DEFAULT_NEGATIVE_PROMPT  # DynamicID's release setting
     components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder")  # the base model's weights
     tokenizer_folders: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    # Full-size training (configs/anchor.py, reconfig.py with no argument): float32 compute and no
+    # rematerialisation; SD1.5 at 512 px fits as it is.
+    training_dtype: ClassVar[str] = "float32"
+    training_remat: ClassVar[bool] = False
 
     def configured(self, model: ml_collections.ConfigDict) -> "SD15":
         """The family object a model section configures: SD1.5 has no such setting."""

@@ -123,6 +123,10 @@ class SDXL:
     default_negative_prompt: ClassVar[str] = ""
     components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder", "text_encoder_2")
     tokenizer_folders: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
+    # Full-size training (configs/*.py:sdxl): bfloat16 compute and each transformer block
+    # rematerialised, for the 1024 px step's memory (benchmarks/sdxl_train_memory.md).
+    training_dtype: ClassVar[str] = "bfloat16"
+    training_remat: ClassVar[bool] = True
     force_zeros_for_empty_prompt: bool = FORCE_ZEROS_FOR_EMPTY_PROMPT
 
     def configured(self, model: ml_collections.ConfigDict) -> "SDXL":

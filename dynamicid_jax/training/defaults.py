@@ -10,15 +10,21 @@ from dynamicid_jax import base_models
 from dynamicid_jax.base_models import sd15
 
 
-# The `:ARG` of a stage config -> (tiny model, base-model family).
-# "tiny_trainer": the tiny run on a smaller model still (`sd15.tiny_trainer_model_config`, 2 UNet
-# levels): the trainer's tests, in process and through the CLI, so both compile the same programs.
-CONFIG_ARGS = {"": (False, "sd15"), "tiny": (True, "sd15"), "sdxl": (False, "sdxl"), "tiny_sdxl": (True, "sdxl"),
-               "tiny_trainer": (True, "sd15")}
+# The `:ARG` of a stage config -> (tiny model, base-model family, model section builder or None:
+# the family's default). "tiny_trainer": the tiny run on a smaller model still
+# (`sd15.tiny_trainer_model_config`, 2 UNet levels): the trainer's tests, in process and through
+# the CLI, so both compile the same programs.
+CONFIG_ARGS = {"": (False, "sd15", None), "tiny": (True, "sd15", None), "sdxl": (False, "sdxl", None),
+               "tiny_sdxl": (True, "sdxl", None), "tiny_trainer": (True, "sd15", sd15.tiny_trainer_model_config)}
 
 
 def parse_arg(arg) -> tuple[bool, str]:
-    """A stage config's argument -> (small, family): "" (SD1.5), "tiny", "sdxl", "tiny_sdxl"."""
+    """A stage config's argument -> (small, family): "" (SD1.5), "tiny", "sdxl", "tiny_sdxl",
+    "tiny_trainer"."""
+    return _config_arg(arg)[:2]
+
+
+def _config_arg(arg) -> tuple:
     if (arg or "") not in CONFIG_ARGS:
         raise ValueError(f"config argument must be empty or one of {', '.join(repr(a) for a in CONFIG_ARGS if a)}, "
                          f"got {arg!r}")
@@ -29,19 +35,18 @@ def common_config(arg) -> ml_collections.ConfigDict:
     """Fields shared by both stages; `arg`: "" (SD1.5), "tiny" (the tiny model and a short
     run), "sdxl" (SDXL base 1.0 at 1024 px, bfloat16 compute, remat) or "tiny_sdxl" (the
     tiny SDXL: tests and the tiny run)."""
-    small, family = parse_arg(arg)
-    full_sdxl = family == "sdxl" and not small
+    small, family, model = _config_arg(arg)
+    members = base_models.get(family)
     config = ml_collections.ConfigDict()
-    config.model = base_models.default_config(tiny=small, family=family).model
-    if arg == "tiny_trainer":
-        config.model = sd15.tiny_trainer_model_config()
+    config.model = model() if model else base_models.default_config(tiny=small, family=family).model
     config.seed = 0  # parameter init of new modules, data order and every per-step draw
     config.total_steps = 20 if small else 100_000
     # compute dtype: "float32" or "bfloat16" (parameters and optimizer state stay float32)
-    config.dtype = "bfloat16" if full_sdxl else "float32"
+    # (the family's full-size setting; tiny runs compute in float32)
+    config.dtype = "float32" if small else members.training_dtype
     # Rematerialise each UNet transformer block in the backward pass: activation memory for
-    # recomputation (SDXL at 1024 px: benchmarks/sdxl_train_memory.md).
-    config.remat = full_sdxl
+    # recomputation (the family's full-size setting; SDXL at 1024 px: benchmarks/sdxl_train_memory.md).
+    config.remat = members.training_remat and not small
 
     config.init = ml_collections.ConfigDict()
     config.init.random = small  # random base model: tiny configs only (nothing pretrained to load)
