@@ -141,6 +141,9 @@ def test_precompute_into_two_buckets_on_real_photos(test_assets, tmp_path):
             seen[record["key"]] = k
     assert manifest["buckets"]["counts"] == [sum(k == b for k in seen.values()) for b in (0, 1)]
     assert sorted(set(seen.values())) == [0, 1]  # both buckets hold photos (biden.jpg is 2.3:1, the frames 9:16)
+    from dynamicid_jax.data.verify import verify_dataset
+
+    assert verify_dataset(out)["ok"]  # --verify reads each record with its bucket's specs
 
     # Without buckets: no bucket feature, nothing about buckets in the manifest (the shards of before).
     plain = tmp_path / "plain"
@@ -150,6 +153,30 @@ def test_precompute_into_two_buckets_on_real_photos(test_assets, tmp_path):
     assert "buckets" not in manifest and "buckets" not in manifest["settings"]
     assert "bucket" not in {s["name"] for s in manifest["features"]}
     assert all("bucket" not in r for r in shards.read_shard_index(plain, manifest["shards"][0]["file"])["records"])
+
+
+def test_cli_bucket_flag_resolves_the_family_set():
+    """--buckets=family: the family's set fitted to the resolution in sides the model takes."""
+    import importlib.util
+    import pathlib
+
+    from dynamicid_jax.base_models import default_config
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "data_pipelines" / "precompute.py"
+    spec = importlib.util.spec_from_file_location("precompute_cli", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    tiny_xl = default_config(tiny=True, family="sdxl").model  # VAE factor 2, 2 UNet levels: multiples of 4
+    assert cli._bucket_sizes("family", "sdxl", tiny_xl, 64, 2)[:3] == ((64, 64), (56, 72), (72, 56))
+    tiny = default_config(tiny=True, family="sd15").model  # factor 8 and 4 UNet levels: multiples of 64
+    # 448, 576, 384, 640 px / 8 round to one 64; 768 / 8 = 96 = 1.5 x 64 rounds to 128, 320 / 8 = 40 to 64.
+    assert cli._bucket_sizes("family", "sd15", tiny, 64, 8) == ((64, 64), (64, 128), (128, 64))
+    assert cli._bucket_sizes("family", "sd15", default_config().model, 512, 8) == (
+        (512, 512), (448, 576), (576, 448), (384, 640), (640, 384), (320, 768), (768, 320))
+    assert cli._bucket_sizes(None, "sd15", tiny, 64, 8) is None
+    assert cli._bucket_sizes("64x48", "sd15", tiny, 64, 8) == ((48, 64),)
+    with pytest.raises(ConfigError, match="--buckets 64x44: 64x44 not multiples of 8"):
+        cli._bucket_sizes("64x44", "sd15", tiny, 64, 8)
 
 
 # --------------------------------------------------------------------------- one bucket per batch

@@ -75,7 +75,7 @@ class _Buckets:
     schedule: buckets.Schedule
     members: list[list[int]]  # bucket -> this host's record indices (ascending)
     decoders: list[BatchDecoder]
-    sizes: tuple[buckets.Size, ...]
+    sizes: tuple[buckets.Size, ...]  # () for shards made without buckets
 
     def name(self, k: int) -> str:
         """" of bucket WxH" for messages about one bucket of several; "" with one bucket."""
@@ -85,9 +85,9 @@ class _Buckets:
 def bucket_feature_specs(manifest: Mapping[str, Any], keep_strings: bool = True) -> list[list[records.FeatureSpec]]:
     """Each bucket's record specs: the manifest's (bucket 0's) with the bucket's latent size."""
     specs = _array_specs(manifest, keep_strings)
-    sizes = buckets.manifest_sizes(manifest)
-    if len(sizes) == 1:
+    if "buckets" not in manifest:  # shards made without buckets: the one (square) bucket
         return [specs]
+    sizes = buckets.manifest_sizes(manifest)
     latent = next(s for s in specs if s.name == records.LATENT_FEATURES[0])
     f = sizes[0][0] // latent.shape[0]  # the VAE factor: bucket 0's pixels over its latents
     return [records.with_latent_hw(specs, (h // f, w // f)) for h, w in sizes]
@@ -95,10 +95,10 @@ def bucket_feature_specs(manifest: Mapping[str, Any], keep_strings: bool = True)
 
 def _host_buckets(manifest: Mapping[str, Any], source: ShardRecordSource, seed: int, host: int,
                   keep_strings: bool) -> _Buckets:
-    sizes = buckets.manifest_sizes(manifest)
     decoders = [BatchDecoder(specs) for specs in bucket_feature_specs(manifest, keep_strings)]
     if "buckets" not in manifest:  # shards made without buckets: one stream of every record
-        return _Buckets(buckets.Schedule([len(source)], seed), [list(range(len(source)))], decoders, sizes)
+        return _Buckets(buckets.Schedule([len(source)], seed), [list(range(len(source)))], decoders, ())
+    sizes = buckets.manifest_sizes(manifest)
     counts = manifest["buckets"]["counts"]
     members = buckets.host_members([entry["bucket"] for entry in source.entries], len(sizes))
     buckets.missing_on_host(members, counts, host, sizes)
