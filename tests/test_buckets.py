@@ -242,16 +242,21 @@ def test_anchor_batches_hold_one_bucket_deterministic_and_resumable(bucketed_anc
 
 
 def test_reconfig_batches_hold_one_bucket(tmp_path):
-    """Identities with images of both ratios: each example's source and targets share the batch's bucket."""
+    """Identities with images of both ratios: each example's source and targets share the batch's
+    bucket; id1 has one wide image only, too few for an example of that bucket."""
     rng = np.random.default_rng(1)
     src = tmp_path / "ids"
-    for identity in ("id0", "id1"):
+    for identity, wide in (("id0", (1, 3, 5)), ("id1", (2,))):
         (src / identity).mkdir(parents=True)
         for j in range(6):
-            _write(src / identity / f"{j}.png", rng, 32, 48 if j % 2 else 32)
+            _write(src / identity / f"{j}.png", rng, 32, 48 if j in wide else 32)
     out = tmp_path / "out"
     run_precompute(PrecomputeJob("reconfig", src, out, num_shards=1, resolution=16, batch_size=4, progress=False,
                                  buckets=SIZES), helpers.stand_in_extractors())
+    manifest = json.loads((out / shards.MANIFEST).read_text())
+    assert manifest["shards"][0]["bucket_identity_sizes"] == [[3, 5], [1, 3]]
+    # Buckets weigh the records of identities with >= 2 images in them: 3 + 5 square, id0's 3 wide.
+    assert pipeline._identity_weights(manifest, 2, out) == [8, 3]
     ds = pipeline.reconfig_dataset(out, global_batch_size=2, num_targets=2, seed=0, kdef_probability=0.0,
                                    keep_strings=True)
     kinds = set()
@@ -260,8 +265,12 @@ def test_reconfig_batches_hold_one_bucket(tmp_path):
         k = int(batch["source_bucket"][0])
         assert (batch["source_bucket"] == k).all() and (batch["target_bucket"] == k).all()
         assert batch["target_vae_mean"].shape == (2, 2, 2, 2 + k, 4)
+        assert k == 0 or set(batch["source_identity"]) == {"id0"}
         kinds.add(k)
     assert kinds == {0, 1}
+    with pytest.raises(ConfigError, match="no identity has 6 or more images in one aspect-ratio bucket"):
+        pipeline.reconfig_dataset(out, global_batch_size=2, num_targets=2, seed=0, kdef_probability=0.0,
+                                  min_images=6)
 
 
 # --------------------------------------------------------------------------- training side

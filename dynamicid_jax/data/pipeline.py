@@ -94,12 +94,13 @@ def bucket_feature_specs(manifest: Mapping[str, Any], keep_strings: bool = True)
 
 
 def _host_buckets(manifest: Mapping[str, Any], source: ShardRecordSource, seed: int, host: int,
-                  keep_strings: bool) -> _Buckets:
+                  keep_strings: bool, counts: Optional[Sequence[int]] = None) -> _Buckets:
+    """`counts`: the buckets' weights in the schedule (default: the manifest's record counts)."""
     decoders = [BatchDecoder(specs) for specs in bucket_feature_specs(manifest, keep_strings)]
     if "buckets" not in manifest:  # shards made without buckets: one stream of every record
         return _Buckets(buckets.Schedule([len(source)], seed), [list(range(len(source)))], decoders, ())
     sizes = buckets.manifest_sizes(manifest)
-    counts = manifest["buckets"]["counts"]
+    counts = manifest["buckets"]["counts"] if counts is None else counts
     members = buckets.host_members([entry["bucket"] for entry in source.entries], len(sizes))
     buckets.missing_on_host(members, counts, host, sizes)
     return _Buckets(buckets.Schedule(counts, seed), members, decoders, sizes)
@@ -246,6 +247,23 @@ class _DrawIdentityExample:
         return np.asarray([members[src], *targets], np.int64)
 
 
+def _identity_weights(manifest: Mapping[str, Any], min_images: int, folder) -> Optional[list[int]]:
+    """With buckets: each bucket's records in identities with >= min_images images of that
+    bucket, over all shards (so every host draws buckets alike); a bucket without such an
+    identity is never drawn (its records are left out, as identities below min_images are).
+    None without buckets (one bucket; the pools are checked as before)."""
+    if "buckets" not in manifest:
+        return None
+    weights = [0] * len(manifest["buckets"]["sizes"])
+    for shard in manifest["shards"]:
+        for k, sizes in enumerate(shard["bucket_identity_sizes"]):
+            weights[k] += sum(n for n in sizes if n >= min_images)
+    if not any(weights):
+        raise ConfigError(f"{folder}: no identity has {min_images} or more images in one aspect-ratio bucket "
+                          f"({buckets.format_sizes(buckets.manifest_sizes(manifest))}); precompute with fewer buckets")
+    return weights
+
+
 def reconfig_dataset(
     folder: str | pathlib.Path,
     *,
@@ -271,7 +289,8 @@ def reconfig_dataset(
     error, never a silent change of the mixing ratio.
 
     With buckets: batch j's examples all come from bucket k (`buckets.Schedule`), each
-    identity's source and targets drawn among its records of that bucket (pools per bucket).
+    identity's source and targets drawn among its records of that bucket (pools per bucket);
+    buckets are drawn in proportion to the records of identities they hold min_images of.
     """
     import grain
 
@@ -280,10 +299,14 @@ def reconfig_dataset(
     manifest = shards.load_manifest(folder, "reconfig", expected_features)
     index, count = _process(process_index, process_count)
     source = ShardRecordSource(folder, host_shard_files(manifest, index, count))
-    groups = _host_buckets(manifest, source, seed, index, keep_strings)
+    weights = _identity_weights(manifest, min_images, folder)
+    groups = _host_buckets(manifest, source, seed, index, keep_strings, weights)
     draws = []
     for k, members in enumerate(groups.members):
         pools = identity_pools(source, min_images, members)
+        if weights is not None and not weights[k]:  # never drawn: no identity has min_images images in it
+            draws.append(None)
+            continue
         if kdef_probability < 1.0 and not pools.identities["multi"]:
             raise ConfigError(f"host {index}: no 'multi' identities with >= {min_images} images{groups.name(k)} "
                               f"in {folder}")

@@ -173,6 +173,19 @@ def missing_shards(folder: pathlib.Path, stage: str, num_shards: int) -> list[st
             if not is_shard_finished(folder, shard_name(stage, i, num_shards))]
 
 
+def _bucket_counts(entries: Sequence[Mapping[str, Any]], num_buckets: int) -> dict:
+    """A shard's records per bucket, and for records of identities (whole in one shard) the
+    sorted image counts of its identities in each bucket: what a reader needs to know, for
+    every host alike, which buckets can give identity examples (`pipeline.reconfig_dataset`)."""
+    out = {"bucket_counts": [sum(r["bucket"] == k for r in entries) for k in range(num_buckets)]}
+    if entries and "identity" in entries[0]:
+        per_bucket: list[dict[str, int]] = [{} for _ in range(num_buckets)]
+        for r in entries:
+            per_bucket[r["bucket"]][r["identity"]] = per_bucket[r["bucket"]].get(r["identity"], 0) + 1
+        out["bucket_identity_sizes"] = [sorted(counts.values()) for counts in per_bucket]
+    return out
+
+
 def finalize_dataset(folder: pathlib.Path) -> dict:
     """Merge the shard sidecars into manifest.json and rejects.jsonl; returns the manifest.
 
@@ -196,7 +209,7 @@ def finalize_dataset(folder: pathlib.Path) -> dict:
         index = read_shard_index(folder, name)
         shards.append({"file": name, "index": index_name(name), "num_records": index["num_records"]})
         if sizes is not None:
-            shards[-1]["bucket_counts"] = [sum(r["bucket"] == k for r in index["records"]) for k in range(len(sizes))]
+            shards[-1].update(_bucket_counts(index["records"], len(sizes)))
         rejects.extend(index["rejects"])
     manifest = {
         "format_version": records.FORMAT_VERSION,
