@@ -5,8 +5,9 @@ extractors (tests/_data_helpers.py) from the real test photos and small generate
 the trainer's per-bucket steps are checked with a stand-in compile. The whole file costs about
 10 s of wall time on 2 busy cores (the shards; no XLA compile).
 
-A real two-bucket training run is NOT tested here: the tiny trainer step at a second latent
-shape is a fresh XLA compile (about 20-40 CPU-s per stage, more than this file's budget);
+A real two-bucket training run is NOT tested here: each bucket's tiny-trainer step is a fresh
+XLA compile (measured once by hand, tiny_trainer anchor at 64x64 + 64x48 for 6 steps: about
+90 CPU-s for the two compiles, 3 min wall on the shared 2 cores; over this file's budget);
 `BucketSteps` (which step a batch gets) and `abstract_batch` (the shapes each step is
 lowered for) are what differs from a one-bucket run, and both are checked below.
 """
