@@ -24,6 +24,9 @@ tiny SDXL of tests and the tiny run.
 `configs/anchor.py:tiny_trainer`: the same short run on a smaller model still (2 UNet levels),
 the one the trainer's tests use (shards of the same shapes).
 
+Shards made with aspect-ratio buckets (precompute --buckets=...) train with the same set named,
+e.g. --config.data.buckets=1024x1024,1152x896,896x1152 (each batch one bucket; README).
+
 Any field below can be overridden, e.g. `--config.optimizer.lr=1e-5 --config.mesh.fsdp=8`.
 """
 

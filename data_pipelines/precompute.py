@@ -2,7 +2,7 @@
 
     python data_pipelines/precompute.py --stage=anchor --input=IMAGES --output=OUT \
         [--faces=default|PATH_TO_BUFFALO_L] [--base_model=SD15 --vision_encoder=VIT_H14] \
-        [--num_shards=N] [--resolution=R] [--batch_size=8] [--cache_text_states] \
+        [--num_shards=N] [--resolution=R] [--buckets=family|WxH,WxH,...] [--batch_size=8] [--cache_text_states] \
         [--process_index=i --process_count=n] [--max_shards=k]
     python data_pipelines/precompute.py --stage=reconfig --input=IDENTITY_FOLDERS --output=OUT ...
     python data_pipelines/precompute.py --finalize --output=OUT
@@ -33,6 +33,13 @@ line; finished shards are kept and the rerun resumes.
 Without --base_model/--vision_encoder a TINY RANDOM base model (configs/tiny.py) is used:
 for tests and demos only; the output and the manifest say so. --resolution defaults to the
 base model's native size (SD1.5 512, SDXL 1024, tiny 64), the size the training configs expect.
+
+Aspect-ratio buckets: --buckets=1024x1024,1152x896,896x1152 (WIDTHxHEIGHT each) or
+--buckets=family (the base-model family's set, fitted to --resolution: SDXL's nine sizes of
+about 1024^2 px, SD1.5's seven of about 512^2) crops each photo to the bucket nearest its
+aspect ratio instead of a square; records carry their bucket, the manifest lists the sizes and
+the records per bucket, and training batches each hold one bucket (--config.data.buckets
+must name the same set). Default: one square bucket, --resolution.
 
 SDXL: --base_model an SDXL pipeline folder (or --family=sdxl for the tiny random SDXL). Its
 shards hold both tokenizers' ids (2, 77) and per record the original size and crop offset
@@ -67,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=None,
                    help="square VAE input size (default: the base model's native size, which the training "
                         "configs expect: 512 for SD1.5, 64 for the tiny random model)")
+    p.add_argument("--buckets", default=None, metavar="family|WxH,WxH,...",
+                   help="aspect-ratio buckets instead of the square crop: WIDTHxHEIGHT sizes, or 'family' for "
+                        "the base model's set at --resolution (default: one square bucket)")
     p.add_argument("--batch_size", type=int, default=8, help="fixed model batch (the last one is padded)")
     p.add_argument("--cache_text_states", action="store_true", help="anchor: also store CLIP text hidden states")
     p.add_argument("--process_index", type=int, default=0)
@@ -130,6 +140,7 @@ def main(argv=None) -> dict:
     factor = 2 ** (len(model.vae.block_out_channels) - 1)
     if resolution % factor:  # before any model loads
         raise cli.ConfigError(f"--resolution {resolution}: not a multiple of the VAE factor {factor}")
+    sizes = _bucket_sizes(args.buckets, family, model, resolution, factor)
     job = precompute.PrecomputeJob(  # checks the other numbers, before any model loads
         stage=args.stage,
         input_dir=args.input,
@@ -142,6 +153,7 @@ def main(argv=None) -> dict:
         process_count=args.process_count,
         max_shards=args.max_shards,
         progress=not args.no_progress,
+        buckets=sizes,
     )
     ex = extractors.build_extractors(
         faces=args.faces,
@@ -172,6 +184,26 @@ def _family(args) -> str:
     if args.family is not None and args.family != found:
         raise cli.ConfigError(f"--family {args.family}: --base_model {args.base_model} is {found}")
     return found
+
+
+def _bucket_sizes(text, family: str, model, resolution: int, factor: int):
+    """--buckets -> ((height, width), ...) or None (one square bucket): "family" is the
+    family's set (`bucket_sizes`, made for its full-size native side) fitted to --resolution in
+    multiples the model's VAE and UNet take; sides must be multiples of the VAE factor."""
+    from dynamicid_jax import base_models
+    from dynamicid_jax.base_models import default_config, native_resolution
+    from dynamicid_jax.data import buckets
+
+    if text is None:
+        return None
+    if text == "family":
+        members = base_models.get(family)
+        sizes = buckets.scaled_preset(members.bucket_sizes, native_resolution(default_config(family=family).model),
+                                      resolution, buckets.size_multiple(model))
+    else:
+        sizes = buckets.parse(text)
+    buckets.check_multiple(sizes, factor, f"--buckets {text}")
+    return sizes
 
 
 def _wrote_line(output: pathlib.Path, summary: dict, resolution: int) -> str:

@@ -96,8 +96,8 @@ def stand_in_extractors() -> Extractors:
         return (px.reshape(len(px), -1)[:, :30].reshape(-1, 5, 6) * 3.3 + 0.1).astype(np.float32)
 
     def encode_vae(px):
-        b, r = px.shape[:2]
-        pooled = px.reshape(b, r // 8, 8, r // 8, 8, 3).mean((2, 4))
+        b, h, w = px.shape[:3]
+        pooled = px.reshape(b, h // 8, 8, w // 8, 8, 3).mean((2, 4))
         mean = np.concatenate([pooled, pooled.mean(-1, keepdims=True)], -1).astype(np.float32)
         return mean, -(mean**2)
 

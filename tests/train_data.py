@@ -35,8 +35,11 @@ def _values(spec: records.FeatureSpec, rng: np.random.Generator, vocab: int, tex
 
 
 def write_dataset(folder, stage: str, specs, *, units, null_specs=None, models=None, seed: int = 0,
-                  vocab: int = 1000, num_shards: int = 2, edit=None) -> pathlib.Path:
+                  vocab: int = 1000, num_shards: int = 2, edit=None, bucket_sizes=None) -> pathlib.Path:
     """units: anchor -> number of records; reconfig -> {identity: (source, n_images)}.
+
+    bucket_sizes: aspect-ratio buckets ((height, width), ...; `specs` are bucket 0's, with a
+    `bucket` feature): record i goes to bucket i % len(bucket_sizes), latents of its size.
 
     edit: optional (key, values) -> values applied to each record after its values are drawn
     (the draws, hence every other record, stay the same as without it)."""
@@ -51,6 +54,11 @@ def write_dataset(folder, stage: str, specs, *, units, null_specs=None, models=N
     run_config = {"stage": stage, "num_shards": num_shards, "num_inputs": sum(len(u) for u in items),
                   "inputs_sha256": "synthetic", "features": records.specs_to_json(specs),
                   "models": models or {"kind": "synthetic"}, "settings": {}}
+    per_bucket = [specs]
+    if bucket_sizes is not None:
+        run_config["settings"]["buckets"] = [list(size) for size in bucket_sizes]
+        f = bucket_sizes[0][0] // next(s for s in specs if s.name == "vae_mean").shape[0]
+        per_bucket = [records.with_latent_hw(specs, (h // f, w // f)) for h, w in bucket_sizes]
     if stage == "anchor":
         run_config["null_features"] = records.specs_to_json(null_specs)
         values = {s.name: _values(s, rng, vocab, "") for s in null_specs}
@@ -58,15 +66,20 @@ def write_dataset(folder, stage: str, specs, *, units, null_specs=None, models=N
             records.write_record(f, records.encode_example(null_specs, values))
     shards.check_or_write_run_config(folder, run_config)
     index_fields = ("key",) if stage == "anchor" else ("key", "identity", "source")
+    n = 0
     for i, (start, stop) in enumerate(shards.shard_slices(len(items), num_shards)):
         with shards.AtomicShardWriter(folder, shards.shard_name(stage, i, num_shards)) as writer:
             for unit in items[start:stop]:
                 for info in unit:
+                    k, n = n % len(per_bucket), n + 1
                     values = {s.name: info[s.name] if s.dtype == records.STRING else _values(s, rng, vocab, "")
-                              for s in specs}
+                              for s in per_bucket[k]}
+                    index = {f: info[f] for f in index_fields}
+                    if bucket_sizes is not None:
+                        values["bucket"], index["bucket"] = np.asarray(k, np.int32), k
                     if edit is not None:
                         values = edit(info["key"], values)
-                    writer.write(records.encode_example(specs, values), **{k: info[k] for k in index_fields})
+                    writer.write(records.encode_example(per_bucket[k], values), **index)
             writer.commit()
     shards.finalize_dataset(folder)
     return folder

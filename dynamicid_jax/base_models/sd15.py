@@ -168,6 +168,11 @@ class SD15:
     # rematerialisation; SD1.5 at 512 px fits as it is.
     training_dtype: ClassVar[str] = "float32"
     training_remat: ClassVar[bool] = False
+    # Aspect-ratio buckets at the native 512 px, (height, width): multiples of 64 (what the VAE and
+    # the UNet's 3 downsamplings take) of about 512^2 pixels, ratios 1:1 to 2.4:1 both ways
+    # (precompute --buckets=family; `data.buckets.scaled_preset` fits them to other sizes).
+    bucket_sizes: ClassVar[tuple[tuple[int, int], ...]] = (
+        (512, 512), (448, 576), (576, 448), (384, 640), (640, 384), (320, 768), (768, 320))
 
     def configured(self, model: ml_collections.ConfigDict) -> "SD15":
         """The family object a model section configures: SD1.5 has no such setting."""

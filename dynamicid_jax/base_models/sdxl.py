@@ -127,6 +127,12 @@ class SDXL:
     # rematerialised, for the 1024 px step's memory (benchmarks/sdxl_train_memory.md).
     training_dtype: ClassVar[str] = "bfloat16"
     training_remat: ClassVar[bool] = True
+    # Aspect-ratio buckets at the native 1024 px, (height, width): the set commonly used to
+    # fine-tune SDXL (multiples of 64, about 1024^2 pixels; from the SDXL report's bucket table),
+    # for precompute --buckets=family (`data.buckets.scaled_preset` fits them to other sizes).
+    bucket_sizes: ClassVar[tuple[tuple[int, int], ...]] = (
+        (1024, 1024), (896, 1152), (1152, 896), (832, 1216), (1216, 832), (768, 1344), (1344, 768),
+        (640, 1536), (1536, 640))
     force_zeros_for_empty_prompt: bool = FORCE_ZEROS_FOR_EMPTY_PROMPT
 
     def configured(self, model: ml_collections.ConfigDict) -> "SDXL":

@@ -148,15 +148,17 @@ def vae_pixels(image: np.ndarray, resolution: int) -> np.ndarray:
     return vae_crop(image, resolution)[0]
 
 
-def vae_crop(image: np.ndarray, resolution: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
-    """`vae_pixels` and where they came from: (pixels, original (H, W), crop (top, left) in the
-    resized image), the micro-conditioning SDXL's time ids describe."""
+def vae_crop(image: np.ndarray, size: int | tuple[int, int]) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """`vae_pixels` for a square side or an aspect-ratio bucket (height, width), and where the
+    pixels came from: (pixels (h, w, 3), original (H, W), crop (top, left) in the resized image),
+    the micro-conditioning SDXL's time ids describe. Geometry: `buckets.crop_geometry`."""
     from PIL import Image
 
+    from dynamicid_jax.data.buckets import crop_geometry
+
+    bh, bw = (size, size) if isinstance(size, int) else size
     h, w = image.shape[:2]
-    scale = resolution / min(h, w)
-    nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
+    nh, nw, top, left = crop_geometry(h, w, (bh, bw))
     resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR), dtype=np.float32)
-    top, left = (nh - resolution) // 2, (nw - resolution) // 2
-    crop = resized[top : top + resolution, left : left + resolution]
+    crop = resized[top : top + bh, left : left + bw]
     return crop / 127.5 - 1.0, (h, w), (top, left)

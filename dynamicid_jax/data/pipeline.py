@@ -1,4 +1,4 @@
-"""Input pipeline: precomputed shards -> seeded shuffled batches -> global `jax.Array`s.
+"""Input pipeline: precomputed shards -> seeded shuffled batches (one bucket each) -> global arrays.
 
     ds = anchor_dataset(folder, global_batch_size=16, seed=0)        # grain.MapDataset
     ds = reconfig_dataset(folder, global_batch_size=2, num_targets=32, seed=0)
@@ -8,22 +8,27 @@
 
 The datasets' elements are whole batches: `ds[j]` reads the j-th batch's records and decodes
 them straight into fresh batch arrays (`BatchDecoder`: no per-record arrays, no stacking).
-`GlobalBatchIterator` reads the next `prefetch` batches in its threads and places them on
-the devices there too, so `next()` hands over arrays that are already on the mesh; its
-state is the index of the next batch the caller has not received, whatever was read ahead.
+`GlobalBatchIterator` (`global_batches.py`) reads the next `prefetch` batches in its threads
+and places them on the devices there too; its state is the index of the next batch the
+caller has not received, whatever was read ahead.
 
 Why a grain MapDataset over our own record index (not `TFRecordIterDataset`): the shard
 sidecars written by the precompute (`*.tfrecord.index.json`) give every record's byte
-offset, so records are random-access. That gives a true global shuffle per host (not a
-window), an iterator state that is just the next batch index (exact, tiny, independent of
-prefetch), and lets the reconfig stage gather a source and T targets of one identity by
-index. Every read checks the record's CRCs.
+offset, so records are random-access (`record_access.py`). That gives a true global shuffle
+per host (not a window), an iterator state that is just the next batch index (exact, tiny,
+independent of prefetch), and lets the reconfig stage gather a source and T targets of one
+identity by index. Every read checks the record's CRCs.
 
-Each host reads a disjoint subset of shard files (file i goes to host i % process_count),
-batches `global_batch_size / process_count` examples locally, and the local batches become
-one global array per feature (`jax.make_array_from_process_local_data`; one `jax.device_put`
-of the whole batch in a single process), sharded over the mesh's batch axes ('data',
-'fsdp') by `dynamicid_jax.sharding.batch_sharding`.
+Each host reads a disjoint subset of shard files (file i goes to host i % process_count) and
+batches `global_batch_size / process_count` examples locally; the local batches become one
+global array per feature.
+
+Aspect-ratio buckets (shards made with precompute --buckets, `buckets.py`): batch j holds
+records of one bucket, the same bucket on every host (`buckets.Schedule`: drawn from the seed
+and the manifest's global counts, so hosts agree without talking), and each bucket's records
+are their own shuffled, repeated stream. A dataset of one bucket (shards made without
+--buckets) is exactly the unbucketed stream. Latents are each bucket's size, so the batches'
+shapes change with the bucket (the trainer compiles its step once per bucket).
 
 Arrays keep their stored dtypes (clip_image_features stays float16, halving host->device
 traffic; the model casts). String features (key, caption, ...) are dropped unless asked for.
@@ -31,202 +36,22 @@ traffic; the model casts). String features (key, caption, ...) are dropped unles
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
-import os
 import pathlib
-import threading
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from dynamicid_jax.data import records, shards
+from dynamicid_jax.data import buckets, records, shards
+from dynamicid_jax.data.global_batches import GlobalBatchIterator, to_global_batch  # noqa: F401 (this module's API)
+from dynamicid_jax.data.record_access import (  # noqa: F401 (this module's API)
+    BatchDecoder, CorruptRecords, ShardRecordSource, host_shard_files, read_or_substitute)
 from dynamicid_jax.errors import ConfigError
-
-# --------------------------------------------------------------------------- record access
-
-
-def host_shard_files(manifest: Mapping[str, Any], process_index: int, process_count: int) -> list[str]:
-    """The shard files host `process_index` reads: every process_count-th, disjoint, covering."""
-    files = [s["file"] for s in manifest["shards"]]
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
-    if len(files) < process_count:
-        raise ConfigError(
-            f"{len(files)} shard file(s) cannot be split over {process_count} hosts; "
-            "precompute with --num_shards >= the number of hosts"
-        )
-    return files[process_index::process_count]
-
-
-class ShardRecordSource:
-    """Random access to the records of some shard files: `source[i]` -> CRC-checked bytes.
-
-    Implements grain's RandomAccessDataSource protocol (`__len__`, `__getitem__`). Record i
-    of the concatenation of `files` in order; `entries[i]` is its sidecar entry (key, ...).
-    """
-
-    def __init__(self, folder: str | pathlib.Path, files: Sequence[str]):
-        self.folder = pathlib.Path(folder)
-        self.files = list(files)
-        self.entries: list[dict] = []
-        self._locations: list[tuple[int, int]] = []  # (file number, byte offset)
-        for n, name in enumerate(self.files):
-            index = shards.read_shard_index(self.folder, name)
-            if index["num_records"] != len(index["records"]):
-                raise shards.ManifestError(f"{name}: index lists {len(index['records'])} of {index['num_records']} records")
-            for entry in index["records"]:
-                self.entries.append(entry)
-                self._locations.append((n, entry["offset"]))
-        self._fds: dict[int, int] = {}
-        self._open_lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._locations)
-
-    def __getitem__(self, i: int) -> bytes:
-        n, offset = self._locations[i]
-        fd = self._fds.get(n)
-        if fd is None:
-            with self._open_lock:  # reader threads: one descriptor per file (pread shares it)
-                fd = self._fds.get(n)
-                if fd is None:
-                    fd = self._fds[n] = os.open(self.folder / self.files[n], os.O_RDONLY)
-        return records.read_record_at(fd, offset, str(self.folder / self.files[n]))
-
-    def location(self, i: int) -> tuple[str, int]:
-        """(shard file path, byte offset) of record i."""
-        n, offset = self._locations[i]
-        return str(self.folder / self.files[n]), offset
-
-    def close(self) -> None:
-        for fd in getattr(self, "_fds", {}).values():
-            os.close(fd)
-        self._fds = {}
-
-    def __del__(self):
-        self.close()
-
-    def __getstate__(self):  # descriptors do not travel to worker processes; reopened lazily
-        return {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_open_lock")}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state, _fds={}, _open_lock=threading.Lock())
-
-    def __repr__(self) -> str:
-        return f"ShardRecordSource({self.folder}, {len(self.files)} files, {len(self)} records)"
-
-
-class CorruptRecords:
-    """Opt-in skipping of corrupt records (config.data.skip_corrupt_records): counts them.
-
-    A record whose CRC or framing fails is replaced, in its batch, by the next readable
-    record of the same stream (anchor: the next one of the shuffled order; reconfig: the next
-    record of the same identity), so batches keep their size and the run goes on; that record
-    then appears twice in the batch. Each distinct bad record is logged once (a warning naming
-    file and offset) and listed in `.found` {(file, offset): reason}; the trainer writes the
-    count into the run summary. Without it (the default) the first bad record stops the run.
-    """
-
-    def __init__(self):
-        self.found: dict[tuple[str, int], str] = {}
-        self._lock = threading.Lock()
-
-    def add(self, location: tuple[str, int], error: Exception) -> None:
-        import logging
-
-        with self._lock:
-            if location in self.found:
-                return
-            self.found[location] = str(error)
-        logging.getLogger("dynamicid_jax").warning("skipping corrupt record %s at offset %d: %s",
-                                                   location[0], location[1], error)
-
-    def __len__(self) -> int:
-        return len(self.found)
-
-    def to_json(self) -> dict:
-        return {"count": len(self.found),
-                "records": [{"file": f, "offset": o, "error": e} for (f, o), e in sorted(self.found.items())[:1000]]}
-
-
-def _read_or_substitute(source: ShardRecordSource, index: int, candidates, corrupt: Optional[CorruptRecords]) -> bytes:
-    """source[index]; with `corrupt`, a bad record is counted and the first readable of
-    `candidates()` (record indices, in order) is read instead."""
-    try:
-        return source[index]
-    except records.RecordFormatError as e:
-        if corrupt is None:
-            raise
-        corrupt.add(source.location(index), e)
-    for other in candidates():
-        try:
-            return source[other]
-        except records.RecordFormatError as e:
-            corrupt.add(source.location(other), e)
-    raise records.RecordFormatError(f"every candidate record for record {index} is corrupt "
-                                    f"(first: {source.location(index)[0]} at offset {source.location(index)[1]})")
 
 
 def _array_specs(manifest: Mapping[str, Any], keep_strings: bool) -> list[records.FeatureSpec]:
     specs = records.specs_from_json(manifest["features"])
     return [s for s in specs if keep_strings or s.dtype != records.STRING]
-
-
-class BatchDecoder:
-    """Serialized records -> one batch {name: array of shape (*lead, *feature shape)}, decoded
-    straight into one fresh array per feature.
-
-    Gives exactly what stacking `records.decode_example` of every record gives (same checks:
-    every feature present, one value, the spec's byte size; strings as str arrays), without
-    its per-record work (mostly `FeatureSpec.num_bytes` per record, then np.stack; profile in
-    benchmarks/design_choices_report.md): here the byte sizes are computed once and each
-    feature is one join of the records' bytes. Arrays are
-    new for every call, never reused: a batch placed on a CPU device may share its buffer.
-    """
-
-    def __init__(self, specs: Sequence[records.FeatureSpec]):
-        self._example = records.tfrecord_module("example_pb2").Example
-        self._arrays = [(s.name, np.dtype(s.dtype), s.shape, s.num_bytes) for s in specs if s.dtype != records.STRING]
-        self._strings = [s.name for s in specs if s.dtype == records.STRING]
-        self._order = [s.name for s in specs]
-
-    def __call__(self, payloads: Sequence[bytes], lead: Optional[tuple[int, ...]] = None) -> dict[str, np.ndarray]:
-        """`payloads` in row-major order of `lead` (default: one row per payload)."""
-        lead = (len(payloads),) if lead is None else tuple(lead)
-        if int(np.prod(lead, dtype=np.int64)) != len(payloads):
-            raise ValueError(f"{len(payloads)} records do not fill a batch of shape {lead}")
-        arrays: dict[str, list[bytes]] = {name: [] for name, *_ in self._arrays}
-        strings: dict[str, list[str]] = {name: [] for name in self._strings}
-        for payload in payloads:
-            example = self._example()
-            example.ParseFromString(payload)
-            feats = example.features.feature
-            for name, dtype, shape, size in self._arrays:
-                value = _single_value(feats, name)
-                if len(value) != size:
-                    raise records.RecordFormatError(f"feature {name!r}: {len(value)} bytes, expected {size} "
-                                                    f"for {dtype}{list(shape)}")
-                arrays[name].append(value)
-            for name in self._strings:
-                strings[name].append(_single_value(feats, name).decode("utf-8"))
-        out = {}
-        for name, dtype, shape, _ in self._arrays:  # stored little-endian; a no-op cast on little-endian hosts
-            data = np.frombuffer(bytearray().join(arrays[name]), dtype.newbyteorder("<"))
-            out[name] = data.astype(dtype, copy=False).reshape(*lead, *shape)
-        for name in self._strings:
-            out[name] = np.array(strings[name]).reshape(lead)
-        return {name: out[name] for name in self._order}  # the specs' order, as decode_example
-
-
-def _single_value(feats, name: str) -> bytes:
-    if name not in feats:
-        raise records.RecordFormatError(f"record lacks feature {name!r}")
-    values = feats[name].bytes_list.value
-    if len(values) != 1:
-        raise records.RecordFormatError(f"feature {name!r}: expected one bytes value, got {len(values)}")
-    return values[0]
 
 
 def _process(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
@@ -240,6 +65,45 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size % process_count:
         raise ConfigError(f"global_batch_size={global_batch_size} is not divisible by {process_count} hosts")
     return global_batch_size // process_count
+
+
+@dataclasses.dataclass(frozen=True)
+class _Buckets:
+    """A host's view of the dataset's buckets: the schedule every host shares, this host's
+    record indices of each bucket, and one batch decoder per bucket (its latent size)."""
+
+    schedule: buckets.Schedule
+    members: list[list[int]]  # bucket -> this host's record indices (ascending)
+    decoders: list[BatchDecoder]
+    sizes: tuple[buckets.Size, ...]  # () for shards made without buckets
+
+    def name(self, k: int) -> str:
+        """" of bucket WxH" for messages about one bucket of several; "" with one bucket."""
+        return f" of bucket {buckets.format_size(self.sizes[k])}" if len(self.sizes) > 1 else ""
+
+
+def bucket_feature_specs(manifest: Mapping[str, Any], keep_strings: bool = True) -> list[list[records.FeatureSpec]]:
+    """Each bucket's record specs: the manifest's (bucket 0's) with the bucket's latent size."""
+    specs = _array_specs(manifest, keep_strings)
+    if "buckets" not in manifest:  # shards made without buckets: the one (square) bucket
+        return [specs]
+    sizes = buckets.manifest_sizes(manifest)
+    latent = next(s for s in specs if s.name == records.LATENT_FEATURES[0])
+    f = sizes[0][0] // latent.shape[0]  # the VAE factor: bucket 0's pixels over its latents
+    return [records.with_latent_hw(specs, (h // f, w // f)) for h, w in sizes]
+
+
+def _host_buckets(manifest: Mapping[str, Any], source: ShardRecordSource, seed: int, host: int,
+                  keep_strings: bool, counts: Optional[Sequence[int]] = None) -> _Buckets:
+    """`counts`: the buckets' weights in the schedule (default: the manifest's record counts)."""
+    decoders = [BatchDecoder(specs) for specs in bucket_feature_specs(manifest, keep_strings)]
+    if "buckets" not in manifest:  # shards made without buckets: one stream of every record
+        return _Buckets(buckets.Schedule([len(source)], seed), [list(range(len(source)))], decoders, ())
+    sizes = buckets.manifest_sizes(manifest)
+    counts = manifest["buckets"]["counts"] if counts is None else counts
+    members = buckets.host_members([entry["bucket"] for entry in source.entries], len(sizes))
+    buckets.missing_on_host(members, counts, host, sizes)
+    return _Buckets(buckets.Schedule(counts, seed), members, decoders, sizes)
 
 
 # --------------------------------------------------------------------------- anchor stage
@@ -288,6 +152,10 @@ def anchor_dataset(
     partial batch dropped (finite epochs). `expected_features` are checked against the
     manifest (format version, names, shapes, dtypes) before anything is read. `corrupt`
     (a CorruptRecords) skips and counts bad records instead of raising on the first.
+
+    With buckets: batch j is the n-th batch of bucket k (`buckets.Schedule`), records
+    n*b ... n*b + b - 1 of that bucket's own shuffled stream; `num_epochs` then counts
+    len(records) / b batches per epoch, whichever buckets they hold.
     """
     import grain
 
@@ -296,16 +164,20 @@ def anchor_dataset(
     source = ShardRecordSource(folder, host_shard_files(manifest, index, count))
     if len(source) == 0:
         raise ConfigError(f"host {index} of {count} has no anchor records in {folder}")
-    decode = BatchDecoder(_array_specs(manifest, keep_strings))
-    order = EpochPermutation(len(source), seed)
+    groups = _host_buckets(manifest, source, seed, index, keep_strings)
+    orders = [EpochPermutation(len(members), seed) for members in groups.members]
     length = len(source) * num_epochs if num_epochs is not None else 2**62
     b = _local_batch_size(global_batch_size, count)
 
-    def read_batch(j: int) -> dict[str, np.ndarray]:  # elements j*b ... j*b + b - 1 of the shuffled stream
-        def read(i):
-            return _read_or_substitute(source, order(i), lambda: (order(i + k) for k in range(1, len(source))), corrupt)
+    def read_batch(j: int) -> dict[str, np.ndarray]:  # elements n*b ... n*b + b - 1 of bucket k's stream
+        k, n = groups.schedule(j)
+        members, order = groups.members[k], orders[k]
 
-        return decode([read(i) for i in range(j * b, (j + 1) * b)])
+        def read(i):
+            return read_or_substitute(source, members[order(i)],
+                                      lambda: (members[order(i + m)] for m in range(1, len(members))), corrupt)
+
+        return groups.decoders[k]([read(i) for i in range(n * b, (n + 1) * b)])
 
     return grain.MapDataset.range(length // b).map(read_batch)
 
@@ -332,10 +204,12 @@ class IdentityPools:
     too_small: list[str]  # identities left out for having fewer than min_images records
 
 
-def identity_pools(source: ShardRecordSource, min_images: int) -> IdentityPools:
+def identity_pools(source: ShardRecordSource, min_images: int, indices: Optional[Sequence[int]] = None) -> IdentityPools:
+    """The pools of the records `indices` of `source` (default: all; with buckets: one bucket's)."""
     by_identity: dict[str, list[int]] = {}
     source_of: dict[str, str] = {}
-    for i, entry in enumerate(source.entries):
+    for i in range(len(source)) if indices is None else indices:
+        entry = source.entries[i]
         by_identity.setdefault(entry["identity"], []).append(i)
         if source_of.setdefault(entry["identity"], entry["source"]) != entry["source"]:
             raise shards.ManifestError(f"identity {entry['identity']!r} has records of two sources")
@@ -373,6 +247,23 @@ class _DrawIdentityExample:
         return np.asarray([members[src], *targets], np.int64)
 
 
+def _identity_weights(manifest: Mapping[str, Any], min_images: int, folder) -> Optional[list[int]]:
+    """With buckets: each bucket's records in identities with >= min_images images of that
+    bucket, over all shards (so every host draws buckets alike); a bucket without such an
+    identity is never drawn (its records are left out, as identities below min_images are).
+    None without buckets (one bucket; the pools are checked as before)."""
+    if "buckets" not in manifest:
+        return None
+    weights = [0] * len(manifest["buckets"]["sizes"])
+    for shard in manifest["shards"]:
+        for k, sizes in enumerate(shard["bucket_identity_sizes"]):
+            weights[k] += sum(n for n in sizes if n >= min_images)
+    if not any(weights):
+        raise ConfigError(f"{folder}: no identity has {min_images} or more images in one aspect-ratio bucket "
+                          f"({buckets.format_sizes(buckets.manifest_sizes(manifest))}); precompute with fewer buckets")
+    return weights
+
+
 def reconfig_dataset(
     folder: str | pathlib.Path,
     *,
@@ -396,6 +287,10 @@ def reconfig_dataset(
     are left out (listed in `.pools.too_small` of the returned dataset's source; at least 2
     so a target differs from the source). A pool the mixing needs but the host lacks is an
     error, never a silent change of the mixing ratio.
+
+    With buckets: batch j's examples all come from bucket k (`buckets.Schedule`), each
+    identity's source and targets drawn among its records of that bucket (pools per bucket);
+    buckets are drawn in proportion to the records of identities they hold min_images of.
     """
     import grain
 
@@ -404,28 +299,37 @@ def reconfig_dataset(
     manifest = shards.load_manifest(folder, "reconfig", expected_features)
     index, count = _process(process_index, process_count)
     source = ShardRecordSource(folder, host_shard_files(manifest, index, count))
-    pools = identity_pools(source, min_images)
-    if kdef_probability < 1.0 and not pools.identities["multi"]:
-        raise ConfigError(f"host {index}: no 'multi' identities with >= {min_images} images in {folder}")
-    if kdef_probability > 0.0 and not pools.identities["kdef"]:
-        raise ConfigError(
-            f"host {index}: kdef_probability={kdef_probability} but no 'kdef' identities with >= {min_images} "
-            f"images in its shards of {folder}; pass kdef_probability=0 or add KDEF-style identity folders"
-        )
-    decode = BatchDecoder(_array_specs(manifest, keep_strings))
-    draw = _DrawIdentityExample(pools, num_targets, kdef_probability, seed)
+    weights = _identity_weights(manifest, min_images, folder)
+    groups = _host_buckets(manifest, source, seed, index, keep_strings, weights)
+    draws = []
+    for k, members in enumerate(groups.members):
+        pools = identity_pools(source, min_images, members)
+        if weights is not None and not weights[k]:  # never drawn: no identity has min_images images in it
+            draws.append(None)
+            continue
+        if kdef_probability < 1.0 and not pools.identities["multi"]:
+            raise ConfigError(f"host {index}: no 'multi' identities with >= {min_images} images{groups.name(k)} "
+                              f"in {folder}")
+        if kdef_probability > 0.0 and not pools.identities["kdef"]:
+            raise ConfigError(
+                f"host {index}: kdef_probability={kdef_probability} but no 'kdef' identities with >= {min_images} "
+                f"images{groups.name(k)} in its shards of {folder}; pass kdef_probability=0 or add KDEF-style "
+                "identity folders")
+        draws.append(_DrawIdentityExample(pools, num_targets, kdef_probability, seed))
     b = _local_batch_size(global_batch_size, count)
 
-    def read_batch(j: int) -> dict[str, np.ndarray]:  # examples j*b ... j*b + b - 1
+    def read_batch(j: int) -> dict[str, np.ndarray]:  # examples j*b ... j*b + b - 1, all of bucket k
+        k, _ = groups.schedule(j)
+        pools, draw = draws[k].pools, draws[k]
         def same_identity(r):  # substitutes for a corrupt record r: the identity's next records
             members = pools.records[source.entries[r]["identity"]]
             at = members.index(r)
             return (members[(at + k) % len(members)] for k in range(1, len(members)))
 
         def read(r):
-            return _read_or_substitute(source, r, lambda: same_identity(r), corrupt)
+            return read_or_substitute(source, r, lambda: same_identity(r), corrupt)
 
-        rows = decode([read(int(r)) for i in range(j * b, (j + 1) * b) for r in draw(i)], (b, 1 + num_targets))
+        rows = groups.decoders[k]([read(int(r)) for i in range(j * b, (j + 1) * b) for r in draw(i)], (b, 1 + num_targets))
         batch = {f"source_{k}": np.ascontiguousarray(v[:, 0]) for k, v in rows.items()}
         batch.update({f"target_{k}": np.ascontiguousarray(v[:, 1:]) for k, v in rows.items()})
         return batch
@@ -433,132 +337,3 @@ def reconfig_dataset(
     return grain.MapDataset.range(num_examples // b).map(read_batch)
 
 
-# --------------------------------------------------------------------------- global arrays
-
-
-def to_global_batch(local: Mapping[str, np.ndarray], sharding) -> dict[str, Any]:
-    """Host-local numpy batch -> {name: global jax.Array}, axis 0 = all hosts' rows.
-
-    String features stay host-local numpy arrays (they cannot be device arrays). One process:
-    a single `jax.device_put` of all arrays (the global batch is the local one); several:
-    `jax.make_array_from_process_local_data` per array.
-    """
-    import jax
-
-    local = {name: np.asarray(value) for name, value in local.items()}
-    arrays = {name: value for name, value in local.items() if value.dtype.kind not in "USO"}
-    if jax.process_count() == 1:
-        placed = jax.device_put(arrays, sharding)
-    else:
-        placed = {name: jax.make_array_from_process_local_data(
-            sharding, value, (value.shape[0] * jax.process_count(), *value.shape[1:]))
-            for name, value in arrays.items()}
-    return {name: placed.get(name, value) for name, value in local.items()}
-
-
-class GlobalBatchIterator:
-    """Iterates a batched MapDataset (element j = batch j) as global jax.Array batches.
-
-    `num_threads` threads read the next `prefetch` batches ahead (at least one) and, given a
-    mesh or sharding, place them on the devices too and wait until they are there: `next()`
-    returns arrays ready for the step, and the time it blocks is only time the input was not
-    ready. Without a mesh, `next_local()` gives the host-local numpy batches.
-
-    `get_state()` is {"next_index": index of the next batch `next()` will return}: batches
-    read ahead but not yet returned are not part of it, so a checkpoint taken after consuming
-    k batches resumes at batch k exactly, and `set_state()` drops what was read ahead. The
-    format is grain's iterator state, so states saved by the grain iterator used before keep
-    working. Call `close()` (or use `with`) to stop the threads.
-
-    Placed batches read ahead occupy device memory: `prefetch` batches besides the one in use.
-    (grain's own iterator, used before, read ahead too but left the placement to `next()` on
-    the caller's thread, which made `next()` block the loop far longer than here: figures in
-    benchmarks/input_share_report.md.)
-    """
-
-    def __init__(self, dataset, mesh=None, *, num_threads: int = 2, prefetch: int = 2, sharding=None):
-        if sharding is None and mesh is not None:
-            from dynamicid_jax.sharding import batch_sharding
-
-            sharding = batch_sharding(mesh)
-        self.sharding = sharding  # None: host-local batches only (`next_local`)
-        self._dataset = dataset
-        self._length = len(dataset)
-        self._depth = max(1, int(prefetch))
-        self._pool = concurrent.futures.ThreadPoolExecutor(max(1, int(num_threads)), thread_name_prefix="input")
-        self._pending: collections.deque = collections.deque()  # futures of batches next_index, next_index + 1, ...
-        self._next_index = 0  # the next batch handed to the caller
-        self._closed = False
-
-    def _read(self, index: int):
-        batch = self._dataset[index]
-        if self.sharding is None:
-            return batch
-        import jax
-
-        return jax.block_until_ready(to_global_batch(batch, self.sharding))
-
-    def _fill(self) -> None:
-        ahead = self._next_index + len(self._pending)
-        while len(self._pending) < self._depth and ahead < self._length:
-            self._pending.append(self._pool.submit(self._read, ahead))
-            ahead += 1
-
-    def _take(self):
-        if self._closed:
-            raise ValueError("GlobalBatchIterator is closed")
-        self._fill()
-        if not self._pending:
-            raise StopIteration
-        future = self._pending.popleft()
-        try:
-            batch = future.result()
-        except BaseException:
-            self._drop_pending()  # the state stays at the batch that failed
-            raise
-        self._next_index += 1
-        self._fill()
-        return batch
-
-    def _drop_pending(self) -> None:
-        for future in self._pending:
-            future.cancel()
-        concurrent.futures.wait(self._pending)
-        self._pending.clear()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        if self.sharding is None:
-            raise ValueError("GlobalBatchIterator without a mesh gives host-local batches only: use next_local()")
-        return self._take()
-
-    def next_local(self) -> dict[str, np.ndarray]:
-        """The next host-local numpy batch (an iterator made without a mesh or sharding)."""
-        if self.sharding is not None:
-            raise ValueError("this GlobalBatchIterator places its batches on the mesh: use next(), or make one "
-                             "without a mesh for host-local batches")
-        return self._take()
-
-    def get_state(self) -> dict:
-        return {"next_index": self._next_index}
-
-    def set_state(self, state: Mapping[str, Any]) -> None:
-        index = int(state["next_index"])
-        if not 0 <= index <= self._length:
-            raise ValueError(f"iterator state {dict(state)} is outside the dataset's {self._length} batches")
-        self._drop_pending()
-        self._next_index = index
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._drop_pending()
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -14,7 +14,13 @@ Every input either becomes a record or a line in rejects.jsonl with its reason (
 image, no face, missing caption): nothing is ever written as zeros.
 
 Model calls are batched in fixed-size batches (the last one padded by repeating its final row
-and the padding dropped), so a jitted model compiles once per job.
+and the padding dropped), so a jitted model compiles once per job (once per bucket).
+
+Aspect-ratio buckets (`job.buckets`, `buckets.py`): each photo is cropped to the bucket
+nearest its aspect ratio; its record carries the bucket's index (`bucket`) and latents of the
+bucket's size, its shard index lists it, and the manifest lists the sizes and the records per
+bucket. Images wait for the VAE in one batch per bucket. Without buckets (the default) every
+photo gets the square crop at `resolution` and the shards are what they always were.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from dynamicid_jax.data import inputs, records, shards
+from dynamicid_jax.data import buckets, inputs, records, shards
 from dynamicid_jax.errors import ConfigError, StorageError, UserError
 from dynamicid_jax.training import stages
 
@@ -101,6 +107,9 @@ class PrecomputeJob:
     max_shards: Optional[int] = None  # stop after this many shards in this run (incremental runs)
     records_per_shard: int = 256
     progress: bool = True
+    # Aspect-ratio buckets ((height, width), ...; `buckets.parse`); None: one square bucket at
+    # `resolution` (no bucket feature: the shards of a job without buckets).
+    buckets: Optional[tuple[tuple[int, int], ...]] = None
 
     def __post_init__(self):
         if self.stage not in stages.STAGES:
@@ -114,24 +123,40 @@ class PrecomputeJob:
         for name in ("num_shards", "max_shards"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name} {getattr(self, name)}: must be a positive integer (or left out)")
+        if self.buckets is not None and not self.buckets:
+            raise ConfigError("--buckets: empty (leave it out for one square bucket at --resolution)")
         if not 0 <= self.process_index < self.process_count:
             raise ConfigError(f"--process_index {self.process_index}: must be in [0, --process_count "
                               f"{self.process_count})")
+
+    @property
+    def sizes(self) -> tuple[tuple[int, int], ...]:
+        """The bucket set: `buckets`, or the one square bucket (resolution, resolution)."""
+        return self.buckets or ((self.resolution, self.resolution),)
 
 
 # --------------------------------------------------------------------------- specs
 
 
 def stage_specs(job: PrecomputeJob, dims: ExtractorDims, family_specs=()) -> list[records.FeatureSpec]:
-    """The shards' features: the image features every stage shares, the stage's own, then the
-    base-model family's own (`family_specs`; SDXL: original_size, crop_top_left)."""
+    """The shards' features (the manifest's; latents of bucket 0, see `bucket_specs`): the image
+    features every stage shares, the stage's own, the base-model family's own (`family_specs`;
+    SDXL: original_size, crop_top_left), then the bucket index when the job has buckets."""
     f = dims.vae_downsample
-    if job.resolution % f:
+    if job.buckets is None and job.resolution % f:
         raise ConfigError(f"resolution {job.resolution} is not a multiple of the VAE factor {f}")
-    latent_hw = (job.resolution // f, job.resolution // f)
-    common = dict(latent_hw=latent_hw, latent_channels=dims.latent_channels, id_dim=dims.id_dim,
+    buckets.check_multiple(job.sizes, f, f"--buckets {buckets.format_sizes(job.sizes)}")
+    h, w = job.sizes[0]
+    common = dict(latent_hw=(h // f, w // f), latent_channels=dims.latent_channels, id_dim=dims.id_dim,
                   clip_tokens=dims.clip_tokens, clip_width=dims.clip_width)
-    return stages.get(job.stage).record_specs(dims, common, job.cache_text_states) + list(family_specs)
+    bucket = [records.bucket_spec()] if job.buckets is not None else []
+    return stages.get(job.stage).record_specs(dims, common, job.cache_text_states) + list(family_specs) + bucket
+
+
+def bucket_specs(job: PrecomputeJob, dims: ExtractorDims, specs) -> list[list[records.FeatureSpec]]:
+    """The record specs of each bucket (`stage_specs` with that bucket's latent size)."""
+    f = dims.vae_downsample
+    return [records.with_latent_hw(specs, (h // f, w // f)) for h, w in job.sizes]
 
 
 def null_specs(job: PrecomputeJob, dims: ExtractorDims) -> Optional[list[records.FeatureSpec]]:
@@ -173,6 +198,7 @@ class _Accepted:
     clip_pixels: np.ndarray
     arrays: dict  # the stage's per-image arrays (reconfig: landmark_image)
     family_fields: Optional[dict] = None  # the family's per-record values (`Extractors.record_values`)
+    bucket: int = 0  # index into job.sizes
 
 
 def _analyze(job: PrecomputeJob, ex: Extractors, item) -> tuple[Optional[_Accepted], Optional[str]]:
@@ -190,7 +216,8 @@ def _analyze(job: PrecomputeJob, ex: Extractors, item) -> tuple[Optional[_Accept
     except ex.no_face_errors as e:  # SmallFaceError says "face too small", others "no face"
         return None, f"{getattr(e, 'reject_reason', 'no face')}: {e}"
     info, arrays = stage.record_inputs(item, face, image, ex)
-    pixels, original_size, crop_top_left = inputs.vae_crop(image, job.resolution)
+    bucket = buckets.nearest(*image.shape[:2], job.sizes)
+    pixels, original_size, crop_top_left = inputs.vae_crop(image, job.sizes[bucket])
     return (
         _Accepted(
             info=info,
@@ -199,13 +226,14 @@ def _analyze(job: PrecomputeJob, ex: Extractors, item) -> tuple[Optional[_Accept
             clip_pixels=np.asarray(ex.clip_pixels(image), np.float32),
             arrays=arrays,
             family_fields=ex.record_values(original_size, crop_top_left) if ex.record_values else None,
+            bucket=bucket,
         ),
         None,
     )
 
 
 def _features(job: PrecomputeJob, ex: Extractors, batch: list[_Accepted]) -> list[dict]:
-    """Run the batched models on accepted inputs -> one feature dict per input."""
+    """Run the batched models on accepted inputs (of one bucket) -> one feature dict per input."""
     size = job.batch_size
     clip = _batched(ex.encode_clip_pixels, np.stack([a.clip_pixels for a in batch]), size)
     mean, logvar = _batched(ex.encode_vae, np.stack([a.vae_pixels for a in batch]), size)
@@ -223,6 +251,8 @@ def _features(job: PrecomputeJob, ex: Extractors, batch: list[_Accepted]) -> lis
         )
         feats.update(a.arrays)
         feats.update(a.family_fields or {})
+        if job.buckets is not None:
+            feats["bucket"] = np.asarray(a.bucket, np.int32)
         feats.update({name: rows[i] for name, rows in text.items()})
         out.append(feats)
     return out
@@ -243,27 +273,35 @@ def _write_shard(job, ex, specs, name, items, progress) -> tuple[int, int]:
 
 
 def _write_shard_unguarded(job, ex, specs, name, items, progress) -> tuple[int, int]:
-    rejects, pending = [], []
+    """Records leave in model batches of one bucket each, in the order the batches fill
+    (then the partial ones, by bucket): deterministic, so a rerun writes the same bytes."""
+    rejects = []
+    pending: list[list[_Accepted]] = [[] for _ in job.sizes]  # per bucket
     index_fields = stages.get(job.stage).index_fields
+    per_bucket = bucket_specs(job, ex.dims, specs)
     with shards.AtomicShardWriter(job.output_dir, name) as writer:
 
-        def flush():
-            for feats in _features(job, ex, pending):
-                writer.write(records.encode_example(specs, feats), **{k: feats[k] for k in index_fields})
+        def flush(k):
+            for feats in _features(job, ex, pending[k]):
+                index = {f: feats[f] for f in index_fields}
+                if job.buckets is not None:  # the training pipeline groups records by bucket from the index
+                    index["bucket"] = k
+                writer.write(records.encode_example(per_bucket[k], feats), **index)
             writer.flush()
-            pending.clear()
+            pending[k].clear()
 
         for item in items:
             accepted, reason = _analyze(job, ex, item)
             if accepted is None:
                 rejects.append({"file": item.key, "reason": reason})
             else:
-                pending.append(accepted)
-                if len(pending) == job.batch_size:
-                    flush()
+                pending[accepted.bucket].append(accepted)
+                if len(pending[accepted.bucket]) == job.batch_size:
+                    flush(accepted.bucket)
             progress.update(1)
-        if pending:
-            flush()
+        for k in range(len(job.sizes)):
+            if pending[k]:
+                flush(k)
         num_records = writer.num_records
         writer.commit(rejects)
     return num_records, len(rejects)
@@ -318,6 +356,8 @@ def run_precompute(job: PrecomputeJob, extractors: Extractors) -> dict:
         "settings": {"resolution": job.resolution, "batch_size": job.batch_size,
                      "cache_text_states": job.cache_text_states},
     }
+    if job.buckets is not None:  # absent without buckets: the run config (and manifest) of before
+        run_config["settings"]["buckets"] = [list(size) for size in job.buckets]
     null = null_specs(job, extractors.dims)
     if null is not None:
         run_config["null_features"] = records.specs_to_json(null)

@@ -30,6 +30,10 @@ Stages (shapes with the dimensions the caller picks):
   tokenizer, and in both stages
     original_size        (2,)          int32    (height, width) before resizing
     crop_top_left        (2,)          int32    (top, left) of the crop in the resized image
+  Shards made with aspect-ratio buckets (`buckets.py`; precompute --buckets), both stages:
+    bucket               ()            int32    index into the manifest's buckets["sizes"]
+  and the latents (LATENT_FEATURES) have their bucket's (h, w): the manifest's "features"
+  give bucket 0's, `with_latent_hw` any other's.
 """
 
 from __future__ import annotations
@@ -156,6 +160,20 @@ def reconfig_specs(
         FeatureSpec("vae_mean", (h, w, latent_channels), "float32", "VAE posterior mean (unscaled)"),
         FeatureSpec("vae_logvar", (h, w, latent_channels), "float32", "VAE posterior log-variance"),
     ] + list(extra)
+
+
+# The features shaped (h, w, C) by the VAE crop: their (h, w) is the record's bucket's / f.
+LATENT_FEATURES = ("vae_mean", "vae_logvar")
+
+
+def with_latent_hw(specs: Sequence[FeatureSpec], latent_hw: tuple[int, int]) -> list[FeatureSpec]:
+    """`specs` with every latent feature (LATENT_FEATURES) at `latent_hw`: one bucket's specs."""
+    return [dataclasses.replace(s, shape=(*latent_hw, *s.shape[2:])) if s.name in LATENT_FEATURES else s
+            for s in specs]
+
+
+def bucket_spec() -> FeatureSpec:
+    return FeatureSpec("bucket", (), "int32", "index of the record's aspect-ratio bucket in the manifest's buckets")
 
 
 def specs_to_json(specs: Sequence[FeatureSpec]) -> list[dict]:

@@ -4,8 +4,9 @@ A dataset folder holds, for a stage NAME ("anchor" or "reconfig") and S shards:
 
     NAME-00000-of-0000S.tfrecord          records (see `records.py`)
     NAME-00000-of-0000S.tfrecord.index.json   per-shard sidecar: each record's key, byte
-                                          offset and length (plus identity/source), and the
-                                          inputs this shard rejected
+                                          offset and length (plus identity/source, and its
+                                          bucket with aspect-ratio buckets), and the inputs
+                                          this shard rejected
     run_config.json                       the settings every process of the run must share
     null_features.tfrecord                anchor only: one record of classifier-free null inputs
     manifest.json                         written last, by `finalize_dataset`
@@ -172,6 +173,19 @@ def missing_shards(folder: pathlib.Path, stage: str, num_shards: int) -> list[st
             if not is_shard_finished(folder, shard_name(stage, i, num_shards))]
 
 
+def _bucket_counts(entries: Sequence[Mapping[str, Any]], num_buckets: int) -> dict:
+    """A shard's records per bucket, and for records of identities (whole in one shard) the
+    sorted image counts of its identities in each bucket: what a reader needs to know, for
+    every host alike, which buckets can give identity examples (`pipeline.reconfig_dataset`)."""
+    out = {"bucket_counts": [sum(r["bucket"] == k for r in entries) for k in range(num_buckets)]}
+    if entries and "identity" in entries[0]:
+        per_bucket: list[dict[str, int]] = [{} for _ in range(num_buckets)]
+        for r in entries:
+            per_bucket[r["bucket"]][r["identity"]] = per_bucket[r["bucket"]].get(r["identity"], 0) + 1
+        out["bucket_identity_sizes"] = [sorted(counts.values()) for counts in per_bucket]
+    return out
+
+
 def finalize_dataset(folder: pathlib.Path) -> dict:
     """Merge the shard sidecars into manifest.json and rejects.jsonl; returns the manifest.
 
@@ -188,11 +202,14 @@ def finalize_dataset(folder: pathlib.Path) -> dict:
         raise ManifestError(f"cannot finalize {folder}: {len(missing)} shard(s) unfinished: {missing[:5]}")
     if "null_features" in run_config and not (folder / NULL_FEATURES).exists():
         raise ManifestError(f"cannot finalize {folder}: {NULL_FEATURES} is missing (written by process 0)")
+    sizes = run_config["settings"].get("buckets")  # aspect-ratio buckets (buckets.py), if the run had them
     shards, rejects = [], []
     for i in range(num_shards):
         name = shard_name(stage, i, num_shards)
         index = read_shard_index(folder, name)
         shards.append({"file": name, "index": index_name(name), "num_records": index["num_records"]})
+        if sizes is not None:
+            shards[-1].update(_bucket_counts(index["records"], len(sizes)))
         rejects.extend(index["rejects"])
     manifest = {
         "format_version": records.FORMAT_VERSION,
@@ -204,6 +221,9 @@ def finalize_dataset(folder: pathlib.Path) -> dict:
         "models": run_config["models"],
         "settings": run_config["settings"],
     }
+    if sizes is not None:  # [height, width] each, and the records of each over all shards
+        manifest["buckets"] = {"sizes": sizes,
+                               "counts": [sum(s["bucket_counts"][k] for s in shards) for k in range(len(sizes))]}
     if "null_features" in run_config:  # the stage has classifier-free null inputs (anchor)
         manifest["null_features"] = {"file": NULL_FEATURES, "features": run_config["null_features"]}
     tmp = folder / (REJECTS + _TMP_SUFFIX)

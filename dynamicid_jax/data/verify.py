@@ -5,7 +5,8 @@
 Checks, for every shard the manifest lists: the shard and its index exist; the record
 counts of the manifest, the index and the file agree; every record's framing CRCs (length
 and payload); each record's payload parses as a tf.train.Example holding every feature of
-the manifest's specs with its exact byte size (strings as UTF-8); the file has no bytes
+the manifest's specs with its exact byte size (strings as UTF-8; with aspect-ratio buckets,
+the specs of the bucket its index entry names); the file has no bytes
 beyond its last record (a truncated or appended file); and, for the anchor stage, the null
 features record. Every problem names the shard file and the byte offset (or the count that
 differs); all of them are collected, not just the first.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import os
 import pathlib
 
-from dynamicid_jax.data import records, shards
+from dynamicid_jax.data import pipeline, records, shards
 from dynamicid_jax.errors import UserError
 
 _MAX_LISTED = 50  # problems listed in the report (the count is always exact)
@@ -26,8 +27,9 @@ class DatasetCorruptError(UserError, ValueError):
     """`verify_dataset` found problems; the message gives the count and the first ones."""
 
 
-def _check_records(path: pathlib.Path, entries: list[dict], specs, problems: list[str]) -> int:
-    """CRC-check and decode every record the index lists; returns the number of good ones."""
+def _check_records(path: pathlib.Path, entries: list[dict], per_bucket, problems: list[str]) -> int:
+    """CRC-check and decode every record the index lists (with its bucket's specs, `per_bucket`);
+    returns the number of good ones."""
     if not path.is_file():
         problems.append(f"{path}: shard file missing")
         return 0
@@ -41,7 +43,11 @@ def _check_records(path: pathlib.Path, entries: list[dict], specs, problems: lis
                 if len(payload) != int(entry["length"]):
                     raise records.RecordFormatError(f"{path}: record at offset {offset} is {len(payload)} bytes, "
                                                     f"the index says {entry['length']}")
-                records.decode_example(specs, payload)
+                bucket = entry.get("bucket", 0)
+                if not (isinstance(bucket, int) and 0 <= bucket < len(per_bucket)):
+                    raise records.RecordFormatError(f"{path}: record at offset {offset}: bucket {bucket!r} is not "
+                                                    f"one of the manifest's {len(per_bucket)}")
+                records.decode_example(per_bucket[bucket], payload)
                 good += 1
             except records.RecordFormatError as e:
                 problems.append(str(e) if str(path) in str(e) else f"{path}: record at offset {offset}: {e}")
@@ -69,7 +75,7 @@ def verify_dataset(folder: str | os.PathLike) -> dict:
         raise shards.ManifestError(f"{folder / shards.MANIFEST} not found (an unfinished precompute? run it again "
                                    "or --finalize)")
     manifest = shards.load_manifest(folder, manifest.get("stage"))  # format version and stage
-    specs = records.specs_from_json(manifest["features"])
+    per_bucket = pipeline.bucket_feature_specs(manifest)
     problems: list[str] = []
     total_good = total_listed = 0
     for shard in manifest["shards"]:
@@ -85,7 +91,7 @@ def verify_dataset(folder: str | os.PathLike) -> dict:
             listed = ", ".join(f"{k} {v}" for k, v in counts.items())
             problems.append(f"{folder / name}: record counts differ ({listed})")
         total_listed += len(entries)
-        total_good += _check_records(folder / name, entries, specs, problems)
+        total_good += _check_records(folder / name, entries, per_bucket, problems)
     if sum(s["num_records"] for s in manifest["shards"]) != manifest["num_records"]:
         problems.append(f"{folder / shards.MANIFEST}: num_records {manifest['num_records']} is not the sum of its "
                         f"shards' {sum(s['num_records'] for s in manifest['shards'])}")

@@ -2,8 +2,10 @@
 and their batches.
 
 The shards' manifest must agree with the model being trained, else the run is refused with
-the mismatch named: the format version and stage (`shards.load_manifest`), every feature's
-shape and dtype as this model configuration implies them (`expected_features`), and the
+the mismatch named: the format version and stage (`shards.load_manifest`), the base-model
+family, the aspect-ratio bucket set (`config.data.buckets`, or the one square bucket of
+`config.data.resolution`, against the manifest's), every feature's shape and dtype as this
+model configuration implies them (`expected_features`; latents of the first bucket), and the
 model identities the config pins (`config.data.expected_models`, compared with the
 manifest's "models" entry written by the precompute).
 """
@@ -17,7 +19,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from dynamicid_jax.data import pipeline, records, shards
+from dynamicid_jax.data import buckets, pipeline, records, shards
 from dynamicid_jax.errors import ConfigError, UserError
 
 
@@ -27,13 +29,18 @@ class DataMismatchError(UserError, ValueError):
 
 def expected_features(stage, modules, config: ml_collections.ConfigDict) -> list[records.FeatureSpec]:
     """Feature specs the shards of `stage` (a `training.stages` object) must have for `modules`
-    at `config.data.resolution`."""
+    at `config.data.resolution` (with buckets: the first bucket's size; the manifest lists the
+    latents of bucket 0)."""
     f = modules.vae_scale_factor
     if config.data.resolution % f:
         raise ConfigError(f"data.resolution {config.data.resolution} is not a multiple of the VAE factor {f}")
+    sizes = buckets.config_sizes(config.data)
+    if config.data.get("buckets", ""):  # every bucket must pass the UNet's downsamplings evenly
+        multiple = f * 2 ** (len(modules.unet.config.block_out_channels) - 1)
+        buckets.check_multiple(sizes, multiple, f"--config.data.buckets={config.data.buckets}")
     vision = modules.vision_encoder.config
     common = dict(
-        latent_hw=(config.data.resolution // f,) * 2,
+        latent_hw=(sizes[0][0] // f, sizes[0][1] // f),
         latent_channels=modules.unet.config.in_channels,
         id_dim=modules.id_dim,
         clip_tokens=vision.num_positions,
@@ -72,6 +79,26 @@ def _recorded_family(folder) -> str | None:
     return models.get("family", "sd15") if isinstance(models, dict) else None
 
 
+def _recorded_buckets(folder):
+    """The bucket set the manifest records (`buckets.manifest_sizes`); None when unreadable."""
+    try:
+        return buckets.manifest_sizes(json.loads((pathlib.Path(folder) / shards.MANIFEST).read_text()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def check_buckets(folder, config: ml_collections.ConfigDict) -> None:
+    """The config's bucket set must be the shards': DataMismatchError naming both. (Square
+    shards at another resolution than a bucketless config: `check_dataset`'s resolution hint.)"""
+    made, want = _recorded_buckets(folder), buckets.config_sizes(config.data)
+    square = len(made or ()) == 1 and made[0][0] == made[0][1]
+    if made is None or made == want or (square and not config.data.get("buckets", "")):
+        return
+    raise DataMismatchError(f"{folder}: shards made with buckets {buckets.format_sizes(made)}, the config trains "
+                            f"buckets {buckets.format_sizes(want)} (pass --config.data.buckets="
+                            f"{buckets.format_sizes(made)} or precompute with --buckets={buckets.format_sizes(want)})")
+
+
 def check_dataset(folder, stage, modules, config: ml_collections.ConfigDict) -> dict:
     """Load and verify the manifest -> manifest dict; raises DataMismatchError naming mismatches."""
     family = _recorded_family(folder)
@@ -79,6 +106,7 @@ def check_dataset(folder, stage, modules, config: ml_collections.ConfigDict) -> 
         raise DataMismatchError(f"{folder}: shards of the {family} base-model family; this run trains "
                                 f"{modules.family.name} (precompute with a {modules.family.name} base model, or "
                                 f"train a {family} config)")
+    check_buckets(folder, config)  # before the features: other buckets mean other latent sizes
     specs = expected_features(stage, modules, config)
     try:
         manifest = shards.load_manifest(pathlib.Path(folder), stage.name, specs)
@@ -103,12 +131,12 @@ def dataset(folder, stage, modules, config: ml_collections.ConfigDict, corrupt=N
     return stage.dataset(folder, config, expected_features(stage, modules, config), corrupt)
 
 
-def abstract_batch(manifest: Mapping[str, Any], stage, config: ml_collections.ConfigDict) -> dict:
-    """ShapeDtypeStructs of one global batch (the array features the pipeline yields)."""
+def abstract_batch(manifest: Mapping[str, Any], stage, config: ml_collections.ConfigDict, bucket: int = 0) -> dict:
+    """ShapeDtypeStructs of one global batch of bucket `bucket` (the array features the
+    pipeline yields; latents of that bucket's size)."""
     out = {}
-    for spec in records.specs_from_json(manifest["features"]):
-        if spec.dtype != records.STRING:
-            out.update(stage.batch_shapes(spec, config))
+    for spec in pipeline.bucket_feature_specs(manifest, keep_strings=False)[bucket]:
+        out.update(stage.batch_shapes(spec, config))
     return out
 
 

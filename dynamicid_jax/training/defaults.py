@@ -60,6 +60,10 @@ def common_config(arg) -> ml_collections.ConfigDict:
     # Pixel side the shards were made at: the model's native size (tiny 64, SD1.5 512, SDXL
     # 1024), which is also the precompute job's default.
     config.data.resolution = base_models.native_resolution(config.model)
+    # Aspect-ratio buckets the shards were made with ("WxH,WxH,...", precompute --buckets;
+    # each batch holds one, the step compiles once per bucket); "" = one square bucket at
+    # data.resolution. Must equal the manifest's set (checked at start).
+    config.data.buckets = ""
     config.data.num_threads = 2  # grain read threads per host
     config.data.prefetch = 2  # batches read ahead per host
     # A corrupt record (CRC) stops the run naming file and offset; True skips and counts them

@@ -133,6 +133,9 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
     compile_start = time.perf_counter()
     compiled, abs_state, abs_fixed = compile_step(stage, modules, config, tx, mesh, manifest)
     compile_seconds = time.perf_counter() - compile_start
+    steps = BucketSteps(lambda k: compile_step(stage, modules, config, tx, mesh, manifest, bucket=k)[0],
+                        [data.abstract_batch(manifest, stage, config, k) for k in range(_num_buckets(manifest))],
+                        compiled)
     fixed_shardings = jax.tree.map(lambda a: a.sharding, abs_fixed)
     state_shardings = jax.tree.map(lambda a: a.sharding, abs_state)
 
@@ -192,7 +195,9 @@ def train(config: ml_collections.ConfigDict, workdir, data_dir, *, stage: Option
                     "--config.data.skip_corrupt_records=True skips them)") from None
             input_seconds += time.perf_counter() - wait_start
             consumed = batches.get_state()  # just after this batch: where a checkpoint of this step resumes
-            state, metrics = compiled(state, fixed, batch)  # dispatched asynchronously
+            step_fn, seconds = steps.for_batch(batch)  # another bucket: its step compiles on first use
+            compile_seconds, window_start = compile_seconds + seconds, window_start + seconds
+            state, metrics = step_fn(state, fixed, batch)  # dispatched asynchronously
             # Free the previous batch while this step computes: freed as soon as its own step had
             # finished (at `batch = next(...)`), its buffers' release blocked the loop before the
             # next dispatch (figure: benchmarks/input_share_report.md).
@@ -255,8 +260,43 @@ def with_base_model_files(config: ml_collections.ConfigDict) -> ml_collections.C
     return config
 
 
-def compile_step(stage, modules, config, tx, mesh, manifest):
-    """Shard and compile the update step ahead of time for `mesh`.
+def _num_buckets(manifest) -> int:
+    return len(manifest.get("buckets", {}).get("sizes", ())) or 1
+
+
+class BucketSteps:
+    """The update step compiled ahead of time once per aspect-ratio bucket (each bucket's
+    batches have their own latent shapes), each compiled when a batch of it first comes.
+
+    `compile_bucket(k)` -> the executable for bucket k; `abstract_batches[k]` its batch's
+    ShapeDtypeStructs (`data.abstract_batch`); `first` the already compiled step of bucket 0.
+    """
+
+    def __init__(self, compile_bucket, abstract_batches, first):
+        self._compile = compile_bucket
+        self._bucket_of = {self._key(b): k for k, b in enumerate(abstract_batches)}
+        self._compiled = {0: first}
+
+    @staticmethod
+    def _key(batch) -> tuple:
+        return tuple(sorted((name, tuple(a.shape)) for name, a in batch.items() if hasattr(a, "dtype")
+                            and np.dtype(a.dtype).kind not in "USO"))
+
+    def for_batch(self, batch) -> tuple[Any, float]:
+        """-> (the compiled step for this batch's bucket, seconds spent compiling it now)."""
+        key = self._key(batch)
+        if key not in self._bucket_of:
+            raise ValueError(f"a batch of shapes {dict(key)} matches none of the dataset's buckets")
+        k = self._bucket_of[key]
+        if k in self._compiled:
+            return self._compiled[k], 0.0
+        start = time.perf_counter()
+        self._compiled[k] = self._compile(k)
+        return self._compiled[k], time.perf_counter() - start
+
+
+def compile_step(stage, modules, config, tx, mesh, manifest, bucket: int = 0):
+    """Shard and compile the update step ahead of time for `mesh` (and a batch of `bucket`).
 
     Returns (compiled, abstract_state, abstract_fixed): the executable
     `compiled(state, fixed, batch) -> (state, metrics)` (state donated; fixed = {"params":
@@ -264,11 +304,11 @@ def compile_step(stage, modules, config, tx, mesh, manifest):
     two arguments. Parameters and optimizer state follow the sharding rules (fsdp-split above
     `config.sharding.min_size` elements); batches are split over (data, fsdp).
     """
-    lowered, abs_state, abs_fixed = lower_step(stage, modules, config, tx, mesh, manifest)
+    lowered, abs_state, abs_fixed = lower_step(stage, modules, config, tx, mesh, manifest, bucket)
     return lowered.compile(), abs_state, abs_fixed
 
 
-def lower_step(stage, modules, config, tx, mesh, manifest):
+def lower_step(stage, modules, config, tx, mesh, manifest, bucket: int = 0):
     """`compile_step` up to the lowering: (jax.stages.Lowered, abstract_state, abstract_fixed).
 
     Lowering is cheap next to XLA's compile, and `lowered.cost_analysis()` already gives the
@@ -281,7 +321,7 @@ def lower_step(stage, modules, config, tx, mesh, manifest):
     state_shardings = sharding.param_shardings(abs_state, mesh, rules, min_size)
     fixed_shardings = sharding.param_shardings(abs_fixed, mesh, rules, min_size)
     batch_sharding = sharding.batch_sharding(mesh)
-    abs_batch = data.abstract_batch(manifest, stage, config)
+    abs_batch = data.abstract_batch(manifest, stage, config, bucket)
     step_fn = make_step_fn(stage, modules, config, tx, mesh)
     jitted = jax.jit(
         lambda state, fixed, batch: step_fn(state, fixed["params"], fixed["constants"], batch),
