@@ -186,3 +186,22 @@ def test_the_page_shows_the_familys_time_ids_and_parses_them_as_the_flags(family
     sidecar.write_text('{"request": {"identities": [], "prompt": "p", "target_size": [64, 32]}}')
     restored = handlers["restore"](str(sidecar))
     assert restored[-1 - len(TIME_ID_FIELDS):-1] == ["", "", "64,32"]
+
+
+def test_run_folders_skip_those_an_earlier_app_left(tmp_path):
+    """An app restarted on the same --out numbers its runs past the old ones: reusing
+    run-00000-0 made the first click fail as 'generated with other settings' (seen with a
+    DynamicID-SDXL workdir, then its export, served on one --out). No model (~0 s)."""
+    from types import SimpleNamespace
+
+    from dynamicid_jax.app.catalog import embedding_catalog, lora_catalog
+    from dynamicid_jax.app.service import AppService
+
+    out = tmp_path / "out"
+    (out / "run-00000-0").mkdir(parents=True)
+    (out / "run-00000-0" / "dynamicid-0-0.png").write_bytes(b"earlier app")
+    service = AppService(SimpleNamespace(params={}, conditioning=None), {}, out, tmp_path / "uploads",
+                         loras=lora_catalog(), embeddings=embedding_catalog())
+    first, second = service.run_folder(0), service.run_folder(0)
+    assert (first.name, second.name) == ("run-00001-0", "run-00002-0")
+    assert not any(first.iterdir()) and (out / "run-00000-0" / "dynamicid-0-0.png").read_bytes() == b"earlier app"

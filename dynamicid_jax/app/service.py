@@ -231,6 +231,18 @@ class AppService:
         finally:
             self.pipeline.params, self.pipeline.conditioning = self._base
 
+    def run_folder(self, seed: int) -> pathlib.Path:
+        """A new, empty folder under out_dir for one run, `run-NNNNN-SEED`, created here: numbers
+        an app before this one (a restart on the same --out) or beside it used are skipped, so a
+        run never meets another run's pictures (which would refuse it as made with other settings)."""
+        while True:
+            folder = self.out_dir / f"run-{next(self._runs):05d}-{seed}"
+            try:
+                folder.mkdir()
+                return folder
+            except FileExistsError:
+                continue
+
     def _run_locked(self, request: SampleRequest, with_maps: bool, loras: tuple) -> RunResult:
         forms.validate_settings(request, self.pipeline)
         if with_maps and not request.identities:
@@ -242,11 +254,16 @@ class AppService:
         maps: Optional[dict] = {} if with_maps else None
         sampler = RequestSampler(self.pipeline, request, self._on_progress, maps,
                                  activation_steps(request.steps) if with_maps else ())
-        folder = self.out_dir / f"run-{next(self._runs):05d}-{request.seed}"
+        folder = self.run_folder(request.seed)
         start = time.time()
-        with self._weights(loras) as provenance:
-            run_request(self.pipeline, request, folder, sampler=sampler, provenance=provenance,
-                        public=forms.public_copy)
+        try:
+            with self._weights(loras) as provenance:
+                run_request(self.pipeline, request, folder, sampler=sampler, provenance=provenance,
+                            public=forms.public_copy)
+        except BaseException:  # a bad input or a cancel: no empty run folder left behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+            raise
         seconds = time.time() - start
         if new_shape:
             self._compiled.add(key)
