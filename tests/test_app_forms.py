@@ -186,6 +186,8 @@ def test_the_page_shows_the_familys_time_ids_and_parses_them_as_the_flags(family
     sidecar.write_text('{"request": {"identities": [], "prompt": "p", "target_size": [64, 32]}}')
     restored = handlers["restore"](str(sidecar))
     assert restored[-1 - len(TIME_ID_FIELDS):-1] == ["", "", "64,32"]
+    # no negative prompt in the sidecar: the page's (the family's, SDXL none), not SD1.5's
+    assert restored[4 * 4 + 1] == service.settings["negative_prompt"] == ""
 
 
 def test_run_folders_skip_those_an_earlier_app_left(tmp_path):

@@ -201,6 +201,8 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
         for k in PEOPLE:
             ident = idents[k - 1] if k <= len(idents) else {}
             values += [forms.format_box(ident.get("box")), forms.KEEP, forms.KEEP, ident.get("face_prompt") or ""]
+        # A sidecar without a size or a negative prompt (None: the model's) shows the page's.
+        data.update({k: d[k] for k in ("negative_prompt", "width", "height") if data.get(k) is None})
         values += [data["prompt"], data["negative_prompt"], data["seed"], False, data["steps"], data["guidance"],
                    data["width"], data["height"], data["num_images"], str(data["alpha"]), data["beta"],
                    data["id_scale"], "" if data.get("mix") is None else str(data["mix"]), data["gating"],
