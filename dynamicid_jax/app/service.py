@@ -298,18 +298,22 @@ def create_service(*, demo: bool, out_dir, log: Callable[[str], None] = print, l
     """Load the pipeline once (`loading.load_pipeline`; weights: its keyword arguments, the
     start-up LoRAs included) and wrap it. lora_dirs/embedding_dirs: the operator's folders the
     page offers files of; negative_embeddings: files offered too and chosen by default.
-    Returns (service, the notice the page shows: the demo warning, the plain text-to-image
-    notice of a base model without DynamicID weights, or "")."""
+    Returns (service, the notice the page shows: the demo warning, that of a training run on
+    the tiny random base, the plain text-to-image notice of a base model without DynamicID
+    weights, or "")."""
     from gradio.utils import get_upload_folder
 
-    from dynamicid_jax.loading import DEMO_NOTICE, load_pipeline
+    from dynamicid_jax.loading import DEMO_NOTICE, TINY_NOTICE, load_pipeline, run_base, training_run_config
 
     loras, embeddings = lora_catalog(lora_dirs), embedding_catalog(embedding_dirs, negative_embeddings)
     config, pipeline = load_pipeline(demo=demo, log=log, **weights)
+    run = training_run_config(weights.get("dynamicid"))
     if not pipeline.modules.identity_branch:
         notice = forms.PLAIN_NOTICE
-    else:
-        notice = DEMO_NOTICE if demo else ""
+    elif demo:
+        notice = DEMO_NOTICE
+    else:  # a test run on the tiny random base draws noise too: the page says why
+        notice = TINY_NOTICE if run is not None and run_base(run)[0] else ""
     settings = dict(settings or {}, negative_embeddings=[public_name(p) for p in negative_embeddings])
     service = AppService(pipeline, config.sampling, out_dir, get_upload_folder(), log=log, loras=loras,
                          embeddings=embeddings, settings=settings,
