@@ -54,6 +54,9 @@ class RunResult:
     maps: list[tuple[np.ndarray, str]]  # activation overlays (RGB uint8) with captions
     request: SampleRequest  # as run (server paths); the sidecars hold the public copy
     seconds: float
+    # the maps the overlays draw, {0-based step: (N, n_people, h, w) float32} (`activation_steps`;
+    # empty without activation maps), for API users and tests that measure where people went
+    activation: dict = dataclasses.field(default_factory=dict)
 
 
 def activation_steps(steps: int) -> list[int]:
@@ -270,7 +273,7 @@ class AppService:
             self.log(f"compiled and ran {describe_program(request, with_maps)} in {seconds:.1f}s")
         pngs = [output_path(folder, request, k) for k in range(request.num_images)]
         overlays = activation_overlays(sampler.images, maps or {}, request.steps)
-        return RunResult(pngs, [p.with_suffix(".json") for p in pngs], overlays, request, seconds)
+        return RunResult(pngs, [p.with_suffix(".json") for p in pngs], overlays, request, seconds, maps or {})
 
 
 def activation_overlays(images: np.ndarray, maps: dict, steps: int) -> list[tuple[np.ndarray, str]]:
