@@ -227,6 +227,7 @@ def validate_request(request: SampleRequest, vae_factor: int, label=flag_label, 
     Rules: at least one identity, each with a reference (identity_branch False, a base model
     without DynamicID weights: no identity at all); a region (a box or a mask) for all
     identities or none, boxes inside [0, 1] with min < max, masks usable (`check_masks`);
+    prompt text, negative prompt text or None (the family's, filled in by the pipeline);
     guidance, id_scale and mix finite (mix in [0, 1]); beta
     finite and > -1 (the layout divides by beta + 1); alpha an int step count >= 0 or a
     float fraction of the steps in (0, 1]; steps in [1, 1000]; height and width positive
