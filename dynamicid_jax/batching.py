@@ -135,7 +135,9 @@ class ConditioningCache:
         return self._uncond
 
     def prepare(self, request) -> None:
-        """Compute (and cache) everything `request` needs; raises its user errors now."""
+        """Compute (and cache) everything `request` needs; raises its user errors now. The
+        request is completed by its pipeline first (a negative prompt left None: the family's)."""
+        self.pipeline.complete(request)
         self.text(request.negative_prompt, request.clip_skip, request.negative_embeddings)
         self.text(request.prompt, request.clip_skip, request.negative_embeddings)
         for ident in request.identities:

@@ -83,13 +83,16 @@ class DynamicIDPipeline:
         self._reconfigure = jax.jit(lambda p, *a: modules.imr.apply({"params": p}, *a))
 
     def complete(self, request: SampleRequest) -> SampleRequest:
-        """`request` with a size: a request built without one (height and width None) gets the
-        base model's native size (`base_models.native_size` of the loaded UNet and VAE: SD1.5
-        512, SDXL 1024), filled in place so that its sidecar records the size drawn. The one
-        place a request's size is resolved; every entry that draws a request calls it."""
+        """`request` with a size and a negative prompt: a request built without a size (height
+        and width None) gets the base model's native size (`base_models.native_size` of the
+        loaded UNet and VAE: SD1.5 512, SDXL 1024), one without a negative prompt (None) the
+        family's (`family.default_negative_prompt`: SD1.5 DynamicID's, SDXL none), filled in
+        place so that its sidecar records what was drawn. The one place a request's model
+        defaults are resolved; every entry that draws a request calls it."""
         if request.height is None and request.width is None:
             request.height, request.width = base_models.native_size(self.modules.unet.config.sample_size,
                                                                     self.modules.vae_scale_factor)
+        request.complete_negative_prompt(self.modules.family.default_negative_prompt)
         return request
 
     # -- identity -------------------------------------------------------------------------

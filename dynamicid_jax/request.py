@@ -55,9 +55,10 @@ class IdentityRequest:
 # below, and the CLI's through configs/base.py (`sampling_defaults()`), so a library caller
 # and a `launch/sample.py` user asking for the same thing get the same picture.
 DEFAULT_PROMPT = "a photo of a person"
-# The negative prompt's default is the base-model family's (`family.default_negative_prompt`,
-# into the config's sampling section by `base_models.default_config`); this is DynamicID's
-# release setting, SD1.5's (sd15.py names it), which a SampleRequest built without one gets.
+# The negative prompt's default is the base-model family's (`family.default_negative_prompt`):
+# into the config's sampling section by `base_models.default_config`, and into a SampleRequest
+# built without one (None) by the pipeline that draws it (`DynamicIDPipeline.complete`), as
+# its size. This is DynamicID's release setting, SD1.5's (sd15.py names it); SDXL's is "".
 DEFAULT_NEGATIVE_PROMPT = "lowres, bad anatomy, worst quality, low quality, blurry, deformed"
 DEFAULT_KEYS = ("steps", "guidance", "height", "width", "alpha", "beta", "id_scale", "negative_prompt", "scheduler")
 
@@ -80,7 +81,9 @@ class SampleRequest:
 
     identities: list[IdentityRequest]
     prompt: str = DEFAULT_PROMPT
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    # None: the base model family's (`family.default_negative_prompt`), filled in with the size
+    # by `DynamicIDPipeline.complete`, so a request built in code gets its model's default.
+    negative_prompt: Optional[str] = None
     seed: int = 0
     steps: int = 50
     guidance: float = 5.0
@@ -105,10 +108,23 @@ class SampleRequest:
     target_size: Optional[list[int]] = None  # [h, w]
 
     def __post_init__(self):
+        self._name_embeddings()
+
+    def _name_embeddings(self) -> None:
+        """Append each textual-inversion file's stem the negative prompt does not mention (a
+        None prompt waits for `complete_negative_prompt`)."""
         if self.negative_embeddings and isinstance(self.negative_prompt, str) and isinstance(
                 self.negative_embeddings, list) and all(isinstance(p, str) for p in self.negative_embeddings):
             self.negative_prompt = textual_inversion.with_names(
                 self.negative_prompt, [pathlib.Path(p).stem for p in self.negative_embeddings])
+
+    def complete_negative_prompt(self, family_default: str) -> None:
+        """A negative prompt left None becomes `family_default` (the base model family's
+        `default_negative_prompt`), with the embedding names appended; in place, so the sidecar
+        records what was encoded. Called by `DynamicIDPipeline.complete` only."""
+        if self.negative_prompt is None:
+            self.negative_prompt = family_default
+            self._name_embeddings()
 
     def input_files(self) -> list[str]:
         """Every file the picture is made from, in a fixed order: each identity's reference
@@ -211,6 +227,7 @@ def validate_request(request: SampleRequest, vae_factor: int, label=flag_label, 
     Rules: at least one identity, each with a reference (identity_branch False, a base model
     without DynamicID weights: no identity at all); a region (a box or a mask) for all
     identities or none, boxes inside [0, 1] with min < max, masks usable (`check_masks`);
+    prompt text, negative prompt text or None (the family's, filled in by the pipeline);
     guidance, id_scale and mix finite (mix in [0, 1]); beta
     finite and > -1 (the layout divides by beta + 1); alpha an int step count >= 0 or a
     float fraction of the steps in (0, 1]; steps in [1, 1000]; height and width positive
@@ -231,9 +248,9 @@ def validate_request(request: SampleRequest, vae_factor: int, label=flag_label, 
         raise InputError("at least one identity (--ref) is required")
     for i, ident in enumerate(request.identities):
         _check_identity(label, i, ident)
-    for name in ("prompt", "negative_prompt"):
-        if not isinstance(getattr(request, name), str):
-            raise InputError(f"{label(name)} must be text, got {getattr(request, name)!r}")
+    if not isinstance(request.prompt, str):
+        raise InputError(f"{label('prompt')} must be text, got {request.prompt!r}")
+    _optional_text(label("negative_prompt"), request.negative_prompt)  # None: the family's, filled in later
     given = [ident.box is not None or ident.mask is not None for ident in request.identities]
     if any(given) and not all(given):
         raise InputError(f"boxes and identities differ in count: {sum(given)} boxes or masks for {n} identities")

@@ -38,6 +38,13 @@ FLAG_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "height
 ALPHA_HELP = "a step count (e.g. 12) or a fraction in (0, 1] (e.g. 0.24)"
 BOX_HELP = "4 comma-separated numbers y_min,x_min,y_max,x_max in [0, 1]"
 PAIR_HELP = "2 comma-separated integers y,x (pixels)"
+# What each SDXL micro-conditioning time id means and its default (`family.request_extras`
+# applies them): the CLI's help and the app's labels.
+TIME_ID_HELP = {
+    "original_size": "the size the model is told the picture had (default: height,width)",
+    "crops_coords_top_left": "the crop corner (default: 0,0)",
+    "target_size": "the size the model is told to make (default: height,width)",
+}
 
 
 def key_label(name: str) -> str:
@@ -216,12 +223,8 @@ def add_request_args(parser: argparse.ArgumentParser) -> None:
     add("--alpha", default=None, help=f"layout steps: {ALPHA_HELP}")
     add("--mix", default=None, help="identity mixing weight m (one box, several identities)")
     add("--no_gating", action="store_true", help="ablation: plain decoupled cross-attention")
-    add("--original_size", default=None,
-        help=f"SDXL micro-conditioning, {PAIR_HELP}: the size the model is told the picture had (default: "
-             "--height,--width)")
-    add("--crops_coords_top_left", default=None, help=f"SDXL micro-conditioning, {PAIR_HELP}: the crop corner "
-                                                        "(default: 0,0)")
-    add("--target_size", default=None, help=f"SDXL micro-conditioning, {PAIR_HELP} (default: --height,--width)")
+    for name in TIME_ID_FIELDS:
+        add(f"--{name}", default=None, help=f"SDXL micro-conditioning, {PAIR_HELP}: {TIME_ID_HELP[name]}")
 
 
 def _per_identity(values: list, n: int, flag: str) -> list:

@@ -17,7 +17,9 @@ sidecar per image) go under --out. The HTTP API (gradio_client, endpoint /genera
 described in the README. Bad start-up input exits 2 with one line.
 
 A base model alone (no --dynamicid, e.g. an SDXL folder) serves plain text-to-image: the page
-hides the people and says so, and the warm-up compiles no identity program.
+hides the people and says so, and the warm-up compiles no identity program. On an SDXL model
+(`--demo sdxl`, a DynamicID-SDXL run or its export as --dynamicid) the page also offers SDXL's
+micro-conditioning (original size, crop corner, target size).
 """
 
 from __future__ import annotations

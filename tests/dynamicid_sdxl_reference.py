@@ -21,7 +21,15 @@ dynamicid_jax/dynamicid/regions.py restated):
 - routing: a query inside some boxes attends only to those identities' tokens, a query
   outside every box to all of them (one softmax);
 - out = to_out(z_text + id_scale * w * z_id) (+ LoRA on to_q/to_k/to_v/to_out, scale 1);
-- gating off: w = 1 everywhere (routing unchanged).
+- gating off: w = 1 everywhere (routing unchanged);
+- identity mixing (`mix` m, for one box and several identities): identity 0's logits times m,
+  the others' times 1 - m, before the routing mask and the softmax (the architecture note's
+  rule); the activation weight is read from the logits before mixing (dynamicid_jax's
+  documented rule: mixing chooses whose features a query takes, not whether it takes any).
+
+`install(..., saa_names=...)` restricts SAA to those attn2 layers (`model.saa_blocks`): the
+others are plain cross-attention on the text tokens with their LoRA (the identity tokens the
+UNet hands every attn2 are cut off: such a layer has no projections for them).
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ class Identity:
     # per image, per identity: None (the box is the region) or a mask, (H, W) in [0, 1] on any
     # pixel grid (here the latent's), whose cells at a layer follow `mask_cells`
     masks: Optional[Sequence[Sequence[Optional[torch.Tensor]]]] = None
+    mix: Optional[float] = None  # identity mixing weight m, one for all images; None: no mixing
 
     def per_image(self, value, b):
         return list(value) if isinstance(value, (list, tuple)) else [value] * b
@@ -106,10 +115,18 @@ def heads_merge(t):
 
 
 class LoRAProcessor(ref.SAProcessor):
-    """attn1 (and any attention without identity): plain attention with LoRA everywhere."""
+    """attn1 (and an attn2 left out of SAA): plain attention with LoRA everywhere; an attn2
+    attends to the text tokens only (`state.text_tokens` of the UNet's [text, identities])."""
+
+    def __init__(self, hidden, cross, rank, state: Optional[Identity] = None):
+        super().__init__(hidden, cross, rank)
+        self.state = [state]  # a list: not a submodule, not in the state dict
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is None:
+            context = hidden_states
+        else:
+            context = encoder_hidden_states[:, :self.state[0].text_tokens]
         q = attn.to_q(hidden_states) + lora(self.to_q_lora, hidden_states)
         k = attn.to_k(context) + lora(self.to_k_lora, context)
         v = attn.to_v(context) + lora(self.to_v_lora, context)
@@ -154,6 +171,10 @@ class SAAProcessorForward(ref.SAAProcessor):
             weights.append(w if s.gating else torch.ones_like(w))
             allowed = torch.where(covered[None], inside, torch.ones_like(inside))  # (n_ids, n)
             routes.append(allowed.repeat_interleave(s.tokens_per_id, 0).T)  # (n, n_ids*T)
+        if s.mix is not None:  # per token, its identity's factor: m for identity 0, 1 - m for the others
+            factor = torch.tensor([s.mix if j == 0 else 1.0 - s.mix for j in range(n_ids)
+                                   for _ in range(s.tokens_per_id)], dtype=logits.dtype)
+            logits = logits * factor
         allowed = torch.stack(routes)[:, None]  # (b, 1, n, n_ids*T)
         probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
         z_id = heads_merge(probs @ v_id)
@@ -163,7 +184,8 @@ class SAAProcessorForward(ref.SAAProcessor):
 
 def install(unet, state: Identity, rank: int, seed: int = 0, saa_names: Optional[set] = None) -> torch.nn.ModuleList:
     """DynamicID's processors on every attention of a diffusers UNet, in its `attn_processors`
-    order (attn2: SAA, or LoRA only when saa_names is given and leaves it out; attn1: LoRA),
+    order (attn2: SAA, or text-only attention with LoRA when saa_names is given and leaves it
+    out; attn1: LoRA),
     random weights (LoRA up included, so every branch counts). Returns them as the release's
     SAA_module ModuleList (its state dict is the file's layout)."""
     modules = dict(unet.named_modules())
@@ -175,7 +197,8 @@ def install(unet, state: Identity, rank: int, seed: int = 0, saa_names: Optional
         if name.endswith("attn2.processor") and (saa_names is None or module_name in saa_names):
             processors[name] = SAAProcessorForward(hidden, cross, rank, state)
         else:
-            processors[name] = LoRAProcessor(hidden, cross if name.endswith("attn2.processor") else None, rank)
+            processors[name] = LoRAProcessor(hidden, cross if name.endswith("attn2.processor") else None, rank,
+                                             state)
     ordered = ref.randomise_(torch.nn.ModuleList(list(processors.values())), seed=seed)
     unet.set_attn_processor(processors)
     return ordered

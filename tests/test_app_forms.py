@@ -124,3 +124,86 @@ def test_a_brush_drawing_becomes_a_mask_of_its_painted_pixels():
     assert mask.shape == (4, 6, 3) and (mask[..., 0] == expected).all() and (mask == mask[..., :1]).all()
     with pytest.raises(InputError, match="nothing drawn"):
         forms.drawn_mask({"background": None, "layers": [np.zeros((4, 6, 4), np.uint8)], "composite": None})
+
+
+class _StubService:
+    """What `ui.build_demo` reads of an AppService, with no model: the base model's family,
+    page settings, catalogs; `run` keeps the request the page built instead of drawing it."""
+
+    def __init__(self, family: str, upload_root: pathlib.Path):
+        from types import SimpleNamespace
+
+        from dynamicid_jax import base_models
+        from dynamicid_jax.app.catalog import embedding_catalog, lora_catalog
+        from dynamicid_jax.request_parsing import setting_defaults
+
+        self.pipeline = SimpleNamespace(modules=SimpleNamespace(family=base_models.get(family), identity_branch=False,
+                                                                vae_scale_factor=8))
+        self.settings = setting_defaults(base_models.default_config(tiny=True, family=family).sampling)
+        self.upload_root, self.loras, self.embeddings = upload_root, lora_catalog(), embedding_catalog()
+        self.progress, self.requests = (0, 0), []
+
+    def run(self, request, random_seed, with_maps, loras):
+        from dynamicid_jax.app.service import RunResult
+
+        self.requests.append(request)
+        return RunResult([], [], [], request, 0.0)
+
+    def cancel(self):
+        pass
+
+    def describe(self, path):
+        raise AssertionError("no person on these pages")
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd15"])
+def test_the_page_shows_the_familys_time_ids_and_parses_them_as_the_flags(family, tmp_path):
+    """SDXL's micro-conditioning fields are on the page only when the loaded base model's family
+    takes them (`family.request_fields`); /generate hands them, as typed, to the one request
+    parser (the four-forms table checks its parse); a sidecar's restore fills them. No model, no
+    server: the page is built and its handlers called (~2 s)."""
+    from dynamicid_jax.app import ui
+    from dynamicid_jax.request import TIME_ID_FIELDS
+
+    service = _StubService(family, tmp_path)
+    demo = ui.build_demo(service)
+    fields = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None) in TIME_ID_FIELDS}
+    assert sorted(fields) == sorted(TIME_ID_FIELDS)
+    assert all(b.visible == (family == "sdxl") for b in fields.values())  # SD1.5's page hides them
+    handlers = {f.api_name: f.fn for f in demo.fns.values()}
+    typed = dict(prompt="a cafe", original_size="96, 128", crops_coords_top_left="0,8")
+    handlers["generate"](**typed)
+    request = service.requests[-1]
+    assert (request.original_size, request.crops_coords_top_left, request.target_size) == ([96, 128], [0, 8], None)
+    if family == "sd15":  # sent through the API anyway: AppService.run's first check names them
+        with pytest.raises(InputError, match="original_size, crops_coords_top_left: an SD1.5 base model has no"):
+            forms.validate_settings(request, service.pipeline)
+        return
+    forms.validate_settings(request, service.pipeline)
+    with pytest.raises(Exception, match="original_size '96x128': expected 2 comma-separated integers"):
+        handlers["generate"](original_size="96x128")
+    sidecar = tmp_path / "s.json"
+    sidecar.write_text('{"request": {"identities": [], "prompt": "p", "target_size": [64, 32]}}')
+    restored = handlers["restore"](str(sidecar))
+    assert restored[-1 - len(TIME_ID_FIELDS):-1] == ["", "", "64,32"]
+    # no negative prompt in the sidecar: the page's (the family's, SDXL none), not SD1.5's
+    assert restored[4 * 4 + 1] == service.settings["negative_prompt"] == ""
+
+
+def test_run_folders_skip_those_an_earlier_app_left(tmp_path):
+    """An app restarted on the same --out numbers its runs past the old ones: reusing
+    run-00000-0 made the first click fail as 'generated with other settings' (seen with a
+    DynamicID-SDXL workdir, then its export, served on one --out). No model (~0 s)."""
+    from types import SimpleNamespace
+
+    from dynamicid_jax.app.catalog import embedding_catalog, lora_catalog
+    from dynamicid_jax.app.service import AppService
+
+    out = tmp_path / "out"
+    (out / "run-00000-0").mkdir(parents=True)
+    (out / "run-00000-0" / "dynamicid-0-0.png").write_bytes(b"earlier app")
+    service = AppService(SimpleNamespace(params={}, conditioning=None), {}, out, tmp_path / "uploads",
+                         loras=lora_catalog(), embeddings=embedding_catalog())
+    first, second = service.run_folder(0), service.run_folder(0)
+    assert (first.name, second.name) == ("run-00001-0", "run-00002-0")
+    assert not any(first.iterdir()) and (out / "run-00000-0" / "dynamicid-0-0.png").read_bytes() == b"earlier app"

@@ -133,7 +133,8 @@ def test_family_detected_from_the_files(fine_tune, tmp_path):
 def test_sdxl_sizes_dynamicid_by_the_seam():
     """SDXL's full-size modules (no parameters built): identity tokens as wide as the UNet's
     context (2048), IMR's text side CLIP-L's 768, two text encoders, SDXL's VAE scale and
-    native size; without DynamicID weights the UNet has no SAA and no LoRA."""
+    native size (and the negative prompt a code-built request draws); without DynamicID
+    weights the UNet has no SAA and no LoRA."""
     config = base_models.default_config(family="sdxl")
     assert config.sampling.height == config.sampling.width == 1024
     modules = modeling.build_modules(config.model)
@@ -156,6 +157,17 @@ def test_sdxl_sizes_dynamicid_by_the_seam():
     for built, side in ((modules, 1024), (full_sd15, 512)):
         request = DynamicIDPipeline.complete(SimpleNamespace(modules=built), SampleRequest(identities=[]))
         assert (request.height, request.width) == (side, side)
+    # ... and each family's negative prompt (SDXL none, so its zeros rule applies; SD1.5
+    # DynamicID's), with a textual-inversion file's name appended after it is resolved; a
+    # negative prompt given is kept.
+    from dynamicid_jax.request import DEFAULT_NEGATIVE_PROMPT
+
+    complete = lambda built, **kw: DynamicIDPipeline.complete(SimpleNamespace(modules=built),  # noqa: E731
+                                                              SampleRequest(identities=[], **kw)).negative_prompt
+    assert complete(modules) == "" and complete(full_sd15) == DEFAULT_NEGATIVE_PROMPT
+    assert complete(modules, negative_embeddings=["emb/bad_hands.pt"]) == "bad_hands"
+    assert complete(full_sd15, negative_embeddings=["bad_hands.pt"]) == f"{DEFAULT_NEGATIVE_PROMPT}, bad_hands"
+    assert complete(modules, negative_prompt="blurry") == "blurry"
 
 
 def test_sdxl_negative_zeroing_follows_model_index():

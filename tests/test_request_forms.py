@@ -37,7 +37,8 @@ CASES = {
              num_images=(2, "2"), alpha=(0.1, "1e-1"), beta=(2.0, "2"), id_scale=(0.7, "0.7"),
              gating=(False, False), scheduler=("dpmpp_2m", "dpmpp_2m"), clip_skip=(1, "1"),
              negative_embeddings=(["badhands.safetensors"], None),
-             original_size=([96, 128], "96,128"), crops_coords_top_left=([0, 8], "0, 8")),
+             original_size=([96, 128], "96,128"), crops_coords_top_left=([0, 8], "0, 8"),
+             target_size=([64, 128], " 64,128")),
     ),
     "layout steps and mixing": (
         [dict(refs=["obama.jpg"]), dict(refs=["biden.jpg"])],

@@ -5,21 +5,26 @@ every attention in diffusers' `attn_processors` order, against our SAA UNet buil
 context), its DynamicID leaves imported from the processors' state dict in the release
 layout (`merge_dynamicid_unet_params`): so the parity also proves the processor numbering.
 
-Cases (float32 both sides, relative L2 <= 1e-4): one identity, its region a mask; two identities with boxes
-while the layout boost is on and, in the same batch, after alpha; gating off; the face
-projection (identity tokens of the UNet's width, 64 here, 2048 on SDXL) and IMR (motion
-inputs CLIP-L's width, 32 here, 768 on SDXL; identity side the tokens' width). The same
-float32 graphs on both sides differ only in summation order (a few ulp per op; the UNet
-parity of test_sdxl_parity.py measured 5e-7), so 1e-4 leaves two orders of margin while a
-wrong rule moves the output by far more (measured in `test_breakages_fail_parity`).
+Cases (float32 both sides, relative L2 <= 1e-4): one identity, its region a mask; two
+identities with boxes while the layout boost is on and, in the same batch, after alpha; gating
+off; SAA on a subset of the attn2 layers (`model.saa_blocks`, the others plain text attention +
+LoRA) with identity mixing in the same pass; the face projection (identity tokens of the UNet's
+width, 64 here, 2048 on SDXL) and IMR (motion inputs CLIP-L's width, 32 here, 768 on SDXL;
+identity side the tokens' width). The same float32 graphs on both sides differ only in
+summation order (a few ulp per op; the UNet parity of test_sdxl_parity.py measured 5e-7;
+the subset-with-mixing case 6.4e-7), so 1e-4 leaves two orders of margin while a
+wrong rule moves the output by far more (measured in `test_breakages_fail_parity` and the
+subset case: 2.7e-2 and more).
 
 The latent is 14 x 22 so the attention grid is 7 x 11: non-square (row-major order) and
 cut by boxes on partial cells (python int() cuts).
 
 Cost: ~60 s on 2 shared cores, most of it three compiles of the tiny SDXL UNet (one and two
-identities; gating off is a static switch) and torch/diffusers imports.
+identities; gating off is a static switch) and torch/diffusers imports; the subset-with-mixing
+case adds one compile (its own UNet; mixing a static switch of it), 20-35 s measured.
 """
 
+import copy
 import dataclasses
 
 import jax
@@ -59,7 +64,37 @@ def setup():
     shapes = unet_abstract_params(modules.unet, saa.identity_conditioning(np.zeros((1, 1, T, 64), np.float32)))
     params = pw.merge_dynamicid_unet_params(base, saa_sd, abstract_params=shapes)
     apply = jax.jit(lambda p, x, t, ctx, ident, added: modules.unet.apply({"params": p}, x, t, ctx, ident, added))
-    return dict(modules=modules, unet=unet, state=state, processors=processors, params=params, apply=apply)
+    return dict(modules=modules, unet=unet, state=state, processors=processors, params=params, apply=apply, base=base)
+
+
+# SAA on 4 of the 12 attn2 layers, at each level (down 2, mid 1, up 1); the 8 others plain.
+SUBSET = ("down_blocks.1.attentions.1", "mid_block.attentions.0.transformer_blocks.1",
+          "up_blocks.0.attentions.2.transformer_blocks.0")
+MIX = 0.3
+
+
+@pytest.fixture(scope="module")
+def subset(setup):
+    """`model.saa_blocks = SUBSET`: our UNet built from that config; the reference a copy of
+    diffusers' UNet whose attn2 layers outside SUBSET keep plain attention with their LoRA
+    (`sref.install(saa_names=...)`). Both hold the module fixture's weights, less the identity
+    projections of the layers left out, ours imported from the reference's state dict in the
+    release layout (so the numbering of a subset's processors is checked too)."""
+    model = base_models.default_config(tiny=True, family="sdxl").model
+    model.saa_blocks = SUBSET
+    modules = modeling.build_modules(model)
+    names = set(saa_blocks.selected_names(SUBSET, modules.unet.config))
+    assert len(names) == 4
+    unet = copy.deepcopy(setup["unet"])
+    processors = sref.install(unet, setup["state"], rank=model.lora_rank, saa_names=names)
+    full = setup["processors"].state_dict()
+    processors.load_state_dict({k: v for k, v in full.items() if k in processors.state_dict()})  # strict
+    saa_sd = {k: v.detach().numpy() for k, v in processors.state_dict().items()}
+    assert sum(k.endswith("to_k_ip.weight") for k in saa_sd) == 4
+    shapes = unet_abstract_params(modules.unet, saa.identity_conditioning(np.zeros((1, 1, T, 64), np.float32)))
+    params = pw.merge_dynamicid_unet_params(setup["base"], saa_sd, abstract_params=shapes)
+    apply = jax.jit(lambda p, x, t, ctx, ident, added: modules.unet.apply({"params": p}, x, t, ctx, ident, added))
+    return dict(setup, modules=modules, unet=unet, processors=processors, params=params, apply=apply)
 
 
 def inputs(b, n_ids, seed=0):
@@ -69,11 +104,13 @@ def inputs(b, n_ids, seed=0):
                 time_ids=np.tile(np.asarray([[28, 44, 0, 0, 28, 44]], np.float32), (b, 1)))
 
 
-def ours(setup, inp, boxes, active, gating=True, params=None, mask=None):
-    """mask: identity 0's region as a mask on the latent's pixel grid (H, W), instead of its box."""
+def ours(setup, inp, boxes, active, gating=True, params=None, mask=None, mix=None):
+    """mask: identity 0's region as a mask on the latent's pixel grid (H, W), instead of its box.
+    setup: the module fixture or `subset`'s (its own UNet, params and compiled apply)."""
     b, n_ids = inp["ids"].shape[:2]
     ident = saa.identity_conditioning(inp["ids"], np.asarray(boxes, np.float32),
-                                      layout_active=np.asarray(active, bool).reshape(b, 1), beta=BETA, gating=gating)
+                                      layout_active=np.asarray(active, bool).reshape(b, 1), beta=BETA, gating=gating,
+                                      mix=mix)
     if mask is not None:
         masks = np.zeros((b, n_ids) + LATENT, np.float32)
         masks[:, 0] = mask
@@ -84,10 +121,10 @@ def ours(setup, inp, boxes, active, gating=True, params=None, mask=None):
     return np.asarray(out)
 
 
-def theirs(setup, inp, boxes, active, gating=True, mask=None):
+def theirs(setup, inp, boxes, active, gating=True, mask=None, mix=None):
     b, n_ids = inp["ids"].shape[:2]
     s = setup["state"]
-    s.boxes, s.layout_active, s.beta, s.gating = [boxes] * b, list(active), BETA, gating
+    s.boxes, s.layout_active, s.beta, s.gating, s.mix = [boxes] * b, list(active), BETA, gating, mix
     s.masks = None if mask is None else [[torch.from_numpy(mask)] + [None] * (n_ids - 1)] * b
     context = np.concatenate([inp["text"], inp["ids"].reshape(b, -1, 64)], axis=1)
     with torch.no_grad():
@@ -143,6 +180,25 @@ def test_unet_parity_gating_off(setup):
                  theirs(setup, inp, BOXES, [True, True], gating=False))
     print(f"gating off: {err:.2g}")
     assert err <= RTOL, err
+
+
+def test_unet_parity_saa_on_a_subset_of_blocks_with_identity_mixing(setup, subset):
+    """SAA on SUBSET only (`model.saa_blocks`) and, in the same pass (one compile for both),
+    identity mixing: two identities sharing one box ("one box, several identities"), m = 0.3;
+    row 0 with the layout boost, row 1 after alpha. Breakages, each far over the bound: m and
+    1 - m swapped, mixing left off, and SAA on every attn2 (the module fixture's reference)."""
+    inp = inputs(2, 2, seed=5)
+    box = [[0.1, 0.2, 0.9, 0.8]] * 2
+    active = [True, False]
+    mine = ours(subset, inp, [box] * 2, active, mix=MIX)
+    err = rel_l2(mine, theirs(subset, inp, box, active, mix=MIX))
+    swapped = rel_l2(mine, theirs(subset, inp, box, active, mix=1.0 - MIX))
+    unmixed = rel_l2(mine, theirs(subset, inp, box, active))
+    everywhere = rel_l2(mine, theirs(setup, inp, box, active, mix=MIX))
+    print(f"saa_blocks subset with mixing: {err:.2g}; breakages: m swapped {swapped:.3g}, no mixing {unmixed:.3g}, "
+          f"SAA on every attn2 {everywhere:.3g}")
+    assert err <= RTOL, err
+    assert min(swapped, unmixed, everywhere) > 10 * RTOL, (swapped, unmixed, everywhere)
 
 
 def test_breakages_fail_parity(setup):

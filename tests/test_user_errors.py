@@ -19,7 +19,8 @@ import pytest
 
 from dynamicid_jax import cli
 from dynamicid_jax.errors import UserError
-from dynamicid_jax.request import IdentityRequest, InputError, SampleRequest, sampling_defaults, validate_request
+from dynamicid_jax.request import (DEFAULT_NEGATIVE_PROMPT, IdentityRequest, InputError, SampleRequest,
+                                   sampling_defaults, validate_request)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -139,15 +140,17 @@ def test_one_set_of_sampling_defaults():
     assert library["height"] is None and library["width"] is None
     sized = dict(base.get_config().sampling)
     assert (sized.pop("height"), sized.pop("width")) == (512, 512)
-    assert sized == {k: v for k, v in library.items() if k not in ("height", "width")}
-    assert SampleRequest([], "p").negative_prompt == library["negative_prompt"] != ""  # was "" in the library
-    # the default negative prompt is the family's: none on SDXL (its zeros rule), DynamicID's on SD1.5
+    # The negative prompt's default is the family's: none on SDXL (its zeros rule), DynamicID's
+    # on SD1.5; the library's is None, filled in by the pipeline (test_base_models' completion).
+    assert library["negative_prompt"] is None and SampleRequest([], "p").negative_prompt is None
+    assert sized.pop("negative_prompt") == DEFAULT_NEGATIVE_PROMPT != ""
+    assert sized == {k: v for k, v in library.items() if k not in ("height", "width", "negative_prompt")}
     from dynamicid_jax import base_models
 
     assert base_models.default_config(family="sdxl").sampling.negative_prompt == ""
-    assert base_models.default_config(family="sd15").sampling.negative_prompt == library["negative_prompt"]
+    assert base_models.default_config(family="sd15").sampling.negative_prompt == DEFAULT_NEGATIVE_PROMPT
     demo = dict(tiny.get_config().sampling)
-    assert {k for k in demo if demo[k] != library[k]} == {"steps", "height", "width", "alpha"}
+    assert {k for k in demo if demo[k] != library[k]} == {"steps", "height", "width", "alpha", "negative_prompt"}
 
 
 # --------------------------------------------------------------------------- launch/sample.py

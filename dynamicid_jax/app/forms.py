@@ -80,6 +80,7 @@ def check_upload(path, upload_root: pathlib.Path, kinds: Sequence[str] = IMAGE_S
 
 
 def format_box(box: Optional[Sequence[float]]) -> str:
+    """A box (or a time-id pair) as its text field shows it: "0,0.5,1,1"; None: blank."""
     return "" if box is None else ",".join(f"{v:g}" for v in box)
 
 

@@ -54,6 +54,9 @@ class RunResult:
     maps: list[tuple[np.ndarray, str]]  # activation overlays (RGB uint8) with captions
     request: SampleRequest  # as run (server paths); the sidecars hold the public copy
     seconds: float
+    # the maps the overlays draw, {0-based step: (N, n_people, h, w) float32} (`activation_steps`;
+    # empty without activation maps), for API users and tests that measure where people went
+    activation: dict = dataclasses.field(default_factory=dict)
 
 
 def activation_steps(steps: int) -> list[int]:
@@ -231,6 +234,18 @@ class AppService:
         finally:
             self.pipeline.params, self.pipeline.conditioning = self._base
 
+    def run_folder(self, seed: int) -> pathlib.Path:
+        """A new, empty folder under out_dir for one run, `run-NNNNN-SEED`, created here: numbers
+        an app before this one (a restart on the same --out) or beside it used are skipped, so a
+        run never meets another run's pictures (which would refuse it as made with other settings)."""
+        while True:
+            folder = self.out_dir / f"run-{next(self._runs):05d}-{seed}"
+            try:
+                folder.mkdir()
+                return folder
+            except FileExistsError:
+                continue
+
     def _run_locked(self, request: SampleRequest, with_maps: bool, loras: tuple) -> RunResult:
         forms.validate_settings(request, self.pipeline)
         if with_maps and not request.identities:
@@ -242,18 +257,23 @@ class AppService:
         maps: Optional[dict] = {} if with_maps else None
         sampler = RequestSampler(self.pipeline, request, self._on_progress, maps,
                                  activation_steps(request.steps) if with_maps else ())
-        folder = self.out_dir / f"run-{next(self._runs):05d}-{request.seed}"
+        folder = self.run_folder(request.seed)
         start = time.time()
-        with self._weights(loras) as provenance:
-            run_request(self.pipeline, request, folder, sampler=sampler, provenance=provenance,
-                        public=forms.public_copy)
+        try:
+            with self._weights(loras) as provenance:
+                run_request(self.pipeline, request, folder, sampler=sampler, provenance=provenance,
+                            public=forms.public_copy)
+        except BaseException:  # a bad input or a cancel: no empty run folder left behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+            raise
         seconds = time.time() - start
         if new_shape:
             self._compiled.add(key)
             self.log(f"compiled and ran {describe_program(request, with_maps)} in {seconds:.1f}s")
         pngs = [output_path(folder, request, k) for k in range(request.num_images)]
         overlays = activation_overlays(sampler.images, maps or {}, request.steps)
-        return RunResult(pngs, [p.with_suffix(".json") for p in pngs], overlays, request, seconds)
+        return RunResult(pngs, [p.with_suffix(".json") for p in pngs], overlays, request, seconds, maps or {})
 
 
 def activation_overlays(images: np.ndarray, maps: dict, steps: int) -> list[tuple[np.ndarray, str]]:
@@ -281,18 +301,22 @@ def create_service(*, demo: bool, out_dir, log: Callable[[str], None] = print, l
     """Load the pipeline once (`loading.load_pipeline`; weights: its keyword arguments, the
     start-up LoRAs included) and wrap it. lora_dirs/embedding_dirs: the operator's folders the
     page offers files of; negative_embeddings: files offered too and chosen by default.
-    Returns (service, the notice the page shows: the demo warning, the plain text-to-image
-    notice of a base model without DynamicID weights, or "")."""
+    Returns (service, the notice the page shows: the demo warning, that of a training run on
+    the tiny random base, the plain text-to-image notice of a base model without DynamicID
+    weights, or "")."""
     from gradio.utils import get_upload_folder
 
-    from dynamicid_jax.loading import DEMO_NOTICE, load_pipeline
+    from dynamicid_jax.loading import DEMO_NOTICE, TINY_NOTICE, load_pipeline, run_base, training_run_config
 
     loras, embeddings = lora_catalog(lora_dirs), embedding_catalog(embedding_dirs, negative_embeddings)
     config, pipeline = load_pipeline(demo=demo, log=log, **weights)
+    run = training_run_config(weights.get("dynamicid"))
     if not pipeline.modules.identity_branch:
         notice = forms.PLAIN_NOTICE
-    else:
-        notice = DEMO_NOTICE if demo else ""
+    elif demo:
+        notice = DEMO_NOTICE
+    else:  # a test run on the tiny random base draws noise too: the page says why
+        notice = TINY_NOTICE if run is not None and run_base(run)[0] else ""
     settings = dict(settings or {}, negative_embeddings=[public_name(p) for p in negative_embeddings])
     service = AppService(pipeline, config.sampling, out_dir, get_upload_folder(), log=log, loras=loras,
                          embeddings=embeddings, settings=settings,

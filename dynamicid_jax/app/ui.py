@@ -20,8 +20,8 @@ from dynamicid_jax.app import forms, previews
 from dynamicid_jax.app.service import AppService, Cancelled
 from dynamicid_jax.dynamicid.saa import default_boxes
 from dynamicid_jax.faces import NoFaceError
-from dynamicid_jax.request import InputError
-from dynamicid_jax.request_parsing import parse_box
+from dynamicid_jax.request import TIME_ID_FIELDS, InputError
+from dynamicid_jax.request_parsing import PAIR_HELP, TIME_ID_HELP, parse_box
 from dynamicid_jax.schedulers import SCHEDULERS
 
 USER_ERRORS = (InputError, NoFaceError, Cancelled)
@@ -39,6 +39,10 @@ def _paths(files) -> list[str]:
 def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
     """The page for `service`; notice: a line shown on top (e.g. the demo-mode warning)."""
     d = service.settings  # every setting's page default (the config's, then SampleRequest's)
+    # The request fields beyond SD1.5's that the loaded base model's family takes (SDXL: its
+    # micro-conditioning time ids); the page shows only these, the API takes all (a family
+    # without them refuses them with one line).
+    extra_fields = service.pipeline.modules.family.request_fields
     # Threads that wait for a run; the device lock inside the service keeps one at a time.
     runner = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="dynamicid-run")
     previews_dir = service.upload_root / "previews"  # gradio's temporary tree: it may serve these
@@ -73,7 +77,7 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
                  width=None, height=None, num_images=None, alpha=None, beta=None, id_scale=None, mix=None,
                  gating=None, activation_maps=None, scheduler=None, clip_skip=None, loras=None, lora_scale=None,
                  negative_embeddings=None, mask_1=None, mask_2=None, mask_3=None, mask_4=None,
-                 progress=gr.Progress()):
+                 original_size=None, crops_coords_top_left=None, target_size=None, progress=gr.Progress()):
         people = [
             forms.PersonForm(_paths(r), b or "", e or forms.KEEP, o or forms.KEEP, t or "", (_paths(lm) or [None])[0],
                              (_paths(m) or [None])[0])
@@ -87,7 +91,9 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
         # None (not sent) takes the page's default, in parse_request
         settings = dict(prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance,
                         width=width, height=height, num_images=num_images, alpha=alpha, beta=beta,
-                        id_scale=id_scale, mix=mix, gating=gating, scheduler=scheduler, clip_skip=clip_skip)
+                        id_scale=id_scale, mix=mix, gating=gating, scheduler=scheduler, clip_skip=clip_skip,
+                        original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                        target_size=target_size)
         page = {k: v for k, v in d.items() if k != "negative_embeddings"}  # names, resolved below
         try:
             embeddings = service.embeddings.paths(d["negative_embeddings"] if negative_embeddings is None
@@ -195,15 +201,22 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
         for k in PEOPLE:
             ident = idents[k - 1] if k <= len(idents) else {}
             values += [forms.format_box(ident.get("box")), forms.KEEP, forms.KEEP, ident.get("face_prompt") or ""]
+        # A sidecar without a size or a negative prompt (None: the model's) shows the page's.
+        data.update({k: d[k] for k in ("negative_prompt", "width", "height") if data.get(k) is None})
         values += [data["prompt"], data["negative_prompt"], data["seed"], False, data["steps"], data["guidance"],
                    data["width"], data["height"], data["num_images"], str(data["alpha"]), data["beta"],
                    data["id_scale"], "" if data.get("mix") is None else str(data["mix"]), data["gating"],
                    data["scheduler"], data["clip_skip"], [n for n, _ in loras if n in service.loras.names],
                    loras[0][1] if loras else 1.0,
                    [n for n in data.get("negative_embeddings", []) if n in service.embeddings.names]]
+        # (to_json leaves out a time id at its default; a field this base model has not is left blank)
+        values += [forms.format_box(data.get(name) if name in extra_fields else None) for name in TIME_ID_FIELDS]
+        dropped = [name for name in TIME_ID_FIELDS if data.get(name) is not None and name not in extra_fields]
         names = "; ".join(f"person {k}: {', '.join(pathlib.PurePath(r).name for r in i['refs'])}"
                           for k, i in enumerate(idents, start=1))
         message = f"settings restored; references are never read from a sidecar, upload them again ({names})"
+        if dropped:
+            message += f"; {', '.join(dropped)} left out: this base model has no such setting"
         return values + [message]
 
     with gr.Blocks(title="DynamicID") as demo:
@@ -253,6 +266,10 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
                     height = gr.Slider(64, forms.MAX_SIDE, value=d["height"], step=8, label="height", elem_id="height")
                     num_images = gr.Slider(1, forms.MAX_IMAGES, value=d["num_images"], step=1, label="images",
                                            elem_id="num_images")
+                with gr.Row(visible=bool(extra_fields)):  # parsed by the flags' parser (`parse_pair`)
+                    time_ids = [gr.Textbox(label=f"{name.replace('_', ' ')}, {PAIR_HELP}: {TIME_ID_HELP[name]}",
+                                           value=forms.format_box(d[name]), visible=name in extra_fields,
+                                           elem_id=name) for name in TIME_ID_FIELDS]
                 with gr.Row():
                     alpha = gr.Textbox(label="alpha (layout steps, or a fraction like 0.24)", value=str(d["alpha"]),
                                        elem_id="alpha")
@@ -308,16 +325,16 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
                     id_scale, mix, gating]
         choices = [scheduler, clip_skip, loras, lora_scale, embeddings]  # after `maps`, as generate() takes them
         outputs = [downloads, maps_view, status]
-        masks_in = [person[k]["mask"] for k in PEOPLE]  # last: the API's positions of the others stay
-        runs = [go.click(generate, per_person + settings + [maps] + choices + masks_in, outputs, api_name="generate",
-                         concurrency_id="device", concurrency_limit=1),
+        masks_in = [person[k]["mask"] for k in PEOPLE]  # last, then the time ids: the API's positions stay
+        runs = [go.click(generate, per_person + settings + [maps] + choices + masks_in + time_ids, outputs,
+                         api_name="generate", concurrency_id="device", concurrency_limit=1),
                 again.click(reproduce, [sidecar] + [person[k]["refs"] for k in PEOPLE] + [maps], outputs,
                             api_name="reproduce", concurrency_id="device", concurrency_limit=1)]
         for run in runs:  # the page only: no device, no queue, not in the API
             run.success(gallery_of, downloads, gallery, api_visibility="private", queue=False)
         stop.click(service.cancel, None, None, queue=False, api_name="cancel")
         restored = [person[k][f] for k in PEOPLE for f in ("box", "expression", "orientation", "face_text")]
-        restored += [c for c in settings] + choices + [status]
+        restored += [c for c in settings] + choices + time_ids + [status]
         sidecar.upload(restore, sidecar, restored, api_name="restore")
         for k in PEOPLE:
             person[k]["refs"].change(analyse(k), person[k]["refs"], [person[k]["faces"], person[k]["source"]],

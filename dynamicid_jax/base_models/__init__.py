@@ -19,6 +19,8 @@ the entry points never branch on which one it is:
     negative_conditioning(conditioning, negative_prompt)  what the sampler conditions on
     request_extras(height, width, **time_ids)  per-picture extras of the conditioning (SDXL's
                                            time ids; a family without them refuses them)
+    request_fields                         the SampleRequest fields request_extras takes (SDXL:
+                                           request.TIME_ID_FIELDS; SD1.5 none): what forms show
     release_weights                        whether the authors' DynamicID release fits it
     default_negative_prompt                the negative prompt when none is given
     training_dtype, training_remat         full-size training's compute dtype and rematerialisation

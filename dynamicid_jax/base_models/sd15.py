@@ -162,6 +162,8 @@ class SD15:
     # The precompute may cache the text states (--cache_text_states): CLIP's, the whole context.
     caches_text_states: ClassVar[bool] = True
     default_negative_prompt: ClassVar[str] = DEFAULT_NEGATIVE_PROMPT  # DynamicID's release setting
+    # SampleRequest fields beyond SD1.5's that `request_extras` takes (forms show only these): none.
+    request_fields: ClassVar[tuple[str, ...]] = ()
     components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder")  # the base model's weights
     tokenizer_folders: ClassVar[tuple[str, ...]] = ("tokenizer",)
     # Full-size training (configs/anchor.py, reconfig.py with no argument): float32 compute and no

@@ -36,6 +36,7 @@ import numpy as np
 
 from dynamicid_jax.base_models import sd15
 from dynamicid_jax.base_models.conditioning import TextConditioning, unet_denoiser
+from dynamicid_jax.request import TIME_ID_FIELDS
 
 # diffusers' SDXL scheduler/scheduler_config.json (EulerDiscreteScheduler's file).
 SCHEDULER = dict(sd15.SCHEDULER, stated_spacing="leading")
@@ -121,6 +122,8 @@ class SDXL:
     # diffusers' SDXL pipeline: no negative prompt, which force_zeros_for_empty_prompt turns
     # into zeros (`negative_conditioning`); SD1.5's DynamicID default would defeat that rule.
     default_negative_prompt: ClassVar[str] = ""
+    # The micro-conditioning time ids a request may set (`request_extras`; the app shows them).
+    request_fields: ClassVar[tuple[str, ...]] = TIME_ID_FIELDS
     components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder", "text_encoder_2")
     tokenizer_folders: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
     # Full-size training (configs/*.py:sdxl): bfloat16 compute and each transformer block
