@@ -188,7 +188,8 @@ def test_requests_and_evaluation_with_the_sdxl_run(run, exported, tmp_path, caps
     (tiny.json, multi mode, seed 0: 18 pictures and their metrics). Both draw through the batch
     engine (8 pictures per call on the 8 devices), so they share one compiled sampling loop;
     face analysis and the expression classifier are the SD1.5 tests' programs at 64 px.
-    Cost: one compile of that loop plus 4 calls of 8 steps (~1-2 min on 2 shared cores)."""
+    Cost: one compile of that loop plus 4 calls of 8 steps; measured with a warm compile cache
+    on 2 shared cores: 79 s wall, 48 CPU-s over the file without it (98 against 51)."""
     import csv
 
     from _data_helpers import tiny_testset
