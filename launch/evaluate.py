@@ -6,6 +6,10 @@ Real weights (CLIP-T needs a local transformers CLIPModel folder of OpenAI CLIP 
       --base_model sd15/ --vision_encoder image_encoder/ --dynamicid dynamicid_release/ \
       --faces buffalo_l/ --clip_model clip-vit-large-patch14/ --seeds 0,1,2
 
+--dynamicid also takes a training run's workdir or its exported file (launch/export.py), of
+either base family (SD1.5 or SDXL: the run's config names it; with --base_model, that
+family's files); the report's row names the family.
+
 Ablations (Table 3) into the same --out folder; the report then lists every row:
   ... --no_gating        SAA without its activation map ("w/o SAA")
   ... --no_imr           no face prompt / landmark edit: identity tokens straight from the projection
@@ -77,6 +81,7 @@ def main(argv=None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from dynamicid_jax import base_models
     from dynamicid_jax.cli import check_output_folder
     from dynamicid_jax.evaluation import (Ablation, MetricModels, evaluate, expand_cases, load_protocol,
                                           resolve_sampling)
@@ -155,10 +160,11 @@ def _run(args: argparse.Namespace) -> int:
 
             clip = load_clip_scorer(args.clip_model)
         metrics = MetricModels(load_face_analyzer(args.faces), load_expression_classifier(args.expression_model), clip)
+    family = base_models.of(config.model).name  # the table's row names the run's base model
     result = evaluate(
         protocol, out_dir=args.out, mode=args.mode, ablation=Ablation(gating=not args.no_gating, imr=not args.no_imr),
         sampling=sampling, seeds=seeds, generate=generate, provenance=provenance, metrics=metrics,
-        arch="tiny random (demo)" if args.demo else "tiny random base (training run)" if tiny else config.model.family,
+        arch="tiny random (demo)" if args.demo else f"tiny random {family} base (training run)" if tiny else family,
         progress=not args.no_progress,
     )
     import jax

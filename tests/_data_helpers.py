@@ -1,4 +1,5 @@
-"""Shared by test_precompute.py and test_input_pipeline.py: input folders and stand-in extractors.
+"""Shared by test_precompute.py and test_input_pipeline.py: input folders and stand-in extractors;
+by test_tiny_run.py and test_dynamicid_sdxl_run.py: the tiny evaluation test set (`tiny_testset`).
 
 The stand-ins are cheap numpy functions of the pixels (no models), for the tests of the
 shard/manifest/pipeline mechanics; the real extractors (tiny random models + offline face
@@ -125,3 +126,15 @@ def read_shard_bytes(folder: pathlib.Path) -> dict[str, bytes]:
     """Every shard, sidecar, manifest and rejects file of a dataset folder, by name."""
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
             if p.name.endswith((".tfrecord", ".index.json")) or p.name in ("manifest.json", "rejects.jsonl")}
+
+
+def tiny_testset(test_assets: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
+    """configs/eval/tiny.json, whose photo paths are relative to the repository's test_assets/;
+    with TEST_ASSETS elsewhere, the same file rewritten into `folder` to name those photos."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    testset = root / "configs" / "eval" / "tiny.json"
+    if test_assets.resolve() == (root / "test_assets").resolve():
+        return testset
+    moved = folder / "tiny.json"
+    moved.write_text(testset.read_text().replace("../../test_assets/", f"{test_assets.resolve()}/"))
+    return moved

@@ -50,6 +50,7 @@ def _last_line(capsys) -> str:
 
 
 def test_tiny_run_chain(tmp_path, test_assets, capsys, monkeypatch):
+    from _data_helpers import tiny_testset
     from data_pipelines import photo_folders
     from data_pipelines import precompute as precompute_cli
     from dynamicid_jax import modeling
@@ -136,11 +137,7 @@ def test_tiny_run_chain(tmp_path, test_assets, capsys, monkeypatch):
 
     # ---------------------------------------------------------------- evaluation report
     out = tmp_path / "eval"
-    testset = ROOT / "configs/eval/tiny.json"  # its photo paths are relative to the repository's test_assets/
-    if test_assets.resolve() != (ROOT / "test_assets").resolve():  # TEST_ASSETS elsewhere: the same file, moved
-        testset = tmp_path / "tiny.json"
-        testset.write_text((ROOT / "configs/eval/tiny.json").read_text().replace("../../test_assets/",
-                                                                                 f"{test_assets.resolve()}/"))
+    testset = tiny_testset(test_assets, tmp_path)  # configs/eval/tiny.json, naming TEST_ASSETS' photos
     assert evaluate_cli.main(["--dynamicid", str(runs / "reconfig"), "--testset", str(testset),
                               "--out", str(out), "--mode", "multi", "--seeds", "0", "--expression_model", fer,
                               "--no_progress"]) == 0
@@ -152,7 +149,7 @@ def test_tiny_run_chain(tmp_path, test_assets, capsys, monkeypatch):
     request = json.loads((out / images[0]).with_suffix(".json").read_text())["request"]
     assert (request["steps"], request["height"]) == (8, 64)  # the tiny model's sampling defaults, from the run
     report = (out / "report.md").read_text()
-    assert "| DynamicID (this run) | tiny random base (training run) |" in report
+    assert "| DynamicID (this run) | tiny random sd15 base (training run) |" in report
 
 
 def test_stage2_prompt_tokenizer_follows_the_base(tmp_path):
