@@ -138,8 +138,8 @@ def test_demo_names_a_family(tmp_path, capsys):
 
 def test_sample_main_with_the_exported_sdxl_model(exported, tmp_path, monkeypatch):
     """launch/sample.py --dynamicid FILE: two people with boxes, one expression edit. The
-    sidecar names the identity branch; the pipeline main built puts each person's identity
-    where their box is (activation maps at step 0)."""
+    sidecar names the identity branch; the pipeline main built, served by the app's service,
+    puts each person's identity where their box is (activation maps at step 0)."""
     from launch import sample
 
     from dynamicid_jax import loading
@@ -173,9 +173,15 @@ def test_sample_main_with_the_exported_sdxl_model(exported, tmp_path, monkeypatc
                                         IdentityRequest(refs=[refs[1]], box=right,
                                                         face_prompt="a very surprised expression, front view")],
                             prompt="two people at a cafe", steps=1, height=64, width=64, alpha=1, beta=2.0)
-    maps = {}
-    pipeline.generate(request, activation_maps=maps, activation_steps=(0,))
-    person = np.asarray(maps[0][0])  # (2, h, w)
+    # Through the app's service, as its page and API run it (the maps program with per-step
+    # progress: the same one compile as pipeline.generate's maps program it replaces).
+    from dynamicid_jax.app.service import AppService
+
+    service = AppService(pipeline, built["config"].sampling, tmp_path / "app", tmp_path / "uploads")
+    result = service.run(request, with_maps=True)
+    assert len(result.images) == 1 and result.images[0].is_file()
+    assert [c for _, c in result.maps] == [f"image 1, person {k}, step 1/1" for k in (1, 2)]
+    person = np.asarray(result.activation[0][0])  # (2, h, w)
     half = person.shape[-1] // 2
     shares = person[0][:, :half].sum() / person[0].sum(), person[1][:, half:].sum() / person[1].sum()
     print(f"activation share inside own box: person 1 {shares[0]:.3f}, person 2 {shares[1]:.3f}")
