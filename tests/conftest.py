@@ -29,6 +29,9 @@ os.environ.setdefault("TEST_ASSETS", str(_ROOT / "test_assets"))
 
 import pytest  # noqa: E402
 
+if os.environ.get("CPU_PROFILE_DIR"):  # CPU seconds per test (tests/cpu_profile.py)
+    pytest_plugins = ["cpu_profile"]
+
 
 @pytest.fixture(scope="session")
 def test_assets() -> pathlib.Path:
