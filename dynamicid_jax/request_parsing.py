@@ -141,6 +141,11 @@ def _resolve(path, base: Optional[pathlib.Path]):
     return str(base / path)
 
 
+# Per-identity texts where a blank value means "none" in every request form: an empty face
+# prompt leaves that person unedited (IMR to an empty prompt is not a request anyone makes).
+BLANK_IS_NONE = ("face_prompt", "source_prompt", "target_landmarks", "mask")
+
+
 def parse_identity(data, i: int, *, base: Optional[pathlib.Path] = None, text: bool = False,
                    label: Callable[[str], str] = key_label) -> IdentityRequest:
     """Identity `i`'s object ({"refs": [...], "box": ..., ...}) -> IdentityRequest."""
@@ -156,8 +161,9 @@ def parse_identity(data, i: int, *, base: Optional[pathlib.Path] = None, text: b
     if isinstance(fields.get("refs"), list):
         fields["refs"] = [_resolve(r, base) for r in fields["refs"]]
     fields["target_landmarks"] = _resolve(fields.get("target_landmarks"), base)
-    if text and isinstance(fields.get("mask"), str) and not fields["mask"].strip():
-        fields["mask"] = None  # a blank per-identity flag or form field: no mask
+    for name in BLANK_IS_NONE:  # blank in any form (a flag, a form field, a JSON "") = not given:
+        if isinstance(fields.get(name), str) and not fields[name].strip():  # "" is no edit, never an edit to ""
+            fields[name] = None
     fields["mask"] = _resolve(fields.get("mask"), base)
     try:
         return IdentityRequest(**fields)

@@ -40,6 +40,10 @@ CASES = {
              original_size=([96, 128], "96,128"), crops_coords_top_left=([0, 8], "0, 8"),
              target_size=([64, 128], " 64,128")),
     ),
+    # A blank face prompt is no edit in every form (a requests-file "" used to ask IMR for an
+    # edit to the empty prompt while --face_prompt "" meant none).
+    "blank face prompt": (
+        [dict(refs=["obama.jpg"], face_prompt=""), dict(refs=["biden.jpg"], face_prompt="smiling")], {}),
     "layout steps and mixing": (
         [dict(refs=["obama.jpg"]), dict(refs=["biden.jpg"])],
         dict(alpha=(12, "12"), mix=(0.5, "0.5"), guidance=(5.5, "5.5")),
@@ -153,6 +157,9 @@ def test_every_form_gives_the_same_request(folder, case):
     if case == "defaults":
         assert request.prompt == DEFAULT_PROMPT == "a photo of a person"  # the app said "a photo of people"
         assert (request.steps, request.alpha, request.scheduler, request.seed) == (50, 3, "ddim", 0)
+    if case == "blank face prompt":
+        assert [i.face_prompt for i in request.identities] == [None, "smiling"]
+        assert [i.edits for i in request.identities] == [False, True]
     if case == "every field":
         assert request.negative_prompt == "blurry, badhands"
         assert request.identities[0].refs == [str(folder / "obama.jpg"), str(folder / "obama2.jpg")]
