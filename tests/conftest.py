@@ -47,8 +47,8 @@ def test_assets() -> pathlib.Path:
 # file when it is done, so the long training files must start first or they finish alone at
 # the end. Files not named keep their order after these.
 HEAVIEST_FIRST = (
-    "test_train_paths", "test_tiny_run", "test_train_sdxl", "test_train", "test_train_faults", "test_generation",
-    "test_evaluation", "test_dynamicid_sdxl_run", "test_sdxl_pipeline", "test_app", "test_saa_sdxl", "test_sampling",
+    "test_tiny_run", "test_train_paths", "test_train_sdxl", "test_train", "test_evaluation", "test_generation",
+    "test_dynamicid_sdxl_run", "test_train_faults", "test_sdxl_pipeline", "test_app", "test_saa_sdxl", "test_sampling",
     "test_masks", "test_input_pipeline", "test_app_load", "test_sampler_pipeline_parity", "test_sharding",
     "test_unet_parity", "test_lora_files", "test_request_forms", "test_precompute",
 )

@@ -7,8 +7,8 @@ called through its CLI's main() with the flags the Makefile passes (plus step co
 --no_progress), so every seam is the real one: the shards' resolution and the stage-2
 tokenizer come from defaults that agree, not from extra flags. Each stage's output is checked
 as what the next stage reads. On 8 fake CPU devices with XLA's fast-compile setting (both set
-by conftest); the anchor and reconfig steps have the shapes of tests/test_train.py's (same tiny
-config, 64 px, batch 8), so a suite run compiles them once.
+by conftest). The sd15 case is the only test of the 4-level tiny model's training steps
+(tests/test_train.py trains the smaller `tiny_trainer`), so it compiles both of them.
 
 The sdxl case (`configs/*.py:tiny_sdxl`, `--family=sdxl`): its anchor step has the shapes,
 config and mesh of tests/test_train_sdxl.py's (tiny SDXL, 64 px, batch 8, fsdp 8); its
