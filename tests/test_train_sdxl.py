@@ -226,3 +226,21 @@ def test_shards_of_another_family_are_refused(sdxl_shards, tmp_path, capsys):
     with pytest.raises(data.DataMismatchError, match="sd15 base-model family; this run trains sdxl"):
         data.check_dataset(relabelled, stages.get("anchor"), modeling.build_modules(sdxl_config().model),
                            sdxl_config())
+
+
+def test_sdxl_story_from_the_anchor_run(reference_run, test_assets, tmp_path, capsys, monkeypatch):
+    """`make tiny-run BASE=sdxl` from stage 2 on (tests/tiny_story.py, as the SD1.5 story runs
+    it): the test photos' identity folders -> SDXL identity shards (precompute.py --family=sdxl)
+    -> train.py --stage=reconfig with configs/reconfig.py:tiny_sdxl from the reference run ->
+    sample.py (two people, one edit) -> evaluate.py's report. Stage 1 is the reference run (the
+    anchor trainer on these SDXL shards; the kill-and-resume test shows launch/train.py reaches
+    the same parameters), so the story adds no second SDXL precompute and anchor compile.
+    Cost (cold, measured in the suite): the stage-2 SDXL step (compiled nowhere else), the
+    sampling and evaluation programs (shared with tests/test_dynamicid_sdxl_run.py through the
+    persistent cache when that file ran first)."""
+    import tiny_story
+    from data_pipelines import photo_folders
+
+    inputs = tmp_path / "inputs"
+    assert photo_folders.main(["--photos", str(test_assets), "--out", str(inputs)]) == 0
+    tiny_story.stage2_to_report("sdxl", inputs, reference_run[0], tmp_path, test_assets, capsys, monkeypatch)
