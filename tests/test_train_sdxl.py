@@ -235,9 +235,9 @@ def test_sdxl_story_from_the_anchor_run(reference_run, test_assets, tmp_path, ca
     sample.py (two people, one edit) -> evaluate.py's report. Stage 1 is the reference run (the
     anchor trainer on these SDXL shards; the kill-and-resume test shows launch/train.py reaches
     the same parameters), so the story adds no second SDXL precompute and anchor compile.
-    Cost (cold, measured in the suite): the stage-2 SDXL step (compiled nowhere else), the
-    sampling and evaluation programs (shared with tests/test_dynamicid_sdxl_run.py through the
-    persistent cache when that file ran first)."""
+    Cost: 228 CPU-s in a cold `make test` (tests/cpu_profile.py), most of it the stage-2 SDXL
+    step (compiled nowhere else) and the sampling and evaluation programs, which
+    tests/test_dynamicid_sdxl_run.py then finds in the persistent cache."""
     import tiny_story
     from data_pipelines import photo_folders
 
