@@ -36,8 +36,8 @@ def expected_features(stage, modules, config: ml_collections.ConfigDict) -> list
         raise ConfigError(f"data.resolution {config.data.resolution} is not a multiple of the VAE factor {f}")
     sizes = buckets.config_sizes(config.data)
     if config.data.get("buckets", ""):  # every bucket must pass the UNet's downsamplings evenly
-        multiple = f * 2 ** (len(modules.unet.config.block_out_channels) - 1)
-        buckets.check_multiple(sizes, multiple, f"--config.data.buckets={config.data.buckets}")
+        buckets.check_multiple(sizes, buckets.size_multiple(config.model),
+                               f"--config.data.buckets={config.data.buckets}")
     vision = modules.vision_encoder.config
     common = dict(
         latent_hw=(sizes[0][0] // f, sizes[0][1] // f),
