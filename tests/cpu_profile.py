@@ -3,8 +3,11 @@
 Wall times on a shared 2-core machine say more about the other jobs than about a test; CPU
 seconds do not. Per test (its setup, call and teardown, so a module fixture is charged to the
 first test that uses it): the process's own CPU plus that of the child processes it waited for
-(the subprocess runs of launch/*.py). One JSON line per test in DIR/<xdist worker>.jsonl;
-`python tests/cpu_profile.py DIR` sums them per file, costliest first.
+(the subprocess runs of launch/*.py). Beside it, this process's wall seconds in jax's three
+program stages (tracing to a jaxpr, lowering to MLIR, XLA compiling or reading the persistent
+cache), from jax.monitoring's events, and the persistent cache's hits and misses: what a cut
+would save (a cached compile still traces and lowers). One JSON line per test in
+DIR/<xdist worker>.jsonl; `python tests/cpu_profile.py DIR` sums them per file, costliest first.
 Loaded by tests/conftest.py only when CPU_PROFILE_DIR is set.
 """
 
@@ -20,6 +23,32 @@ import time
 
 import pytest
 
+# jax.monitoring event -> the column it adds to (tracing is recorded for top-level traces only).
+_STAGES = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
+           "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+           "/jax/core/compile/backend_compile_duration": "compile_s"}
+_COUNTS = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
+_stages: collections.Counter = collections.Counter()
+
+
+def _listen() -> None:
+    import jax.monitoring
+
+    def duration(event, seconds, **_):
+        if event in _STAGES:
+            _stages[_STAGES[event]] += seconds
+
+    def count(event, **_):
+        if event in _COUNTS:
+            _stages[_COUNTS[event]] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(duration)
+    jax.monitoring.register_event_listener(count)
+
+
+def pytest_configure(config):
+    _listen()
+
 
 def _cpu_seconds() -> float:
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -29,27 +58,35 @@ def _cpu_seconds() -> float:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     cpu, wall = _cpu_seconds(), time.time()
+    _stages.clear()
     yield
     folder = pathlib.Path(os.environ["CPU_PROFILE_DIR"])
     folder.mkdir(parents=True, exist_ok=True)
-    line = {"test": item.nodeid, "cpu_s": round(_cpu_seconds() - cpu, 1), "wall_s": round(time.time() - wall, 1)}
+    line = {"test": item.nodeid, "cpu_s": round(_cpu_seconds() - cpu, 1), "wall_s": round(time.time() - wall, 1),
+            **{k: round(v, 1) for k, v in _stages.items()}}
     with open(folder / f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.jsonl", "a") as f:
         f.write(json.dumps(line) + "\n")
 
 
-def summary(folder) -> list[tuple[str, int, float]]:
-    """[(file, tests, CPU seconds)] over every worker's lines, costliest first."""
-    tests, cpu = collections.Counter(), collections.Counter()
+COLUMNS = ("cpu_s", "trace_s", "lower_s", "compile_s", "hits", "misses")
+
+
+def summary(folder) -> list[tuple[str, int, collections.Counter]]:
+    """[(file, tests, {column: sum})] over every worker's lines, costliest CPU first."""
+    tests, sums = collections.Counter(), collections.defaultdict(collections.Counter)
     for path in pathlib.Path(folder).glob("*.jsonl"):
         for row in map(json.loads, path.read_text().splitlines()):
             name = row["test"].split("::")[0]
             tests[name] += 1
-            cpu[name] += row["cpu_s"]
-    return sorted(((f, tests[f], cpu[f]) for f in cpu), key=lambda r: -r[2])
+            sums[name].update({k: row.get(k, 0) for k in COLUMNS})
+    return sorted(((f, tests[f], sums[f]) for f in sums), key=lambda r: -r[2]["cpu_s"])
 
 
 if __name__ == "__main__":
     rows = summary(sys.argv[1])
-    for name, count, seconds in rows:
-        print(f"{seconds:8.1f}  {count:4d}  {name}")
-    print(f"{sum(r[2] for r in rows):8.1f}  {sum(r[1] for r in rows):4d}  all")
+    print("".join(f"{c:>10}" for c in COLUMNS) + "  tests  file")
+    total = collections.Counter()
+    for name, count, sums in rows:
+        total.update(sums)
+        print("".join(f"{sums[c]:10.1f}" for c in COLUMNS) + f"  {count:5d}  {name}")
+    print("".join(f"{total[c]:10.1f}" for c in COLUMNS) + f"  {sum(r[1] for r in rows):5d}  all")
