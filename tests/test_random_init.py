@@ -1,6 +1,8 @@
 """dynamicid_jax/random_init.py: random parameters from the initializers alone, the shapes from
 the same trace, and the on-disk cache (hits are read, torn files recomputed, keys distinct)."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -70,3 +72,45 @@ def test_disk_cache_is_read_and_torn_files_are_recomputed(projection, tmp_path, 
     # Another key is another entry.
     random_init.evaluate(module, jax.random.key(8, impl=modeling.TINY_PRNG_IMPL), *args)
     assert len(list(tmp_path.glob("*.npz"))) == 2
+
+
+def test_trace_summary_on_disk_spares_the_next_process_its_trace(projection, tmp_path, monkeypatch):
+    """What a process traced, the next one reads: shapes (and, with its values on disk too, the
+    parameters) without running flax at all. The key holds the module's fields and the code:
+    another depth or another source digest is another entry (a key without them would hand the
+    other module these shapes); a torn summary is traced again and rewritten."""
+    module, args = projection
+    monkeypatch.setenv(random_init.CACHE_ENV, str(tmp_path))
+    rng = jax.random.key(5, impl=modeling.TINY_PRNG_IMPL)
+    shape_of = lambda tree: jax.tree.map(lambda s: (s.shape, s.dtype), tree)  # noqa: E731
+
+    def new_process():
+        for memo in ("_TRACES", "_SUMMARIES", "_VALUES"):
+            monkeypatch.setattr(random_init, memo, {})
+
+    new_process()
+    shapes, values = shape_of(random_init.abstract(module, rng, *args)), _leaves(random_init.evaluate(module, rng, *args))
+    [summary] = list((tmp_path / "traces").glob("*.json"))
+
+    new_process()
+    trace = random_init._trace
+    monkeypatch.setattr(random_init, "_trace", lambda *a: pytest.fail("traced although its summary is on disk"))
+    assert shape_of(random_init.abstract(module, rng, *args)) == shapes
+    for a, b in zip(_leaves(random_init.evaluate(module, rng, *args)), values):
+        np.testing.assert_array_equal(a, b)
+    monkeypatch.setattr(random_init, "_trace", trace)
+
+    shallower = module.clone(depth=1)
+    assert shape_of(random_init.abstract(shallower, rng, *args)) == shape_of(jax.eval_shape(shallower.init, rng, *args))
+    assert shape_of(random_init.abstract(shallower, rng, *args)) != shapes
+    new_process()
+    digest = random_init._code_digest
+    monkeypatch.setattr(random_init, "_code_digest", lambda: "another version of the package")
+    assert shape_of(random_init.abstract(module, rng, *args)) == shapes
+    assert len(list((tmp_path / "traces").glob("*.json"))) == 3
+
+    summary.write_text(summary.read_text()[:50])
+    monkeypatch.setattr(random_init, "_code_digest", digest)
+    new_process()
+    assert shape_of(random_init.abstract(module, rng, *args)) == shapes
+    assert json.loads(summary.read_text())["leaves"]
