@@ -150,7 +150,10 @@ def _run(args: argparse.Namespace) -> int:
 
     start = time.time()
     try:  # the engine of --requests: finished pictures reused, each written atomically
-        stats = run_request(pipeline, request, args.out, sampler=RequestSampler(pipeline, request, progress))
+        # Without a bar, no per-step report: the denoising program then has no host callback,
+        # so it is read from the persistent compile cache on the next start (dynamicid_jax/denoising.py).
+        stats = run_request(pipeline, request, args.out,
+                            sampler=RequestSampler(pipeline, request, None if args.no_progress else progress))
     except OSError as e:  # disk full, read-only: one line, not a traceback
         from dynamicid_jax.errors import StorageError
 
