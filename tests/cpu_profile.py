@@ -5,8 +5,9 @@ seconds do not. Per test (its setup, call and teardown, so a module fixture is c
 first test that uses it): the process's own CPU plus that of the child processes it waited for
 (the subprocess runs of launch/*.py). Beside it, this process's wall seconds in jax's three
 program stages (tracing to a jaxpr, lowering to MLIR, XLA compiling or reading the persistent
-cache), from jax.monitoring's events, and the persistent cache's hits and misses: what a cut
-would save (a cached compile still traces and lowers). One JSON line per test in
+cache), from jax.monitoring's events, the persistent cache's hits and misses, and the jitted
+functions that took 2 s or more to compile: what a cut would save (a cached compile still
+traces and lowers). One JSON line per test in
 DIR/<xdist worker>.jsonl; `python tests/cpu_profile.py DIR` sums them per file, costliest first.
 Loaded by tests/conftest.py only when CPU_PROFILE_DIR is set.
 """
@@ -29,14 +30,17 @@ _STAGES = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
            "/jax/core/compile/backend_compile_duration": "compile_s"}
 _COUNTS = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
 _stages: collections.Counter = collections.Counter()
+_compiles: collections.Counter = collections.Counter()  # XLA compile seconds per jitted function
 
 
 def _listen() -> None:
     import jax.monitoring
 
-    def duration(event, seconds, **_):
+    def duration(event, seconds, fun_name="?", **_):
         if event in _STAGES:
             _stages[_STAGES[event]] += seconds
+        if _STAGES.get(event) == "compile_s":
+            _compiles[fun_name] += seconds
 
     def count(event, **_):
         if event in _COUNTS:
@@ -59,11 +63,13 @@ def _cpu_seconds() -> float:
 def pytest_runtest_protocol(item, nextitem):
     cpu, wall = _cpu_seconds(), time.time()
     _stages.clear()
+    _compiles.clear()
     yield
     folder = pathlib.Path(os.environ["CPU_PROFILE_DIR"])
     folder.mkdir(parents=True, exist_ok=True)
     line = {"test": item.nodeid, "cpu_s": round(_cpu_seconds() - cpu, 1), "wall_s": round(time.time() - wall, 1),
-            **{k: round(v, 1) for k, v in _stages.items()}}
+            **{k: round(v, 1) for k, v in _stages.items()},
+            "slow_compiles": {name: round(v, 1) for name, v in _compiles.most_common(5) if v >= 2}}
     with open(folder / f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.jsonl", "a") as f:
         f.write(json.dumps(line) + "\n")
 
