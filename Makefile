@@ -11,7 +11,8 @@ STAMP := $(VENV)/.installed-stamp
 export JAX_COMPILATION_CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/dynamicid_jax/jax
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
 # Tiny random weights (tests, --demo, the app's demo mode), keyed by the program that draws
-# them: computing them op by op costs seconds in every process (dynamicid_jax/random_init.py).
+# them, and the traces of their inits (shapes), keyed by the module and the package's sources:
+# tracing and computing them op by op costs seconds in every process (dynamicid_jax/random_init.py).
 export DYNAMICID_JAX_INIT_CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/dynamicid_jax/random_init
 export JAX_DEFAULT_PRNG_IMPL ?= rbg
 export TEST_ASSETS ?= $(CURDIR)/test_assets
