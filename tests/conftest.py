@@ -16,7 +16,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _CACHE_HOME = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE_HOME / "dynamicid_jax" / "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-# Tiny random weights and their inits' shapes, computed once per machine (dynamicid_jax/random_init.py), by every process.
+# Tiny random weights and their inits' shapes, made once per machine (dynamicid_jax/random_init.py).
 os.environ.setdefault("DYNAMICID_JAX_INIT_CACHE_DIR", str(_CACHE_HOME / "dynamicid_jax" / "random_init"))
 os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
 # XLA's fast-compile setting (fewer optimisation passes) for every program of the suite, in this
