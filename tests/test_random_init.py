@@ -89,7 +89,8 @@ def test_trace_summary_on_disk_spares_the_next_process_its_trace(projection, tmp
             monkeypatch.setattr(random_init, memo, {})
 
     new_process()
-    shapes, values = shape_of(random_init.abstract(module, rng, *args)), _leaves(random_init.evaluate(module, rng, *args))
+    shapes = shape_of(random_init.abstract(module, rng, *args))
+    values = _leaves(random_init.evaluate(module, rng, *args))
     [summary] = list((tmp_path / "traces").glob("*.json"))
 
     new_process()
