@@ -38,9 +38,9 @@ FROZEN = "frozen"
 CONFIG = "config.json"
 # orbax splits the writing of each replicated array over its replicas (except on GPU), one
 # device slice per replica, each an eager program; for the many small leaves of a LoRA/adapter
-# state (biases, norms, projections) that dispatch costs more than the bytes it spreads (a tiny
-# run on 8 CPU devices: about 1,700 slices per save, 1.9 s of its 2.4). Arrays whose
-# per-replica slice is under 1 MiB are written whole by one replica; large ones stay parallel.
+# state (biases, norms, projections) that dispatch costs more than the bytes it spreads
+# (benchmarks/design_choices_report.md). Arrays whose per-replica slice is under 1 MiB are
+# written whole by one replica; large ones stay parallel.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
