@@ -66,11 +66,16 @@ def _values(args: tuple) -> tuple:
     return tuple(np.asarray(a).tobytes() for a in jax.tree.leaves(args))
 
 
+def _trace_key(module, rng: jax.Array, args: tuple) -> tuple:
+    """What a trace depends on within a process: the module, the key's type, the argument types."""
+    return module, _key_type(rng), _signature(args)
+
+
 def _trace(module, rng: jax.Array, args: tuple):
     """(pruned ClosedJaxpr of module.init(rng, *args), output tree of ShapeDtypeStructs)."""
     import jax.extend.core as jcore
 
-    memo = (module, _key_type(rng), _signature(args))
+    memo = _trace_key(module, rng, args)
     if memo in _TRACES:
         return _TRACES[memo]
     closed, shapes = jax.make_jaxpr(module.init, return_shape=True)(rng, *args)
@@ -155,7 +160,7 @@ def _read_summary(path: pathlib.Path):
 
 def _summary(module, rng: jax.Array, args: tuple):
     """(output tree of ShapeDtypeStructs, program digest): from the disk when there, else traced."""
-    memo = (module, _key_type(rng), _signature(args))
+    memo = _trace_key(module, rng, args)
     if memo not in _SUMMARIES:
         path = _trace_file(module, rng, args)
         found = _read_summary(path) if path is not None and path.is_file() else None

@@ -145,15 +145,15 @@ def _run(args: argparse.Namespace) -> int:
     bar = {}
 
     def progress(total):
-        bar["tqdm"] = tqdm(total=total, desc="denoising", unit="step", disable=args.no_progress)
+        bar["tqdm"] = tqdm(total=total, desc="denoising", unit="step")
         return lambda: bar["tqdm"].update(1)
 
+    # Without a bar, no per-step report: the denoising program then has no host callback, so
+    # it is read from the persistent compile cache on the next start (dynamicid_jax/denoising.py).
+    sampler = RequestSampler(pipeline, request, None if args.no_progress else progress)
     start = time.time()
     try:  # the engine of --requests: finished pictures reused, each written atomically
-        # Without a bar, no per-step report: the denoising program then has no host callback,
-        # so it is read from the persistent compile cache on the next start (dynamicid_jax/denoising.py).
-        stats = run_request(pipeline, request, args.out,
-                            sampler=RequestSampler(pipeline, request, None if args.no_progress else progress))
+        stats = run_request(pipeline, request, args.out, sampler=sampler)
     except OSError as e:  # disk full, read-only: one line, not a traceback
         from dynamicid_jax.errors import StorageError
 
