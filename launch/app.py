@@ -13,8 +13,9 @@ name (a client never names a server path); a picked LoRA set is merged once and 
 Models load once; the default size and the identity programs (photos of any size, face
 edits) are compiled at start-up (logged), so a first click does not wait for XLA. Binds
 127.0.0.1 unless --host says otherwise; no public link unless --share. Outputs (PNG + JSON
-sidecar per image) go under --out. The HTTP API (gradio_client, endpoint /generate) is
-described in the README. Bad start-up input exits 2 with one line.
+sidecar per image) go under --out; uploaded photos stay in gradio's cache for at most
+--keep_files_minutes (60) and are deleted when the server stops. The HTTP API (gradio_client,
+endpoint /generate) is described in the README. Bad start-up input exits 2 with one line.
 
 A base model alone (no --dynamicid, e.g. an SDXL folder) serves plain text-to-image: the page
 hides the people and says so, and the warm-up compiles no identity program. On an SDXL model
@@ -43,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--share", action="store_true", help="ask gradio for a public share link")
     p.add_argument("--out", default="app_outputs", help="folder the app writes pictures and sidecars to")
     p.add_argument("--warmup_people", default="1,2", help="people counts compiled at start-up ('' = none)")
+    p.add_argument("--keep_files_minutes", type=float, default=None,
+                   help="minutes gradio's cache keeps uploaded photos and served copies (default "
+                        "dynamicid_jax.app.ui.KEEP_FILES_MINUTES, 60); all are deleted when the server stops")
     return p.parse_args(argv)
 
 
@@ -68,6 +72,8 @@ def _start(args: argparse.Namespace):
     from dynamicid_jax import cli
     from dynamicid_jax.request import InputError
 
+    if args.keep_files_minutes is not None and not args.keep_files_minutes > 0:  # NaN too
+        raise InputError(f"--keep_files_minutes {args.keep_files_minutes:g}: must be a positive number of minutes")
     cli.check_output_folder(args.out, "--out")  # before any model loads
 
     try:
@@ -96,7 +102,8 @@ def main(argv=None) -> int:
     from dynamicid_jax.app.ui import build_demo, launch
 
     print(f"serving on http://{args.host}:{args.port} (outputs in {service.out_dir})", flush=True)
-    launch(build_demo(service, notice), service, host=args.host, port=args.port, share=args.share)
+    keep = {} if args.keep_files_minutes is None else {"keep_files_s": args.keep_files_minutes * 60}
+    launch(build_demo(service, notice), service, host=args.host, port=args.port, share=args.share, **keep)
     return 0
 
 

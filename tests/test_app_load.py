@@ -170,3 +170,42 @@ def test_an_upload_over_the_limit_is_refused_while_it_streams(app, test_assets):
     assert all(p.stat().st_size <= forms.MAX_UPLOAD_BYTES for p in kept)
     files = _client(url).predict(**_kwargs(test_assets, 32))[0]  # and it keeps serving
     assert any(f.endswith(".png") for f in files)
+
+
+def _wait_until(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return condition()
+
+
+@pytest.mark.parametrize("keep_s, gone_when", [(3600, "the server stops"), (2, "they are older than 2 s")])
+def test_uploaded_faces_leave_gradios_cache(app, test_assets, tmp_path, monkeypatch, keep_s, gone_when):  # noqa: F811
+    """The reference photos clients upload (people's faces) do not pile up in gradio's cache:
+    `ui.launch` deletes them after `keep_files_s` and all of them when the server stops
+    (gradio alone keeps them for good). A server of its own on the module's service, with its
+    cache in tmp_path. Deleting after 2 s takes one check period (2 s) past the age, so 30 s
+    is a wide bound; a server without the setting keeps them (the breakage this catches)."""
+    from gradio_client import Client
+
+    from dynamicid_jax.app.ui import build_demo, launch
+    from dynamicid_jax.distributed import free_local_port
+
+    service = app[0]
+    cache = (tmp_path / "gradio_cache").resolve()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))  # read when the page and the server are built
+    monkeypatch.setattr(service, "upload_root", cache)
+    demo, port = build_demo(service), free_local_port()
+    launch(demo, service, port=port, block=False, keep_files_s=keep_s)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path / "downloads"))
+        files = client.predict(**_kwargs(test_assets, 33))[0]
+        assert any(f.endswith(".png") for f in files)
+        uploads = [p for p in cache.rglob("*") if p.suffix == ".jpg"]
+        assert sorted(p.name for p in uploads) == ["0-f15-hao-ph.jpg", "obama.jpg"], uploads
+        if keep_s > 60:
+            assert all(p.exists() for p in uploads)
+            demo.close()
+        assert _wait_until(lambda: not any(p.exists() for p in uploads), 30), f"uploads kept after {gone_when}"
+    finally:
+        demo.close()

@@ -286,6 +286,8 @@ APP_CASES = [
     (["--demo", "--embedding_dir", "{tmp}/notes.txt"], "--embedding_dir {tmp}/notes.txt: not a folder"),
     (["--demo", "--lora", "{tmp}/missing.safetensors"], "--lora: file not found"),
     (["--demo", "--out", "{tmp}/taken"], "--out {tmp}/taken: exists and is not a folder"),
+    (["--demo", "--keep_files_minutes", "0"], "--keep_files_minutes 0: must be a positive number"),
+    (["--demo", "--keep_files_minutes", "nan"], "--keep_files_minutes nan: must be a positive number"),
 ]
 
 

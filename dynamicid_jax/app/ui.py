@@ -27,6 +27,10 @@ from dynamicid_jax.schedulers import SCHEDULERS
 USER_ERRORS = (InputError, NoFaceError, Cancelled)
 IMAGE_TYPES = list(forms.IMAGE_SUFFIXES)
 PEOPLE = range(1, forms.MAX_PEOPLE + 1)
+# How long gradio's cache keeps what clients uploaded (their reference photos: people's faces)
+# and the copies of the pictures it served; everything in it is deleted when the server stops.
+# gradio's own default keeps them until someone empties its folder.
+KEEP_FILES_MINUTES = 60
 
 
 def _paths(files) -> list[str]:
@@ -353,9 +357,14 @@ def build_demo(service: AppService, notice: str = "") -> gr.Blocks:
 
 
 def launch(demo: gr.Blocks, service: AppService, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-           block: bool = True):
+           block: bool = True, keep_files_s: float = KEEP_FILES_MINUTES * 60):
     """Serve with one generation at a time (others queue, their position shown), uploads of at
-    most forms.MAX_UPLOAD_BYTES, and only the output folder servable besides gradio's own."""
+    most forms.MAX_UPLOAD_BYTES, and only the output folder servable besides gradio's own.
+    keep_files_s: files in gradio's cache (uploads, served copies) older than this are deleted,
+    checked every min(keep_files_s, 10 min); all of them when the server stops. The pictures
+    and sidecars under the service's output folder are the app's product and stay."""
+    age = max(1, round(keep_files_s))
+    demo.delete_cache = (min(age, 600), age)  # gradio reads it when the server starts
     demo.queue(default_concurrency_limit=1)
     return demo.launch(
         server_name=host, server_port=port, share=share, max_file_size=forms.MAX_UPLOAD_BYTES,
