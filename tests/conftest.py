@@ -26,6 +26,15 @@ os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
 # `make demo`, `make app`, the CLIs and the benchmarks keep XLA's defaults.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 os.environ.setdefault("TEST_ASSETS", str(_ROOT / "test_assets"))
+# gradio's servers (uploads) and clients (downloads) of this process and its subprocesses use
+# a folder of this process, removed at its end, instead of leaving their files in /tmp/gradio.
+if "GRADIO_TEMP_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="dynamicid-tests-gradio-")
+    atexit.register(shutil.rmtree, os.environ["GRADIO_TEMP_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 
