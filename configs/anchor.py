@@ -21,9 +21,6 @@ A pod: the same command on every host after `jax.distributed.initialize` (launch
 does it), e.g. --config.mesh.data=4 --config.mesh.fsdp=8 on 32 chips. `:tiny_sdxl` is the
 tiny SDXL of tests and the tiny run.
 
-`configs/anchor.py:tiny_trainer`: the same short run on a smaller model still (2 UNet levels),
-the one the trainer's tests use (shards of the same shapes).
-
 Shards made with aspect-ratio buckets (precompute --buckets=...) train with the same set named,
 e.g. --config.data.buckets=1024x1024,1152x896,896x1152 (each batch one bucket; README).
 

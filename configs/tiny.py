@@ -1,7 +1,7 @@
 """Tiny random DynamicID for tests and `make demo`: every module, a few thousand times smaller.
 
-Same structure as SD1.5 (4 UNet levels, VAE factor 8, 77 text tokens, 4 identity tokens),
-sized so that 2 CPU cores compile and run it in seconds. Identity embeddings are 128-d: the
+SD1.5's VAE factor 8, 77 text tokens and 4 identity tokens on a 2-level UNet (one
+cross-attention level, one plain), sized so that 2 CPU cores compile and run it in seconds. Identity embeddings are 128-d: the
 offline SFace model set. Nothing here is trained: pictures are noise-like by design. The
 values are the library's (`dynamicid_jax.base_models.sd15.tiny_model_config`), which
 `--demo` uses too.

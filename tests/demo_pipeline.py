@@ -1,7 +1,8 @@
 """One demo pipeline (configs/tiny.py, random weights) per test process, shared by modules.
 
-Loading it costs ~25-45 s on 2 cores and its sampling loop compiles again in every process
-(~30-45 s; an executable with host callbacks is not reused from the persistent cache), so
+Loading it costs a few seconds with warm caches (tens of seconds cold) and its sampling loop
+compiles again in every process (an executable with host callbacks is not reused from the
+persistent cache), so
 test_sampling.py and test_app.py share one object: the second module's requests of the same
 shape (64x64, two people with boxes) reuse the first one's compiled program. `lora_file`
 writes a style LoRA for its UNet (test_sampling's LCM-LoRA, the app's offered LoRA).

@@ -26,10 +26,17 @@ TINY_VAE = dict(
 )
 
 
+# SD1.5's four levels (3 cross-attention + 1 plain) with one layer per block, tiny: every block
+# of the original LDM naming (input/middle/output blocks, an upsampler after attention and one
+# after a plain level), for the LoRA-file tests.
+TINY_LDM_UNET = dict(sample_size=8, block_out_channels=(32, 32, 64, 64), layers_per_block=1, attention_head_dim=2,
+                     cross_attention_dim=32, norm_num_groups=8)
+
 # configs/tiny.py's UNet and VAE (the demo model) as diffusers keyword arguments
 # (attention_head_dim is the head count, diffusers' legacy name).
-TINY_DEMO_UNET = dict(sample_size=8, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
-                      attention_head_dim=2, cross_attention_dim=32, norm_num_groups=8)
+TINY_DEMO_UNET = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=2,
+                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, norm_num_groups=8)
 TINY_DEMO_VAE = dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
                      down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 

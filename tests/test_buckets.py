@@ -5,8 +5,8 @@ extractors (tests/_data_helpers.py) from the real test photos and small generate
 the trainer's per-bucket steps are checked with a stand-in compile. The whole file costs about
 10 s of wall time on 2 busy cores (the shards; no XLA compile).
 
-A real two-bucket training run is NOT tested here: each bucket's tiny-trainer step is a fresh
-XLA compile (measured once by hand, tiny_trainer anchor at 64x64 + 64x48 for 6 steps: about
+A real two-bucket training run is NOT tested here: each bucket's tiny step is a fresh
+XLA compile (measured once by hand, the tiny anchor step at 64x64 + 64x48 for 6 steps: about
 90 CPU-s for the two compiles, 3 min wall on the shared 2 cores; over this file's budget);
 `BucketSteps` (which step a batch gets) and `abstract_batch` (the shapes each step is
 lowered for) are what differs from a one-bucket run, and both are checked below.
@@ -169,9 +169,10 @@ def test_cli_bucket_flag_resolves_the_family_set():
     spec.loader.exec_module(cli)
     tiny_xl = default_config(tiny=True, family="sdxl").model  # VAE factor 2, 2 UNet levels: multiples of 4
     assert cli._bucket_sizes("family", "sdxl", tiny_xl, 64, 2)[:3] == ((64, 64), (56, 72), (72, 56))
-    tiny = default_config(tiny=True, family="sd15").model  # factor 8 and 4 UNet levels: multiples of 64
-    # 448, 576, 384, 640 px / 8 round to one 64; 768 / 8 = 96 = 1.5 x 64 rounds to 128, 320 / 8 = 40 to 64.
-    assert cli._bucket_sizes("family", "sd15", tiny, 64, 8) == ((64, 64), (64, 128), (128, 64))
+    tiny = default_config(tiny=True, family="sd15").model  # factor 8 and 2 UNet levels: multiples of 16
+    # SD1.5's set / 8, to the nearest 16 (half to even): 56 = 3.5 x 16 and 72 = 4.5 x 16 both go to
+    # 64 (kept once); 48, 80, 96 stay; 40 = 2.5 x 16 goes to 32.
+    assert cli._bucket_sizes("family", "sd15", tiny, 64, 8) == ((64, 64), (48, 80), (80, 48), (32, 96), (96, 32))
     assert cli._bucket_sizes("family", "sd15", default_config().model, 512, 8) == (
         (512, 512), (448, 576), (576, 448), (384, 640), (640, 384), (320, 768), (768, 320))
     assert cli._bucket_sizes(None, "sd15", tiny, 64, 8) is None

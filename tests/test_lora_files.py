@@ -17,7 +17,7 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from dynamicid_jax.models import load_text_encoder, load_unet  # noqa: E402
 from dynamicid_jax.models.lora_files import LoraFileError, component_targets, merge_lora_file  # noqa: E402
-from parity import TINY_DEMO_UNET, TINY_DEMO_VAE, rel_l2  # noqa: E402
+from parity import TINY_DEMO_VAE, TINY_LDM_UNET, rel_l2  # noqa: E402
 from test_single_file import TINY_CLIP, randomise_  # noqa: E402
 
 RANK = 4
@@ -33,7 +33,7 @@ OUTPUT_RTOL = 1e-4
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lora_base")
-    unet = diffusers.UNet2DConditionModel(**TINY_DEMO_UNET).eval()
+    unet = diffusers.UNet2DConditionModel(**TINY_LDM_UNET).eval()
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**{**TINY_CLIP, "hidden_size": 32})).eval()
     randomise_(unet, 0)
     randomise_(text, 1)

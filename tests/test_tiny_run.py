@@ -6,8 +6,7 @@ called through its CLI's main() with the flags the Makefile passes (plus step co
 --no_progress), so every seam is the real one: the shards' resolution and the stage-2
 tokenizer come from defaults that agree, not from extra flags. Each stage's output is checked
 as what the next stage reads. On 8 fake CPU devices with XLA's fast-compile setting (both set
-by conftest). This is the only test of the 4-level tiny model's training steps
-(tests/test_train.py trains the smaller `tiny_trainer`), so it compiles both of them.
+by conftest). The anchor step is configs/anchor.py:tiny's, as tests/test_train.py's.
 
 The second half (from the identity shards on) is tests/tiny_story.py's, which the SDXL story
 (`make tiny-run BASE=sdxl`) shares: tests/test_train_sdxl.py runs it from its own anchor run,

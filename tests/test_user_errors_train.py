@@ -88,7 +88,7 @@ TRAIN_ARGV_CASES = [
     (["--config=configs/nope.py"], "--config=configs/nope.py: configs/nope.py: file not found"),
     (["--config=configs"], "--config=configs: configs: is a folder"),
     (["--config=configs/anchor.py:huge"], "--config=configs/anchor.py:huge: config argument must be empty or one of "
-                                          "'tiny', 'sdxl', 'tiny_sdxl', 'tiny_trainer', got 'huge'"),
+                                          "'tiny', 'sdxl', 'tiny_sdxl', got 'huge'"),
     (["--config={tmp}/configs/broken.py"], "broken.py line 1"),
     (["--config={tmp}/configs/none.py"], "none.py defines no get_config()"),
     (["--config.optimizer.lrr=1e-3"],

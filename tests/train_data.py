@@ -9,11 +9,10 @@ import numpy as np
 
 from dynamicid_jax.data import records, shards
 
-# The trainer-mechanics tests' config (tests/test_train*.py): configs/anchor.py's tiny run on a
-# 2-level UNet (`sd15.tiny_trainer_model_config`), about half the tiny step's trace and compile
-# time. In-process runs take get_config(CONFIG_ARG), subprocess runs CONFIG_FLAG: the same
-# programs, shared through the persistent compile cache.
-CONFIG_ARG = "tiny_trainer"
+# The trainer-mechanics tests' config (tests/test_train*.py): configs/anchor.py's tiny run (the
+# tiny model, as tests/test_tiny_run.py's). In-process runs take get_config(CONFIG_ARG),
+# subprocess runs CONFIG_FLAG: the same programs, shared through the persistent compile cache.
+CONFIG_ARG = "tiny"
 CONFIG_FLAG = f"--config=configs/anchor.py:{CONFIG_ARG}"
 
 

@@ -3,8 +3,8 @@
   model_config()            the full-size architecture: SD1.5's UNet, VAE (its latent scale),
                             CLIP ViT-L/14 text tower (77 tokens, 768 wide) and noise schedule,
                             plus DynamicID's modules as the release has them
-  tiny_model_config()       the same structure a few thousand times smaller (tests, --demo)
-  tiny_trainer_model_config()  smaller still (2 UNet levels): the trainer-mechanics tests
+  tiny_model_config()       every module a few thousand times smaller, on a 2-level UNet
+                            (tests, --demo, the tiny run)
   model_from_files(m, path) the unet / vae / text / scheduler sections read from a base
                             model's own files (a single file carries no config: SD1.5's)
   unet_config / vae_config / text_config
@@ -80,10 +80,18 @@ def model_config() -> ml_collections.ConfigDict:
 
 
 def tiny_model_config() -> ml_collections.ConfigDict:
-    """SD1.5's structure (4 UNet levels, VAE factor 8, 77 text tokens, 4 identity tokens) sized so
-    that 2 CPU cores compile and run it in seconds; 128-d identities (the offline SFace set)."""
+    """Every module of SD1.5's DynamicID, sized so that 2 CPU cores compile and run it in
+    seconds (tests, --demo, the tiny run); 128-d identities (the offline SFace set). SD1.5's
+    VAE (factor 8, latents 8x8 at 64 px), 77 text tokens and 4 identity tokens, but a 2-level
+    UNet, one cross-attention level and one plain (each block kind, both samplers): smaller
+    programs than SD1.5's 4 levels, hence less trace and XLA compile time, which dominate the
+    suite on 2 cores (benchmarks/design_choices_report.md). SD1.5's own level structure is
+    checked against diffusers (tests/parity.py TINY_SD15_UNET)."""
+    from dynamicid_jax.models.unet_config import CROSS_ATTN_DOWN, CROSS_ATTN_UP, PLAIN_DOWN, PLAIN_UP
+
     m = model_config()
-    m.unet = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, num_attention_heads=(2, 2, 2, 2),
+    m.unet = dict(block_out_channels=(32, 64), layers_per_block=1, num_attention_heads=(2, 2),
+                  down_block_types=(CROSS_ATTN_DOWN, PLAIN_DOWN), up_block_types=(PLAIN_UP, CROSS_ATTN_UP),
                   cross_attention_dim=32, norm_num_groups=8, sample_size=8)
     m.lora_rank = 4
     m.vae = dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
@@ -95,25 +103,6 @@ def tiny_model_config() -> ml_collections.ConfigDict:
     m.face_projection = dict(id_dim=128, num_tokens=4, depth=2, num_heads=2, head_dim=16)
     m.imr = dict(width=64, num_heads=2, head_dim=32, num_motion_tokens=4, depth=1)
     m.keypoint_encoder = dict(image_size=96, channels=(8, 8, 16, 16, 32, 32), num_residual=(0, 1, 1, 1, 1, 1))
-    return m
-
-
-def tiny_trainer_model_config() -> ml_collections.ConfigDict:
-    """`tiny_model_config` with a 2-level UNet (one cross-attention level, one plain) and
-    1-layer text encoder and face projection: for the tests of the trainer's mechanics
-    (sharding, resume, accumulation, bfloat16, signals, faults), where SD1.5's structure is not
-    what is tested (tests/test_tiny_run.py trains the full tiny structure end to end). About
-    half the tiny step's operations, so about half its trace and compile time, which dominate
-    those tests. The VAE (factor 8), the text length and the identity and CLIP-image widths are
-    the tiny model's, so shards have the same shapes (latents 8x8 at 64 px, divisible by the
-    UNet's 2 ** (2 - 1))."""
-    from dynamicid_jax.models.unet_config import CROSS_ATTN_DOWN, CROSS_ATTN_UP, PLAIN_DOWN, PLAIN_UP
-
-    m = tiny_model_config()
-    m.unet.update(block_out_channels=(32, 64), num_attention_heads=(2, 2), down_block_types=(CROSS_ATTN_DOWN, PLAIN_DOWN),
-                  up_block_types=(PLAIN_UP, CROSS_ATTN_UP))
-    m.text.num_layers = 1
-    m.face_projection.depth = 1
     return m
 
 

@@ -7,21 +7,15 @@ the reverse) and a config file needs nothing on sys.path but the installed packa
 import ml_collections
 
 from dynamicid_jax import base_models
-from dynamicid_jax.base_models import sd15
 
 
-# The `:ARG` of a stage config -> (tiny model, base-model family, model section builder or None:
-# the family's default). "tiny_trainer": the tiny run on a smaller model still
-# (`sd15.tiny_trainer_model_config`, 2 UNet levels): the trainer's tests, in process and through
-# the CLI, so both compile the same programs.
-CONFIG_ARGS = {"": (False, "sd15", None), "tiny": (True, "sd15", None), "sdxl": (False, "sdxl", None),
-               "tiny_sdxl": (True, "sdxl", None), "tiny_trainer": (True, "sd15", sd15.tiny_trainer_model_config)}
+# The `:ARG` of a stage config -> (tiny model, base-model family).
+CONFIG_ARGS = {"": (False, "sd15"), "tiny": (True, "sd15"), "sdxl": (False, "sdxl"), "tiny_sdxl": (True, "sdxl")}
 
 
 def parse_arg(arg) -> tuple[bool, str]:
-    """A stage config's argument -> (small, family): "" (SD1.5), "tiny", "sdxl", "tiny_sdxl",
-    "tiny_trainer"."""
-    return _config_arg(arg)[:2]
+    """A stage config's argument -> (small, family): "" (SD1.5), "tiny", "sdxl", "tiny_sdxl"."""
+    return _config_arg(arg)
 
 
 def _config_arg(arg) -> tuple:
@@ -35,10 +29,10 @@ def common_config(arg) -> ml_collections.ConfigDict:
     """Fields shared by both stages; `arg`: "" (SD1.5), "tiny" (the tiny model and a short
     run), "sdxl" (SDXL base 1.0 at 1024 px, bfloat16 compute, remat) or "tiny_sdxl" (the
     tiny SDXL: tests and the tiny run)."""
-    small, family, model = _config_arg(arg)
+    small, family = _config_arg(arg)
     members = base_models.get(family)
     config = ml_collections.ConfigDict()
-    config.model = model() if model else base_models.default_config(tiny=small, family=family).model
+    config.model = base_models.default_config(tiny=small, family=family).model
     config.seed = 0  # parameter init of new modules, data order and every per-step draw
     config.total_steps = 20 if small else 100_000
     # compute dtype: "float32" or "bfloat16" (parameters and optimizer state stay float32)
