@@ -9,12 +9,17 @@ from jax.sharding import PartitionSpec as P
 
 from dynamicid_jax import sharding
 from dynamicid_jax.models.unet import UNet2DConditionModel, UNetConfig, unet_abstract_params
+from dynamicid_jax.models.unet_config import CROSS_ATTN_DOWN, CROSS_ATTN_UP, PLAIN_DOWN, PLAIN_UP
 
+# Two levels (one with cross-attention, one plain) hold every parameter kind the rules split
+# (convs, projections, norms, attention); more levels only add compile time.
 CONFIG = UNetConfig(
-    block_out_channels=(32, 32, 64, 64),
+    block_out_channels=(32, 64),
+    down_block_types=(CROSS_ATTN_DOWN, PLAIN_DOWN),
+    up_block_types=(PLAIN_UP, CROSS_ATTN_UP),
     norm_num_groups=8,
     cross_attention_dim=32,
-    num_attention_heads=(2, 4, 4, 8),
+    num_attention_heads=(2, 4),
     sample_size=8,
 )
 MIN_SIZE = 1024  # tiny model: split everything of at least 1024 elements
