@@ -1,9 +1,12 @@
-"""Diffusers' own tiny SDXL, written as a diffusers pipeline folder, for the SDXL tests.
+"""Diffusers' own tiny SDXL, slimmed, written as a diffusers pipeline folder, for the SDXL tests.
 
 The components are those of diffusers' StableDiffusionXLPipeline fast tests
 (`tests/pipelines/stable_diffusion_xl/test_stable_diffusion_xl.py`, `get_dummy_components`):
-the same constructors and arguments under the same `torch.manual_seed(0)` calls, so the
-weights are the ones diffusers' own tests run. The one difference: diffusers loads both
+the same constructors and arguments under the same `torch.manual_seed(0)` calls, with two
+changes that keep every SDXL feature but cost less compile time (trace and XLA compile
+dominate the suite on 2 cores; benchmarks/design_choices_report.md): one resnet per UNet
+block instead of two (layers_per_block; the levels' 1 and 2 transformer layers kept) and 3
+text-encoder layers instead of 5. The tokenizers differ too: diffusers loads both
 tokenizers from the hub (`hf-internal-testing/tiny-random-clip`), which this machine cannot
 reach; here both are `dynamicid_jax.tokenizer.write_tiny_vocab`'s vocabulary (544 ids < the
 encoders' vocab_size 1000), loaded by transformers' CLIPTokenizer, tokenizer_2 padding with
@@ -22,10 +25,11 @@ import tempfile
 
 import numpy as np
 
-# diffusers' get_dummy_components, argument for argument.
+# diffusers' get_dummy_components, argument for argument, but for layers_per_block (2 there)
+# and num_hidden_layers (5 there).
 UNET = dict(
     block_out_channels=(2, 4),
-    layers_per_block=2,
+    layers_per_block=1,
     time_cond_proj_dim=None,
     sample_size=32,
     in_channels=4,
@@ -59,7 +63,7 @@ TEXT_ENCODER = dict(
     intermediate_size=37,
     layer_norm_eps=1e-05,
     num_attention_heads=4,
-    num_hidden_layers=5,
+    num_hidden_layers=3,
     pad_token_id=1,
     vocab_size=1000,
     hidden_act="gelu",

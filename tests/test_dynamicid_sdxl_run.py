@@ -89,9 +89,9 @@ def test_export_is_the_release_layout_and_reads_back_to_the_same_parameters(run,
     state = read_safetensors(exported)
     n_attn2 = len(saa_blocks.attn2_names(modules.unet.config))
     processors = {int(k.split(".")[1]) for k in state if k.startswith("SAA_module.")}
-    assert processors == set(range(2 * n_attn2)) and n_attn2 == 12
+    assert processors == set(range(2 * n_attn2)) and n_attn2 == 8
     assert state["SAA_module.1.to_k_ip.weight"].shape == (4, 64)  # (hidden, identity width = cross_attention_dim)
-    assert "SAA_module.0.to_k_ip.weight" not in state and "SAA_module.23.to_out_lora.up.weight" in state
+    assert "SAA_module.0.to_k_ip.weight" not in state and "SAA_module.15.to_out_lora.up.weight" in state
     assert {k.split(".")[0] for k in state} == {"proj_module", "SAA_module", "IMR", "key_point_encoder"}
     stored = weights_file.read_config(exported)
     assert stored.model.family == "sdxl" and stored.init.random

@@ -231,12 +231,12 @@ def test_sample_cli_plain_text_to_image_on_the_tiny_sdxl_folder(setup, tmp_path,
     from safetensors.numpy import save_file
 
     folder, out = str(setup["folder"]), tmp_path / "out"
-    # A kohya SDXL style LoRA: one UNet module in SGM naming (input_blocks_4 = level 1's first
-    # attention) and one of the bigG encoder (parity of the merge: test_sdxl_lora.py).
+    # A kohya SDXL style LoRA: one UNet module in SGM naming (input_blocks_3 = level 1's first
+    # attention: conv_in, level 0's resnet and downsampler come before it) and one of the bigG encoder (parity of the merge: test_sdxl_lora.py).
     rng = np.random.default_rng(0)
     style = tmp_path / "style.safetensors"
-    save_file({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": rng.standard_normal((2, 4), np.float32),
-               "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": rng.standard_normal((4, 2), np.float32),
+    save_file({"lora_unet_input_blocks_3_1_proj_in.lora_down.weight": rng.standard_normal((2, 4), np.float32),
+               "lora_unet_input_blocks_3_1_proj_in.lora_up.weight": rng.standard_normal((4, 2), np.float32),
                "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight":
                    rng.standard_normal((2, 32), np.float32),
                "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight":

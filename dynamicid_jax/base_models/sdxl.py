@@ -5,7 +5,7 @@
                             (`text`) and OpenCLIP bigG (`text_2`), EulerDiscrete's schedule;
                             DynamicID's modules sized by the seam (identity tokens 2048 wide,
                             IMR's text side CLIP-L's 768)
-  tiny_model_config()       diffusers' own tiny SDXL (its pipeline tests' get_dummy_components)
+  tiny_model_config()       diffusers' own tiny SDXL (its pipeline tests' get_dummy_components), slimmed
   model_from_files(m, path) the unet / vae / text / text_2 / scheduler sections and
                             force_zeros_for_empty_prompt from the files (a single file: shapes)
   load_tokenizer/tokenize   both tokenizers, each padding with its own pad token; textual
@@ -86,20 +86,21 @@ def model_config() -> ml_collections.ConfigDict:
 
 
 def tiny_model_config() -> ml_collections.ConfigDict:
-    """Diffusers' tiny SDXL (tests/sdxl_tiny.py writes its files): a 2-level UNet of widths
-    (2, 4), one 5-layer 32-wide text config for both encoders (encoder 2 with a 32-wide
-    projection), the VAE at diffusers' default scale; tiny DynamicID modules 64 wide."""
+    """Diffusers' tiny SDXL, slimmed (tests/sdxl_tiny.py writes its files): a 2-level UNet of
+    widths (2, 4), one resnet per block (diffusers' has 2), 1 and 2 transformer layers per
+    level; one 3-layer 32-wide text config for both encoders (diffusers' has 5; encoder 2 with
+    a 32-wide projection), the VAE at diffusers' default scale; tiny DynamicID modules 64 wide."""
     m = sd15.tiny_model_config()
     m.family = "sdxl"
     m.unet = dict(
-        block_out_channels=(2, 4), layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        block_out_channels=(2, 4), layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), num_attention_heads=(2, 4), cross_attention_dim=64,
         norm_num_groups=1, sample_size=32, use_linear_projection=True, transformer_layers_per_block=(1, 2),
         addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
     )
     # diffusers' AutoencoderKL defaults (its tiny SDXL VAE states no scaling_factor: 0.18215)
     m.vae = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, scaling_factor=0.18215)
-    text = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_layers=5, num_heads=4,
+    text = dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_layers=3, num_heads=4,
                 max_positions=sd15.TEXT_LENGTH, activation="gelu", eos_token_id=2)
     m.text = dict(text)
     m.text_2 = dict(text, projection_dim=32)
