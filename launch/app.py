@@ -89,12 +89,29 @@ def _start(args: argparse.Namespace):
     return service, notice
 
 
+def _own_gradio_cache() -> None:
+    """gradio's cache folder for this server alone (mode 0700, removed at exit), unless
+    GRADIO_TEMP_DIR names one: servers sharing /tmp/gradio share uploads by content hash, so
+    one server deleting its old or all its files (--keep_files_minutes, stop) would delete a
+    photo another server is using. Set before gradio reads it (the page, the server, the
+    service's upload folder)."""
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
+    if not os.environ.get("GRADIO_TEMP_DIR"):
+        os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="dynamicid-app-")
+        atexit.register(shutil.rmtree, os.environ["GRADIO_TEMP_DIR"], ignore_errors=True)
+
+
 def main(argv=None) -> int:
     from dynamicid_jax import cli
     from dynamicid_jax.errors import UserError
 
     args = parse_args(argv)
     cli.quiet_logs(args.verbose)
+    _own_gradio_cache()
     try:  # start-up input only: once serving, the page reports a request's bad input itself
         service, notice = _start(args)
     except UserError as e:

@@ -3,8 +3,11 @@
 These must be set before jax initialises its backend, hence at import time of conftest.
 """
 
+import contextlib
 import os
 import pathlib
+import re
+import tempfile
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -27,16 +30,20 @@ os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 os.environ.setdefault("TEST_ASSETS", str(_ROOT / "test_assets"))
 # gradio's servers (uploads) and clients (downloads) of this process and its subprocesses use
-# a folder of this process, removed at its end, instead of leaving their files in /tmp/gradio.
-if "GRADIO_TEMP_DIR" not in os.environ:
+# a folder of this process, removed at its end, instead of leaving their files in /tmp/gradio;
+# each test process its own (an xdist worker replaces its controller's): two servers sharing a
+# cache share files by content hash, and one stopping deletes its uploads (ui.launch).
+if "GRADIO_TEMP_DIR" not in os.environ or "DYNAMICID_TESTS_GRADIO_PID" in os.environ:
     import atexit
     import shutil
-    import tempfile
 
     os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="dynamicid-tests-gradio-")
+    os.environ["DYNAMICID_TESTS_GRADIO_PID"] = str(os.getpid())
     atexit.register(shutil.rmtree, os.environ["GRADIO_TEMP_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
+
+_TEMP_BEFORE = pytest.StashKey[set]()
 
 if os.environ.get("CPU_PROFILE_DIR"):  # CPU seconds per test (tests/cpu_profile.py)
     pytest_plugins = ["cpu_profile"]
@@ -66,3 +73,23 @@ HEAVIEST_FIRST = (
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: test order within a file kept
+
+
+# gradio_client downloads each file into an empty folder it makes in the system temp folder
+# (secrets.token_hex(20): 40 hex digits), moves the file out and leaves the folder: the
+# controller process removes the empty ones the session made (rmdir removes nothing else).
+_CLIENT_TEMP = re.compile(r"[0-9a-f]{40}")
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_TEMP_BEFORE] = set(os.listdir(tempfile.gettempdir()))
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller sweeps once
+        return
+    root = tempfile.gettempdir()
+    for name in set(os.listdir(root)) - session.config.stash.get(_TEMP_BEFORE, set()):
+        if _CLIENT_TEMP.fullmatch(name):
+            with contextlib.suppress(OSError):  # not empty (not gradio_client's) or gone
+                os.rmdir(os.path.join(root, name))

@@ -209,3 +209,24 @@ def test_uploaded_faces_leave_gradios_cache(app, test_assets, tmp_path, monkeypa
         assert _wait_until(lambda: not any(p.exists() for p in uploads), 30), f"uploads kept after {gone_when}"
     finally:
         demo.close()
+
+
+def test_each_app_server_has_a_cache_folder_of_its_own(monkeypatch):
+    """launch/app.py gives its server a private gradio cache (0700, removed at exit) unless
+    GRADIO_TEMP_DIR names one: the deletions above must not reach another server's files."""
+    import os
+    import tempfile
+
+    from launch import app as app_cli
+
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
+    app_cli._own_gradio_cache()
+    folder = pathlib.Path(os.environ["GRADIO_TEMP_DIR"])
+    try:
+        assert folder.is_dir() and folder.parent == pathlib.Path(tempfile.gettempdir())
+        assert folder.stat().st_mode & 0o777 == 0o700
+        monkeypatch.setenv("GRADIO_TEMP_DIR", str(folder / "chosen"))
+        app_cli._own_gradio_cache()
+        assert os.environ["GRADIO_TEMP_DIR"] == str(folder / "chosen")  # the operator's choice stays
+    finally:
+        folder.rmdir()
