@@ -72,7 +72,7 @@ def _start(args: argparse.Namespace):
     from dynamicid_jax import cli
     from dynamicid_jax.request import InputError
 
-    if args.keep_files_minutes is not None and not args.keep_files_minutes > 0:  # NaN too
+    if args.keep_files_minutes is not None and not 0 < args.keep_files_minutes < float("inf"):  # NaN too
         raise InputError(f"--keep_files_minutes {args.keep_files_minutes:g}: must be a positive number of minutes")
     cli.check_output_folder(args.out, "--out")  # before any model loads
 

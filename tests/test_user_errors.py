@@ -288,6 +288,7 @@ APP_CASES = [
     (["--demo", "--out", "{tmp}/taken"], "--out {tmp}/taken: exists and is not a folder"),
     (["--demo", "--keep_files_minutes", "0"], "--keep_files_minutes 0: must be a positive number"),
     (["--demo", "--keep_files_minutes", "nan"], "--keep_files_minutes nan: must be a positive number"),
+    (["--demo", "--keep_files_minutes", "inf"], "--keep_files_minutes inf: must be a positive number"),
 ]
 
 
