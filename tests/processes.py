@@ -1,4 +1,5 @@
-"""Subprocesses of the multi-process tests (jax.distributed jobs of the CLIs on CPU)."""
+"""Subprocesses of the multi-process tests (jax.distributed jobs of the CLIs on CPU), and
+waiting for what a thread or a server does in the background."""
 
 from __future__ import annotations
 
@@ -36,3 +37,11 @@ def kill_once_saved(proc: subprocess.Popen, checkpoint: pathlib.Path, timeout: f
     output = proc.communicate()[0]
     assert still_running, f"the run ended before it could be killed:\n{output[-3000:]}"
     return output
+
+
+def wait_for(condition, seconds: float = 30.0) -> bool:
+    """Poll `condition()` until it holds or `seconds` pass; returns its last value."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return condition()

@@ -21,6 +21,7 @@ import pytest
 
 pytest.importorskip("gradio", reason="the app extra (make install) provides gradio")
 
+from processes import wait_for  # noqa: E402
 from test_app import BOXES, app  # noqa: E402,F401  (the module-scoped demo app fixture)
 
 CLIENTS, REQUESTS = 8, 5
@@ -172,13 +173,6 @@ def test_an_upload_over_the_limit_is_refused_while_it_streams(app, test_assets):
     assert any(f.endswith(".png") for f in files)
 
 
-def _wait_until(condition, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return condition()
-
-
 @pytest.mark.parametrize("keep_s, gone_when", [(3600, "the server stops"), (2, "they are older than 2 s")])
 def test_uploaded_faces_leave_gradios_cache(app, test_assets, tmp_path, monkeypatch, keep_s, gone_when):  # noqa: F811
     """The reference photos clients upload (people's faces) do not pile up in gradio's cache:
@@ -201,12 +195,12 @@ def test_uploaded_faces_leave_gradios_cache(app, test_assets, tmp_path, monkeypa
         client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path / "downloads"))
         files = client.predict(**_kwargs(test_assets, 33))[0]
         assert any(f.endswith(".png") for f in files)
-        uploads = [p for p in cache.rglob("*") if p.suffix == ".jpg"]
+        uploads = list(cache.rglob("*.jpg"))
         assert sorted(p.name for p in uploads) == ["0-f15-hao-ph.jpg", "obama.jpg"], uploads
         if keep_s > 60:
             assert all(p.exists() for p in uploads)
             demo.close()
-        assert _wait_until(lambda: not any(p.exists() for p in uploads), 30), f"uploads kept after {gone_when}"
+        assert wait_for(lambda: not any(p.exists() for p in uploads), 30), f"uploads kept after {gone_when}"
     finally:
         demo.close()
 

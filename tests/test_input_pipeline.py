@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import _data_helpers as helpers
+from processes import wait_for
 from dynamicid_jax.data import pipeline, records, shards
 from dynamicid_jax.data.precompute import PrecomputeJob, run_precompute
 
@@ -181,13 +182,6 @@ class _Recording:
         return self.dataset[j]
 
 
-def _wait_for(condition, seconds=30.0):
-    deadline = time.time() + seconds
-    while not condition() and time.time() < deadline:
-        time.sleep(0.005)
-    return condition()
-
-
 def test_placed_prefetch_keeps_the_consumed_position_exact(anchor_data):
     """Batches read and placed ahead by the threads are not part of the state: it is the
     position after what next() returned; a resume from it, or a set_state back, is exact."""
@@ -200,7 +194,7 @@ def test_placed_prefetch_keeps_the_consumed_position_exact(anchor_data):
     recording = _Recording(ds)
     with pipeline.GlobalBatchIterator(recording, mesh, num_threads=2, prefetch=3) as it:
         got = [next(it) for _ in range(4)]
-        assert _wait_for(lambda: max(recording.read) == 6)  # batches 4, 5, 6 read ahead
+        assert wait_for(lambda: max(recording.read) == 6)  # batches 4, 5, 6 read ahead
         state = it.get_state()
         assert state == {"next_index": 4}
         for j, batch in enumerate(got):
