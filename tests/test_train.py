@@ -2,8 +2,8 @@
 (`train_data.CONFIG_ARG`: the tiny run on a 2-level UNet) and synthetic shards.
 
 Compiles, in order: the anchor step on an 8-device fsdp mesh (the in-process reference run,
-reused from the persistent cache by the kill-and-resume subprocess runs and the sharded-step
-test), the anchor step on one device (reused by the one-device SIGTERM subprocess runs).
+reused from the persistent cache by the interrupted subprocess runs and the sharded-step
+test), the anchor step on one device (tests/test_train_paths.py's accumulation reference).
 Everything else reuses those. Stage 2 from a stage-1 run (stage 1
 left bit-identical, IMR trained) and both runs as the sampler's --dynamicid are covered by
 tests/test_tiny_run.py on real shards.
@@ -33,7 +33,8 @@ from dynamicid_jax.training.step import make_optimizer
 from parity import assert_updates_close, assert_updates_differ
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-STEPS, EVERY = 6, 2
+# Saves at 5, 10, 15, 20: a run preempted after step 10 still has 10 steps to receive the signal in.
+STEPS, EVERY = 20, 5
 
 
 
@@ -180,57 +181,50 @@ def test_classifier_free_drops_are_exclusive():
     assert abs((~face & ~text).mean() - 0.85) < 0.003
 
 
-def _run_cli(args, devices=8, **kwargs):
-    """launch/train.py ARGS on `devices` CPU devices (8: the in-process runs' mesh and programs)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+def _run_cli(args):
+    """launch/train.py ARGS on 8 CPU devices (the in-process runs' mesh and program)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=8")
     return subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_kill_and_resume_matches_uninterrupted(tmp_path, anchor_data, anchor_run, modules):
-    workdir = tmp_path / "killed"
+def test_killed_then_preempted_run_resumes_to_the_uninterrupted_parameters(tmp_path, anchor_data, anchor_run,
+                                                                          steppers, modules):
+    """One run interrupted twice, then finished: launch/train.py SIGKILLed once step EVERY is
+    saved (nothing later is left behind); rerun, then SIGTERMed (preemption) once step 2 x EVERY
+    is saved: it saves the step in hand and exits 0; finished in-process, the parameters equal
+    the uninterrupted run's bit for bit. Two process starts (each loads the fsdp-8 step from
+    the persistent cache); the in-process finish reuses the compiled step."""
+    workdir = tmp_path / "interrupted"
     args = ["--stage=anchor", train_data.CONFIG_FLAG, f"--data={anchor_data}", f"--workdir={workdir}",
             *ANCHOR_FLAGS]
-    proc = _run_cli(args)
-    processes.kill_once_saved(proc, workdir / "checkpoints" / str(EVERY), timeout=300)
+    processes.kill_once_saved(_run_cli(args), workdir / "checkpoints" / str(EVERY), timeout=300)
     assert not (workdir / "checkpoints" / str(STEPS)).exists()
 
-    resumed = _run_cli(args)
-    output = resumed.communicate(timeout=600)[0]
-    assert resumed.returncode == 0, output[-3000:]
-    reference = checkpoints.load_trained_params(anchor_run[0], modules)
-    restarted = checkpoints.load_trained_params(workdir, modules)
-    for path, value in traverse_util.flatten_dict(reference).items():
-        np.testing.assert_array_equal(traverse_util.flatten_dict(restarted)[path], value, err_msg="/".join(path))
-
-
-def test_sigterm_saves_the_current_step_and_the_rerun_finishes(tmp_path, anchor_data):
-    """Preemption: SIGTERM during the loop saves the step in hand and exits 0; the rerun resumes.
-    On one device: the steps are the "single" stepper's program (compiled above, so both starts
-    load it), and the signal path does not depend on the mesh."""
-    # The signal is sent once step `every` is saved: the 15 steps left (each a few tens of ms at
-    # the fastest, on one device) leave the run time to receive it mid-run (it arrives within
-    # milliseconds); few saves keep it quick.
-    total, every = 20, 5
-    workdir = tmp_path / "preempted"
-    args = ["--stage=anchor", train_data.CONFIG_FLAG, f"--data={anchor_data}", f"--workdir={workdir}",
-            f"--config.total_steps={total}", f"--config.checkpoint.every_steps={every}", "--config.checkpoint.keep=2",
-            "--config.progress_bar=False", "--config.log_every_steps=1000"]
-    proc = _run_cli(args, devices=1)
+    # The signal is sent once step 2 x EVERY is saved: the steps left (each a few tens of ms at
+    # the fastest) leave the run time to receive it mid-run (it arrives within milliseconds).
+    proc = _run_cli(args)
     deadline = time.time() + 300
-    while not (workdir / "checkpoints" / str(every)).is_dir() and proc.poll() is None and time.time() < deadline:
+    while not (workdir / "checkpoints" / str(2 * EVERY)).is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGTERM)
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, output[-3000:]
     saved = int(re.search(r"SIGTERM: saved step (\d+)", output).group(1))
-    assert every <= saved < total
+    assert 2 * EVERY <= saved < STEPS
     assert (workdir / "checkpoints" / str(saved)).is_dir()
-    resumed = _run_cli(args, devices=1)
-    output = resumed.communicate(timeout=600)[0]
-    assert resumed.returncode == 0, output[-3000:]
-    assert (workdir / "checkpoints" / str(total)).is_dir()
+    assert not (workdir / "checkpoints" / str(STEPS)).exists()
+
+    compile_step = trainer.compile_step
+    trainer.compile_step = lambda *args: steppers["fsdp8"][:3]  # the same config, mesh and shards
+    try:
+        assert trainer.train(anchor_config(), workdir, anchor_data, stage="anchor")["step"] == STEPS
+    finally:
+        trainer.compile_step = compile_step
+    reference = traverse_util.flatten_dict(checkpoints.load_trained_params(anchor_run[0], modules))
+    finished = traverse_util.flatten_dict(checkpoints.load_trained_params(workdir, modules))
+    for path, value in reference.items():
+        np.testing.assert_array_equal(finished[path], value, err_msg="/".join(path))
 
 
 def test_restore_with_other_shapes_fails_loudly(anchor_run):
