@@ -62,6 +62,23 @@ def anchor_data(tmp_path_factory, modules):
     return _write_anchor(tmp_path_factory.mktemp("anchor_shards"), modules, 16)
 
 
+@pytest.fixture(scope="module")
+def fsdp8_step(modules, anchor_data):
+    """trainer.compile_step's result for anchor_config() on the 8-device fsdp mesh (the
+    trainer's own mesh here): compiled, or read from the persistent cache, and traced once for
+    the module (the length of a run, its checkpoints and non-finite mode are not in the program)."""
+    config = anchor_config()
+    manifest = data.check_dataset(anchor_data, stages.get("anchor"), modules, config)
+    tx = make_optimizer(config.optimizer, config.total_steps)
+    return trainer.compile_step(stages.get("anchor"), modules, config, tx, sharding.make_mesh(1, -1), manifest)
+
+
+@pytest.fixture
+def reuse_fsdp8_step(fsdp8_step, monkeypatch):
+    """trainer.train in this test compiles nothing: it gets `fsdp8_step`."""
+    monkeypatch.setattr(trainer, "compile_step", lambda *args: fsdp8_step)
+
+
 def _trainable(workdir_or_step, modules, names) -> dict:
     """Flat {path: array} of the trainable leaves in a checkpoint (names: the trainable paths)."""
     flat = traverse_util.flatten_dict(checkpoints.load_trained_params(workdir_or_step, modules))
@@ -82,57 +99,58 @@ def _fresh(config, modules, data_dir, abs_state, abs_fixed):
 
 # --------------------------------------------------------------------------- 1. gradient accumulation
 
-# Drops at 25% each so the batch certainly mixes kept, face-, text- and both-dropped rows. A
-# global batch of 16: with accumulation 2 each micro-batch has one row per device of 8 (the
-# trainer refuses 8 = 2 x 4 rows on 8 devices, checked below).
-ACCUMULATION = {"loss.face_drop": 0.25, "loss.text_drop": 0.25, "loss.both_drop": 0.25,
-                "data.global_batch_size": 16}
-
-
-def _one_update(config, modules, data_dir, devices, *batches):
-    """One compiled update from the fresh state on a (1, len(devices)) mesh, per batch (one
-    compile for all) -> [(trainable, metrics)]."""
+def _stepper(config, modules, data_dir, devices):
+    """The update compiled once on a (1, len(devices)) mesh -> run(batch, seed): one update
+    from the fresh state of that seed -> (trainable, metrics). The seed is state, not program."""
     mesh = sharding.make_mesh(1, -1, devices)
     trainer.check_batch_layout(config, mesh)
     manifest = data.check_dataset(data_dir, stages.get("anchor"), modules, config)
     tx = make_optimizer(config.optimizer, config.total_steps)
     compiled, abs_state, abs_fixed = trainer.compile_step(stages.get("anchor"), modules, config, tx, mesh, manifest)
-    results = []
-    for batch in batches:
-        state, fixed = _fresh(config, modules, data_dir, abs_state, abs_fixed)
+
+    def run(batch, seed):
+        seeded = config.copy_and_resolve_references()
+        seeded.seed = seed
+        state, fixed = _fresh(seeded, modules, data_dir, abs_state, abs_fixed)
         new_state, metrics = compiled(state, fixed, jax.device_put(batch, sharding.batch_sharding(mesh)))
-        results.append((traverse_util.flatten_dict(jax.device_get(new_state.trainable)), jax.device_get(metrics)))
-    return results
+        return traverse_util.flatten_dict(jax.device_get(new_state.trainable)), jax.device_get(metrics)
+
+    return run
 
 
 def test_accumulation_matches_one_big_batch(modules, anchor_data):
-    """accumulation_steps=2 on the 8-device mesh = accumulation 1 on one device, on the same
-    global batch and RNG (micro-batch j = rows j, j+2, ... must stay on their devices). Against
-    the one-device reference, a fault of either the accumulation or the mesh shows; the trainer
-    passes its mesh on one device too, so accumulation there takes the same code path.
+    """accumulation_steps=2 on a 4-device mesh = accumulation 1 on one device (test_train.py's
+    program), on the same global batch of 8 and RNG: each micro-batch has one row per device,
+    and micro-batch j = rows j, j+2, ... must stay on their devices. Against the one-device
+    reference, a fault of either the accumulation or the mesh shows; the trainer passes its
+    mesh on one device too, so accumulation there takes the same code path.
 
     The step draws every random number (latent sample, noise, timestep, drop uniform) for the
     whole global batch and splits the draws with the rows, so both runs see identical draws
-    per example; the drop probabilities can stay non-zero."""
-    one = anchor_config(**ACCUMULATION)
-    two = anchor_config(**ACCUMULATION, **{"optimizer.accumulation_steps": 2})
+    per example. The config's 5% drops are kept (the programs are shared with test_train.py);
+    the first seed whose batch mixes kept, face- and text-dropped rows is used."""
+    one = anchor_config()
+    two = anchor_config(**{"optimizer.accumulation_steps": 2})
     with pytest.raises(ValueError, match="multiple of optimizer.accumulation_steps=2 x 8 devices"):
-        trainer.check_batch_layout(anchor_config(**{"optimizer.accumulation_steps": 2}), sharding.make_mesh(1, -1))
-    batch = data.dataset(anchor_data, stages.get("anchor"), modules, one)[0]
-    assert batch["vae_mean"].shape[0] == 16
+        trainer.check_batch_layout(two, sharding.make_mesh(1, -1))
+    reference_step = _stepper(one, modules, anchor_data, jax.devices()[:1])
+    for seed in range(32):  # each try: one update of milliseconds
+        batch = data.dataset(anchor_data, stages.get("anchor"), modules, anchor_config(seed=seed))[0]
+        reference, ref_metrics = reference_step(batch, seed)
+        if 0 < ref_metrics["face_dropped"] < 1 and 0 < ref_metrics["text_dropped"] < 1:
+            break
+    assert 0 < ref_metrics["face_dropped"] < 1 and 0 < ref_metrics["text_dropped"] < 1, ref_metrics
+    assert batch["vae_mean"].shape[0] == 8 and ref_metrics["finite"] == 1.0
     # The bug to catch: a micro-batch dropped (here: micro-batch 0 = rows 0, 2, ... counted
     # twice in place of micro-batch 1 = rows 1, 3, ...).
-    dropped = {k: np.repeat(v[0::2], 2, axis=0) for k, v in batch.items()}
-    (reference, ref_metrics), (broken, _) = _one_update(one, modules, anchor_data, jax.devices()[:1], batch, dropped)
-    initial = traverse_util.flatten_dict(partition.split_params(init.initial_params(stages.get("anchor"), one, modules),
-                                                                stages.get("anchor"))[0])
-    assert ref_metrics["finite"] == 1.0
-    assert 0 < ref_metrics["face_dropped"] < 1 and 0 < ref_metrics["text_dropped"] < 1
+    broken, _ = reference_step({k: np.repeat(v[0::2], 2, axis=0) for k, v in batch.items()}, seed)
+    initial = traverse_util.flatten_dict(partition.split_params(
+        init.initial_params(stages.get("anchor"), anchor_config(seed=seed), modules), stages.get("anchor"))[0])
     moved = [p for p in reference if not np.array_equal(reference[p], initial[p])]
     assert len(moved) > 0.5 * len(reference)
 
-    name = "8 devices"
-    [(params, metrics)] = _one_update(two, modules, anchor_data, jax.devices(), batch)
+    name = "4 devices, 2 micro-batches"
+    params, metrics = _stepper(two, modules, anchor_data, jax.devices()[:4])(batch, seed)
     # Loss and grad norm are sums over rows in another order: relative error a few float32
     # epsilons (6e-8) times the depth of the reduction; 1e-5 leaves two orders of margin, and
     # a dropped micro-batch moves them by percents.
@@ -180,14 +198,14 @@ def _steps_saved(workdir):
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def test_nonfinite_stop_names_the_step(tmp_path, poisoned_data):
+def test_nonfinite_stop_names_the_step(tmp_path, poisoned_data, reuse_fsdp8_step):
     workdir = tmp_path / "stop"
     with pytest.raises(trainer.NonFiniteError, match=rf"^step {BAD_STEP}: non-finite loss nan"):
         trainer.train(_nonfinite_config("stop"), workdir, poisoned_data, stage="anchor")
     assert _steps_saved(workdir) == list(range(1, BAD_STEP))  # the bad step is never saved
 
 
-def test_nonfinite_skip_drops_that_update_and_goes_on(tmp_path, poisoned_data, modules, capsys):
+def test_nonfinite_skip_drops_that_update_and_goes_on(tmp_path, poisoned_data, modules, capsys, reuse_fsdp8_step):
     workdir = tmp_path / "skip"
     metrics = trainer.train(_nonfinite_config("skip"), workdir, poisoned_data, stage="anchor")
     assert metrics["step"] == NONFINITE_STEPS and metrics["skipped_updates"] == 1
@@ -261,7 +279,7 @@ MP_STEPS = 4
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path, anchor_data, modules):
+def test_two_processes_match_one(tmp_path, anchor_data, modules, fsdp8_step):
     """2 processes x 1 CPU device (jax.distributed, gloo collectives) through launch/train.py's
     multi-process flags, both writing one workdir: disjoint shard files per host, exit 0, and
     the same parameters as one process with 8 devices fed the same global batches. One device
@@ -295,9 +313,7 @@ def test_two_processes_match_one(tmp_path, anchor_data, modules):
     hosts = [pipeline.anchor_dataset(anchor_data, global_batch_size=8, seed=config.seed, expected_features=specs,
                                      process_index=i, process_count=2) for i in range(2)]
     mesh = sharding.make_mesh(1, -1)
-    manifest = data.check_dataset(anchor_data, stages.get("anchor"), modules, config)
-    tx = make_optimizer(config.optimizer, config.total_steps)
-    compiled, abs_state, abs_fixed = trainer.compile_step(stages.get("anchor"), modules, config, tx, mesh, manifest)
+    compiled, abs_state, abs_fixed = fsdp8_step
     initial = traverse_util.flatten_dict(partition.split_params(init.initial_params(stages.get("anchor"), config, modules),
                                                                 stages.get("anchor"))[0])
 
