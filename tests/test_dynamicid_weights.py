@@ -3,8 +3,10 @@ layout (written by torch from the re-statements in dynamicid_torch_reference.py)
 compared with the torch forward; strictness of the import; the full-size key layouts.
 """
 
+import functools
 import re
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -64,7 +66,7 @@ def test_face_projection_matches_torch(files):
     rng = np.random.default_rng(0)
     ids = rng.normal(size=(2, PROJ["id_dim"])).astype(np.float32)
     clip = rng.normal(size=(2, 5, PROJ["clip_dim"])).astype(np.float32)
-    out = model.apply({"params": params}, ids, clip)
+    out = jax.jit(model.apply)({"params": params}, ids, clip)  # one program, not one per operation
     with torch.no_grad():
         expected = proj(torch.from_numpy(ids), torch.from_numpy(clip)).numpy()
     assert out.shape == (2, PROJ["num_tokens"], PROJ["width"])
@@ -83,7 +85,7 @@ def test_imr_matches_torch_one_source_many_targets(files):
     with torch.no_grad():
         expected = imr(*(torch.from_numpy(f32(a)) for a in (tokens, src_lm, tgt_lm, src_txt, tgt_txt))).numpy()
     rep = lambda a: f32(np.repeat(a, 3, axis=0))  # noqa: E731  (ours pairs one source row per target)
-    out = model.apply({"params": params}, rep(tokens), rep(src_lm), rep(src_txt), f32(tgt_lm), f32(tgt_txt))
+    out = jax.jit(model.apply)({"params": params}, rep(tokens), rep(src_lm), rep(src_txt), f32(tgt_lm), f32(tgt_txt))
     assert out.shape == expected.shape == (3, 4, IMR_CFG["id_dim"])
     assert rel_l2(out, expected) <= 1e-4
 
@@ -100,9 +102,9 @@ def test_keypoint_encoder_matches_torch(files, train):
         expected = kpe(torch.from_numpy(image.transpose(0, 3, 1, 2))).numpy().reshape(3, -1)
     kpe.eval()
     if train:
-        out, _ = model.apply(variables, image, train=True, mutable=["batch_stats"])
+        out, _ = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(variables, image)
     else:
-        out = model.apply(variables, image)
+        out = jax.jit(model.apply)(variables, image)
     assert out.shape == (3, KPE_CFG["embedding_dim"])
     assert (np.asarray(out) >= 0).all()  # ends in BatchNorm + ReLU
     assert rel_l2(out, expected) <= 1e-4
