@@ -215,16 +215,8 @@ def test_killed_then_preempted_run_resumes_to_the_uninterrupted_parameters(tmp_p
     assert (workdir / "checkpoints" / str(saved)).is_dir()
     assert not (workdir / "checkpoints" / str(STEPS)).exists()
 
-    compile_step = trainer.compile_step
-    trainer.compile_step = lambda *args: steppers["fsdp8"][:3]  # the same config, mesh and shards
-    try:
-        assert trainer.train(anchor_config(), workdir, anchor_data, stage="anchor")["step"] == STEPS
-    finally:
-        trainer.compile_step = compile_step
-    reference = traverse_util.flatten_dict(checkpoints.load_trained_params(anchor_run[0], modules))
-    finished = traverse_util.flatten_dict(checkpoints.load_trained_params(workdir, modules))
-    for path, value in reference.items():
-        np.testing.assert_array_equal(finished[path], value, err_msg="/".join(path))
+    assert train_data.finish_in_process(steppers["fsdp8"][:3], anchor_config(), workdir, anchor_data)["step"] == STEPS
+    train_data.assert_same_trained_params(workdir, anchor_run[0], modules)
 
 
 def test_restore_with_other_shapes_fails_loudly(anchor_run):

@@ -1,5 +1,6 @@
 """Small synthetic precomputed datasets for the training tests, written with the data
-package's own writer (records + shards), so the trainer reads them exactly as real shards."""
+package's own writer (records + shards), so the trainer reads them exactly as real shards;
+and how those tests finish an interrupted run and compare it with an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -91,3 +92,31 @@ def null_specs_for(specs):
     if "text_states" in by_name:
         out.append(records.FeatureSpec("text_states", by_name["text_states"].shape, "float32"))
     return out
+
+
+def finish_in_process(compiled_step, config, workdir, folder) -> dict:
+    """trainer.train(config, workdir, folder, stage="anchor") handed `compiled_step` (what
+    `trainer.compile_step` returned for the same config, mesh and shards) instead of compiling
+    its step again; returns the run's last metrics."""
+    from dynamicid_jax.training import trainer
+
+    compile_step = trainer.compile_step
+    trainer.compile_step = lambda *args: compiled_step
+    try:
+        return trainer.train(config, workdir, folder, stage="anchor")
+    finally:
+        trainer.compile_step = compile_step
+
+
+def assert_same_trained_params(workdir, reference_workdir, modules) -> dict:
+    """The newest checkpoints of two runs hold bit-identical parameters; returns the
+    reference's, flat ({path tuple: array})."""
+    from flax import traverse_util
+
+    from dynamicid_jax.training import checkpoints
+
+    reference = traverse_util.flatten_dict(checkpoints.load_trained_params(reference_workdir, modules))
+    ours = traverse_util.flatten_dict(checkpoints.load_trained_params(workdir, modules))
+    for path, value in reference.items():
+        np.testing.assert_array_equal(ours[path], value, err_msg="/".join(path))
+    return reference
