@@ -65,10 +65,11 @@ def anchor_data(tmp_path_factory, modules):
 
 @pytest.fixture(scope="module")
 def anchor_run(tmp_path_factory, anchor_data):
-    """The uninterrupted reference run (in-process, through the trainer)."""
+    """The uninterrupted reference run (in-process, through the trainer) -> (workdir, last
+    metrics, its compiled fsdp-8 step (compiled, abstract state, abstract fixed, mesh, tx))."""
     workdir = tmp_path_factory.mktemp("anchor_run")
-    metrics = trainer.train(anchor_config(), workdir, anchor_data, stage="anchor")
-    return workdir, metrics
+    metrics, step = train_data.train_keeping_step(anchor_config(), workdir, anchor_data)
+    return workdir, metrics, step
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +84,15 @@ def _place(tree, abstract):
 
 @pytest.fixture(scope="module")
 def steppers(modules, anchor_data, anchor_run):
-    """name -> (compiled step, abstract state, abstract fixed, mesh) for the fsdp-8 and 1-device meshes."""
+    """name -> (compiled step, abstract state, abstract fixed, mesh) for the fsdp-8 mesh (the
+    reference run's step) and the 1-device mesh."""
     config = anchor_config()
     manifest = data.check_dataset(anchor_data, stages.get("anchor"), modules, config)
     tx = make_optimizer(config.optimizer, config.total_steps)
-    out = {}
-    for name, devices in (("fsdp8", jax.devices()), ("single", jax.devices()[:1])):
-        mesh = sharding.make_mesh(1, -1, devices)
-        out[name] = trainer.compile_step(stages.get("anchor"), modules, config, tx, mesh, manifest) + (mesh,)
-    return out
+    assert anchor_run[2][3].devices.size == len(jax.devices())  # the run's own step: fsdp over all 8
+    mesh = sharding.make_mesh(1, -1, jax.devices()[:1])
+    return {"fsdp8": anchor_run[2][:4],
+            "single": trainer.compile_step(stages.get("anchor"), modules, config, tx, mesh, manifest) + (mesh,)}
 
 
 @pytest.fixture(scope="module")

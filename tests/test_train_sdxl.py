@@ -113,18 +113,8 @@ def reference_run(tmp_path_factory, sdxl_shards):
     """The uninterrupted run on the fsdp-8 mesh (in-process, through the trainer) -> (workdir,
     last metrics, its compiled step (compiled, abstract state, abstract fixed, mesh, tx))."""
     workdir = tmp_path_factory.mktemp("sdxl_run")
-    compile_step, captured = trainer.compile_step, []
-
-    def capture(stage, modules, config, tx, mesh, manifest):
-        captured.append(compile_step(stage, modules, config, tx, mesh, manifest) + (mesh, tx))
-        return captured[-1][:3]
-
-    trainer.compile_step = capture
-    try:
-        metrics = trainer.train(sdxl_config(), workdir, sdxl_shards[0], stage="anchor")
-    finally:
-        trainer.compile_step = compile_step
-    return workdir, metrics, captured[0]
+    metrics, step = train_data.train_keeping_step(sdxl_config(), workdir, sdxl_shards[0])
+    return workdir, metrics, step
 
 
 def _compiled(modules, config, folder, devices):

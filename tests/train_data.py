@@ -94,6 +94,27 @@ def null_specs_for(specs):
     return out
 
 
+def train_keeping_step(config, workdir, folder, stage: str = "anchor"):
+    """trainer.train(config, workdir, folder, stage=stage), keeping the step it compiled ->
+    (last metrics, (compiled, abstract state, abstract fixed, mesh, tx)): the tests that run
+    that step again reuse it instead of tracing it and reading it back from the compile cache
+    (about 10 CPU-s for the tiny model)."""
+    from dynamicid_jax.training import trainer
+
+    compile_step, kept = trainer.compile_step, []
+
+    def keep(stage, modules, config, tx, mesh, manifest, *bucket):
+        kept.append(compile_step(stage, modules, config, tx, mesh, manifest, *bucket) + (mesh, tx))
+        return kept[-1][:3]
+
+    trainer.compile_step = keep
+    try:
+        metrics = trainer.train(config, workdir, folder, stage=stage)
+    finally:
+        trainer.compile_step = compile_step
+    return metrics, kept[0]
+
+
 def finish_in_process(compiled_step, config, workdir, folder) -> dict:
     """trainer.train(config, workdir, folder, stage="anchor") handed `compiled_step` (what
     `trainer.compile_step` returned for the same config, mesh and shards) instead of compiling
