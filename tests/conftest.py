@@ -75,10 +75,13 @@ def test_assets() -> pathlib.Path:
 # Modules by their cold cost on 2 cores, heaviest first: `make test` runs two xdist workers
 # with whole files per worker (--dist loadfile --no-loadscope-reorder), each taking the next
 # file when it is done, so the long training files must start first or they finish alone at
-# the end. Files not named keep their order after these.
+# the end. test_dynamicid_sdxl_run samples with the programs test_train_sdxl's last test (the
+# SDXL story) compiles: started after test_sdxl_pipeline, it finds them in the persistent cache
+# instead of compiling them on the other worker at the same time (cold: about 20 s of compile
+# twice). Files not named keep their order after these.
 HEAVIEST_FIRST = (
     "test_tiny_run", "test_train_paths", "test_train_sdxl", "test_train", "test_evaluation", "test_generation",
-    "test_dynamicid_sdxl_run", "test_train_faults", "test_sdxl_pipeline", "test_app", "test_saa_sdxl", "test_sampling",
+    "test_train_faults", "test_sdxl_pipeline", "test_dynamicid_sdxl_run", "test_app", "test_saa_sdxl", "test_sampling",
     "test_masks", "test_input_pipeline", "test_app_load", "test_sampler_pipeline_parity", "test_sharding",
     "test_unet_parity", "test_lora_files", "test_request_forms", "test_precompute",
 )
