@@ -46,16 +46,16 @@ import pytest  # noqa: E402
 
 # Python's cycle collector, tuned for a test process: tracing and lowering allocate millions of
 # short-lived objects, and each full collection walks every object alive, torch's, gradio's and
-# jax's modules included (about 0.3 s each here). Fewer collections of the young generations,
-# and the objects alive after collection (imports, fixtures' modules) frozen out of them: the
-# collector's time after collection fell from 7.7 to 2.2 CPU-s of 98 (test_dynamicid_sdxl_run
-# and test_saa_sdxl, warm). Garbage cycles are still collected, later.
+# jax's modules included. Fewer collections of the young generations, and the objects alive
+# after collection (imports, the test modules) frozen out of them; garbage cycles are still
+# collected, later (benchmarks/design_choices_report.md).
 gc.set_threshold(10_000, 50, 100)
 
 
 def pytest_collection_finish(session):
     gc.collect()
     gc.freeze()
+
 
 _TEMP_BEFORE = pytest.StashKey[set]()
 
@@ -77,8 +77,8 @@ def test_assets() -> pathlib.Path:
 # file when it is done, so the long training files must start first or they finish alone at
 # the end. test_dynamicid_sdxl_run samples with the programs test_train_sdxl's last test (the
 # SDXL story) compiles: started after test_sdxl_pipeline, it finds them in the persistent cache
-# instead of compiling them on the other worker at the same time (cold: about 20 s of compile
-# twice). Files not named keep their order after these.
+# instead of compiling them on the other worker at the same time. Files not named keep their
+# order after these.
 HEAVIEST_FIRST = (
     "test_tiny_run", "test_train_paths", "test_train_sdxl", "test_train", "test_evaluation", "test_generation",
     "test_train_faults", "test_sdxl_pipeline", "test_dynamicid_sdxl_run", "test_app", "test_saa_sdxl", "test_sampling",
