@@ -28,7 +28,7 @@ import processes
 import train_data
 from configs import anchor as anchor_configs
 from dynamicid_jax import modeling, sharding
-from dynamicid_jax.training import checkpoints, data, init, losses, partition, stages, trainer
+from dynamicid_jax.training import checkpoints, data, init, losses, partition, stages
 from dynamicid_jax.training.step import make_optimizer
 from parity import assert_updates_close, assert_updates_differ
 
@@ -86,13 +86,9 @@ def _place(tree, abstract):
 def steppers(modules, anchor_data, anchor_run):
     """name -> (compiled step, abstract state, abstract fixed, mesh) for the fsdp-8 mesh (the
     reference run's step) and the 1-device mesh."""
-    config = anchor_config()
-    manifest = data.check_dataset(anchor_data, stages.get("anchor"), modules, config)
-    tx = make_optimizer(config.optimizer, config.total_steps)
     assert anchor_run[2][3].devices.size == len(jax.devices())  # the run's own step: fsdp over all 8
-    mesh = sharding.make_mesh(1, -1, jax.devices()[:1])
     return {"fsdp8": anchor_run[2][:4],
-            "single": trainer.compile_step(stages.get("anchor"), modules, config, tx, mesh, manifest) + (mesh,)}
+            "single": train_data.compile_anchor_step(modules, anchor_config(), anchor_data, jax.devices()[:1])[:4]}
 
 
 @pytest.fixture(scope="module")

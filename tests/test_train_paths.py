@@ -67,10 +67,7 @@ def fsdp8_step(modules, anchor_data):
     """trainer.compile_step's result for anchor_config() on the 8-device fsdp mesh (the
     trainer's own mesh here): compiled, or read from the persistent cache, and traced once for
     the module (the length of a run, its checkpoints and non-finite mode are not in the program)."""
-    config = anchor_config()
-    manifest = data.check_dataset(anchor_data, stages.get("anchor"), modules, config)
-    tx = make_optimizer(config.optimizer, config.total_steps)
-    return trainer.compile_step(stages.get("anchor"), modules, config, tx, sharding.make_mesh(1, -1), manifest)
+    return train_data.compile_anchor_step(modules, anchor_config(), anchor_data)[:3]
 
 
 @pytest.fixture
@@ -102,11 +99,8 @@ def _fresh(config, modules, data_dir, abs_state, abs_fixed):
 def _stepper(config, modules, data_dir, devices):
     """The update compiled once on a (1, len(devices)) mesh -> run(batch, seed): one update
     from the fresh state of that seed -> (trainable, metrics). The seed is state, not program."""
-    mesh = sharding.make_mesh(1, -1, devices)
-    trainer.check_batch_layout(config, mesh)
-    manifest = data.check_dataset(data_dir, stages.get("anchor"), modules, config)
-    tx = make_optimizer(config.optimizer, config.total_steps)
-    compiled, abs_state, abs_fixed = trainer.compile_step(stages.get("anchor"), modules, config, tx, mesh, manifest)
+    trainer.check_batch_layout(config, sharding.make_mesh(1, -1, devices))
+    compiled, abs_state, abs_fixed, mesh, _ = train_data.compile_anchor_step(modules, config, data_dir, devices)
 
     def run(batch, seed):
         seeded = config.copy_and_resolve_references()

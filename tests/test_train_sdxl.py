@@ -30,7 +30,7 @@ from dynamicid_jax import base_models, cli, modeling, sharding
 from dynamicid_jax.data import inputs, records, shards
 from dynamicid_jax.data.precompute import PrecomputeJob, run_precompute
 from dynamicid_jax.training import data, init, partition, stages, trainer
-from dynamicid_jax.training.step import init_state, make_optimizer
+from dynamicid_jax.training.step import init_state
 from parity import assert_updates_close, assert_updates_differ
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -117,13 +117,6 @@ def reference_run(tmp_path_factory, sdxl_shards):
     return workdir, metrics, step
 
 
-def _compiled(modules, config, folder, devices):
-    manifest = data.check_dataset(folder, stages.get("anchor"), modules, config)
-    tx = make_optimizer(config.optimizer, config.total_steps)
-    mesh = sharding.make_mesh(1, -1, devices)
-    return trainer.compile_step(stages.get("anchor"), modules, config, tx, mesh, manifest) + (mesh, tx)
-
-
 def _one_step(stepper, config, params, folder, modules, batch):
     compiled, abs_state, abs_fixed, mesh, tx = stepper
     trainable, frozen, model_state = params
@@ -151,8 +144,8 @@ def test_sdxl_sharded_step_equals_one_device_with_accumulation_and_remat(referen
     ref, m8 = _one_step(fsdp8, config, params, folder, modules, batch)
     accumulated = sdxl_config(accumulation_steps=2)
     remat_modules = modeling.build_modules(accumulated.model, remat=True)
-    acc, m2 = _one_step(_compiled(remat_modules, accumulated, folder, jax.devices()[:1]), accumulated, params,
-                        folder, remat_modules, batch)
+    one_device = train_data.compile_anchor_step(remat_modules, accumulated, folder, jax.devices()[:1])
+    acc, m2 = _one_step(one_device, accumulated, params, folder, remat_modules, batch)
     # The loss is a mean over rows, reduced in another order (devices, micro-batches): a few
     # float32 epsilons (6e-8) of it; remat recomputes the same float32 operations.
     assert abs(m2["loss"] - m8["loss"]) <= 1e-5 * abs(m8["loss"])

@@ -4,6 +4,7 @@ and how those tests finish an interrupted run and compare it with an uninterrupt
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 
 import numpy as np
@@ -94,6 +95,35 @@ def null_specs_for(specs):
     return out
 
 
+def compile_anchor_step(modules, config, folder, devices=None):
+    """trainer.compile_step for `config`'s anchor step on `folder`'s shards and a (1, n) mesh
+    over `devices` (default: all, the trainer's own mesh) -> (compiled, abstract state,
+    abstract fixed, mesh, tx)."""
+    from dynamicid_jax import sharding
+    from dynamicid_jax.training import data, stages, trainer
+    from dynamicid_jax.training.step import make_optimizer
+
+    stage = stages.get("anchor")
+    manifest = data.check_dataset(folder, stage, modules, config)
+    tx = make_optimizer(config.optimizer, config.total_steps)
+    mesh = sharding.make_mesh(1, -1, devices)
+    return trainer.compile_step(stage, modules, config, tx, mesh, manifest) + (mesh, tx)
+
+
+@contextlib.contextmanager
+def compile_step_replaced(replacement):
+    """trainer.compile_step is `replacement` inside (for module fixtures, which cannot use
+    monkeypatch); yields the original."""
+    from dynamicid_jax.training import trainer
+
+    compile_step = trainer.compile_step
+    trainer.compile_step = replacement
+    try:
+        yield compile_step
+    finally:
+        trainer.compile_step = compile_step
+
+
 def train_keeping_step(config, workdir, folder, stage: str = "anchor"):
     """trainer.train(config, workdir, folder, stage=stage), keeping the step it compiled ->
     (last metrics, (compiled, abstract state, abstract fixed, mesh, tx)): the tests that run
@@ -101,17 +131,14 @@ def train_keeping_step(config, workdir, folder, stage: str = "anchor"):
     (about 10 CPU-s for the tiny model)."""
     from dynamicid_jax.training import trainer
 
-    compile_step, kept = trainer.compile_step, []
+    kept = []
 
     def keep(stage, modules, config, tx, mesh, manifest, *bucket):
         kept.append(compile_step(stage, modules, config, tx, mesh, manifest, *bucket) + (mesh, tx))
         return kept[-1][:3]
 
-    trainer.compile_step = keep
-    try:
+    with compile_step_replaced(keep) as compile_step:
         metrics = trainer.train(config, workdir, folder, stage=stage)
-    finally:
-        trainer.compile_step = compile_step
     return metrics, kept[0]
 
 
@@ -121,12 +148,8 @@ def finish_in_process(compiled_step, config, workdir, folder) -> dict:
     its step again; returns the run's last metrics."""
     from dynamicid_jax.training import trainer
 
-    compile_step = trainer.compile_step
-    trainer.compile_step = lambda *args: compiled_step
-    try:
+    with compile_step_replaced(lambda *args: compiled_step):
         return trainer.train(config, workdir, folder, stage="anchor")
-    finally:
-        trainer.compile_step = compile_step
 
 
 def assert_same_trained_params(workdir, reference_workdir, modules) -> dict:
