@@ -8,9 +8,12 @@ Its cost: the demo pipeline (~25-45 s when no other module of the process loaded
 per-step-progress sampling program at 64x64 with two people and boxes (~30-45 s, shared with
 test_sampling/test_app in one process), the requests path's batch-8 program over the 8 test
 devices (shared with test_generation through the persistent cache) and a gradio server (~3 s).
+Last, what every form is checked by (`validate_request`) and the one set of sampling
+defaults the forms start from: no model, milliseconds.
 """
 
 import json
+import math
 import pathlib
 import shutil
 import sys
@@ -19,7 +22,8 @@ import numpy as np
 import pytest
 
 from dynamicid_jax.app import forms
-from dynamicid_jax.request import DEFAULT_PROMPT, sampling_defaults
+from dynamicid_jax.request import (DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, IdentityRequest, InputError, SampleRequest,
+                                   sampling_defaults, validate_request)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -246,3 +250,62 @@ def test_cli_from_json_requests_file_and_app_api_give_the_same_png(shared_demo, 
     finally:
         demo.close()
     assert pathlib.Path(next(f for f in files if f.endswith(".png"))).read_bytes() == png
+
+
+# --------------------------------------------------------------------------- the rules every form is checked by
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (dict(guidance=math.nan), "--guidance"),
+        (dict(guidance=math.inf), "--guidance"),
+        (dict(id_scale=-math.inf), "--id_scale"),
+        (dict(mix=math.nan), "--mix"),
+        (dict(beta=-1.0), "--beta must be > -1"),
+        (dict(beta=math.nan), "--beta"),
+        (dict(alpha="abc"), "--alpha must be a step count"),
+        (dict(alpha=-2), "--alpha as a step count"),
+        (dict(alpha=0.0), "--alpha as a fraction"),
+        (dict(alpha=math.nan), "--alpha as a fraction"),
+        (dict(steps=2.5), "--steps must be an integer"),
+        (dict(seed="7"), "--seed must be an integer"),
+        (dict(height=4096), "2048 px limit"),
+        (dict(num_images=40, height=1024, width=1024), "exceeds the"),
+        (dict(prompt=None), "--prompt must be text"),
+        (dict(original_size=[512]), "--original_size must be 2 integers"),
+        (dict(crops_coords_top_left=[-1, 0]), "--crops_coords_top_left must be 2 integers y,x in .0,"),
+        (dict(target_size=[512.0, 512]), "--target_size must be 2 integers"),
+    ],
+)
+def test_validate_request_refuses_non_finite_and_out_of_range(change, needle):
+    request = SampleRequest(identities=[IdentityRequest(refs=["a.jpg"])], prompt="p", height=64, width=64)
+    validate_request(request, 8)  # the unchanged request is fine
+    for key, value in change.items():
+        setattr(request, key, value)
+    with pytest.raises(InputError, match=needle):
+        validate_request(request, 8)
+
+
+def test_one_set_of_sampling_defaults():
+    """The library's SampleRequest and the CLI's config (configs/base.py) agree field by field;
+    the demo config (configs/tiny.py) overrides only its small-model sizes."""
+    from configs import base, tiny
+
+    library = sampling_defaults()
+    # The library's size is None (the pipeline fills in the base model's native size); each
+    # config states its model's (SD1.5 512, tiny 64).
+    assert library["height"] is None and library["width"] is None
+    sized = dict(base.get_config().sampling)
+    assert (sized.pop("height"), sized.pop("width")) == (512, 512)
+    # The negative prompt's default is the family's: none on SDXL (its zeros rule), DynamicID's
+    # on SD1.5; the library's is None, filled in by the pipeline (test_base_models' completion).
+    assert library["negative_prompt"] is None and SampleRequest([], "p").negative_prompt is None
+    assert sized.pop("negative_prompt") == DEFAULT_NEGATIVE_PROMPT != ""
+    assert sized == {k: v for k, v in library.items() if k not in ("height", "width", "negative_prompt")}
+    from dynamicid_jax import base_models
+
+    assert base_models.default_config(family="sdxl").sampling.negative_prompt == ""
+    assert base_models.default_config(family="sd15").sampling.negative_prompt == DEFAULT_NEGATIVE_PROMPT
+    demo = dict(tiny.get_config().sampling)
+    assert {k for k in demo if demo[k] != library[k]} == {"steps", "height", "width", "alpha", "negative_prompt"}
