@@ -1,5 +1,6 @@
 """Shared by test_precompute.py and test_input_pipeline.py: input folders and stand-in extractors;
-by test_tiny_run.py and test_dynamicid_sdxl_run.py: the tiny evaluation test set (`tiny_testset`).
+by test_tiny_run.py and test_dynamicid_sdxl_run.py: the tiny evaluation test set (`tiny_testset`);
+by test_evaluation.py and test_evaluation_protocol.py: test-set files of given photos (`write_protocol`).
 
 The stand-ins are cheap numpy functions of the pixels (no models), for the tests of the
 shard/manifest/pipeline mechanics; the real extractors (tiny random models + offline face
@@ -9,6 +10,7 @@ analysis) are tested in test_precompute.py.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 import types
@@ -138,3 +140,30 @@ def tiny_testset(test_assets: pathlib.Path, folder: pathlib.Path) -> pathlib.Pat
     moved = folder / "tiny.json"
     moved.write_text(testset.read_text().replace("../../test_assets/", f"{test_assets.resolve()}/"))
     return moved
+
+
+# Sampling settings of the evaluation tests' requests (the tiny model's size, 2 steps).
+EVAL_SAMPLING = dict(steps=2, guidance=5.0, height=64, width=64, alpha=1, beta=4.0, id_scale=1.0, negative_prompt="")
+
+
+def write_protocol(tmp_path, identities, photos_dir=None, groups=False, seeds=(0,), edits=None, name="t.json",
+                    masks=None):
+    """A test-set file (the evaluation protocol) `name` in `tmp_path` naming `identities`
+    (name -> photo file in `photos_dir`, TEST_ASSETS by default), read back by load_protocol."""
+    from dynamicid_jax.evaluation import load_protocol
+
+    base = pathlib.Path(photos_dir or os.environ["TEST_ASSETS"])
+    data = {
+        "name": "test",
+        "identities": {k: dict({"refs": [str(base / v)], "noun": "man"}, **({"mask": masks[k]} if k in (masks or {})
+                                                                             else {}))
+                       for k, v in identities.items()},
+        "prompts": [{"name": "cafe", "kind": "context", "template": "a photo of {subjects} in a cafe"}],
+        "edits": edits or [{"expression": "happy", "orientation": "front"}],
+        "seeds": list(seeds),
+    }
+    if groups:
+        data["groups"] = [list(identities)]
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return load_protocol(path)
