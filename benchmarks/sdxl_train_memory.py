@@ -4,21 +4,34 @@
     python benchmarks/sdxl_train_memory.py --remat on --batch 2    # one case
     python benchmarks/sdxl_train_memory.py --resolution 512        # the smaller proxy
     python benchmarks/sdxl_train_memory.py --accounting            # parameters and state only, seconds
+    python benchmarks/sdxl_train_memory.py --gpu_target h100       # compiled for 8 H100s, no GPU needed
+
+`--gpu_target NAME` compiles for a compile-only CUDA topology of 8 GPUs described by
+`benchmarks/gpu_targets/NAME.pbtxt` (XLA's GpuTargetConfig: the device's limits and memory,
+the CUDA and cuDNN versions), without a GPU: jax's deviceless ahead-of-time compilation. It
+needs the CUDA plugin in the interpreter that runs this script (`pip install
+"jax-cuda12-plugin[with-cuda]"` of the installed jax's version; its own venv is enough). The
+XLA:CPU figures do not show what remat saves: remat on and off compiled to the same peak
+there (benchmarks/sdxl_train_memory.md). XLA's CPU pipeline removes jax.checkpoint's
+optimisation barriers early (OptimizationBarrierExpander before layout assignment), so
+scheduling is free to compute the recomputation with the forward pass; the GPU pipeline
+removes them only after scheduling and its own rematerialisation, as on a real GPU.
 
 Nothing is allocated: the parameters are `jax.eval_shape` shapes (`modeling.abstract_params`),
 the batch is ShapeDtypeStructs of the shard format, and the step is the trainer's own
 (`trainer.lower_step`: the configs/anchor.py:sdxl step, bfloat16 compute, parameters and
 AdamW state float32, fsdp-split above `sharding.min_size`), lowered and compiled ahead of
-time for a (data 1, fsdp 8) mesh of fake CPU devices. Each case runs in its own process
-(`XLA_FLAGS=--xla_force_host_platform_device_count=8` must be set before jax starts, and a
-case's compile memory is returned to the system when it ends).
+time for a (data 1, fsdp 8) mesh of fake CPU devices or of `--gpu_target` GPUs. Each case runs
+in its own process (`XLA_FLAGS=--xla_force_host_platform_device_count=8` must be set before
+jax starts, and a case's compile memory is returned to the system when it ends).
 
 Per case: lowering and compile seconds, the process's peak RSS, and per device
 (`compiled.memory_analysis()`): arguments (parameters, optimizer state, batch), outputs,
 temporaries (activations, gathered parameters, gradients) and aliased bytes (the donated
-state); the peak estimate is arguments + outputs + temporaries - aliased. It is the CPU
-backend's buffer assignment: a GPU/TPU compile fuses and schedules differently, so read the
-figures as the program's size, not a device's exact peak. One JSON line per case on stdout;
+state); the peak estimate is arguments + outputs + temporaries - aliased. It is the buffer
+assignment of the compiler that ran (the GPU's, or the CPU backend's, which fuses and schedules
+differently), not a measured run: allocator fragmentation and library workspaces come on
+top. One JSON line per case on stdout;
 `benchmarks/sdxl_train_memory.md` holds the measured table.
 """
 
@@ -48,10 +61,31 @@ def sdxl_config(layers):
     return config
 
 
-def run_case(remat: bool, batch_per_device: int, resolution: int, devices: int, layers=None) -> dict:
-    """Lower and compile one case in this process (its jax must see `devices` devices)."""
+def target_devices(devices: int, gpu_target):
+    """`devices` fake CPU devices, or a compile-only CUDA topology of `devices` GPUs described
+    by benchmarks/gpu_targets/<gpu_target>.pbtxt (one host)."""
     import jax
 
+    if gpu_target is None:
+        return jax.devices()[:devices]
+    import importlib.util
+
+    from jax.experimental import topologies
+
+    targets = pathlib.Path(__file__).resolve().parent / "gpu_targets"
+    if not (targets / f"{gpu_target}.pbtxt").is_file():
+        raise SystemExit(f"--gpu_target {gpu_target}: no {targets / gpu_target}.pbtxt; known: "
+                         f"{sorted(t.stem for t in targets.glob('*.pbtxt'))}")
+    if importlib.util.find_spec("jax_cuda12_plugin") is None:
+        raise SystemExit(f"--gpu_target needs jax's CUDA plugin in this interpreter: "
+                         f"pip install 'jax-cuda12-plugin[with-cuda]=={jax.__version__}'")
+    config = (targets / f"{gpu_target}.pbtxt").read_text()
+    return topologies.get_topology_desc(platform="cuda", target_config=config, topology=f"1x1x{devices}").devices
+
+
+def run_case(remat: bool, batch_per_device: int, resolution: int, devices: int, layers=None, gpu_target=None) -> dict:
+    """Lower and compile one case in this process (its jax must see `devices` devices, or
+    `gpu_target` names a compile-only GPU)."""
     from dynamicid_jax import modeling, sharding
     from dynamicid_jax.data import records
     from dynamicid_jax.training import data, stages, trainer
@@ -61,7 +95,7 @@ def run_case(remat: bool, batch_per_device: int, resolution: int, devices: int, 
     config.remat = remat
     config.data.resolution = resolution
     config.data.global_batch_size = batch_per_device * devices
-    mesh = sharding.make_mesh(1, -1, jax.devices()[:devices])
+    mesh = sharding.make_mesh(1, -1, target_devices(devices, gpu_target))
     modules = modeling.build_modules(config.model, dtype=trainer.compute_dtype(config.dtype), remat=remat)
     stage = stages.get("anchor")
     specs = data.expected_features(stage, modules, config)
@@ -77,6 +111,7 @@ def run_case(remat: bool, batch_per_device: int, resolution: int, devices: int, 
     m = compiled.memory_analysis()
     out = {
         "remat": remat, "batch_per_device": batch_per_device, "resolution": resolution, "devices": devices,
+        "backend": f"gpu:{gpu_target}" if gpu_target else "cpu",
         "transformer_layers": layers or "sdxl",
         "dtype": config.dtype, "lower_seconds": round(lower_seconds, 1), "compile_seconds": round(compile_seconds, 1),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
@@ -136,6 +171,8 @@ def parse_args(argv=None):
                    help="XLA's backend (LLVM) optimisation level 0: a faster CPU compile; the memory analysis "
                         "comes from the HLO buffer assignment before code generation, so it should not change "
                         "(not checked against a full compile here)")
+    p.add_argument("--gpu_target", default=None, help="compile for this GPU (benchmarks/gpu_targets/NAME.pbtxt) "
+                   "without one: deviceless AOT, needs jax's CUDA plugin installed")
     p.add_argument("--case", action="store_true", help=argparse.SUPPRESS)  # the child process
     return p.parse_args(argv)
 
@@ -147,13 +184,18 @@ def main(argv=None) -> list[dict]:
         print(json.dumps(result), flush=True)
         return [result]
     if args.case:
-        result = run_case(args.remat == "on", args.batch[0], args.resolution, args.devices, args.layers)
+        result = run_case(args.remat == "on", args.batch[0], args.resolution, args.devices, args.layers,
+                          args.gpu_target)
         print(json.dumps(result), flush=True)
         return [result]
     flags = f"--xla_force_host_platform_device_count={args.devices}"
     flags += " --xla_backend_optimization_level=0" if args.fast_codegen else ""
+    # Deviceless, XLA cannot autotune; its Triton GEMM tiler then fails on some small dots
+    # ("Couldn't find output tile sizes"): cuBLAS takes them, as on GPUs without Triton.
+    flags += " --xla_gpu_enable_triton_gemm=false" if args.gpu_target else ""
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
     layers = [f"--layers={args.layers}"] if args.layers is not None else []
+    layers += [f"--gpu_target={args.gpu_target}"] if args.gpu_target else []
     env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)  # the memory XLA's full optimiser gives
     results = []
     if args.accounting:
