@@ -12,10 +12,7 @@ the CUDA and cuDNN versions), without a GPU: jax's deviceless ahead-of-time comp
 needs the CUDA plugin in the interpreter that runs this script (`pip install
 "jax-cuda12-plugin[with-cuda]"` of the installed jax's version; its own venv is enough). The
 XLA:CPU figures do not show what remat saves: remat on and off compiled to the same peak
-there (benchmarks/sdxl_train_memory.md). XLA's CPU pipeline removes jax.checkpoint's
-optimisation barriers early (OptimizationBarrierExpander before layout assignment), so
-scheduling is free to compute the recomputation with the forward pass; the GPU pipeline
-removes them only after scheduling and its own rematerialisation, as on a real GPU.
+there (benchmarks/sdxl_train_memory.md has the figures and the likely reason).
 
 Nothing is allocated: the parameters are `jax.eval_shape` shapes (`modeling.abstract_params`),
 the batch is ShapeDtypeStructs of the shard format, and the step is the trainer's own
