@@ -99,7 +99,6 @@ def _fresh(config, modules, data_dir, abs_state, abs_fixed):
 def _stepper(config, modules, data_dir, devices):
     """The update compiled once on a (1, len(devices)) mesh -> run(batch, seed): one update
     from the fresh state of that seed -> (trainable, metrics). The seed is state, not program."""
-    trainer.check_batch_layout(config, sharding.make_mesh(1, -1, devices))
     compiled, abs_state, abs_fixed, mesh, _ = train_data.compile_anchor_step(modules, config, data_dir, devices)
 
     def run(batch, seed):

@@ -97,16 +97,17 @@ def null_specs_for(specs):
 
 def compile_anchor_step(modules, config, folder, devices=None):
     """trainer.compile_step for `config`'s anchor step on `folder`'s shards and a (1, n) mesh
-    over `devices` (default: all, the trainer's own mesh) -> (compiled, abstract state,
-    abstract fixed, mesh, tx)."""
+    over `devices` (default: all, the trainer's own mesh), after the trainer's checks of the
+    batch layout and the shards -> (compiled, abstract state, abstract fixed, mesh, tx)."""
     from dynamicid_jax import sharding
     from dynamicid_jax.training import data, stages, trainer
     from dynamicid_jax.training.step import make_optimizer
 
     stage = stages.get("anchor")
+    mesh = sharding.make_mesh(1, -1, devices)
+    trainer.check_batch_layout(config, mesh)
     manifest = data.check_dataset(folder, stage, modules, config)
     tx = make_optimizer(config.optimizer, config.total_steps)
-    mesh = sharding.make_mesh(1, -1, devices)
     return trainer.compile_step(stage, modules, config, tx, mesh, manifest) + (mesh, tx)
 
 
