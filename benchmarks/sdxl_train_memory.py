@@ -191,20 +191,21 @@ def main(argv=None) -> list[dict]:
     # ("Couldn't find output tile sizes"): cuBLAS takes them, as on GPUs without Triton.
     flags += " --xla_gpu_enable_triton_gemm=false" if args.gpu_target else ""
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
-    layers = [f"--layers={args.layers}"] if args.layers is not None else []
-    layers += [f"--gpu_target={args.gpu_target}"] if args.gpu_target else []
+    # What each child case is handed beyond its own flags (accounting reads only --layers).
+    case_flags = [f"--layers={args.layers}"] if args.layers is not None else []
+    case_flags += [f"--gpu_target={args.gpu_target}"] if args.gpu_target else []
     env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)  # the memory XLA's full optimiser gives
     results = []
     if args.accounting:
         cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--case", "--accounting",
-               f"--devices={args.devices}", *layers]
+               f"--devices={args.devices}", *case_flags]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
         print(proc.stdout.strip() or proc.stderr.strip().splitlines()[-1], flush=True)
         return results
     for remat in (("on", "off") if args.remat == "both" else (args.remat,)):
         for batch in args.batch:
             cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--case", f"--remat={remat}",
-                   f"--batch={batch}", f"--resolution={args.resolution}", f"--devices={args.devices}", *layers]
+                   f"--batch={batch}", f"--resolution={args.resolution}", f"--devices={args.devices}", *case_flags]
             start = time.perf_counter()
             try:
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
